@@ -1,0 +1,1 @@
+//! shardline coordinator (issue 4).

@@ -1,0 +1,217 @@
+//! The compute interface: device-resident tensors, explicit uploads/downloads and the ops of a Llama block.
+//! The shard forward pass is written once against this trait; the CPU backend is the reference and the CUDA backend
+//! mirrors it op for op, so every kernel is tested against its CPU twin.
+
+use std::fmt;
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::tensor::{HostBytes, Tensor};
+use crate::DType;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceKind::Cpu => f.write_str("cpu"),
+            DeviceKind::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Which pairs of a head's dimensions RoPE rotates together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)`: GGUF/llama.cpp "normal" layout (Q/K rows permuted by the converter).
+    Interleaved,
+    /// Halves `(i, i + d/2)`: Hugging Face / NeoX layout (`rotate_half`).
+    Neox,
+}
+
+/// Llama 3 frequency scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position: f32,
+}
+
+/// Rotary embedding parameters of a model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub head_dim: usize,
+    /// Rotated dimensions per head (normally `head_dim`).
+    pub rotary_dim: usize,
+    pub theta: f32,
+    pub style: RopeStyle,
+    pub llama3: Option<Llama3Scaling>,
+    /// Linear position scaling (positions are multiplied by this; 1.0 = none).
+    pub linear_factor: f32,
+}
+
+impl RopeConfig {
+    /// Inverse frequencies, `rotary_dim / 2` of them, with Llama 3 scaling applied when configured.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let half = self.rotary_dim / 2;
+        (0..half)
+            .map(|i| {
+                let base = 1.0 / (self.theta as f64).powf(2.0 * i as f64 / self.rotary_dim as f64);
+                let f = match self.llama3 {
+                    None => base,
+                    Some(s) => {
+                        let wavelen = 2.0 * std::f64::consts::PI / base;
+                        let low_wavelen = s.original_max_position as f64 / s.low_freq_factor as f64;
+                        let high_wavelen = s.original_max_position as f64 / s.high_freq_factor as f64;
+                        if wavelen < high_wavelen {
+                            base
+                        } else if wavelen > low_wavelen {
+                            base / s.factor as f64
+                        } else {
+                            let smooth = (s.original_max_position as f64 / wavelen - s.low_freq_factor as f64)
+                                / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
+                            (1.0 - smooth) * base / s.factor as f64 + smooth * base
+                        }
+                    }
+                };
+                (f * self.linear_factor as f64) as f32
+            })
+            .collect()
+    }
+}
+
+/// One sequence's share of a batched attention call.
+#[derive(Clone, Debug)]
+pub struct AttnSeq<'a> {
+    /// Rows of `q` (and of `out`) that belong to this sequence.
+    pub rows: Range<usize>,
+    /// Position of the first of those rows; row `r` attends to positions `0..=pos0 + (r - rows.start)`.
+    pub pos0: usize,
+    /// KV-cache blocks of this sequence in position order (block `i` holds positions `i*block_tokens..`).
+    pub block_table: &'a [u32],
+}
+
+/// Attention geometry shared by every sequence of a call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Token slots per KV-cache block.
+    pub block_tokens: usize,
+    /// Softmax scale, normally `1/sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+/// How the next token is drawn from the logits. `temperature <= 0` is greedy (argmax).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `top_p` (1.0 = off).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub const GREEDY: SamplingParams = SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+}
+
+/// A drawn token with its log-probability under the unmodified (temperature 1) distribution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `n_top` most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The compute interface. All ops write into preallocated outputs and may run asynchronously on the backend's
+/// stream; `download_*` and `sample` synchronise.
+pub trait Backend: Send + Sync + fmt::Debug {
+    fn kind(&self) -> DeviceKind;
+
+    /// Human-readable device description for logs (e.g. CPU model and threads, GPU name).
+    fn describe(&self) -> String;
+
+    /// dtype of activations, hidden states and the KV cache on this backend.
+    fn act_dtype(&self) -> DType;
+
+    /// Makes weights of any dtype available to the device. On the CPU this borrows the bytes (no copy).
+    fn upload_weight(&self, dtype: DType, shape: &[usize], bytes: HostBytes) -> Result<Tensor>;
+
+    /// Uploads activations given as f32 (converted to `act_dtype`).
+    fn upload_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor>;
+
+    /// Uploads activations given as raw little-endian bytes of `dtype` (f32, f16 or bf16): the wire format.
+    fn upload_raw(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor>;
+
+    /// Copies a tensor to the host as f32.
+    fn download_f32(&self, t: &Tensor) -> Result<Vec<f32>>;
+
+    /// Copies activations to the host as raw little-endian bytes of `dtype` (f32, f16 or bf16).
+    fn download_raw(&self, t: &Tensor, dtype: DType) -> Result<Vec<u8>>;
+
+    /// A new activation tensor of `act_dtype`; contents are unspecified until written.
+    fn alloc(&self, shape: &[usize]) -> Result<Tensor>;
+
+    /// Waits for every queued op.
+    fn synchronize(&self) -> Result<()>;
+
+    /// `out[t] = table[ids[t]]` for a table of any dtype, `out: [ids.len(), width]`.
+    fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()>;
+
+    /// `out = x / rms(x) * weight` per row.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32, out: &mut Tensor) -> Result<()>;
+
+    /// Fused residual add + RMSNorm: `residual += x; out = rms_norm(residual) * weight`.
+    fn add_rms_norm(&self, residual: &mut Tensor, x: &Tensor, weight: &Tensor, eps: f32, out: &mut Tensor)
+    -> Result<()>;
+
+    /// `out[t, n] = Σ_k x[t, k] · w[n, k]` for weights of any dtype; `x: [T, K]`, `w: [N, K]`, `out: [T, N]`.
+    fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// Rotates `x: [T, n_heads * head_dim]` in place; row `t` is at position `positions[t]`.
+    /// `inv_freq` comes from [`Backend::rope_table`].
+    fn rope(&self, x: &mut Tensor, positions: &[u32], n_heads: usize, inv_freq: &Tensor, cfg: &RopeConfig)
+    -> Result<()>;
+
+    /// Uploads [`RopeConfig::inv_freq`] once per model.
+    fn rope_table(&self, cfg: &RopeConfig) -> Result<Tensor>;
+
+    /// `out = silu(gate) * up`, element-wise.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;
+
+    /// `acc += x`, element-wise.
+    fn add(&self, acc: &mut Tensor, x: &Tensor) -> Result<()>;
+
+    /// Copies `n` rows from `src[src_row..]` into `dst[dst_row..]` (same width).
+    fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()>;
+
+    /// Writes row `t` of `k`/`v` (`[T, n_kv_heads * head_dim]`) into token slot `slots[t]` of the paged caches
+    /// (`[n_slots, n_kv_heads * head_dim]`, slot = block · block_tokens + offset).
+    fn kv_store(&self, k_cache: &mut Tensor, v_cache: &mut Tensor, k: &Tensor, v: &Tensor, slots: &[u32])
+    -> Result<()>;
+
+    /// Causal grouped-query attention of `q: [rows, n_heads * head_dim]` over the paged KV cache, for one or many
+    /// sequences at once; `out` has the shape of `q`. The current rows' keys/values must already be stored.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut Tensor,
+    ) -> Result<()>;
+
+    /// Draws a token from row `row` of `logits: [rows, vocab]` at sequence `position`, with `n_top` top log-probs.
+    fn sample(&self, logits: &Tensor, row: usize, params: &SamplingParams, position: u64, n_top: usize)
+    -> Result<Sampled>;
+}
