@@ -177,13 +177,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `out[t, n] = Σ_k x[t, k] · w[n, k]` for weights of any dtype; `x: [T, K]`, `w: [N, K]`, `out: [T, N]`.
     fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()>;
 
-    /// Rotates `x: [T, n_heads * head_dim]` in place; row `t` is at position `positions[t]`.
-    /// `inv_freq` comes from [`Backend::rope_table`].
+    /// Rotates `x: [T, n_heads * head_dim]` in place; row `t` is at position `positions[t]`; the angle of pair `i`
+    /// is `positions[t] · inv_freq[i]` (computed in f32). `inv_freq` comes from [`Backend::rope_table`].
     fn rope(&self, x: &mut Tensor, positions: &[u32], n_heads: usize, inv_freq: &Tensor, cfg: &RopeConfig)
     -> Result<()>;
 
-    /// Uploads [`RopeConfig::inv_freq`] once per model.
-    fn rope_table(&self, cfg: &RopeConfig) -> Result<Tensor>;
+    /// Uploads the inverse frequencies (`rotary_dim / 2` of them, see [`RopeConfig::inv_freq`]) once per model,
+    /// always kept in f32 whatever `act_dtype` is.
+    fn rope_table(&self, inv_freq: &[f32]) -> Result<Tensor>;
 
     /// `out = silu(gate) * up`, element-wise.
     fn swiglu(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()>;

@@ -19,6 +19,9 @@ pub struct ModelConfig {
     pub context_length: usize,
     pub rms_eps: f32,
     pub rope: RopeConfig,
+    /// Per-frequency divisors of the inverse frequencies (GGUF `rope_freqs.weight`, how llama.cpp stores Llama 3
+    /// scaling); `None` when the file has none.
+    pub rope_freq_factors: Option<Vec<f32>>,
     /// The LM head reuses the token embedding matrix (no `output.weight`).
     pub tied_embeddings: bool,
 }
