@@ -1,0 +1,81 @@
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::ModelError;
+
+/// A contiguous range `start..end` of a model's transformer blocks: the unit a node serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct LayerRange {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl LayerRange {
+    pub fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    /// The whole model.
+    pub fn full(n_layers: usize) -> Self {
+        Self { start: 0, end: n_layers }
+    }
+
+    pub fn len(&self) -> usize {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks that the range is non-empty and inside `0..n_layers`.
+    pub fn check(&self, n_layers: usize) -> Result<(), ModelError> {
+        if self.start >= self.end || self.end > n_layers {
+            return Err(ModelError::LayerRange { start: self.start, end: self.end, n_layers });
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, layer: usize) -> bool {
+        (self.start..self.end).contains(&layer)
+    }
+}
+
+impl fmt::Display for LayerRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+impl FromStr for LayerRange {
+    type Err = ModelError;
+
+    /// Parses `A..B` (end exclusive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ModelError::Invalid(format!("layer range {s:?} is not of the form A..B"));
+        let (a, b) = s.trim().split_once("..").ok_or_else(bad)?;
+        let start = a.trim().parse().map_err(|_| bad())?;
+        let end = b.trim().parse().map_err(|_| bad())?;
+        if start >= end {
+            return Err(ModelError::Invalid(format!("layer range {s:?} is empty")));
+        }
+        Ok(Self { start, end })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_checks() {
+        let r: LayerRange = "10..20".parse().unwrap();
+        assert_eq!(r, LayerRange::new(10, 20));
+        assert_eq!(r.to_string(), "10..20");
+        assert!(r.check(30).is_ok());
+        assert!(r.check(15).is_err());
+        assert!("20..10".parse::<LayerRange>().is_err());
+        assert!("5".parse::<LayerRange>().is_err());
+        assert!("a..b".parse::<LayerRange>().is_err());
+    }
+}

@@ -1,0 +1,374 @@
+//! A shard: exactly the blocks `a..b` of a model, plus the token embeddings when `a == 0` and the final norm and LM
+//! head when `b == N`. It reads no other layer's weights. The forward pass is written once against [`Backend`].
+
+use std::sync::{Arc, Mutex};
+
+use shardline_kernels::{AttnSeq, AttnShape, Backend, Sampled, SamplingParams, Tensor};
+use tracing::debug;
+
+use crate::error::{ModelError, Result};
+use crate::model::kv_cache::{BlockAllocator, BlockReservation, KvPool};
+use crate::model::layers::LayerRange;
+use crate::model::{ModelConfig, WeightSource};
+
+/// Tunables of a loaded shard.
+#[derive(Clone, Debug)]
+pub struct ShardOptions {
+    /// Bytes of device memory for the KV-cache pool of this shard (all sessions together).
+    pub kv_budget_bytes: usize,
+    /// Token slots per KV-cache block.
+    pub block_tokens: usize,
+}
+
+impl Default for ShardOptions {
+    fn default() -> Self {
+        Self { kv_budget_bytes: 256 << 20, block_tokens: 16 }
+    }
+}
+
+/// What a shard consumes: token ids (first stage only) or the hidden states of the previous stage `[T, hidden]`.
+pub enum ShardInput<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a Tensor),
+}
+
+/// What a shard produces: hidden states `[T, hidden]` for the next stage, or logits (last stage).
+#[derive(Debug)]
+pub enum ShardOutput {
+    Hidden(Tensor),
+    /// `[1, vocab]` for the last position, or `[T, vocab]` when every position was asked for.
+    Logits(Tensor),
+}
+
+struct Block {
+    attn_norm: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+}
+
+struct Head {
+    norm: Tensor,
+    lm_head: Tensor,
+}
+
+/// A session's state on this shard: its KV-cache blocks and how many positions are filled.
+#[derive(Debug)]
+pub struct ShardSession {
+    reservation: BlockReservation,
+    capacity: usize,
+    len: usize,
+}
+
+impl ShardSession {
+    /// Positions already in the KV cache (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions this session reserved.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+pub struct Shard {
+    config: ModelConfig,
+    layers: LayerRange,
+    backend: Arc<dyn Backend>,
+    embeddings: Option<Tensor>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    inv_freq: Tensor,
+    kv: Mutex<KvPool>,
+    allocator: Arc<Mutex<BlockAllocator>>,
+    block_tokens: usize,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("layers", &self.layers).field("backend", &self.backend.kind()).finish()
+    }
+}
+
+fn upload(backend: &dyn Backend, source: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let entry = source.tensor(name)?;
+    if entry.shape != shape {
+        return Err(ModelError::TensorShape { name: name.to_string(), expected: shape.to_vec(), found: entry.shape });
+    }
+    Ok(backend.upload_weight(entry.dtype, &entry.shape, entry.bytes)?)
+}
+
+impl Shard {
+    /// Loads the blocks `layers` (and embeddings / head when the range touches either end) onto `backend`.
+    pub fn load(
+        source: &dyn WeightSource,
+        layers: LayerRange,
+        backend: Arc<dyn Backend>,
+        opts: ShardOptions,
+    ) -> Result<Self> {
+        Self::load_with_progress(source, layers, backend, opts, &mut |_, _| {})
+    }
+
+    /// As [`Shard::load`], reporting `(tensors loaded, tensors total)` as it goes.
+    pub fn load_with_progress(
+        source: &dyn WeightSource,
+        layers: LayerRange,
+        backend: Arc<dyn Backend>,
+        opts: ShardOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let c = source.config().clone();
+        layers.check(c.n_layers)?;
+        if c.hidden != c.n_heads * c.head_dim && c.head_dim == 0 {
+            return Err(ModelError::Invalid("head_dim is zero".into()));
+        }
+        let (h, q_w, kv_w, ffn) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn);
+        if c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+            return Err(ModelError::Invalid(format!(
+                "{} attention heads cannot be grouped over {} KV heads",
+                c.n_heads, c.n_kv_heads
+            )));
+        }
+        let has_embeddings = layers.start == 0;
+        let has_head = layers.end == c.n_layers;
+        let total = layers.len() * 9 + usize::from(has_embeddings) + 2 * usize::from(has_head);
+        let mut done = 0;
+        let mut step = |progress: &mut dyn FnMut(usize, usize)| {
+            done += 1;
+            progress(done, total);
+        };
+        let b = backend.as_ref();
+        let embeddings = if has_embeddings {
+            let t = upload(b, source, "token_embd.weight", &[c.vocab, h])?;
+            step(progress);
+            Some(t)
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers.start..layers.end {
+            let mut get = |suffix: &str, shape: &[usize]| -> Result<Tensor> {
+                let t = upload(b, source, &format!("blk.{i}.{suffix}.weight"), shape)?;
+                step(progress);
+                Ok(t)
+            };
+            blocks.push(Block {
+                attn_norm: get("attn_norm", &[h])?,
+                wq: get("attn_q", &[q_w, h])?,
+                wk: get("attn_k", &[kv_w, h])?,
+                wv: get("attn_v", &[kv_w, h])?,
+                wo: get("attn_output", &[h, q_w])?,
+                ffn_norm: get("ffn_norm", &[h])?,
+                w_gate: get("ffn_gate", &[ffn, h])?,
+                w_up: get("ffn_up", &[ffn, h])?,
+                w_down: get("ffn_down", &[h, ffn])?,
+            });
+        }
+        let head = if has_head {
+            let norm = upload(b, source, "output_norm.weight", &[h])?;
+            step(progress);
+            let name = if c.tied_embeddings { "token_embd.weight" } else { "output.weight" };
+            let lm_head = upload(b, source, name, &[c.vocab, h])?;
+            step(progress);
+            Some(Head { norm, lm_head })
+        } else {
+            None
+        };
+        let mut inv_freq = c.rope.inv_freq();
+        if let Some(factors) = &c.rope_freq_factors {
+            if factors.len() != inv_freq.len() {
+                return Err(ModelError::BadMetadata {
+                    key: "rope_freqs.weight".into(),
+                    detail: format!("{} factors for {} frequencies", factors.len(), inv_freq.len()),
+                });
+            }
+            inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
+        }
+        let inv_freq = b.rope_table(&inv_freq)?;
+        let block_tokens = opts.block_tokens.max(1);
+        let (kv, allocator) = KvPool::new(b, layers.len(), kv_w, block_tokens, opts.kv_budget_bytes)?;
+        debug!(%layers, kv_blocks = kv.n_blocks, block_tokens, "shard loaded");
+        Ok(Self {
+            config: c,
+            layers,
+            backend,
+            embeddings,
+            blocks,
+            head,
+            inv_freq,
+            kv: Mutex::new(kv),
+            allocator,
+            block_tokens,
+        })
+    }
+
+    pub fn layers(&self) -> LayerRange {
+        self.layers
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn has_embeddings(&self) -> bool {
+        self.embeddings.is_some()
+    }
+
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Free KV-cache capacity in tokens (whole blocks).
+    pub fn free_kv_tokens(&self) -> usize {
+        self.allocator.lock().unwrap_or_else(|e| e.into_inner()).free_blocks() * self.block_tokens
+    }
+
+    /// Total KV-cache capacity in tokens.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.allocator.lock().unwrap_or_else(|e| e.into_inner()).total_blocks() * self.block_tokens
+    }
+
+    /// Admits a session that will hold at most `max_tokens` positions, reserving its KV-cache blocks now.
+    pub fn open_session(&self, max_tokens: usize) -> Result<ShardSession> {
+        if max_tokens > self.config.context_length {
+            return Err(ModelError::ContextOverflow {
+                tokens: max_tokens,
+                max_new: 0,
+                context: self.config.context_length,
+            });
+        }
+        let reservation = BlockReservation::reserve(&self.allocator, max_tokens, self.block_tokens)?;
+        Ok(ShardSession { capacity: reservation.blocks().len() * self.block_tokens, reservation, len: 0 })
+    }
+
+    /// Runs the shard on `T` new positions of a session, appending them to its KV cache. The last stage returns the
+    /// logits of the last position only.
+    pub fn forward(&self, s: &mut ShardSession, input: ShardInput<'_>) -> Result<ShardOutput> {
+        self.forward_inner(s, input, false)
+    }
+
+    /// As [`Shard::forward`], but the last stage returns logits for every position (teacher forcing, evaluation).
+    pub fn forward_all_logits(&self, s: &mut ShardSession, input: ShardInput<'_>) -> Result<ShardOutput> {
+        self.forward_inner(s, input, true)
+    }
+
+    /// Draws the next token from `logits` (row 0 when there is one row, else the last row).
+    pub fn sample(&self, logits: &Tensor, params: &SamplingParams, position: u64, n_top: usize) -> Result<Sampled> {
+        let row = logits.rows().saturating_sub(1);
+        Ok(self.backend.sample(logits, row, params, position, n_top)?)
+    }
+
+    fn forward_inner(&self, s: &mut ShardSession, input: ShardInput<'_>, all_logits: bool) -> Result<ShardOutput> {
+        let c = &self.config;
+        let b = self.backend.as_ref();
+        let t = match &input {
+            ShardInput::Tokens(ids) => ids.len(),
+            ShardInput::Hidden(x) => x.rows(),
+        };
+        if t == 0 {
+            return Err(ModelError::Invalid("forward called with no positions".into()));
+        }
+        if s.len + t > s.capacity {
+            return Err(ModelError::ContextOverflow { tokens: s.len + t, max_new: 0, context: s.capacity });
+        }
+        let mut x = match input {
+            ShardInput::Tokens(ids) => {
+                let table = self.embeddings.as_ref().ok_or_else(|| {
+                    ModelError::Invalid(format!("shard {} takes hidden states, not tokens", self.layers))
+                })?;
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab) {
+                    return Err(ModelError::Invalid(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        c.vocab
+                    )));
+                }
+                let mut x = b.alloc(&[t, c.hidden])?;
+                b.embedding(table, ids, &mut x)?;
+                x
+            }
+            ShardInput::Hidden(h) => {
+                if h.cols() != c.hidden {
+                    return Err(ModelError::Invalid(format!(
+                        "hidden states of width {} for a model of width {}",
+                        h.cols(),
+                        c.hidden
+                    )));
+                }
+                if self.has_embeddings() {
+                    return Err(ModelError::Invalid(format!("shard {} takes tokens, not hidden states", self.layers)));
+                }
+                let mut x = b.alloc(&[t, c.hidden])?;
+                b.copy_rows(h, 0, &mut x, 0, t)?;
+                x
+            }
+        };
+        let pos0 = s.len;
+        let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
+        let bt = self.block_tokens;
+        let blocks = s.reservation.blocks();
+        let slots: Vec<u32> = (pos0..pos0 + t).map(|p| blocks[p / bt] * bt as u32 + (p % bt) as u32).collect();
+        let (q_w, kv_w) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            block_tokens: bt,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let seqs = [AttnSeq { rows: 0..t, pos0, block_table: blocks }];
+        let mut h = b.alloc(&[t, c.hidden])?;
+        let mut q = b.alloc(&[t, q_w])?;
+        let mut k = b.alloc(&[t, kv_w])?;
+        let mut v = b.alloc(&[t, kv_w])?;
+        let mut att = b.alloc(&[t, q_w])?;
+        let mut o = b.alloc(&[t, c.hidden])?;
+        let mut gate = b.alloc(&[t, c.ffn])?;
+        let mut up = b.alloc(&[t, c.ffn])?;
+        let mut act = b.alloc(&[t, c.ffn])?;
+        let mut kv = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        for (blk, (k_cache, v_cache)) in self.blocks.iter().zip(kv.layers.iter_mut()) {
+            b.rms_norm(&x, &blk.attn_norm, c.rms_eps, &mut h)?;
+            b.matmul(&h, &blk.wq, &mut q)?;
+            b.matmul(&h, &blk.wk, &mut k)?;
+            b.matmul(&h, &blk.wv, &mut v)?;
+            b.rope(&mut q, &positions, c.n_heads, &self.inv_freq, &c.rope)?;
+            b.rope(&mut k, &positions, c.n_kv_heads, &self.inv_freq, &c.rope)?;
+            b.kv_store(k_cache, v_cache, &k, &v, &slots)?;
+            b.attention(&q, k_cache, v_cache, &seqs, &shape, &mut att)?;
+            b.matmul(&att, &blk.wo, &mut o)?;
+            b.add_rms_norm(&mut x, &o, &blk.ffn_norm, c.rms_eps, &mut h)?;
+            b.matmul(&h, &blk.w_gate, &mut gate)?;
+            b.matmul(&h, &blk.w_up, &mut up)?;
+            b.swiglu(&gate, &up, &mut act)?;
+            b.matmul(&act, &blk.w_down, &mut o)?;
+            b.add(&mut x, &o)?;
+        }
+        drop(kv);
+        s.len += t;
+        let Some(head) = &self.head else {
+            return Ok(ShardOutput::Hidden(x));
+        };
+        let rows = if all_logits { t } else { 1 };
+        let mut last = b.alloc(&[rows, c.hidden])?;
+        b.copy_rows(&x, t - rows, &mut last, 0, rows)?;
+        let mut normed = b.alloc(&[rows, c.hidden])?;
+        b.rms_norm(&last, &head.norm, c.rms_eps, &mut normed)?;
+        let mut logits = b.alloc(&[rows, c.vocab])?;
+        b.matmul(&normed, &head.lm_head, &mut logits)?;
+        Ok(ShardOutput::Logits(logits))
+    }
+}
