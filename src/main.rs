@@ -1,1 +1,39 @@
-fn main() {}
+//! `shardline`: run Llama-family models across many machines.
+
+mod generate;
+mod logging;
+
+use clap::{Parser, Subcommand};
+
+/// Run Llama-family models across many machines: each node serves a range of layers on its GPU (or CPU),
+/// activations stream stage to stage over QUIC, nodes are found through a Kademlia DHT.
+#[derive(Debug, Parser)]
+#[command(name = "shardline", version, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text with a whole model in this process (the single-process engine).
+    Generate(generate::GenerateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
