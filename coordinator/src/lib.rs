@@ -1,1 +1,10 @@
-//! shardline coordinator (issue 4).
+//! shardline coordinator: finds nodes through the DHT, registers them at discovery, keeps their admission queues and
+//! health, plans routes over layer boundaries, and runs pipeline sessions over QUIC (`SwarmClient`).
+
+pub mod queue;
+pub mod registry;
+pub mod routing;
+
+pub use queue::{NodeQueue, QueueError, QueuePermit};
+pub use registry::{NodeEntry, NodeHealth, NodeRegistry, RegistryConfig, Upsert};
+pub use routing::{CoveragePolicy, Route, RouteError, RouteStage};

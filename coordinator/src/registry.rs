@@ -1,0 +1,337 @@
+//! `NodeRegistry`: every node the coordinator knows, keyed by peer id, with its latest verified announcement, its
+//! admission queue and its health. Discovery inserts (that is the registration), a republish updates, expiry removes.
+//! The route planner reads only this.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use shardline_node::announce::ShardAnnouncement;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::queue::NodeQueue;
+
+/// Shape every announcement of one model id must agree on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelShape {
+    pub n_layers: u32,
+    pub hidden: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("announcement of {peer} for model {model_id} says {got:?}, other nodes of that model say {known:?}")]
+    InconsistentModel { peer: PeerId, model_id: String, known: ModelShape, got: ModelShape },
+}
+
+/// What an upsert did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsert {
+    /// A node not known before: registered now.
+    Inserted,
+    /// A newer announcement of a known node.
+    Updated,
+    /// Not newer than the one held: ignored.
+    Stale,
+}
+
+/// Bans, failures and measured latency of one node. Kept across re-registrations, so a node cannot shed a ban by
+/// letting its record expire and announcing again.
+#[derive(Clone, Debug, Default)]
+pub struct NodeHealth {
+    /// Consecutive failures; each doubles the ban.
+    pub failures: u32,
+    pub banned_until: Option<Instant>,
+    /// Smoothed round-trip time to the node's stage server.
+    pub rtt: Option<Duration>,
+}
+
+/// One registered node.
+#[derive(Clone, Debug)]
+pub struct NodeEntry {
+    pub announcement: ShardAnnouncement,
+    pub queue: Arc<NodeQueue>,
+    pub registered_at: Instant,
+    pub last_seen: Instant,
+}
+
+/// Tunables of the registry.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Sessions that may wait in line per node.
+    pub max_waiting: u32,
+    /// First ban after a failure; doubled per consecutive failure up to `max_ban`.
+    pub base_ban: Duration,
+    pub max_ban: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self { max_waiting: 16, base_ban: Duration::from_secs(2), max_ban: Duration::from_secs(300) }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: HashMap<PeerId, NodeEntry>,
+    health: HashMap<PeerId, NodeHealth>,
+    models: HashMap<String, ModelShape>,
+}
+
+/// The node registry. Cheap to share (`Arc`); every change bumps a version that waiters can watch.
+pub struct NodeRegistry {
+    inner: RwLock<Inner>,
+    config: RegistryConfig,
+    version: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for NodeRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeRegistry").field("nodes", &self.len()).finish()
+    }
+}
+
+impl NodeRegistry {
+    pub fn new(config: RegistryConfig) -> Arc<Self> {
+        Arc::new(Self { inner: RwLock::new(Inner::default()), config, version: watch::channel(0).0 })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that changes whenever a node is registered, updated or removed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Registers a verified announcement, or updates the node's entry if it is newer than the one held. All nodes of
+    /// one model id must agree on its shape (layer count, hidden width): the first registered sets it.
+    pub fn upsert(&self, a: ShardAnnouncement) -> Result<Upsert, RegistryError> {
+        let shape = ModelShape { n_layers: a.n_layers, hidden: a.hidden };
+        let now = Instant::now();
+        let mut inner = self.write();
+        match inner.models.get(&a.model_id) {
+            Some(&known) if known != shape => {
+                return Err(RegistryError::InconsistentModel {
+                    peer: a.peer_id,
+                    model_id: a.model_id,
+                    known,
+                    got: shape,
+                });
+            }
+            Some(_) => {}
+            None => {
+                inner.models.insert(a.model_id.clone(), shape);
+            }
+        }
+        let outcome = match inner.nodes.get_mut(&a.peer_id) {
+            Some(entry) if a.issued_at_ms <= entry.announcement.issued_at_ms => return Ok(Upsert::Stale),
+            Some(entry) => {
+                entry.queue.set_capacity(a.max_sessions);
+                entry.announcement = a;
+                entry.last_seen = now;
+                Upsert::Updated
+            }
+            None => {
+                info!(peer = %a.peer_id, model = %a.model_id, layers = %a.layers, addr = %a.quic_addr, "node registered");
+                let queue = NodeQueue::new(a.max_sessions, self.config.max_waiting);
+                inner.nodes.insert(a.peer_id, NodeEntry { announcement: a, queue, registered_at: now, last_seen: now });
+                Upsert::Inserted
+            }
+        };
+        drop(inner);
+        self.bump();
+        Ok(outcome)
+    }
+
+    /// Removes a node (its record expired or it was found to be gone).
+    pub fn remove(&self, peer: &PeerId) -> Option<NodeEntry> {
+        let removed = self.write().nodes.remove(peer);
+        if removed.is_some() {
+            self.bump();
+        }
+        removed
+    }
+
+    /// Removes every node whose announcement expired before `now_ms` (Unix milliseconds); returns them.
+    pub fn sweep_expired(&self, now_ms: u64) -> Vec<PeerId> {
+        let mut inner = self.write();
+        let gone: Vec<PeerId> =
+            inner.nodes.iter().filter(|(_, e)| e.announcement.is_expired(now_ms)).map(|(p, _)| *p).collect();
+        for p in &gone {
+            if let Some(e) = inner.nodes.remove(p) {
+                info!(peer = %p, layers = %e.announcement.layers, "node expired: removed from the registry");
+            }
+        }
+        drop(inner);
+        if !gone.is_empty() {
+            self.bump();
+        }
+        gone
+    }
+
+    pub fn get(&self, peer: &PeerId) -> Option<NodeEntry> {
+        self.read().nodes.get(peer).cloned()
+    }
+
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.read().nodes.contains_key(peer)
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Shape of a model as registered nodes announce it.
+    pub fn model_shape(&self, model_id: &str) -> Option<ModelShape> {
+        self.read().models.get(model_id).copied()
+    }
+
+    /// Model ids with at least one registered node.
+    pub fn models(&self) -> Vec<String> {
+        let inner = self.read();
+        let mut ids: Vec<String> = inner.nodes.values().map(|e| e.announcement.model_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Every registered node of `model_id` with its health, for the planner.
+    pub fn snapshot(&self, model_id: &str) -> Vec<(NodeEntry, NodeHealth)> {
+        let inner = self.read();
+        inner
+            .nodes
+            .values()
+            .filter(|e| e.announcement.model_id == model_id)
+            .map(|e| (e.clone(), inner.health.get(&e.announcement.peer_id).cloned().unwrap_or_default()))
+            .collect()
+    }
+
+    pub fn health(&self, peer: &PeerId) -> NodeHealth {
+        self.read().health.get(peer).cloned().unwrap_or_default()
+    }
+
+    /// Bans a node after a failure; the ban doubles with each consecutive failure (`base_ban · 2^(n-1)`, capped).
+    /// Returns the ban's length.
+    pub fn ban(&self, peer: &PeerId) -> Duration {
+        let mut inner = self.write();
+        let h = inner.health.entry(*peer).or_default();
+        h.failures = h.failures.saturating_add(1);
+        let factor = 1u32.checked_shl(h.failures - 1).unwrap_or(u32::MAX);
+        let ban = self.config.base_ban.saturating_mul(factor).min(self.config.max_ban);
+        h.banned_until = Some(Instant::now() + ban);
+        warn!(%peer, failures = h.failures, ban_ms = ban.as_millis() as u64, "node banned");
+        drop(inner);
+        self.bump();
+        ban
+    }
+
+    /// A session through the node succeeded: its failure count starts over.
+    pub fn record_success(&self, peer: &PeerId) {
+        if let Some(h) = self.write().health.get_mut(peer) {
+            h.failures = 0;
+        }
+    }
+
+    /// Folds a round-trip measurement into the node's smoothed RTT (weight 1/4 for the new sample).
+    pub fn record_rtt(&self, peer: &PeerId, rtt: Duration) {
+        let mut inner = self.write();
+        let h = inner.health.entry(*peer).or_default();
+        h.rtt = Some(match h.rtt {
+            None => rtt,
+            Some(old) => (old * 3 + rtt) / 4,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::identity::Keypair;
+    use shardline_node::announce::now_ms;
+    use shardline_node::model::LayerRange;
+    use shardline_node::wire::WireDType;
+
+    use super::*;
+
+    pub(crate) fn announcement(key: &Keypair, model: &str, layers: LayerRange, n_layers: u32) -> ShardAnnouncement {
+        let now = now_ms();
+        ShardAnnouncement {
+            peer_id: key.public().to_peer_id(),
+            model_id: model.into(),
+            n_layers,
+            hidden: 64,
+            layers,
+            has_embeddings: layers.start == 0,
+            has_head: layers.end == n_layers as usize,
+            quic_addr: "127.0.0.1:9".parse().unwrap(),
+            cert_fingerprint: [0; 32],
+            wire_dtype: WireDType::F32,
+            max_sessions: 4,
+            free_kv_tokens: 4096,
+            decode_tps: 100.0,
+            prefill_tps: 1000.0,
+            active_sessions: 0,
+            software_version: "test".into(),
+            issued_at_ms: now,
+            expires_at_ms: now + 60_000,
+        }
+    }
+
+    #[test]
+    fn insert_update_stale_and_expiry() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let key = Keypair::generate_ed25519();
+        let mut a = announcement(&key, "m", LayerRange::new(0, 10), 30);
+        assert_eq!(reg.upsert(a.clone()).unwrap(), Upsert::Inserted);
+        assert_eq!(reg.upsert(a.clone()).unwrap(), Upsert::Stale);
+        a.issued_at_ms += 1;
+        a.max_sessions = 9;
+        assert_eq!(reg.upsert(a.clone()).unwrap(), Upsert::Updated);
+        assert_eq!(reg.get(&a.peer_id).unwrap().queue.depth().2, 9);
+        assert!(reg.sweep_expired(a.expires_at_ms - 1).is_empty());
+        assert_eq!(reg.sweep_expired(a.expires_at_ms), vec![a.peer_id]);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_model_id_cannot_change_shape() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let a = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 10), 30);
+        let mut b = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(10, 32), 32);
+        reg.upsert(a).unwrap();
+        assert!(matches!(reg.upsert(b.clone()), Err(RegistryError::InconsistentModel { .. })));
+        b.model_id = "other".into();
+        assert_eq!(reg.upsert(b).unwrap(), Upsert::Inserted);
+    }
+
+    #[test]
+    fn bans_grow_and_reset() {
+        let reg = NodeRegistry::new(RegistryConfig {
+            base_ban: Duration::from_millis(100),
+            max_ban: Duration::from_millis(350),
+            ..Default::default()
+        });
+        let p = PeerId::random();
+        assert_eq!(reg.ban(&p), Duration::from_millis(100));
+        assert_eq!(reg.ban(&p), Duration::from_millis(200));
+        assert_eq!(reg.ban(&p), Duration::from_millis(350));
+        assert_eq!(reg.health(&p).failures, 3);
+        reg.record_success(&p);
+        assert_eq!(reg.ban(&p), Duration::from_millis(100));
+    }
+}

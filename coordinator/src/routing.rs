@@ -1,0 +1,369 @@
+//! The route planner: the cheapest chain of nodes covering layers `0..N`, as a shortest path over layer boundaries.
+//!
+//! A node serving `a..b` may join a route at any boundary `s` in `a..b` and runs to its end `b` (a stage runs a
+//! suffix of its shard; this is what lets overlapping layouts such as `0..16` + `10..30` be combined). The graph is a
+//! DAG over the boundaries `0..=N`, so one pass in boundary order finds the shortest path in `O(Σ layers per node)`.
+//!
+//! Edge cost, in milliseconds per decoded token: the measured round-trip time to the node, plus the time the node
+//! needs for that many layers at its announced decode throughput, scaled by how many sessions already share it, plus a
+//! large penalty once its queue is full. Replicas of equal cost are separated by a per-request tie-break, so sessions
+//! spread over them.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use shardline_node::model::LayerRange;
+use shardline_node::wire::Fingerprint;
+
+use crate::queue::NodeQueue;
+use crate::registry::{NodeEntry, NodeHealth};
+
+/// RTT assumed for a node not measured yet.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Decode throughput assumed for a node announcing none, tokens per second.
+const FALLBACK_TPS: f64 = 1.0;
+/// Added per waiting session once a node is at capacity, in milliseconds: saturated nodes are used only when nothing
+/// else covers their layers.
+const SATURATION_PENALTY_MS: f64 = 10_000.0;
+
+/// One node as the planner sees it.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub peer: PeerId,
+    pub layers: LayerRange,
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    /// Tokens per second through the node's whole shard.
+    pub decode_tps: f32,
+    pub rtt: Duration,
+    pub in_flight: u32,
+    pub waiting: u32,
+    pub capacity: u32,
+    pub queue: Option<Arc<NodeQueue>>,
+}
+
+impl Candidate {
+    /// A candidate from a registry entry (queue depth read now).
+    pub fn from_entry(entry: &NodeEntry, health: &NodeHealth) -> Self {
+        let (in_flight, waiting, capacity) = entry.queue.depth();
+        let a = &entry.announcement;
+        Self {
+            peer: a.peer_id,
+            layers: a.layers,
+            addr: a.quic_addr,
+            fingerprint: a.cert_fingerprint,
+            decode_tps: a.decode_tps,
+            rtt: health.rtt.unwrap_or(DEFAULT_RTT),
+            in_flight,
+            waiting,
+            capacity,
+            queue: Some(entry.queue.clone()),
+        }
+    }
+
+    /// `(fixed, per_layer)` milliseconds of using this node for one token: the edge cost for `n` layers is
+    /// `fixed + per_layer · n`.
+    fn cost_terms(&self, tie_break: u64) -> (f64, f64) {
+        let tps = if self.decode_tps > 0.0 { self.decode_tps as f64 } else { FALLBACK_TPS };
+        let sharing = 1.0 + self.in_flight as f64 + self.waiting as f64;
+        let per_layer = 1000.0 / tps / self.layers.len().max(1) as f64 * sharing;
+        let saturated = if self.in_flight >= self.capacity.max(1) {
+            SATURATION_PENALTY_MS * (1.0 + self.waiting as f64)
+        } else {
+            0.0
+        };
+        // Up to 1% of the cost, from a hash of (peer, tie_break): equal replicas are chosen evenly across requests.
+        let scale = 1.0 + (mix(hash_peer(&self.peer) ^ tie_break) % 1000) as f64 / 100_000.0;
+        ((self.rtt.as_secs_f64() * 1000.0 + saturated) * scale, per_layer * scale)
+    }
+}
+
+/// One stage of a route: which node runs which layers.
+#[derive(Clone, Debug)]
+pub struct RouteStage {
+    pub peer: PeerId,
+    pub span: LayerRange,
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub queue: Option<Arc<NodeQueue>>,
+}
+
+/// A chain of stages covering `0..N` in order.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub stages: Vec<RouteStage>,
+    /// Estimated milliseconds per decoded token.
+    pub cost_ms: f64,
+}
+
+impl Route {
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.stages.iter().map(|s| s.peer).collect()
+    }
+}
+
+/// What to do when the registered nodes do not cover every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoveragePolicy {
+    /// Fail at once, naming the missing ranges.
+    FailFast,
+    /// Wait for nodes to appear (re-planning on every registry change) up to `timeout`.
+    WaitAndRetry { timeout: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no registered node serves layers {} of model {model_id} ({n_layers} layers)", fmt_ranges(.missing))]
+    Uncovered { model_id: String, n_layers: usize, missing: Vec<LayerRange> },
+    #[error("no node of model {0} is registered")]
+    UnknownModel(String),
+}
+
+fn fmt_ranges(r: &[LayerRange]) -> String {
+    r.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Layer ranges of `0..n_layers` that no candidate covers, in order.
+pub fn missing_ranges(cands: &[Candidate], n_layers: usize) -> Vec<LayerRange> {
+    let mut covered = vec![false; n_layers];
+    for c in cands {
+        for l in c.layers.start..c.layers.end.min(n_layers) {
+            covered[l] = true;
+        }
+    }
+    let mut missing = Vec::new();
+    let mut l = 0;
+    while l < n_layers {
+        if covered[l] {
+            l += 1;
+            continue;
+        }
+        let start = l;
+        while l < n_layers && !covered[l] {
+            l += 1;
+        }
+        missing.push(LayerRange::new(start, l));
+    }
+    missing
+}
+
+/// The cheapest route over `cands` for a model of `n_layers` blocks, skipping `excluded` peers. `tie_break` varies
+/// the choice among equally good replicas (pass a per-session random number).
+pub fn plan(
+    model_id: &str,
+    cands: &[Candidate],
+    n_layers: usize,
+    excluded: &HashSet<PeerId>,
+    tie_break: u64,
+) -> Result<Route, RouteError> {
+    let usable: Vec<&Candidate> = cands
+        .iter()
+        .filter(|c| !excluded.contains(&c.peer) && c.layers.start < c.layers.end && c.layers.end <= n_layers)
+        .collect();
+    // Nodes grouped by the boundary where they end.
+    let mut by_end: Vec<Vec<usize>> = vec![Vec::new(); n_layers + 1];
+    for (i, c) in usable.iter().enumerate() {
+        by_end[c.layers.end].push(i);
+    }
+    let terms: Vec<(f64, f64)> = usable.iter().map(|c| c.cost_terms(tie_break)).collect();
+    let mut dist = vec![f64::INFINITY; n_layers + 1];
+    // For each boundary: the node that reaches it and the boundary it started from.
+    let mut prev: Vec<Option<(usize, usize)>> = vec![None; n_layers + 1];
+    dist[0] = 0.0;
+    for b in 1..=n_layers {
+        for &i in &by_end[b] {
+            let (fixed, per_layer) = terms[i];
+            for s in usable[i].layers.start..b {
+                let d = dist[s] + fixed + per_layer * (b - s) as f64;
+                if d < dist[b] {
+                    dist[b] = d;
+                    prev[b] = Some((i, s));
+                }
+            }
+        }
+    }
+    if !dist[n_layers].is_finite() {
+        let owned: Vec<Candidate> = usable.into_iter().cloned().collect();
+        let mut missing = missing_ranges(&owned, n_layers);
+        if missing.is_empty() {
+            missing.push(LayerRange::new(0, n_layers));
+        }
+        return Err(RouteError::Uncovered { model_id: model_id.to_string(), n_layers, missing });
+    }
+    let mut stages = Vec::new();
+    let mut b = n_layers;
+    while b > 0 {
+        let Some((i, s)) = prev[b] else { break };
+        let c = usable[i];
+        stages.push(RouteStage {
+            peer: c.peer,
+            span: LayerRange::new(s, b),
+            addr: c.addr,
+            fingerprint: c.fingerprint,
+            queue: c.queue.clone(),
+        });
+        b = s;
+    }
+    stages.reverse();
+    Ok(Route { stages, cost_ms: dist[n_layers] })
+}
+
+/// Candidates of `model_id` from the registry, without banned nodes.
+pub fn candidates(registry: &crate::registry::NodeRegistry, model_id: &str) -> Vec<Candidate> {
+    let now = Instant::now();
+    registry
+        .snapshot(model_id)
+        .iter()
+        .filter(|(_, h)| h.banned_until.is_none_or(|t| t <= now))
+        .map(|(e, h)| Candidate::from_entry(e, h))
+        .collect()
+}
+
+/// Plans a route from the registry, applying the coverage policy.
+pub async fn route(
+    registry: &crate::registry::NodeRegistry,
+    model_id: &str,
+    excluded: &HashSet<PeerId>,
+    policy: CoveragePolicy,
+) -> Result<Route, RouteError> {
+    let mut changes = registry.subscribe();
+    let deadline = match policy {
+        CoveragePolicy::FailFast => None,
+        CoveragePolicy::WaitAndRetry { timeout } => Some(tokio::time::Instant::now() + timeout),
+    };
+    loop {
+        changes.borrow_and_update();
+        let attempt = match registry.model_shape(model_id) {
+            None => Err(RouteError::UnknownModel(model_id.to_string())),
+            Some(shape) => {
+                let cands = candidates(registry, model_id);
+                plan(model_id, &cands, shape.n_layers as usize, excluded, rand::random())
+            }
+        };
+        let Err(err) = attempt else { return attempt };
+        let Some(deadline) = deadline else { return Err(err) };
+        // Bans expire without a registry change, so re-plan at least every 250 ms.
+        let wake = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+        if tokio::time::Instant::now() >= deadline {
+            return Err(err);
+        }
+        let _ = tokio::time::timeout_at(wake, changes.changed()).await;
+    }
+}
+
+/// The last 8 bytes of the peer id's multihash digest (uniformly distributed for ed25519 and hashed keys).
+fn hash_peer(p: &PeerId) -> u64 {
+    let digest = p.as_ref().digest();
+    digest.iter().rev().take(8).fold(0u64, |h, &b| (h << 8) | b as u64)
+}
+
+/// SplitMix64 finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(start: usize, end: usize, tps: f32) -> Candidate {
+        Candidate {
+            peer: PeerId::random(),
+            layers: LayerRange::new(start, end),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            fingerprint: [0; 32],
+            decode_tps: tps,
+            rtt: DEFAULT_RTT,
+            in_flight: 0,
+            waiting: 0,
+            capacity: 4,
+            queue: None,
+        }
+    }
+
+    fn spans(r: &Route) -> Vec<(usize, usize)> {
+        r.stages.iter().map(|s| (s.span.start, s.span.end)).collect()
+    }
+
+    #[test]
+    fn chains_a_split_model() {
+        let c = vec![cand(20, 30, 100.0), cand(0, 10, 100.0), cand(10, 20, 100.0)];
+        let r = plan("m", &c, 30, &HashSet::new(), 0).unwrap();
+        assert_eq!(spans(&r), vec![(0, 10), (10, 20), (20, 30)]);
+        assert_eq!(r.stages[0].peer, c[1].peer);
+    }
+
+    #[test]
+    fn overlapping_layout_runs_a_suffix_of_the_second_shard() {
+        let c = vec![cand(0, 16, 100.0), cand(10, 30, 100.0)];
+        let r = plan("m", &c, 30, &HashSet::new(), 0).unwrap();
+        assert_eq!(spans(&r), vec![(0, 16), (16, 30)]);
+    }
+
+    #[test]
+    fn prefers_one_fast_whole_model_over_many_hops_and_avoids_loaded_nodes() {
+        let whole = cand(0, 30, 100.0);
+        let c = vec![whole.clone(), cand(0, 15, 100.0), cand(15, 30, 100.0)];
+        let r = plan("m", &c, 30, &HashSet::new(), 0).unwrap();
+        assert_eq!(r.stages.len(), 1);
+        assert_eq!(r.stages[0].peer, whole.peer);
+        // Load the whole-model node: the split route wins.
+        let mut loaded = c.clone();
+        loaded[0].in_flight = 3;
+        let r = plan("m", &loaded, 30, &HashSet::new(), 0).unwrap();
+        assert_eq!(spans(&r), vec![(0, 15), (15, 30)]);
+        // Excluding peers is honoured.
+        let excluded: HashSet<PeerId> = [c[1].peer].into();
+        let r = plan("m", &c, 30, &excluded, 0).unwrap();
+        assert!(!r.peers().contains(&c[1].peer));
+    }
+
+    #[test]
+    fn names_the_missing_ranges() {
+        let c = vec![cand(0, 10, 100.0), cand(12, 20, 100.0), cand(25, 28, 100.0)];
+        let err = plan("m", &c, 30, &HashSet::new(), 0).unwrap_err();
+        let RouteError::Uncovered { missing, .. } = &err else { panic!("{err}") };
+        assert_eq!(missing, &vec![LayerRange::new(10, 12), LayerRange::new(20, 25), LayerRange::new(28, 30)]);
+        assert!(err.to_string().contains("10..12, 20..25, 28..30"), "{err}");
+    }
+
+    #[test]
+    fn replicas_share_sessions_evenly() {
+        let c = vec![cand(0, 30, 100.0), cand(0, 30, 100.0)];
+        let mut counts = [0usize; 2];
+        for t in 0..1000u64 {
+            let r = plan("m", &c, 30, &HashSet::new(), mix(t)).unwrap();
+            counts[usize::from(r.stages[0].peer == c[1].peer)] += 1;
+        }
+        assert!(counts[0] > 350 && counts[1] > 350, "{counts:?}");
+    }
+
+    #[test]
+    fn ten_thousand_nodes_over_eighty_layers_plan_in_well_under_ten_ms() {
+        let n_layers = 80;
+        let mut c = Vec::with_capacity(10_000);
+        let mut x = 1u64;
+        for _ in 0..10_000 {
+            x = mix(x);
+            let start = (x % n_layers as u64) as usize;
+            let len = 1 + (mix(x) % 16) as usize;
+            c.push(cand(start, (start + len).min(n_layers), 10.0 + (x % 200) as f32));
+        }
+        c.push(cand(0, 8, 50.0));
+        let excluded = HashSet::new();
+        let _ = plan("m", &c, n_layers, &excluded, 0).unwrap();
+        let t = Instant::now();
+        let runs = 10;
+        for i in 0..runs {
+            plan("m", &c, n_layers, &excluded, i).unwrap();
+        }
+        let per = t.elapsed() / runs as u32;
+        // Debug builds are several times slower than release; the bound holds for both.
+        assert!(per < Duration::from_millis(10), "planning took {per:?}");
+    }
+}

@@ -1,0 +1,31 @@
+//! The stage wire protocol: versioned, length-prefixed binary frames over QUIC streams. `docs/PROTOCOL.md` is the
+//! contract for third-party clients; this module is its reference implementation.
+//!
+//! Every frame is a fixed 36-byte [`Header`] followed by `payload_len` bytes. Readers check every size in the header
+//! against [`Limits`] (and against each other) before allocating the payload, and turn every violation into a typed
+//! [`WireError`].
+
+#[cfg(target_endian = "big")]
+compile_error!("the shardline wire format casts little-endian payloads in place; big-endian hosts are not supported");
+
+pub mod buf;
+pub mod error;
+pub mod frame;
+pub mod header;
+pub mod io;
+pub mod limits;
+
+pub use error::{WireError, WireResult};
+pub use frame::{
+    AlignedBytes, ErrorCode, Fingerprint, Frame, HiddenStates, Hop, SessionId, SessionOpen, StageData, TokenResult,
+    WireDType,
+};
+pub use header::{FrameKind, HEADER_LEN, Header, PayloadDType};
+pub use io::{read_frame, write_frame};
+pub use limits::Limits;
+
+/// First two bytes of every frame.
+pub const MAGIC: [u8; 2] = *b"SL";
+
+/// The protocol version this build speaks. A reader rejects frames of any other version.
+pub const VERSION: u8 = 1;
