@@ -6,6 +6,7 @@ pub mod formats;
 pub mod model;
 pub mod test_models;
 pub mod tls;
+pub mod tokenizer;
 pub mod wire;
 
 pub use error::{ModelError, Result};

@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""Writes the tokenizer reference fixtures of shardline-node from llama.cpp (through llama-cpp-python).
+
+Two fixtures come out, both under node/tests/fixtures/:
+
+* tokenizer_smollm2.json: token ids that llama.cpp produces for about forty varied strings with the SmolLM2 GGUF
+  (byte-level BPE, pre-tokenizer "smollm"), its detokenized text, its end-of-generation token set, and chat prompts
+  rendered from the model's own Jinja template by Python's jinja2 with the settings Hugging Face transformers uses
+  (trim_blocks, lstrip_blocks), together with llama.cpp's built-in ChatML rendering where that one applies and the
+  llama.cpp token ids of each rendered prompt.
+* tokenizer_spm.json: a small SentencePiece-style vocabulary (pieces with scores, byte-fallback tokens <0xXX>,
+  control tokens) that this script builds, writes into a vocab-only GGUF with the `gguf` package, loads into
+  llama.cpp and tokenizes a set of strings with. The fixture holds the vocabulary itself and the expected ids, so the
+  Rust tests need neither llama.cpp nor the GGUF.
+
+Usage: scripts/make-tokenizer-fixtures.py [--model PATH] [--out DIR]
+The model defaults to $SHARDLINE_MODEL, then the shardline cache path that scripts/fetch-model.sh fills.
+Needs: llama-cpp-python, gguf, jinja2.
+"""
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import jinja2
+import jinja2.sandbox
+import llama_cpp
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Strings for the byte-level BPE model: English, code, whitespace runs, newlines, digits, punctuation, accents,
+# CJK, emoji, special tokens written in the text, and odd Unicode (non-breaking and ideographic spaces, combining
+# marks, zero-width joiners).
+SMOLLM2_STRINGS = [
+    "",
+    " ",
+    "Hello",
+    "Hello world! 123",
+    "The quick brown fox jumps over the lazy dog.",
+    "  multiple   spaces",
+    "trailing spaces   ",
+    "\tTabs\tand\ttabs\t",
+    "line one\nline two\n\nline four\n",
+    "\r\nWindows\r\nnewlines\r\n",
+    "\n\n\n",
+    "3.14159 and 2,718,281 and 1e-9 and 0x1F",
+    "1234567890",
+    "Numbers: 1st 2nd 3rd 42nd 100th",
+    "I'm sure you'll see they've done what we'd said, isn't it?",
+    "DON'T SHOUT, it's 'quoted' and \"double quoted\"",
+    "Punctuation!!! ??? ... ;;; :: -- __ ** ## @@ $$ %% ^^ && (( )) [[ ]] {{ }}",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "fn main() {\n\tlet x: Vec<u32> = vec![1, 2, 3];\n\tprintln!(\"{x:?}\");\n}",
+    "<div class=\"a\">&nbsp;</div> // comment /* block */",
+    "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct?x=1&y=2#frag",
+    "Café déjà vu, naïve façade, Ångström, smørrebrød, Straße",
+    "Ελληνικά και Русский язык и العربية",
+    "日本語のテキストと中文文本，还有한국어。",
+    "Emoji: 🎉🚀👍🏽 and family 👨‍👩‍👧‍👦 and flags 🇫🇷🇯🇵",
+    "non\u00a0breaking\u00a0space and ideographic\u3000space",
+    "e\u0301 combining acute, zero\u200bwidth, bidi \u202emark",
+    "  leading spaces",
+    "mixed   \t\n  whitespace \n\t ",
+    "<|im_start|>",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "text<|im_end|>text<|endoftext|>more",
+    "<|im_start|><|im_end|><|im_start|>",
+    "not special: <|im_start or im_end|> <im_start>",
+    "<repo_name>shardline<file_sep>src/main.rs",
+    "a" * 64,
+    "ab" * 40 + " " + "xyz" * 20,
+    "Ünïcödé ÜBER alles ÀÉÎÕÜ",
+    "$100.00 + €50,00 = ¥? £!",
+]
+
+SMOLLM2_CHATS = [
+    {"messages": [{"role": "user", "content": "Hi there!"}], "add_generation_prompt": True},
+    {"messages": [{"role": "user", "content": "Hi there!"}], "add_generation_prompt": False},
+    {
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
+        "add_generation_prompt": True,
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Bonjour !"},
+            {"role": "user", "content": "Count to 3:\n1, 2, 3?"},
+        ],
+        "add_generation_prompt": True,
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Write code"},
+            {"role": "assistant", "content": "```python\nprint('hi')\n```"},
+            {"role": "user", "content": "Thanks 🎉"},
+        ],
+        "add_generation_prompt": True,
+    },
+]
+
+
+def default_model_path():
+    env = os.environ.get("SHARDLINE_MODEL")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "shardline" / "models" / MODEL_FILE
+
+
+def load_vocab(path):
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def tokenize(llm, text, add_special):
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+
+def detokenize(llm, ids):
+    # special=True renders control tokens as their text, which is what shardline's decode does.
+    return llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+
+
+def eog_ids(llm):
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+
+
+def render_jinja(template, messages, add_generation_prompt, bos_token, eos_token):
+    """Renders a chat template the way Hugging Face transformers' apply_chat_template does."""
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+    )
+
+
+def llama_cpp_chatml(messages, add_generation_prompt):
+    """llama.cpp's built-in ChatML formatter (llama_chat_apply_template with the name "chatml")."""
+    arr = (llama_cpp.llama_chat_message * len(messages))()
+    keep = []
+    for i, m in enumerate(messages):
+        role = m["role"].encode()
+        content = m["content"].encode()
+        keep += [role, content]
+        arr[i].role = role
+        arr[i].content = content
+    size = 1 << 16
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_chat_apply_template(b"chatml", arr, len(messages), add_generation_prompt, buf, size)
+    if n < 0 or n > size:
+        raise RuntimeError(f"llama_chat_apply_template failed: {n}")
+    return buf.raw[:n].decode("utf-8")
+
+
+def smollm2_fixture(model_path):
+    llm = load_vocab(model_path)
+    reader = gguf.GGUFReader(str(model_path))
+    template = reader.fields["tokenizer.chat_template"].contents()
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    bos, eos = llm.token_bos(), llm.token_eos()
+    bos_text = llm.detokenize([bos], special=True).decode()
+    eos_text = llm.detokenize([eos], special=True).decode()
+
+    cases = []
+    for text in SMOLLM2_STRINGS:
+        for add_special in (False, True):
+            ids = tokenize(llm, text, add_special)
+            cases.append({"text": text, "add_special": add_special, "ids": ids, "detokenized": detokenize(llm, ids)})
+
+    chats = []
+    for chat in SMOLLM2_CHATS:
+        rendered = render_jinja(template, chat["messages"], chat["add_generation_prompt"], bos_text, eos_text)
+        # llama.cpp's ChatML formatter has no default system prompt, so it only agrees when the chat has one.
+        has_system = chat["messages"][0]["role"] == "system"
+        builtin = llama_cpp_chatml(chat["messages"], chat["add_generation_prompt"]) if has_system else None
+        chats.append(
+            {
+                "messages": chat["messages"],
+                "add_generation_prompt": chat["add_generation_prompt"],
+                "jinja2": rendered,
+                "llama_cpp_chatml": builtin,
+                "ids": tokenize(llm, rendered, False),
+            }
+        )
+
+    return {
+        "source": f"llama-cpp-python {llama_cpp.__version__} on {model_path.name}",
+        "model_file": model_path.name,
+        "vocab_size": llm.n_vocab(),
+        "bos": bos,
+        "eos": eos,
+        "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+        "eog": eog_ids(llm),
+        "chat_template": template,
+        "cases": cases,
+        "chats": chats,
+    }
+
+
+# Text the small SentencePiece vocabulary is grown from.
+SPM_CORPUS = """
+The history of all hitherto existing society is the history of class struggles. It was the best of times, it was the
+worst of times, it was the age of wisdom, it was the age of foolishness. In the beginning the universe was created.
+This has made a lot of people very angry and been widely regarded as a bad move. Call me Ishmael. Some years ago,
+never mind how long precisely, having little or no money in my purse, and nothing particular to interest me on shore,
+I thought I would sail about a little and see the watery part of the world. A tokenizer splits text into pieces, and
+the model reads the pieces one at a time. Hello world, hello there, hello again.
+"""
+
+SPM_STRINGS = [
+    "",
+    " ",
+    "Hello world",
+    "hello there, hello again.",
+    "The history of the world",
+    "It was the best of times, it was the worst of times.",
+    "  two leading spaces",
+    "trailing space ",
+    "multiple   inner    spaces",
+    "line one\nline two\n",
+    "tab\tseparated\tvalues",
+    "Unseen words: zebra quiz jukebox",
+    "Digits 0123456789 and 3.14",
+    "Café déjà vu",
+    "日本語",
+    "emoji 🎉 here",
+    "<s>",
+    "<s>Hello</s>",
+    "text</s> more text",
+    "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n",
+    "<unk> stays special",
+    "ALL CAPS TEXT",
+    "a",
+    "▁already escaped▁",
+]
+
+
+def build_spm_vocab():
+    """A few hundred pieces with log-frequency scores, grown from SPM_CORPUS like a tiny SentencePiece model.
+
+    Layout follows Llama 2: <unk>, <s>, </s>, then the 256 byte-fallback tokens, then the pieces by falling score,
+    then two ChatML control tokens. Scores are rounded to one decimal so that equal scores occur and the tests
+    also cover llama.cpp's tie-breaking (leftmost pair first).
+    """
+    words = ["\u2581" + w for w in SPM_CORPUS.split()]
+    counts = Counter()
+    for w in words:
+        for i in range(len(w)):
+            for j in range(i + 2, min(len(w), i + 8) + 1):
+                counts[w[i:j]] += 1
+    chars = sorted({c for w in words for c in w})
+    best = [p for p, c in counts.most_common() if c >= 2][:320]
+
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    scores = [0.0, 0.0, 0.0]
+    for b in range(256):
+        tokens.append(f"<0x{b:02X}>")
+        types.append(gguf.TokenType.BYTE)
+        scores.append(0.0)
+    for p in best:
+        tokens.append(p)
+        types.append(gguf.TokenType.NORMAL)
+        scores.append(round(math.log(counts[p]), 1))
+    for c in chars:
+        if c not in tokens:
+            tokens.append(c)
+            types.append(gguf.TokenType.NORMAL)
+            scores.append(-10.0)
+    for special in ["<|im_start|>", "<|im_end|>"]:
+        tokens.append(special)
+        types.append(gguf.TokenType.CONTROL)
+        scores.append(0.0)
+    return tokens, [int(t) for t in types], scores
+
+
+def write_spm_gguf(path, tokens, types, scores):
+    w = gguf.GGUFWriter(str(path), "llama")
+    # llama.cpp reads the hyperparameters even for a vocab-only load; these describe a model that does not exist.
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def spm_fixture():
+    tokens, types, scores = build_spm_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spm-vocab.gguf"
+        write_spm_gguf(path, tokens, types, scores)
+        llm = load_vocab(path)
+        cases = []
+        for text in SPM_STRINGS:
+            for add_special in (False, True):
+                ids = tokenize(llm, text, add_special)
+                cases.append({"text": text, "add_special": add_special, "ids": ids, "detokenized": detokenize(llm, ids)})
+        eog = eog_ids(llm)
+        source = f"llama-cpp-python {llama_cpp.__version__} on a vocab-only GGUF written by gguf {gguf.__version__}" \
+            if hasattr(gguf, "__version__") else f"llama-cpp-python {llama_cpp.__version__} on a vocab-only GGUF"
+    return {
+        "source": source,
+        "vocab": {
+            "model": "llama",
+            "tokens": tokens,
+            "token_types": types,
+            "scores": scores,
+            "bos": 1,
+            "eos": 2,
+            "unk": 0,
+            "add_bos": True,
+            "add_eos": False,
+            "add_space_prefix": True,
+        },
+        "eog": eog,
+        "cases": cases,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--out", type=Path, default=ROOT / "node" / "tests" / "fixtures")
+    args = parser.parse_args()
+    if not args.model.is_file():
+        sys.exit(f"model not found at {args.model}; run scripts/fetch-model.sh or set SHARDLINE_MODEL")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    for name, fixture in [("tokenizer_smollm2.json", smollm2_fixture(args.model)), ("tokenizer_spm.json", spm_fixture())]:
+        path = args.out / name
+        path.write_text(json.dumps(fixture, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {path} ({len(fixture['cases'])} cases)")
+
+
+if __name__ == "__main__":
+    main()
