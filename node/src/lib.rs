@@ -1,6 +1,7 @@
 //! shardline node: model formats, tokenizer, and the shard forward pass.
 
 pub mod announce;
+pub mod dht;
 pub mod error;
 pub mod formats;
 pub mod model;

@@ -1,0 +1,85 @@
+//! Node side of discovery: publishes the node's signed announcement (value record under its node key) and a
+//! provider record under its model key, and re-publishes both well before they expire, with fresh load figures.
+//! When the announcer stops, the records expire everywhere within one TTL and the node disappears from the swarm.
+
+use std::time::{Duration, Instant};
+
+use libp2p::identity::Keypair;
+use libp2p::kad::Record;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::keys::{model_key, node_key};
+use super::network::DhtClient;
+use crate::announce::{ShardAnnouncement, now_ms};
+
+#[derive(Clone, Copy, Debug)]
+pub struct AnnouncerConfig {
+    /// Lifetime of each announcement (DESIGN.md: about 60 s).
+    pub ttl: Duration,
+    /// Re-publication period (about a third of the TTL, so two re-publications may fail before expiry).
+    pub republish: Duration,
+}
+
+impl Default for AnnouncerConfig {
+    fn default() -> Self {
+        Self { ttl: Duration::from_secs(60), republish: Duration::from_secs(20) }
+    }
+}
+
+/// The running announcer; dropping it (or calling `stop`) ends the re-publication.
+pub struct Announcer {
+    task: JoinHandle<()>,
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Announcer {
+    /// Starts publishing. `fresh` builds the current announcement (load, free KV cache); the announcer stamps issue
+    /// and expiry times and signs it with `key`.
+    pub fn spawn(
+        dht: DhtClient,
+        key: Keypair,
+        config: AnnouncerConfig,
+        fresh: impl Fn() -> ShardAnnouncement + Send + Sync + 'static,
+    ) -> Announcer {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(config.republish);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = publish_once(&dht, &key, config.ttl, fresh()).await {
+                    warn!(error = %e, "announcement not published; retrying at the next period");
+                }
+            }
+        });
+        Announcer { task }
+    }
+
+    pub fn stop(self) {}
+}
+
+/// Signs and publishes one announcement: the node record first, then the provider record of its model.
+pub async fn publish_once(
+    dht: &DhtClient,
+    key: &Keypair,
+    ttl: Duration,
+    mut a: ShardAnnouncement,
+) -> Result<(), String> {
+    let now = now_ms();
+    a.issued_at_ms = now;
+    a.expires_at_ms = now + ttl.as_millis() as u64;
+    let model = model_key(&a.model_id);
+    let signed = a.sign(key).map_err(|e| e.to_string())?;
+    let mut record = Record::new(node_key(&key.public().to_peer_id()), signed.to_bytes());
+    record.publisher = Some(key.public().to_peer_id());
+    record.expires = Some(Instant::now() + ttl);
+    dht.put_record(record).await.map_err(|e| e.to_string())?;
+    dht.start_providing(model).await.map_err(|e| e.to_string())?;
+    debug!("announcement published");
+    Ok(())
+}

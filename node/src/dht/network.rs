@@ -1,0 +1,484 @@
+//! The libp2p swarm (Kademlia + identify over TCP and QUIC), owned by one event-loop task. The rest of the program
+//! holds a cloneable [`DhtClient`] that sends commands over a channel, each with a oneshot for the reply; replies to
+//! queries are kept in `pending_*` maps keyed by `QueryId` until kad reports the query finished.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
+use libp2p::kad::{
+    self, GetProvidersOk, GetRecordOk, InboundRequest, Mode, QueryId, QueryResult, Quorum, Record, RecordKey,
+    StoreInserts,
+};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, noise, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::filter::RecordFilter;
+
+/// Our own Kademlia protocol name: shardline peers never join (or pollute) the public IPFS DHT.
+pub const KAD_PROTOCOL: &str = "/shardline/kad/1.0.0";
+/// Identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/shardline/id/1.0.0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DhtError {
+    #[error("cannot build the libp2p swarm: {0}")]
+    Build(String),
+    #[error("cannot listen on {addr}: {detail}")]
+    Listen { addr: Multiaddr, detail: String },
+    #[error("cannot dial {addr}: {detail}")]
+    Dial { addr: Multiaddr, detail: String },
+    #[error("DHT query failed: {0}")]
+    Query(String),
+    #[error("the DHT event loop has stopped")]
+    Stopped,
+}
+
+/// Settings of a DHT peer.
+pub struct DhtConfig {
+    pub keypair: Keypair,
+    /// Multiaddrs to listen on (`/ip4/…/tcp/P`, `/ip4/…/udp/P/quic-v1`; port 0 picks one).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through, with or without `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Lifetime of value records we store for others when the publisher gives none.
+    pub record_ttl: Duration,
+    /// Lifetime of provider records, and how often kad re-publishes ours.
+    pub provider_ttl: Duration,
+    pub provider_republish: Duration,
+    pub filter: Arc<dyn RecordFilter>,
+}
+
+impl DhtConfig {
+    /// Defaults of DESIGN.md: records live about 60 s; providers are re-published every 20 s.
+    pub fn new(keypair: Keypair, listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>) -> Self {
+        Self {
+            keypair,
+            listen,
+            bootstrap,
+            record_ttl: Duration::from_secs(60),
+            provider_ttl: Duration::from_secs(60),
+            provider_republish: Duration::from_secs(20),
+            filter: Arc::new(super::filter::AnnouncementFilter),
+        }
+    }
+}
+
+/// What the event loop tells its owner about inbound traffic (only records that passed the filter).
+#[derive(Clone, Debug)]
+pub enum DhtEvent {
+    /// A peer stored a record with us.
+    RecordStored {
+        source: PeerId,
+        record: Record,
+    },
+    /// A peer announced itself as a provider of `key`.
+    ProviderAdded {
+        key: RecordKey,
+        provider: PeerId,
+    },
+    PeerConnected(PeerId),
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+}
+
+enum Command {
+    Dial(Multiaddr, oneshot::Sender<Result<(), DhtError>>),
+    PutRecord(Record, oneshot::Sender<Result<(), DhtError>>),
+    StartProviding(RecordKey, oneshot::Sender<Result<(), DhtError>>),
+    GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
+    GetRecord(RecordKey, oneshot::Sender<Vec<Record>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+}
+
+/// Handle on the DHT event loop. Cheap to clone; the loop stops when every handle is dropped.
+#[derive(Clone)]
+pub struct DhtClient {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for DhtClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DhtClient").field("peer_id", &self.peer_id).finish()
+    }
+}
+
+impl DhtClient {
+    /// Builds the swarm, starts listening and dialling the bootstrap peers, and spawns the event loop on the current
+    /// tokio runtime. Returns once every listener reported its address.
+    pub async fn start(config: DhtConfig) -> Result<(DhtClient, mpsc::Receiver<DhtEvent>), DhtError> {
+        let peer_id = config.keypair.public().to_peer_id();
+        let mut swarm = build_swarm(&config)?;
+        let mut listeners = 0;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| DhtError::Listen { addr: addr.clone(), detail: e.to_string() })?;
+            listeners += 1;
+        }
+        // Wait for the listen addresses, so callers can print and hand them out right away.
+        let mut listen_addrs = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while listen_addrs.len() < listeners {
+            match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+                Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
+                Ok(SwarmEvent::ListenerError { error, .. })
+                | Ok(SwarmEvent::ListenerClosed { reason: Err(error), .. }) => {
+                    return Err(DhtError::Listen { addr: config.listen[0].clone(), detail: error.to_string() });
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let (cmd_tx, cmd_rx) = mpsc::channel(256);
+        let (ev_tx, ev_rx) = mpsc::channel(1024);
+        let mut event_loop = EventLoop {
+            swarm,
+            commands: cmd_rx,
+            events: ev_tx,
+            filter: config.filter.clone(),
+            listen_addrs,
+            pending_dial: HashMap::new(),
+            pending_put: HashMap::new(),
+            pending_provide: HashMap::new(),
+            pending_providers: HashMap::new(),
+            pending_record: HashMap::new(),
+            bootstrapped: false,
+        };
+        for addr in &config.bootstrap {
+            if let Err(e) = event_loop.dial(addr.clone()) {
+                warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+        tokio::spawn(event_loop.run());
+        Ok((DhtClient { peer_id, commands: cmd_tx }, ev_rx))
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, DhtError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| DhtError::Stopped)?;
+        rx.await.map_err(|_| DhtError::Stopped)
+    }
+
+    /// Dials a peer (`/p2p/<id>` optional); resolves once connected.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), DhtError> {
+        self.ask(|tx| Command::Dial(addr, tx)).await?
+    }
+
+    /// Stores a record locally and at the closest peers (`Quorum::One`). Succeeds when at least one peer took it, or
+    /// when no peer is known yet (the record is stored locally and served from here).
+    pub async fn put_record(&self, record: Record) -> Result<(), DhtError> {
+        self.ask(|tx| Command::PutRecord(record, tx)).await?
+    }
+
+    /// Announces this peer as a provider of `key`.
+    pub async fn start_providing(&self, key: RecordKey) -> Result<(), DhtError> {
+        self.ask(|tx| Command::StartProviding(key, tx)).await?
+    }
+
+    /// Every provider of `key` the query finds (local store included).
+    pub async fn get_providers(&self, key: RecordKey) -> Result<HashSet<PeerId>, DhtError> {
+        self.ask(|tx| Command::GetProviders(key, tx)).await
+    }
+
+    /// Every copy of the record under `key` the query finds (local store included), unfiltered: callers verify.
+    pub async fn get_record(&self, key: RecordKey) -> Result<Vec<Record>, DhtError> {
+        self.ask(|tx| Command::GetRecord(key, tx)).await
+    }
+
+    /// Full listen multiaddrs, each ending in `/p2p/<our peer id>`.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, DhtError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, DhtError> {
+        self.ask(Command::ConnectedPeers).await
+    }
+}
+
+fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
+    let peer_id = config.keypair.public().to_peer_id();
+    let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    kad_cfg
+        .set_record_ttl(Some(config.record_ttl))
+        .set_provider_record_ttl(Some(config.provider_ttl))
+        .set_provider_publication_interval(Some(config.provider_republish))
+        // Nodes re-publish their own announcements with fresh load; stale copies must not be re-spread by others.
+        .set_publication_interval(None)
+        .set_replication_interval(None)
+        .set_record_filtering(StoreInserts::FilterBoth)
+        .set_query_timeout(Duration::from_secs(10));
+    let store_cfg = MemoryStoreConfig { max_records: 65_536, max_value_bytes: 4096, ..Default::default() };
+    let keypair = config.keypair.clone();
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| DhtError::Build(e.to_string()))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::with_config(peer_id, store_cfg), kad_cfg);
+            // Every shardline peer answers DHT queries, also on loopback or private addresses where kad's automatic
+            // mode detection would leave it a client.
+            kad.set_mode(Some(Mode::Server));
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                    .with_agent_version(format!("shardline/{}", env!("CARGO_PKG_VERSION"))),
+            );
+            Behaviour { kad, identify }
+        })
+        .map_err(|e| DhtError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    Ok(swarm)
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<DhtEvent>,
+    filter: Arc<dyn RecordFilter>,
+    listen_addrs: Vec<Multiaddr>,
+    pending_dial: HashMap<libp2p::swarm::ConnectionId, oneshot::Sender<Result<(), DhtError>>>,
+    pending_put: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
+    pending_provide: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
+    pending_providers: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
+    pending_record: HashMap<QueryId, (Vec<Record>, oneshot::Sender<Vec<Record>>)>,
+    bootstrapped: bool,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+            }
+        }
+        debug!("DHT event loop stopped: every client was dropped");
+    }
+
+    fn emit(&self, event: DhtEvent) {
+        if self.events.try_send(event).is_err() {
+            debug!("DHT event dropped: nobody reads them or the reader is behind");
+        }
+    }
+
+    /// Dials `addr`; with a trailing `/p2p/<id>` the peer id is checked on connection, without it it is learned.
+    fn dial(&mut self, addr: Multiaddr) -> Result<libp2p::swarm::ConnectionId, DhtError> {
+        let opts = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id().address(addr.clone()).build();
+        let opts = match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                    .build()
+            }
+            _ => opts,
+        };
+        let id = opts.connection_id();
+        self.swarm.dial(opts).map_err(|e| DhtError::Dial { addr, detail: e.to_string() })?;
+        Ok(id)
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Dial(addr, tx) if dial_target(&addr).is_some_and(|p| self.swarm.is_connected(&p)) => {
+                let _ = tx.send(Ok(()));
+            }
+            Command::Dial(addr, tx) => match self.dial(addr) {
+                Ok(id) => {
+                    self.pending_dial.insert(id, tx);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
+            Command::PutRecord(record, tx) => match self.swarm.behaviour_mut().kad.put_record(record, Quorum::One) {
+                Ok(id) => {
+                    self.pending_put.insert(id, tx);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(DhtError::Query(format!("local store refused the record: {e:?}"))));
+                }
+            },
+            Command::StartProviding(key, tx) => match self.swarm.behaviour_mut().kad.start_providing(key) {
+                Ok(id) => {
+                    self.pending_provide.insert(id, tx);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(DhtError::Query(format!("local store refused the provider record: {e:?}"))));
+                }
+            },
+            Command::GetProviders(key, tx) => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.pending_providers.insert(id, (HashSet::new(), tx));
+            }
+            Command::GetRecord(key, tx) => {
+                let id = self.swarm.behaviour_mut().kad.get_record(key);
+                self.pending_record.insert(id, (Vec::new(), tx));
+            }
+            Command::ListenAddrs(tx) => {
+                let me = *self.swarm.local_peer_id();
+                let addrs = self.listen_addrs.iter().map(|a| a.clone().with(Protocol::P2p(me))).collect();
+                let _ = tx.send(addrs);
+            }
+            Command::ConnectedPeers(tx) => {
+                let _ = tx.send(self.swarm.connected_peers().copied().collect());
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
+                if endpoint.is_dialer() {
+                    // Learned on dialling: bootstrap addresses may come without `/p2p/<id>`.
+                    let addr = endpoint.get_remote_address().clone();
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    if !self.bootstrapped {
+                        self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                    }
+                }
+                if let Some(tx) = self.pending_dial.remove(&connection_id) {
+                    let _ = tx.send(Ok(()));
+                }
+                self.emit(DhtEvent::PeerConnected(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, error, peer_id } => {
+                debug!(?peer_id, %error, "outgoing connection failed");
+                if let Some(tx) = self.pending_dial.remove(&connection_id) {
+                    let _ = tx.send(Err(DhtError::Dial { addr: Multiaddr::empty(), detail: error.to_string() }));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest {
+                request: InboundRequest::PutRecord { source, record: Some(mut record), .. },
+            } => match self.filter.accept_record(&source, &record) {
+                Some(expires) => {
+                    record.expires = Some(expires);
+                    if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record.clone()) {
+                        warn!(error = ?e, "cannot store an accepted record");
+                        return;
+                    }
+                    self.emit(DhtEvent::RecordStored { source, record });
+                }
+                None => debug!(%source, "record not stored"),
+            },
+            kad::Event::InboundRequest { request: InboundRequest::AddProvider { record: Some(record) } } => {
+                if self.filter.accept_provider(&record) {
+                    let (key, provider) = (record.key.clone(), record.provider);
+                    if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
+                        warn!(error = ?e, "cannot store an accepted provider record");
+                        return;
+                    }
+                    self.emit(DhtEvent::ProviderAdded { key, provider });
+                }
+            }
+            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+                QueryResult::PutRecord(res) => {
+                    if let Some(tx) = self.pending_put.remove(&id) {
+                        let _ = tx.send(self.publish_outcome(res.map(|_| ()).map_err(|e| format!("{e:?}"))));
+                    }
+                }
+                QueryResult::StartProviding(res) => {
+                    if let Some(tx) = self.pending_provide.remove(&id) {
+                        let _ = tx.send(self.publish_outcome(res.map(|_| ()).map_err(|e| format!("{e:?}"))));
+                    }
+                }
+                QueryResult::GetProviders(res) => {
+                    let finished = step.last;
+                    if let Some((found, _)) = self.pending_providers.get_mut(&id) {
+                        if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = res {
+                            found.extend(providers);
+                        }
+                    }
+                    if finished {
+                        if let Some((found, tx)) = self.pending_providers.remove(&id) {
+                            let _ = tx.send(found);
+                        }
+                    }
+                }
+                QueryResult::GetRecord(res) => {
+                    let finished = step.last;
+                    if let Some((found, _)) = self.pending_record.get_mut(&id) {
+                        if let Ok(GetRecordOk::FoundRecord(peer_record)) = res {
+                            found.push(peer_record.record);
+                        }
+                    }
+                    if finished {
+                        if let Some((found, tx)) = self.pending_record.remove(&id) {
+                            let _ = tx.send(found);
+                        }
+                    }
+                }
+                QueryResult::Bootstrap(Ok(ok)) => debug!(remaining = ok.num_remaining, "kad bootstrap step"),
+                _ => {}
+            },
+            kad::Event::RoutingUpdated { peer, .. } => debug!(%peer, "kad routing table updated"),
+            _ => {}
+        }
+    }
+
+    /// A publication that reached no peer is still a success while we know no peer at all: the record is in our store
+    /// and is served from here; peers that join later fetch it or get the next re-publication.
+    fn publish_outcome(&mut self, res: Result<(), String>) -> Result<(), DhtError> {
+        match res {
+            Ok(()) => Ok(()),
+            Err(_) if self.swarm.connected_peers().next().is_none() => Ok(()),
+            Err(e) => Err(DhtError::Query(e)),
+        }
+    }
+}
+
+/// The peer id at the end of a multiaddr, if any.
+fn dial_target(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// Logs the listen addresses in the form other processes pass to `--bootstrap`.
+pub fn log_listen_addrs(addrs: &[Multiaddr]) {
+    for a in addrs {
+        info!(addr = %a, "p2p listening");
+    }
+}
