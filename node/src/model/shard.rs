@@ -258,12 +258,20 @@ impl Shard {
     /// Runs the shard on `T` new positions of a session, appending them to its KV cache. The last stage returns the
     /// logits of the last position only.
     pub fn forward(&self, s: &mut ShardSession, input: ShardInput<'_>) -> Result<ShardOutput> {
-        self.forward_inner(s, input, false)
+        self.forward_inner(s, input, self.layers, false)
+    }
+
+    /// As [`Shard::forward`], but runs only the blocks `span` (inside this shard's layers). A pipeline stage may run
+    /// a suffix of its shard when the route joins it midway (overlapping layouts such as `0..16` + `10..30`); a
+    /// session must use the same span for all its positions. Tokens go in only when `span` starts at layer 0, and
+    /// logits come out only when it ends at the model's last layer.
+    pub fn forward_span(&self, s: &mut ShardSession, input: ShardInput<'_>, span: LayerRange) -> Result<ShardOutput> {
+        self.forward_inner(s, input, span, false)
     }
 
     /// As [`Shard::forward`], but the last stage returns logits for every position (teacher forcing, evaluation).
     pub fn forward_all_logits(&self, s: &mut ShardSession, input: ShardInput<'_>) -> Result<ShardOutput> {
-        self.forward_inner(s, input, true)
+        self.forward_inner(s, input, self.layers, true)
     }
 
     /// Draws the next token from `logits` (row 0 when there is one row, else the last row).
@@ -272,8 +280,17 @@ impl Shard {
         Ok(self.backend.sample(logits, row, params, position, n_top)?)
     }
 
-    fn forward_inner(&self, s: &mut ShardSession, input: ShardInput<'_>, all_logits: bool) -> Result<ShardOutput> {
+    fn forward_inner(
+        &self,
+        s: &mut ShardSession,
+        input: ShardInput<'_>,
+        span: LayerRange,
+        all_logits: bool,
+    ) -> Result<ShardOutput> {
         let c = &self.config;
+        if span.start < self.layers.start || span.end > self.layers.end || span.is_empty() {
+            return Err(ModelError::Invalid(format!("span {span} is not inside shard {}", self.layers)));
+        }
         let b = self.backend.as_ref();
         let t = match &input {
             ShardInput::Tokens(ids) => ids.len(),
@@ -287,9 +304,11 @@ impl Shard {
         }
         let mut x = match input {
             ShardInput::Tokens(ids) => {
-                let table = self.embeddings.as_ref().ok_or_else(|| {
-                    ModelError::Invalid(format!("shard {} takes hidden states, not tokens", self.layers))
-                })?;
+                let table = self
+                    .embeddings
+                    .as_ref()
+                    .filter(|_| span.start == 0)
+                    .ok_or_else(|| ModelError::Invalid(format!("span {span} takes hidden states, not tokens")))?;
                 if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab) {
                     return Err(ModelError::Invalid(format!(
                         "token id {bad} is outside the vocabulary of {}",
@@ -308,8 +327,8 @@ impl Shard {
                         c.hidden
                     )));
                 }
-                if self.has_embeddings() {
-                    return Err(ModelError::Invalid(format!("shard {} takes tokens, not hidden states", self.layers)));
+                if span.start == 0 {
+                    return Err(ModelError::Invalid(format!("span {span} takes tokens, not hidden states")));
                 }
                 let mut x = b.alloc(&[t, c.hidden])?;
                 b.copy_rows(h, 0, &mut x, 0, t)?;
@@ -340,7 +359,8 @@ impl Shard {
         let mut up = b.alloc(&[t, c.ffn])?;
         let mut act = b.alloc(&[t, c.ffn])?;
         let mut kv = self.kv.lock().unwrap_or_else(|e| e.into_inner());
-        for (blk, (k_cache, v_cache)) in self.blocks.iter().zip(kv.layers.iter_mut()) {
+        let (lo, hi) = (span.start - self.layers.start, span.end - self.layers.start);
+        for (blk, (k_cache, v_cache)) in self.blocks[lo..hi].iter().zip(kv.layers[lo..hi].iter_mut()) {
             b.rms_norm(&x, &blk.attn_norm, c.rms_eps, &mut h)?;
             b.matmul(&h, &blk.wq, &mut q)?;
             b.matmul(&h, &blk.wk, &mut k)?;
@@ -359,7 +379,8 @@ impl Shard {
         }
         drop(kv);
         s.len += t;
-        let Some(head) = &self.head else {
+        let head = if span.end == c.n_layers { self.head.as_ref() } else { None };
+        let Some(head) = head else {
             return Ok(ShardOutput::Hidden(x));
         };
         let rows = if all_logits { t } else { 1 };
