@@ -139,7 +139,10 @@ impl TinySpec {
         if [self.n_layers, self.hidden, self.ffn, self.n_heads, self.n_kv_heads, self.context].contains(&0) {
             return fail("every size must be positive".into());
         }
-        if self.hidden % self.n_heads != 0 || self.n_heads % self.n_kv_heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.hidden.is_multiple_of(self.n_heads)
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+            || !self.head_dim().is_multiple_of(2)
+        {
             return fail(format!(
                 "{} heads / {} KV heads do not fit hidden {}",
                 self.n_heads, self.n_kv_heads, self.hidden
@@ -226,7 +229,7 @@ pub fn llama3_freq_factors(theta: f32, head_dim: usize, s: &Llama3Scaling) -> Ve
     (0..head_dim / 2)
         .map(|i| {
             // The converter computes the base frequencies in float32.
-            let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32);
+            let freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
             let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
             let factor = if wavelen < high_wavelen {
                 1.0
@@ -276,7 +279,7 @@ fn map_qk_rows<T: Copy>(w: &[T], n_head: usize, cols: usize, inverse: bool) -> V
 /// (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`, `quantize_row_q4_1_ref`). Quantised dtypes need a whole
 /// number of 32-element blocks.
 pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
-    if x.len() % dtype.block_elems() != 0 {
+    if !x.len().is_multiple_of(dtype.block_elems()) {
         return Err(ModelError::Invalid(format!("{} values are not whole {dtype} blocks", x.len())));
     }
     let mut out = Vec::with_capacity(dtype.bytes_for(x.len()).unwrap_or(0));
@@ -328,7 +331,7 @@ pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
 
 /// Decodes `dtype` bytes in ggml's layout to f32 (`d·q` for Q8_0, `d·(q−8)` for Q4_0, `d·q + m` for Q4_1).
 pub fn dequantize(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() % dtype.block_bytes() != 0 {
+    if !bytes.len().is_multiple_of(dtype.block_bytes()) {
         return Err(ModelError::Invalid(format!("{} bytes are not whole {dtype} blocks", bytes.len())));
     }
     let half_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
@@ -513,7 +516,7 @@ pub fn write_tiny_gguf(spec: &TinySpec, path: impl AsRef<Path>) -> Result<()> {
         .add("llama.rope.dimension_count", u(spec.head_dim()))?
         .add("llama.vocab_size", u(spec.vocab))?
         .add("tokenizer.ggml.model", "gpt2")?
-        .add("tokenizer.ggml.pre", "gpt2")?
+        .add("tokenizer.ggml.pre", "gpt-2")?
         .add("tokenizer.ggml.tokens", GgufValue::from_strs(&vocab.tokens))?
         .add("tokenizer.ggml.token_type", vocab.token_types.clone())?
         .add("tokenizer.ggml.merges", GgufValue::from_strs(&vocab.merges))?

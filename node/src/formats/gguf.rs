@@ -310,7 +310,7 @@ impl GgmlType {
     pub fn bytes_for(self, elems: u64) -> Option<u64> {
         let (be, bb) = self.block()?;
         let (be, bb) = (be as u64, bb as u64);
-        if elems % be != 0 {
+        if !elems.is_multiple_of(be) {
             return None;
         }
         (elems / be).checked_mul(bb)

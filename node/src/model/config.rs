@@ -172,10 +172,10 @@ impl ModelConfig {
                 return Err(bad(key, "biases are not supported"));
             }
         }
-        if let Some(act) = get("hidden_act") {
-            if act.as_str() != Some("silu") {
-                return Err(bad("hidden_act", format!("{act} is not supported (silu only)")));
-            }
+        if let Some(act) = get("hidden_act")
+            && act.as_str() != Some("silu")
+        {
+            return Err(bad("hidden_act", format!("{act} is not supported (silu only)")));
         }
 
         let hidden = req_usize("hidden_size")?;
@@ -250,14 +250,14 @@ impl ModelConfig {
                 return Err(bad(key, "must be positive"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(bad(
                 "head_count_kv",
                 format!("{} KV heads do not divide {} heads", self.n_kv_heads, self.n_heads),
             ));
         }
         let r = &self.rope;
-        if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > self.head_dim {
+        if r.rotary_dim == 0 || !r.rotary_dim.is_multiple_of(2) || r.rotary_dim > self.head_dim {
             return Err(bad(
                 "rope.dimension_count",
                 format!("{} rotated of {} dimensions", r.rotary_dim, self.head_dim),
@@ -277,13 +277,13 @@ impl ModelConfig {
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
             return Err(bad("layer_norm_rms_epsilon", format!("{} is not a positive number", self.rms_eps)));
         }
-        if let Some(f) = &self.rope_freq_factors {
-            if f.len() != r.rotary_dim / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
-                return Err(bad(
-                    "rope_freqs.weight",
-                    format!("{} factors for {} frequencies, all must be positive", f.len(), r.rotary_dim / 2),
-                ));
-            }
+        if let Some(f) = &self.rope_freq_factors
+            && (f.len() != r.rotary_dim / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)))
+        {
+            return Err(bad(
+                "rope_freqs.weight",
+                format!("{} factors for {} frequencies, all must be positive", f.len(), r.rotary_dim / 2),
+            ));
         }
         Ok(self)
     }
