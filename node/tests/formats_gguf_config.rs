@@ -146,7 +146,7 @@ fn refusals_name_what_is_wrong() {
         (("rope.freq_base", Some((-1f32).into())), "rope.freq_base"),
         (("attention.value_length", Some(16u32.into())), "llama.attention.value_length"),
     ] {
-        match config_with("llama", &[patch.clone()], &[]) {
+        match config_with("llama", std::slice::from_ref(&patch), &[]) {
             Err(ModelError::BadMetadata { key: k, .. }) => assert_eq!(k, key, "{patch:?}"),
             other => panic!("{patch:?}: {other:?}"),
         }
