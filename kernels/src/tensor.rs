@@ -85,7 +85,7 @@ impl Tensor {
         let elems = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let elems = elems.ok_or_else(|| crate::error::shape_err("Tensor::new", format!("{shape:?} overflows")))?;
         let last = shape.last().copied().unwrap_or(1);
-        if dtype.is_quantized() && last % dtype.block_elems() != 0 {
+        if dtype.is_quantized() && !last.is_multiple_of(dtype.block_elems()) {
             return Err(KernelError::PartialBlock { dtype, len: last, block: dtype.block_elems() });
         }
         let expected = dtype

@@ -133,7 +133,7 @@ impl Shard {
             return Err(ModelError::Invalid("head_dim is zero".into()));
         }
         let (h, q_w, kv_w, ffn) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn);
-        if c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+        if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) {
             return Err(ModelError::Invalid(format!(
                 "{} attention heads cannot be grouped over {} KV heads",
                 c.n_heads, c.n_kv_heads
