@@ -8,6 +8,9 @@ Two fixtures come out, both under node/tests/fixtures/:
   rendered from the model's own Jinja template by Python's jinja2 with the settings Hugging Face transformers uses
   (trim_blocks, lstrip_blocks), together with llama.cpp's built-in ChatML rendering where that one applies and the
   llama.cpp token ids of each rendered prompt.
+* tokenizer_bpe_pre.json: the same strings with SmolLM2's tokens and merges under other `tokenizer.ggml.pre`
+  names (llama-bpe, gpt-2, qwen2, falcon, default), each written into a vocab-only GGUF without
+  `add_bos_token`, so that llama.cpp's split expressions and per-name defaults are checked too.
 * tokenizer_spm.json: a small SentencePiece-style vocabulary (pieces with scores, byte-fallback tokens <0xXX>,
   control tokens) that this script builds, writes into a vocab-only GGUF with the `gguf` package, loads into
   llama.cpp and tokenizes a set of strings with. The fixture holds the vocabulary itself and the expected ids, so the
@@ -211,10 +214,76 @@ def smollm2_fixture(model_path):
         "eos": eos,
         "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
         "eog": eog_ids(llm),
+        "eot": llama_cpp.llama_vocab_eot(vocab),
         "chat_template": template,
         "cases": cases,
         "chats": chats,
     }
+
+
+PRE_TOKENIZERS = ["llama-bpe", "gpt-2", "qwen2", "falcon", "default"]
+# Appended to SmolLM2's vocabulary for the pre-tokenizer fixture: multi-digit tokens (SmolLM2 has none, so digit
+# grouping would otherwise not show) and a whole word no merge reaches (shows llama-bpe's ignore_merges).
+PRE_EXTRA_TOKENS = ["12", "123", "45", "456", "78", "\u0120unreachableword"]
+PRE_EXTRA_MERGES = ["1 2", "12 3", "4 5", "45 6", "7 8"]
+PRE_EXTRA_STRINGS = ["an unreachableword here", "12345 456 7890 1", "x123456789y", "3456 7812 a3456"]
+
+
+def write_vocab_gguf(path, model, tokens, types, scores=None, merges=None, pre=None, **ids_and_flags):
+    """A GGUF with an architecture, the hyperparameters llama.cpp reads even for a vocab-only load (they describe no
+    real model), and the vocabulary."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    for key, value in ids_and_flags.items():
+        getattr(w, f"add_{key}")(value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def bpe_pre_fixture(model_path):
+    reader = gguf.GGUFReader(str(model_path))
+    field = lambda key: reader.fields[key]
+    tokens = [bytes(field("tokenizer.ggml.tokens").parts[i]).decode("utf-8") for i in field("tokenizer.ggml.tokens").data]
+    types = [int(field("tokenizer.ggml.token_type").parts[i][0]) for i in field("tokenizer.ggml.token_type").data]
+    merges = [bytes(field("tokenizer.ggml.merges").parts[i]).decode("utf-8") for i in field("tokenizer.ggml.merges").data]
+    tokens += PRE_EXTRA_TOKENS
+    types += [int(gguf.TokenType.NORMAL)] * len(PRE_EXTRA_TOKENS)
+    merges += PRE_EXTRA_MERGES
+    out = {
+        "source": f"llama-cpp-python {llama_cpp.__version__} on {model_path.name}'s vocabulary plus extra tokens",
+        "extra_tokens": PRE_EXTRA_TOKENS,
+        "extra_merges": PRE_EXTRA_MERGES,
+        "pre": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for pre in PRE_TOKENIZERS:
+            path = Path(tmp) / f"{pre}.gguf"
+            write_vocab_gguf(path, "gpt2", tokens, types, merges=merges, pre=pre, bos_token_id=1, eos_token_id=2)
+            llm = load_vocab(path)
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            cases = []
+            for text in SMOLLM2_STRINGS + PRE_EXTRA_STRINGS:
+                for add_special in (False, True):
+                    cases.append({"text": text, "add_special": add_special, "ids": tokenize(llm, text, add_special)})
+            out["pre"][pre] = {"add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)), "cases": cases}
+    return out
 
 
 # Text the small SentencePiece vocabulary is grown from.
@@ -294,37 +363,14 @@ def build_spm_vocab():
     return tokens, [int(t) for t in types], scores
 
 
-def write_spm_gguf(path, tokens, types, scores):
-    w = gguf.GGUFWriter(str(path), "llama")
-    # llama.cpp reads the hyperparameters even for a vocab-only load; these describe a model that does not exist.
-    w.add_context_length(256)
-    w.add_embedding_length(64)
-    w.add_block_count(1)
-    w.add_feed_forward_length(128)
-    w.add_head_count(4)
-    w.add_head_count_kv(4)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(True)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def spm_fixture():
     tokens, types, scores = build_spm_vocab()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spm-vocab.gguf"
-        write_spm_gguf(path, tokens, types, scores)
+        write_vocab_gguf(
+            path, "llama", tokens, types, scores=scores, bos_token_id=1, eos_token_id=2, unk_token_id=0,
+            add_bos_token=True, add_eos_token=False, add_space_prefix=True,
+        )
         llm = load_vocab(path)
         cases = []
         for text in SPM_STRINGS:
@@ -362,10 +408,15 @@ def main():
         sys.exit(f"model not found at {args.model}; run scripts/fetch-model.sh or set SHARDLINE_MODEL")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    for name, fixture in [("tokenizer_smollm2.json", smollm2_fixture(args.model)), ("tokenizer_spm.json", spm_fixture())]:
+    fixtures = [
+        ("tokenizer_smollm2.json", smollm2_fixture(args.model)),
+        ("tokenizer_bpe_pre.json", bpe_pre_fixture(args.model)),
+        ("tokenizer_spm.json", spm_fixture()),
+    ]
+    for name, fixture in fixtures:
         path = args.out / name
         path.write_text(json.dumps(fixture, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {path} ({len(fixture['cases'])} cases)")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

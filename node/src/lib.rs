@@ -1,9 +1,11 @@
 //! shardline node: model formats, tokenizer, and the shard forward pass.
 
 pub mod announce;
-pub mod dht;
+pub mod default_model;
+pub mod engine;
 pub mod error;
 pub mod formats;
+pub mod generate;
 pub mod model;
 pub mod test_models;
 pub mod tls;

@@ -221,3 +221,10 @@ fn sentencepiece_style_decoding_agrees_with_the_tokenizers_crate() {
         assert_eq!(streamed, expected, "stream of {text:?}");
     }
 }
+
+#[test]
+fn tokenizer_is_shareable_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Tokenizer>();
+    shareable::<shardline_node::tokenizer::StreamDecoder>();
+}

@@ -74,6 +74,7 @@ fn vocabulary_facts_match_llama_cpp() {
     assert_eq!(tokenizer.add_bos(), fx["add_bos"].as_bool().unwrap());
     assert!(!tokenizer.add_eos());
     assert_eq!(tokenizer.end_tokens(), ids(&fx["eog"]).as_slice(), "end-of-generation set");
+    assert_eq!(tokenizer.eot().map(u64::from), fx["eot"].as_u64(), "end of turn");
     let im_end = tokenizer.token_id("<|im_end|>").expect("<|im_end|> in vocab");
     assert!(tokenizer.is_end_token(im_end));
     assert!(!tokenizer.is_end_token(tokenizer.token_id("<|im_start|>").unwrap()));
@@ -149,6 +150,37 @@ fn chat_template_renders_chatml_like_jinja2_and_llama_cpp() {
             assert_eq!(rendered, builtin, "llama.cpp ChatML of {msgs:?}");
         }
         assert_eq!(tokenizer.encode(&rendered, false).unwrap(), ids(&chat["ids"]), "ids of the prompt for {msgs:?}");
+    }
+}
+
+#[test]
+fn other_pre_tokenizers_match_llama_cpp() {
+    let Some((file, _)) = open("other_pre_tokenizers_match_llama_cpp") else { return };
+    let fx: Value = serde_json::from_str(include_str!("fixtures/tokenizer_bpe_pre.json")).expect("fixture is JSON");
+    let mut base = GgufVocab::from_gguf(&file).unwrap();
+    // Multi-digit tokens and a word no merge reaches, so that digit grouping and llama-bpe's ignore_merges show.
+    let strs = |v: &Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let extra = strs(&fx["extra_tokens"]);
+    base.token_types.extend(std::iter::repeat_n(1, extra.len()));
+    base.tokens.extend(extra);
+    base.merges.extend(strs(&fx["extra_merges"]));
+    let pres = fx["pre"].as_object().unwrap();
+    assert!(pres.contains_key("llama-bpe") && pres.contains_key("default") && pres.contains_key("gpt-2"));
+    for (pre, expected) in pres {
+        // The fixture's files carry no add_bos_token, so the per-name default is what is compared.
+        let vocab = GgufVocab { pre: Some(pre.clone()), add_bos: None, chat_template: None, ..base.clone() };
+        let tokenizer = Tokenizer::from_gguf_vocab(vocab).unwrap();
+        assert_eq!(tokenizer.add_bos(), expected["add_bos"].as_bool().unwrap(), "{pre}: add_bos default");
+        let mut failures = Vec::new();
+        for case in expected["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let add_special = case["add_special"].as_bool().unwrap();
+            let got = tokenizer.encode(text, add_special).unwrap();
+            if got != ids(&case["ids"]) {
+                failures.push(format!("{text:?} ({add_special}): llama.cpp {:?}, ours {got:?}", ids(&case["ids"])));
+            }
+        }
+        assert!(failures.is_empty(), "pre-tokenizer {pre}:\n{}", failures.join("\n"));
     }
 }
 

@@ -129,8 +129,8 @@ impl Shard {
     ) -> Result<Self> {
         let c = source.config().clone();
         layers.check(c.n_layers)?;
-        if c.hidden != c.n_heads * c.head_dim && c.head_dim == 0 {
-            return Err(ModelError::Invalid("head_dim is zero".into()));
+        if c.head_dim == 0 || c.n_heads == 0 || c.hidden == 0 {
+            return Err(ModelError::Invalid("the model has zero-sized heads or hidden state".into()));
         }
         let (h, q_w, kv_w, ffn) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn);
         if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) {
