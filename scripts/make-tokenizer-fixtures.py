@@ -11,6 +11,9 @@ Two fixtures come out, both under node/tests/fixtures/:
 * tokenizer_bpe_pre.json: the same strings with SmolLM2's tokens and merges under other `tokenizer.ggml.pre`
   names (llama-bpe, gpt-2, qwen2, falcon, default), each written into a vocab-only GGUF without
   `add_bos_token`, so that llama.cpp's split expressions and per-name defaults are checked too.
+* tokenizer_templates.json: the chat templates of other Llama-family models (Llama 2, Llama 3, Mistral, Zephyr /
+  TinyLlama, and one with Jinja features those lack) rendered by jinja2 over a few conversations, including the
+  ones a template refuses with raise_exception.
 * tokenizer_spm.json: a small SentencePiece-style vocabulary (pieces with scores, byte-fallback tokens <0xXX>,
   control tokens) that this script builds, writes into a vocab-only GGUF with the `gguf` package, loads into
   llama.cpp and tokenizes a set of strings with. The fixture holds the vocabulary itself and the expected ids, so the
@@ -399,6 +402,96 @@ def spm_fixture():
     }
 
 
+# Chat templates as the models' tokenizer_config.json files ship them (Llama 2 chat, Llama 3 instruct, Mistral
+# instruct v0.1, Zephyr / TinyLlama chat), and one that uses namespace(), whitespace control, filters and slicing.
+TEMPLATES = {
+    "llama2": (
+        "<s>",
+        "</s>",
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+        "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+        "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}",
+    ),
+    "llama3": (
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "{% set loop_messages = messages %}{% for message in loop_messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    ),
+    "mistral": (
+        "<s>",
+        "</s>",
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+    ),
+    "zephyr": (
+        "<s>",
+        "</s>",
+        "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+        "{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n"
+        "{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+        "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+        "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}",
+    ),
+    "features": (
+        "<s>",
+        "</s>",
+        "{%- set ns = namespace(system='', turns=0) -%}\n"
+        "{%- for m in messages -%}\n"
+        "  {%- if m.role == 'system' -%}{%- set ns.system = m.content | trim -%}\n"
+        "  {%- else -%}{%- set ns.turns = ns.turns + 1 -%}{%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{{- bos_token }}{% if ns.system %}[{{ ns.system | upper }}]{% endif %}\n"
+        "{% for m in messages if m.role != 'system' %}\n"
+        "    {{ loop.index }}/{{ ns.turns }} {{ m.role | title }}: {{ m.content.replace('\\n', ' ') | trim }}"
+        "{{ ' (first)' if loop.first else '' }}{{ '|' ~ m.content[:3] ~ '|' }}\n"
+        "{% endfor %}\n"
+        "{%- if add_generation_prompt %}Assistant:{% endif %}",
+    ),
+}
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": " What is 2+2? "}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "Tell me a joke\nabout cats."},
+    ],
+    [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "Roles out of order"}],
+    [{"role": "user", "content": "Ünïcödé 🎉 and <b>markup</b> & 'quotes'"}],
+]
+
+
+def templates_fixture():
+    cases = []
+    for name, (bos, eos, template) in TEMPLATES.items():
+        for messages in CONVERSATIONS:
+            for add_generation_prompt in (True, False):
+                case = {"template": name, "messages": messages, "add_generation_prompt": add_generation_prompt}
+                try:
+                    case["rendered"] = render_jinja(template, messages, add_generation_prompt, bos, eos)
+                except jinja2.exceptions.TemplateError as e:
+                    case["error"] = str(e)
+                cases.append(case)
+    templates = {name: {"bos_token": bos, "eos_token": eos, "source": t} for name, (bos, eos, t) in TEMPLATES.items()}
+    return {"source": f"jinja2 {jinja2.__version__} (trim_blocks, lstrip_blocks)", "templates": templates, "cases": cases}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model_path())
@@ -411,6 +504,7 @@ def main():
     fixtures = [
         ("tokenizer_smollm2.json", smollm2_fixture(args.model)),
         ("tokenizer_bpe_pre.json", bpe_pre_fixture(args.model)),
+        ("tokenizer_templates.json", templates_fixture()),
         ("tokenizer_spm.json", spm_fixture()),
     ]
     for name, fixture in fixtures:
