@@ -134,11 +134,8 @@ impl BlockQ4_1 {
 
 /// Checks that `elems` values of `dtype` occupy exactly `bytes` bytes.
 fn check_len(op: &'static str, dtype: DType, elems: usize, bytes: usize) -> Result<()> {
-    let expected = dtype.bytes_for(elems).ok_or(KernelError::PartialBlock {
-        dtype,
-        len: elems,
-        block: dtype.block_elems(),
-    })?;
+    let expected =
+        dtype.bytes_for(elems).ok_or(KernelError::PartialBlock { dtype, len: elems, block: dtype.block_elems() })?;
     if expected != bytes {
         return Err(KernelError::ByteLength { what: format!("{op} of {elems} {dtype} values"), expected, got: bytes });
     }
@@ -148,9 +145,11 @@ fn check_len(op: &'static str, dtype: DType, elems: usize, bytes: usize) -> Resu
 /// Encodes `src` as GGUF bytes of `dtype`: plain little-endian floats for f32/f16/bf16 (f16 and bf16 rounded to
 /// nearest even), ggml blocks for the quantised types. Quantised types need a multiple of 32 values.
 pub fn quantize(dtype: DType, src: &[f32]) -> Result<Vec<u8>> {
-    let len = dtype
-        .bytes_for(src.len())
-        .ok_or(KernelError::PartialBlock { dtype, len: src.len(), block: dtype.block_elems() })?;
+    let len = dtype.bytes_for(src.len()).ok_or(KernelError::PartialBlock {
+        dtype,
+        len: src.len(),
+        block: dtype.block_elems(),
+    })?;
     let mut out = Vec::with_capacity(len);
     match dtype {
         DType::F32 => src.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
@@ -210,9 +209,8 @@ fn dequantize_blocks<B: Pod>(src: &[u8], dst: &mut [f32], f: impl Fn(&B, &mut [f
 
 /// Decodes row `row` of a row-major matrix of `cols` columns stored as `dtype` (e.g. one embedding vector).
 pub fn dequantize_row(dtype: DType, src: &[u8], cols: usize, row: usize, dst: &mut [f32]) -> Result<()> {
-    let row_bytes = dtype
-        .bytes_for(cols)
-        .ok_or(KernelError::PartialBlock { dtype, len: cols, block: dtype.block_elems() })?;
+    let row_bytes =
+        dtype.bytes_for(cols).ok_or(KernelError::PartialBlock { dtype, len: cols, block: dtype.block_elems() })?;
     let start = row.checked_mul(row_bytes).filter(|s| s + row_bytes <= src.len()).ok_or_else(|| {
         crate::error::shape_err("dequantize_row", format!("row {row} of {cols} columns is outside {} bytes", src.len()))
     })?;

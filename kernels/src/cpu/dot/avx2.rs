@@ -1,0 +1,285 @@
+//! AVX2 + FMA + F16C kernels, one 32-value block per 256-bit register. Integer block dot products use
+//! `vpmaddubsw`/`vpmaddwd`, or the VEX `vpdpbusd` of AVX-VNNI where the CPU has it; the results are identical.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::act::QuantAct;
+use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive};
+use crate::DType;
+
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q4_1: u8 = 2;
+
+/// `acc + Σ u·s` over each group of four bytes (u unsigned, s signed), per i32 lane.
+trait IntDot {
+    /// # Safety
+    /// The CPU must support the instructions of the implementation.
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+}
+
+/// `vpmaddubsw` + `vpmaddwd`. Exact here: the pair sums stay below `i16::MAX` because one factor is at most 15
+/// (4-bit weights) or the pair is `|w| ≤ 128` times `|a| ≤ 127` (Q8_0 sign trick).
+struct Maddubs;
+struct Vnni;
+
+impl IntDot for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX2 is guaranteed by the caller.
+        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))) }
+    }
+}
+
+impl IntDot for Vnni {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX-VNNI is guaranteed by the caller.
+        unsafe { _mm256_dpbusd_avx_epi32(acc, u, s) }
+    }
+}
+
+/// # Safety
+/// See [`super::gemm`]; `vnni` only if the CPU has AVX-VNNI. AVX2, FMA and F16C are required.
+pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
+    match x {
+        Rhs::Float(x) => {
+            let ctx = Ctx { w, x, out };
+            let tiles = Tiles { nr_t: 1, tr: 2, nr_1: 2 };
+            macro_rules! fns {
+                ($dt:expr) => {
+                    [
+                        float_tile::<{ $dt }, 1, 2> as TileFn<_>,
+                        float_tile::<{ $dt }, 1, 2> as TileFn<_>,
+                        float_tile::<{ $dt }, 2, 1> as TileFn<_>,
+                        float_tile::<{ $dt }, 1, 1> as TileFn<_>,
+                    ]
+                };
+            }
+            let fns: [TileFn<&[f32]>; 4] = match w.dtype {
+                DType::F16 => fns!(1),
+                DType::BF16 => fns!(2),
+                _ => fns!(0),
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+        }
+        Rhs::Quant(a) => {
+            let ctx = Ctx { w, x: a, out };
+            let tiles = Tiles { nr_t: 2, tr: 2, nr_1: 2 };
+            macro_rules! fns {
+                ($f:ident, $k:expr) => {
+                    [
+                        $f::<{ $k }, 2, 2> as TileFn<_>,
+                        $f::<{ $k }, 1, 2> as TileFn<_>,
+                        $f::<{ $k }, 2, 1> as TileFn<_>,
+                        $f::<{ $k }, 1, 1> as TileFn<_>,
+                    ]
+                };
+            }
+            let kind = match w.dtype {
+                DType::Q8_0 => Q8_0,
+                DType::Q4_0 => Q4_0,
+                _ => Q4_1,
+            };
+            let fns: [TileFn<&QuantAct>; 4] = match (vnni, kind) {
+                (false, Q8_0) => fns!(quant_tile_maddubs, Q8_0),
+                (false, Q4_0) => fns!(quant_tile_maddubs, Q4_0),
+                (false, _) => fns!(quant_tile_maddubs, Q4_1),
+                (true, Q8_0) => fns!(quant_tile_vnni, Q8_0),
+                (true, Q4_0) => fns!(quant_tile_vnni, Q4_0),
+                (true, _) => fns!(quant_tile_vnni, Q4_1),
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+        }
+    }
+}
+
+/// Canonical fold of 8 lanes (see [`super::fold8`]).
+#[inline(always)]
+unsafe fn fold8(v: __m256) -> f32 {
+    // SAFETY: AVX is implied by the callers' AVX2.
+    unsafe {
+        let u = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)))
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quant_tile_maddubs<const KIND: u8, const NR: usize, const TR: usize>(
+    c: &Ctx<'_, &QuantAct>,
+    n: usize,
+    t: usize,
+) {
+    // SAFETY: same contract as this function.
+    unsafe { quant_tile::<Maddubs, KIND, NR, TR>(c, n, t) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn quant_tile_vnni<const KIND: u8, const NR: usize, const TR: usize>(
+    c: &Ctx<'_, &QuantAct>,
+    n: usize,
+    t: usize,
+) {
+    // SAFETY: same contract as this function.
+    unsafe { quant_tile::<Vnni, KIND, NR, TR>(c, n, t) }
+}
+
+/// `NR` weight rows from `n` times `TR` activation rows from `t0`, block by block.
+///
+/// # Safety
+/// AVX2/FMA/F16C (and what `D` needs) must be available; rows `n..n+NR` and `t0..t0+TR` must be in range.
+#[inline(always)]
+unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize>(
+    c: &Ctx<'_, &QuantAct>,
+    n: usize,
+    t0: usize,
+) {
+    let a = c.x;
+    let (bs, qoff) = match KIND {
+        Q8_0 => (34, 2),
+        Q4_0 => (18, 2),
+        _ => (20, 4),
+    };
+    // SAFETY: every pointer below stays inside the weight rows and activation tables whose sizes the matmul checked:
+    // block `b < nb` of row `n + r < rows` and of activation row `t0 + t < t_rows`.
+    unsafe {
+        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let mut acc = [[[_mm256_setzero_ps(); 2]; TR]; NR];
+        let mut macc = [[[_mm_setzero_ps(); 2]; TR]; NR];
+        let nibbles = _mm256_set1_epi8(0x0f);
+        macro_rules! step {
+            ($b:expr, $h:literal) => {{
+                let b = $b;
+                for r in 0..NR {
+                    let blk = rows[r].add(b * bs);
+                    let h = if KIND == Q4_1 {
+                        _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u32>().read_unaligned() as i32))
+                    } else {
+                        _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u16>().read_unaligned() as i32))
+                    };
+                    let dw = _mm256_broadcastss_ps(h);
+                    let mw = _mm_movehdup_ps(h);
+                    let (wv, wabs) = if KIND == Q8_0 {
+                        let wv = _mm256_loadu_si256(blk.add(qoff).cast());
+                        (wv, _mm256_abs_epi8(wv))
+                    } else {
+                        let q = _mm_loadu_si128(blk.add(qoff).cast());
+                        let y = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nibbles);
+                        (y, y)
+                    };
+                    for t in 0..TR {
+                        let av = _mm256_loadu_si256(a.qs_ptr(t0 + t, b).cast());
+                        let p = match KIND {
+                            Q8_0 => D::dot(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(av, wv)),
+                            Q4_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t0 + t, b).cast()), wv, av),
+                            _ => D::dot(_mm256_setzero_si256(), wv, av),
+                        };
+                        let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*a.d_ptr(t0 + t, b)));
+                        acc[r][t][$h] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[r][t][$h]);
+                        if KIND == Q4_1 {
+                            macc[r][t][$h] = _mm_fmadd_ss(mw, _mm_load_ss(a.s_ptr(t0 + t, b)), macc[r][t][$h]);
+                        }
+                    }
+                }
+            }};
+        }
+        let nb = a.nb;
+        let mut b = 0;
+        while b + 2 <= nb {
+            step!(b, 0);
+            step!(b + 1, 1);
+            b += 2;
+        }
+        if b < nb {
+            step!(b, 0);
+        }
+        for r in 0..NR {
+            for t in 0..TR {
+                let mut v = fold8(_mm256_add_ps(acc[r][t][0], acc[r][t][1]));
+                if KIND == Q4_1 {
+                    v += _mm_cvtss_f32(_mm_add_ss(macc[r][t][0], macc[r][t][1]));
+                }
+                c.out.put(t0 + t, n + r, v);
+            }
+        }
+    }
+}
+
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
+
+/// Loads 8 weights starting at element `i` of a row, converted to f32.
+#[inline(always)]
+unsafe fn load8<const DT: u8>(row: *const u8, i: usize) -> __m256 {
+    // SAFETY: the caller keeps `i + 8` inside the row; F16C/AVX2 are available in the calling kernels.
+    unsafe {
+        match DT {
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(row.add(2 * i).cast())),
+            BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                row.add(2 * i).cast(),
+            )))),
+            _ => _mm256_loadu_ps(row.add(4 * i).cast()),
+        }
+    }
+}
+
+/// `NR` float weight rows times `TR` f32 activation rows.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be available; rows `n..n+NR` and `t0..t0+TR` must be in range.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_tile<const DT: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &[f32]>, n: usize, t0: usize) {
+    let k = c.w.k;
+    let elem = if DT == F32 { 4 } else { 2 };
+    // SAFETY: loads stay inside weight rows `n + r` (k elements) and activation rows `t0 + t` (k values); the tail is
+    // copied into zero-padded buffers first.
+    unsafe {
+        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let xs: [*const f32; TR] = std::array::from_fn(|t| c.x.as_ptr().add((t0 + t) * k));
+        let mut acc = [[[_mm256_setzero_ps(); 4]; TR]; NR];
+        let full = k / 32;
+        for blk in 0..full {
+            let i = blk * 32;
+            let wv: [[__m256; 4]; NR] =
+                std::array::from_fn(|r| std::array::from_fn(|j| load8::<DT>(rows[r], i + 8 * j)));
+            for t in 0..TR {
+                let xv: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xs[t].add(i + 8 * j)));
+                for r in 0..NR {
+                    for j in 0..4 {
+                        acc[r][t][j] = _mm256_fmadd_ps(wv[r][j], xv[j], acc[r][t][j]);
+                    }
+                }
+            }
+        }
+        let rem = k - full * 32;
+        if rem > 0 {
+            let i = full * 32;
+            let mut wbuf = [[0u8; 128]; NR];
+            for r in 0..NR {
+                std::ptr::copy_nonoverlapping(rows[r].add(i * elem), wbuf[r].as_mut_ptr(), rem * elem);
+            }
+            for t in 0..TR {
+                let mut xbuf = [0.0f32; 32];
+                std::ptr::copy_nonoverlapping(xs[t].add(i), xbuf.as_mut_ptr(), rem);
+                for r in 0..NR {
+                    for j in 0..4 {
+                        let wv = load8::<DT>(wbuf[r].as_ptr(), 8 * j);
+                        acc[r][t][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xbuf.as_ptr().add(8 * j)), acc[r][t][j]);
+                    }
+                }
+            }
+        }
+        for r in 0..NR {
+            for t in 0..TR {
+                let [a0, a1, a2, a3] = acc[r][t];
+                let v = fold8(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
+                c.out.put(t0 + t, n + r, v);
+            }
+        }
+    }
+}

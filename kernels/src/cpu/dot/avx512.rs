@@ -1,0 +1,311 @@
+//! AVX-512 kernels (F, BW, VL, VNNI): two 32-value blocks per 512-bit register, `vpdpbusd` for the integer dot
+//! products. Lanes are arranged so that the arithmetic is exactly the canonical one of [`super`]:
+//!
+//! - 4-bit weights: the nibbles of blocks `e = 2j` and `o = 2j+1` unpack to `[e0..16, o0..16, e16..32, o16..32]`
+//!   ([`super::act::ActLayout::Pair16`]); i32 lane `z` holds lane `l` of block parity `h` with
+//!   `z = 4h + l % 4 + 8 (l / 4)`.
+//! - Q8_0: blocks side by side, `z = 8h + l`; signed × signed becomes `(a + 128)·w − 128·w`, with `a + 128` stored
+//!   by the activation quantiser ([`super::act::ActLayout::PairBiased`]).
+//! - Float weights: two registers cover lanes `0..16` and `16..32` of the 32 accumulators.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::act::QuantAct;
+use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive};
+use crate::DType;
+
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q4_1: u8 = 2;
+
+/// # Safety
+/// See [`super::gemm`]; the CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
+pub(super) unsafe fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
+    let tiles = Tiles { nr_t: 2, tr: 4, nr_1: 4 };
+    match x {
+        Rhs::Float(x) => {
+            let ctx = Ctx { w, x, out };
+            macro_rules! fns {
+                ($dt:expr) => {
+                    [
+                        float_tile::<{ $dt }, 2, 4> as TileFn<_>,
+                        float_tile::<{ $dt }, 1, 4> as TileFn<_>,
+                        float_tile::<{ $dt }, 4, 1> as TileFn<_>,
+                        float_tile::<{ $dt }, 1, 1> as TileFn<_>,
+                    ]
+                };
+            }
+            let fns: [TileFn<&[f32]>; 4] = match w.dtype {
+                DType::F16 => fns!(F16),
+                DType::BF16 => fns!(BF16),
+                _ => fns!(F32),
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+        }
+        Rhs::Quant(a) => {
+            let ctx = Ctx { w, x: a, out };
+            macro_rules! fns {
+                ($f:ident, $k:expr) => {
+                    [
+                        $f::<{ $k }, 2, 4> as TileFn<_>,
+                        $f::<{ $k }, 1, 4> as TileFn<_>,
+                        $f::<{ $k }, 4, 1> as TileFn<_>,
+                        $f::<{ $k }, 1, 1> as TileFn<_>,
+                    ]
+                };
+            }
+            let fns: [TileFn<&QuantAct>; 4] = match w.dtype {
+                DType::Q8_0 => fns!(q8_tile, Q8_0),
+                DType::Q4_0 => fns!(q4_tile, Q4_0),
+                _ => fns!(q4_tile, Q4_1),
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+        }
+    }
+}
+
+/// Canonical fold of 8 lanes (see [`super::fold8`]).
+#[inline(always)]
+unsafe fn fold4(u: __m128) -> f32 {
+    // SAFETY: SSE is baseline on x86-64.
+    unsafe {
+        let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<1>(w, w)))
+    }
+}
+
+/// Canonical fold of 8 lanes held in a 256-bit register.
+#[inline(always)]
+unsafe fn fold8(v: __m256) -> f32 {
+    // SAFETY: AVX is available in the calling kernels.
+    unsafe { fold4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v))) }
+}
+
+/// The upper 256 bits of a 512-bit float register (AVX512F only; `vextractf32x8` would need DQ).
+#[inline(always)]
+unsafe fn high256(v: __m512) -> __m256 {
+    // SAFETY: AVX512F is available in the calling kernels.
+    unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) }
+}
+
+/// 4-bit weights (Q4_0, Q4_1): `NR` weight rows from `n` times `TR` activation rows from `t0`, a block pair at a time.
+///
+/// # Safety
+/// The CPU features of [`gemm`]; rows `n..n+NR` and `t0..t0+TR` in range; activations in the Pair16 layout.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+    let a = c.x;
+    let (bs, qoff) = if KIND == Q4_1 { (20, 4) } else { (18, 2) };
+    // SAFETY: weight blocks `b < nb` of rows `n + r` and activation pairs of rows `t0 + t` are inside the buffers the
+    // matmul checked; the missing odd block of a pair is never loaded (zeros stand in for it).
+    unsafe {
+        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let nibbles = _mm512_set1_epi8(0x0f);
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+        let mut acc = [[_mm512_setzero_ps(); TR]; NR];
+        let mut macc = [[_mm_setzero_ps(); TR]; NR];
+        let header = |p: *const u8| -> i32 {
+            if KIND == Q4_1 { p.cast::<u32>().read_unaligned() as i32 } else { p.cast::<u16>().read_unaligned() as i32 }
+        };
+        macro_rules! step {
+            ($b:expr, $full:expr) => {{
+                let b = $b;
+                let mut wz = [_mm512_setzero_si512(); NR];
+                let mut wd = [_mm512_setzero_ps(); NR];
+                let mut wh = [_mm_setzero_ps(); NR];
+                for r in 0..NR {
+                    let be = rows[r].add(b * bs);
+                    let qe = _mm_loadu_si128(be.add(qoff).cast());
+                    let (qo, ho) = if $full {
+                        (_mm_loadu_si128(be.add(bs + qoff).cast()), header(be.add(bs)))
+                    } else {
+                        (_mm_setzero_si128(), 0)
+                    };
+                    let y = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qe), qo);
+                    let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y), _mm256_srli_epi16::<4>(y));
+                    wz[r] = _mm512_and_si512(z, nibbles);
+                    // [d_e, m_e, d_o, m_o] (m = 0 for Q4_0)
+                    wh[r] = _mm_cvtph_ps(_mm_set_epi32(0, 0, ho, header(be)));
+                    wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(wh[r]));
+                }
+                for t in 0..TR {
+                    let av = _mm512_loadu_si512(a.qs_ptr(t0 + t, b).cast());
+                    let init = if KIND == Q4_0 {
+                        _mm512_loadu_si512(a.bias_ptr(t0 + t, b).cast())
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let da = _mm512_loadu_ps(a.dpat_ptr(t0 + t, b));
+                    let sa = if KIND == Q4_1 { _mm_loadu_ps(a.spat_ptr(t0 + t, b)) } else { _mm_setzero_ps() };
+                    for r in 0..NR {
+                        let p = _mm512_dpbusd_epi32(init, wz[r], av);
+                        let sc = _mm512_mul_ps(wd[r], da);
+                        acc[r][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r][t]);
+                        if KIND == Q4_1 {
+                            macc[r][t] = _mm_fmadd_ps(wh[r], sa, macc[r][t]);
+                        }
+                    }
+                }
+            }};
+        }
+        let nb = a.nb;
+        let mut b = 0;
+        while b + 2 <= nb {
+            step!(b, true);
+            b += 2;
+        }
+        if b < nb {
+            step!(b, false);
+        }
+        for r in 0..NR {
+            for t in 0..TR {
+                let v = acc[r][t];
+                let c01 = _mm_add_ps(_mm512_extractf32x4_ps::<0>(v), _mm512_extractf32x4_ps::<1>(v));
+                let c23 = _mm_add_ps(_mm512_extractf32x4_ps::<2>(v), _mm512_extractf32x4_ps::<3>(v));
+                let mut res = fold4(_mm_add_ps(c01, c23));
+                if KIND == Q4_1 {
+                    let m = _mm_movehdup_ps(macc[r][t]);
+                    res += _mm_cvtss_f32(_mm_add_ss(m, _mm_movehl_ps(m, m)));
+                }
+                c.out.put(t0 + t, n + r, res);
+            }
+        }
+    }
+}
+
+/// Q8_0 weights: `NR` weight rows from `n` times `TR` activation rows from `t0`, a block pair at a time.
+///
+/// # Safety
+/// As [`q4_tile`], with activations in the PairBiased layout.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+    let a = c.x;
+    const BS: usize = 34;
+    // SAFETY: as in `q4_tile`.
+    unsafe {
+        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let bias = _mm512_set1_epi8(-128);
+        let mut acc = [[_mm512_setzero_ps(); TR]; NR];
+        macro_rules! step {
+            ($b:expr, $full:expr) => {{
+                let b = $b;
+                let mut wz = [_mm512_setzero_si512(); NR];
+                let mut wc = [_mm512_setzero_si512(); NR];
+                let mut wd = [_mm512_setzero_ps(); NR];
+                for r in 0..NR {
+                    let be = rows[r].add(b * BS);
+                    let we = _mm256_loadu_si256(be.add(2).cast());
+                    let (wo, ho) = if $full {
+                        (_mm256_loadu_si256(be.add(BS + 2).cast()), be.add(BS).cast::<u16>().read_unaligned() as i32)
+                    } else {
+                        (_mm256_setzero_si256(), 0)
+                    };
+                    let he = be.cast::<u16>().read_unaligned() as i32;
+                    wz[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(we), wo);
+                    // −128 · Σw per lane, the correction for the +128 bias of the activations
+                    wc[r] = _mm512_sub_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, wz[r]),
+                    );
+                    let h = _mm_cvtph_ps(_mm_cvtsi32_si128(he | (ho << 16)));
+                    wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(h));
+                }
+                for t in 0..TR {
+                    let av = _mm512_loadu_si512(a.qs_ptr(t0 + t, b).cast());
+                    let da = _mm512_loadu_ps(a.dpat_ptr(t0 + t, b));
+                    for r in 0..NR {
+                        let p = _mm512_dpbusd_epi32(wc[r], av, wz[r]);
+                        let sc = _mm512_mul_ps(wd[r], da);
+                        acc[r][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r][t]);
+                    }
+                }
+            }};
+        }
+        let nb = a.nb;
+        let mut b = 0;
+        while b + 2 <= nb {
+            step!(b, true);
+            b += 2;
+        }
+        if b < nb {
+            step!(b, false);
+        }
+        for r in 0..NR {
+            for t in 0..TR {
+                let v = acc[r][t];
+                c.out.put(t0 + t, n + r, fold8(_mm256_add_ps(_mm512_castps512_ps256(v), high256(v))));
+            }
+        }
+    }
+}
+
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
+
+/// Loads 16 weights from element `i` of a row as f32, only the elements set in `mask`, zeros elsewhere.
+#[inline(always)]
+unsafe fn load16<const DT: u8>(row: *const u8, i: usize, mask: __mmask16) -> __m512 {
+    // SAFETY: masked-off elements are not read; the caller keeps the selected ones inside the row.
+    unsafe {
+        match DT {
+            F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row.add(2 * i).cast())),
+            BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                mask,
+                row.add(2 * i).cast(),
+            )))),
+            _ => _mm512_maskz_loadu_ps(mask, row.add(4 * i).cast()),
+        }
+    }
+}
+
+/// Float weights: `NR` rows from `n` times `TR` f32 activation rows from `t0`, 32 values at a time.
+///
+/// # Safety
+/// The CPU features of [`gemm`]; rows `n..n+NR` and `t0..t0+TR` in range.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn float_tile<const DT: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &[f32]>, n: usize, t0: usize) {
+    let k = c.w.k;
+    // SAFETY: full chunks are inside every row; the tail is read with masked loads that touch only the `k % 32`
+    // remaining values.
+    unsafe {
+        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let xs: [*const f32; TR] = std::array::from_fn(|t| c.x.as_ptr().add((t0 + t) * k));
+        let mut acc = [[[_mm512_setzero_ps(); 2]; TR]; NR];
+        macro_rules! step {
+            ($i:expr, $m0:expr, $m1:expr) => {{
+                let i = $i;
+                let wv: [[__m512; 2]; NR] =
+                    std::array::from_fn(|r| [load16::<DT>(rows[r], i, $m0), load16::<DT>(rows[r], i + 16, $m1)]);
+                for t in 0..TR {
+                    let x0 = _mm512_maskz_loadu_ps($m0, xs[t].add(i));
+                    let x1 = _mm512_maskz_loadu_ps($m1, xs[t].add(i + 16));
+                    for r in 0..NR {
+                        acc[r][t][0] = _mm512_fmadd_ps(wv[r][0], x0, acc[r][t][0]);
+                        acc[r][t][1] = _mm512_fmadd_ps(wv[r][1], x1, acc[r][t][1]);
+                    }
+                }
+            }};
+        }
+        let full = k / 32;
+        for blk in 0..full {
+            step!(blk * 32, 0xffff, 0xffff);
+        }
+        let rem = k - full * 32;
+        if rem > 0 {
+            let m0 = ((1u32 << rem.min(16)) - 1) as __mmask16;
+            let m1 = ((1u32 << rem.saturating_sub(16)) - 1) as __mmask16;
+            step!(full * 32, m0, m1);
+        }
+        for r in 0..NR {
+            for t in 0..TR {
+                let v16 = _mm512_add_ps(acc[r][t][0], acc[r][t][1]);
+                c.out.put(t0 + t, n + r, fold8(_mm256_add_ps(_mm512_castps512_ps256(v16), high256(v16))));
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Row-times-row dot products of the matmul, one implementation per instruction set, all computing the same bits.
+//!
+//! # The arithmetic every level reproduces
+//!
+//! Float weights (f32, f16, bf16) against f32 activations, for one output `(t, n)`:
+//! `acc[i % 32] = fma(w[i], x[i], acc[i % 32])` over `i` in order, then the 32 lanes are folded in halves
+//! (`v16[i] = acc[i] + acc[i + 16]`, then 16 → 8, 8 → 4, 4 → 2, 2 → 1).
+//!
+//! Quantised weights against the activation row quantised to 8-bit blocks ([`act`]): for block `b`,
+//! `P[l] = Σ w_q · a_q` over the four values of lane `l` (exact, in i32), `w_q` being the signed weight code
+//! (`q` for Q8_0, `q − 8` for Q4_0, `q` for Q4_1), then `acc[b % 2][l] = fma(d_w · d_a, P[l], acc[b % 2][l])`, and for
+//! Q4_1 `m[b % 2] = fma(m_w, s_a, m[b % 2])`. The result is `fold8(acc[0] + acc[1])`, plus `m[0] + m[1]` for Q4_1.
+//!
+//! Integer sums are exact whatever the instructions, and each float operation above is one IEEE operation, so a
+//! SIMD kernel that keeps lanes in this order gives the scalar result bit for bit. Padding lanes (a tail shorter
+//! than the vector, the missing odd block of a pair) add `fma(0, 0, acc)`, which never changes an accumulator:
+//! accumulators start at +0 and a sum that rounds to zero is +0, so they are never −0.
+//!
+//! Each output is computed by the same sequence wherever it falls in a tile, a thread's share or a batch of rows,
+//! so results do not depend on thread count or on how many activation rows a call holds.
+
+pub(crate) mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+use std::ops::Range;
+
+use self::act::{ActLayout, QuantAct};
+use super::simd::SimdLevel;
+use crate::DType;
+
+/// Folds 8 lanes: `(v[i] + v[i+4])`, then `(u[i] + u[i+2])`, then the two halves.
+#[inline(always)]
+pub(crate) fn fold8(v: [f32; 8]) -> f32 {
+    let u = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+    let w = [u[0] + u[2], u[1] + u[3]];
+    w[0] + w[1]
+}
+
+/// Weight matrix `[n, k]` in its file dtype, rows of `row_bytes` bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Weights<'a> {
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+    pub k: usize,
+    pub row_bytes: usize,
+}
+
+impl Weights<'_> {
+    #[inline(always)]
+    pub(crate) fn row_ptr(&self, n: usize) -> *const u8 {
+        self.bytes.as_ptr().wrapping_add(n * self.row_bytes)
+    }
+
+    pub(crate) fn row(&self, n: usize) -> &[u8] {
+        &self.bytes[n * self.row_bytes..(n + 1) * self.row_bytes]
+    }
+}
+
+/// Activation side of a matmul.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Rhs<'a> {
+    /// `[t_rows, k]` f32 rows, for float weights.
+    Float(&'a [f32]),
+    /// Quantised rows, for quantised weights.
+    Quant(&'a QuantAct),
+}
+
+/// Output `[t_rows, stride]`; tasks write disjoint columns of it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Out {
+    ptr: *mut f32,
+    stride: usize,
+    len: usize,
+}
+
+// SAFETY: `Out` is a raw view of one output buffer; the matmul gives each task a disjoint set of columns, so no two
+// threads write the same element, and the buffer outlives the parallel region that uses it.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+impl Out {
+    pub(crate) fn new(out: &mut [f32], stride: usize) -> Self {
+        Self { ptr: out.as_mut_ptr(), stride, len: out.len() }
+    }
+
+    /// Writes `out[t, n]`.
+    ///
+    /// # Safety
+    /// `t * stride + n` must be inside the buffer and no other thread may write that element concurrently.
+    #[inline(always)]
+    pub(crate) unsafe fn put(self, t: usize, n: usize, v: f32) {
+        let i = t * self.stride + n;
+        debug_assert!(i < self.len);
+        // SAFETY: in bounds and exclusive by the caller's contract.
+        unsafe { *self.ptr.add(i) = v }
+    }
+}
+
+/// The activation layout the kernels of `level` expect for weights of `dtype`.
+pub(crate) fn act_layout(level: SimdLevel, dtype: DType) -> ActLayout {
+    match (level, dtype) {
+        (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::PairBiased,
+        (SimdLevel::Avx512Vnni, _) => ActLayout::Pair16,
+        _ => ActLayout::Natural,
+    }
+}
+
+/// Tile shapes of a kernel: `nr_t × tr` outputs when `tr` activation rows are left, `nr_1 × 1` otherwise.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tiles {
+    pub nr_t: usize,
+    pub tr: usize,
+    pub nr_1: usize,
+}
+
+/// Bytes of weight rows worked on together so they stay in L2 while every activation row passes over them.
+const L2_WEIGHT_BYTES: usize = 256 * 1024;
+
+/// Walks the outputs `rows × 0..t_rows` tile by tile, calling `tile(n, nr, t, tr)` with `(nr, tr)` one of
+/// `(nr_t, tr)`, `(1, tr)`, `(nr_1, 1)`, `(1, 1)`.
+pub(crate) fn for_each_tile(
+    rows: Range<usize>,
+    t_rows: usize,
+    row_bytes: usize,
+    tiles: Tiles,
+    mut tile: impl FnMut(usize, usize, usize, usize),
+) {
+    debug_assert!(tiles.tr >= 2, "a 1-row activation tile is the nr_1 shape");
+    let group = (L2_WEIGHT_BYTES / row_bytes.max(1)).max(tiles.nr_t.max(tiles.nr_1));
+    let mut g0 = rows.start;
+    while g0 < rows.end {
+        let g1 = (g0 + group).min(rows.end);
+        let mut t = 0;
+        while t < t_rows {
+            let (tr, nr) = if t + tiles.tr <= t_rows { (tiles.tr, tiles.nr_t) } else { (1, tiles.nr_1) };
+            let mut n = g0;
+            while n < g1 {
+                let nr = if n + nr <= g1 { nr } else { 1 };
+                tile(n, nr, t, tr);
+                n += nr;
+            }
+            t += tr;
+        }
+        g0 = g1;
+    }
+}
+
+/// Everything a tile needs, shared by the tiles of one task.
+pub(crate) struct Ctx<'a, X> {
+    pub w: &'a Weights<'a>,
+    pub x: X,
+    pub out: Out,
+}
+
+pub(crate) type TileFn<X> = unsafe fn(&Ctx<'_, X>, usize, usize);
+
+/// Runs `fns` = tiles `(nr_t × tr, 1 × tr, nr_1 × 1, 1 × 1)` over the outputs.
+///
+/// # Safety
+/// The tile functions must be callable on this CPU and `ctx` must satisfy [`gemm`]'s size contract.
+pub(crate) unsafe fn drive<X>(ctx: &Ctx<'_, X>, rows: Range<usize>, t_rows: usize, tiles: Tiles, fns: [TileFn<X>; 4]) {
+    for_each_tile(rows, t_rows, ctx.w.row_bytes, tiles, |n, nr, t, tr| {
+        let f = match (nr == 1, tr == 1) {
+            (false, false) => fns[0],
+            (true, false) => fns[1],
+            (false, true) => fns[2],
+            (true, true) => fns[3],
+        };
+        // SAFETY: the tile lies inside the output (for_each_tile) and the CPU supports the kernels (caller).
+        unsafe { f(ctx, n, t) }
+    });
+}
+
+/// Computes `out[t, n]` for `n` in `rows` and `t < t_rows` with the kernels of `level`.
+///
+/// The caller has checked every size: `w` holds `rows.end` rows, `x` holds `t_rows` rows of `w.k` values (quantised
+/// in `act_layout(level, w.dtype)` for quantised weights), `out` has `t_rows × stride` elements with
+/// `rows.end <= stride`, and `level` is supported by this CPU.
+pub(crate) fn gemm(level: SimdLevel, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
+    match level {
+        SimdLevel::Scalar => scalar::gemm(w, x, t_rows, rows, out),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 | SimdLevel::AvxVnni => {
+            // SAFETY: the caller guarantees the sizes and that the CPU supports `level`.
+            unsafe { avx2::gemm(level == SimdLevel::AvxVnni, w, x, t_rows, rows, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni => {
+            // SAFETY: as above.
+            unsafe { avx512::gemm(w, x, t_rows, rows, out) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::gemm(w, x, t_rows, rows, out),
+    }
+}

@@ -1,0 +1,32 @@
+//! Element-wise ops of a Llama block: SwiGLU and the residual add.
+
+use super::math;
+use super::parallel::Pool;
+
+/// Below this many values an element-wise op runs on the calling thread.
+const SERIAL_ELEMS: usize = 256 * 1024;
+
+/// `out = silu(gate) · up`; equal lengths checked by the caller.
+pub(crate) fn swiglu(pool: &Pool, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for_chunks(pool, out, |start, o| {
+        for ((ov, &g), &u) in o.iter_mut().zip(&gate[start..]).zip(&up[start..]) {
+            *ov = math::silu(g) * u;
+        }
+    });
+}
+
+/// `acc += x`; equal lengths checked by the caller.
+pub(crate) fn add(pool: &Pool, acc: &mut [f32], x: &[f32]) {
+    for_chunks(pool, acc, |start, a| {
+        for (av, &xv) in a.iter_mut().zip(&x[start..]) {
+            *av += xv;
+        }
+    });
+}
+
+/// Runs `f(start, chunk)` over chunks of `out`, in parallel when `out` is large.
+fn for_chunks(pool: &Pool, out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let ranges = pool.row_chunks(out.len(), 1, SERIAL_ELEMS);
+    let items = super::parallel::split_mut(out, &ranges, 1);
+    pool.run_each(items, |(range, chunk)| f(range.start, chunk));
+}

@@ -1,0 +1,66 @@
+//! `out[t, n] = Σ_k x[t, k] · w[n, k]` for weights of every dtype.
+//!
+//! Quantised weights are used as they are stored (no dequantised copy): the activation rows are quantised once to
+//! 8-bit blocks and multiplied with integer block dot products, as llama.cpp does. Output rows `n` are split into
+//! tasks for the thread pool; small matmuls (a few tens of kilobytes of weights) stay on the calling thread, since a
+//! fork costs about as much as the work. The split never changes a result (see [`super::dot`]).
+
+use super::CpuBackend;
+use super::access::{act, act_mut, check_2d, weight_bytes};
+use super::dot::act::quantize_rows;
+use super::dot::{Out, Rhs, Weights, act_layout, gemm};
+use super::parallel::split_range;
+use crate::DType;
+use crate::error::{KernelError, Result, shape_err};
+use crate::tensor::Tensor;
+
+const OP: &str = "matmul";
+
+/// Weight bytes × activation rows below which a matmul runs on the calling thread.
+const SERIAL_WORK: usize = 48 * 1024;
+
+/// Tasks per thread: enough to even out uneven progress, few enough to keep the per-task cost negligible.
+const TASKS_PER_THREAD: usize = 4;
+
+pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()> {
+    if w.shape().len() != 2 {
+        return Err(shape_err(OP, format!("weight must be 2-D [n, k], got {:?}", w.shape())));
+    }
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let dtype = w.dtype();
+    let (t_rows, _) = check_2d(OP, "x", x, None, Some(k))?;
+    check_2d(OP, "out", out, Some(t_rows), Some(n))?;
+    let xs = act(OP, x)?;
+    let row_bytes =
+        dtype.bytes_for(k).ok_or(KernelError::PartialBlock { dtype, len: k, block: dtype.block_elems() })?;
+    let bytes = weight_bytes(w)?;
+    if bytes.len() != n * row_bytes {
+        return Err(KernelError::ByteLength {
+            what: format!("{dtype} weight [{n}, {k}]"),
+            expected: n * row_bytes,
+            got: bytes.len(),
+        });
+    }
+    let weights = Weights { dtype, bytes, k, row_bytes };
+    let level = be.simd;
+    let quantised = match dtype {
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            Some(quantize_rows(xs, t_rows, k, act_layout(level, dtype), dtype == DType::Q4_0))
+        }
+        DType::F32 | DType::F16 | DType::BF16 => None,
+    };
+    let rhs = match &quantised {
+        Some(a) => Rhs::Quant(a),
+        None => Rhs::Float(xs),
+    };
+    let out_data = act_mut(OP, out)?;
+    if n == 0 || t_rows == 0 {
+        return Ok(());
+    }
+    let o = Out::new(out_data, n);
+    let work = n.saturating_mul(row_bytes.max(1)).saturating_mul(t_rows);
+    let parts = if work <= SERIAL_WORK { 1 } else { be.pool.threads() * TASKS_PER_THREAD };
+    let ranges = split_range(n, parts, 4);
+    be.pool.run(ranges.len(), |i| gemm(level, &weights, rhs, t_rows, ranges[i].clone(), o));
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! RMSNorm, alone and fused with the residual add.
+
+use super::parallel::{Pool, split_mut};
+
+/// Below this many values a norm runs on the calling thread.
+const SERIAL_ELEMS: usize = 64 * 1024;
+
+/// `Σ x²` in f64, element `i` into lane `i % 8`, lanes added in order.
+fn sum_squares(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += c[i] as f64 * c[i] as f64;
+        }
+    }
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        acc[i] += v as f64 * v as f64;
+    }
+    acc.iter().sum()
+}
+
+/// `out = x · (1 / sqrt(mean(x²) + eps)) · w` for one row; the scale is computed in f64 and rounded once.
+fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = sum_squares(x) / x.len().max(1) as f64;
+    let scale = (1.0 / (mean + eps as f64).sqrt()) as f32;
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * g;
+    }
+}
+
+/// Row-wise RMSNorm of `x: [rows, width]` into `out`; sizes checked by the caller.
+pub(crate) fn rms_norm(pool: &Pool, x: &[f32], w: &[f32], eps: f32, out: &mut [f32], width: usize) {
+    let rows = if width == 0 { 0 } else { x.len() / width };
+    let chunks = pool.row_chunks(rows, width, SERIAL_ELEMS);
+    let items: Vec<_> = split_mut(out, &chunks, width);
+    pool.run_each(items, |(range, out)| {
+        for (r, o) in range.zip(out.chunks_exact_mut(width)) {
+            norm_row(&x[r * width..(r + 1) * width], w, eps, o);
+        }
+    });
+}
+
+/// `residual += x; out = rms_norm(residual) · w`, row-wise; sizes checked by the caller.
+pub(crate) fn add_rms_norm(
+    pool: &Pool,
+    residual: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    width: usize,
+) {
+    let rows = if width == 0 { 0 } else { x.len() / width };
+    let chunks = pool.row_chunks(rows, width, SERIAL_ELEMS);
+    let outs = split_mut(out, &chunks, width);
+    let res = split_mut(residual, &chunks, width);
+    let items: Vec<_> = outs.into_iter().zip(res).collect();
+    pool.run_each(items, |((range, out), (_, res))| {
+        for ((r, o), h) in range.zip(out.chunks_exact_mut(width)).zip(res.chunks_exact_mut(width)) {
+            for (hv, &xv) in h.iter_mut().zip(&x[r * width..(r + 1) * width]) {
+                *hv += xv;
+            }
+            norm_row(h, w, eps, o);
+        }
+    });
+}

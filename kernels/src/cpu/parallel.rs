@@ -1,0 +1,226 @@
+//! Fork-join over the backend's own rayon pool, built for calls that last only microseconds.
+//!
+//! A call splits its work into `n` numbered tasks. The calling thread works through them itself, and `threads − 1`
+//! helper jobs on the pool claim tasks from the same atomic counter. The caller never waits for a helper to *start*
+//! (a sleeping worker can take tens of microseconds to wake): it waits only for tasks a helper has already claimed.
+//! A helper that starts late finds no task left and returns without touching the caller's data.
+//!
+//! Which thread runs a task never changes what the task computes, so results do not depend on the thread count.
+
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Task body with its lifetime erased; only dereferenced for a claimed task, while the caller waits in [`Pool::run`].
+type TaskFn = dyn Fn(usize) + Sync;
+
+struct Job {
+    /// Next task index to claim; indices `>= n` mean "nothing left".
+    next: AtomicUsize,
+    /// Claimed tasks that have finished (normally or by panicking).
+    done: AtomicUsize,
+    n: usize,
+    f: *const TaskFn,
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+// SAFETY: `f` points to a `Sync` closure and is only called for claimed tasks while the owning `Pool::run` call is
+// still waiting for those tasks to finish, so sharing the pointer between threads is sound.
+unsafe impl Send for Job {}
+// SAFETY: as above; every other field is itself `Sync`.
+unsafe impl Sync for Job {}
+
+impl Job {
+    /// Claims and runs tasks until none are left; returns early after a panic (recorded for the caller).
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            if i >= self.n {
+                return;
+            }
+            // SAFETY: task `i < n` is claimed and not yet counted in `done`, so `Pool::run` is still waiting and the
+            // closure behind `f` is alive.
+            let f = unsafe { &*self.f };
+            let result = panic::catch_unwind(AssertUnwindSafe(|| f(i)));
+            let failed = result.is_err();
+            if let Err(payload) = result {
+                let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(payload);
+            }
+            self.done.fetch_add(1, Ordering::AcqRel);
+            if failed {
+                return;
+            }
+        }
+    }
+}
+
+/// The compute threads of one backend: the caller plus `threads − 1` rayon workers.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    threads: usize,
+    workers: Option<rayon::ThreadPool>,
+}
+
+impl Pool {
+    /// A pool of `threads` compute threads in total (at least 1); the calling thread counts as one of them.
+    pub(crate) fn new(threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
+        let threads = threads.max(1);
+        let workers = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads - 1)
+                    .thread_name(|i| format!("shardline-cpu-{i}"))
+                    .build()?,
+            )
+        } else {
+            None
+        };
+        Ok(Self { threads, workers })
+    }
+
+    /// A pool that computes on the calling thread only.
+    pub(crate) fn single() -> Self {
+        Self { threads: 1, workers: None }
+    }
+
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f(0) .. f(n − 1)`, each exactly once, spread over the compute threads; returns when all have finished.
+    /// A panic in any task is re-raised here after every claimed task has finished.
+    pub(crate) fn run(&self, n: usize, f: impl Fn(usize) + Sync) {
+        let workers = match &self.workers {
+            Some(w) if n > 1 => w,
+            _ => {
+                (0..n).for_each(f);
+                return;
+            }
+        };
+        let f_ref: &(dyn Fn(usize) + Sync) = &f;
+        // SAFETY: only the lifetime is erased. The pointer is dereferenced only for claimed tasks, and this function
+        // does not return (or unwind) before `done` counts every claimed task, so `f` outlives every use.
+        let f_ptr: *const TaskFn = unsafe { std::mem::transmute(f_ref) };
+        let job = Arc::new(Job {
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            n,
+            f: f_ptr,
+            panic: Mutex::new(None),
+        });
+        for _ in 0..(self.threads - 1).min(n - 1) {
+            let job = Arc::clone(&job);
+            workers.spawn(move || job.work());
+        }
+        job.work();
+        // Stop further claims (a no-op unless the caller stopped early after a panic), then wait for claimed tasks.
+        let claimed = job.next.fetch_add(n, Ordering::AcqRel).min(n);
+        let mut spins = 0u32;
+        while job.done.load(Ordering::Acquire) < claimed {
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let payload = job.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(payload) = payload {
+            panic::resume_unwind(payload);
+        }
+    }
+}
+
+impl Pool {
+    /// Runs `f` once for each item, spread over the compute threads (items are typically disjoint `&mut` chunks).
+    pub(crate) fn run_each<T: Send>(&self, items: Vec<T>, f: impl Fn(T) + Sync) {
+        if self.threads == 1 || items.len() <= 1 {
+            items.into_iter().for_each(f);
+            return;
+        }
+        let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|x| Mutex::new(Some(x))).collect();
+        self.run(slots.len(), |i| {
+            let item = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(item) = item {
+                f(item);
+            }
+        });
+    }
+
+    /// Splits `rows` rows of `width` values into chunks for the pool: one chunk when the whole op is smaller than
+    /// `serial_elems` (a fork costs about a microsecond), otherwise about four per thread.
+    pub(crate) fn row_chunks(&self, rows: usize, width: usize, serial_elems: usize) -> Vec<std::ops::Range<usize>> {
+        let parts = if rows * width <= serial_elems { 1 } else { self.threads * 4 };
+        split_range(rows, parts, 1)
+    }
+}
+
+/// Splits `0..len` into `parts` contiguous ranges whose boundaries are multiples of `align` (except the end).
+pub(crate) fn split_range(len: usize, parts: usize, align: usize) -> Vec<std::ops::Range<usize>> {
+    let align = align.max(1);
+    let units = len.div_ceil(align);
+    let parts = parts.clamp(1, units.max(1));
+    (0..parts)
+        .map(|p| {
+            let a = (units * p / parts * align).min(len);
+            let b = (units * (p + 1) / parts * align).min(len);
+            a..b
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Cuts `data` (rows of `width`) into the given row ranges.
+pub(crate) fn split_mut<'a>(
+    mut data: &'a mut [f32],
+    chunks: &[std::ops::Range<usize>],
+    width: usize,
+) -> Vec<(std::ops::Range<usize>, &'a mut [f32])> {
+    let mut out = Vec::with_capacity(chunks.len());
+    for range in chunks {
+        let (head, tail) = std::mem::take(&mut data).split_at_mut(range.len() * width);
+        out.push((range.clone(), head));
+        data = tail;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_every_task_once() {
+        let pool = Pool::new(3).unwrap();
+        for n in [0, 1, 2, 7, 100] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(n, |i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn panics_reach_the_caller() {
+        let pool = Pool::new(2).unwrap();
+        let r = panic::catch_unwind(AssertUnwindSafe(|| pool.run(8, |i| assert!(i != 5, "task five"))));
+        assert!(r.is_err());
+        pool.run(4, |_| {});
+    }
+
+    #[test]
+    fn split_covers_the_range() {
+        for (len, parts, align) in [(10, 3, 4), (576, 4, 4), (3, 8, 4), (0, 2, 1), (49152, 16, 4)] {
+            let r = split_range(len, parts, align);
+            assert_eq!(r.first().map_or(0, |r| r.start), 0);
+            assert_eq!(r.last().map_or(0, |r| r.end), len);
+            for w in r.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert_eq!(w[0].end % align, 0);
+            }
+        }
+    }
+}

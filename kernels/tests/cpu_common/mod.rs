@@ -1,0 +1,94 @@
+//! Helpers shared by the CPU backend tests: a seeded generator and tensor builders.
+#![allow(dead_code)]
+
+use shardline_kernels::cpu::{CpuBackend, SimdLevel};
+use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
+
+/// Seeded SplitMix64 stream: reproducible inputs without a dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        rng::mix64(self.0)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [-scale, scale], never exactly zero.
+    pub fn value(&mut self, scale: f32) -> f32 {
+        loop {
+            let v = ((self.unit() * 2.0 - 1.0) * scale as f64) as f32;
+            if v != 0.0 {
+                return v;
+            }
+        }
+    }
+
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.value(scale)).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+pub const QUANTISED: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
+
+/// Every instruction-set level this CPU can run.
+pub fn levels() -> Vec<SimdLevel> {
+    SimdLevel::ALL.into_iter().filter(|l| l.is_supported()).collect()
+}
+
+pub fn backend(threads: usize) -> CpuBackend {
+    CpuBackend::new(threads)
+}
+
+/// A weight tensor of `dtype` holding `values` (quantised when needed), borrowed from an owned byte buffer.
+pub fn weight(be: &dyn Backend, dtype: DType, shape: &[usize], values: &[f32]) -> Tensor {
+    let bytes = quant::quantize(dtype, values).unwrap();
+    be.upload_weight(dtype, shape, HostBytes::from_vec(bytes)).unwrap()
+}
+
+/// The same bytes placed at an odd address (offset 1 inside a larger buffer).
+pub fn weight_unaligned(be: &dyn Backend, dtype: DType, shape: &[usize], values: &[f32]) -> Tensor {
+    let bytes = quant::quantize(dtype, values).unwrap();
+    let mut buf = vec![0xAAu8; bytes.len() + 3];
+    buf[1..1 + bytes.len()].copy_from_slice(&bytes);
+    let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(buf);
+    let window = HostBytes::try_new(owner, 1..1 + bytes.len()).unwrap();
+    be.upload_weight(dtype, shape, window).unwrap()
+}
+
+/// What the weight tensor actually holds, as f32 (after quantisation).
+pub fn dequantised(dtype: DType, values: &[f32]) -> Vec<f32> {
+    let bytes = quant::quantize(dtype, values).unwrap();
+    let mut out = vec![0.0; values.len()];
+    quant::dequantize(dtype, &bytes, &mut out).unwrap();
+    out
+}
+
+pub fn act(be: &dyn Backend, shape: &[usize], data: &[f32]) -> Tensor {
+    be.upload_f32(shape, data).unwrap()
+}
+
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Largest |a − b| relative to `scale` (a floor for near-zero values).
+pub fn assert_close(got: &[f32], want: &[f64], abs: f64, rel: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = abs + rel * w.abs();
+        assert!((g as f64 - w).abs() <= tol, "{what}[{i}]: got {g}, want {w} (tolerance {tol})");
+    }
+}

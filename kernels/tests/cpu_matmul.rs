@@ -1,0 +1,213 @@
+//! CPU matmul: every weight dtype against an f64 reference, and bit-identical results across instruction sets,
+//! thread counts, row batching and weight alignment.
+
+mod cpu_common;
+
+use cpu_common::*;
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, DType, KernelError};
+
+fn run(be: &CpuBackend, w: &shardline_kernels::Tensor, x: &[f32], t: usize, k: usize, n: usize) -> Vec<f32> {
+    let xt = act(be, &[t, k], x);
+    let mut out = be.alloc(&[t, n]).unwrap();
+    be.matmul(&xt, w, &mut out).unwrap();
+    be.download_f32(&out).unwrap()
+}
+
+/// `Σ_k x[t,k]·w[n,k]` in f64 with the weights as stored, plus `Σ |x·w|` for tolerances.
+fn reference(w: &[f32], x: &[f32], t: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut out = vec![0.0; t * n];
+    let mut mag = vec![0.0; t * n];
+    for ti in 0..t {
+        for ni in 0..n {
+            for ki in 0..k {
+                let p = x[ti * k + ki] as f64 * w[ni * k + ki] as f64;
+                out[ti * n + ni] += p;
+                mag[ti * n + ni] += p.abs();
+            }
+        }
+    }
+    (out, mag)
+}
+
+#[test]
+fn float_weights_match_an_f64_reference() {
+    let mut rng = Rng::new(1);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (k, n, t) in [(96, 37, 5), (37, 11, 3), (576, 64, 1), (1, 3, 2), (200, 9, 9)] {
+            let wv = rng.vec(n * k, 1.0);
+            let x = rng.vec(t * k, 2.0);
+            let stored = dequantised(dtype, &wv);
+            let (want, mag) = reference(&stored, &x, t, k, n);
+            for level in levels() {
+                let be = CpuBackend::with_simd(2, level).unwrap();
+                let w = weight(&be, dtype, &[n, k], &wv);
+                let got = run(&be, &w, &x, t, k, n);
+                // f32 accumulation: at most about k roundings of 2^-24 relative to Σ|x·w|.
+                for i in 0..got.len() {
+                    let tol = 1e-30 + mag[i] * (k as f64 + 8.0) * 6e-8;
+                    assert!(
+                        (got[i] as f64 - want[i]).abs() <= tol,
+                        "{dtype} {level} k={k} n={n} t={t} [{i}]: {} vs {} (tol {tol})",
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantised_weights_match_an_f64_reference_within_the_activation_rounding() {
+    let mut rng = Rng::new(2);
+    for dtype in QUANTISED {
+        for (k, n, t) in [(96, 37, 5), (32, 5, 1), (576, 40, 2), (64, 9, 4)] {
+            let wv = rng.vec(n * k, 1.0);
+            let x = rng.vec(t * k, 3.0);
+            let stored = dequantised(dtype, &wv);
+            let (want, mag) = reference(&stored, &x, t, k, n);
+            for level in levels() {
+                let be = CpuBackend::with_simd(1, level).unwrap();
+                let w = weight(&be, dtype, &[n, k], &wv);
+                let got = run(&be, &w, &x, t, k, n);
+                for ti in 0..t {
+                    for ni in 0..n {
+                        // Each activation is rounded to its block's grid d = amax/127: error ≤ d/2 per value.
+                        let mut bound = 0.0f64;
+                        for b in 0..k / 32 {
+                            let xs = &x[ti * k + b * 32..ti * k + b * 32 + 32];
+                            let d = xs.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64 / 127.0;
+                            let wsum: f64 =
+                                stored[ni * k + b * 32..ni * k + b * 32 + 32].iter().map(|v| v.abs() as f64).sum();
+                            bound += d / 2.0 * wsum;
+                        }
+                        let i = ti * n + ni;
+                        let tol = bound * 1.001 + mag[i] * 1e-5 + 1e-6;
+                        assert!(
+                            (got[i] as f64 - want[i]).abs() <= tol,
+                            "{dtype} {level} k={k} t={ti} n={ni}: {} vs {} (tol {tol})",
+                            got[i],
+                            want[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_simd_level_gives_identical_bits() {
+    let mut rng = Rng::new(3);
+    let levels = levels();
+    for dtype in DType::ALL {
+        for (k, n, t) in [(96, 37, 9), (32, 6, 1), (576, 45, 5), (160, 13, 4)] {
+            let wv = rng.vec(n * k, 1.0);
+            let x = rng.vec(t * k, 4.0);
+            let results: Vec<Vec<u32>> = levels
+                .iter()
+                .map(|&l| {
+                    let be = CpuBackend::with_simd(2, l).unwrap();
+                    bits(&run(&be, &weight(&be, dtype, &[n, k], &wv), &x, t, k, n))
+                })
+                .collect();
+            for (l, r) in levels.iter().zip(&results) {
+                assert_eq!(r, &results[0], "{dtype} k={k} n={n} t={t}: {l} differs from {}", levels[0]);
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_count_and_row_batching_do_not_change_bits() {
+    let mut rng = Rng::new(4);
+    for dtype in DType::ALL {
+        let (k, n, t) = (256, 301, 7);
+        let wv = rng.vec(n * k, 1.0);
+        let x = rng.vec(t * k, 1.5);
+        let reference = {
+            let be = CpuBackend::new(1);
+            run(&be, &weight(&be, dtype, &[n, k], &wv), &x, t, k, n)
+        };
+        for threads in [2, 3] {
+            let be = CpuBackend::new(threads);
+            let w = weight(&be, dtype, &[n, k], &wv);
+            assert_eq!(bits(&run(&be, &w, &x, t, k, n)), bits(&reference), "{dtype} with {threads} threads");
+            for ti in 0..t {
+                let one = run(&be, &w, &x[ti * k..(ti + 1) * k], 1, k, n);
+                assert_eq!(bits(&one), bits(&reference[ti * n..(ti + 1) * n]), "{dtype} row {ti} alone");
+            }
+            let two = run(&be, &w, &x[2 * k..4 * k], 2, k, n);
+            assert_eq!(bits(&two), bits(&reference[2 * n..4 * n]), "{dtype} rows 2..4");
+        }
+    }
+}
+
+#[test]
+fn unaligned_weight_bytes_give_the_same_bits() {
+    let mut rng = Rng::new(5);
+    let be = CpuBackend::new(2);
+    for dtype in DType::ALL {
+        let (k, n, t) = (96, 21, 3);
+        let wv = rng.vec(n * k, 1.0);
+        let x = rng.vec(t * k, 1.0);
+        let aligned = run(&be, &weight(&be, dtype, &[n, k], &wv), &x, t, k, n);
+        let odd = run(&be, &weight_unaligned(&be, dtype, &[n, k], &wv), &x, t, k, n);
+        assert_eq!(bits(&aligned), bits(&odd), "{dtype}");
+    }
+}
+
+#[test]
+fn weights_as_activation_tensors_are_accepted_as_f32() {
+    let mut rng = Rng::new(6);
+    let be = CpuBackend::new(1);
+    let (k, n, t) = (40, 7, 2);
+    let wv = rng.vec(n * k, 1.0);
+    let x = rng.vec(t * k, 1.0);
+    let as_weight = run(&be, &weight(&be, DType::F32, &[n, k], &wv), &x, t, k, n);
+    let as_act = run(&be, &act(&be, &[n, k], &wv), &x, t, k, n);
+    assert_eq!(bits(&as_weight), bits(&as_act));
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let be = CpuBackend::new(2);
+    let mut rng = Rng::new(7);
+    let w = weight(&be, DType::Q4_1, &[8, 64], &rng.vec(8 * 64, 1.0));
+    let x = act(&be, &[3, 64], &rng.vec(3 * 64, 1.0));
+    let mut out = be.alloc(&[3, 8]).unwrap();
+    be.matmul(&x, &w, &mut out).unwrap();
+
+    let x_bad = act(&be, &[3, 32], &rng.vec(3 * 32, 1.0));
+    assert!(matches!(be.matmul(&x_bad, &w, &mut out), Err(KernelError::Shape { .. })));
+    let mut out_rows = be.alloc(&[2, 8]).unwrap();
+    assert!(matches!(be.matmul(&x, &w, &mut out_rows), Err(KernelError::Shape { .. })));
+    let mut out_cols = be.alloc(&[3, 9]).unwrap();
+    assert!(matches!(be.matmul(&x, &w, &mut out_cols), Err(KernelError::Shape { .. })));
+    let w1d = weight(&be, DType::F32, &[64], &rng.vec(64, 1.0));
+    assert!(be.matmul(&x, &w1d, &mut out).is_err());
+    // A weight where an activation belongs, and a write into a weight.
+    let w_as_x = weight(&be, DType::F32, &[3, 64], &rng.vec(3 * 64, 1.0));
+    assert!(be.matmul(&w_as_x, &w, &mut out).is_err());
+    let mut w_as_out = weight(&be, DType::F32, &[3, 8], &rng.vec(24, 1.0));
+    assert!(be.matmul(&x, &w, &mut w_as_out).is_err());
+    // Quantised rows must be whole blocks.
+    let bytes = shardline_kernels::HostBytes::from_vec(vec![0; 8 * 20]);
+    assert!(matches!(be.upload_weight(DType::Q4_1, &[5, 32], bytes), Err(KernelError::ByteLength { .. })));
+    let bytes = shardline_kernels::HostBytes::from_vec(vec![0; 40]);
+    assert!(matches!(be.upload_weight(DType::Q4_1, &[2, 16], bytes), Err(KernelError::PartialBlock { .. })));
+}
+
+#[test]
+fn empty_matmuls_are_fine() {
+    let be = CpuBackend::new(2);
+    let w = weight(&be, DType::Q8_0, &[0, 64], &[]);
+    let x = act(&be, &[2, 64], &[0.5; 128]);
+    let mut out = be.alloc(&[2, 0]).unwrap();
+    be.matmul(&x, &w, &mut out).unwrap();
+    let w = weight(&be, DType::Q8_0, &[3, 64], &[0.25; 192]);
+    let x = act(&be, &[0, 64], &[]);
+    let mut out = be.alloc(&[0, 3]).unwrap();
+    be.matmul(&x, &w, &mut out).unwrap();
+}
