@@ -59,10 +59,10 @@ pub fn register_record(
 ) -> Result<(Upsert, ShardAnnouncement), DiscoveryReject> {
     let (signed, _) = check_node_record(record)?;
     let a = signed.announcement;
-    if let Some(expected) = expected_model {
-        if a.model_id != expected {
-            return Err(DiscoveryReject::WrongModel { expected: expected.to_string(), got: a.model_id });
-        }
+    if let Some(expected) = expected_model
+        && a.model_id != expected
+    {
+        return Err(DiscoveryReject::WrongModel { expected: expected.to_string(), got: a.model_id });
     }
     let outcome = registry.upsert(a.clone())?;
     Ok((outcome, a))

@@ -130,8 +130,9 @@ fn fmt_ranges(r: &[LayerRange]) -> String {
 pub fn missing_ranges(cands: &[Candidate], n_layers: usize) -> Vec<LayerRange> {
     let mut covered = vec![false; n_layers];
     for c in cands {
-        for l in c.layers.start..c.layers.end.min(n_layers) {
-            covered[l] = true;
+        let end = c.layers.end.min(n_layers);
+        if c.layers.start < end {
+            covered[c.layers.start..end].iter_mut().for_each(|l| *l = true);
         }
     }
     let mut missing = Vec::new();

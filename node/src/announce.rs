@@ -37,7 +37,7 @@ pub enum AnnounceError {
     #[error("announcement signature does not verify")]
     BadSignature,
     #[error("announcement key belongs to {key_peer}, not to the announced peer {announced}")]
-    KeyMismatch { announced: PeerId, key_peer: PeerId },
+    KeyMismatch { announced: String, key_peer: String },
     #[error("announcement key is not ed25519")]
     NotEd25519,
     #[error("announcement expired {ago_ms} ms ago")]
@@ -216,7 +216,10 @@ impl ShardAnnouncement {
         }
         let key_peer = public.to_peer_id();
         if key_peer != self.peer_id {
-            return Err(AnnounceError::KeyMismatch { announced: self.peer_id, key_peer });
+            return Err(AnnounceError::KeyMismatch {
+                announced: self.peer_id.to_string(),
+                key_peer: key_peer.to_string(),
+            });
         }
         let canonical = self.canonical_bytes();
         let signature = key.sign(&canonical).map_err(|e| AnnounceError::Signing(e.to_string()))?;
@@ -272,7 +275,10 @@ impl SignedAnnouncement {
         let announcement = ShardAnnouncement::from_canonical(&canonical)?;
         let key_peer = key.to_peer_id();
         if key_peer != announcement.peer_id {
-            return Err(AnnounceError::KeyMismatch { announced: announcement.peer_id, key_peer });
+            return Err(AnnounceError::KeyMismatch {
+                announced: announcement.peer_id.to_string(),
+                key_peer: key_peer.to_string(),
+            });
         }
         if !key.verify(&canonical, &signature) {
             return Err(AnnounceError::BadSignature);

@@ -17,19 +17,19 @@ pub enum RecordRejected {
     #[error("key is not a shardline node or model key")]
     UnknownKey,
     #[error("record stored under {key_peer} holds the announcement of {announced}")]
-    WrongKey { key_peer: PeerId, announced: PeerId },
+    WrongKey { key_peer: String, announced: String },
     #[error(transparent)]
-    Announcement(#[from] crate::announce::AnnounceError),
+    Announcement(#[from] Box<crate::announce::AnnounceError>),
 }
 
 /// Checks a node record and returns the verified announcement with the instant it expires locally.
 pub fn check_node_record(record: &Record) -> Result<(SignedAnnouncement, Instant), RecordRejected> {
     let key_peer = parse_node_key(&record.key).ok_or(RecordRejected::UnknownKey)?;
     let now = now_ms();
-    let signed = SignedAnnouncement::verify(&record.value, now)?;
+    let signed = SignedAnnouncement::verify(&record.value, now).map_err(Box::new)?;
     let announced = signed.announcement.peer_id;
     if announced != key_peer {
-        return Err(RecordRejected::WrongKey { key_peer, announced });
+        return Err(RecordRejected::WrongKey { key_peer: key_peer.to_string(), announced: announced.to_string() });
     }
     let left = Duration::from_millis(signed.announcement.expires_at_ms.saturating_sub(now));
     Ok((signed, Instant::now() + left))

@@ -350,10 +350,8 @@ impl EventLoop {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if !self.listen_addrs.contains(&address) {
-                    self.listen_addrs.push(address);
-                }
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                self.listen_addrs.push(address);
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
                 if endpoint.is_dialer() {
@@ -375,11 +373,11 @@ impl EventLoop {
                     let _ = tx.send(Err(DhtError::Dial { addr: Multiaddr::empty(), detail: error.to_string() }));
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) {
-                    for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+                if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) =>
+            {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
@@ -402,15 +400,15 @@ impl EventLoop {
                 }
                 None => debug!(%source, "record not stored"),
             },
-            kad::Event::InboundRequest { request: InboundRequest::AddProvider { record: Some(record) } } => {
-                if self.filter.accept_provider(&record) {
-                    let (key, provider) = (record.key.clone(), record.provider);
-                    if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
-                        warn!(error = ?e, "cannot store an accepted provider record");
-                        return;
-                    }
-                    self.emit(DhtEvent::ProviderAdded { key, provider });
+            kad::Event::InboundRequest { request: InboundRequest::AddProvider { record: Some(record) } }
+                if self.filter.accept_provider(&record) =>
+            {
+                let (key, provider) = (record.key.clone(), record.provider);
+                if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
+                    warn!(error = ?e, "cannot store an accepted provider record");
+                    return;
                 }
+                self.emit(DhtEvent::ProviderAdded { key, provider });
             }
             kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
                 QueryResult::PutRecord(res) => {
@@ -425,28 +423,24 @@ impl EventLoop {
                 }
                 QueryResult::GetProviders(res) => {
                     let finished = step.last;
-                    if let Some((found, _)) = self.pending_providers.get_mut(&id) {
-                        if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = res {
-                            found.extend(providers);
-                        }
+                    if let Some((found, _)) = self.pending_providers.get_mut(&id)
+                        && let Ok(GetProvidersOk::FoundProviders { providers, .. }) = res
+                    {
+                        found.extend(providers);
                     }
-                    if finished {
-                        if let Some((found, tx)) = self.pending_providers.remove(&id) {
-                            let _ = tx.send(found);
-                        }
+                    if finished && let Some((found, tx)) = self.pending_providers.remove(&id) {
+                        let _ = tx.send(found);
                     }
                 }
                 QueryResult::GetRecord(res) => {
                     let finished = step.last;
-                    if let Some((found, _)) = self.pending_record.get_mut(&id) {
-                        if let Ok(GetRecordOk::FoundRecord(peer_record)) = res {
-                            found.push(peer_record.record);
-                        }
+                    if let Some((found, _)) = self.pending_record.get_mut(&id)
+                        && let Ok(GetRecordOk::FoundRecord(peer_record)) = res
+                    {
+                        found.push(peer_record.record);
                     }
-                    if finished {
-                        if let Some((found, tx)) = self.pending_record.remove(&id) {
-                            let _ = tx.send(found);
-                        }
+                    if finished && let Some((found, tx)) = self.pending_record.remove(&id) {
+                        let _ = tx.send(found);
                     }
                 }
                 QueryResult::Bootstrap(Ok(ok)) => debug!(remaining = ok.num_remaining, "kad bootstrap step"),

@@ -1,0 +1,279 @@
+//! `SwarmClient`: joins the DHT, keeps its own registry through discovery, plans routes, and runs generation
+//! sessions over QUIC with failover: a failed stage is banned (with growing backoff), a new route is planned, and the
+//! session's token history is re-prefilled on it. Because sampling depends only on `(seed, position)`, the text is
+//! the same as an undisturbed run.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use shardline_kernels::{Sampled, SamplingParams};
+use shardline_node::ModelError;
+use shardline_node::dht::{DhtClient, DhtConfig, DhtError};
+use shardline_node::generate::Stepper;
+use shardline_node::stage::downstream::ConnectionPool;
+use shardline_node::wire::{Limits, WireDType};
+use tracing::{info, warn};
+
+use crate::discovery::{Discovery, DiscoveryConfig};
+use crate::queue::QueuePermit;
+use crate::registry::{NodeRegistry, RegistryConfig};
+use crate::routing::{self, CoveragePolicy, Route, RouteError};
+use crate::session::{PipelineSession, SessionError, SessionParams};
+
+/// Settings of a swarm client.
+#[derive(Clone, Debug)]
+pub struct SwarmClientConfig {
+    pub model_id: String,
+    pub bootstrap: Vec<Multiaddr>,
+    pub p2p_listen: Vec<Multiaddr>,
+    /// Identity in the DHT; a fresh one when `None`.
+    pub keypair: Option<Keypair>,
+    pub policy: CoveragePolicy,
+    pub wire_dtype: WireDType,
+    /// Positions per prefill frame.
+    pub prefill_chunk: usize,
+    /// Route changes a session may go through before giving up.
+    pub max_failovers: usize,
+    /// How long a session waits in a saturated node's queue.
+    pub admit_wait: Duration,
+    pub registry: RegistryConfig,
+    pub discovery: DiscoveryConfig,
+}
+
+impl SwarmClientConfig {
+    pub fn new(model_id: impl Into<String>, bootstrap: Vec<Multiaddr>) -> Self {
+        Self {
+            model_id: model_id.into(),
+            bootstrap,
+            p2p_listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr")],
+            keypair: None,
+            policy: CoveragePolicy::WaitAndRetry { timeout: Duration::from_secs(30) },
+            wire_dtype: WireDType::F32,
+            prefill_chunk: 64,
+            max_failovers: 3,
+            admit_wait: Duration::from_secs(30),
+            registry: RegistryConfig::default(),
+            discovery: DiscoveryConfig { query_interval: Duration::from_secs(2), ..DiscoveryConfig::default() },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Dht(#[from] DhtError),
+    #[error("cannot open the QUIC client endpoint: {0}")]
+    Endpoint(std::io::Error),
+}
+
+struct Inner {
+    config: SwarmClientConfig,
+    dht: DhtClient,
+    registry: Arc<NodeRegistry>,
+    discovery: Discovery,
+    pool: ConnectionPool,
+}
+
+/// A member of the swarm that runs sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct SwarmClient {
+    inner: Arc<Inner>,
+}
+
+impl SwarmClient {
+    /// Joins the DHT through `config.bootstrap` and starts discovering the nodes of `config.model_id`.
+    pub async fn join(config: SwarmClientConfig) -> Result<SwarmClient, ClientError> {
+        let keypair = config.keypair.clone().unwrap_or_else(Keypair::generate_ed25519);
+        let (dht, events) =
+            DhtClient::start(DhtConfig::new(keypair, config.p2p_listen.clone(), config.bootstrap.clone())).await?;
+        let registry = NodeRegistry::new(config.registry.clone());
+        let mut dcfg = config.discovery.clone();
+        dcfg.models.push(config.model_id.clone());
+        let discovery = Discovery::spawn(dht.clone(), events, registry.clone(), dcfg);
+        let endpoint =
+            quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).map_err(ClientError::Endpoint)?;
+        let pool = ConnectionPool::new(endpoint);
+        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery, pool }) })
+    }
+
+    pub fn registry(&self) -> &Arc<NodeRegistry> {
+        &self.inner.registry
+    }
+
+    pub fn dht(&self) -> &DhtClient {
+        &self.inner.dht
+    }
+
+    pub fn discovery(&self) -> &Discovery {
+        &self.inner.discovery
+    }
+
+    pub fn config(&self) -> &SwarmClientConfig {
+        &self.inner.config
+    }
+
+    /// A route for the client's model under its coverage policy.
+    pub async fn route(&self) -> Result<Route, RouteError> {
+        let c = &self.inner.config;
+        routing::route(&self.inner.registry, &c.model_id, &HashSet::new(), c.policy).await
+    }
+
+    /// Waits until the registered nodes cover the model (or `timeout`).
+    pub async fn wait_for_coverage(&self, timeout: Duration) -> Result<Route, RouteError> {
+        let c = &self.inner.config;
+        routing::route(&self.inner.registry, &c.model_id, &HashSet::new(), CoveragePolicy::WaitAndRetry { timeout })
+            .await
+    }
+
+    /// A session that will hold at most `max_tokens` positions; stages are chosen on the first step.
+    pub fn session(&self, max_tokens: usize, sampling: SamplingParams, n_top: usize) -> SwarmSession {
+        SwarmSession {
+            client: self.clone(),
+            max_tokens,
+            sampling,
+            n_top: n_top.min(u8::MAX as usize) as u8,
+            history: Vec::new(),
+            pipeline: None,
+            permits: Vec::new(),
+            failovers: 0,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// One generation session over the swarm, surviving stage failures.
+pub struct SwarmSession {
+    client: SwarmClient,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    n_top: u8,
+    /// Every token fed so far: what a new route must be prefilled with.
+    history: Vec<u32>,
+    pipeline: Option<PipelineSession>,
+    permits: Vec<QueuePermit>,
+    failovers: usize,
+    /// Peers of every route used, in order.
+    routes: Vec<Vec<PeerId>>,
+}
+
+impl SwarmSession {
+    /// Peers of each route this session used (more than one after a failover).
+    pub fn routes(&self) -> &[Vec<PeerId>] {
+        &self.routes
+    }
+
+    pub fn failovers(&self) -> usize {
+        self.failovers
+    }
+
+    async fn connect(&mut self) -> Result<(), SessionError> {
+        let inner = &self.client.inner;
+        let c = &inner.config;
+        let route = routing::route(&inner.registry, &c.model_id, &HashSet::new(), c.policy).await?;
+        let shape = inner
+            .registry
+            .model_shape(&c.model_id)
+            .ok_or_else(|| SessionError::Route(RouteError::UnknownModel(c.model_id.clone())))?;
+        let mut permits = Vec::new();
+        for s in &route.stages {
+            if let Some(q) = &s.queue {
+                permits
+                    .push(q.admit(c.admit_wait).await.map_err(|source| SessionError::Busy { peer: s.peer, source })?);
+            }
+        }
+        let params = SessionParams {
+            model_id: c.model_id.clone(),
+            n_layers: shape.n_layers,
+            hidden: shape.hidden,
+            max_tokens: self.max_tokens as u32,
+            sampling: self.sampling,
+            n_top: self.n_top,
+            wire_dtype: c.wire_dtype,
+            prefill_chunk: c.prefill_chunk,
+        };
+        let registry = inner.registry.clone();
+        let peers = route.peers();
+        let mut pipeline = PipelineSession::open(&inner.pool, route, &params, Limits::default(), |p, rtt| {
+            registry.record_rtt(&p, rtt)
+        })
+        .await?;
+        if !self.history.is_empty() {
+            info!(tokens = self.history.len(), "re-prefilling the session history on the new route");
+            pipeline.feed(&self.history, false).await?;
+        }
+        self.routes.push(peers);
+        self.pipeline = Some(pipeline);
+        self.permits = permits;
+        Ok(())
+    }
+
+    /// Feeds `tokens` and returns the token sampled after them, failing over to another route when a stage fails.
+    pub async fn step(&mut self, tokens: &[u32]) -> Result<Sampled, SessionError> {
+        loop {
+            let attempt = async {
+                if self.pipeline.is_none() {
+                    self.connect().await?;
+                }
+                let p = self.pipeline.as_mut().expect("connected");
+                p.feed(tokens, true).await
+            }
+            .await;
+            match attempt {
+                Ok(Some(r)) => {
+                    self.history.extend_from_slice(tokens);
+                    if let Some(p) = &self.pipeline {
+                        for peer in p.route().peers() {
+                            self.client.inner.registry.record_success(&peer);
+                        }
+                    }
+                    return Ok(Sampled { token: r.token, logprob: r.logprob, top: r.top });
+                }
+                Ok(None) => return Err(SessionError::Protocol("no token returned".into())),
+                Err(e) => {
+                    self.pipeline = None;
+                    self.permits.clear();
+                    let Some(peer) = e.failed_peer() else { return Err(e) };
+                    if self.failovers >= self.client.inner.config.max_failovers {
+                        return Err(SessionError::Exhausted(self.failovers, Box::new(e)));
+                    }
+                    warn!(%peer, error = %e, "stage failed: banning it and re-routing");
+                    self.client.inner.registry.ban(&peer);
+                    self.failovers += 1;
+                }
+            }
+        }
+    }
+
+    /// Closes the session on its stages.
+    pub async fn close(mut self) {
+        if let Some(p) = self.pipeline.take() {
+            p.close().await;
+        }
+    }
+}
+
+/// Drives a [`SwarmSession`] through the engine's generation loop (`shardline_node::generate::generate`). Call it
+/// from a thread outside the tokio runtime (e.g. `spawn_blocking`): each step blocks on `handle`.
+pub struct SwarmStepper {
+    pub session: SwarmSession,
+    handle: tokio::runtime::Handle,
+}
+
+impl SwarmStepper {
+    pub fn new(session: SwarmSession, handle: tokio::runtime::Handle) -> Self {
+        Self { session, handle }
+    }
+}
+
+impl Stepper for SwarmStepper {
+    fn step(&mut self, tokens: &[u32], sampling: &SamplingParams, _n_top: usize) -> shardline_node::Result<Sampled> {
+        if *sampling != self.session.sampling {
+            return Err(ModelError::Invalid(SessionError::SamplingChanged.to_string()));
+        }
+        self.handle.block_on(self.session.step(tokens)).map_err(|e| ModelError::Invalid(format!("swarm: {e}")))
+    }
+}

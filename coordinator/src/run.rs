@@ -1,0 +1,104 @@
+//! `shardline coordinator`: joins the DHT, discovers and registers nodes, and keeps the registry current. The HTTP
+//! API (another issue) is served on top of the registry this returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use libp2p::identity::Keypair;
+use shardline_node::announce::now_ms;
+use shardline_node::dht::identity;
+use shardline_node::dht::{DhtClient, DhtConfig};
+use tracing::info;
+
+use crate::discovery::{Discovery, DiscoveryConfig};
+use crate::registry::{NodeRegistry, RegistryConfig};
+
+/// Everything `shardline coordinator` needs.
+#[derive(Clone, Debug)]
+pub struct CoordinatorArgs {
+    pub p2p_listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub key_file: Option<std::path::PathBuf>,
+    /// Model ids to look for from the start (others are learned from provider records).
+    pub models: Vec<String>,
+    pub registry: RegistryConfig,
+    pub discovery: DiscoveryConfig,
+}
+
+impl CoordinatorArgs {
+    pub fn new(p2p_listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>) -> Self {
+        Self {
+            p2p_listen,
+            bootstrap,
+            key_file: None,
+            models: Vec::new(),
+            registry: RegistryConfig::default(),
+            discovery: DiscoveryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Dht(#[from] shardline_node::dht::DhtError),
+    #[error(transparent)]
+    Identity(#[from] shardline_node::dht::identity::IdentityError),
+    #[error("{0}")]
+    Signal(std::io::Error),
+}
+
+/// A running coordinator: DHT membership, discovery and the registry.
+pub struct CoordinatorHandle {
+    pub dht: DhtClient,
+    pub registry: Arc<NodeRegistry>,
+    pub discovery: Discovery,
+    pub p2p_addrs: Vec<Multiaddr>,
+}
+
+/// Joins the DHT and starts discovery.
+pub async fn start_coordinator(args: CoordinatorArgs) -> Result<CoordinatorHandle, CoordinatorError> {
+    let keypair = match &args.key_file {
+        Some(p) => identity::load_or_create(p)?,
+        None => Keypair::generate_ed25519(),
+    };
+    let (dht, events) =
+        DhtClient::start(DhtConfig::new(keypair, args.p2p_listen.clone(), args.bootstrap.clone())).await?;
+    let registry = NodeRegistry::new(args.registry.clone());
+    let mut dcfg = args.discovery.clone();
+    dcfg.models.extend(args.models.iter().cloned());
+    let discovery = Discovery::spawn(dht.clone(), events, registry.clone(), dcfg);
+    let p2p_addrs = dht.listen_addrs().await?;
+    Ok(CoordinatorHandle { dht, registry, discovery, p2p_addrs })
+}
+
+/// Runs a coordinator until Ctrl-C, printing its listen addresses first and the registry whenever it changes.
+pub async fn run_coordinator(args: CoordinatorArgs) -> Result<(), CoordinatorError> {
+    let c = start_coordinator(args).await?;
+    println!("peer id {}", c.dht.peer_id());
+    for a in &c.p2p_addrs {
+        println!("p2p listening on {a}");
+    }
+    let mut changes = c.registry.subscribe();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            r = &mut ctrl_c => { r.map_err(CoordinatorError::Signal)?; break; }
+            _ = changes.changed() => {
+                for model in c.registry.models() {
+                    let nodes = c.registry.snapshot(&model);
+                    let mut spans: Vec<String> =
+                        nodes.iter().map(|(e, _)| format!("{}@{}", e.announcement.layers, e.announcement.peer_id)).collect();
+                    spans.sort();
+                    info!(%model, nodes = nodes.len(), layout = %spans.join(" "), "registry changed");
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                info!(nodes = c.registry.len(), now_ms = now_ms(), "coordinator alive");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! A pipeline session as its owner sees it: control streams to every stage of a route, prompt chunks into the first
+//! stage, tokens back from the last. Opening goes from the last stage to the first, so each stage can attach to its
+//! successor (which already holds the session) before it reports ready.
+
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use shardline_kernels::SamplingParams;
+use shardline_node::stage::downstream::ConnectionPool;
+use shardline_node::wire::{
+    ErrorCode, Frame, Hop, Limits, SessionId, SessionOpen, StageData, TokenResult, WireDType, read_frame, write_frame,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::routing::Route;
+
+/// What a session needs besides its route.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    pub model_id: String,
+    pub n_layers: u32,
+    pub hidden: u32,
+    /// Positions reserved on every stage (prompt + new tokens).
+    pub max_tokens: u32,
+    pub sampling: SamplingParams,
+    pub n_top: u8,
+    pub wire_dtype: WireDType,
+    /// Positions per prefill frame: smaller chunks pipeline better across stages, larger ones amortise overhead.
+    pub prefill_chunk: usize,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Route(#[from] crate::routing::RouteError),
+    #[error("node {peer} is busy: {source}")]
+    Busy { peer: PeerId, source: crate::queue::QueueError },
+    #[error("cannot reach stage {peer}: {detail}")]
+    Connect { peer: PeerId, detail: String },
+    #[error("stage {peer} failed ({code:?}): {message}")]
+    Stage { peer: PeerId, code: ErrorCode, message: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("sampling parameters cannot change within a session")]
+    SamplingChanged,
+    #[error("gave up after {0} failovers: {1}")]
+    Exhausted(usize, Box<SessionError>),
+}
+
+impl SessionError {
+    /// The node to blame and ban, when the failure points at one.
+    pub fn failed_peer(&self) -> Option<PeerId> {
+        match self {
+            SessionError::Connect { peer, .. } | SessionError::Stage { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+}
+
+enum StageEvent {
+    Frame(Frame),
+    /// The control stream ended or broke.
+    Gone(String),
+}
+
+/// An open session on every stage of a route.
+pub struct PipelineSession {
+    id: SessionId,
+    route: Route,
+    controls: Vec<quinn::SendStream>,
+    events: mpsc::Receiver<(usize, StageEvent)>,
+    readers: Vec<JoinHandle<()>>,
+    position: u64,
+    prefill_chunk: usize,
+}
+
+impl Drop for PipelineSession {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
+impl PipelineSession {
+    /// Opens the session on every stage, last stage first. `rtt` receives the measured round-trip time per stage.
+    pub async fn open(
+        pool: &ConnectionPool,
+        route: Route,
+        params: &SessionParams,
+        limits: Limits,
+        mut rtt: impl FnMut(PeerId, std::time::Duration),
+    ) -> Result<PipelineSession, SessionError> {
+        let id: SessionId = rand::random();
+        let n = route.stages.len();
+        let (tx, events) = mpsc::channel(256);
+        let mut controls: Vec<Option<quinn::SendStream>> = (0..n).map(|_| None).collect();
+        let mut readers = Vec::with_capacity(n);
+        for i in (0..n).rev() {
+            let stage = &route.stages[i];
+            let peer = stage.peer;
+            let conn_err = |detail: String| SessionError::Connect { peer, detail };
+            let conn = pool.get(stage.addr, stage.fingerprint).await.map_err(|e| conn_err(e.to_string()))?;
+            rtt(peer, conn.rtt());
+            let (mut send, mut recv) = match conn.open_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    pool.forget(stage.addr, stage.fingerprint);
+                    return Err(conn_err(e.to_string()));
+                }
+            };
+            let rest = route.stages[i + 1..]
+                .iter()
+                .map(|s| Hop { layers: s.span, addr: s.addr, fingerprint: s.fingerprint })
+                .collect();
+            let open = SessionOpen {
+                model_id: params.model_id.clone(),
+                n_layers: params.n_layers,
+                span: stage.span,
+                max_tokens: params.max_tokens,
+                sampling: params.sampling,
+                n_top: params.n_top,
+                wire_dtype: params.wire_dtype,
+                hidden: params.hidden,
+                rest,
+            };
+            write_frame(&mut send, &Frame::Open { session: id, open }).await.map_err(|e| conn_err(e.to_string()))?;
+            match read_frame(&mut recv, &limits).await {
+                Ok(Some(Frame::Opened { .. })) => {}
+                Ok(Some(Frame::Error { code, message, .. })) => {
+                    // A stage that could not reach its successor points at the successor.
+                    let blamed =
+                        if code == ErrorCode::Downstream && i + 1 < n { route.stages[i + 1].peer } else { peer };
+                    return Err(SessionError::Stage { peer: blamed, code, message });
+                }
+                Ok(other) => return Err(SessionError::Protocol(format!("stage {peer} answered open with {other:?}"))),
+                Err(e) => return Err(conn_err(e.to_string())),
+            }
+            let tx = tx.clone();
+            readers.push(tokio::spawn(async move {
+                loop {
+                    let ev = match read_frame(&mut recv, &limits).await {
+                        Ok(Some(f)) => StageEvent::Frame(f),
+                        Ok(None) => StageEvent::Gone("control stream ended".into()),
+                        Err(e) => StageEvent::Gone(e.to_string()),
+                    };
+                    let stop = matches!(ev, StageEvent::Gone(_));
+                    if tx.send((i, ev)).await.is_err() || stop {
+                        return;
+                    }
+                }
+            }));
+            controls[i] = Some(send);
+        }
+        let controls = controls.into_iter().map(|c| c.expect("every stage opened")).collect();
+        debug!(session = id, stages = n, "pipeline session open");
+        Ok(PipelineSession {
+            id,
+            route,
+            controls,
+            events,
+            readers,
+            position: 0,
+            prefill_chunk: params.prefill_chunk.max(1),
+        })
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Positions fed so far.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Feeds `tokens` in prefill chunks (pipelined: every chunk is sent at once, stages work on them as they arrive).
+    /// With `sample`, waits for the token the last stage draws after them.
+    pub async fn feed(&mut self, tokens: &[u32], sample: bool) -> Result<Option<TokenResult>, SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::Protocol("nothing to feed".into()));
+        }
+        let first = self.route.stages[0].peer;
+        let chunks: Vec<&[u32]> = tokens.chunks(self.prefill_chunk).collect();
+        for (k, chunk) in chunks.iter().enumerate() {
+            let last = k + 1 == chunks.len() && sample;
+            let data = StageData::Tokens(chunk.to_vec());
+            let frame = if chunk.len() == 1 && last && self.position > 0 {
+                Frame::Decode { session: self.id, position: self.position, data }
+            } else {
+                Frame::Prefill { session: self.id, position: self.position, last, data }
+            };
+            write_frame(&mut self.controls[0], &frame)
+                .await
+                .map_err(|e| SessionError::Connect { peer: first, detail: e.to_string() })?;
+            self.position += chunk.len() as u64;
+        }
+        if !sample {
+            return Ok(None);
+        }
+        let expected = self.position;
+        {
+            let Some((i, ev)) = self.events.recv().await else {
+                return Err(SessionError::Protocol("every stage stream ended".into()));
+            };
+            let peer = self.route.stages[i].peer;
+            match ev {
+                StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => {
+                    return Ok(Some(result));
+                }
+                StageEvent::Frame(Frame::Error { code, message, .. }) => {
+                    let n = self.route.stages.len();
+                    let blamed =
+                        if code == ErrorCode::Downstream && i + 1 < n { self.route.stages[i + 1].peer } else { peer };
+                    return Err(SessionError::Stage { peer: blamed, code, message });
+                }
+                StageEvent::Frame(other) => {
+                    return Err(SessionError::Protocol(format!("stage {peer} sent {:?} frame", other.kind())));
+                }
+                StageEvent::Gone(detail) => {
+                    return Err(SessionError::Stage { peer, code: ErrorCode::Other(0), message: detail });
+                }
+            }
+        }
+    }
+
+    /// Closes the session on every stage (they free the KV cache).
+    pub async fn close(mut self) {
+        let id = self.id;
+        for c in &mut self.controls {
+            let _ = write_frame(c, &Frame::Close { session: id }).await;
+            let _ = c.finish();
+        }
+    }
+}
+
+/// Shares one pool between sessions.
+pub type SharedPool = Arc<ConnectionPool>;

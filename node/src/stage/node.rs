@@ -1,0 +1,242 @@
+//! A whole node: one shard behind a stage server, announced in the DHT. `shardline node` is a thin layer over
+//! [`run_node`]; tests use [`start_node`] to run several nodes in one process.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use libp2p::{Multiaddr, PeerId};
+use shardline_kernels::{Backend, DType};
+use tracing::info;
+
+use super::server::{StageConfig, StageError, StageServer};
+use crate::announce::ShardAnnouncement;
+use crate::dht::identity::{self, IdentityError};
+use crate::dht::{Announcer, AnnouncerConfig, DhtClient, DhtConfig, DhtError};
+use crate::error::ModelError;
+use crate::model::{LayerRange, ModelFiles, ModelId, Shard, ShardInput, ShardOptions, ShardOutput};
+use crate::wire::{Fingerprint, WireDType};
+
+/// Everything `shardline node` needs.
+pub struct NodeArgs {
+    /// GGUF file or Hugging Face directory.
+    pub model: PathBuf,
+    pub layers: LayerRange,
+    /// Compute device (the CLI builds it from `--device`).
+    pub backend: Arc<dyn Backend>,
+    /// QUIC address of the stage server (activations).
+    pub listen: SocketAddr,
+    /// Address announced to clients; defaults to `listen`, with 127.0.0.1 in place of an unspecified IP.
+    pub advertise: Option<SocketAddr>,
+    pub p2p_listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    /// ed25519 identity file; a fresh identity each start when `None`.
+    pub key_file: Option<PathBuf>,
+    pub shard: ShardOptions,
+    pub stage: StageConfig,
+    /// Hidden-state dtype on the wire; defaults to the backend's activation dtype (f32 on the CPU, so a split run is
+    /// bit-identical to a whole one).
+    pub wire_dtype: Option<WireDType>,
+    pub announce: AnnouncerConfig,
+    /// Positions of the start-up throughput measurement (prefill chunk size; decode uses a quarter of it).
+    pub measure_tokens: usize,
+}
+
+impl NodeArgs {
+    /// Defaults for everything but the model, layers, device and addresses.
+    pub fn new(model: PathBuf, layers: LayerRange, backend: Arc<dyn Backend>, listen: SocketAddr) -> Self {
+        Self {
+            model,
+            layers,
+            backend,
+            listen,
+            advertise: None,
+            p2p_listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr")],
+            bootstrap: Vec::new(),
+            key_file: None,
+            shard: ShardOptions::default(),
+            stage: StageConfig::default(),
+            wire_dtype: None,
+            announce: AnnouncerConfig::default(),
+            measure_tokens: 32,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error(transparent)]
+    Dht(#[from] DhtError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("{0}")]
+    Task(String),
+}
+
+/// A running node. Dropping it stops announcing, closes the stage server and leaves the DHT.
+pub struct NodeHandle {
+    pub peer_id: PeerId,
+    /// Full p2p listen multiaddrs, `/p2p/<peer id>` included.
+    pub p2p_addrs: Vec<Multiaddr>,
+    pub quic_addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub model_id: String,
+    pub layers: LayerRange,
+    /// Measured tokens per second through the whole shard.
+    pub decode_tps: f32,
+    pub prefill_tps: f32,
+    server: StageServer,
+    dht: DhtClient,
+    announcer: Option<Announcer>,
+}
+
+impl NodeHandle {
+    pub fn server(&self) -> &StageServer {
+        &self.server
+    }
+
+    pub fn dht(&self) -> &DhtClient {
+        &self.dht
+    }
+
+    /// Stops re-publishing the announcement (the node expires from the swarm within one TTL) but keeps serving.
+    pub fn stop_announcing(&mut self) {
+        self.announcer.take();
+    }
+}
+
+fn wire_dtype_of(backend: &dyn Backend) -> WireDType {
+    match backend.act_dtype() {
+        DType::F16 => WireDType::F16,
+        DType::BF16 => WireDType::BF16,
+        _ => WireDType::F32,
+    }
+}
+
+/// Measures prefill and decode tokens/s of the whole shard on a scratch session.
+fn measure(shard: &Shard, tokens: usize) -> Result<(f32, f32), ModelError> {
+    let prefill = tokens.max(2);
+    let decode = (prefill / 4).max(1);
+    let mut s = shard.open_session(prefill + decode)?;
+    let c = shard.config();
+    let b = shard.backend();
+    let mut feed = |n: usize| -> Result<(), ModelError> {
+        let out = if shard.layers().start == 0 {
+            let ids: Vec<u32> = (0..n as u32).map(|i| i % c.vocab as u32).collect();
+            shard.forward(&mut s, ShardInput::Tokens(&ids))?
+        } else {
+            let x = b.upload_f32(&[n, c.hidden], &vec![0.01; n * c.hidden])?;
+            shard.forward(&mut s, ShardInput::Hidden(&x))?
+        };
+        let (ShardOutput::Hidden(t) | ShardOutput::Logits(t)) = out;
+        b.download_raw(&t, DType::F32)?;
+        Ok(())
+    };
+    let t = Instant::now();
+    feed(prefill)?;
+    let prefill_tps = prefill as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let t = Instant::now();
+    for _ in 0..decode {
+        feed(1)?;
+    }
+    let decode_tps = decode as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    Ok((decode_tps as f32, prefill_tps as f32))
+}
+
+/// Loads the shard, measures it, starts the stage server, joins the DHT and starts announcing.
+pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
+    let keypair = match &args.key_file {
+        Some(p) => identity::load_or_create(p)?,
+        None => libp2p::identity::Keypair::generate_ed25519(),
+    };
+    let peer_id = keypair.public().to_peer_id();
+    let (model, layers, backend, shard_opts, measure_tokens) =
+        (args.model.clone(), args.layers, args.backend.clone(), args.shard.clone(), args.measure_tokens);
+    let (shard, model_id, decode_tps, prefill_tps) = tokio::task::spawn_blocking(move || {
+        let files = ModelFiles::open(&model)?;
+        let weights = files.weights();
+        let model_id = ModelId::of(weights.as_ref())?.to_hex();
+        let shard = Shard::load(weights.as_ref(), layers, backend, shard_opts)?;
+        let (d, p) = measure(&shard, measure_tokens)?;
+        Ok::<_, ModelError>((Arc::new(shard), model_id, d, p))
+    })
+    .await
+    .map_err(|e| NodeError::Task(e.to_string()))??;
+    let wire = args.wire_dtype.unwrap_or_else(|| wire_dtype_of(shard.backend().as_ref()));
+    let server = StageServer::start(shard.clone(), model_id.clone(), args.listen, args.stage.clone())?;
+    let quic_addr = args.advertise.unwrap_or_else(|| {
+        let a = server.local_addr();
+        if a.ip().is_unspecified() { SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), a.port()) } else { a }
+    });
+    let (dht, _events) =
+        DhtClient::start(DhtConfig::new(keypair.clone(), args.p2p_listen.clone(), args.bootstrap.clone())).await?;
+    let p2p_addrs = dht.listen_addrs().await?;
+    let c = shard.config().clone();
+    let probe = server.probe();
+    let max_sessions = args.stage.max_sessions as u32;
+    let template = ShardAnnouncement {
+        peer_id,
+        model_id: model_id.clone(),
+        n_layers: c.n_layers as u32,
+        hidden: c.hidden as u32,
+        layers,
+        has_embeddings: shard.has_embeddings(),
+        has_head: shard.has_head(),
+        quic_addr,
+        cert_fingerprint: server.fingerprint(),
+        wire_dtype: wire,
+        max_sessions,
+        free_kv_tokens: 0,
+        decode_tps,
+        prefill_tps,
+        active_sessions: 0,
+        software_version: env!("CARGO_PKG_VERSION").to_string(),
+        issued_at_ms: 0,
+        expires_at_ms: 0,
+    };
+    let announcer = Announcer::spawn(dht.clone(), keypair, args.announce, move || {
+        let mut a = template.clone();
+        a.active_sessions = probe.active_sessions() as u32;
+        a.free_kv_tokens = probe.free_kv_tokens() as u64;
+        a
+    });
+    info!(%peer_id, model = %model_id, %layers, quic = %quic_addr, decode_tps, prefill_tps, "node started");
+    Ok(NodeHandle {
+        peer_id,
+        p2p_addrs,
+        quic_addr,
+        fingerprint: server.fingerprint(),
+        model_id,
+        layers,
+        decode_tps,
+        prefill_tps,
+        server,
+        dht,
+        announcer: Some(announcer),
+    })
+}
+
+/// Runs a node until Ctrl-C: prints its peer id and full listen multiaddrs (to pass to `--bootstrap`) first.
+pub async fn run_node(args: NodeArgs) -> Result<(), NodeError> {
+    let node = start_node(args).await?;
+    println!("peer id {}", node.peer_id);
+    for a in &node.p2p_addrs {
+        println!("p2p listening on {a}");
+    }
+    println!(
+        "serving layers {} of model {} on quic {} (certificate sha256 {})",
+        node.layers,
+        node.model_id,
+        node.quic_addr,
+        hex::encode(node.fingerprint)
+    );
+    tokio::signal::ctrl_c().await.map_err(|e| NodeError::Task(e.to_string()))?;
+    info!("shutting down");
+    drop(node);
+    Ok(())
+}
