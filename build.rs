@@ -42,8 +42,7 @@ fn main() {
         modules.push((name, cu));
     }
 
-    let nvcc = if std::env::var_os("CARGO_FEATURE_CUDA").is_some() && std::env::var_os("SHARDLINE_NO_NVCC").is_none()
-    {
+    let nvcc = if std::env::var_os("CARGO_FEATURE_CUDA").is_some() && std::env::var_os("SHARDLINE_NO_NVCC").is_none() {
         find_nvcc()
     } else {
         None
@@ -144,9 +143,9 @@ fn find_nvcc() -> Option<PathBuf> {
         }
     }
     candidates.push(PathBuf::from("/usr/local/cuda/bin/nvcc"));
-    candidates.into_iter().find(|c| {
-        c.is_file() && Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success())
-    })
+    candidates
+        .into_iter()
+        .find(|c| c.is_file() && Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 fn compile(nvcc: &Path, name: &str, cu: &Path, out: &Path) -> PathBuf {

@@ -19,6 +19,8 @@ pub enum KernelError {
     CudaUnavailable(String),
     #[error("CUDA error: {0}")]
     Cuda(String),
+    #[error("unknown device {0:?}: expected cpu, cuda or cuda:N")]
+    UnknownDevice(String),
 }
 
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;

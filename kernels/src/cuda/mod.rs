@@ -1,12 +1,46 @@
-//! CUDA backend. Without the `cuda` feature this is a stand-in whose storage type cannot be constructed and whose
-//! constructor answers "not compiled with CUDA", so callers need no `cfg`.
+//! CUDA backend: our own kernels (kernels/cuda/*.cu) behind the [`Backend`](crate::Backend) interface, on cudarc
+//! with dynamically loaded driver and NVRTC libraries, so the crate builds and runs on machines without CUDA.
+//!
+//! - [`modules`]: the kernel sources (and nvcc PTX when it was available at build time) built into the crate;
+//! - [`repack`]: the device layout of quantised weights;
+//! - with the `cuda` feature: [`CudaBackend`] (one context, one stream, lazily loaded modules), [`nvrtc`]
+//!   (run-time compilation) and [`DecodeGraph`] (the decode step as a CUDA graph);
+//! - without it: a stand-in whose storage type cannot be constructed and whose constructor answers "not compiled
+//!   with CUDA", so callers need no `cfg`.
+//!
+//! Design notes, launch shapes and what is graph-captured: docs/CUDA.md.
 
-/// Device memory of a CUDA tensor (stand-in: uninhabited without the `cuda` feature).
-#[derive(Debug)]
-pub enum CudaStorage {}
+pub mod modules;
+pub mod repack;
 
-impl CudaStorage {
-    pub fn byte_len(&self) -> usize {
-        match *self {}
-    }
-}
+#[cfg(feature = "cuda")]
+mod backend;
+#[cfg(feature = "cuda")]
+mod graph;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+#[cfg(feature = "cuda")]
+mod ops;
+#[cfg(feature = "cuda")]
+mod sampling;
+#[cfg(feature = "cuda")]
+mod staging;
+#[cfg(feature = "cuda")]
+mod storage;
+
+#[cfg(feature = "cuda")]
+pub use backend::{CudaBackend, DeviceInfo, probe};
+#[cfg(feature = "cuda")]
+pub use graph::DecodeGraph;
+#[cfg(feature = "cuda")]
+pub use sampling::MAX_TOP as MAX_SAMPLE_TOP;
+#[cfg(feature = "cuda")]
+pub use storage::CudaStorage;
+
+#[cfg(not(feature = "cuda"))]
+mod stub;
+#[cfg(not(feature = "cuda"))]
+pub use stub::{CudaBackend, CudaStorage, probe};
+
+#[cfg(test)]
+mod sampling_spec;

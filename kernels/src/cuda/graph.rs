@@ -1,0 +1,187 @@
+//! CUDA graphs for the decode step.
+//!
+//! A decode step launches a few hundred small kernels; launched one by one, the gaps between them cost more than
+//! the kernels themselves on a small model. [`CudaBackend::capture_step`] runs a step (any code that drives this
+//! backend through the [`Backend`](crate::Backend) trait, e.g. a shard's forward pass) while the stream is captured,
+//! and keeps the result as a [`DecodeGraph`]. [`CudaBackend::replay_step`] runs the same code again in *replay*
+//! mode: no kernel is launched; every op only writes its small host arguments (token ids, positions, KV slots, block
+//! tables) into the graph's page-locked staging area, at the same offsets as during capture, and adds its launch
+//! (kernel, grid, arguments) to a signature. If the signature equals the captured one, the whole step is launched as
+//! one graph; otherwise nothing ran and the caller runs the step eagerly or captures a new graph.
+//!
+//! What is captured: every kernel and device copy of the step, and the host-to-device copies of the staged
+//! arguments (they read the staging area when the graph runs). Activation tensors allocated inside the step belong
+//! to the graph (the same buffers on every replay), so a replayed step's outputs are valid until the next replay of
+//! the same graph. Not allowed inside a step: uploads and downloads of tensors, `synchronize` and `sample` (they
+//! need the host); sample after the step. The signature changes, and a new capture is needed, when the batch shape
+//! changes or the attention split count (a power of two of 64-token splits of the longest context) grows.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaGraph, sys};
+
+use super::backend::CudaBackend;
+use super::staging::StageArea;
+use super::storage::{RawDeviceBuf, cuda_err};
+use crate::error::{KernelError, Result};
+
+/// Bytes of staged arguments one captured step may use.
+const GRAPH_STAGING_BYTES: usize = 1 << 20;
+
+pub(crate) enum Mode {
+    Eager,
+    Capture(Recording),
+    Replay(Recording),
+}
+
+/// What a captured step owns and how it was launched.
+pub(crate) struct Recording {
+    pub(crate) area: StageArea,
+    pub(crate) bufs: Vec<Arc<RawDeviceBuf>>,
+    next: usize,
+    signature: Vec<u64>,
+}
+
+impl Recording {
+    fn new(backend: &CudaBackend) -> Result<Self> {
+        Ok(Self {
+            area: StageArea::new(&backend.ctx, GRAPH_STAGING_BYTES, false)?,
+            bufs: Vec::new(),
+            next: 0,
+            signature: Vec::new(),
+        })
+    }
+
+    pub(crate) fn sign(&mut self, words: &[u64]) {
+        self.signature.extend_from_slice(words);
+    }
+
+    pub(crate) fn sign_str(&mut self, s: &str) {
+        // FNV-1a: a cheap fingerprint of the kernel name.
+        let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        self.signature.push(h);
+    }
+
+    /// The next graph buffer in allocation order (replay), which must have the size it had when captured.
+    pub(crate) fn next_buf(&mut self, bytes: usize) -> Result<Arc<RawDeviceBuf>> {
+        let buf = self.bufs.get(self.next).cloned().ok_or_else(diverged)?;
+        if buf.len() != bytes {
+            return Err(diverged());
+        }
+        self.next += 1;
+        Ok(buf)
+    }
+
+    fn rewind(&mut self) {
+        self.area.rewind();
+        self.next = 0;
+        self.signature.clear();
+    }
+}
+
+fn diverged() -> KernelError {
+    KernelError::Cuda("the replayed step differs from the captured one; run it eagerly or capture again".into())
+}
+
+/// A captured step, replayable with [`CudaBackend::replay_step`].
+pub struct DecodeGraph {
+    exec: CudaGraph,
+    /// `None` only while a replay is running.
+    rec: Option<Recording>,
+    signature: Vec<u64>,
+    /// Recorded after each launch: the staging area may be rewritten only once the previous launch finished.
+    done: CudaEvent,
+}
+
+impl std::fmt::Debug for DecodeGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bufs = self.rec.as_ref().map_or(0, |r| r.bufs.len());
+        write!(f, "DecodeGraph({bufs} buffers, {} signature words)", self.signature.len())
+    }
+}
+
+// SAFETY: the graph handles are used only through `&mut DecodeGraph` (one thread at a time), which is what CUDA
+// requires of graph objects; moving them between threads is allowed.
+unsafe impl Send for DecodeGraph {}
+
+impl CudaBackend {
+    /// Switches to `mode` for the calling thread; on failure hands `mode` back so its recording is not lost.
+    fn enter(&self, mode: Mode) -> std::result::Result<(), (KernelError, Mode)> {
+        let mut ex = match self.exec() {
+            Ok(ex) => ex,
+            Err(e) => return Err((e, mode)),
+        };
+        if !matches!(ex.mode, Mode::Eager) {
+            let e = KernelError::Cuda("a CUDA graph step is already being captured or replayed".into());
+            return Err((e, mode));
+        }
+        ex.mode = mode;
+        ex.step_thread = Some(std::thread::current().id());
+        Ok(())
+    }
+
+    fn leave(&self) -> Option<Recording> {
+        let mut ex = self.exec.lock().unwrap_or_else(|e| e.into_inner());
+        ex.step_thread = None;
+        match std::mem::replace(&mut ex.mode, Mode::Eager) {
+            Mode::Capture(r) | Mode::Replay(r) => Some(r),
+            Mode::Eager => None,
+        }
+    }
+
+    /// Runs `step` once while capturing it into a CUDA graph, launches the graph (so the step's outputs are
+    /// computed), and returns the outputs with the graph.
+    pub fn capture_step<R, E: From<KernelError>>(
+        &self,
+        step: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<(R, DecodeGraph), E> {
+        self.stream.synchronize().map_err(cuda_err)?;
+        self.enter(Mode::Capture(Recording::new(self)?)).map_err(|(e, _)| e)?;
+        if let Err(e) = self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
+            self.leave();
+            return Err(cuda_err(e).into());
+        }
+        let out = step();
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let rec = self.leave().ok_or_else(|| KernelError::Cuda("capture state lost".into()))?;
+        let out = out?;
+        let exec =
+            graph.map_err(cuda_err)?.ok_or_else(|| KernelError::Cuda("the captured step launched nothing".into()))?;
+        let done = self.ctx.new_event(None).map_err(cuda_err)?;
+        let signature = rec.signature.clone();
+        let graph = DecodeGraph { exec, rec: Some(rec), signature, done };
+        graph.exec.launch().map_err(cuda_err)?;
+        graph.done.record(&self.stream).map_err(cuda_err)?;
+        Ok((out, graph))
+    }
+
+    /// Runs `step` in replay mode (nothing is launched, arguments are staged) and, if it issued exactly the launches
+    /// that were captured, launches the graph. Returns the step's outputs, which live in the graph's buffers.
+    pub fn replay_step<R, E: From<KernelError>>(
+        &self,
+        graph: &mut DecodeGraph,
+        step: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        // The previous launch must have consumed the staging area before it is rewritten.
+        graph.done.synchronize().map_err(cuda_err)?;
+        let mut rec = graph.rec.take().ok_or_else(|| KernelError::Cuda("graph state lost".into()))?;
+        rec.rewind();
+        if let Err((e, mode)) = self.enter(Mode::Replay(rec)) {
+            if let Mode::Replay(rec) = mode {
+                graph.rec = Some(rec);
+            }
+            return Err(e.into());
+        }
+        let out = step();
+        let rec = self.leave().ok_or_else(|| KernelError::Cuda("replay state lost".into()))?;
+        let same = rec.signature == graph.signature && rec.next == rec.bufs.len();
+        graph.rec = Some(rec);
+        let out = out?;
+        if !same {
+            return Err(diverged().into());
+        }
+        graph.exec.launch().map_err(cuda_err)?;
+        graph.done.record(&self.stream).map_err(cuda_err)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,40 @@
+//! The CUDA kernel modules built into the crate by `build.rs`: one per `kernels/cuda/*.cu`, each as inlined source
+//! (for NVRTC) and, when nvcc was available at build time, as `compute_80` PTX.
+
+/// One `.cu` file of `kernels/cuda`.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelModule {
+    /// File stem, e.g. `"gemv"`.
+    pub name: &'static str,
+    /// The source with its local headers inlined: compiles on its own, without an include path.
+    pub source: &'static str,
+    /// PTX compiled by nvcc at build time, if nvcc was found.
+    pub ptx: Option<&'static str>,
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The module called `name`.
+pub fn module(name: &str) -> Option<&'static KernelModule> {
+    MODULES.iter().find(|m| m.name == name)
+}
+
+/// Whether every module was compiled by nvcc at build time (then NVRTC is not needed at run time).
+pub fn all_prebuilt() -> bool {
+    MODULES.iter().all(|m| m.ptx.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_file_is_a_self_contained_module() {
+        for name in ["attention", "elementwise", "embedding", "gemm", "gemv", "kv_cache", "norm", "rope", "sampling"] {
+            let m = module(name).unwrap_or_else(|| panic!("module {name} missing"));
+            assert!(m.source.contains("extern \"C\" __global__"), "{name} has no entry point");
+            assert!(!m.source.contains("#include \""), "{name} still includes a local header");
+            assert!(!m.source.contains('\0'), "{name} contains a NUL byte");
+        }
+    }
+}

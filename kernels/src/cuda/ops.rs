@@ -1,0 +1,690 @@
+//! The [`Backend`] ops on CUDA: validation on the host (shapes, dtypes, every index the kernels will follow), then
+//! one or two kernel launches on the backend's stream. Launch shapes are documented in each `.cu` file.
+
+use half::{bf16, f16};
+
+use super::backend::{Arg, CudaBackend, cuda_storage, i32_arg};
+use super::repack;
+use super::storage::{CudaStorage, Layout, cuda_err};
+use crate::DType;
+use crate::backend::{AttnSeq, AttnShape, Backend, DeviceKind, RopeConfig, RopeStyle, Sampled, SamplingParams};
+use crate::error::{KernelError, Result, shape_err};
+use crate::tensor::{HostBytes, Tensor};
+
+/// Bytes of attention workspace one decode launch may use; longer batches are split into several launches.
+const ATTN_WORKSPACE_BYTES: usize = 256 << 20;
+/// Keys per flash-decoding split (`ATT_SPLIT` in attention.cu).
+const ATTN_SPLIT: usize = 64;
+/// Largest grid y/z dimension.
+const GRID_YZ: usize = 65_535;
+
+/// Kernel-name suffix of a dtype.
+fn suffix(dtype: DType) -> &'static str {
+    dtype.name()
+}
+
+/// f32 values to little-endian bytes of `dtype` (f32, f16 or bf16), rounding to nearest even.
+pub(crate) fn encode(dtype: DType, data: &[f32]) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        DType::F32 => bytemuck::cast_slice(data).to_vec(),
+        DType::F16 => data.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+        DType::BF16 => data.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+        other => return Err(KernelError::UnsupportedDType { op: "activation transfer", dtype: other }),
+    })
+}
+
+/// Little-endian bytes of `dtype` (f32, f16 or bf16) to f32.
+pub(crate) fn decode(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => return Err(KernelError::UnsupportedDType { op: "activation transfer", dtype: other }),
+    })
+}
+
+fn elems_of(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| shape_err(op, format!("{shape:?} overflows")))
+}
+
+impl CudaBackend {
+    fn act_name(&self) -> &'static str {
+        suffix(self.act)
+    }
+
+    /// The device address of an activation tensor of this backend.
+    fn act_ptr(&self, op: &'static str, t: &Tensor) -> Result<u64> {
+        if t.dtype() != self.act {
+            return Err(KernelError::UnsupportedDType { op, dtype: t.dtype() });
+        }
+        Ok(cuda_storage(t)?.ptr())
+    }
+
+    /// Quant (or plain) and scale addresses of a weight tensor (scales 0 for plain weights).
+    fn weight_ptrs(t: &Tensor) -> Result<(u64, u64)> {
+        let s = cuda_storage(t)?;
+        Ok(match s.layout() {
+            Layout::Plain => (s.ptr(), 0),
+            Layout::Split { scales_at } => (s.ptr(), s.ptr() + scales_at as u64),
+        })
+    }
+
+    /// Host bytes to a new device allocation.
+    fn upload_bytes(&self, bytes: &[u8], layout: Layout) -> Result<CudaStorage> {
+        let ex = self.exec()?;
+        self.require_eager(&ex, "upload")?;
+        drop(ex);
+        // Empty tensors still get a (one-byte) allocation, so every tensor has a valid address.
+        let data: &[u8] = if bytes.is_empty() { &[0] } else { bytes };
+        let slice = self.stream.clone_htod(data).map_err(cuda_err)?;
+        Ok(CudaStorage::owned(slice, bytes.len(), &self.stream, layout))
+    }
+
+    /// The raw bytes of a plain tensor, after every queued op.
+    fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        let ex = self.exec()?;
+        self.require_eager(&ex, "download")?;
+        drop(ex);
+        let s = cuda_storage(t)?;
+        if s.layout() != Layout::Plain {
+            return Err(KernelError::UnsupportedDType { op: "download", dtype: t.dtype() });
+        }
+        let mut out = vec![0u8; s.byte_len()];
+        if !out.is_empty() {
+            // SAFETY: `out` has exactly the tensor's byte length, which the allocation holds.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, s.ptr(), self.stream.cu_stream()) }
+                .map_err(cuda_err)?;
+        }
+        self.stream.synchronize().map_err(cuda_err)?;
+        Ok(out)
+    }
+
+    fn elementwise_grid(&self, n: usize) -> u32 {
+        let chunks = (n / 8).max(1);
+        let cap = self.info.multiprocessors as usize * 16;
+        chunks.div_ceil(256).clamp(1, cap.max(1)) as u32
+    }
+
+    fn attention_prefill(
+        &self,
+        q: &Tensor,
+        kc: &Tensor,
+        vc: &Tensor,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let mut info = Vec::with_capacity(seqs.len() * 4);
+        let mut tables = Vec::new();
+        let mut max_rows = 0;
+        for s in seqs.iter().filter(|s| !s.rows.is_empty()) {
+            info.extend_from_slice(&[s.rows.start as u32, s.rows.len() as u32, s.pos0 as u32, tables.len() as u32]);
+            tables.extend_from_slice(s.block_table);
+            max_rows = max_rows.max(s.rows.len());
+        }
+        let n_seqs = info.len() / 4;
+        if n_seqs > GRID_YZ {
+            return Err(shape_err("attention", format!("{n_seqs} sequences in one call (at most {GRID_YZ})")));
+        }
+        let (qp, kp, vp) =
+            (self.act_ptr("attention", q)?, self.act_ptr("attention", kc)?, self.act_ptr("attention", vc)?);
+        let outp = self.act_ptr("attention", out)?;
+        let mut ex = self.exec()?;
+        let info_p = self.stage_u32(&mut ex, &info)?;
+        let tables_p = self.stage_u32(&mut ex, &tables)?;
+        let name = format!("attn_prefill_{}_d{}", self.act_name(), shape.head_dim);
+        let grid = (max_rows.div_ceil(64) as u32, shape.n_heads as u32, n_seqs as u32);
+        self.launch(
+            &mut ex,
+            "attention",
+            &name,
+            grid,
+            128,
+            &[
+                Arg::Ptr(qp),
+                Arg::Ptr(kp),
+                Arg::Ptr(vp),
+                Arg::Ptr(info_p),
+                Arg::Ptr(tables_p),
+                Arg::Ptr(outp),
+                i32_arg("attention", shape.n_heads)?,
+                i32_arg("attention", shape.n_kv_heads)?,
+                i32_arg("attention", shape.block_tokens)?,
+                Arg::F32(shape.scale),
+            ],
+        )
+    }
+
+    fn attention_decode(
+        &self,
+        q: &Tensor,
+        kc: &Tensor,
+        vc: &Tensor,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let rows = q.rows();
+        let d = shape.head_dim;
+        // Per query row: visible keys and the offset of its sequence's block table; rows of no sequence see none
+        // and are left untouched.
+        let mut row_info = vec![0u32; rows * 2];
+        let mut tables = Vec::new();
+        let mut max_ctx = 1;
+        for s in seqs.iter().filter(|s| !s.rows.is_empty()) {
+            let off = tables.len() as u32;
+            tables.extend_from_slice(s.block_table);
+            for (i, r) in s.rows.clone().enumerate() {
+                let n_ctx = s.pos0 + i + 1;
+                row_info[2 * r] = n_ctx as u32;
+                row_info[2 * r + 1] = off;
+                max_ctx = max_ctx.max(n_ctx);
+            }
+        }
+        let n_splits = max_ctx.div_ceil(ATTN_SPLIT).next_power_of_two();
+        let per_row = shape.n_heads * n_splits * (d + 2) * 4;
+        let chunk = (ATTN_WORKSPACE_BYTES / per_row).clamp(1, GRID_YZ);
+        let group = shape.n_heads / shape.n_kv_heads;
+        let (qp, kp, vp) =
+            (self.act_ptr("attention", q)?, self.act_ptr("attention", kc)?, self.act_ptr("attention", vc)?);
+        let outp = self.act_ptr("attention", out)?;
+        let row_bytes = (shape.n_heads * d * self.act.block_bytes()) as u64;
+        let act = self.act_name();
+        let mut ex = self.exec()?;
+        let info_p = self.stage_u32(&mut ex, &row_info)?;
+        let tables_p = self.stage_u32(&mut ex, &tables)?;
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = chunk.min(rows - r0);
+            let ws = self.scratch(&mut ex, n * per_row)?;
+            let part_o = ws;
+            let part_ml = ws + (n * shape.n_heads * n_splits * d * 4) as u64;
+            let info_c = info_p + (r0 * 8) as u64;
+            self.launch(
+                &mut ex,
+                "attention",
+                &format!("attn_decode_{act}"),
+                (n_splits as u32, (shape.n_kv_heads * group.div_ceil(8)) as u32, n as u32),
+                128,
+                &[
+                    Arg::Ptr(qp + r0 as u64 * row_bytes),
+                    Arg::Ptr(kp),
+                    Arg::Ptr(vp),
+                    Arg::Ptr(info_c),
+                    Arg::Ptr(tables_p),
+                    Arg::Ptr(part_o),
+                    Arg::Ptr(part_ml),
+                    i32_arg("attention", shape.n_heads)?,
+                    i32_arg("attention", shape.n_kv_heads)?,
+                    i32_arg("attention", d)?,
+                    i32_arg("attention", shape.block_tokens)?,
+                    Arg::F32(shape.scale),
+                    i32_arg("attention", n_splits)?,
+                ],
+            )?;
+            self.launch(
+                &mut ex,
+                "attention",
+                &format!("attn_combine_{act}"),
+                (shape.n_heads as u32, n as u32, 1),
+                128,
+                &[
+                    Arg::Ptr(part_o),
+                    Arg::Ptr(part_ml),
+                    Arg::Ptr(info_c),
+                    Arg::Ptr(outp + r0 as u64 * row_bytes),
+                    i32_arg("attention", shape.n_heads)?,
+                    i32_arg("attention", d)?,
+                    i32_arg("attention", n_splits)?,
+                ],
+            )?;
+            r0 += n;
+        }
+        Ok(())
+    }
+}
+
+/// Checks everything the attention kernels will index: geometry, tensor shapes, and that every block a sequence
+/// touches exists in its table and in the cache.
+fn check_attention(
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    seqs: &[AttnSeq<'_>],
+    shape: &AttnShape,
+    out: &Tensor,
+) -> Result<()> {
+    let op = "attention";
+    let (h, kvh, d, bt) = (shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.block_tokens);
+    if kvh == 0 || h % kvh != 0 || bt == 0 || d == 0 {
+        return Err(shape_err(op, format!("{h} heads over {kvh} KV heads, head_dim {d}, {bt} tokens per block")));
+    }
+    if d % 8 != 0 || d > 256 {
+        return Err(shape_err(op, format!("head_dim {d}: the CUDA kernels need a multiple of 8 up to 256")));
+    }
+    if q.cols() != h * d || out.shape() != q.shape() {
+        return Err(shape_err(op, format!("q {:?}, out {:?} for {h} heads of {d}", q.shape(), out.shape())));
+    }
+    if kc.cols() != kvh * d || kc.shape() != vc.shape() {
+        return Err(shape_err(op, format!("caches {:?} / {:?} for {kvh} KV heads of {d}", kc.shape(), vc.shape())));
+    }
+    let n_slots = kc.rows();
+    for s in seqs {
+        if s.rows.start > s.rows.end || s.rows.end > q.rows() {
+            return Err(shape_err(op, format!("rows {:?} of a {}-row query", s.rows, q.rows())));
+        }
+        let end = s.pos0 + s.rows.len();
+        if end > u32::MAX as usize {
+            return Err(shape_err(op, format!("position {end} does not fit 32 bits")));
+        }
+        let needed = end.div_ceil(bt);
+        if needed > s.block_table.len() {
+            return Err(shape_err(
+                op,
+                format!("{end} positions need {needed} blocks, the table has {}", s.block_table.len()),
+            ));
+        }
+        if let Some(&b) = s.block_table[..needed].iter().find(|&&b| (b as usize + 1) * bt > n_slots) {
+            return Err(KernelError::KvSlot { slot: b as usize * bt, capacity: n_slots });
+        }
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Cuda(self.info.ordinal)
+    }
+
+    fn describe(&self) -> String {
+        let i = &self.info;
+        format!(
+            "{} (cuda:{}, sm_{}{}, {} SMs, {:.1} GiB, {} activations)",
+            i.name,
+            i.ordinal,
+            i.compute.0,
+            i.compute.1,
+            i.multiprocessors,
+            i.total_memory as f64 / (1u64 << 30) as f64,
+            self.act
+        )
+    }
+
+    fn act_dtype(&self) -> DType {
+        self.act
+    }
+
+    fn upload_weight(&self, dtype: DType, shape: &[usize], bytes: HostBytes) -> Result<Tensor> {
+        let elems = elems_of("upload_weight", shape)?;
+        let expected = dtype.bytes_for(elems).ok_or(KernelError::PartialBlock {
+            dtype,
+            len: elems,
+            block: dtype.block_elems(),
+        })?;
+        if bytes.len() != expected {
+            return Err(KernelError::ByteLength {
+                what: format!("{dtype} weight {shape:?}"),
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let storage = if dtype.is_quantized() {
+            let (split, scales_at) = repack::split_blocks(dtype, bytes.as_slice())?;
+            self.upload_bytes(&split, Layout::Split { scales_at })?
+        } else {
+            self.upload_bytes(bytes.as_slice(), Layout::Plain)?
+        };
+        self.tensor(dtype, shape, storage)
+    }
+
+    fn upload_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let elems = elems_of("upload_f32", shape)?;
+        if data.len() != elems {
+            return Err(shape_err("upload_f32", format!("{} values for shape {shape:?}", data.len())));
+        }
+        let storage = self.upload_bytes(&encode(self.act, data)?, Layout::Plain)?;
+        self.tensor(self.act, shape, storage)
+    }
+
+    fn upload_raw(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+        let elems = elems_of("upload_raw", shape)?;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(KernelError::UnsupportedDType { op: "upload_raw", dtype });
+        }
+        let expected = elems * dtype.block_bytes();
+        if bytes.len() != expected {
+            return Err(KernelError::ByteLength {
+                what: format!("{dtype} activations {shape:?}"),
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let storage = if dtype == self.act {
+            self.upload_bytes(bytes, Layout::Plain)?
+        } else {
+            self.upload_bytes(&encode(self.act, &decode(dtype, bytes)?)?, Layout::Plain)?
+        };
+        self.tensor(self.act, shape, storage)
+    }
+
+    fn download_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        decode(t.dtype(), &self.read_bytes(t)?)
+    }
+
+    fn download_raw(&self, t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
+        let bytes = self.read_bytes(t)?;
+        if dtype == t.dtype() {
+            return Ok(bytes);
+        }
+        encode(dtype, &decode(t.dtype(), &bytes)?)
+    }
+
+    fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
+        let elems = elems_of("alloc", shape)?;
+        let bytes = elems.checked_mul(self.act.block_bytes()).ok_or_else(|| shape_err("alloc", "size overflows"))?;
+        let mut ex = self.exec()?;
+        let storage = self.alloc_storage(&mut ex, bytes)?;
+        drop(ex);
+        self.tensor(self.act, shape, storage)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        let ex = self.exec()?;
+        self.require_eager(&ex, "synchronize")?;
+        drop(ex);
+        self.stream.synchronize().map_err(cuda_err)
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> Result<()> {
+        let (vocab, width) = (table.rows(), table.cols());
+        if out.rows() != ids.len() || out.cols() != width {
+            return Err(shape_err("embedding", format!("{} ids of width {width} into {:?}", ids.len(), out.shape())));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(shape_err("embedding", format!("token id {bad} outside a table of {vocab} rows")));
+        }
+        let outp = self.act_ptr("embedding", out)?;
+        let (qs, sc) = Self::weight_ptrs(table)?;
+        let mut ex = self.exec()?;
+        let idp = self.stage_u32(&mut ex, ids)?;
+        let name = format!("embedding_{}_{}", self.act_name(), suffix(table.dtype()));
+        self.launch(
+            &mut ex,
+            "embedding",
+            &name,
+            (ids.len() as u32, 1, 1),
+            128,
+            &[Arg::Ptr(idp), Arg::Ptr(qs), Arg::Ptr(sc), Arg::Ptr(outp), i32_arg("embedding", width)?],
+        )
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32, out: &mut Tensor) -> Result<()> {
+        check_norm(x, weight, out)?;
+        let (xp, op) = (self.act_ptr("rms_norm", x)?, self.act_ptr("rms_norm", out)?);
+        let (wp, _) = Self::weight_ptrs(weight)?;
+        let mut ex = self.exec()?;
+        let name = format!("rms_norm_{}_{}", self.act_name(), suffix(weight.dtype()));
+        self.launch(
+            &mut ex,
+            "norm",
+            &name,
+            (x.rows() as u32, 1, 1),
+            256,
+            &[Arg::Ptr(xp), Arg::Ptr(wp), Arg::Ptr(op), i32_arg("rms_norm", x.cols())?, Arg::F32(eps)],
+        )
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        check_norm(x, weight, out)?;
+        if residual.shape() != x.shape() {
+            return Err(shape_err("add_rms_norm", format!("residual {:?} vs x {:?}", residual.shape(), x.shape())));
+        }
+        let rp = self.act_ptr("add_rms_norm", residual)?;
+        let (xp, op) = (self.act_ptr("add_rms_norm", x)?, self.act_ptr("add_rms_norm", out)?);
+        let (wp, _) = Self::weight_ptrs(weight)?;
+        let mut ex = self.exec()?;
+        let name = format!("add_rms_norm_{}_{}", self.act_name(), suffix(weight.dtype()));
+        self.launch(
+            &mut ex,
+            "norm",
+            &name,
+            (x.rows() as u32, 1, 1),
+            256,
+            &[
+                Arg::Ptr(rp),
+                Arg::Ptr(xp),
+                Arg::Ptr(wp),
+                Arg::Ptr(op),
+                i32_arg("add_rms_norm", x.cols())?,
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (t, k, n) = (x.rows(), x.cols(), w.rows());
+        if w.cols() != k || out.rows() != t || out.cols() != n {
+            return Err(shape_err("matmul", format!("x {:?} · w {:?}ᵀ into {:?}", x.shape(), w.shape(), out.shape())));
+        }
+        let (xp, op) = (self.act_ptr("matmul", x)?, self.act_ptr("matmul", out)?);
+        let (qs, sc) = Self::weight_ptrs(w)?;
+        let (act, wn) = (self.act_name(), suffix(w.dtype()));
+        let chunk = match w.dtype() {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 8,
+            DType::Q8_0 => 16,
+            DType::Q4_0 | DType::Q4_1 => 32,
+        };
+        let (ti, ki, ni) = (i32_arg("matmul", t)?, i32_arg("matmul", k)?, i32_arg("matmul", n)?);
+        let mut ex = self.exec()?;
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
+        let gemv_args = [Arg::Ptr(qs), Arg::Ptr(sc), Arg::Ptr(xp), Arg::Ptr(op), ni, ki, ti];
+        if k % chunk != 0 {
+            let grid = (n.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
+            return self.launch(&mut ex, "gemv", &format!("gemv_scalar_{act}_{wn}"), grid, 128, &gemv_args);
+        }
+        if t <= 8 || k % 8 != 0 {
+            let nt = t.next_power_of_two().min(8);
+            let grid = (n.div_ceil(8) as u32, t.div_ceil(nt) as u32, 1);
+            return self.launch(&mut ex, "gemv", &format!("gemv_{act}_{wn}_t{nt}"), grid, 128, &gemv_args);
+        }
+        let grid = (n.div_ceil(128) as u32, t.div_ceil(128) as u32, 1);
+        let args = [Arg::Ptr(qs), Arg::Ptr(sc), Arg::Ptr(xp), Arg::Ptr(op), ti, ni, ki];
+        self.launch(&mut ex, "gemm", &format!("gemm_{act}_{wn}"), grid, 256, &args)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Tensor,
+        positions: &[u32],
+        n_heads: usize,
+        inv_freq: &Tensor,
+        cfg: &RopeConfig,
+    ) -> Result<()> {
+        let (d, rot) = (cfg.head_dim, cfg.rotary_dim);
+        if x.cols() != n_heads * d || positions.len() != x.rows() {
+            return Err(shape_err(
+                "rope",
+                format!("x {:?} with {} positions for {n_heads} heads of {d}", x.shape(), positions.len()),
+            ));
+        }
+        if rot == 0 || rot % 2 != 0 || rot > d || inv_freq.elem_count() != rot / 2 || inv_freq.dtype() != DType::F32 {
+            return Err(shape_err(
+                "rope",
+                format!(
+                    "rotary_dim {rot} of head_dim {d} with a {} table of {}",
+                    inv_freq.dtype(),
+                    inv_freq.elem_count()
+                ),
+            ));
+        }
+        let xp = self.act_ptr("rope", x)?;
+        let fp = cuda_storage(inv_freq)?.ptr();
+        let total = x.rows() * n_heads * (rot / 2);
+        let mut ex = self.exec()?;
+        let pp = self.stage_u32(&mut ex, positions)?;
+        let neox = i32::from(cfg.style == RopeStyle::Neox);
+        self.launch(
+            &mut ex,
+            "rope",
+            &format!("rope_{}", self.act_name()),
+            (total.div_ceil(256) as u32, 1, 1),
+            256,
+            &[
+                Arg::Ptr(xp),
+                Arg::Ptr(pp),
+                Arg::Ptr(fp),
+                i32_arg("rope", x.rows())?,
+                i32_arg("rope", n_heads)?,
+                i32_arg("rope", d)?,
+                i32_arg("rope", rot / 2)?,
+                Arg::I32(neox),
+            ],
+        )
+    }
+
+    fn rope_table(&self, inv_freq: &[f32]) -> Result<Tensor> {
+        let storage = self.upload_bytes(bytemuck::cast_slice(inv_freq), Layout::Plain)?;
+        self.tensor(DType::F32, &[inv_freq.len()], storage)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> Result<()> {
+        if gate.shape() != up.shape() || gate.shape() != out.shape() {
+            return Err(shape_err("swiglu", format!("{:?}, {:?} -> {:?}", gate.shape(), up.shape(), out.shape())));
+        }
+        let (gp, upp, op) = (self.act_ptr("swiglu", gate)?, self.act_ptr("swiglu", up)?, self.act_ptr("swiglu", out)?);
+        let n = gate.elem_count();
+        let mut ex = self.exec()?;
+        let grid = (self.elementwise_grid(n), 1, 1);
+        let args = [Arg::Ptr(gp), Arg::Ptr(upp), Arg::Ptr(op), Arg::I64(n as i64)];
+        self.launch(&mut ex, "elementwise", &format!("swiglu_{}", self.act_name()), grid, 256, &args)
+    }
+
+    fn add(&self, acc: &mut Tensor, x: &Tensor) -> Result<()> {
+        if acc.shape() != x.shape() {
+            return Err(shape_err("add", format!("{:?} += {:?}", acc.shape(), x.shape())));
+        }
+        let (ap, xp) = (self.act_ptr("add", acc)?, self.act_ptr("add", x)?);
+        let n = x.elem_count();
+        let mut ex = self.exec()?;
+        let grid = (self.elementwise_grid(n), 1, 1);
+        let args = [Arg::Ptr(ap), Arg::Ptr(xp), Arg::I64(n as i64)];
+        self.launch(&mut ex, "elementwise", &format!("add_{}", self.act_name()), grid, 256, &args)
+    }
+
+    fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()> {
+        if src.cols() != dst.cols() || src.dtype() != dst.dtype() || src.dtype().is_quantized() {
+            return Err(shape_err(
+                "copy_rows",
+                format!("{} {:?} -> {} {:?}", src.dtype(), src.shape(), dst.dtype(), dst.shape()),
+            ));
+        }
+        if src_row + n > src.rows() || dst_row + n > dst.rows() {
+            return Err(shape_err(
+                "copy_rows",
+                format!("rows {src_row}+{n} of {} -> {dst_row}+{n} of {}", src.rows(), dst.rows()),
+            ));
+        }
+        let row = (src.cols() * src.dtype().block_bytes()) as u64;
+        let (sp, dp) = (cuda_storage(src)?.ptr(), cuda_storage(dst)?.ptr());
+        let mut ex = self.exec()?;
+        self.copy_d2d(&mut ex, dp + dst_row as u64 * row, sp + src_row as u64 * row, n * row as usize)
+    }
+
+    fn kv_store(
+        &self,
+        k_cache: &mut Tensor,
+        v_cache: &mut Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &[u32],
+    ) -> Result<()> {
+        let width = k.cols();
+        if v.shape() != k.shape()
+            || k_cache.cols() != width
+            || k_cache.shape() != v_cache.shape()
+            || slots.len() != k.rows()
+        {
+            return Err(shape_err(
+                "kv_store",
+                format!(
+                    "k {:?}, v {:?}, {} slots into caches {:?}",
+                    k.shape(),
+                    v.shape(),
+                    slots.len(),
+                    k_cache.shape()
+                ),
+            ));
+        }
+        let capacity = k_cache.rows();
+        if let Some(&bad) = slots.iter().find(|&&s| s as usize >= capacity) {
+            return Err(KernelError::KvSlot { slot: bad as usize, capacity });
+        }
+        let (kcp, vcp) = (self.act_ptr("kv_store", k_cache)?, self.act_ptr("kv_store", v_cache)?);
+        let (kp, vp) = (self.act_ptr("kv_store", k)?, self.act_ptr("kv_store", v)?);
+        let mut ex = self.exec()?;
+        let sp = self.stage_u32(&mut ex, slots)?;
+        self.launch(
+            &mut ex,
+            "kv_cache",
+            "kv_store_b16",
+            (slots.len() as u32, 1, 1),
+            128,
+            &[Arg::Ptr(kcp), Arg::Ptr(vcp), Arg::Ptr(kp), Arg::Ptr(vp), Arg::Ptr(sp), i32_arg("kv_store", width)?],
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        check_attention(q, k_cache, v_cache, seqs, shape, out)?;
+        let max_rows = seqs.iter().map(|s| s.rows.len()).max().unwrap_or(0);
+        if max_rows == 0 {
+            return Ok(());
+        }
+        if matches!(shape.head_dim, 64 | 128) && max_rows > 1 {
+            self.attention_prefill(q, k_cache, v_cache, seqs, shape, out)
+        } else {
+            self.attention_decode(q, k_cache, v_cache, seqs, shape, out)
+        }
+    }
+
+    fn sample(
+        &self,
+        logits: &Tensor,
+        row: usize,
+        params: &SamplingParams,
+        position: u64,
+        n_top: usize,
+    ) -> Result<Sampled> {
+        super::sampling::sample(self, logits, row, params, position, n_top)
+    }
+}
+
+fn check_norm(x: &Tensor, weight: &Tensor, out: &Tensor) -> Result<()> {
+    if out.shape() != x.shape() || weight.elem_count() != x.cols() {
+        return Err(shape_err(
+            "rms_norm",
+            format!("x {:?}, weight {:?}, out {:?}", x.shape(), weight.shape(), out.shape()),
+        ));
+    }
+    if !matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Err(KernelError::UnsupportedDType { op: "rms_norm weight", dtype: weight.dtype() });
+    }
+    Ok(())
+}
