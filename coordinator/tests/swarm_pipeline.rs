@@ -1,0 +1,191 @@
+//! The whole swarm on loopback with a tiny random model: nodes serving layer ranges over QUIC, found through the DHT
+//! alone, give exactly the tokens of the single-process pipeline (greedy and sampled); overlapping layouts route;
+//! replicas share load; a stage that dies mid-generation is banned and the session fails over without changing the
+//! output.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use shardline_coordinator::{SwarmClient, SwarmClientConfig};
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, SamplingParams};
+use shardline_node::generate::{LocalPipeline, Stepper};
+use shardline_node::model::{LayerRange, ModelFiles, ModelId, Shard, ShardOptions};
+use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
+use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+
+const N_LAYERS: usize = 6;
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new(1))
+}
+
+fn tiny_model(dir: &Path) -> (PathBuf, String) {
+    let spec = TinySpec { n_layers: N_LAYERS, context: 512, ..TinySpec::default() };
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&spec, &path).unwrap();
+    let files = ModelFiles::open(&path).unwrap();
+    let id = ModelId::of(files.weights().as_ref()).unwrap().to_hex();
+    (path, id)
+}
+
+/// Tokens of the single-process pipeline: prompt, then `n` steps of one token each.
+fn reference(model: &Path, prompt: &[u32], n: usize, sampling: SamplingParams) -> Vec<u32> {
+    let files = ModelFiles::open(model).unwrap();
+    let w = files.weights();
+    let shard = Shard::load(w.as_ref(), LayerRange::new(0, N_LAYERS), backend(), ShardOptions::default()).unwrap();
+    let pipeline = LocalPipeline::new(vec![Arc::new(shard)]).unwrap();
+    let mut s = pipeline.open_session(prompt.len() + n + 1).unwrap();
+    let mut out = vec![s.step(prompt, &sampling, 0).unwrap().token];
+    while out.len() < n {
+        let t = *out.last().unwrap();
+        out.push(s.step(&[t], &sampling, 0).unwrap().token);
+    }
+    out
+}
+
+async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr]) -> NodeHandle {
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend(), listen);
+    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    args.bootstrap = bootstrap.to_vec();
+    args.measure_tokens = 4;
+    start_node(args).await.unwrap()
+}
+
+async fn client(model_id: &str, bootstrap: &[Multiaddr]) -> SwarmClient {
+    let mut cfg = SwarmClientConfig::new(model_id, bootstrap.to_vec());
+    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.prefill_chunk = 3;
+    cfg.discovery.query_interval = Duration::from_millis(300);
+    cfg.registry.base_ban = Duration::from_secs(60);
+    SwarmClient::join(cfg).await.unwrap()
+}
+
+async fn swarm_tokens(c: &SwarmClient, prompt: &[u32], n: usize, sampling: SamplingParams) -> Vec<u32> {
+    let mut s = c.session(prompt.len() + n + 1, sampling, 2);
+    let mut out = vec![s.step(prompt).await.unwrap().token];
+    while out.len() < n {
+        let t = *out.last().unwrap();
+        out.push(s.step(&[t]).await.unwrap().token);
+    }
+    s.close().await;
+    out
+}
+
+const PROMPT: [u32; 8] = [1, 40, 41, 42, 100, 200, 7, 9];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_stage_pipeline_matches_the_single_process_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, id) = tiny_model(dir.path());
+    let a = node(&model, LayerRange::new(0, 2), &[]).await;
+    let boot = a.p2p_addrs.clone();
+    let b = node(&model, LayerRange::new(2, 4), &boot).await;
+    let c = node(&model, LayerRange::new(4, 6), &boot).await;
+    let cl = client(&id, &boot).await;
+    let route = cl.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(route.peers(), vec![a.peer_id, b.peer_id, c.peer_id]);
+    let greedy = SamplingParams::GREEDY;
+    assert_eq!(swarm_tokens(&cl, &PROMPT, 12, greedy).await, reference(&model, &PROMPT, 12, greedy));
+    let sampled = SamplingParams { temperature: 0.9, top_k: 0, top_p: 0.95, seed: 1234 };
+    assert_eq!(swarm_tokens(&cl, &PROMPT, 12, sampled).await, reference(&model, &PROMPT, 12, sampled));
+    // Sessions were closed: every stage freed its KV cache.
+    for n in [&a, &b, &c] {
+        let s = n.server();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while s.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(s.active_sessions(), 0);
+        assert_eq!(s.shard().free_kv_tokens(), s.shard().kv_capacity_tokens());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_layout_is_routed_and_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, id) = tiny_model(dir.path());
+    let a = node(&model, LayerRange::new(0, 4), &[]).await;
+    let b = node(&model, LayerRange::new(2, 6), &a.p2p_addrs).await;
+    let cl = client(&id, &a.p2p_addrs).await;
+    let route = cl.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
+    let spans: Vec<LayerRange> = route.stages.iter().map(|s| s.span).collect();
+    assert_eq!(spans, vec![LayerRange::new(0, 4), LayerRange::new(4, 6)]);
+    assert_eq!(route.peers(), vec![a.peer_id, b.peer_id]);
+    let greedy = SamplingParams::GREEDY;
+    assert_eq!(swarm_tokens(&cl, &PROMPT, 10, greedy).await, reference(&model, &PROMPT, 10, greedy));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_both_receive_sessions_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, id) = tiny_model(dir.path());
+    let a = node(&model, LayerRange::new(0, N_LAYERS), &[]).await;
+    let b = node(&model, LayerRange::new(0, N_LAYERS), &a.p2p_addrs).await;
+    let cl = client(&id, &a.p2p_addrs).await;
+    cl.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
+    let reg = cl.registry().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(reg.contains(&a.peer_id) && reg.contains(&b.peer_id)) {
+        assert!(tokio::time::Instant::now() < deadline, "both replicas registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expected = reference(&model, &PROMPT, 6, SamplingParams::GREEDY);
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            let cl = cl.clone();
+            tokio::spawn(async move { swarm_tokens(&cl, &PROMPT, 6, SamplingParams::GREEDY).await })
+        })
+        .collect();
+    for r in runs {
+        assert_eq!(r.await.unwrap(), expected);
+    }
+    let served_a = reg.get(&a.peer_id).unwrap().queue.admitted();
+    let served_b = reg.get(&b.peer_id).unwrap().queue.admitted();
+    assert_eq!(served_a + served_b, 8);
+    assert!(served_a > 0 && served_b > 0, "sessions {served_a} / {served_b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_dying_mid_generation_fails_over_with_identical_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, id) = tiny_model(dir.path());
+    let a = node(&model, LayerRange::new(0, 3), &[]).await;
+    let boot = a.p2p_addrs.clone();
+    let b1 = node(&model, LayerRange::new(3, 6), &boot).await;
+    let b2 = node(&model, LayerRange::new(3, 6), &boot).await;
+    let cl = client(&id, &boot).await;
+    cl.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
+    let reg = cl.registry().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(reg.contains(&b1.peer_id) && reg.contains(&b2.peer_id)) {
+        assert!(tokio::time::Instant::now() < deadline, "both tails registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sampling = SamplingParams { temperature: 0.7, top_k: 0, top_p: 1.0, seed: 99 };
+    let expected = reference(&model, &PROMPT, 12, sampling);
+    let mut s = cl.session(PROMPT.len() + 13, sampling, 0);
+    let mut out = vec![s.step(&PROMPT).await.unwrap().token];
+    for _ in 0..4 {
+        let t = *out.last().unwrap();
+        out.push(s.step(&[t]).await.unwrap().token);
+    }
+    // Kill the tail the session uses.
+    let used = s.routes()[0][1];
+    let (victim, survivor) = if used == b1.peer_id { (b1, b2) } else { (b2, b1) };
+    let survivor_id = survivor.peer_id;
+    drop(victim);
+    while out.len() < 12 {
+        let t = *out.last().unwrap();
+        out.push(s.step(&[t]).await.unwrap().token);
+    }
+    assert_eq!(out, expected);
+    assert_eq!(s.failovers(), 1);
+    assert_eq!(s.routes().len(), 2);
+    assert_eq!(s.routes()[1][1], survivor_id);
+    assert!(reg.health(&used).banned_until.is_some());
+}
