@@ -222,6 +222,37 @@ fn sentencepiece_style_decoding_agrees_with_the_tokenizers_crate() {
     }
 }
 
+/// Mistral v0.3 style: no normalizer, a `Metaspace` pre-tokenizer that prepends `▁` only to the start of the input
+/// (not after added tokens), and an added control token used inside the text.
+fn metaspace_first_tokenizer_json() -> Value {
+    let mut json = sentencepiece_tokenizer_json();
+    json["normalizer"] = Value::Null;
+    json["pre_tokenizer"] =
+        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false});
+    json["added_tokens"].as_array_mut().unwrap().push(added(265, "[INST]"));
+    json["model"]["vocab"]["[INST]"] = json!(265);
+    json
+}
+
+#[test]
+fn metaspace_first_prefixes_only_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = metaspace_first_tokenizer_json();
+    write(dir.path(), "tokenizer.json", &json);
+    write(dir.path(), "tokenizer_config.json", &json!({"bos_token": "<s>", "eos_token": "</s>"}));
+    let t = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    let reference = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap()).unwrap();
+    for text in ["hi", "[INST] hi hi", "hi[INST]hi", "[INST]hi", " hi[INST]  hi!"] {
+        let ids = t.encode(text, true).unwrap();
+        assert_eq!(ids, reference.encode(text, true).unwrap().get_ids(), "ids of {text:?}");
+        for skip in [true, false] {
+            let expected = reference.decode(&ids, skip).unwrap();
+            let ours = if skip { t.decode_skip_special(&ids) } else { t.decode(&ids) };
+            assert_eq!(ours.unwrap(), expected, "decode of {text:?} (skip special {skip})");
+        }
+    }
+}
+
 #[test]
 fn tokenizer_is_shareable_between_threads() {
     fn shareable<T: Send + Sync>() {}

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer as HfTokenizer;
 
 use crate::error::{ModelError, Result};
-use crate::tokenizer::vocab::{PieceStyle, TokenKind, parse_byte_token};
+use crate::tokenizer::vocab::{PieceStyle, SpacePrefix, TokenKind, parse_byte_token};
 use crate::tokenizer::{EngineSpec, Parts, Tokenizer};
 
 /// Wraps a `tokenizers` error with what was being done.
@@ -87,6 +87,41 @@ fn generation_eos(generation: Option<&Value>) -> Vec<u32> {
     ids.into_iter().filter_map(|id| u32::try_from(id).ok()).collect()
 }
 
+/// The objects of a component and, for a `Sequence`, of its parts.
+fn parts(component: &Value) -> Vec<&Value> {
+    let mut out = vec![component];
+    for key in ["normalizers", "pretokenizers", "decoders"] {
+        if let Some(list) = component.get(key).and_then(Value::as_array) {
+            out.extend(list);
+        }
+    }
+    out
+}
+
+/// Where a SentencePiece-style `tokenizer.json` writes a space in front of text: a `Prepend` normalizer does it
+/// on every stretch between added tokens, a `Metaspace` pre-tokenizer as its `prepend_scheme` says; with neither
+/// (older files put it in the decoder only), a decoder that strips a leading space implies the normalizer default.
+fn space_prefix(json: &Value) -> SpacePrefix {
+    let of_type = |v: &Value, t: &str| v.get("type").and_then(Value::as_str) == Some(t);
+    if parts(&json["normalizer"]).iter().any(|n| of_type(n, "Prepend")) {
+        return SpacePrefix::AfterSpecial;
+    }
+    if let Some(meta) = parts(&json["pre_tokenizer"]).into_iter().find(|p| of_type(p, "Metaspace")) {
+        return match meta.get("prepend_scheme").and_then(Value::as_str) {
+            Some("first") => SpacePrefix::First,
+            Some("never") => SpacePrefix::None,
+            Some(_) => SpacePrefix::AfterSpecial,
+            None if meta.get("add_prefix_space").and_then(Value::as_bool) == Some(false) => SpacePrefix::None,
+            None => SpacePrefix::AfterSpecial,
+        };
+    }
+    let strips = |d: &&Value| {
+        (of_type(d, "Strip") && d.get("content").and_then(Value::as_str) == Some(" ") && d["start"].as_u64() >= Some(1))
+            || (of_type(d, "Metaspace") && d.get("prepend_scheme").and_then(Value::as_str) != Some("never"))
+    };
+    if parts(&json["decoder"]).iter().any(strips) { SpacePrefix::AfterSpecial } else { SpacePrefix::None }
+}
+
 pub(crate) fn load(dir: &Path) -> Result<Tokenizer> {
     let json_path = dir.join("tokenizer.json");
     let bytes = read(&json_path)?.ok_or_else(|| ModelError::Io {
@@ -117,19 +152,7 @@ pub(crate) fn load(dir: &Path) -> Result<Tokenizer> {
             json_path.display()
         )));
     };
-    // SentencePiece decoders that drop the space the normalizer or pre-tokenizer put in front of the text.
-    let strips_prefix = |v: &Value| match v.get("type").and_then(Value::as_str) {
-        Some("Strip") => v.get("content").and_then(Value::as_str) == Some(" ") && v["start"].as_u64() >= Some(1),
-        Some("Metaspace") => {
-            v.get("prepend_scheme").and_then(Value::as_str).is_some_and(|s| s != "never")
-                || v.get("add_prefix_space").and_then(Value::as_bool) == Some(true)
-        }
-        _ => false,
-    };
-    let decoder_json = &json["decoder"];
-    let space_prefix = style == PieceStyle::SentencePiece
-        && (strips_prefix(decoder_json)
-            || decoder_json["decoders"].as_array().is_some_and(|list| list.iter().any(strips_prefix)));
+    let space_prefix = if style == PieceStyle::SentencePiece { space_prefix(&json) } else { SpacePrefix::None };
 
     // Token table: model vocabulary plus added tokens; ids nobody claims stay unused.
     let vocab = hf.get_vocab(true);

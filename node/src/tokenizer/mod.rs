@@ -35,7 +35,8 @@ pub use vocab::{GgufVocab, TokenKind};
 use crate::error::{ModelError, Result};
 use specials::{Fragment, SpecialMatcher};
 use spm::SpmModel;
-use vocab::{PieceStyle, TokenEntry};
+pub(crate) use vocab::TextPos;
+use vocab::{PieceStyle, SpacePrefix, TokenEntry};
 
 /// What turns plain text into ids.
 enum Engine {
@@ -63,7 +64,7 @@ pub(crate) struct Parts {
     pub extra_end_tokens: Vec<u32>,
     pub add_bos: bool,
     pub add_eos: bool,
-    pub space_prefix: bool,
+    pub space_prefix: SpacePrefix,
     pub chat_template: Option<String>,
     /// Texts the chat template sees as `bos_token` / `eos_token`; the token texts when `None`.
     pub template_bos: Option<String>,
@@ -88,9 +89,8 @@ pub struct Tokenizer {
     end_tokens: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
-    /// SentencePiece models put a space before text at the start of the input and after each special token;
-    /// decoding removes it again.
-    space_prefix: bool,
+    /// Where SentencePiece models put a space before text; decoding removes it again.
+    space_prefix: SpacePrefix,
     /// The compiled template, or why it failed to compile (kept so that a model with a template minijinja cannot
     /// read still tokenizes).
     chat_template: Option<std::result::Result<ChatTemplate, String>>,
@@ -146,7 +146,7 @@ impl Tokenizer {
                     add_bos: vocab.add_bos.unwrap_or(pre.add_bos),
                     add_eos: vocab.add_eos.unwrap_or(false),
                     // llama.cpp's byte-level BPE never adds a space prefix, whatever the file says.
-                    space_prefix: false,
+                    space_prefix: SpacePrefix::None,
                     engine: EngineSpec::ByteLevelBpe { merges: vocab.merges, pre },
                     texts: vocab.tokens,
                     chat_template: vocab.chat_template,
@@ -166,7 +166,11 @@ impl Tokenizer {
                 extra_end_tokens: Vec::new(),
                 add_bos: vocab.add_bos.unwrap_or(true),
                 add_eos: vocab.add_eos.unwrap_or(false),
-                space_prefix: vocab.add_space_prefix.unwrap_or(true),
+                space_prefix: if vocab.add_space_prefix.unwrap_or(true) {
+                    SpacePrefix::AfterSpecial
+                } else {
+                    SpacePrefix::None
+                },
                 engine: EngineSpec::SentencePiece { scores: vocab.scores },
                 texts: vocab.tokens,
                 chat_template: vocab.chat_template,
@@ -333,7 +337,7 @@ impl Tokenizer {
                 }
                 Fragment::Text(text) => {
                     let mut escaped = String::with_capacity(text.len() + 3);
-                    if self.space_prefix && after_special {
+                    if self.space_prefix == SpacePrefix::AfterSpecial && after_special {
                         escaped.push(spm::SPACE);
                     }
                     escaped.extend(text.chars().map(|c| if c == ' ' { spm::SPACE } else { c }));
@@ -358,38 +362,34 @@ impl Tokenizer {
 
     fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
-        let mut at_text_start = true;
+        let mut pos = TextPos::Start;
         for &id in ids {
-            self.append_piece(id, skip_special, &mut at_text_start, &mut bytes)?;
+            self.append_piece(id, skip_special, &mut pos, &mut bytes)?;
         }
         Ok(String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     }
 
-    /// Appends the bytes `id` contributes to text. `at_text_start` tracks where a SentencePiece space prefix is
-    /// to be dropped: at the start and after each special token, as encoding put one there.
-    pub(crate) fn append_piece(
-        &self,
-        id: u32,
-        skip_special: bool,
-        at_text_start: &mut bool,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
+    /// Appends the bytes `id` contributes to text. `pos` tracks where a SentencePiece space prefix is to be
+    /// dropped again (see `SpacePrefix`); a skipped special token still ends the text before it.
+    pub(crate) fn append_piece(&self, id: u32, skip_special: bool, pos: &mut TextPos, out: &mut Vec<u8>) -> Result<()> {
         let token = self.token(id)?;
         if token.kind.is_special() {
             if !skip_special {
                 out.extend_from_slice(&token.piece);
+                *pos = TextPos::AfterSpecial;
+            } else if *pos == TextPos::Text {
+                *pos = TextPos::AfterSpecial;
             }
-            *at_text_start = true;
             return Ok(());
         }
         let mut piece: &[u8] = &token.piece;
         if piece.is_empty() {
             return Ok(());
         }
-        if self.space_prefix && *at_text_start {
+        if self.space_prefix.strips_at(*pos) {
             piece = piece.strip_prefix(b" ").unwrap_or(piece);
         }
-        *at_text_start = false;
+        *pos = TextPos::Text;
         out.extend_from_slice(piece);
         Ok(())
     }

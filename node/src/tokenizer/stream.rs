@@ -5,30 +5,29 @@
 //! the tokens that complete it arrive, so every piece it hands out is whole text.
 
 use crate::error::Result;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{TextPos, Tokenizer};
 
 /// Turns tokens into text pieces as they arrive. Owns no tokenizer: pass the same one to every call.
 #[derive(Clone, Debug)]
 pub struct StreamDecoder {
     /// Decoded bytes not yet handed out: at most the first 1-3 bytes of a character.
     pending: Vec<u8>,
-    /// No text has been emitted since the start or the last special token (SentencePiece drops the space prefix
-    /// of the text that follows).
-    at_text_start: bool,
+    /// Where decoding stands, for dropping a SentencePiece space prefix.
+    pos: TextPos,
     skip_special: bool,
 }
 
 impl StreamDecoder {
-    /// `skip_special`: control, unknown and user-defined tokens produce no text (and still count as the start of a
-    /// new text for the SentencePiece space prefix).
+    /// `skip_special`: control, unknown and user-defined tokens produce no text (they still end the text before
+    /// them, for the SentencePiece space prefix).
     pub fn new(skip_special: bool) -> Self {
-        Self { pending: Vec::new(), at_text_start: true, skip_special }
+        Self { pending: Vec::new(), pos: TextPos::Start, skip_special }
     }
 
     /// Adds one token and returns the text it completes (empty while a character is still incomplete).
     /// An id outside the vocabulary is an error and leaves the decoder as it was.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
-        tokenizer.append_piece(id, self.skip_special, &mut self.at_text_start, &mut self.pending)?;
+        tokenizer.append_piece(id, self.skip_special, &mut self.pos, &mut self.pending)?;
         Ok(self.take_complete())
     }
 
@@ -36,7 +35,7 @@ impl StreamDecoder {
     pub fn finish(&mut self) -> String {
         let rest = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
-        self.at_text_start = true;
+        self.pos = TextPos::Start;
         rest
     }
 

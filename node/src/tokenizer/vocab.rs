@@ -90,6 +90,41 @@ pub(crate) enum PieceStyle {
     SentencePiece,
 }
 
+/// Where a SentencePiece tokenizer writes a space in front of text, which decoding then drops again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SpacePrefix {
+    /// Never (byte-level BPE).
+    None,
+    /// Before the text that starts the input and before each text that follows a special token (llama.cpp's
+    /// `add_space_prefix`; Hugging Face's legacy `Prepend("▁")` normalizer, which runs on each stretch between added
+    /// tokens).
+    AfterSpecial,
+    /// Only before the text that starts the input (Hugging Face `Metaspace` with `prepend_scheme: "first"`).
+    First,
+}
+
+/// Where decoding stands, for [`SpacePrefix`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TextPos {
+    /// Nothing has been written yet.
+    Start,
+    /// The last token was a special token.
+    AfterSpecial,
+    /// Inside text.
+    Text,
+}
+
+impl SpacePrefix {
+    /// Whether a text token at `pos` starts with the prefix space.
+    pub fn strips_at(self, pos: TextPos) -> bool {
+        match self {
+            Self::None => false,
+            Self::AfterSpecial => pos != TextPos::Text,
+            Self::First => pos == TextPos::Start,
+        }
+    }
+}
+
 /// One vocabulary entry with its decoded bytes computed once (llama.cpp keeps the same cache).
 #[derive(Clone, Debug)]
 pub(crate) struct TokenEntry {
