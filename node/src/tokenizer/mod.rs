@@ -3,9 +3,9 @@
 //! Three sources give a [`Tokenizer`]:
 //! - a GGUF file with a byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`: SmolLM, Llama 3): a
 //!   `tokenizers::Tokenizer` built from the file's tokens and merges, with llama.cpp's pre-tokenizer for the file's
-//!   `tokenizer.ggml.pre` ([`bpe`]);
+//!   `tokenizer.ggml.pre` (`bpe.rs`);
 //! - a GGUF file with a SentencePiece vocabulary (`"llama"`: Llama 2, TinyLlama, Mistral v0.1): merges by piece
-//!   score, written here ([`spm`]);
+//!   score, written here (`spm.rs`);
 //! - a Hugging Face model directory (`tokenizer.json`, `tokenizer_config.json`), run by the `tokenizers` crate.
 //!
 //! Token ids agree with llama.cpp's `llama_tokenize(..., parse_special = true)`: special tokens written in the text
