@@ -2,6 +2,7 @@
 //! with dynamically loaded driver and NVRTC libraries, so the crate builds and runs on machines without CUDA.
 //!
 //! - [`modules`]: the kernel sources (and nvcc PTX when it was available at build time) built into the crate;
+//! - [`names`]: the kernel entry points the host launches;
 //! - [`repack`]: the device layout of quantised weights;
 //! - with the `cuda` feature: [`CudaBackend`] (one context, one stream, lazily loaded modules), [`nvrtc`]
 //!   (run-time compilation) and [`DecodeGraph`] (the decode step as a CUDA graph);
@@ -11,6 +12,7 @@
 //! Design notes, launch shapes and what is graph-captured: docs/CUDA.md.
 
 pub mod modules;
+pub mod names;
 pub mod repack;
 
 #[cfg(feature = "cuda")]

@@ -4,8 +4,8 @@
 use half::{bf16, f16};
 
 use super::backend::{Arg, CudaBackend, cuda_storage, i32_arg};
-use super::repack;
 use super::storage::{CudaStorage, Layout, cuda_err};
+use super::{names, repack};
 use crate::DType;
 use crate::backend::{AttnSeq, AttnShape, Backend, DeviceKind, RopeConfig, RopeStyle, Sampled, SamplingParams};
 use crate::error::{KernelError, Result, shape_err};
@@ -17,11 +17,6 @@ const ATTN_WORKSPACE_BYTES: usize = 256 << 20;
 const ATTN_SPLIT: usize = 64;
 /// Largest grid y/z dimension.
 const GRID_YZ: usize = 65_535;
-
-/// Kernel-name suffix of a dtype.
-fn suffix(dtype: DType) -> &'static str {
-    dtype.name()
-}
 
 /// f32 values to little-endian bytes of `dtype` (f32, f16 or bf16), rounding to nearest even.
 pub(crate) fn encode(dtype: DType, data: &[f32]) -> Result<Vec<u8>> {
@@ -48,10 +43,6 @@ fn elems_of(op: &'static str, shape: &[usize]) -> Result<usize> {
 }
 
 impl CudaBackend {
-    fn act_name(&self) -> &'static str {
-        suffix(self.act)
-    }
-
     /// The device address of an activation tensor of this backend.
     fn act_ptr(&self, op: &'static str, t: &Tensor) -> Result<u64> {
         if t.dtype() != self.act {
@@ -132,7 +123,7 @@ impl CudaBackend {
         let mut ex = self.exec()?;
         let info_p = self.stage_u32(&mut ex, &info)?;
         let tables_p = self.stage_u32(&mut ex, &tables)?;
-        let name = format!("attn_prefill_{}_d{}", self.act_name(), shape.head_dim);
+        let name = names::attn_prefill(self.act, shape.head_dim);
         let grid = (max_rows.div_ceil(64) as u32, shape.n_heads as u32, n_seqs as u32);
         self.launch(
             &mut ex,
@@ -189,7 +180,6 @@ impl CudaBackend {
             (self.act_ptr("attention", q)?, self.act_ptr("attention", kc)?, self.act_ptr("attention", vc)?);
         let outp = self.act_ptr("attention", out)?;
         let row_bytes = (shape.n_heads * d * self.act.block_bytes()) as u64;
-        let act = self.act_name();
         let mut ex = self.exec()?;
         let info_p = self.stage_u32(&mut ex, &row_info)?;
         let tables_p = self.stage_u32(&mut ex, &tables)?;
@@ -203,7 +193,7 @@ impl CudaBackend {
             self.launch(
                 &mut ex,
                 "attention",
-                &format!("attn_decode_{act}"),
+                &names::attn_decode(self.act),
                 (n_splits as u32, (shape.n_kv_heads * group.div_ceil(8)) as u32, n as u32),
                 128,
                 &[
@@ -225,7 +215,7 @@ impl CudaBackend {
             self.launch(
                 &mut ex,
                 "attention",
-                &format!("attn_combine_{act}"),
+                &names::attn_combine(self.act),
                 (shape.n_heads as u32, n as u32, 1),
                 128,
                 &[
@@ -407,7 +397,7 @@ impl Backend for CudaBackend {
         let (qs, sc) = Self::weight_ptrs(table)?;
         let mut ex = self.exec()?;
         let idp = self.stage_u32(&mut ex, ids)?;
-        let name = format!("embedding_{}_{}", self.act_name(), suffix(table.dtype()));
+        let name = names::embedding(self.act, table.dtype());
         self.launch(
             &mut ex,
             "embedding",
@@ -423,7 +413,7 @@ impl Backend for CudaBackend {
         let (xp, op) = (self.act_ptr("rms_norm", x)?, self.act_ptr("rms_norm", out)?);
         let (wp, _) = Self::weight_ptrs(weight)?;
         let mut ex = self.exec()?;
-        let name = format!("rms_norm_{}_{}", self.act_name(), suffix(weight.dtype()));
+        let name = names::rms_norm(self.act, weight.dtype());
         self.launch(
             &mut ex,
             "norm",
@@ -450,7 +440,7 @@ impl Backend for CudaBackend {
         let (xp, op) = (self.act_ptr("add_rms_norm", x)?, self.act_ptr("add_rms_norm", out)?);
         let (wp, _) = Self::weight_ptrs(weight)?;
         let mut ex = self.exec()?;
-        let name = format!("add_rms_norm_{}_{}", self.act_name(), suffix(weight.dtype()));
+        let name = names::add_rms_norm(self.act, weight.dtype());
         self.launch(
             &mut ex,
             "norm",
@@ -475,7 +465,7 @@ impl Backend for CudaBackend {
         }
         let (xp, op) = (self.act_ptr("matmul", x)?, self.act_ptr("matmul", out)?);
         let (qs, sc) = Self::weight_ptrs(w)?;
-        let (act, wn) = (self.act_name(), suffix(w.dtype()));
+        let (act, wd) = (self.act, w.dtype());
         let chunk = match w.dtype() {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 8,
@@ -490,16 +480,16 @@ impl Backend for CudaBackend {
         let gemv_args = [Arg::Ptr(qs), Arg::Ptr(sc), Arg::Ptr(xp), Arg::Ptr(op), ni, ki, ti];
         if k % chunk != 0 {
             let grid = (n.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
-            return self.launch(&mut ex, "gemv", &format!("gemv_scalar_{act}_{wn}"), grid, 128, &gemv_args);
+            return self.launch(&mut ex, "gemv", &names::gemv_scalar(act, wd), grid, 128, &gemv_args);
         }
         if t <= 8 || k % 8 != 0 {
             let nt = t.next_power_of_two().min(8);
             let grid = (n.div_ceil(8) as u32, t.div_ceil(nt) as u32, 1);
-            return self.launch(&mut ex, "gemv", &format!("gemv_{act}_{wn}_t{nt}"), grid, 128, &gemv_args);
+            return self.launch(&mut ex, "gemv", &names::gemv(act, wd, nt), grid, 128, &gemv_args);
         }
         let grid = (n.div_ceil(128) as u32, t.div_ceil(128) as u32, 1);
         let args = [Arg::Ptr(qs), Arg::Ptr(sc), Arg::Ptr(xp), Arg::Ptr(op), ti, ni, ki];
-        self.launch(&mut ex, "gemm", &format!("gemm_{act}_{wn}"), grid, 256, &args)
+        self.launch(&mut ex, "gemm", &names::gemm(act, wd), grid, 256, &args)
     }
 
     fn rope(
@@ -536,7 +526,7 @@ impl Backend for CudaBackend {
         self.launch(
             &mut ex,
             "rope",
-            &format!("rope_{}", self.act_name()),
+            &names::rope(self.act),
             (total.div_ceil(256) as u32, 1, 1),
             256,
             &[
@@ -566,7 +556,7 @@ impl Backend for CudaBackend {
         let mut ex = self.exec()?;
         let grid = (self.elementwise_grid(n), 1, 1);
         let args = [Arg::Ptr(gp), Arg::Ptr(upp), Arg::Ptr(op), Arg::I64(n as i64)];
-        self.launch(&mut ex, "elementwise", &format!("swiglu_{}", self.act_name()), grid, 256, &args)
+        self.launch(&mut ex, "elementwise", &names::swiglu(self.act), grid, 256, &args)
     }
 
     fn add(&self, acc: &mut Tensor, x: &Tensor) -> Result<()> {
@@ -578,7 +568,7 @@ impl Backend for CudaBackend {
         let mut ex = self.exec()?;
         let grid = (self.elementwise_grid(n), 1, 1);
         let args = [Arg::Ptr(ap), Arg::Ptr(xp), Arg::I64(n as i64)];
-        self.launch(&mut ex, "elementwise", &format!("add_{}", self.act_name()), grid, 256, &args)
+        self.launch(&mut ex, "elementwise", &names::add(self.act), grid, 256, &args)
     }
 
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()> {
@@ -636,7 +626,7 @@ impl Backend for CudaBackend {
         self.launch(
             &mut ex,
             "kv_cache",
-            "kv_store_b16",
+            names::KV_STORE,
             (slots.len() as u32, 1, 1),
             128,
             &[Arg::Ptr(kcp), Arg::Ptr(vcp), Arg::Ptr(kp), Arg::Ptr(vp), Arg::Ptr(sp), i32_arg("kv_store", width)?],

@@ -34,6 +34,12 @@ pub(crate) fn sample(
     if n_top > MAX_TOP {
         return Err(shape_err("sample", format!("{n_top} top log-probabilities (the CUDA sampler returns {MAX_TOP})")));
     }
+    if params.temperature.is_nan() {
+        return Err(shape_err("sample", "temperature is NaN"));
+    }
+    if params.top_p.is_nan() || params.top_p <= 0.0 {
+        return Err(shape_err("sample", format!("top_p must be in (0, 1], got {}", params.top_p)));
+    }
     if logits.dtype() != b.act {
         return Err(KernelError::UnsupportedDType { op: "sample", dtype: logits.dtype() });
     }
@@ -51,7 +57,7 @@ pub(crate) fn sample(
     b.launch(
         &mut ex,
         "sampling",
-        &format!("sample_{}", b.act.name()),
+        &super::names::sample(b.act),
         (1, 1, 1),
         1024,
         &[
@@ -76,6 +82,10 @@ pub(crate) fn sample(
     b.stream.synchronize().map_err(cuda_err)?;
     let bytes = io.host.read(0, words * 4);
     let w: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    if w[0] == u32::MAX {
+        let max = f32::from_bits(w[1]);
+        return Err(shape_err("sample", if max > 0.0 { "infinite logit" } else { "no finite logit" }));
+    }
     let top = (0..n_top).map(|j| (w[2 + 2 * j], f32::from_bits(w[3 + 2 * j]))).collect();
     Ok(Sampled { token: w[0], logprob: f32::from_bits(w[1]), top })
 }

@@ -1,0 +1,80 @@
+//! Names of the kernel entry points (`extern "C"` in kernels/cuda/*.cu) as the host launches them: module and
+//! function. One place, so that the NVRTC test can check that every name the host uses exists in the PTX.
+
+use crate::DType;
+
+/// Weight dtypes with an entry point per kernel family that reads weights.
+pub const WEIGHT_DTYPES: [DType; 6] = DType::ALL;
+/// Activation dtypes of the CUDA backend.
+pub const ACT_DTYPES: [DType; 2] = [DType::F16, DType::BF16];
+/// Decode GEMV row-tile sizes (activation rows sharing one pass over the weights).
+pub const GEMV_TILES: [usize; 4] = [1, 2, 4, 8];
+/// Head sizes of the tensor-core prefill attention.
+pub const PREFILL_HEAD_DIMS: [usize; 2] = [64, 128];
+
+pub fn embedding(act: DType, w: DType) -> String {
+    format!("embedding_{act}_{w}")
+}
+pub fn rms_norm(act: DType, w: DType) -> String {
+    format!("rms_norm_{act}_{w}")
+}
+pub fn add_rms_norm(act: DType, w: DType) -> String {
+    format!("add_rms_norm_{act}_{w}")
+}
+pub fn rope(act: DType) -> String {
+    format!("rope_{act}")
+}
+pub fn swiglu(act: DType) -> String {
+    format!("swiglu_{act}")
+}
+pub fn add(act: DType) -> String {
+    format!("add_{act}")
+}
+pub const KV_STORE: &str = "kv_store_b16";
+pub fn gemv(act: DType, w: DType, tile: usize) -> String {
+    format!("gemv_{act}_{w}_t{tile}")
+}
+pub fn gemv_scalar(act: DType, w: DType) -> String {
+    format!("gemv_scalar_{act}_{w}")
+}
+pub fn gemm(act: DType, w: DType) -> String {
+    format!("gemm_{act}_{w}")
+}
+pub fn attn_decode(act: DType) -> String {
+    format!("attn_decode_{act}")
+}
+pub fn attn_combine(act: DType) -> String {
+    format!("attn_combine_{act}")
+}
+pub fn attn_prefill(act: DType, head_dim: usize) -> String {
+    format!("attn_prefill_{act}_d{head_dim}")
+}
+pub fn sample(act: DType) -> String {
+    format!("sample_{act}")
+}
+
+/// Every (module, entry point) the host may launch.
+pub fn all() -> Vec<(&'static str, String)> {
+    let mut v = vec![("kv_cache", KV_STORE.to_string())];
+    let plain = [DType::F32, DType::F16, DType::BF16];
+    for act in ACT_DTYPES {
+        for w in WEIGHT_DTYPES {
+            v.push(("embedding", embedding(act, w)));
+            v.push(("gemm", gemm(act, w)));
+            v.extend(GEMV_TILES.iter().map(|&t| ("gemv", gemv(act, w, t))));
+        }
+        for w in plain {
+            v.push(("norm", rms_norm(act, w)));
+            v.push(("norm", add_rms_norm(act, w)));
+            v.push(("gemv", gemv_scalar(act, w)));
+        }
+        v.push(("rope", rope(act)));
+        v.push(("elementwise", swiglu(act)));
+        v.push(("elementwise", add(act)));
+        v.push(("attention", attn_decode(act)));
+        v.push(("attention", attn_combine(act)));
+        v.extend(PREFILL_HEAD_DIMS.iter().map(|&d| ("attention", attn_prefill(act, d))));
+        v.push(("sampling", sample(act)));
+    }
+    v
+}

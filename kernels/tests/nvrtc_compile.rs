@@ -1,0 +1,99 @@
+//! Compiles every CUDA kernel module with NVRTC for sm_80 and sm_90 (PTX and machine code, so ptxas runs too),
+//! checks that every entry point the host launches exists, and prints ptxas' register/spill report. No GPU needed.
+//!
+//! NVRTC is found through `LD_LIBRARY_PATH` (CI: the `nvidia-cuda-nvrtc-cu12` wheel's `lib` folder). The kernels
+//! include no toolkit header, so no include path is passed (`SHARDLINE_CUDA_INCLUDE` is not needed): a kernel that
+//! starts to depend on one fails here, as it would on a GPU node that has only the driver and libnvrtc.
+//! Without NVRTC the test prints "skipped: NVRTC not found", unless `SHARDLINE_REQUIRE_NVRTC=1` (CI), where it fails.
+
+fn nvrtc_required() -> bool {
+    std::env::var("SHARDLINE_REQUIRE_NVRTC").is_ok_and(|v| v == "1")
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    assert!(!nvrtc_required(), "SHARDLINE_REQUIRE_NVRTC=1 but shardline-kernels was built without the cuda feature");
+    println!("skipped: NVRTC not found (built without the cuda feature)");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    use shardline_kernels::cuda::{modules, names, nvrtc};
+
+    if !nvrtc::available() {
+        assert!(
+            !nvrtc_required(),
+            "SHARDLINE_REQUIRE_NVRTC=1 but libnvrtc was not found; add the wheel's lib folder to LD_LIBRARY_PATH: \
+             python3 -c 'import nvidia.cuda_nvrtc as m; print(list(m.__path__)[0] + \"/lib\")'"
+        );
+        println!("skipped: NVRTC not found (set LD_LIBRARY_PATH to a folder with libnvrtc.so.12)");
+        return;
+    }
+    let (major, minor) = nvrtc::version().expect("NVRTC version");
+    println!("NVRTC {major}.{minor}");
+
+    let jobs: Vec<(&modules::KernelModule, &str)> =
+        modules::MODULES.iter().flat_map(|m| ["sm_80", "sm_90"].map(move |a| (m, a))).collect();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(m, arch)| s.spawn(move || (m.name, arch, nvrtc::compile(m, arch, &["--ptxas-options=-v"]))))
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("compile thread panicked")).collect()
+    });
+
+    let mut failures = Vec::new();
+    let mut ptx_by_module = std::collections::HashMap::new();
+    for (name, arch, result) in results {
+        match result {
+            Ok(c) => {
+                assert!(c.cubin.as_ref().is_some_and(|b| !b.is_empty()), "{name}.cu for {arch}: no machine code");
+                report_resources(name, arch, &c.log);
+                if arch == "sm_80" {
+                    ptx_by_module.insert(name, c.ptx);
+                }
+            }
+            Err(e) => failures.push(format!("{name}.cu for {arch}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "NVRTC failed:\n{}", failures.join("\n\n"));
+
+    let missing: Vec<String> = names::all()
+        .into_iter()
+        .filter(|(module, entry)| {
+            let ptx = ptx_by_module.get(module).unwrap_or_else(|| panic!("no module {module}"));
+            !ptx.contains(&format!(".entry {entry}("))
+        })
+        .map(|(module, entry)| format!("{module}::{entry}"))
+        .collect();
+    assert!(missing.is_empty(), "entry points launched by the host but absent from the PTX: {missing:?}");
+    println!(
+        "{} modules x 2 architectures compiled; {} entry points present",
+        modules::MODULES.len(),
+        names::all().len()
+    );
+}
+
+/// Prints one line per kernel with registers, shared memory and spills; fails on kernels that need a stack for
+/// spilled registers beyond a small allowance (a spill in a bandwidth-bound kernel is a performance bug).
+#[cfg(feature = "cuda")]
+fn report_resources(module: &str, arch: &str, log: &str) {
+    let mut entry = "";
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            entry = rest.split('\'').next().unwrap_or("");
+        } else if line.contains("spill stores") {
+            let spill: usize = line
+                .split("bytes spill stores")
+                .next()
+                .and_then(|s| s.rsplit(',').next())
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            assert!(spill <= 64, "{module}::{entry} for {arch} spills {spill} bytes of registers: {line}");
+        } else if line.contains("Used") && line.contains("registers") && arch == "sm_90" {
+            println!("{module}::{entry} [{arch}] {}", line.trim_start_matches("ptxas info    : ").trim());
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! Every op of the device backends against the CPU reference backend, on fresh random inputs (never zeros), with
+//! odd shapes and lengths that are not multiples of the kernels' blocks, outputs poisoned with NaN first. Each body
+//! runs on the CPU (where it checks the harness itself: identical results) and, when a GPU is usable, on CUDA with
+//! f16 and bf16 activations; tolerances are in `common::Device::tol`.
+
+mod common;
+
+use common::{Device, Rng, act, assert_close, download, poisoned, weight, weight_bytes};
+use shardline_kernels::{AttnSeq, AttnShape, Backend, DType, RopeConfig, RopeStyle, SamplingParams};
+
+/// Runs `f` on the device under test and on the reference.
+fn both<T>(d: &Device, f: impl Fn(&dyn Backend) -> T) -> (T, T) {
+    (f(d.backend.as_ref()), f(&d.reference))
+}
+
+fn embedding(d: &Device) {
+    let mut rng = Rng::new(1);
+    let vocab = 37;
+    for dtype in DType::ALL {
+        let widths: &[usize] = if dtype.is_quantized() { &[96] } else { &[40, 37] };
+        for &width in widths {
+            let bytes = weight_bytes(&mut rng, dtype, vocab, width, 1.0);
+            let mut ids: Vec<u32> = (0..11).map(|_| rng.below(vocab) as u32).collect();
+            ids.push(vocab as u32 - 1);
+            let (got, want) = both(d, |b| {
+                let table = weight(b, dtype, &[vocab, width], &bytes);
+                let mut out = poisoned(b, &[ids.len(), width]);
+                b.embedding(&table, &ids, &mut out).expect("embedding");
+                download(b, &out)
+            });
+            assert_close(&format!("{}: embedding {dtype} width {width}", d.label), &got, &want, d.tol());
+        }
+    }
+}
+
+fn rms_norm(d: &Device) {
+    let mut rng = Rng::new(2);
+    for width in [37, 576] {
+        for wdt in [DType::F32, DType::F16, DType::BF16] {
+            let rows = 3;
+            let x = d.exact(&rng.vec(rows * width, 2.0));
+            let g: Vec<f32> = (0..width).map(|_| 1.0 + rng.f32(0.5)).collect();
+            let wb = weight_bytes_from(wdt, &common::round_to(wdt, &g));
+            let (got, want) = both(d, |b| {
+                let xt = act(b, &[rows, width], &x);
+                let w = weight(b, wdt, &[width], &wb);
+                let mut out = poisoned(b, &[rows, width]);
+                b.rms_norm(&xt, &w, 1e-5, &mut out).expect("rms_norm");
+                download(b, &out)
+            });
+            assert_close(&format!("{}: rms_norm width {width} weight {wdt}", d.label), &got, &want, d.tol());
+        }
+    }
+}
+
+fn add_rms_norm(d: &Device) {
+    let mut rng = Rng::new(3);
+    for width in [37, 576] {
+        let rows = 5;
+        let resid = d.exact(&rng.vec(rows * width, 2.0));
+        let x = d.exact(&rng.vec(rows * width, 2.0));
+        let g: Vec<f32> = (0..width).map(|_| 1.0 + rng.f32(0.5)).collect();
+        let wb = weight_bytes_from(DType::F32, &g);
+        let (got, want) = both(d, |b| {
+            let mut r = act(b, &[rows, width], &resid);
+            let xt = act(b, &[rows, width], &x);
+            let w = weight(b, DType::F32, &[width], &wb);
+            let mut out = poisoned(b, &[rows, width]);
+            b.add_rms_norm(&mut r, &xt, &w, 1e-6, &mut out).expect("add_rms_norm");
+            (download(b, &out), download(b, &r))
+        });
+        assert_close(&format!("{}: add_rms_norm out, width {width}", d.label), &got.0, &want.0, d.tol());
+        assert_close(&format!("{}: add_rms_norm residual, width {width}", d.label), &got.1, &want.1, d.tol());
+    }
+}
+
+/// Little-endian bytes of `v` in the plain dtype `dtype`.
+fn weight_bytes_from(dtype: DType, v: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        DType::BF16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+        other => panic!("{other} is not a plain dtype"),
+    }
+}
+
+fn matmul(d: &Device) {
+    let mut rng = Rng::new(4);
+    for dtype in DType::ALL {
+        // (T, N, K): decode GEMV tiles 1..8, GEMV with more rows than a tile, and tensor-core GEMM with row, column
+        // and K tails; plain weights also with a K that fits no vector width (scalar path).
+        let shapes: &[(usize, usize, usize)] = if dtype.is_quantized() {
+            &[(1, 45, 96), (3, 33, 160), (8, 64, 64), (13, 45, 96), (130, 129, 96)]
+        } else {
+            &[(1, 45, 40), (3, 33, 37), (8, 64, 64), (13, 45, 40), (130, 129, 72), (20, 17, 36)]
+        };
+        for &(t, n, k) in shapes {
+            let x = d.exact(&rng.vec(t * k, 1.0));
+            let wb = weight_bytes(&mut rng, dtype, n, k, 1.0 / (k as f32).sqrt());
+            let (got, want) = both(d, |b| {
+                let xt = act(b, &[t, k], &x);
+                let w = weight(b, dtype, &[n, k], &wb);
+                let mut out = poisoned(b, &[t, n]);
+                b.matmul(&xt, &w, &mut out).expect("matmul");
+                download(b, &out)
+            });
+            assert_close(&format!("{}: matmul {dtype} T={t} N={n} K={k}", d.label), &got, &want, d.tol());
+        }
+    }
+}
+
+fn rope(d: &Device) {
+    let mut rng = Rng::new(5);
+    let (t, heads, head_dim) = (5, 3, 64);
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        for rotary_dim in [64, 32] {
+            let cfg = RopeConfig { head_dim, rotary_dim, theta: 10_000.0, style, llama3: None, linear_factor: 1.0 };
+            let x = d.exact(&rng.vec(t * heads * head_dim, 1.0));
+            let mut positions: Vec<u32> = (0..t).map(|_| rng.below(5000) as u32).collect();
+            positions[0] = 0;
+            let (got, want) = both(d, |b| {
+                let table = b.rope_table(&cfg.inv_freq()).expect("rope table");
+                let mut xt = act(b, &[t, heads * head_dim], &x);
+                b.rope(&mut xt, &positions, heads, &table, &cfg).expect("rope");
+                download(b, &xt)
+            });
+            assert_close(&format!("{}: rope {style:?} rotary {rotary_dim}", d.label), &got, &want, d.tol());
+        }
+    }
+}
+
+fn swiglu_and_add(d: &Device) {
+    let mut rng = Rng::new(6);
+    for shape in [[3usize, 347], [8, 16], [1, 5]] {
+        let n = shape[0] * shape[1];
+        let g = d.exact(&rng.vec(n, 4.0));
+        let u = d.exact(&rng.vec(n, 2.0));
+        let (got, want) = both(d, |b| {
+            let (gt, ut) = (act(b, &shape, &g), act(b, &shape, &u));
+            let mut out = poisoned(b, &shape);
+            b.swiglu(&gt, &ut, &mut out).expect("swiglu");
+            let mut acc = act(b, &shape, &g);
+            b.add(&mut acc, &ut).expect("add");
+            (download(b, &out), download(b, &acc))
+        });
+        assert_close(&format!("{}: swiglu {shape:?}", d.label), &got.0, &want.0, d.tol());
+        assert_close(&format!("{}: add {shape:?}", d.label), &got.1, &want.1, d.tol());
+    }
+}
+
+fn copy_rows(d: &Device) {
+    let mut rng = Rng::new(7);
+    let width = 40;
+    let src = d.exact(&rng.vec(7 * width, 1.0));
+    let (got, want) = both(d, |b| {
+        let s = act(b, &[7, width], &src);
+        let mut dst = poisoned(b, &[9, width]);
+        b.copy_rows(&s, 2, &mut dst, 5, 3).expect("copy_rows");
+        download(b, &dst)
+    });
+    assert_close(&format!("{}: copy_rows", d.label), &got[5 * width..8 * width], &want[5 * width..8 * width], d.tol());
+    let untouched = got[..5 * width].iter().chain(&got[8 * width..]);
+    assert!(untouched.into_iter().all(|v| v.is_nan()), "{}: copy_rows wrote outside its rows", d.label);
+}
+
+fn kv_store(d: &Device) {
+    let mut rng = Rng::new(8);
+    for width in [80, 84] {
+        let (n_slots, t) = (48, 5);
+        let k_init = d.exact(&rng.vec(n_slots * width, 1.0));
+        let v_init = d.exact(&rng.vec(n_slots * width, 1.0));
+        let k = d.exact(&rng.vec(t * width, 1.0));
+        let v = d.exact(&rng.vec(t * width, 1.0));
+        let slots = rng.distinct(t, n_slots);
+        let (got, want) = both(d, |b| {
+            let (mut kc, mut vc) = (act(b, &[n_slots, width], &k_init), act(b, &[n_slots, width], &v_init));
+            let (kt, vt) = (act(b, &[t, width], &k), act(b, &[t, width], &v));
+            b.kv_store(&mut kc, &mut vc, &kt, &vt, &slots).expect("kv_store");
+            (download(b, &kc), download(b, &vc))
+        });
+        assert_close(&format!("{}: kv_store k, width {width}", d.label), &got.0, &want.0, d.tol());
+        assert_close(&format!("{}: kv_store v, width {width}", d.label), &got.1, &want.1, d.tol());
+    }
+}
+
+/// One attention scenario: sequences as (rows, position of the first row), geometry, and paged caches whose blocks
+/// are handed out in a shuffled order; cache slots outside every context hold random values that must be ignored.
+fn attention_case(
+    d: &Device,
+    rng: &mut Rng,
+    seqs: &[(usize, usize)],
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    bt: usize,
+) {
+    let rows: usize = seqs.iter().map(|s| s.0).sum();
+    let blocks_per_seq: Vec<usize> = seqs.iter().map(|&(r, p)| (p + r).div_ceil(bt) + 1).collect();
+    let n_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 2;
+    let order = rng.distinct(n_blocks, n_blocks);
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for &nb in &blocks_per_seq {
+        tables.push(order[next..next + nb].to_vec());
+        next += nb;
+    }
+    let (qw, kvw, n_slots) = (heads * dim, kv_heads * dim, n_blocks * bt);
+    let q = d.exact(&rng.vec(rows * qw, 1.0));
+    let kc = d.exact(&rng.vec(n_slots * kvw, 1.0));
+    let vc = d.exact(&rng.vec(n_slots * kvw, 1.0));
+    let shape = AttnShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: dim,
+        block_tokens: bt,
+        scale: 1.0 / (dim as f32).sqrt(),
+    };
+    let mut start = 0;
+    let attn_seqs: Vec<AttnSeq<'_>> = seqs
+        .iter()
+        .zip(&tables)
+        .map(|(&(r, pos0), table)| {
+            let s = AttnSeq { rows: start..start + r, pos0, block_table: table };
+            start += r;
+            s
+        })
+        .collect();
+    let (got, want) = both(d, |b| {
+        let qt = act(b, &[rows, qw], &q);
+        let (kt, vt) = (act(b, &[n_slots, kvw], &kc), act(b, &[n_slots, kvw], &vc));
+        let mut out = poisoned(b, &[rows, qw]);
+        b.attention(&qt, &kt, &vt, &attn_seqs, &shape, &mut out).expect("attention");
+        download(b, &out)
+    });
+    let what = format!("{}: attention {seqs:?} heads {heads}/{kv_heads} dim {dim} block {bt}", d.label);
+    assert_close(&what, &got, &want, d.tol());
+}
+
+fn attention_decode(d: &Device) {
+    let mut rng = Rng::new(9);
+    // One row per sequence: contexts across the 64-key split boundaries.
+    attention_case(d, &mut rng, &[(1, 0), (1, 69), (1, 200)], 6, 2, 64, 16);
+    attention_case(d, &mut rng, &[(1, 130), (1, 5)], 8, 8, 128, 16);
+    attention_case(d, &mut rng, &[(1, 77)], 9, 1, 64, 5);
+}
+
+fn attention_prefill(d: &Device) {
+    let mut rng = Rng::new(10);
+    // Whole prompts and chunks after a cached prefix, several sequences per call, tile tails.
+    attention_case(d, &mut rng, &[(37, 0), (93, 50)], 6, 2, 64, 16);
+    attention_case(d, &mut rng, &[(70, 0), (1, 40)], 4, 2, 128, 16);
+    attention_case(d, &mut rng, &[(65, 3)], 9, 3, 64, 7);
+    // A head size without a tensor-core kernel (per-row fallback).
+    attention_case(d, &mut rng, &[(21, 0), (9, 30)], 4, 2, 40, 5);
+}
+
+fn sample(d: &Device) {
+    let mut rng = Rng::new(11);
+    let vocab = 1003;
+    let params = [
+        SamplingParams::GREEDY,
+        SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 },
+        SamplingParams { temperature: 0.7, top_k: 40, top_p: 1.0, seed: 4 },
+        SamplingParams { temperature: 0.9, top_k: 0, top_p: 0.9, seed: 5 },
+        SamplingParams { temperature: 1.3, top_k: 7, top_p: 0.5, seed: 6 },
+    ];
+    for coarse in [false, true] {
+        let mut logits = rng.vec(2 * vocab, 6.0);
+        if coarse {
+            // Many exact ties: ranks break them by the lower token id.
+            logits.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0 + 0.25);
+        }
+        let logits = d.exact(&logits);
+        for p in &params {
+            for position in [0u64, 9, 1 << 33] {
+                let (got, want) = both(d, |b| {
+                    let l = act(b, &[2, vocab], &logits);
+                    b.sample(&l, 1, p, position, 5).expect("sample")
+                });
+                let what = format!("{}: sample {p:?} at {position}, coarse {coarse}", d.label);
+                assert_eq!(got.token, want.token, "{what}: token");
+                assert_eq!(
+                    got.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                    want.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                    "{what}: top ids"
+                );
+                assert!(
+                    (got.logprob - want.logprob).abs() <= 1e-3,
+                    "{what}: logprob {} vs {}",
+                    got.logprob,
+                    want.logprob
+                );
+                for (g, w) in got.top.iter().zip(&want.top) {
+                    assert!((g.1 - w.1).abs() <= 1e-3, "{what}: top logprob {} vs {}", g.1, w.1);
+                }
+            }
+        }
+    }
+}
+
+fn transfers(d: &Device) {
+    let mut rng = Rng::new(12);
+    let shape = [3, 13];
+    let x = d.exact(&rng.vec(39, 3.0));
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let wire = common::round_to(dtype, &x);
+        let bytes = weight_bytes_from(dtype, &wire);
+        let (got, want) = both(d, |b| {
+            let t = b.upload_raw(&shape, dtype, &bytes).expect("upload_raw");
+            let raw = b.download_raw(&t, dtype).expect("download_raw");
+            assert_eq!(raw.len(), bytes.len(), "download_raw length");
+            download(b, &t)
+        });
+        assert_close(&format!("{}: upload_raw/download {dtype}", d.label), &got, &want, d.tol());
+    }
+}
+
+device_tests!(
+    embedding,
+    rms_norm,
+    add_rms_norm,
+    matmul,
+    rope,
+    swiglu_and_add,
+    copy_rows,
+    kv_store,
+    attention_decode,
+    attention_prefill,
+    sample,
+    transfers,
+);
