@@ -203,12 +203,12 @@ impl CudaBackend {
     /// Locks the per-backend state, refusing ops from a second thread while a step is captured or replayed.
     pub(crate) fn exec(&self) -> Result<MutexGuard<'_, Exec>> {
         let guard = self.exec.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(owner) = guard.step_thread {
-            if owner != std::thread::current().id() {
-                return Err(KernelError::Cuda(
-                    "another thread is capturing or replaying a CUDA graph step on this device".into(),
-                ));
-            }
+        if let Some(owner) = guard.step_thread
+            && owner != std::thread::current().id()
+        {
+            return Err(KernelError::Cuda(
+                "another thread is capturing or replaying a CUDA graph step on this device".into(),
+            ));
         }
         Ok(guard)
     }

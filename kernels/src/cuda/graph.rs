@@ -100,22 +100,27 @@ impl std::fmt::Debug for DecodeGraph {
     }
 }
 
+impl Drop for DecodeGraph {
+    fn drop(&mut self) {
+        // The graph's buffers are freed right after this: let its last launch finish first.
+        let _ = self.done.synchronize();
+    }
+}
+
 // SAFETY: the graph handles are used only through `&mut DecodeGraph` (one thread at a time), which is what CUDA
 // requires of graph objects; moving them between threads is allowed.
 unsafe impl Send for DecodeGraph {}
 
 impl CudaBackend {
-    /// Switches to `mode` for the calling thread; on failure hands `mode` back so its recording is not lost.
-    fn enter(&self, mode: Mode) -> std::result::Result<(), (KernelError, Mode)> {
-        let mut ex = match self.exec() {
-            Ok(ex) => ex,
-            Err(e) => return Err((e, mode)),
-        };
+    /// Moves the recording out of `slot` into capture or replay mode for the calling thread; on failure the
+    /// recording stays in `slot`.
+    fn enter(&self, slot: &mut Option<Recording>, capture: bool) -> Result<()> {
+        let mut ex = self.exec()?;
         if !matches!(ex.mode, Mode::Eager) {
-            let e = KernelError::Cuda("a CUDA graph step is already being captured or replayed".into());
-            return Err((e, mode));
+            return Err(KernelError::Cuda("a CUDA graph step is already being captured or replayed".into()));
         }
-        ex.mode = mode;
+        let rec = slot.take().ok_or_else(|| KernelError::Cuda("graph state lost".into()))?;
+        ex.mode = if capture { Mode::Capture(rec) } else { Mode::Replay(rec) };
         ex.step_thread = Some(std::thread::current().id());
         Ok(())
     }
@@ -136,7 +141,7 @@ impl CudaBackend {
         step: impl FnOnce() -> std::result::Result<R, E>,
     ) -> std::result::Result<(R, DecodeGraph), E> {
         self.stream.synchronize().map_err(cuda_err)?;
-        self.enter(Mode::Capture(Recording::new(self)?)).map_err(|(e, _)| e)?;
+        self.enter(&mut Some(Recording::new(self)?), true)?;
         if let Err(e) = self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
             self.leave();
             return Err(cuda_err(e).into());
@@ -164,14 +169,10 @@ impl CudaBackend {
     ) -> std::result::Result<R, E> {
         // The previous launch must have consumed the staging area before it is rewritten.
         graph.done.synchronize().map_err(cuda_err)?;
-        let mut rec = graph.rec.take().ok_or_else(|| KernelError::Cuda("graph state lost".into()))?;
-        rec.rewind();
-        if let Err((e, mode)) = self.enter(Mode::Replay(rec)) {
-            if let Mode::Replay(rec) = mode {
-                graph.rec = Some(rec);
-            }
-            return Err(e.into());
+        if let Some(rec) = graph.rec.as_mut() {
+            rec.rewind();
         }
+        self.enter(&mut graph.rec, false)?;
         let out = step();
         let rec = self.leave().ok_or_else(|| KernelError::Cuda("replay state lost".into()))?;
         let same = rec.signature == graph.signature && rec.next == rec.bufs.len();

@@ -20,7 +20,7 @@ pub fn block_parts(dtype: DType) -> Option<(usize, usize)> {
 
 fn parts_or_err(dtype: DType, len: usize) -> Result<(usize, usize, usize)> {
     let (q, s) = block_parts(dtype).ok_or(KernelError::UnsupportedDType { op: "block split", dtype })?;
-    if len % (q + s) != 0 {
+    if !len.is_multiple_of(q + s) {
         return Err(KernelError::ByteLength {
             what: format!("{dtype} blocks"),
             expected: len.div_ceil(q + s) * (q + s),
