@@ -5,6 +5,9 @@
 //! include no toolkit header, so no include path is passed (`SHARDLINE_CUDA_INCLUDE` is not needed): a kernel that
 //! starts to depend on one fails here, as it would on a GPU node that has only the driver and libnvrtc.
 //! Without NVRTC the test prints "skipped: NVRTC not found", unless `SHARDLINE_REQUIRE_NVRTC=1` (CI), where it fails.
+//! With `SHARDLINE_KERNEL_OUT=<dir>` it also writes the compiled kernels there (`<stem>-sm_80.cubin`,
+//! `<stem>-sm_90.cubin`, `<stem>.ptx`), which the backend loads from `SHARDLINE_KERNEL_DIR` on a machine without a
+//! matching NVRTC.
 
 fn nvrtc_required() -> bool {
     std::env::var("SHARDLINE_REQUIRE_NVRTC").is_ok_and(|v| v == "1")
@@ -44,13 +47,25 @@ fn every_kernel_compiles_with_nvrtc() {
         handles.into_iter().map(|h| h.join().expect("compile thread panicked")).collect()
     });
 
+    let out_dir = std::env::var_os("SHARDLINE_KERNEL_OUT").map(std::path::PathBuf::from);
+    if let Some(dir) = &out_dir {
+        std::fs::create_dir_all(dir).expect("create SHARDLINE_KERNEL_OUT");
+    }
     let mut failures = Vec::new();
     let mut ptx_by_module = std::collections::HashMap::new();
-    for (name, arch, result) in results {
+    for ((m, _), (name, arch, result)) in jobs.iter().zip(results) {
         match result {
             Ok(c) => {
-                assert!(c.cubin.as_ref().is_some_and(|b| !b.is_empty()), "{name}.cu for {arch}: no machine code");
+                let cubin = c.cubin.as_ref().filter(|b| !b.is_empty());
+                let cubin = cubin.unwrap_or_else(|| panic!("{name}.cu for {arch}: no machine code"));
                 report_resources(name, arch, &c.log);
+                if let Some(dir) = &out_dir {
+                    let stem = modules::artifact_stem(m);
+                    std::fs::write(dir.join(format!("{stem}-{arch}.cubin")), cubin).expect("write cubin");
+                    if arch == "sm_80" {
+                        std::fs::write(dir.join(format!("{stem}.ptx")), &c.ptx).expect("write ptx");
+                    }
+                }
                 if arch == "sm_80" {
                     ptx_by_module.insert(name, c.ptx);
                 }

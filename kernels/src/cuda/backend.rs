@@ -172,22 +172,45 @@ impl CudaBackend {
         let m = modules::module(name).ok_or_else(|| KernelError::Cuda(format!("no kernel module {name}")))?;
         let ptx = match m.ptx {
             Some(ptx) => Ptx::from_src(ptx),
-            None => {
-                info!(module = name, arch = %self.nvrtc_arch, "compiling CUDA kernels with NVRTC (once per process)");
-                let compiled = match nvrtc::compile(m, &self.nvrtc_arch, &[]) {
-                    Ok(c) => c,
-                    // An NVRTC older than the card knows no `sm_XY` for it: PTX for sm_80 runs on it too.
-                    Err(first) => nvrtc::compile(m, "compute_80", &[]).map_err(|_| first)?,
-                };
-                match compiled.cubin {
-                    Some(bin) => Ptx::from_binary(bin),
-                    None => Ptx::from_src(compiled.ptx),
+            None => match self.prebuilt(m) {
+                Some(ptx) => ptx,
+                None => {
+                    info!(module = name, arch = %self.nvrtc_arch, "compiling CUDA kernels with NVRTC (once per process)");
+                    let compiled = match nvrtc::compile(m, &self.nvrtc_arch, &[]) {
+                        Ok(c) => c,
+                        // An NVRTC older than the card knows no `sm_XY` for it: PTX for sm_80 runs on it too.
+                        Err(first) => nvrtc::compile(m, "compute_80", &[]).map_err(|_| first)?,
+                    };
+                    match compiled.cubin {
+                        Some(bin) => Ptx::from_binary(bin),
+                        None => Ptx::from_src(compiled.ptx),
+                    }
                 }
-            }
+            },
         };
         let module = self.ctx.load_module(ptx).map_err(|e| KernelError::Cuda(format!("loading {name}: {e}")))?;
         cache.insert(name, module.clone());
         Ok(module)
+    }
+
+    /// The module from `$SHARDLINE_KERNEL_DIR` when it holds an artifact compiled from exactly this source: machine
+    /// code for this device's architecture, else PTX (JIT-compiled by the driver). Written by the NVRTC test with
+    /// `SHARDLINE_KERNEL_OUT` (see scripts/gpu-check.sh), for machines without a matching NVRTC.
+    fn prebuilt(&self, m: &modules::KernelModule) -> Option<Ptx> {
+        let dir = std::path::PathBuf::from(std::env::var_os("SHARDLINE_KERNEL_DIR")?);
+        let stem = modules::artifact_stem(m);
+        let cubin = dir.join(format!("{stem}-{}.cubin", self.nvrtc_arch));
+        if let Ok(bin) = std::fs::read(&cubin) {
+            info!(module = m.name, file = %cubin.display(), "loading prebuilt CUDA kernels");
+            return Some(Ptx::from_binary(bin));
+        }
+        let ptx = dir.join(format!("{stem}.ptx"));
+        if let Ok(text) = std::fs::read_to_string(&ptx) {
+            info!(module = m.name, file = %ptx.display(), "loading prebuilt CUDA kernels (PTX)");
+            return Some(Ptx::from_src(text));
+        }
+        tracing::warn!(module = m.name, dir = %dir.display(), "SHARDLINE_KERNEL_DIR has no kernels for this source");
+        None
     }
 
     fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {

@@ -19,6 +19,14 @@ pub fn module(name: &str) -> Option<&'static KernelModule> {
     MODULES.iter().find(|m| m.name == name)
 }
 
+/// File-name stem of a compiled artifact of `m`: its name and a fingerprint (FNV-1a) of its source, so that a
+/// directory of prebuilt kernels (`SHARDLINE_KERNEL_DIR`) is never used with a source it was not compiled from.
+/// Artifacts are `<stem>-sm_XY.cubin` (machine code for one architecture) and `<stem>.ptx`.
+pub fn artifact_stem(m: &KernelModule) -> String {
+    let h = m.source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("{}-{h:016x}", m.name)
+}
+
 /// Whether every module was compiled by nvcc at build time (then NVRTC is not needed at run time).
 pub fn all_prebuilt() -> bool {
     MODULES.iter().all(|m| m.ptx.is_some())
