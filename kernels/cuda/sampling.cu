@@ -52,9 +52,11 @@ __device__ __forceinline__ u64 mass(float x, float x_max, float inv_t) {
     return (u64)(__expf((x - x_max) * inv_t) * 1099511627776.0f);  // 2^40
 }
 
+// NaN logits never win: they count as -inf (as on the CPU).
 template <class A>
 __device__ __forceinline__ float logit(const u16* row, int i) {
-    return A::to_f32(row[i]);
+    const float x = A::to_f32(row[i]);
+    return x != x ? -f32_inf() : x;
 }
 
 // Sum over the block of a per-thread u64 (every thread gets it).
@@ -120,7 +122,7 @@ __device__ u64 total_mass(const u16* row, int V, u64 cut, float x_max, float inv
     return block_sum_u64(t, sh);
 }
 
-// out[0] = token, out[1] = logprob bits, out[2 + 2j] = j-th top token, out[3 + 2j] = its logprob bits.
+// out[0] = token (0xffffffff when the row has no finite maximum, out[1] then holds it), out[1] = logprob bits, out[2 + 2j] = j-th top token, out[3 + 2j] = its logprob bits.
 template <class A>
 __device__ void sample_impl(const u16* __restrict__ row, int V, float temperature, int top_k, float top_p, u64 seed,
                             u64 position, int n_top, u32* __restrict__ out) {
@@ -129,6 +131,13 @@ __device__ void sample_impl(const u16* __restrict__ row, int V, float temperatur
     float m = -f32_inf();
     for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, logit<A>(row, i));
     const float x_max = block_max(m, sh.red);
+    if (x_max == f32_inf() || x_max == -f32_inf()) {  // no finite logit, or an infinite one: the host reports it
+        if (threadIdx.x == 0) {
+            out[0] = 0xffffffffu;
+            out[1] = __float_as_uint(x_max);
+        }
+        return;
+    }
     float s = 0.f;
     for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(logit<A>(row, i) - x_max);
     const float lse = x_max + logf(block_sum(s, sh.red));
