@@ -149,6 +149,7 @@ __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part
                                                   int n_heads, int D, int n_splits) {
     const int h = blockIdx.x, r = blockIdx.y;
     const int n_ctx = (int)row_info[2 * r];
+    if (n_ctx == 0) return;  // a row of no sequence: left as it is
     const int ns = (n_ctx + ATT_SPLIT - 1) / ATT_SPLIT;
     const long base = ((long)r * n_heads + h) * n_splits;
     float m = -f32_inf();
