@@ -9,7 +9,7 @@
 //   prefix, in rank order, at which the running w-mass exceeds u times the prefix mass.
 // - logprob and the top list are under the unmodified distribution (temperature 1, whole vocabulary).
 //
-// No sort: every cut is found by a radix descent over the 64-bit rank key (order-preserving logit bits << 32 | ~id),
+// No sort: the greedy token is a block-wide maximum of rank keys, and every other cut is found by a radix descent over the 64-bit rank key (order-preserving logit bits << 32 | ~id),
 // 8 bits per pass, with 256-bin histograms of either token counts or masses. Masses are fixed-point integers
 // (w * 2^40, summed in u64), so every sum and hence every choice is bit-identical from run to run.
 #include "common.cuh"
@@ -72,21 +72,34 @@ __device__ __forceinline__ u64 block_sum_u64(u64 v, SampleShared& sh) {
 
 // Among tokens with rank key >= cut, the key of the token at which the running weight (rank order; weight 1 per
 // token, or its mass) first exceeds `target`, i.e. above <= target < above + weight. `target` must be below the
-// total weight of the set.
+// total weight of the set. Counts are aggregated per warp (lanes with the same bin add once), since most logits
+// share the top key bits and would otherwise serialise on a few shared-memory counters.
 template <class A>
 __device__ u64 descend(const u16* row, int V, u64 cut, bool by_mass, float x_max, float inv_t, u64 target,
                        SampleShared& sh) {
+    const int lane = threadIdx.x & 31;
     u64 prefix = 0, above = 0;
     for (int pass = 0; pass < 8; ++pass) {
         const int shift = 56 - 8 * pass;
         const u64 hi_mask = pass == 0 ? 0ull : (~0ull << (64 - 8 * pass));
         for (int b = threadIdx.x; b < 256; b += blockDim.x) sh.hist[b] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < V; i += blockDim.x) {
-            const float x = logit<A>(row, i);
-            const u64 c = rank_key(x, (u32)i);
-            if (c < cut || (c & hi_mask) != prefix) continue;
-            atomicAdd(&sh.hist[(c >> shift) & 255], by_mass ? mass(x, x_max, inv_t) : 1ull);
+        // Warp-uniform trip count, so every lane reaches the warp-wide match below.
+        for (int base = threadIdx.x - lane; base < V; base += blockDim.x) {
+            const int i = base + lane;
+            int bin = -1;
+            float x = 0.f;
+            if (i < V) {
+                x = logit<A>(row, i);
+                const u64 c = rank_key(x, (u32)i);
+                if (c >= cut && (c & hi_mask) == prefix) bin = (int)((c >> shift) & 255);
+            }
+            if (by_mass) {
+                if (bin >= 0) atomicAdd(&sh.hist[bin], mass(x, x_max, inv_t));
+            } else {
+                const unsigned group = __match_any_sync(FULL_MASK, bin);
+                if (bin >= 0 && lane == __ffs(group) - 1) atomicAdd(&sh.hist[bin], (u64)__popc(group));
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -110,6 +123,27 @@ __device__ u64 descend(const u16* row, int V, u64 cut, bool by_mass, float x_max
         __syncthreads();
     }
     return prefix;
+}
+
+// The best rank key of the row (the greedy token): one pass, a block-wide maximum.
+template <class A>
+__device__ u64 best_key(const u16* row, int V, SampleShared& sh) {
+    u64 best = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const u64 c = rank_key(logit<A>(row, i), (u32)i);
+        best = c > best ? c : best;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const u64 other = __shfl_xor_sync(FULL_MASK, best, o);
+        best = other > best ? other : best;
+    }
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) sh.red64[threadIdx.x >> 5] = best;
+    __syncthreads();
+    u64 m = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = sh.red64[w] > m ? sh.red64[w] : m;
+    __syncthreads();
+    return m;
 }
 
 template <class A>
@@ -144,7 +178,7 @@ __device__ void sample_impl(const u16* __restrict__ row, int V, float temperatur
 
     u64 chosen;
     if (!(temperature > 0.f)) {
-        chosen = descend<A>(row, V, 0, false, x_max, 1.f, 0, sh);
+        chosen = best_key<A>(row, V, sh);
     } else {
         const float inv_t = 1.f / temperature;
         u64 cut = 0;
@@ -168,7 +202,7 @@ __device__ void sample_impl(const u16* __restrict__ row, int V, float temperatur
 
     const int nt = min(min(n_top, SAMPLE_MAX_TOP), V);
     if (nt > 0) {
-        const u64 cut = descend<A>(row, V, 0, false, x_max, 1.f, (u64)(nt - 1), sh);
+        const u64 cut = nt == 1 ? best_key<A>(row, V, sh) : descend<A>(row, V, 0, false, x_max, 1.f, (u64)(nt - 1), sh);
         if (threadIdx.x == 0) sh.n_top_found = 0;
         __syncthreads();
         for (int i = threadIdx.x; i < V; i += blockDim.x) {
