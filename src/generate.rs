@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use shardline_kernels::SamplingParams;
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, DeviceKind, SamplingParams};
 use shardline_node::engine::{Engine, stop_tokens};
 use shardline_node::generate::GenerateParams;
 use shardline_node::model::{LayerRange, ShardOptions};
@@ -72,6 +73,15 @@ pub fn resolve_model(model: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
+/// The device asked for (or the best one present), with `threads` CPU threads when it is the CPU.
+pub fn select_backend(device: Option<&str>, threads: Option<usize>) -> Result<Arc<dyn Backend>> {
+    let backend = shardline_kernels::device::select_backend(device).context("selecting the compute device")?;
+    Ok(match threads {
+        Some(t) if backend.kind() == DeviceKind::Cpu => Arc::new(CpuBackend::new(t.max(1))),
+        _ => backend,
+    })
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number >= 0");
@@ -80,8 +90,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--top-p must be in (0, 1]");
     }
     let path = resolve_model(args.model)?;
-    let backend = shardline_kernels::device::select_backend(args.device.as_deref(), args.threads)
-        .context("selecting the compute device")?;
+    let backend = select_backend(args.device.as_deref(), args.threads)?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
