@@ -40,6 +40,8 @@ pub struct SwarmClientConfig {
     pub max_failovers: usize,
     /// How long a session waits in a saturated node's queue.
     pub admit_wait: Duration,
+    /// Longest wait for the token of one step (prefill included) before the step fails.
+    pub step_timeout: Duration,
     pub registry: RegistryConfig,
     pub discovery: DiscoveryConfig,
 }
@@ -56,6 +58,7 @@ impl SwarmClientConfig {
             prefill_chunk: 64,
             max_failovers: 3,
             admit_wait: Duration::from_secs(30),
+            step_timeout: Duration::from_secs(300),
             registry: RegistryConfig::default(),
             discovery: DiscoveryConfig { query_interval: Duration::from_secs(2), ..DiscoveryConfig::default() },
         }
@@ -219,7 +222,8 @@ impl SwarmSession {
                     self.connect().await?;
                 }
                 let p = self.pipeline.as_mut().expect("connected");
-                p.feed(tokens, true).await
+                let limit = self.client.inner.config.step_timeout;
+                tokio::time::timeout(limit, p.feed(tokens, true)).await.map_err(|_| SessionError::Timeout(limit))?
             }
             .await;
             match attempt {

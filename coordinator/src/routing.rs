@@ -212,14 +212,23 @@ pub fn plan(
     Ok(Route { stages, cost_ms: dist[n_layers] })
 }
 
-/// Candidates of `model_id` from the registry, without banned nodes.
+/// Candidates of `model_id` from the registry, without banned nodes. A node whose RTT was never measured is assumed
+/// as close as the closest measured one (or [`DEFAULT_RTT`]), so new replicas get tried instead of being starved by a
+/// pessimistic guess.
 pub fn candidates(registry: &crate::registry::NodeRegistry, model_id: &str) -> Vec<Candidate> {
     let now = Instant::now();
-    registry
-        .snapshot(model_id)
+    let snapshot = registry.snapshot(model_id);
+    let assumed = snapshot.iter().filter_map(|(_, h)| h.rtt).min().unwrap_or(DEFAULT_RTT);
+    snapshot
         .iter()
         .filter(|(_, h)| h.banned_until.is_none_or(|t| t <= now))
-        .map(|(e, h)| Candidate::from_entry(e, h))
+        .map(|(e, h)| {
+            let mut c = Candidate::from_entry(e, h);
+            if h.rtt.is_none() {
+                c.rtt = assumed;
+            }
+            c
+        })
         .collect()
 }
 

@@ -43,6 +43,8 @@ pub enum SessionError {
     Stage { peer: PeerId, code: ErrorCode, message: String },
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("no token within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("sampling parameters cannot change within a session")]
     SamplingChanged,
     #[error("gave up after {0} failovers: {1}")]

@@ -1,0 +1,85 @@
+//! Loopback swarm on the real default model: a coordinator and three nodes serving SmolLM2-135M layers `0..10`,
+//! `10..20`, `20..30`, found through the DHT alone, generate greedily exactly the tokens and text of the
+//! single-process engine (the path of `shardline generate`), through the same generation loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardline_coordinator::{CoordinatorArgs, SwarmClient, SwarmClientConfig, SwarmStepper, start_coordinator};
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, SamplingParams};
+use shardline_node::default_model::model_for_tests;
+use shardline_node::engine::{Engine, TextStream, stop_tokens};
+use shardline_node::generate::{self, GenerateParams};
+use shardline_node::model::{LayerRange, ShardOptions};
+use shardline_node::stage::{NodeArgs, start_node};
+
+const PROMPTS: [&str; 3] = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 5."];
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_smollm2_nodes_match_the_single_process_engine() {
+    let Some(model) = model_for_tests("three_smollm2_nodes_match_the_single_process_engine") else { return };
+    let m = model.clone();
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::load(&m, backend(), &[], ShardOptions::default(), &mut |_, _| {}).unwrap()
+    })
+    .await
+    .unwrap();
+    let engine = Arc::new(engine);
+    let params = GenerateParams {
+        max_tokens: 12,
+        sampling: SamplingParams::GREEDY,
+        stop_tokens: stop_tokens(engine.tokenizer()),
+        ..GenerateParams::default()
+    };
+
+    let coordinator =
+        start_coordinator(CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![])).await.unwrap();
+    let boot = coordinator.p2p_addrs.clone();
+    let mut nodes = Vec::new();
+    for (a, b) in [(0, 10), (10, 20), (20, 30)] {
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut args = NodeArgs::new(model.clone(), LayerRange::new(a, b), backend(), listen);
+        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        args.bootstrap = boot.clone();
+        args.measure_tokens = 4;
+        nodes.push(start_node(args).await.unwrap());
+    }
+    let model_id = nodes[0].model_id.clone();
+    // The coordinator registers all three from the DHT alone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|n| coordinator.registry.contains(&n.peer_id)) {
+        assert!(tokio::time::Instant::now() < deadline, "coordinator did not register every node");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut cfg = SwarmClientConfig::new(model_id, boot.clone());
+    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.prefill_chunk = 16;
+    let client = SwarmClient::join(cfg).await.unwrap();
+    let route = client.wait_for_coverage(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(route.peers(), nodes.iter().map(|n| n.peer_id).collect::<Vec<_>>());
+
+    for prompt in PROMPTS {
+        let tokens = engine.prompt_tokens(prompt, true).unwrap();
+        let (e, p, t) = (engine.clone(), params.clone(), tokens.clone());
+        let local = tokio::task::spawn_blocking(move || e.generate(&t, &p, &mut |_| true).unwrap()).await.unwrap();
+        let session = client.session(tokens.len() + params.max_tokens, params.sampling, 0);
+        let handle = tokio::runtime::Handle::current();
+        let (e, p) = (engine.clone(), params.clone());
+        let swarm = tokio::task::spawn_blocking(move || {
+            let mut stepper = SwarmStepper::new(session, handle);
+            let mut decoder = TextStream::new(e.tokenizer().clone());
+            generate::generate(&mut stepper, &tokens, &p, &mut decoder, &mut |_| true).unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(swarm.tokens, local.tokens, "prompt {prompt:?}");
+        assert_eq!(swarm.text, local.text, "prompt {prompt:?}");
+        assert_eq!(swarm.finish, local.finish);
+    }
+}

@@ -1,0 +1,141 @@
+//! Speed measurements for docs/PERFORMANCE.md (ignored by default; run with
+//! `cargo test --release -p shardline-coordinator --test swarm_speed -- --ignored --nocapture`):
+//! decode tokens/s of a 3-stage loopback pipeline vs the single-process engine on SmolLM2, and the round trip of a
+//! one-token hidden-state frame through our codec vs a bare quinn echo of the same bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardline_coordinator::{SwarmClient, SwarmClientConfig};
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, SamplingParams};
+use shardline_node::default_model::model_for_tests;
+use shardline_node::generate::Stepper;
+use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
+use shardline_node::stage::{NodeArgs, start_node};
+use shardline_node::tls::{self, StageIdentity};
+use shardline_node::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DECODE_STEPS: usize = 64;
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run explicitly in release"]
+async fn decode_throughput_three_stages_vs_single_process() {
+    let Some(model) = model_for_tests("decode_throughput_three_stages_vs_single_process") else { return };
+    let prompt: Vec<u32> = (0..16u32).map(|i| 100 + i).collect();
+    let m = model.clone();
+    let p = prompt.clone();
+    let local_tps = tokio::task::spawn_blocking(move || {
+        let files = ModelFiles::open(&m).unwrap();
+        let w = files.weights();
+        let shard = Shard::load(w.as_ref(), LayerRange::new(0, 30), backend(), ShardOptions::default()).unwrap();
+        let pipeline = shardline_node::generate::LocalPipeline::new(vec![Arc::new(shard)]).unwrap();
+        let mut s = pipeline.open_session(p.len() + DECODE_STEPS + 1).unwrap();
+        let mut t = s.step(&p, &SamplingParams::GREEDY, 0).unwrap().token;
+        let start = Instant::now();
+        for _ in 0..DECODE_STEPS {
+            t = s.step(&[t], &SamplingParams::GREEDY, 0).unwrap().token;
+        }
+        DECODE_STEPS as f64 / start.elapsed().as_secs_f64()
+    })
+    .await
+    .unwrap();
+
+    let mut nodes = Vec::new();
+    let mut boot = Vec::new();
+    for (a, b) in [(0, 10), (10, 20), (20, 30)] {
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut args = NodeArgs::new(model.clone(), LayerRange::new(a, b), backend(), listen);
+        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        args.bootstrap = boot.clone();
+        let n = start_node(args).await.unwrap();
+        if boot.is_empty() {
+            boot = n.p2p_addrs.clone();
+        }
+        nodes.push(n);
+    }
+    let mut cfg = SwarmClientConfig::new(nodes[0].model_id.clone(), boot);
+    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let client = SwarmClient::join(cfg).await.unwrap();
+    client.wait_for_coverage(Duration::from_secs(30)).await.unwrap();
+    let mut s = client.session(prompt.len() + DECODE_STEPS + 1, SamplingParams::GREEDY, 0);
+    let mut t = s.step(&prompt).await.unwrap().token;
+    let start = Instant::now();
+    for _ in 0..DECODE_STEPS {
+        t = s.step(&[t]).await.unwrap().token;
+    }
+    let swarm_tps = DECODE_STEPS as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "decode tokens/s: single process {local_tps:.1}, 3-stage loopback swarm {swarm_tps:.1} ({:.2}x)",
+        swarm_tps / local_tps
+    );
+}
+
+/// Median round trip of `rounds` echoes over one stream, after a warm-up.
+async fn echo_rtt(raw: bool, payload: usize, rounds: usize) -> Duration {
+    let id = StageIdentity::generate().unwrap();
+    let server = quinn::Endpoint::server(id.server_config().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let limits = Limits::default();
+        if raw {
+            let mut buf = vec![0u8; payload];
+            while recv.read_exact(&mut buf).await.is_ok() {
+                send.write_all(&buf).await.unwrap();
+            }
+        } else {
+            while let Ok(Some(f)) = read_frame(&mut recv, &limits).await {
+                write_frame(&mut send, &f).await.unwrap();
+            }
+        }
+    });
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(tls::client_config(id.fingerprint()).unwrap());
+    let conn = client.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hidden = vec![0.5f32; (payload - shardline_node::wire::HEADER_LEN) / 4];
+    let frame = Frame::Decode {
+        session: 1,
+        position: 7,
+        data: StageData::Hidden(HiddenStates::from_f32(1, hidden.len(), &hidden).unwrap()),
+    };
+    let bytes = frame.encode();
+    assert_eq!(bytes.len(), payload);
+    let limits = Limits::default();
+    let mut times = Vec::with_capacity(rounds);
+    let mut buf = vec![0u8; payload];
+    for i in 0..rounds + 50 {
+        let t = Instant::now();
+        if raw {
+            send.write_all(&bytes).await.unwrap();
+            recv.read_exact(&mut buf).await.unwrap();
+        } else {
+            write_frame(&mut send, &frame).await.unwrap();
+            let back = read_frame(&mut recv, &limits).await.unwrap().unwrap();
+            assert_eq!(back.session(), 1);
+        }
+        if i >= 50 {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run explicitly in release"]
+async fn one_token_frame_hop_vs_bare_quinn_echo() {
+    // One SmolLM2 position in f32: 576 x 4 bytes of hidden state plus the 36-byte header.
+    let size = 576 * 4 + shardline_node::wire::HEADER_LEN;
+    let bare = echo_rtt(true, size, 2000).await;
+    let framed = echo_rtt(false, size, 2000).await;
+    println!("round trip of a {size}-byte one-token frame: bare quinn echo {bare:?}, shardline codec {framed:?}");
+}
