@@ -42,7 +42,7 @@ fn a_tiny_model_generates_and_bad_requests_fail_cleanly() {
     expect_error(&model, &["--prompt", "hi", "--max-tokens", "1000", "--device", "cpu"], "exceeds the context");
     // Layer range outside the model (2 layers).
     expect_error(&model, &["--prompt", "hi", "--shards", "0..1,1..5", "--device", "cpu"], "layer range 1..5");
-    expect_error(&model, &["--prompt", "hi", "--temperature", "-1"], "--temperature");
+    expect_error(&model, &["--prompt", "hi", "--temperature=-1"], "--temperature");
 }
 
 #[test]
@@ -64,6 +64,18 @@ fn broken_model_files_give_clear_errors() {
 
     let mut w = GgufWriter::new();
     w.add("general.architecture", "llama").unwrap();
+    for (key, value) in [
+        ("llama.block_count", 1u32),
+        ("llama.context_length", 64),
+        ("llama.embedding_length", 256),
+        ("llama.feed_forward_length", 256),
+        ("llama.attention.head_count", 4),
+        ("llama.attention.head_count_kv", 4),
+        ("llama.vocab_size", 32),
+    ] {
+        w.add(key, value).unwrap();
+    }
+    w.add("llama.attention.layer_norm_rms_epsilon", 1e-5f32).unwrap();
     w.add_raw_tensor("blk.0.attn_q.weight", GgmlType::Q6_K, vec![256, 2], vec![0u8; 2 * 210]).unwrap();
     let q6k = dir.path().join("q6k.gguf");
     w.write(&q6k).unwrap();
