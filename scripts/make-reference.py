@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+"""Produces the llama.cpp reference fixture that shardline's model tests compare against.
+
+For each of a few varied prompts this records, from llama.cpp (through llama-cpp-python) on the SmolLM2 GGUF:
+  * the prompt token ids (llama.cpp's tokenizer, special tokens parsed, BOS as the model's metadata says),
+  * the greedy continuation (argmax at every step, cross-checked against llama.cpp's own sampler at temperature 0,
+    top_k 1, no penalties), with each step's top-1/top-2 logit margin,
+  * a teacher-forced evaluation of prompt + continuation: for every position, the top-5 token ids with their raw
+    logits (float32 rounded to 4 decimals), the logit of the token that actually follows, and the log-sum-exp of
+    the whole row (so log-probabilities can be derived without storing 49152 logits per position),
+  * llama.cpp's own noise floor: how far its token-by-token evaluation of the same tokens is from the one-pass one.
+
+Usage:
+  scripts/make-reference.py                       # writes node/tests/fixtures/llamacpp_smollm2.json
+  scripts/make-reference.py --check FIXTURE       # regenerates and fails unless the data equal FIXTURE's
+
+The model is taken from --model, else $SHARDLINE_MODEL, else the cache path that scripts/fetch-model.sh fills.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "node" / "tests" / "fixtures" / "llamacpp_smollm2.json"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+N_THREADS = 2
+N_CTX = 2048
+N_BATCH = 2048
+GREEDY_TOKENS = 32
+TOP_K = 5
+DECIMALS = 4
+
+LONG_PROSE = """\
+Every town has a building that outlives the reason it was built. In ours it is the old grain exchange, a long hall \
+of yellow brick with tall arched windows and a clock that has shown twenty past four for as long as anyone can \
+remember. Farmers once stood under its iron roof trading sacks of barley and oats, shouting prices across the floor \
+while clerks chalked numbers on a board. When the railway closed and the trucks began to drive straight to the mills \
+in the city, the traders drifted away one by one, and for almost a decade the hall stood empty except for pigeons.
+
+Then a group of neighbours decided it should not fall down. They had no plan at first, only a key borrowed from the \
+council and a rota for sweeping the floor on Saturday mornings. A retired carpenter repaired the doors. Two students \
+from the technical college rewired the lights, testing every circuit twice because the original cables were older \
+than their grandparents. Someone brought a kettle, someone else brought chairs, and before long the hall held a \
+market every second Sunday: vegetables, honey, second-hand books, bicycles with new tyres, and a woman who sharpened \
+knives while telling stories about the ships she had worked on as a young engineer.
+
+The market changed the street around it. A bakery opened across the road, then a repair shop for radios and sewing \
+machines, then a small library run entirely by volunteers. Children learned to ride bicycles in the empty car park \
+on weekday evenings. In winter the hall became a place to keep warm; people brought soup in large pots and shared \
+it with whoever came in from the rain. Nobody could say exactly who was in charge, and that seemed to be part of \
+why it worked. Decisions were made at a long table after the market closed, usually over tea, sometimes after an \
+argument that lasted until the lights had to be switched off.
+
+There were difficult years as well. A storm tore several panels from the roof, and water ran down the inside of \
+the north wall for a whole week before the repairs could be paid for. The neighbours held a concert to raise the \
+money: a brass band, a choir of retired nurses, and a teenager who played the piano so quietly that the whole hall \
+leaned forward to hear him. They raised enough for the roof and, to everyone's surprise, enough to fix the clock. \
+On the evening it started again, people gathered under it and cheered when the minute hand finally moved past \
+twenty past four.
+
+Today the exchange is busier than it has been in a hundred years, yet it still has the feeling of a place that \
+belongs to whoever walks in. Visitors sometimes ask who owns it now. The honest answer is complicated, involving \
+a trust, a lease, and a great many signatures, but the answer most people give is simpler. They say it belongs to \
+the town, and then they point to the clock, which keeps good time, and to the floor, which is still swept on \
+Saturday mornings by whoever happens to arrive first."""
+
+PROMPTS = [
+    (
+        "english",
+        (
+            "The lighthouse keeper climbed the narrow stairs every evening at dusk, carrying a lantern and a flask of tea. "
+            "From the top she could see the fishing boats returning to the harbour, one after"
+        ),
+    ),
+    (
+        "code",
+        (
+            "fn fibonacci(n: u64) -> u64 {\n"
+            "    let (mut a, mut b) = (0u64, 1u64);\n"
+            "    for _ in 0..n {\n"
+            "        let next = a + b;\n"
+            "        a = b;\n"
+            "        b = next;\n"
+            "    }\n"
+            "    a\n"
+            "}\n\n"
+            "/// Returns true when `n` is a prime number.\n"
+            "fn is_prime(n: u64) -> bool {\n"
+            "    if n < 2 {\n"
+            "        return"
+        ),
+    ),
+    (
+        "chat",
+        (
+            "<|im_start|>system\nYou are a concise and friendly gardening assistant.<|im_end|>\n"
+            "<|im_start|>user\nHow often should I water a cactus?<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ),
+    ),
+    (
+        "long",
+        LONG_PROSE + "\n\nQuestion: What time did the clock in the grain exchange show for many years?\nAnswer:",
+    ),
+    (
+        "numbers_multilingual",
+        (
+            "Inventory, 2024-03-17:\n"
+            "1. Apples: 142 kg at 2.35 EUR/kg\n"
+            "2. Pears: 87 kg at 3.10 EUR/kg\n"
+            "3. Plums: 19.5 kg at 4.80 EUR/kg\n"
+            "Total weight: 248.5 kg\n\n"
+            "Bonjour, je voudrais deux kilos de pommes, s'il vous plaît.\n"
+            "Guten Morgen! Wie viel kosten die Birnen?\n"
+            "東京の天気は晴れです。\n"
+            "Count from 1 to 20: 1, 2, 3,"
+        ),
+    ),
+]
+
+
+def default_model_path() -> Path:
+    env = os.environ.get("SHARDLINE_MODEL")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "shardline" / "models" / MODEL_FILE
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def logits_row(llm, index: int) -> np.ndarray:
+    """Raw float32 logits of one evaluated position (requires logits_all=True)."""
+    return np.asarray(llm.scores[index], dtype=np.float32)
+
+
+def greedy(llm, prompt_tokens: list[int]) -> tuple[list[int], list[float]]:
+    """Greedy continuation: argmax of llama.cpp's logits at every step, one token evaluated at a time.
+
+    Also returns each step's margin (top-1 minus top-2 logit): a step with a margin below the numerical noise of the
+    implementations compared is a near-tie, after which exact agreement of the continuation cannot be expected.
+    """
+    llm.reset()
+    llm.eval(prompt_tokens)
+    out: list[int] = []
+    margins: list[float] = []
+    for _ in range(GREEDY_TOKENS):
+        row = logits_row(llm, llm.n_tokens - 1)
+        top2 = np.partition(row, row.size - 2)[-2:]
+        token = int(np.argmax(row))
+        out.append(token)
+        margins.append(round(float(top2[1] - top2[0]), DECIMALS))
+        llm.eval([token])
+    return out, margins
+
+
+def self_consistency(llm, tokens: list[int], batched: np.ndarray) -> dict:
+    """How far llama.cpp's token-by-token evaluation is from its one-pass evaluation of the same tokens.
+
+    Both are llama.cpp; the difference comes from the order of floating-point work in attention, amplified by the
+    Q8 quantization of activations. It is the noise floor against which another implementation can be judged.
+    """
+    llm.reset()
+    for token in tokens:
+        llm.eval([token])
+    stepwise = np.asarray(llm.scores[: len(tokens)], dtype=np.float32)
+    diff = np.abs(stepwise - batched)
+    return {
+        "max_abs_logit_diff": round(float(diff.max()), DECIMALS),
+        "mean_abs_logit_diff": round(float(diff.mean()), DECIMALS),
+        "top1_agreement": round(float((stepwise.argmax(axis=1) == batched.argmax(axis=1)).mean()), DECIMALS),
+    }
+
+
+def sampler_greedy(llm, prompt_tokens: list[int]) -> list[int]:
+    """The same continuation from llama.cpp's own sampler chain configured to be greedy (cross-check)."""
+    out: list[int] = []
+    gen = llm.generate(
+        prompt_tokens,
+        top_k=1,
+        top_p=1.0,
+        min_p=0.0,
+        typical_p=1.0,
+        temp=0.0,
+        repeat_penalty=1.0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        reset=True,
+    )
+    for token in gen:
+        out.append(int(token))
+        if len(out) == GREEDY_TOKENS:
+            break
+    return out
+
+
+def teacher_forced(llm, tokens: list[int]) -> tuple[dict, np.ndarray]:
+    """Evaluates all tokens in one pass; summarises every position's logits and returns them all too."""
+    llm.reset()
+    llm.eval(tokens)
+    # A copy: llm.scores is overwritten by the next evaluation.
+    scores = np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+    top_ids, top_logits, target_logits, lse = [], [], [], []
+    for pos in range(len(tokens)):
+        row = scores[pos]
+        # Stable order: larger logit first, smaller id first on ties.
+        order = np.lexsort((np.arange(row.size), -row))[:TOP_K]
+        top_ids.append([int(i) for i in order])
+        top_logits.append([round(float(row[i]), DECIMALS) for i in order])
+        if pos + 1 < len(tokens):
+            target_logits.append(round(float(row[tokens[pos + 1]]), DECIMALS))
+        m = float(row.max())
+        lse.append(round(m + float(np.log(np.exp((row - m).astype(np.float64)).sum())), DECIMALS))
+    summary = {
+        "top_ids": top_ids,
+        "top_logits": top_logits,
+        "target_logits": target_logits,
+        "logsumexp": lse,
+    }
+    return summary, scores
+
+
+def build(model: Path, n_threads: int) -> dict:
+    import llama_cpp
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(model),
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        n_ctx=N_CTX,
+        n_batch=N_BATCH,
+        logits_all=True,
+        seed=0,
+        verbose=False,
+    )
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    cases = []
+    for name, text in PROMPTS:
+        prompt_tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        continuation, margins = greedy(llm, prompt_tokens)
+        via_sampler = sampler_greedy(llm, prompt_tokens)
+        if via_sampler != continuation:
+            raise SystemExit(
+                f"{name}: llama.cpp's greedy sampler disagrees with argmax: {via_sampler} vs {continuation}"
+            )
+        all_tokens = prompt_tokens + continuation
+        forced, scores = teacher_forced(llm, all_tokens)
+        n = len(prompt_tokens)
+        forced_pred = [ids[0] for ids in forced["top_ids"][n - 1 : n - 1 + GREEDY_TOKENS]]
+        cases.append(
+            {
+                "name": name,
+                "prompt": text,
+                "prompt_tokens": prompt_tokens,
+                "continuation_tokens": continuation,
+                "continuation_text": llm.detokenize(continuation, prev_tokens=prompt_tokens, special=True).decode(
+                    "utf-8", errors="replace"
+                ),
+                "continuation_margins": margins,
+                "teacher_forced_greedy_prefix": common_prefix(forced_pred, continuation),
+                "llamacpp_self_consistency": self_consistency(llm, all_tokens, scores),
+                "positions": forced,
+            }
+        )
+        print(
+            f"{name}: {len(prompt_tokens)} prompt tokens, continuation {continuation_preview(cases[-1])}",
+            file=sys.stderr,
+        )
+    llm.close()
+
+    return {
+        "format": "shardline-llamacpp-reference/1",
+        "generator": {
+            "command": " ".join(["scripts/make-reference.py"] + sys.argv[1:]),
+            "llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+        "model": {"file": MODEL_FILE, "sha256": sha256_file(model), "size": model.stat().st_size},
+        "settings": {
+            "n_threads": n_threads,
+            "n_ctx": N_CTX,
+            "n_batch": N_BATCH,
+            "add_bos": add_bos,
+            "parse_special": True,
+            "greedy_tokens": GREEDY_TOKENS,
+            "top_k": TOP_K,
+            "logit_decimals": DECIMALS,
+            "positions": "row i holds the logits after tokens[0..=i] of prompt_tokens + continuation_tokens; "
+            "target_logits[i] is the logit of tokens[i+1]",
+        },
+        "cases": cases,
+    }
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def continuation_preview(case: dict) -> str:
+    return json.dumps(case["continuation_text"][:60], ensure_ascii=False)
+
+
+def dumps(value, indent: int = 0) -> str:
+    """JSON with objects indented and every list of scalars (or row of a matrix) on one line, to stay compact."""
+    pad = " " * indent
+    inner = " " * (indent + 1)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and value and all(isinstance(v, (dict, list)) for v in value):
+        items = [f"{inner}{dumps(v, indent + 1)}" for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: $SHARDLINE_MODEL or cache)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="fixture to write")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=N_THREADS,
+        help="llama.cpp threads (the data do not depend on it; 1 is much faster on a busy machine)",
+    )
+    parser.add_argument("--check", type=Path, default=None, help="compare against this fixture instead of writing")
+    args = parser.parse_args()
+
+    model = args.model or default_model_path()
+    if not model.is_file():
+        print(f"model not found at {model}, run scripts/fetch-model.sh", file=sys.stderr)
+        return 2
+    data = build(model, args.threads)
+
+    if args.check:
+        old = json.loads(args.check.read_text(encoding="utf-8"))
+        # The thread count changes how work is split, not the results, so it is left out of the comparison.
+        old_settings = {k: v for k, v in old["settings"].items() if k != "n_threads"}
+        new_settings = {k: v for k, v in data["settings"].items() if k != "n_threads"}
+        same = old["cases"] == data["cases"] and old["model"] == data["model"] and old_settings == new_settings
+        if not same:
+            for a, b in zip(old["cases"], data["cases"]):
+                if a != b:
+                    print(f"case {a['name']} differs", file=sys.stderr)
+            print(f"{args.check}: regenerated data differ", file=sys.stderr)
+            return 1
+        print(
+            f"{args.check}: regenerated data ({args.threads} threads) are identical to the fixture "
+            f"({old['settings']['n_threads']} threads)",
+            file=sys.stderr,
+        )
+        return 0
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(dumps(data) + "\n", encoding="utf-8")
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
