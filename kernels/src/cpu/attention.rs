@@ -81,12 +81,16 @@ pub(crate) fn attention(
     if s.n_heads == 0 || s.n_kv_heads == 0 || s.head_dim == 0 || s.block_tokens == 0 {
         return Err(shape_err(OP, format!("empty geometry {s:?}")));
     }
-    if s.n_heads % s.n_kv_heads != 0 {
+    if !s.n_heads.is_multiple_of(s.n_kv_heads) {
         return Err(shape_err(OP, format!("{} heads do not group over {} KV heads", s.n_heads, s.n_kv_heads)));
     }
     let width = s.n_heads * s.head_dim;
     let kv_width = s.n_kv_heads * s.head_dim;
-    if q.len() % width != 0 || out.len() != q.len() || k_cache.len() % kv_width != 0 || v_cache.len() != k_cache.len() {
+    if !q.len().is_multiple_of(width)
+        || out.len() != q.len()
+        || !k_cache.len().is_multiple_of(kv_width)
+        || v_cache.len() != k_cache.len()
+    {
         return Err(shape_err(OP, "q/out or cache lengths do not match the head geometry"));
     }
     let q_rows = q.len() / width;

@@ -12,7 +12,7 @@ pub(crate) fn store(
     slots: &[u32],
     width: usize,
 ) -> Result<()> {
-    let capacity = if width == 0 { 0 } else { k_cache.len() / width };
+    let capacity = k_cache.len().checked_div(width).unwrap_or(0);
     if let Some(&slot) = slots.iter().find(|&&s| s as usize >= capacity) {
         return Err(KernelError::KvSlot { slot: slot as usize, capacity });
     }

@@ -31,7 +31,7 @@ fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// Row-wise RMSNorm of `x: [rows, width]` into `out`; sizes checked by the caller.
 pub(crate) fn rms_norm(pool: &Pool, x: &[f32], w: &[f32], eps: f32, out: &mut [f32], width: usize) {
-    let rows = if width == 0 { 0 } else { x.len() / width };
+    let rows = x.len().checked_div(width).unwrap_or(0);
     let chunks = pool.row_chunks(rows, width, SERIAL_ELEMS);
     let items: Vec<_> = split_mut(out, &chunks, width);
     pool.run_each(items, |(range, out)| {
@@ -51,7 +51,7 @@ pub(crate) fn add_rms_norm(
     out: &mut [f32],
     width: usize,
 ) {
-    let rows = if width == 0 { 0 } else { x.len() / width };
+    let rows = x.len().checked_div(width).unwrap_or(0);
     let chunks = pool.row_chunks(rows, width, SERIAL_ELEMS);
     let outs = split_mut(out, &chunks, width);
     let res = split_mut(residual, &chunks, width);

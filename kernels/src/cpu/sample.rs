@@ -88,7 +88,7 @@ fn draw(logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &SamplingPara
         let mut cum = 0.0;
         let mut n = 0;
         while n < k {
-            order.ensure((2 * n).clamp(64, k).max(n + 1));
+            order.reach(n, k);
             cum += weight(order.idx[n]);
             n += 1;
             if cum >= goal {
@@ -102,7 +102,7 @@ fn draw(logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &SamplingPara
     let target = u as f64 * mass;
     let mut cum = 0.0;
     for n in 0..kept {
-        order.ensure((2 * n).clamp(64, kept).max(n + 1));
+        order.reach(n, kept);
         let i = order.idx[n];
         cum += weight(i);
         if cum > target {
@@ -128,6 +128,14 @@ impl<'a> SortedPrefix<'a> {
 
     fn cmp(logits: &[f32], a: u32, b: u32) -> Ordering {
         logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+    }
+
+    /// Makes entry `n` (`< limit`) sorted, extending the sorted prefix geometrically (at least 64, doubling) so a walk
+    /// down the order costs O(vocab) selections in total.
+    fn reach(&mut self, n: usize, limit: usize) {
+        if n >= self.sorted {
+            self.ensure((2 * self.sorted).max(64).max(n + 1).min(limit));
+        }
     }
 
     /// Makes the first `k` entries the `k` best, in order.

@@ -1,5 +1,8 @@
 //! AVX2 + FMA + F16C kernels, one 32-value block per 256-bit register. Integer block dot products use
 //! `vpmaddubsw`/`vpmaddwd`, or the VEX `vpdpbusd` of AVX-VNNI where the CPU has it; the results are identical.
+// Register tiles and lanes are fixed-size arrays indexed by row, activation row and lane; index loops
+// mirror the definitions in `super` most directly.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 use std::ops::Range;

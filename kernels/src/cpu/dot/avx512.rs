@@ -7,6 +7,9 @@
 //! - Q8_0: blocks side by side, `z = 8h + l`; signed × signed becomes `(a + 128)·w − 128·w`, with `a + 128` stored
 //!   by the activation quantiser ([`super::act::ActLayout::PairBiased`]).
 //! - Float weights: two registers cover lanes `0..16` and `16..32` of the 32 accumulators.
+// Register tiles and lanes are fixed-size arrays indexed by row, activation row and lane; index loops
+// mirror the definitions in `super` most directly.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 use std::ops::Range;

@@ -1,4 +1,7 @@
 //! Portable kernels: the literal form of the arithmetic defined in [`super`], which the SIMD levels must match.
+// Register tiles and lanes are fixed-size arrays indexed by row, activation row and lane; index loops
+// mirror the definitions in `super` most directly.
+#![allow(clippy::needless_range_loop)]
 
 use std::ops::Range;
 

@@ -1,0 +1,89 @@
+//! CPU matmul per weight dtype at the SmolLM2-135M decode shapes and at 4096 × 4096.
+//!
+//! - `matmul_decode/<dtype>/<k>x<n>`: one activation row (T = 1), the decode case. Throughput is the weight bytes
+//!   streamed per call, so criterion's rate reads as GB/s of weights (memory-bound when the weights exceed the caches).
+//! - `matmul_prefill/<dtype>/<k>x<n>x<t>`: T = 64 activation rows. Throughput counts `2·T·K·N` floating-point
+//!   operations as "elements", so criterion's `Gelem/s` reads as GFLOP/s.
+//!
+//! Threads: all cores (`SHARDLINE_BENCH_THREADS` overrides). `SHARDLINE_BENCH_QUICK=1` shortens the measurement.
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
+
+fn config() -> Criterion {
+    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let c = Criterion::default().sample_size(20);
+    if quick {
+        c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(600))
+    } else {
+        c.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
+    }
+}
+
+fn backend() -> CpuBackend {
+    match std::env::var("SHARDLINE_BENCH_THREADS").ok().and_then(|v| v.parse().ok()) {
+        Some(threads) => CpuBackend::new(threads),
+        None => CpuBackend::default(),
+    }
+}
+
+/// Deterministic values in [-1, 1) (never all zero, so quantisation scales are realistic).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64).map(|i| rng::uniform(seed, i) * 2.0 - 1.0).collect()
+}
+
+fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
+    let bytes = quant::quantize(dtype, &values(n * k, 7)).expect("quantise bench weights");
+    be.upload_weight(dtype, &[n, k], HostBytes::from_vec(bytes)).expect("upload bench weights")
+}
+
+/// SmolLM2-135M matmuls at T = 1 as `(k, n)`: attention q/o, k/v, MLP gate/up, MLP down, and 4096² for scale.
+const DECODE_SHAPES: [(usize, usize); 5] = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096)];
+
+fn bench_decode(c: &mut Criterion) {
+    let be = backend();
+    eprintln!("kernels bench on {}", be.describe());
+    let mut group = c.benchmark_group("matmul_decode");
+    let mut cases: Vec<(DType, usize, usize)> =
+        DType::ALL.iter().flat_map(|&d| DECODE_SHAPES.iter().map(move |&(k, n)| (d, k, n))).collect();
+    // The tied LM head of SmolLM2 (token_embd, Q8_0).
+    cases.push((DType::Q8_0, 576, 49152));
+    for (dtype, k, n) in cases {
+        let w = weight(&be, dtype, n, k);
+        let x = be.upload_f32(&[1, k], &values(k, 3)).expect("upload x");
+        let mut out = be.alloc(&[1, n]).expect("alloc out");
+        group.throughput(Throughput::Bytes(w.byte_len() as u64));
+        group.bench_function(BenchmarkId::new(dtype.name(), format!("{k}x{n}")), |b| {
+            b.iter(|| be.matmul(&x, &w, &mut out).expect("matmul"))
+        });
+    }
+    group.finish();
+}
+
+fn bench_prefill(c: &mut Criterion) {
+    let be = backend();
+    let mut group = c.benchmark_group("matmul_prefill");
+    let t = 64;
+    for dtype in DType::ALL {
+        for (k, n) in [(576, 1536), (4096, 4096)] {
+            let w = weight(&be, dtype, n, k);
+            let x = be.upload_f32(&[t, k], &values(t * k, 3)).expect("upload x");
+            let mut out = be.alloc(&[t, n]).expect("alloc out");
+            group.throughput(Throughput::Elements((2 * t * k * n) as u64));
+            group.bench_function(BenchmarkId::new(dtype.name(), format!("{k}x{n}x{t}")), |b| {
+                b.iter(|| be.matmul(&x, &w, &mut out).expect("matmul"))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_decode, bench_prefill
+}
+criterion_main!(benches);
