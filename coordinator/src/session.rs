@@ -207,28 +207,23 @@ impl PipelineSession {
             return Ok(None);
         }
         let expected = self.position;
-        {
-            let Some((i, ev)) = self.events.recv().await else {
-                return Err(SessionError::Protocol("every stage stream ended".into()));
-            };
-            let peer = self.route.stages[i].peer;
-            match ev {
-                StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => {
-                    return Ok(Some(result));
-                }
-                StageEvent::Frame(Frame::Error { code, message, .. }) => {
-                    let n = self.route.stages.len();
-                    let blamed =
-                        if code == ErrorCode::Downstream && i + 1 < n { self.route.stages[i + 1].peer } else { peer };
-                    return Err(SessionError::Stage { peer: blamed, code, message });
-                }
-                StageEvent::Frame(other) => {
-                    return Err(SessionError::Protocol(format!("stage {peer} sent {:?} frame", other.kind())));
-                }
-                StageEvent::Gone(detail) => {
-                    return Err(SessionError::Stage { peer, code: ErrorCode::Other(0), message: detail });
-                }
+        let Some((i, ev)) = self.events.recv().await else {
+            return Err(SessionError::Protocol("every stage stream ended".into()));
+        };
+        let peer = self.route.stages[i].peer;
+        match ev {
+            StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => Ok(Some(result)),
+            StageEvent::Frame(Frame::Error { code, message, .. }) => {
+                // A stage that lost its successor points at the successor.
+                let n = self.route.stages.len();
+                let blamed =
+                    if code == ErrorCode::Downstream && i + 1 < n { self.route.stages[i + 1].peer } else { peer };
+                Err(SessionError::Stage { peer: blamed, code, message })
             }
+            StageEvent::Frame(other) => {
+                Err(SessionError::Protocol(format!("stage {peer} sent an unexpected {:?} frame", other.kind())))
+            }
+            StageEvent::Gone(detail) => Err(SessionError::Stage { peer, code: ErrorCode::Other(0), message: detail }),
         }
     }
 

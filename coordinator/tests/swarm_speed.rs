@@ -16,7 +16,6 @@ use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
 use shardline_node::stage::{NodeArgs, start_node};
 use shardline_node::tls::{self, StageIdentity};
 use shardline_node::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DECODE_STEPS: usize = 64;
 
