@@ -77,7 +77,8 @@ struct Inner {
     config: SwarmClientConfig,
     dht: DhtClient,
     registry: Arc<NodeRegistry>,
-    discovery: Discovery,
+    /// `None` when the client shares a coordinator's registry (the coordinator runs discovery).
+    discovery: Option<Discovery>,
     pool: ConnectionPool,
 }
 
@@ -97,10 +98,19 @@ impl SwarmClient {
         let mut dcfg = config.discovery.clone();
         dcfg.models.push(config.model_id.clone());
         let discovery = Discovery::spawn(dht.clone(), events, registry.clone(), dcfg);
-        let endpoint =
-            quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).map_err(ClientError::Endpoint)?;
-        let pool = ConnectionPool::new(endpoint);
-        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery, pool }) })
+        let pool = client_pool()?;
+        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: Some(discovery), pool }) })
+    }
+
+    /// A client over a registry someone else keeps current (a coordinator's: see `CoordinatorHandle::client`); it
+    /// runs no discovery of its own.
+    pub fn with_registry(
+        dht: DhtClient,
+        registry: Arc<NodeRegistry>,
+        config: SwarmClientConfig,
+    ) -> Result<SwarmClient, ClientError> {
+        let pool = client_pool()?;
+        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: None, pool }) })
     }
 
     pub fn registry(&self) -> &Arc<NodeRegistry> {
@@ -111,8 +121,9 @@ impl SwarmClient {
         &self.inner.dht
     }
 
-    pub fn discovery(&self) -> &Discovery {
-        &self.inner.discovery
+    /// The client's own discovery, unless it shares a coordinator's registry.
+    pub fn discovery(&self) -> Option<&Discovery> {
+        self.inner.discovery.as_ref()
     }
 
     pub fn config(&self) -> &SwarmClientConfig {
@@ -146,6 +157,12 @@ impl SwarmClient {
             routes: Vec::new(),
         }
     }
+}
+
+fn client_pool() -> Result<ConnectionPool, ClientError> {
+    let endpoint =
+        quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).map_err(ClientError::Endpoint)?;
+    Ok(ConnectionPool::new(endpoint))
 }
 
 /// One generation session over the swarm, surviving stage failures.

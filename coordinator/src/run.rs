@@ -57,6 +57,15 @@ pub struct CoordinatorHandle {
     pub p2p_addrs: Vec<Multiaddr>,
 }
 
+impl CoordinatorHandle {
+    /// A session runner for `model_id` over this coordinator's registry (what the HTTP API uses).
+    pub fn client(&self, model_id: &str) -> Result<crate::client::SwarmClient, crate::client::ClientError> {
+        self.discovery.watch(model_id);
+        let config = crate::client::SwarmClientConfig::new(model_id, Vec::new());
+        crate::client::SwarmClient::with_registry(self.dht.clone(), self.registry.clone(), config)
+    }
+}
+
 /// Joins the DHT and starts discovery.
 pub async fn start_coordinator(args: CoordinatorArgs) -> Result<CoordinatorHandle, CoordinatorError> {
     let keypair = match &args.key_file {

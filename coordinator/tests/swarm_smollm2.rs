@@ -57,14 +57,19 @@ async fn three_smollm2_nodes_match_the_single_process_engine() {
         assert!(tokio::time::Instant::now() < deadline, "coordinator did not register every node");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut cfg = SwarmClientConfig::new(model_id, boot.clone());
+    // Two owners: a client that joins the swarm on its own, and the coordinator running sessions over its registry.
+    let mut cfg = SwarmClientConfig::new(model_id.clone(), boot.clone());
     cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     cfg.prefill_chunk = 16;
-    let client = SwarmClient::join(cfg).await.unwrap();
-    let route = client.wait_for_coverage(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(route.peers(), nodes.iter().map(|n| n.peer_id).collect::<Vec<_>>());
+    let joined = SwarmClient::join(cfg).await.unwrap();
+    let on_coordinator = coordinator.client(&model_id).unwrap();
+    for client in [&joined, &on_coordinator] {
+        let route = client.wait_for_coverage(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(route.peers(), nodes.iter().map(|n| n.peer_id).collect::<Vec<_>>());
+    }
 
-    for prompt in PROMPTS {
+    for (k, prompt) in PROMPTS.iter().enumerate() {
+        let client = if k % 2 == 0 { &joined } else { &on_coordinator };
         let tokens = engine.prompt_tokens(prompt, true).unwrap();
         let (e, p, t) = (engine.clone(), params.clone(), tokens.clone());
         let local = tokio::task::spawn_blocking(move || e.generate(&t, &p, &mut |_| true).unwrap()).await.unwrap();
