@@ -260,7 +260,7 @@ impl NodeRegistry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use libp2p::identity::Keypair;
     use shardline_node::announce::now_ms;
     use shardline_node::model::LayerRange;

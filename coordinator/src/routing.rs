@@ -376,4 +376,42 @@ mod tests {
         // Debug builds are several times slower than release; the bound holds for both.
         assert!(per < Duration::from_millis(10), "planning took {per:?}");
     }
+
+    #[tokio::test]
+    async fn coverage_policies_fail_fast_or_wait_for_nodes() {
+        use libp2p::identity::Keypair;
+
+        use crate::registry::tests::announcement;
+        use crate::registry::{NodeRegistry, RegistryConfig};
+
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let none = HashSet::new();
+        assert_eq!(
+            route(&reg, "m", &none, CoveragePolicy::FailFast).await.unwrap_err(),
+            RouteError::UnknownModel("m".into())
+        );
+        reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 10), 30)).unwrap();
+        let err = route(&reg, "m", &none, CoveragePolicy::FailFast).await.unwrap_err();
+        assert_eq!(
+            err,
+            RouteError::Uncovered { model_id: "m".into(), n_layers: 30, missing: vec![LayerRange::new(10, 30)] }
+        );
+        // Waiting: the missing node registers a little later and the route comes through.
+        let late = reg.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            late.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(10, 30), 30)).unwrap();
+        });
+        let wait = CoveragePolicy::WaitAndRetry { timeout: Duration::from_secs(5) };
+        let r = route(&reg, "m", &none, wait).await.unwrap();
+        assert_eq!(spans(&r), vec![(0, 10), (10, 30)]);
+        // Waiting that runs out reports what is still missing.
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(5, 30), 30)).unwrap();
+        let t = Instant::now();
+        let short = CoveragePolicy::WaitAndRetry { timeout: Duration::from_millis(300) };
+        let err = route(&reg, "m", &none, short).await.unwrap_err();
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        assert!(matches!(err, RouteError::Uncovered { ref missing, .. } if missing == &vec![LayerRange::new(0, 5)]));
+    }
 }
