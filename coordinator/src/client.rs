@@ -2,6 +2,39 @@
 //! sessions over QUIC with failover: a failed stage is banned (with growing backoff), a new route is planned, and the
 //! session's token history is re-prefilled on it. Because sampling depends only on `(seed, position)`, the text is
 //! the same as an undisturbed run.
+//!
+//! `shardline generate --swarm` is the local generation loop over a [`SwarmStepper`]:
+//!
+//! ```no_run
+//! # async fn demo(model: &std::path::Path, bootstrap: libp2p::Multiaddr) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmStepper};
+//! use shardline_node::engine::{TextStream, encode_prompt, load_tokenizer, stop_tokens};
+//! use shardline_node::generate::{self, GenerateParams};
+//! use shardline_node::model::{ModelFiles, ModelId};
+//!
+//! // The tokenizer and the model id come from a local copy of the model file; no weights are loaded.
+//! let files = ModelFiles::open(model)?;
+//! let tokenizer = Arc::new(load_tokenizer(&files)?);
+//! let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
+//! let client = SwarmClient::join(SwarmClientConfig::new(model_id, vec![bootstrap])).await?;
+//! let prompt = encode_prompt(&tokenizer, "Hello!", true)?;
+//! let params = GenerateParams { stop_tokens: stop_tokens(&tokenizer), ..GenerateParams::default() };
+//! let session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
+//! let handle = tokio::runtime::Handle::current();
+//! let generation = tokio::task::spawn_blocking(move || {
+//!     let mut stepper = SwarmStepper::new(session, handle);
+//!     let mut decoder = TextStream::new(tokenizer);
+//!     generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut |text| {
+//!         print!("{text}");
+//!         true
+//!     })
+//! })
+//! .await??;
+//! println!("\n{} tokens", generation.tokens.len());
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
