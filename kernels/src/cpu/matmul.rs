@@ -2,13 +2,15 @@
 //!
 //! Quantised weights are used as they are stored (no dequantised copy): the activation rows are quantised once to
 //! 8-bit blocks and multiplied with integer block dot products, as llama.cpp does. Output rows `n` are split into
-//! tasks for the thread pool; small matmuls (a few tens of kilobytes of weights) stay on the calling thread, since a
+//! tasks for the thread pool; small matmuls (under about 100 KB of weights) stay on the calling thread, since a
 //! fork costs about as much as the work. The split never changes a result (see [`super::dot`]).
+
+use std::cell::RefCell;
 
 use super::CpuBackend;
 use super::access::{act, act_mut, check_2d, weight_bytes};
-use super::dot::act::quantize_rows;
-use super::dot::{Out, Rhs, Weights, act_layout, gemm};
+use super::dot::act::QuantAct;
+use super::dot::{Out, Rhs, Weights, act_plan, gemm};
 use super::parallel::split_range;
 use crate::DType;
 use crate::error::{KernelError, Result, shape_err};
@@ -17,10 +19,15 @@ use crate::tensor::Tensor;
 const OP: &str = "matmul";
 
 /// Weight bytes × activation rows below which a matmul runs on the calling thread.
-const SERIAL_WORK: usize = 48 * 1024;
+const SERIAL_WORK: usize = 96 * 1024;
 
 /// Tasks per thread: enough to even out uneven progress, few enough to keep the per-task cost negligible.
 const TASKS_PER_THREAD: usize = 4;
+
+thread_local! {
+    /// Quantised activations of the calling thread's current matmul; the buffers are reused across calls.
+    static ACT: RefCell<QuantAct> = RefCell::new(QuantAct::default());
+}
 
 pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()> {
     if w.shape().len() != 2 {
@@ -43,16 +50,6 @@ pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) 
     }
     let weights = Weights { dtype, bytes, k, row_bytes };
     let level = be.simd;
-    let quantised = match dtype {
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-            Some(quantize_rows(xs, t_rows, k, act_layout(level, dtype), dtype == DType::Q4_0))
-        }
-        DType::F32 | DType::F16 | DType::BF16 => None,
-    };
-    let rhs = match &quantised {
-        Some(a) => Rhs::Quant(a),
-        None => Rhs::Float(xs),
-    };
     let out_data = act_mut(OP, out)?;
     if n == 0 || t_rows == 0 {
         return Ok(());
@@ -61,6 +58,17 @@ pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) 
     let work = n.saturating_mul(row_bytes.max(1)).saturating_mul(t_rows);
     let parts = if work <= SERIAL_WORK { 1 } else { be.pool.threads() * TASKS_PER_THREAD };
     let ranges = split_range(n, parts, 4);
-    be.pool.run(ranges.len(), |i| gemm(level, &weights, rhs, t_rows, ranges[i].clone(), o));
+    let run = |rhs: Rhs<'_>| be.pool.run(ranges.len(), |i| gemm(level, &weights, rhs, t_rows, ranges[i].clone(), o));
+    match dtype {
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            let plan = act_plan(level, dtype);
+            // The quantised activations live in a buffer of the calling thread, reused from call to call.
+            ACT.with_borrow_mut(|act| {
+                act.fill(xs, t_rows, k, plan);
+                run(Rhs::Quant(act));
+            });
+        }
+        DType::F32 | DType::F16 | DType::BF16 => run(Rhs::Float(xs)),
+    }
     Ok(())
 }

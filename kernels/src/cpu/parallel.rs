@@ -1,16 +1,24 @@
-//! Fork-join over the backend's own rayon pool, built for calls that last only microseconds.
+//! Fork-join for calls that last only microseconds, on the backend's own threads.
 //!
-//! A call splits its work into `n` numbered tasks. The calling thread works through them itself, and `threads − 1`
-//! helper jobs on the pool claim tasks from the same atomic counter. The caller never waits for a helper to *start*
-//! (a sleeping worker can take tens of microseconds to wake): it waits only for tasks a helper has already claimed.
-//! A helper that starts late finds no task left and returns without touching the caller's data.
+//! A call splits its work into `n` numbered tasks. The calling thread works through them itself, and the helper
+//! threads (`threads − 1` workers of the backend's rayon pool) claim tasks from the same atomic counter. The caller
+//! never waits for a helper to *start*: it waits only for tasks a helper has already claimed. A helper that arrives
+//! late finds no task left and returns without touching the caller's data.
+//!
+//! Between calls a helper spins for a short while ([`SPIN_BEFORE_PARK`]) before it parks: a decode step issues a
+//! matmul every few microseconds, and waking a parked thread costs a futex call on the caller's side and tens of
+//! microseconds of latency, both measured as several percent of a decode step with rayon's own job queue.
 //!
 //! Which thread runs a task never changes what the task computes, so results do not depend on the thread count.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long an idle helper keeps polling for the next call before it parks.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(300);
 
 /// Task body with its lifetime erased; only dereferenced for a claimed task, while the caller waits in [`Pool::run`].
 type TaskFn = dyn Fn(usize) + Sync;
@@ -45,8 +53,7 @@ impl Job {
             let result = panic::catch_unwind(AssertUnwindSafe(|| f(i)));
             let failed = result.is_err();
             if let Err(payload) = result {
-                let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
-                slot.get_or_insert(payload);
+                lock(&self.panic).get_or_insert(payload);
             }
             self.done.fetch_add(1, Ordering::AcqRel);
             if failed {
@@ -56,33 +63,116 @@ impl Job {
     }
 }
 
-/// The compute threads of one backend: the caller plus `threads − 1` rayon workers.
-#[derive(Debug)]
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State shared by the caller and the helpers.
+#[derive(Default)]
+struct Shared {
+    /// Bumped after each new job is published in `current`.
+    epoch: AtomicU64,
+    current: Mutex<Option<Arc<Job>>>,
+    /// Helpers parked on `wake` (changed under `parked_lock`).
+    parked: AtomicUsize,
+    parked_lock: Mutex<()>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+}
+
+impl Shared {
+    /// Body of each helper thread: wait for a job, help with it, repeat until shutdown.
+    fn helper_loop(&self) {
+        let mut seen = self.epoch.load(Ordering::SeqCst);
+        while self.wait_for_work(&mut seen) {
+            let job = lock(&self.current).clone();
+            if let Some(job) = job {
+                job.work();
+            }
+        }
+    }
+
+    /// Waits until the epoch moves past `seen` (true) or the pool shuts down (false): spinning first, then parked.
+    fn wait_for_work(&self, seen: &mut u64) -> bool {
+        let start = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return false;
+            }
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            if epoch != *seen {
+                *seen = epoch;
+                return true;
+            }
+            polls = polls.wrapping_add(1);
+            if !polls.is_multiple_of(128) || start.elapsed() < SPIN_BEFORE_PARK {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut guard = lock(&self.parked_lock);
+            self.parked.fetch_add(1, Ordering::SeqCst);
+            // Checked after announcing the park: a publisher that missed the announcement bumped the epoch first.
+            while self.epoch.load(Ordering::SeqCst) == *seen && !self.shutdown.load(Ordering::Acquire) {
+                guard = self.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+            self.parked.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Makes `job` the current one and wakes parked helpers.
+    fn publish(&self, job: &Arc<Job>) {
+        *lock(&self.current) = Some(Arc::clone(job));
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) > 0 {
+            let _guard = lock(&self.parked_lock);
+            self.wake.notify_all();
+        }
+    }
+
+    fn stop(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        let _guard = lock(&self.parked_lock);
+        self.wake.notify_all();
+    }
+}
+
+/// The compute threads of one backend: the caller plus `threads − 1` helpers living on a private rayon pool.
 pub(crate) struct Pool {
     threads: usize,
+    shared: Arc<Shared>,
+    /// Owns the helper threads; each runs [`Shared::helper_loop`] until the pool is dropped.
     workers: Option<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("threads", &self.threads).finish_non_exhaustive()
+    }
 }
 
 impl Pool {
     /// A pool of `threads` compute threads in total (at least 1); the calling thread counts as one of them.
     pub(crate) fn new(threads: usize) -> Result<Self, rayon::ThreadPoolBuildError> {
         let threads = threads.max(1);
+        let shared = Arc::new(Shared::default());
         let workers = if threads > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads - 1)
-                    .thread_name(|i| format!("shardline-cpu-{i}"))
-                    .build()?,
-            )
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads - 1)
+                .thread_name(|i| format!("shardline-cpu-{i}"))
+                .build()?;
+            let s = Arc::clone(&shared);
+            pool.spawn_broadcast(move |_| s.helper_loop());
+            Some(pool)
         } else {
             None
         };
-        Ok(Self { threads, workers })
+        Ok(Self { threads, shared, workers })
     }
 
     /// A pool that computes on the calling thread only.
     pub(crate) fn single() -> Self {
-        Self { threads: 1, workers: None }
+        Self { threads: 1, shared: Arc::new(Shared::default()), workers: None }
     }
 
     pub(crate) fn threads(&self) -> usize {
@@ -92,13 +182,10 @@ impl Pool {
     /// Runs `f(0) .. f(n − 1)`, each exactly once, spread over the compute threads; returns when all have finished.
     /// A panic in any task is re-raised here after every claimed task has finished.
     pub(crate) fn run(&self, n: usize, f: impl Fn(usize) + Sync) {
-        let workers = match &self.workers {
-            Some(w) if n > 1 => w,
-            _ => {
-                (0..n).for_each(f);
-                return;
-            }
-        };
+        if self.workers.is_none() || n <= 1 {
+            (0..n).for_each(f);
+            return;
+        }
         let f_ref: &(dyn Fn(usize) + Sync) = &f;
         // SAFETY: only the lifetime is erased. The pointer is dereferenced only for claimed tasks, and this function
         // does not return (or unwind) before `done` counts every claimed task, so `f` outlives every use.
@@ -110,26 +197,29 @@ impl Pool {
             f: f_ptr,
             panic: Mutex::new(None),
         });
-        for _ in 0..(self.threads - 1).min(n - 1) {
-            let job = Arc::clone(&job);
-            workers.spawn(move || job.work());
-        }
+        self.shared.publish(&job);
         job.work();
         // Stop further claims (a no-op unless the caller stopped early after a panic), then wait for claimed tasks.
         let claimed = job.next.fetch_add(n, Ordering::AcqRel).min(n);
         let mut spins = 0u32;
         while job.done.load(Ordering::Acquire) < claimed {
-            if spins < 1 << 12 {
+            if spins < 1 << 14 {
                 std::hint::spin_loop();
                 spins += 1;
             } else {
                 std::thread::yield_now();
             }
         }
-        let payload = job.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let payload = lock(&job.panic).take();
         if let Some(payload) = payload {
             panic::resume_unwind(payload);
         }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.stop();
     }
 }
 
@@ -142,7 +232,7 @@ impl Pool {
         }
         let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|x| Mutex::new(Some(x))).collect();
         self.run(slots.len(), |i| {
-            let item = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            let item = lock(&slots[i]).take();
             if let Some(item) = item {
                 f(item);
             }

@@ -13,58 +13,62 @@ use crate::rng;
 
 const OP: &str = "sample";
 
-/// Draws a token from one row of logits.
+/// Draws a token from one row of logits. NaN logits count as −inf: they are never drawn.
 pub(crate) fn sample(logits: &[f32], params: &SamplingParams, position: u64, n_top: usize) -> Result<Sampled> {
-    if logits.is_empty() {
-        return Err(shape_err(OP, "empty vocabulary"));
-    }
     if params.temperature.is_nan() {
         return Err(shape_err(OP, "temperature is NaN"));
     }
     if params.top_p.is_nan() || params.top_p <= 0.0 {
         return Err(shape_err(OP, format!("top_p must be in (0, 1], got {}", params.top_p)));
     }
-    // NaN logits never win: they count as −inf.
-    let clean: Vec<f32> = logits.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }).collect();
-    let max = clean.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    if max == f32::NEG_INFINITY {
-        return Err(shape_err(OP, "no finite logit"));
-    }
+    let (best, max) = argmax(logits).ok_or_else(|| shape_err(OP, "no finite logit"))?;
     if max == f32::INFINITY {
         return Err(shape_err(OP, "infinite logit"));
     }
     // log Σ e^(l − max), the untempered normaliser.
-    let log_z = sum_lanes(clean.iter().map(|&l| math::exp(l - max) as f64)).ln();
-    let logprob = |i: usize| ((clean[i] - max) as f64 - log_z) as f32;
+    let log_z = sum_exp(logits, max, 1.0).ln();
+    let logprob = |i: usize| ((logits[i] - max) as f64 - log_z) as f32;
 
-    let mut order = SortedPrefix::new(&clean);
+    let mut order = SortedPrefix::new(logits);
     let token = if params.temperature <= 0.0 {
-        argmax(&clean)
+        best
     } else {
-        draw(&clean, max, &mut order, params, rng::uniform(params.seed, position))
+        draw(logits, max, &mut order, params, rng::uniform(params.seed, position))
     };
-    let n_top = n_top.min(clean.len());
+    let n_top = n_top.min(logits.len());
     order.ensure(n_top);
     let top = order.idx[..n_top].iter().map(|&i| (i, logprob(i as usize))).collect();
     Ok(Sampled { token, logprob: logprob(token as usize), top })
 }
 
-/// First index of the largest value.
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
+/// First index of the largest logit and that logit; `None` when no logit is above −inf (all −inf or NaN).
+fn argmax(v: &[f32]) -> Option<(u32, f32)> {
+    let mut best = None;
+    let mut max = f32::NEG_INFINITY;
     for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
+        if x > max {
+            max = x;
+            best = Some(i as u32);
         }
     }
-    best as u32
+    best.map(|b| (b, max))
 }
 
-/// Sum in f64 with 8 interleaved lanes (vectorises; fixed order).
-fn sum_lanes(it: impl Iterator<Item = f64>) -> f64 {
+/// `Σ e^((l − max)·scale)` over the non-NaN logits: exponentials in f32, sums in f64 over 8 interleaved lanes.
+fn sum_exp(logits: &[f32], max: f32, scale: f32) -> f64 {
+    let term = |l: f32| {
+        let e = math::exp((l - max) * scale);
+        if e.is_nan() { 0.0 } else { e as f64 }
+    };
     let mut acc = [0.0f64; 8];
-    for (i, v) in it.enumerate() {
-        acc[i % 8] += v;
+    let mut chunks = logits.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += term(c[i]);
+        }
+    }
+    for (i, &l) in chunks.remainder().iter().enumerate() {
+        acc[i] += term(l);
     }
     acc.iter().sum()
 }
@@ -72,12 +76,12 @@ fn sum_lanes(it: impl Iterator<Item = f64>) -> f64 {
 /// Temperature, top-k, top-p, then the inverse-CDF draw at `u ∈ [0, 1)`.
 fn draw(logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &SamplingParams, u: f32) -> u32 {
     let inv_t = 1.0 / p.temperature;
-    let weight = |i: u32| math::exp((logits[i as usize] - max) * inv_t) as f64;
+    let weight = |i: u32| math::exp((key(logits, i) - max) * inv_t) as f64;
     let vocab = logits.len();
     let k = if p.top_k == 0 { vocab } else { p.top_k.min(vocab) };
     // Mass of the top-k set: in token order over the whole vocabulary, or in sorted order over a top-k prefix.
     let mass_k = if k == vocab {
-        sum_lanes((0..vocab as u32).map(weight))
+        sum_exp(logits, max, inv_t)
     } else {
         order.ensure(k);
         order.idx[..k].iter().map(|&i| weight(i)).sum()
@@ -113,8 +117,15 @@ fn draw(logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &SamplingPara
     order.idx[kept - 1]
 }
 
+/// The logit of token `i` as the ordering sees it: NaN counts as −inf.
+#[inline]
+fn key(logits: &[f32], i: u32) -> f32 {
+    let l = logits[i as usize];
+    if l.is_nan() { f32::NEG_INFINITY } else { l }
+}
+
 /// Token ids whose first `sorted` entries are the largest logits in order (logit descending, id ascending), the
-/// rest unordered; extended on demand.
+/// rest unordered; extended on demand (the id list is only built when first needed).
 struct SortedPrefix<'a> {
     logits: &'a [f32],
     idx: Vec<u32>,
@@ -123,11 +134,11 @@ struct SortedPrefix<'a> {
 
 impl<'a> SortedPrefix<'a> {
     fn new(logits: &'a [f32]) -> Self {
-        Self { logits, idx: (0..logits.len() as u32).collect(), sorted: 0 }
+        Self { logits, idx: Vec::new(), sorted: 0 }
     }
 
     fn cmp(logits: &[f32], a: u32, b: u32) -> Ordering {
-        logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+        key(logits, b).total_cmp(&key(logits, a)).then(a.cmp(&b))
     }
 
     /// Makes entry `n` (`< limit`) sorted, extending the sorted prefix geometrically (at least 64, doubling) so a walk
@@ -140,9 +151,12 @@ impl<'a> SortedPrefix<'a> {
 
     /// Makes the first `k` entries the `k` best, in order.
     fn ensure(&mut self, k: usize) {
-        let k = k.min(self.idx.len());
+        let k = k.min(self.logits.len());
         if k <= self.sorted {
             return;
+        }
+        if self.idx.is_empty() {
+            self.idx = (0..self.logits.len() as u32).collect();
         }
         let logits = self.logits;
         let rest = &mut self.idx[self.sorted..];

@@ -5,15 +5,16 @@
 use crate::quant::QK;
 
 /// Byte arrangement of the quantised activations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum ActLayout {
     /// Block after block, 32 signed values in element order (scalar and AVX2 kernels).
+    #[default]
     Natural,
     /// Blocks in pairs `(2j, 2j+1)`, 64 signed values ordered as `[e0..16, o0..16, e16..32, o16..32]`: the order in
     /// which an AVX-512 kernel unpacks the nibbles of two 4-bit weight blocks.
     Pair16,
-    /// Blocks in pairs, natural order, values stored as `q + 128` (unsigned) for `vpdpbusd` against signed Q8_0 weights.
-    PairBiased,
+    /// Blocks in pairs `(2j, 2j+1)`, each in element order: the order of two Q8_0 weight blocks in one register.
+    Pair32,
 }
 
 impl ActLayout {
@@ -22,9 +23,19 @@ impl ActLayout {
     }
 }
 
+/// How a kernel wants its activations: layout, lane-sum table, and whether the AVX2 quantiser may be used (the same
+/// values either way; the scalar level keeps to portable code).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ActPlan {
+    pub layout: ActLayout,
+    /// Lane-sum factor `c` of [`QuantAct::bias`], if the kernel needs the table.
+    pub bias: Option<i32>,
+    pub avx2: bool,
+}
+
 /// Quantised activation rows. `d`, `s` and the per-block tables have `blocks` entries per row, where `blocks` is the
 /// block count rounded up to even for the paired layouts (the extra block is all zeros).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct QuantAct {
     pub layout: ActLayout,
     pub rows: usize,
@@ -38,8 +49,9 @@ pub(crate) struct QuantAct {
     pub d: Vec<f32>,
     /// `d · Σ q` of each block: the activation side of the `m` term of Q4_1.
     pub s: Vec<f32>,
-    /// Q4_0 only: `−8 · Σ q` over each 4-value lane, 8 per block (16 per pair in the paired lane order), so that
-    /// `Σ (w − 8)·a = Σ w·a + bias`.
+    /// `c · Σ q` over each 4-value lane (8 per block, 16 per pair in the paired lane order), when the kernel computes
+    /// with offset weights: `Σ (w + o)·a + bias = Σ w·a` for `c = −o` (Q4_0 stores `w + 8`; AVX-512 Q8_0 computes
+    /// with `w + 128`, which `vpdpbusd` needs unsigned).
     pub bias: Vec<i32>,
     /// Paired layouts only: each pair's scales spread over the 16 i32 lanes of a 512-bit dot product.
     pub dpat: Vec<f32>,
@@ -47,113 +59,183 @@ pub(crate) struct QuantAct {
     pub spat: Vec<f32>,
 }
 
-/// Quantises one block the way every kernel expects: `d = amax / 127`, `q = round_half_even(x · 127 / amax)`.
-/// Rounding uses the add-and-subtract-2^23 trick so the loop vectorises on any target and rounds identically.
-#[inline]
+/// 1.5 · 2^23: adding it rounds any |v| < 2^22 to an integer (ties to even); subtracting it again leaves that integer.
+const MAGIC: f32 = 12_582_912.0;
+
+/// Quantises one block the way every kernel expects: `d = amax / 127`, `q = round_half_even(x · 127 / amax)` clamped
+/// to ±127 (NaN becomes 0), returning `(d, Σ q)`. [`quantize_block_avx2`] computes the same values.
+#[inline(always)]
 fn quantize_block(x: &[f32], q: &mut [i8; QK]) -> (f32, i32) {
-    let mut amax = [0.0f32; 8];
-    for c in x.chunks_exact(8) {
-        for i in 0..8 {
-            let a = c[i].abs();
-            amax[i] = if a > amax[i] { a } else { amax[i] };
-        }
+    let mut amax = 0.0f32;
+    for &v in x {
+        let a = v.abs();
+        amax = if a > amax { a } else { amax };
     }
-    let amax = amax.iter().fold(0.0f32, |m, &a| if a > m { a } else { m });
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds |v| < 2^22 to an integer, ties to even
-    let mut sum = 0i32;
+    let mut sum = 0;
     for (qi, &xi) in q.iter_mut().zip(x) {
-        let r = (xi * id + MAGIC) - MAGIC;
-        let v = r.clamp(-127.0, 127.0) as i8;
-        *qi = v;
-        sum += v as i32;
+        // An integer in [-127, 127] (or NaN, which converts to 0), so the conversion is exact.
+        let v = ((xi * id + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i32;
+        *qi = v as i8;
+        sum += v;
     }
     (d, sum)
 }
 
-/// Lane order of a block's 8 four-value lanes inside a pair's 16 lanes for [`ActLayout::Pair16`].
-#[inline]
-pub(crate) const fn pair16_lane(odd: usize, lane: usize) -> usize {
-    odd * 4 + (lane % 4) + 8 * (lane / 4)
+/// [`quantize_block`] with AVX2 (about ten times faster; the same values: max is exact, and multiply, add, subtract and
+/// the conversion of an integral value are the same IEEE operations).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8; QK]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(x.len(), QK);
+    // SAFETY: `x` holds 32 values and `q` 32 bytes; the loads and the store stay inside them.
+    unsafe {
+        let v: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(x.as_ptr().add(8 * c)));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut m = _mm256_setzero_ps();
+        for c in v {
+            // max_ps returns its second operand when the first is NaN, so NaN never enters, as in the scalar loop.
+            m = _mm256_max_ps(_mm256_and_ps(c, abs), m);
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0.0f32, |a, &l| if l > a { l } else { a });
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let magic = _mm256_set1_ps(MAGIC);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let qi: [__m256i; 4] = std::array::from_fn(|c| {
+            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v[c], id), magic), magic);
+            let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r)); // NaN → 0
+            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+        });
+        let total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        let t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256::<1>(total));
+        let t2 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32::<1>(t2)));
+        // Packing interleaves 128-bit lanes; the final permutation restores element order.
+        let p16a = _mm256_packs_epi32(qi[0], qi[1]);
+        let p16b = _mm256_packs_epi32(qi[2], qi[3]);
+        let p8 = _mm256_packs_epi16(p16a, p16b);
+        let ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr().cast(), ordered);
+        (d, sum)
+    }
 }
 
-/// Quantises `rows` rows of `k` values (`k % 32 == 0`) from `x` (row-major).
-pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout, q4_0_bias: bool) -> QuantAct {
-    let nb = k / QK;
-    let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
-    let pairs = blocks / 2;
-    let mut act = QuantAct {
-        layout,
-        rows,
-        nb,
-        blocks,
-        // Padding blocks hold the value 0 (stored as 0x80 in the biased layout).
-        qs: vec![if layout == ActLayout::PairBiased { 0x80 } else { 0 }; rows * blocks * QK],
-        d: vec![0.0; rows * blocks],
-        s: vec![0.0; rows * blocks],
-        bias: if q4_0_bias { vec![0; rows * blocks * 8] } else { Vec::new() },
-        dpat: if layout.paired() { vec![0.0; rows * pairs * 16] } else { Vec::new() },
-        spat: if layout == ActLayout::Pair16 { vec![0.0; rows * pairs * 4] } else { Vec::new() },
-    };
-    let mut q = [0i8; QK];
-    for r in 0..rows {
-        for b in 0..nb {
-            let (d, sum) = quantize_block(&x[r * k + b * QK..r * k + (b + 1) * QK], &mut q);
-            let blk = r * blocks + b;
-            act.d[blk] = d;
-            act.s[blk] = d * sum as f32;
-            let (odd, pair_base) = (b % 2, (r * blocks + b - b % 2) * QK);
-            match layout {
-                ActLayout::Natural => {
-                    for (o, &v) in act.qs[blk * QK..(blk + 1) * QK].iter_mut().zip(&q) {
-                        *o = v as u8;
+/// Quantises a block with the fastest available code.
+#[inline(always)]
+fn quantize_block_fast(avx2: bool, x: &[f32], q: &mut [i8; QK]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller detected AVX2.
+        return unsafe { quantize_block_avx2(x, q) };
+    }
+    let _ = avx2;
+    quantize_block(x, q)
+}
+
+/// Position of lane `lane` of the even (`odd = 0`) or odd block inside a pair's 16 i32 lanes.
+#[inline]
+pub(crate) const fn pair_lane(layout: ActLayout, odd: usize, lane: usize) -> usize {
+    match layout {
+        ActLayout::Pair16 => odd * 4 + (lane % 4) + 8 * (lane / 4),
+        _ => odd * 8 + lane,
+    }
+}
+
+/// Quantises `rows` rows of `k` values (`k % 32 == 0`) from `x` (row-major); `bias` is the lane-sum factor `c` of
+/// [`QuantAct::bias`], if the kernel needs one.
+#[cfg(test)]
+pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) -> QuantAct {
+    let mut act = QuantAct::default();
+    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false });
+    act
+}
+
+/// Clears `v` and fills it with `n` zeros, keeping its allocation.
+fn zeroed<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    v.resize(n, T::default());
+}
+
+impl QuantAct {
+    /// Quantises `rows` rows of `k` values (`k % 32 == 0`) from `x` (row-major) into this table as `plan` says,
+    /// reusing its buffers.
+    pub(crate) fn fill(&mut self, x: &[f32], rows: usize, k: usize, plan: ActPlan) {
+        self.fill_impl(plan.avx2, x, rows, k, plan.layout, plan.bias);
+    }
+
+    fn fill_impl(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) {
+        let nb = k / QK;
+        let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
+        let pairs = blocks / 2;
+        self.layout = layout;
+        self.rows = rows;
+        self.nb = nb;
+        self.blocks = blocks;
+        zeroed(&mut self.qs, rows * blocks * QK);
+        zeroed(&mut self.d, rows * blocks);
+        zeroed(&mut self.s, rows * blocks);
+        zeroed(&mut self.bias, if bias.is_some() { rows * blocks * 8 } else { 0 });
+        zeroed(&mut self.dpat, if layout.paired() { rows * pairs * 16 } else { 0 });
+        zeroed(&mut self.spat, if layout == ActLayout::Pair16 { rows * pairs * 4 } else { 0 });
+        let mut q = [0i8; QK];
+        for r in 0..rows {
+            for b in 0..nb {
+                let (d, sum) = quantize_block_fast(avx2, &x[r * k + b * QK..r * k + (b + 1) * QK], &mut q);
+                let blk = r * blocks + b;
+                self.d[blk] = d;
+                self.s[blk] = d * sum as f32;
+                let odd = b % 2;
+                let pair_base = (blk - odd) * QK;
+                match layout {
+                    ActLayout::Natural | ActLayout::Pair32 => {
+                        for (o, &v) in self.qs[blk * QK..(blk + 1) * QK].iter_mut().zip(&q) {
+                            *o = v as u8;
+                        }
+                    }
+                    ActLayout::Pair16 => {
+                        let pair = &mut self.qs[pair_base..pair_base + 2 * QK];
+                        for j in 0..16 {
+                            pair[odd * 16 + j] = q[j] as u8;
+                            pair[32 + odd * 16 + j] = q[16 + j] as u8;
+                        }
                     }
                 }
-                ActLayout::Pair16 => {
-                    let pair = &mut act.qs[pair_base..pair_base + 2 * QK];
-                    for j in 0..16 {
-                        pair[odd * 16 + j] = q[j] as u8;
-                        pair[32 + odd * 16 + j] = q[16 + j] as u8;
-                    }
-                }
-                ActLayout::PairBiased => {
-                    for (o, &v) in act.qs[blk * QK..(blk + 1) * QK].iter_mut().zip(&q) {
-                        *o = (v as u8) ^ 0x80;
+                if let Some(c) = bias {
+                    for lane in 0..8 {
+                        let lane_sum: i32 = q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum();
+                        let idx = match layout {
+                            ActLayout::Natural => blk * 8 + lane,
+                            _ => (blk - odd) * 8 + pair_lane(layout, odd, lane),
+                        };
+                        self.bias[idx] = c * lane_sum;
                     }
                 }
             }
-            if q4_0_bias {
-                for lane in 0..8 {
-                    let lane_sum: i32 = q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum();
-                    let idx = match layout {
-                        ActLayout::Natural => blk * 8 + lane,
-                        _ => (r * blocks + b - odd) * 8 + pair16_lane(odd, lane),
-                    };
-                    act.bias[idx] = -8 * lane_sum;
-                }
-            }
-        }
-        if layout.paired() {
-            for p in 0..pairs {
-                let (de, dd) = (act.d[r * blocks + 2 * p], act.d[r * blocks + 2 * p + 1]);
-                let pat = &mut act.dpat[(r * pairs + p) * 16..(r * pairs + p + 1) * 16];
-                for (z, v) in pat.iter_mut().enumerate() {
-                    let odd = match layout {
-                        ActLayout::Pair16 => (z / 4) % 2,
-                        _ => z / 8,
-                    };
-                    *v = if odd == 0 { de } else { dd };
-                }
-                if layout == ActLayout::Pair16 {
-                    let sp = &mut act.spat[(r * pairs + p) * 4..(r * pairs + p + 1) * 4];
-                    sp[1] = act.s[r * blocks + 2 * p];
-                    sp[3] = act.s[r * blocks + 2 * p + 1];
+            if layout.paired() {
+                for p in 0..pairs {
+                    let (e, o) = (r * blocks + 2 * p, r * blocks + 2 * p + 1);
+                    let pat = &mut self.dpat[(r * pairs + p) * 16..(r * pairs + p + 1) * 16];
+                    let (de, dd) = (self.d[e], self.d[o]);
+                    if layout == ActLayout::Pair16 {
+                        pat.copy_from_slice(&[de, de, de, de, dd, dd, dd, dd, de, de, de, de, dd, dd, dd, dd]);
+                        let sp = &mut self.spat[(r * pairs + p) * 4..(r * pairs + p + 1) * 4];
+                        sp[1] = self.s[e];
+                        sp[3] = self.s[o];
+                    } else {
+                        pat.copy_from_slice(&[de, de, de, de, de, de, de, de, dd, dd, dd, dd, dd, dd, dd, dd]);
+                    }
                 }
             }
         }
     }
-    act
 }
 
 impl QuantAct {
@@ -197,14 +279,9 @@ impl QuantAct {
         let mut q = [0i8; QK];
         let blk = r * self.blocks + b;
         match self.layout {
-            ActLayout::Natural => {
+            ActLayout::Natural | ActLayout::Pair32 => {
                 for (o, &v) in q.iter_mut().zip(&self.qs[blk * QK..(blk + 1) * QK]) {
                     *o = v as i8;
-                }
-            }
-            ActLayout::PairBiased => {
-                for (o, &v) in q.iter_mut().zip(&self.qs[blk * QK..(blk + 1) * QK]) {
-                    *o = (v ^ 0x80) as i8;
                 }
             }
             ActLayout::Pair16 => {
@@ -228,9 +305,9 @@ mod tests {
     fn layouts_hold_the_same_values() {
         let k = 96;
         let x: Vec<f32> = (0..2 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        let nat = quantize_rows(&x, 2, k, ActLayout::Natural, true);
-        for layout in [ActLayout::Pair16, ActLayout::PairBiased] {
-            let other = quantize_rows(&x, 2, k, layout, true);
+        let nat = quantize_rows(&x, 2, k, ActLayout::Natural, Some(-8));
+        for layout in [ActLayout::Pair16, ActLayout::Pair32] {
+            let other = quantize_rows(&x, 2, k, layout, Some(-8));
             assert_eq!(other.blocks, 4);
             for r in 0..2 {
                 for b in 0..3 {
@@ -239,6 +316,34 @@ mod tests {
                 }
                 assert_eq!(other.block_values(r, 3), [0; QK]);
             }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_quantiser_matches_the_scalar_one() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut blocks: Vec<[f32; QK]> = Vec::new();
+        for seed in 0..200u64 {
+            blocks.push(std::array::from_fn(|i| (crate::rng::uniform(seed, i as u64) - 0.5) * (seed as f32 + 0.01)));
+        }
+        let mut special = [0.5f32; QK];
+        special[..8].copy_from_slice(&[f32::NAN, -2.5, 127.0, -127.0, 0.0, -0.0, 1.5, f32::NAN]);
+        blocks.push(special);
+        let mut with_inf = special;
+        with_inf[9] = f32::INFINITY;
+        blocks.push(with_inf);
+        blocks.push([0.0; QK]);
+        blocks.push(std::array::from_fn(|i| i as f32 - 16.0));
+        for x in &blocks {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let ra = quantize_block(x, &mut a);
+            // SAFETY: AVX2 was detected above.
+            let rb = unsafe { quantize_block_avx2(x, &mut b) };
+            assert_eq!(a, b, "{x:?}");
+            assert_eq!((ra.0.to_bits(), ra.1), (rb.0.to_bits(), rb.1), "{x:?}");
         }
     }
 

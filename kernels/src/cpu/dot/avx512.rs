@@ -4,8 +4,8 @@
 //! - 4-bit weights: the nibbles of blocks `e = 2j` and `o = 2j+1` unpack to `[e0..16, o0..16, e16..32, o16..32]`
 //!   ([`super::act::ActLayout::Pair16`]); i32 lane `z` holds lane `l` of block parity `h` with
 //!   `z = 4h + l % 4 + 8 (l / 4)`.
-//! - Q8_0: blocks side by side, `z = 8h + l`; signed × signed becomes `(a + 128)·w − 128·w`, with `a + 128` stored
-//!   by the activation quantiser ([`super::act::ActLayout::PairBiased`]).
+//! - Q8_0: blocks side by side, `z = 8h + l` ([`super::act::ActLayout::Pair32`]); `vpdpbusd` multiplies unsigned by
+//!   signed bytes, so it computes `Σ (w + 128)·a − 128·Σ a` with the lane sums of `a` from the activation table.
 //! - Float weights: two registers cover lanes `0..16` and `16..32` of the 32 accumulators.
 // Register tiles and lanes are fixed-size arrays indexed by row, activation row and lane; index loops
 // mirror the definitions in `super` most directly.
@@ -182,7 +182,7 @@ unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
 /// Q8_0 weights: `NR` weight rows from `n` times `TR` activation rows from `t0`, a block pair at a time.
 ///
 /// # Safety
-/// As [`q4_tile`], with activations in the PairBiased layout.
+/// As [`q4_tile`], with activations in the Pair32 layout and their `−128 · Σ a` lane table.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
     let a = c.x;
@@ -191,13 +191,12 @@ unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
     unsafe {
         let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let bias = _mm512_set1_epi8(-128);
+        let flip = _mm512_set1_epi8(-128);
         let mut acc = [[_mm512_setzero_ps(); TR]; NR];
         macro_rules! step {
             ($b:expr, $full:expr) => {{
                 let b = $b;
                 let mut wz = [_mm512_setzero_si512(); NR];
-                let mut wc = [_mm512_setzero_si512(); NR];
                 let mut wd = [_mm512_setzero_ps(); NR];
                 for r in 0..NR {
                     let be = rows[r].add(b * BS);
@@ -208,20 +207,17 @@ unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
                         (_mm256_setzero_si256(), 0)
                     };
                     let he = be.cast::<u16>().read_unaligned() as i32;
-                    wz[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(we), wo);
-                    // −128 · Σw per lane, the correction for the +128 bias of the activations
-                    wc[r] = _mm512_sub_epi32(
-                        _mm512_setzero_si512(),
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, wz[r]),
-                    );
+                    // w + 128 as unsigned bytes (a missing odd block becomes 128s against zero activations)
+                    wz[r] = _mm512_xor_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(we), wo), flip);
                     let h = _mm_cvtph_ps(_mm_cvtsi32_si128(he | (ho << 16)));
                     wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(h));
                 }
                 for t in 0..TR {
                     let av = _mm512_loadu_si512(a.qs_ptr(t0 + t, b).cast());
+                    let init = _mm512_loadu_si512(a.bias_ptr(t0 + t, b).cast());
                     let da = _mm512_loadu_ps(a.dpat_ptr(t0 + t, b));
                     for r in 0..NR {
-                        let p = _mm512_dpbusd_epi32(wc[r], av, wz[r]);
+                        let p = _mm512_dpbusd_epi32(init, wz[r], av);
                         let sc = _mm512_mul_ps(wd[r], da);
                         acc[r][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r][t]);
                     }

@@ -28,7 +28,7 @@ mod scalar;
 
 use std::ops::Range;
 
-use self::act::{ActLayout, QuantAct};
+use self::act::{ActLayout, ActPlan, QuantAct};
 use super::simd::SimdLevel;
 use crate::DType;
 
@@ -101,13 +101,20 @@ impl Out {
     }
 }
 
-/// The activation layout the kernels of `level` expect for weights of `dtype`.
-pub(crate) fn act_layout(level: SimdLevel, dtype: DType) -> ActLayout {
-    match (level, dtype) {
-        (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::PairBiased,
+/// How the kernels of `level` want the activations for weights of `dtype`: layout, and the lane-sum factor of the
+/// activation table [`QuantAct::bias`] (the negated offset the kernel adds to the weight codes).
+pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
+    let layout = match (level, dtype) {
+        (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::Pair32,
         (SimdLevel::Avx512Vnni, _) => ActLayout::Pair16,
         _ => ActLayout::Natural,
-    }
+    };
+    let bias = match (level, dtype) {
+        (_, DType::Q4_0) => Some(-8),
+        (SimdLevel::Avx512Vnni, DType::Q8_0) => Some(-128),
+        _ => None,
+    };
+    ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2 }
 }
 
 /// Tile shapes of a kernel: `nr_t × tr` outputs when `tr` activation rows are left, `nr_1 × 1` otherwise.
@@ -179,7 +186,7 @@ pub(crate) unsafe fn drive<X>(ctx: &Ctx<'_, X>, rows: Range<usize>, t_rows: usiz
 /// Computes `out[t, n]` for `n` in `rows` and `t < t_rows` with the kernels of `level`.
 ///
 /// The caller has checked every size: `w` holds `rows.end` rows, `x` holds `t_rows` rows of `w.k` values (quantised
-/// in `act_layout(level, w.dtype)` for quantised weights), `out` has `t_rows × stride` elements with
+/// as `act_plan(level, w.dtype)` says for quantised weights), `out` has `t_rows × stride` elements with
 /// `rows.end <= stride`, and `level` is supported by this CPU.
 pub(crate) fn gemm(level: SimdLevel, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
     match level {
