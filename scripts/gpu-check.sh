@@ -3,8 +3,8 @@
 #
 #   scripts/gpu-check.sh stage     here, without a GPU: build release test and bench binaries with the CUDA feature,
 #                                  compile every kernel with NVRTC for sm_80/sm_90 (the GPU machine then needs no
-#                                  NVRTC), cut SmolLM2 to its first layers so it fits the 64 MiB transfer, and put it
-#                                  all in the git-ignored folder .stage/ (checked to stay under the limit);
+#                                  NVRTC), pack both with xz, cut SmolLM2 to its first layers so it fits the 64 MiB
+#                                  transfer, and put it all in the git-ignored folder .stage/ (checked to fit);
 #   scripts/gpu-check.sh run       on the GPU machine, from the repository root, with .stage/ carried along: runs the
 #                                  kernel parity tests, the whole-shard parity test and the roofline benchmark, keeps
 #                                  every log in $OUT (or .stage/out), and prints a short table last;
@@ -13,7 +13,7 @@
 #
 # Device call (one command, e.g. timeout_s 480):  bash scripts/gpu-check.sh run      with carry: [".stage"]
 #
-# Environment: STAGE_LAYERS (layers kept of SmolLM2, default 4), STAGE_PTX=1 (also stage PTX for non-sm_80/sm_90
+# Environment: STAGE_LAYERS (layers kept of SmolLM2, default 12 of 30), STAGE_PTX=1 (also stage PTX for non-sm_80/sm_90
 # cards), SHARDLINE_MODEL (the full GGUF; else the default cache path), CARGO_TARGET_DIR (honoured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,7 @@ stage() {
     command -v python3 >/dev/null || { echo "python3 is needed to stage" >&2; exit 1; }
     rm -rf "$STAGE"
     mkdir -p "$STAGE/bin" "$STAGE/kernels"
+    local layers="${STAGE_LAYERS:-12}"
 
     echo "== building release test and bench binaries (CUDA feature on)"
     local json
@@ -67,10 +68,14 @@ EOF
     [ "${STAGE_PTX:-0}" = 1 ] || rm -f "$STAGE"/kernels/*.ptx
     echo "  $(ls "$STAGE/kernels" | wc -l) files, $(du -sh "$STAGE/kernels" | cut -f1)"
 
-    echo "== cutting SmolLM2 to ${STAGE_LAYERS:-4} layers"
+    echo "== packing binaries and kernels (xz)"
+    tar -cf - -C "$STAGE" bin kernels | xz -9 -T2 >"$STAGE/payload.tar.xz"
+    rm -rf "$STAGE/bin" "$STAGE/kernels"
+
+    echo "== cutting SmolLM2 to $layers layers"
     local model="${SHARDLINE_MODEL:-${XDG_CACHE_HOME:-$HOME/.cache}/shardline/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
     [ -f "$model" ] || { echo "model not found at $model: run scripts/fetch-model.sh" >&2; exit 1; }
-    python3 - "$model" "$STAGE/smollm2-cut.gguf" "${STAGE_LAYERS:-4}" <<'EOF'
+    python3 - "$model" "$STAGE/smollm2-cut.gguf" "$layers" <<'EOF'
 # Keeps token_embd, output_norm (output if present) and blk.0..L-1, with llama.block_count = L; every other
 # metadata entry is copied byte for byte.
 import struct, sys
@@ -119,7 +124,11 @@ print(f"  {dst}: {len(tensors)} tensors, {keep} layers")
 EOF
 
     local glibc
-    glibc=$(objdump -T "$STAGE"/bin/* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1 || true)
+    local probe
+    probe=$(mktemp)
+    tar -xJOf "$STAGE/payload.tar.xz" bin/cuda_shard_parity >"$probe"
+    glibc=$(objdump -T "$probe" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1 || true)
+    rm -f "$probe"
     {
         echo "built: $(date -u +%FT%TZ) from $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
         echo "needs: ${glibc:-?} or newer on the GPU machine; a CUDA driver for sm_80+"
@@ -136,11 +145,19 @@ EOF
 }
 
 run() {
-    [ -d "$STAGE/bin" ] || { echo "no $STAGE/bin: run 'scripts/gpu-check.sh stage' first and carry .stage" >&2; exit 1; }
+    [ -f "$STAGE/payload.tar.xz" ] || { echo "no $STAGE/payload.tar.xz: run 'scripts/gpu-check.sh stage' first and carry .stage" >&2; exit 1; }
     local out="${OUT:-$STAGE/out}"
     mkdir -p "$out"
     local root=$PWD
-    export SHARDLINE_KERNEL_DIR="$root/$STAGE/kernels"
+    local unpacked="$STAGE/unpacked"
+    rm -rf "$unpacked"
+    mkdir -p "$unpacked"
+    # Removed again at the end, so a later transfer of .stage stays within its limit.
+    trap "rm -rf '$unpacked'" EXIT
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+        "$STAGE/payload.tar.xz" "$unpacked" \
+        || tar -xJf "$STAGE/payload.tar.xz" -C "$unpacked"
+    export SHARDLINE_KERNEL_DIR="$root/$unpacked/kernels"
     export SHARDLINE_MODEL="$root/$STAGE/smollm2-cut.gguf"
     export SHARDLINE_REQUIRE_MODEL=1
     export RUST_LOG="${RUST_LOG:-info}"
@@ -166,9 +183,9 @@ run() {
         [ "$skipped" -gt 0 ] && result="$result; $skipped cases skipped"
         summary+=("$(printf '%-22s %-12s %5ss  %s' "$name" "$status" "$((SECONDS - t0))" "$result")")
     }
-    step "kernel parity" parity.log "$STAGE/bin/parity" --test-threads=4 --nocapture
-    step "shard parity" shard_parity.log "$STAGE/bin/cuda_shard_parity" --nocapture
-    step "roofline bench" roofline.log "$STAGE/bin/cuda_roofline" --bench
+    step "kernel parity" parity.log "$unpacked/bin/parity" --test-threads=4 --nocapture
+    step "shard parity" shard_parity.log "$unpacked/bin/cuda_shard_parity" --nocapture
+    step "roofline bench" roofline.log "$unpacked/bin/cuda_roofline" --bench
     if [ "${DRY_RUN:-0}" != 1 ] && command -v python3 >/dev/null; then
         step "torch ceilings" torch.log python3 - <<'EOF'
 import torch, time
