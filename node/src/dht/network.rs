@@ -224,7 +224,14 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
         .set_replication_interval(None)
         .set_record_filtering(StoreInserts::FilterBoth)
         .set_query_timeout(Duration::from_secs(10));
-    let store_cfg = MemoryStoreConfig { max_records: 65_536, max_value_bytes: 4096, ..Default::default() };
+    // Announcements are a few hundred bytes; every replica of a model is a provider of its key (kad keeps only 20 per
+    // key by default, far too few for a swarm with many replicas).
+    let store_cfg = MemoryStoreConfig {
+        max_records: 65_536,
+        max_value_bytes: 4096,
+        max_providers_per_key: 4096,
+        ..Default::default()
+    };
     let keypair = config.keypair.clone();
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
