@@ -5,9 +5,9 @@
 use std::fmt;
 use std::ops::Range;
 
+use crate::DType;
 use crate::error::Result;
 use crate::tensor::{HostBytes, Tensor};
-use crate::DType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -171,16 +171,28 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32, out: &mut Tensor) -> Result<()>;
 
     /// Fused residual add + RMSNorm: `residual += x; out = rms_norm(residual) * weight`.
-    fn add_rms_norm(&self, residual: &mut Tensor, x: &Tensor, weight: &Tensor, eps: f32, out: &mut Tensor)
-    -> Result<()>;
+    fn add_rms_norm(
+        &self,
+        residual: &mut Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> Result<()>;
 
     /// `out[t, n] = Σ_k x[t, k] · w[n, k]` for weights of any dtype; `x: [T, K]`, `w: [N, K]`, `out: [T, N]`.
     fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()>;
 
     /// Rotates `x: [T, n_heads * head_dim]` in place; row `t` is at position `positions[t]`; the angle of pair `i`
     /// is `positions[t] · inv_freq[i]` (computed in f32). `inv_freq` comes from [`Backend::rope_table`].
-    fn rope(&self, x: &mut Tensor, positions: &[u32], n_heads: usize, inv_freq: &Tensor, cfg: &RopeConfig)
-    -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Tensor,
+        positions: &[u32],
+        n_heads: usize,
+        inv_freq: &Tensor,
+        cfg: &RopeConfig,
+    ) -> Result<()>;
 
     /// Uploads the inverse frequencies (`rotary_dim / 2` of them, see [`RopeConfig::inv_freq`]) once per model,
     /// always kept in f32 whatever `act_dtype` is.
@@ -213,6 +225,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ) -> Result<()>;
 
     /// Draws a token from row `row` of `logits: [rows, vocab]` at sequence `position`, with `n_top` top log-probs.
-    fn sample(&self, logits: &Tensor, row: usize, params: &SamplingParams, position: u64, n_top: usize)
-    -> Result<Sampled>;
+    fn sample(
+        &self,
+        logits: &Tensor,
+        row: usize,
+        params: &SamplingParams,
+        position: u64,
+        n_top: usize,
+    ) -> Result<Sampled>;
 }

@@ -1,8 +1,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::error::{KernelError, Result};
 use crate::DType;
+use crate::error::{KernelError, Result};
 
 /// Host bytes that a tensor may borrow without copying: typically a window of a memory-mapped model file, so a shard
 /// touches (and keeps resident) only the pages of its own layers.
@@ -88,9 +88,11 @@ impl Tensor {
         if dtype.is_quantized() && !last.is_multiple_of(dtype.block_elems()) {
             return Err(KernelError::PartialBlock { dtype, len: last, block: dtype.block_elems() });
         }
-        let expected = dtype
-            .bytes_for(elems)
-            .ok_or(KernelError::PartialBlock { dtype, len: elems, block: dtype.block_elems() })?;
+        let expected = dtype.bytes_for(elems).ok_or(KernelError::PartialBlock {
+            dtype,
+            len: elems,
+            block: dtype.block_elems(),
+        })?;
         let got = match &storage {
             Storage::CpuF32(v) => {
                 if dtype != DType::F32 {
