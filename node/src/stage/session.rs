@@ -279,7 +279,7 @@ impl SessionRun {
         let params: SamplingParams = self.open.sampling;
         let n_top = self.open.n_top as usize;
         let wire = self.open.wire_dtype;
-        let (kv, out) = tokio::task::spawn_blocking(move || {
+        let compute = move || {
             let mut run = || -> Result<StepOut, ModelError> {
                 let backend = shard.backend().clone();
                 let out = match &data {
@@ -302,9 +302,17 @@ impl SessionRun {
             };
             let out = run();
             (kv, out)
-        })
-        .await
-        .map_err(|e| (ErrorCode::Compute, format!("compute task failed: {e}")))?;
+        };
+        // On a multi-threaded runtime the chunk runs on this worker thread (its other tasks move to other workers):
+        // no hand-off to the blocking pool and back on every decode step of every stage.
+        let (kv, out) =
+            if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                tokio::task::block_in_place(compute)
+            } else {
+                tokio::task::spawn_blocking(compute)
+                    .await
+                    .map_err(|e| (ErrorCode::Compute, format!("compute task failed: {e}")))?
+            };
         self.kv = Some(kv);
         out.map_err(|e| match e {
             ModelError::ContextOverflow { .. } => (ErrorCode::BadRequest, e.to_string()),
