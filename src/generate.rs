@@ -3,15 +3,19 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use libp2p::Multiaddr;
 use serde::Serialize;
+use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmStepper};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DeviceKind, SamplingParams};
-use shardline_node::engine::{Engine, stop_tokens};
-use shardline_node::generate::GenerateParams;
-use shardline_node::model::{LayerRange, ShardOptions};
+use shardline_node::engine::{Engine, TextStream, encode_prompt, load_tokenizer, stop_tokens};
+use shardline_node::generate::{self, GenerateParams, Generation};
+use shardline_node::model::{LayerRange, ModelFiles, ModelId, ShardOptions};
+use shardline_node::tokenizer::Tokenizer;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -54,6 +58,13 @@ pub struct GenerateArgs {
     /// Run the model as these consecutive shards in one process, e.g. `0..10,10..30` (default: one shard).
     #[arg(long, value_delimiter = ',')]
     pub shards: Vec<LayerRange>,
+    /// Run through a swarm instead of in this process: a peer to join (coordinator or node multiaddr);
+    /// repeatable. `--model` then only supplies the tokenizer and the model id (no weights are loaded).
+    #[arg(long)]
+    pub swarm: Vec<Multiaddr>,
+    /// With `--swarm`: how long to wait for nodes covering every layer, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub swarm_timeout: u64,
 }
 
 #[derive(Serialize)]
@@ -82,14 +93,72 @@ pub fn select_backend(device: Option<&str>, threads: Option<usize>) -> Result<Ar
     })
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+fn generate_params(args: &GenerateArgs, tokenizer: &Tokenizer) -> GenerateParams {
+    GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop_tokens: stop_tokens(tokenizer),
+        stop_strings: args.stop.clone(),
+        ..GenerateParams::default()
+    }
+}
+
+/// Streams text to stdout unless `--json`; a closed stdout (piped into `head`) ends generation instead of failing.
+fn text_sink(json: bool) -> impl FnMut(&str) -> bool + Send + 'static {
+    move |text| {
+        if json {
+            return true;
+        }
+        let mut o = std::io::stdout().lock();
+        write!(o, "{text}").and_then(|_| o.flush()).is_ok()
+    }
+}
+
+fn report(generation: &Generation, json: bool) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    if json {
+        let out = JsonOutput {
+            prompt_tokens: &generation.prompt_tokens,
+            tokens: &generation.tokens,
+            text: &generation.text,
+            prefill_tokens_per_s: generation.prefill_tokens_per_s(),
+            decode_tokens_per_s: generation.decode_tokens_per_s(),
+        };
+        writeln!(o, "{}", serde_json::to_string(&out)?)?;
+    } else {
+        let _ = writeln!(o);
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s decode]",
+            generation.prompt_tokens.len(),
+            generation.prefill_tokens_per_s(),
+            generation.tokens.len(),
+            generation.decode_tokens_per_s()
+        );
+    }
+    Ok(())
+}
+
+fn check_sampling(args: &GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number >= 0");
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let path = resolve_model(args.model)?;
+    Ok(())
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    check_sampling(&args)?;
+    if !args.swarm.is_empty() {
+        return run_swarm(args);
+    }
+    let path = resolve_model(args.model.clone())?;
     let backend = select_backend(args.device.as_deref(), args.threads)?;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
@@ -104,48 +173,45 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     bar.finish_and_clear();
 
     let prompt = engine.prompt_tokens(&args.prompt, args.chat)?;
-    let params = GenerateParams {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-        stop_tokens: stop_tokens(engine.tokenizer()),
-        stop_strings: args.stop.clone(),
-        ..GenerateParams::default()
-    };
-    let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
-    let streaming = !args.json;
-    let out = stdout.clone();
-    let generation = engine.generate(&prompt, &params, &mut |text| {
-        if streaming {
-            let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
-            // A closed stdout (e.g. piped into `head`) ends generation instead of failing it.
-            return write!(o, "{text}").and_then(|_| o.flush()).is_ok();
-        }
-        true
-    })?;
-    let mut o = stdout.lock().unwrap_or_else(|e| e.into_inner());
-    if args.json {
-        let json = JsonOutput {
-            prompt_tokens: &generation.prompt_tokens,
-            tokens: &generation.tokens,
-            text: &generation.text,
-            prefill_tokens_per_s: generation.prefill_tokens_per_s(),
-            decode_tokens_per_s: generation.decode_tokens_per_s(),
-        };
-        writeln!(o, "{}", serde_json::to_string(&json)?)?;
-    } else {
-        let _ = writeln!(o);
-        eprintln!(
-            "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s decode]",
-            generation.prompt_tokens.len(),
-            generation.prefill_tokens_per_s(),
-            generation.tokens.len(),
-            generation.decode_tokens_per_s()
+    let params = generate_params(&args, engine.tokenizer());
+    let generation = engine.generate(&prompt, &params, &mut text_sink(args.json))?;
+    report(&generation, args.json)
+}
+
+/// The same generation loop over a swarm session: tokenizer and model id from the local model file, layers on the
+/// nodes the DHT knows.
+fn run_swarm(args: GenerateArgs) -> Result<()> {
+    let path = resolve_model(args.model.clone())?;
+    let files = ModelFiles::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let tokenizer = Arc::new(load_tokenizer(&files)?);
+    let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
+    let prompt = encode_prompt(&tokenizer, &args.prompt, args.chat)?;
+    let context = files.config().context_length;
+    if prompt.len() + args.max_tokens > context {
+        bail!(
+            "prompt of {} tokens plus {} new tokens exceeds the context of {context} tokens",
+            prompt.len(),
+            args.max_tokens
         );
     }
-    Ok(())
+    let params = generate_params(&args, &tokenizer);
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let generation = rt.block_on(async {
+        let client = SwarmClient::join(SwarmClientConfig::new(model_id, args.swarm.clone())).await?;
+        client
+            .wait_for_coverage(Duration::from_secs(args.swarm_timeout))
+            .await
+            .context("waiting for nodes that cover every layer")?;
+        let session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
+        let handle = tokio::runtime::Handle::current();
+        let json = args.json;
+        let generation = tokio::task::spawn_blocking(move || {
+            let mut stepper = SwarmStepper::new(session, handle);
+            let mut decoder = TextStream::new(tokenizer);
+            generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut text_sink(json))
+        })
+        .await??;
+        anyhow::Ok(generation)
+    })?;
+    report(&generation, args.json)
 }

@@ -1,7 +1,9 @@
 //! `shardline`: run Llama-family models across many machines.
 
+mod coordinator;
 mod generate;
 mod logging;
+mod node;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +23,10 @@ struct Cli {
 enum Command {
     /// Generate text with a whole model in this process (the single-process engine).
     Generate(generate::GenerateArgs),
+    /// Serve a layer range of a model: QUIC stage server + DHT announcement.
+    Node(node::NodeCmd),
+    /// Discover nodes through the DHT, register them, plan routes.
+    Coordinator(coordinator::CoordinatorCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +34,8 @@ fn main() -> std::process::ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Node(cmd) => node::run(cmd),
+        Command::Coordinator(cmd) => coordinator::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

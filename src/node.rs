@@ -1,0 +1,58 @@
+//! `shardline node`: serve a layer range of a model over QUIC and announce it in the DHT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use libp2p::Multiaddr;
+use shardline_node::model::{LayerRange, ShardOptions};
+use shardline_node::stage::node::{NodeArgs, run_node};
+
+use crate::generate::{resolve_model, select_backend};
+
+#[derive(Debug, clap::Args)]
+pub struct NodeCmd {
+    /// GGUF file or Hugging Face model directory (default: SmolLM2-135M-Instruct from the model cache).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Layers to serve, `A..B` (end exclusive).
+    #[arg(long)]
+    pub layers: LayerRange,
+    /// Compute device: `cpu`, `cuda` or `cuda:N` (default: CUDA when a usable GPU is found, else CPU).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// QUIC address of the stage server (activations).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+    /// Address announced to clients (default: the listen address, loopback in place of 0.0.0.0).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// libp2p listen multiaddr, TCP (`/ip4/0.0.0.0/tcp/P`) or QUIC (`/ip4/0.0.0.0/udp/P/quic-v1`); repeatable.
+    #[arg(long = "p2p-listen", default_value = "/ip4/0.0.0.0/tcp/0")]
+    pub p2p_listen: Vec<Multiaddr>,
+    /// A peer of the swarm to join, with or without `/p2p/<peer id>`; repeatable.
+    #[arg(long)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// ed25519 identity file: created on first start, reused after, so the peer id survives restarts.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// KV-cache memory for all sessions of this node, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub kv_cache_mib: usize,
+}
+
+pub fn run(cmd: NodeCmd) -> Result<()> {
+    let model = resolve_model(cmd.model)?;
+    let backend = select_backend(cmd.device.as_deref(), cmd.threads)?;
+    let mut args = NodeArgs::new(model, cmd.layers, backend, cmd.listen);
+    args.advertise = cmd.advertise;
+    args.p2p_listen = cmd.p2p_listen;
+    args.bootstrap = cmd.bootstrap;
+    args.key_file = cmd.key_file;
+    args.shard = ShardOptions { kv_budget_bytes: cmd.kv_cache_mib << 20, ..ShardOptions::default() };
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(run_node(args)).context("running the node")
+}
