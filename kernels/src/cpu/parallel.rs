@@ -9,6 +9,11 @@
 //! matmul every few microseconds, and waking a parked thread costs a futex call on the caller's side and tens of
 //! microseconds of latency, both measured as several percent of a decode step with rayon's own job queue.
 //!
+//! When the machine has more runnable threads than cores, a helper can be preempted in the middle of a task and the
+//! caller then waits a scheduler time slice for it. A call that waited for a helper much longer than it worked
+//! itself suspends parallel execution for a while (10 ms, doubling up to 1 s while it keeps happening), so an
+//! overloaded machine gets single-threaded speed instead of far less.
+//!
 //! Which thread runs a task never changes what the task computes, so results do not depend on the thread count.
 
 use std::any::Any;
@@ -18,7 +23,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long an idle helper keeps polling for the next call before it parks.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(300);
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
+
+/// A wait for helpers longer than this (and longer than the caller's own work) counts as a stall.
+const STALL: Duration = Duration::from_micros(200);
+
+/// First and longest suspension of parallel execution after stalls.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Task body with its lifetime erased; only dereferenced for a claimed task, while the caller waits in [`Pool::run`].
 type TaskFn = dyn Fn(usize) + Sync;
@@ -141,6 +153,12 @@ impl Shared {
 pub(crate) struct Pool {
     threads: usize,
     shared: Arc<Shared>,
+    /// Time base of `serial_until`.
+    origin: Instant,
+    /// Nanoseconds after `origin` until which calls run on the caller alone (after a stall).
+    serial_until: AtomicU64,
+    /// Length of the next suspension, in nanoseconds (0 after a clean parallel call).
+    backoff: AtomicU64,
     /// Owns the helper threads; each runs [`Shared::helper_loop`] until the pool is dropped.
     workers: Option<rayon::ThreadPool>,
 }
@@ -167,12 +185,39 @@ impl Pool {
         } else {
             None
         };
-        Ok(Self { threads, shared, workers })
+        Ok(Self::with(threads, shared, workers))
     }
 
     /// A pool that computes on the calling thread only.
     pub(crate) fn single() -> Self {
-        Self { threads: 1, shared: Arc::new(Shared::default()), workers: None }
+        Self::with(1, Arc::new(Shared::default()), None)
+    }
+
+    fn with(threads: usize, shared: Arc<Shared>, workers: Option<rayon::ThreadPool>) -> Self {
+        let (origin, serial_until, backoff) = (Instant::now(), AtomicU64::new(0), AtomicU64::new(0));
+        Self { threads, shared, origin, serial_until, backoff, workers }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Whether parallel calls are suspended after a recent stall.
+    fn suspended(&self) -> bool {
+        let until = self.serial_until.load(Ordering::Relaxed);
+        until != 0 && self.now_ns() < until
+    }
+
+    /// Records how a parallel call went: a stall suspends parallel calls, with a growing suspension.
+    fn record(&self, own: Duration, waited: Duration) {
+        if waited > STALL && waited > own {
+            let b = self.backoff.load(Ordering::Relaxed);
+            let next = (2 * b).clamp(BACKOFF_MIN.as_nanos() as u64, BACKOFF_MAX.as_nanos() as u64);
+            self.backoff.store(next, Ordering::Relaxed);
+            self.serial_until.store(self.now_ns() + next, Ordering::Relaxed);
+        } else if waited < STALL {
+            self.backoff.store(0, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn threads(&self) -> usize {
@@ -182,7 +227,7 @@ impl Pool {
     /// Runs `f(0) .. f(n − 1)`, each exactly once, spread over the compute threads; returns when all have finished.
     /// A panic in any task is re-raised here after every claimed task has finished.
     pub(crate) fn run(&self, n: usize, f: impl Fn(usize) + Sync) {
-        if self.workers.is_none() || n <= 1 {
+        if self.workers.is_none() || n <= 1 || self.suspended() {
             (0..n).for_each(f);
             return;
         }
@@ -197,19 +242,23 @@ impl Pool {
             f: f_ptr,
             panic: Mutex::new(None),
         });
+        let start = Instant::now();
         self.shared.publish(&job);
         job.work();
+        let own = start.elapsed();
         // Stop further claims (a no-op unless the caller stopped early after a panic), then wait for claimed tasks.
         let claimed = job.next.fetch_add(n, Ordering::AcqRel).min(n);
         let mut spins = 0u32;
         while job.done.load(Ordering::Acquire) < claimed {
-            if spins < 1 << 14 {
+            // A helper still busy after a few microseconds may have been preempted: let it have this core.
+            if spins < 1 << 8 {
                 std::hint::spin_loop();
                 spins += 1;
             } else {
                 std::thread::yield_now();
             }
         }
+        self.record(own, start.elapsed() - own);
         let payload = lock(&job.panic).take();
         if let Some(payload) = payload {
             panic::resume_unwind(payload);

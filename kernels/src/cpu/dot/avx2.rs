@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::QuantAct;
-use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive};
+use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive, prefetch_ahead};
 use crate::DType;
 
 const Q8_0: u8 = 0;
@@ -159,6 +159,7 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
                 let b = $b;
                 for r in 0..NR {
                     let blk = rows[r].add(b * bs);
+                    prefetch_ahead(blk);
                     let h = if KIND == Q4_1 {
                         _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u32>().read_unaligned() as i32))
                     } else {
@@ -248,6 +249,9 @@ unsafe fn float_tile<const DT: u8, const NR: usize, const TR: usize>(c: &Ctx<'_,
         let full = k / 32;
         for blk in 0..full {
             let i = blk * 32;
+            for r in 0..NR {
+                prefetch_ahead(rows[r].add(i * elem));
+            }
             let wv: [[__m256; 4]; NR] =
                 std::array::from_fn(|r| std::array::from_fn(|j| load8::<DT>(rows[r], i + 8 * j)));
             for t in 0..TR {

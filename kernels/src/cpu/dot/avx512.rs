@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::QuantAct;
-use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive};
+use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive, prefetch_ahead};
 use crate::DType;
 
 const Q8_0: u8 = 0;
@@ -121,6 +121,7 @@ unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
                 let mut wh = [_mm_setzero_ps(); NR];
                 for r in 0..NR {
                     let be = rows[r].add(b * bs);
+                    prefetch_ahead(be);
                     let qe = _mm_loadu_si128(be.add(qoff).cast());
                     let (qo, ho) = if $full {
                         (_mm_loadu_si128(be.add(bs + qoff).cast()), header(be.add(bs)))
@@ -200,6 +201,7 @@ unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
                 let mut wd = [_mm512_setzero_ps(); NR];
                 for r in 0..NR {
                     let be = rows[r].add(b * BS);
+                    prefetch_ahead(be);
                     let we = _mm256_loadu_si256(be.add(2).cast());
                     let (wo, ho) = if $full {
                         (_mm256_loadu_si256(be.add(BS + 2).cast()), be.add(BS).cast::<u16>().read_unaligned() as i32)
@@ -269,6 +271,7 @@ unsafe fn load16<const DT: u8>(row: *const u8, i: usize, mask: __mmask16) -> __m
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn float_tile<const DT: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &[f32]>, n: usize, t0: usize) {
     let k = c.w.k;
+    let elem = if DT == F32 { 4 } else { 2 };
     // SAFETY: full chunks are inside every row; the tail is read with masked loads that touch only the `k % 32`
     // remaining values.
     unsafe {
@@ -278,6 +281,9 @@ unsafe fn float_tile<const DT: u8, const NR: usize, const TR: usize>(c: &Ctx<'_,
         macro_rules! step {
             ($i:expr, $m0:expr, $m1:expr) => {{
                 let i = $i;
+                for r in 0..NR {
+                    prefetch_ahead(rows[r].add(i * elem));
+                }
                 let wv: [[__m512; 2]; NR] =
                     std::array::from_fn(|r| [load16::<DT>(rows[r], i, $m0), load16::<DT>(rows[r], i + 16, $m1)]);
                 for t in 0..TR {

@@ -125,6 +125,22 @@ pub(crate) struct Tiles {
     pub nr_1: usize,
 }
 
+/// How far ahead of the bytes being multiplied the kernels prefetch weights into L2, in bytes. A decode step streams
+/// the whole model once; the hardware prefetchers alone left one core at about 7.5 GB/s on the project machine, and
+/// 16 KB of software prefetch distance took it to about 17 GB/s (two cores: 17 → 26 GB/s), measured over the
+/// SmolLM2 decode matmuls with distinct weights (96 MB). Prefetching past the end of a tensor is harmless: it touches
+/// the next tensor of the file, typically the next one used, and prefetches never fault.
+pub(crate) const PREFETCH_BYTES: usize = 16 * 1024;
+
+/// Prefetches the weight line `PREFETCH_BYTES` ahead of `p` into L2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead(p: *const u8) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH_BYTES).cast()) }
+}
+
 /// Bytes of weight rows worked on together so they stay in L2 while every activation row passes over them.
 const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
