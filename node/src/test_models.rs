@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use half::{bf16, f16};
 use serde_json::json;
 use shardline_kernels::{DType, Llama3Scaling, RopeConfig, RopeStyle};
 
@@ -275,58 +274,10 @@ fn map_qk_rows<T: Copy>(w: &[T], n_head: usize, cols: usize, inverse: bool) -> V
     out
 }
 
-/// Encodes f32 values as `dtype` in ggml's byte layout, following ggml's reference quantisers
-/// (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`, `quantize_row_q4_1_ref`). Quantised dtypes need a whole
-/// number of 32-element blocks.
+/// Encodes f32 values as `dtype` in ggml's byte layout with the kernels crate's reference quantisers (ggml's
+/// `quantize_row_*_ref`). Quantised dtypes need a whole number of 32-element blocks.
 pub fn quantize(dtype: DType, x: &[f32]) -> Result<Vec<u8>> {
-    if !x.len().is_multiple_of(dtype.block_elems()) {
-        return Err(ModelError::Invalid(format!("{} values are not whole {dtype} blocks", x.len())));
-    }
-    let mut out = Vec::with_capacity(dtype.bytes_for(x.len()).unwrap_or(0));
-    match dtype {
-        DType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        DType::F16 => x.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => x.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
-        DType::Q8_0 => {
-            for b in x.chunks_exact(32) {
-                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
-            }
-        }
-        DType::Q4_0 => {
-            for b in x.chunks_exact(32) {
-                // The value of largest magnitude, first one on ties, keeps its sign.
-                let (mut amax, mut max) = (0f32, 0f32);
-                for &v in b {
-                    if amax < v.abs() {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                let d = max / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
-                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
-            }
-        }
-        DType::Q4_1 => {
-            for b in x.chunks_exact(32) {
-                let min = b.iter().fold(f32::MAX, |m, &v| m.min(v));
-                let max = b.iter().fold(-f32::MAX, |m, &v| m.max(v));
-                let d = (max - min) / 15.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
-                let q = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
-                out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
-            }
-        }
-    }
-    Ok(out)
+    Ok(shardline_kernels::quant::quantize(dtype, x)?)
 }
 
 /// Decodes `dtype` bytes in ggml's layout to f32 (`d·q` for Q8_0, `d·(q−8)` for Q4_0, `d·q + m` for Q4_1).
@@ -334,35 +285,8 @@ pub fn dequantize(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     if !bytes.len().is_multiple_of(dtype.block_bytes()) {
         return Err(ModelError::Invalid(format!("{} bytes are not whole {dtype} blocks", bytes.len())));
     }
-    let half_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    let mut out = Vec::with_capacity(bytes.len() / dtype.block_bytes() * dtype.block_elems());
-    match dtype {
-        DType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        DType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        DType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        DType::Q8_0 => {
-            for b in bytes.chunks_exact(34) {
-                let d = half_at(b, 0);
-                out.extend(b[2..].iter().map(|&q| d * f32::from(q as i8)));
-            }
-        }
-        DType::Q4_0 => {
-            for b in bytes.chunks_exact(18) {
-                let d = half_at(b, 0);
-                let qs = &b[2..];
-                out.extend(qs.iter().map(|&q| d * ((q & 0x0f) as i32 - 8) as f32));
-                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
-            }
-        }
-        DType::Q4_1 => {
-            for b in bytes.chunks_exact(20) {
-                let (d, m) = (half_at(b, 0), half_at(b, 2));
-                let qs = &b[4..];
-                out.extend(qs.iter().map(|&q| d * f32::from(q & 0x0f) + m));
-                out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
-            }
-        }
-    }
+    let mut out = vec![0.0; bytes.len() / dtype.block_bytes() * dtype.block_elems()];
+    shardline_kernels::quant::dequantize(dtype, bytes, &mut out)?;
     Ok(out)
 }
 
