@@ -616,6 +616,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn permutation_matches_llama_cpp_on_one_head() {
