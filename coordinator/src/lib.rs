@@ -1,6 +1,7 @@
 //! shardline coordinator: finds nodes through the DHT, registers them at discovery, keeps their admission queues and
 //! health, plans routes over layer boundaries, and runs pipeline sessions over QUIC (`SwarmClient`).
 
+pub mod api;
 pub mod client;
 pub mod discovery;
 pub mod queue;

@@ -1,0 +1,185 @@
+//! Errors in the OpenAI shape, `{"error":{"message","type","param","code"}}`, with the status code a client of the
+//! OpenAI API expects for each cause.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::queue::QueueError;
+use crate::routing::RouteError;
+use crate::session::SessionError;
+
+/// An error answered to an HTTP client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's error `type`: `invalid_request_error`, `rate_limit_error`, `server_error`, ...
+    pub kind: &'static str,
+    /// The request field at fault, when there is one.
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds to wait before retrying (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+    }
+
+    /// 400: the request is malformed or asks for something impossible.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 400 naming the request field at fault.
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        Self { param: Some(param.to_string()), ..Self::invalid(message) }
+    }
+
+    /// 400: prompt plus `max_tokens` do not fit the model's context.
+    pub fn context_exceeded(prompt: usize, max_tokens: usize, context: usize) -> Self {
+        Self {
+            code: Some("context_length_exceeded"),
+            ..Self::invalid_param(
+                "max_tokens",
+                format!(
+                    "this model's maximum context length is {context} tokens; the prompt has {prompt} tokens and \
+                     {max_tokens} new tokens were requested"
+                ),
+            )
+        }
+    }
+
+    /// 404: no served model has this name or id.
+    pub fn unknown_model(model: &str) -> Self {
+        Self {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("the model `{model}` does not exist"))
+        }
+    }
+
+    /// 404 for a path the API does not have.
+    pub fn not_found(path: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route for {path}"))
+    }
+
+    /// 429 with `Retry-After`: every node able to serve some layer has a full queue.
+    pub fn busy(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self {
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(retry_after_secs),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    }
+
+    /// 503: the swarm cannot route the model now (missing layers, or no node at all).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { code: Some("model_unavailable"), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message) }
+    }
+
+    /// 502: a stage failed and failover did not save the request.
+    pub fn upstream(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "server_error", message)
+    }
+
+    /// 500: anything else.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// Maps a session failure: missing layers → 503, full queues → 429, failed stages → 502.
+    pub fn from_session(e: &SessionError, retry_after_secs: u64) -> Self {
+        match e {
+            SessionError::Route(RouteError::Uncovered { .. } | RouteError::UnknownModel(_)) => {
+                Self::unavailable(e.to_string())
+            }
+            SessionError::Busy { source: QueueError::Busy { .. } | QueueError::Timeout(_), .. } => {
+                Self::busy(e.to_string(), retry_after_secs)
+            }
+            SessionError::Exhausted(_, inner) if matches!(**inner, SessionError::Busy { .. }) => {
+                Self::busy(e.to_string(), retry_after_secs)
+            }
+            _ => Self::upstream(e.to_string()),
+        }
+    }
+
+    /// The JSON body, as also sent in an SSE `error` event once a stream has started.
+    pub fn body_json(&self) -> String {
+        let body = Body {
+            error: Detail { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+        };
+        serde_json::to_string(&body).unwrap_or_else(|_| String::from(r#"{"error":{"message":"unserialisable"}}"#))
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status, self.kind, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, [(header::CONTENT_TYPE, "application/json")], self.body_json()).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::PeerId;
+    use shardline_node::model::LayerRange;
+
+    use super::*;
+
+    #[test]
+    fn session_errors_get_the_openai_status() {
+        let uncovered = SessionError::Route(RouteError::Uncovered {
+            model_id: "m".into(),
+            n_layers: 30,
+            missing: vec![LayerRange::new(10, 20)],
+        });
+        let e = ApiError::from_session(&uncovered, 1);
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.contains("10..20"), "{}", e.message);
+        let busy = SessionError::Busy {
+            peer: PeerId::random(),
+            source: QueueError::Busy { in_flight: 1, waiting: 0, max_waiting: 0 },
+        };
+        let e = ApiError::from_session(&busy, 3);
+        assert_eq!((e.status, e.retry_after), (StatusCode::TOO_MANY_REQUESTS, Some(3)));
+        let r = e.into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        let e = ApiError::from_session(&SessionError::Protocol("x".into()), 1);
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn body_has_the_openai_shape() {
+        let v: serde_json::Value = serde_json::from_str(&ApiError::unknown_model("gpt-9").body_json()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+}

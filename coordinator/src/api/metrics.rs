@@ -1,0 +1,185 @@
+//! Counters and latency histograms of the API, rendered as Prometheus text at `GET /metrics` together with the
+//! registry's state (registered nodes, per-node queue depth).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::http::StatusCode;
+use shardline_node::generate::{FinishReason, Generation};
+
+use super::error::ApiError;
+use crate::registry::NodeRegistry;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
+            if secs <= b {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, b) in self.counts.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count, self.sum, self.count
+        );
+    }
+}
+
+/// Everything the API counts. Shared by every request (`Arc`).
+#[derive(Default)]
+pub struct Metrics {
+    /// `(endpoint, status code)` → requests answered.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    /// Generations ended because the client went away.
+    cancelled: AtomicU64,
+    /// Requests refused because no route covered the model (503).
+    route_failures: AtomicU64,
+    /// Requests refused because queues were full (429).
+    rejected_busy: AtomicU64,
+    ttft: Mutex<Histogram>,
+    inter_token: Mutex<Histogram>,
+}
+
+impl Metrics {
+    pub fn record_request(&self, endpoint: &'static str, status: StatusCode) {
+        let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *r.entry((endpoint, status.as_u16())).or_default() += 1;
+    }
+
+    /// Tokens and latencies of a finished (or cancelled) generation.
+    pub fn record_generation(&self, g: &Generation) {
+        self.prompt_tokens.fetch_add(g.prompt_tokens.len() as u64, Ordering::Relaxed);
+        self.completion_tokens.fetch_add(g.tokens.len() as u64, Ordering::Relaxed);
+        if g.finish == FinishReason::Cancelled {
+            self.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        if !g.samples.is_empty() {
+            self.ttft.lock().unwrap_or_else(|e| e.into_inner()).observe(g.prefill_secs);
+        }
+        let steps = g.samples.len().saturating_sub(1);
+        if steps > 0 {
+            let mut h = self.inter_token.lock().unwrap_or_else(|e| e.into_inner());
+            let each = g.decode_secs / steps as f64;
+            for _ in 0..steps {
+                h.observe(each);
+            }
+        }
+    }
+
+    /// A request that failed before or during generation.
+    pub fn record_failure(&self, e: &ApiError) {
+        match e.status {
+            StatusCode::SERVICE_UNAVAILABLE => self.route_failures.fetch_add(1, Ordering::Relaxed),
+            StatusCode::TOO_MANY_REQUESTS => self.rejected_busy.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    /// Generations ended because the client disconnected.
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition of the counters and of the registry's nodes.
+    pub fn render(&self, registry: &NodeRegistry) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP shardline_requests_total HTTP API requests by endpoint and status.\n");
+        out.push_str("# TYPE shardline_requests_total counter\n");
+        for ((endpoint, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "shardline_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
+        }
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        };
+        counter(&mut out, "shardline_prompt_tokens_total", "Prompt tokens prefilled.", &self.prompt_tokens);
+        counter(&mut out, "shardline_completion_tokens_total", "Tokens generated.", &self.completion_tokens);
+        counter(&mut out, "shardline_cancelled_total", "Generations ended by a client disconnect.", &self.cancelled);
+        counter(
+            &mut out,
+            "shardline_route_failures_total",
+            "Requests with no route over every layer.",
+            &self.route_failures,
+        );
+        counter(
+            &mut out,
+            "shardline_rejected_busy_total",
+            "Requests refused on full node queues.",
+            &self.rejected_busy,
+        );
+        self.ttft.lock().unwrap_or_else(|e| e.into_inner()).render(
+            &mut out,
+            "shardline_time_to_first_token_seconds",
+            "Seconds from the start of a generation to its first token (prefill).",
+        );
+        self.inter_token.lock().unwrap_or_else(|e| e.into_inner()).render(
+            &mut out,
+            "shardline_inter_token_latency_seconds",
+            "Seconds between consecutive generated tokens.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP shardline_registered_nodes Nodes in the registry.\n# TYPE shardline_registered_nodes gauge\n\
+             shardline_registered_nodes {}",
+            registry.len()
+        );
+        out.push_str("# HELP shardline_node_queue_depth Sessions per node: running or waiting.\n");
+        out.push_str("# TYPE shardline_node_queue_depth gauge\n");
+        for model in registry.models() {
+            for (e, _) in registry.snapshot(&model) {
+                let (in_flight, waiting, _) = e.queue.depth();
+                let (peer, layers) = (e.announcement.peer_id, e.announcement.layers);
+                for (state, v) in [("running", in_flight), ("waiting", waiting)] {
+                    let _ = writeln!(
+                        out,
+                        "shardline_node_queue_depth{{peer=\"{peer}\",layers=\"{layers}\",state=\"{state}\"}} {v}"
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(0.007);
+        h.observe(0.2);
+        h.observe(100.0);
+        assert_eq!(h.counts[0], 0);
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[5], 2);
+        assert_eq!(h.counts[BUCKETS.len() - 1], 2);
+        let mut s = String::new();
+        h.render(&mut s, "x", "help");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 3"), "{s}");
+        assert!(s.contains("x_count 3"), "{s}");
+    }
+}

@@ -1,0 +1,436 @@
+//! Request handlers: parse and validate the OpenAI request, tokenise (chat messages through the model's own
+//! template), start the generation, and answer with JSON or an SSE stream.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shardline_kernels::SamplingParams;
+use shardline_node::engine::stop_tokens;
+use shardline_node::generate::{FinishReason, GenerateParams, Generation};
+use shardline_node::tokenizer::ChatMessage;
+
+use super::error::ApiError;
+use super::generation::{self, GenEvent};
+use super::openai::{
+    AssistantMessage, ChatChoice, ChatLogprobs, ChatRequest, ChatResponse, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, Coverage, ModelCard, ModelList, Prompt, Sampling, TokenLogprob, TopLogprob, Usage,
+};
+use super::sse::{self, StreamCtx, StreamKind};
+use super::{ApiState, ServedModel, unix_secs};
+
+/// The API's routes over `state`.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/swarm", get(swarm))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        .with_state(state)
+}
+
+/// OpenAI's `finish_reason`; `None` for a cancelled generation (nobody reads it).
+pub fn finish_reason(f: FinishReason) -> Option<&'static str> {
+    match f {
+        FinishReason::Stop => Some("stop"),
+        FinishReason::Length => Some("length"),
+        FinishReason::Cancelled => None,
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+}
+
+fn counted(state: &ApiState, endpoint: &'static str, r: Result<Response, ApiError>) -> Response {
+    let resp = r.unwrap_or_else(|e| e.into_response());
+    state.metrics.record_request(endpoint, resp.status());
+    resp
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// Sampling and stop settings of a request, checked.
+fn generate_params(
+    s: &Sampling,
+    model: &ServedModel,
+    max_tokens: usize,
+    n_top: usize,
+) -> Result<GenerateParams, ApiError> {
+    if let Some(n) = s.n
+        && n != 1
+    {
+        return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
+    }
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err(ApiError::invalid_param("temperature", "temperature must be between 0 and 2"));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid_param("top_p", "top_p must be in (0, 1]"));
+    }
+    if max_tokens == 0 {
+        return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"));
+    }
+    if n_top > 20 {
+        return Err(ApiError::invalid_param("logprobs", "at most 20 top log-probabilities per token"));
+    }
+    Ok(GenerateParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k: s.top_k.unwrap_or(0),
+            top_p,
+            seed: s.seed.unwrap_or_else(rand::random),
+        },
+        stop_tokens: if s.ignore_eos { Vec::new() } else { stop_tokens(&model.tokenizer) },
+        stop_strings: s.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+        n_top_logprobs: n_top,
+        ..GenerateParams::default()
+    })
+}
+
+fn check_context(model: &ServedModel, prompt: usize, max_tokens: usize) -> Result<(), ApiError> {
+    if prompt == 0 {
+        return Err(ApiError::invalid_param("prompt", "the prompt has no tokens"));
+    }
+    if prompt + max_tokens > model.context_length {
+        return Err(ApiError::context_exceeded(prompt, max_tokens, model.context_length));
+    }
+    Ok(())
+}
+
+/// Starts the generation and waits for its first event, so that failures before any output (no route, full
+/// queues) are answered with their status code even for streams.
+async fn start(
+    state: &ApiState,
+    model: &Arc<ServedModel>,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+) -> Result<(GenEvent, tokio::sync::mpsc::Receiver<GenEvent>), ApiError> {
+    let mut rx = generation::spawn(model.clone(), prompt, params, state.metrics.clone(), state.config.retry_after_secs);
+    match rx.recv().await {
+        None => Err(ApiError::internal("generation ended without a result")),
+        Some(GenEvent::Failed(e)) => Err(e),
+        Some(first) => Ok((first, rx)),
+    }
+}
+
+/// Waits for the end of a non-streamed generation.
+async fn collect(first: GenEvent, mut rx: tokio::sync::mpsc::Receiver<GenEvent>) -> Result<Generation, ApiError> {
+    let mut ev = Some(first);
+    loop {
+        match ev.take().or(rx.recv().await) {
+            None => return Err(ApiError::internal("generation ended without a result")),
+            Some(GenEvent::Text(_)) => {}
+            Some(GenEvent::Done(g)) => return Ok(*g),
+            Some(GenEvent::Failed(e)) => return Err(e),
+        }
+    }
+}
+
+fn piece(model: &ServedModel, id: u32) -> Vec<u8> {
+    model.tokenizer.token_to_piece(id).map(|b| b.to_vec()).unwrap_or_default()
+}
+
+async fn completions(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
+    let r = completion(&state, &body).await;
+    counted(&state, "completions", r)
+}
+
+async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(body)?;
+    let model = state.model(&req.model).ok_or_else(|| ApiError::unknown_model(&req.model))?;
+    let tok = &model.tokenizer;
+    let encode = |s: &str| tok.encode(s, true).map_err(|e| ApiError::invalid_param("prompt", e.to_string()));
+    let prompt = match &req.prompt {
+        Prompt::Text(s) => encode(s)?,
+        Prompt::TextBatch(v) if v.len() == 1 => encode(&v[0])?,
+        Prompt::Tokens(t) => t.clone(),
+        Prompt::TokenBatch(v) if v.len() == 1 => v[0].clone(),
+        _ => return Err(ApiError::invalid_param("prompt", "only one prompt per request is supported")),
+    };
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= tok.vocab_size()) {
+        return Err(ApiError::invalid_param("prompt", format!("token {bad} is outside the vocabulary")));
+    }
+    let max_tokens = req.max_tokens.unwrap_or(state.config.default_completion_tokens);
+    check_context(&model, prompt.len(), max_tokens)?;
+    let n_top = req.logprobs.unwrap_or(0);
+    let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
+    let echo = match (&req.prompt, req.echo) {
+        (_, false) => None,
+        (Prompt::Text(s), true) => Some(s.clone()),
+        (Prompt::TextBatch(v), true) => Some(v[0].clone()),
+        (_, true) => Some(tok.decode(&prompt).map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?),
+    };
+    let prompt_len = prompt.len();
+    let (first, rx) = start(state, &model, prompt, params).await?;
+    let ctx = StreamCtx {
+        kind: StreamKind::Completion,
+        id: request_id("cmpl"),
+        created: unix_secs(),
+        model: req.model.clone(),
+        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        echo,
+    };
+    if req.stream {
+        return Ok(sse::response(ctx, first, rx));
+    }
+    let g = collect(first, rx).await?;
+    let prefix = ctx.echo.unwrap_or_default();
+    let logprobs = req.logprobs.map(|_| {
+        let mut lp = CompletionLogprobs::default();
+        let mut offset = prefix.len();
+        for s in g.samples.iter().take(g.tokens.len()) {
+            let text = String::from_utf8_lossy(&piece(&model, s.token)).into_owned();
+            lp.text_offset.push(offset);
+            offset += text.len();
+            lp.tokens.push(text);
+            lp.token_logprobs.push(s.logprob);
+            lp.top_logprobs.push(
+                s.top
+                    .iter()
+                    .map(|&(t, p)| (String::from_utf8_lossy(&piece(&model, t)).into_owned(), p.into()))
+                    .collect(),
+            );
+        }
+        lp
+    });
+    let resp = super::openai::CompletionResponse {
+        id: ctx.id,
+        object: "text_completion",
+        created: ctx.created,
+        model: ctx.model,
+        choices: vec![CompletionChoice {
+            index: 0,
+            text: prefix + &g.text,
+            logprobs,
+            finish_reason: finish_reason(g.finish),
+        }],
+        usage: Some(Usage::new(prompt_len, g.tokens.len())),
+    };
+    Ok(axum::Json(resp).into_response())
+}
+
+async fn chat_completions(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
+    let r = chat(&state, &body).await;
+    counted(&state, "chat_completions", r)
+}
+
+async fn chat(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    let model = state.model(&req.model).ok_or_else(|| ApiError::unknown_model(&req.model))?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "messages must not be empty"));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(|m| m.text().map(|t| ChatMessage::new(m.role.clone(), t)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::invalid_param("messages", e))?;
+    let tok = &model.tokenizer;
+    let text =
+        tok.apply_chat_template(&messages, true).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+    // The template writes BOS itself where the model wants one.
+    let prompt = tok.encode(&text, false).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or_else(|| model.context_length.saturating_sub(prompt.len()).max(1));
+    check_context(&model, prompt.len(), max_tokens)?;
+    let n_top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
+    let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
+    let prompt_len = prompt.len();
+    let (first, rx) = start(state, &model, prompt, params).await?;
+    let ctx = StreamCtx {
+        kind: StreamKind::Chat,
+        id: request_id("chatcmpl"),
+        created: unix_secs(),
+        model: req.model.clone(),
+        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        echo: None,
+    };
+    if req.stream {
+        return Ok(sse::response(ctx, first, rx));
+    }
+    let g = collect(first, rx).await?;
+    let logprobs = req.logprobs.then(|| ChatLogprobs {
+        content: g
+            .samples
+            .iter()
+            .take(g.tokens.len())
+            .map(|s| {
+                let bytes = piece(&model, s.token);
+                TokenLogprob {
+                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    logprob: s.logprob,
+                    bytes,
+                    top_logprobs: s
+                        .top
+                        .iter()
+                        .map(|&(t, p)| {
+                            let bytes = piece(&model, t);
+                            TopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), logprob: p, bytes }
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    });
+    let resp = ChatResponse {
+        id: ctx.id,
+        object: "chat.completion",
+        created: ctx.created,
+        model: ctx.model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage { role: "assistant", content: g.text },
+            logprobs,
+            finish_reason: finish_reason(g.finish),
+        }],
+        usage: Usage::new(prompt_len, g.tokens.len()),
+    };
+    Ok(axum::Json(resp).into_response())
+}
+
+fn card(state: &ApiState, m: &ServedModel) -> ModelCard {
+    let missing = m.missing_layers(&state.registry);
+    ModelCard {
+        id: m.name.clone(),
+        object: "model",
+        created: 0,
+        owned_by: "shardline",
+        shardline_model_id: m.model_id.clone(),
+        coverage: Coverage {
+            n_layers: m.n_layers,
+            routable: missing.is_empty(),
+            missing: missing.iter().map(|r| r.to_string()).collect(),
+            nodes: state.registry.snapshot(&m.model_id).len(),
+        },
+    }
+}
+
+async fn models(State(state): State<Arc<ApiState>>) -> Response {
+    let (data, partial) = state.models.iter().map(|m| card(&state, m)).partition(|c| c.coverage.routable);
+    let r = axum::Json(ModelList { object: "list", data, partial }).into_response();
+    counted(&state, "models", Ok(r))
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    /// Served models that are fully routable now.
+    routable: Vec<String>,
+}
+
+async fn health(State(state): State<Arc<ApiState>>) -> Response {
+    let routable: Vec<String> =
+        state.models.iter().filter(|m| m.missing_layers(&state.registry).is_empty()).map(|m| m.name.clone()).collect();
+    let (status, word) =
+        if routable.is_empty() { (StatusCode::SERVICE_UNAVAILABLE, "unavailable") } else { (StatusCode::OK, "ok") };
+    (status, axum::Json(Health { status: word, routable })).into_response()
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let text = state.metrics.render(&state.registry);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[derive(Serialize)]
+struct SwarmNode {
+    peer_id: String,
+    layers: String,
+    address: String,
+    running: u32,
+    waiting: u32,
+    capacity: u32,
+    decode_tokens_per_s: f32,
+    prefill_tokens_per_s: f32,
+    free_kv_tokens: u64,
+    rtt_ms: Option<f64>,
+    banned: bool,
+    /// Milliseconds since its announcement was last refreshed.
+    last_seen_ms: u64,
+}
+
+#[derive(Serialize)]
+struct SwarmModel {
+    model_id: String,
+    /// The served name, when this coordinator serves the model.
+    name: Option<String>,
+    n_layers: u32,
+    /// Layer ranges no usable node serves.
+    missing: Vec<String>,
+    nodes: Vec<SwarmNode>,
+}
+
+#[derive(Serialize)]
+struct SwarmView {
+    models: Vec<SwarmModel>,
+    registered_nodes: usize,
+}
+
+async fn swarm(State(state): State<Arc<ApiState>>) -> Response {
+    let now = Instant::now();
+    let reg = &state.registry;
+    let models = reg
+        .models()
+        .into_iter()
+        .map(|id| {
+            let served = state.model(&id);
+            let n_layers = reg.model_shape(&id).map(|s| s.n_layers).unwrap_or(0);
+            let missing = match &served {
+                Some(m) => m.missing_layers(reg),
+                None => {
+                    let cands = crate::routing::candidates(reg, &id);
+                    crate::routing::missing_ranges(&cands, n_layers as usize)
+                }
+            };
+            let mut nodes: Vec<SwarmNode> = reg
+                .snapshot(&id)
+                .into_iter()
+                .map(|(e, h)| {
+                    let a = &e.announcement;
+                    let (running, waiting, capacity) = e.queue.depth();
+                    SwarmNode {
+                        peer_id: a.peer_id.to_string(),
+                        layers: a.layers.to_string(),
+                        address: a.quic_addr.to_string(),
+                        running,
+                        waiting,
+                        capacity,
+                        decode_tokens_per_s: a.decode_tps,
+                        prefill_tokens_per_s: a.prefill_tps,
+                        free_kv_tokens: a.free_kv_tokens,
+                        rtt_ms: h.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                        banned: h.banned_until.is_some_and(|t| t > now),
+                        last_seen_ms: now.duration_since(e.last_seen).as_millis() as u64,
+                    }
+                })
+                .collect();
+            nodes.sort_by(|a, b| a.layers.cmp(&b.layers).then(a.peer_id.cmp(&b.peer_id)));
+            SwarmModel {
+                model_id: id,
+                name: served.map(|m| m.name.clone()),
+                n_layers,
+                missing: missing.iter().map(|r| r.to_string()).collect(),
+                nodes,
+            }
+        })
+        .collect();
+    axum::Json(SwarmView { models, registered_nodes: reg.len() }).into_response()
+}

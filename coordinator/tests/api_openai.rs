@@ -1,0 +1,336 @@
+//! The OpenAI-compatible HTTP API against a real in-process swarm on a tiny model: a coordinator serving the API and
+//! three nodes on loopback. Completions and chat give exactly the text of the single-process engine (greedy and
+//! sampled), streamed or not; errors have the OpenAI shape and status; a client that disconnects mid-stream ends its
+//! session and every stage frees its KV cache; missing layers give 503 naming them; full queues give 429.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::Multiaddr;
+use serde_json::{Value, json};
+use shardline_coordinator::api::{self, ApiConfig, ApiState};
+use shardline_coordinator::{CoordinatorArgs, CoordinatorHandle, start_coordinator};
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, SamplingParams};
+use shardline_node::engine::{Engine, stop_tokens};
+use shardline_node::generate::GenerateParams;
+use shardline_node::model::{LayerRange, ShardOptions};
+use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
+use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+use shardline_node::tokenizer::ChatMessage;
+
+const N_LAYERS: usize = 6;
+const CONTEXT: usize = 2048;
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new(1))
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let spec = TinySpec { n_layers: N_LAYERS, context: CONTEXT, ..TinySpec::default() };
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&spec, &path).unwrap();
+    path
+}
+
+async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr], max_sessions: usize) -> NodeHandle {
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend(), listen);
+    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    args.bootstrap = bootstrap.to_vec();
+    args.measure_tokens = 4;
+    args.stage.max_sessions = max_sessions;
+    start_node(args).await.unwrap()
+}
+
+struct Api {
+    coordinator: CoordinatorHandle,
+    state: Arc<ApiState>,
+    base: String,
+}
+
+/// A coordinator with the API on an ephemeral port, serving `model`; `max_waiting` sessions may queue per node.
+async fn api(model: &Path, max_waiting: u32, config: ApiConfig) -> Api {
+    let mut args = CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![]);
+    args.discovery.query_interval = Duration::from_millis(300);
+    args.registry.max_waiting = max_waiting;
+    let coordinator = start_coordinator(args).await.unwrap();
+    let state = ApiState::open(&coordinator, &[model], config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(api::serve(listener, state.clone()));
+    Api { coordinator, state, base }
+}
+
+async fn wait_registered(c: &CoordinatorHandle, nodes: &[&NodeHandle]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|n| c.registry.contains(&n.peer_id)) {
+        assert!(tokio::time::Instant::now() < deadline, "coordinator did not register every node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every stage holds no session and all its KV cache is free.
+async fn assert_stages_idle(nodes: &[&NodeHandle]) {
+    for n in nodes {
+        let s = n.server();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while (s.active_sessions() > 0 || s.shard().free_kv_tokens() != s.shard().kv_capacity_tokens())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(s.active_sessions(), 0, "a stage still holds a session");
+        assert_eq!(s.shard().free_kv_tokens(), s.shard().kv_capacity_tokens(), "a stage still holds KV cache");
+    }
+}
+
+async fn post(base: &str, path: &str, body: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Status and JSON body of a request expected to fail; checks the OpenAI error shape.
+async fn error_of(base: &str, path: &str, body: &str) -> (u16, Value) {
+    let r = post(base, path, body).await;
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    let e = &v["error"];
+    assert!(e["message"].is_string() && e["type"].is_string(), "not an OpenAI error: {v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "not an OpenAI error: {v}");
+    (status, v)
+}
+
+/// The `data:` payloads of a whole SSE response.
+async fn sse_data(r: reqwest::Response) -> Vec<String> {
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let body = r.text().await.unwrap();
+    body.split("\n\n").filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: "))).map(String::from).collect()
+}
+
+/// What the single-process engine generates for `prompt` with the API's defaults.
+fn engine_text(engine: &Engine, prompt: &[u32], max_tokens: usize, sampling: SamplingParams) -> (String, usize) {
+    let params = GenerateParams {
+        max_tokens,
+        sampling,
+        stop_tokens: stop_tokens(engine.tokenizer()),
+        ..GenerateParams::default()
+    };
+    let g = engine.generate(prompt, &params, &mut |_| true).unwrap();
+    (g.text, g.tokens.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let api = api(&model, 16, ApiConfig::default()).await;
+    let boot = api.coordinator.p2p_addrs.clone();
+    let a = node(&model, LayerRange::new(0, 2), &boot, 16).await;
+    let b = node(&model, LayerRange::new(2, 4), &boot, 16).await;
+    let c = node(&model, LayerRange::new(4, 6), &boot, 16).await;
+    let nodes = [&a, &b, &c];
+    wait_registered(&api.coordinator, &nodes).await;
+    let base = api.base.as_str();
+    let engine = Engine::load(&model, backend(), &[], ShardOptions::default(), &mut |_, _| {}).unwrap();
+    let name = "tiny";
+
+    // Health and models: fully covered.
+    let r = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let models: Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], name);
+    assert_eq!(models["data"][0]["coverage"]["routable"], true);
+    assert_eq!(models["partial"].as_array().unwrap().len(), 0);
+
+    // Completions, token prompt, greedy: the engine's text and token counts.
+    let prompt: Vec<u32> = vec![1, 40, 41, 42, 100, 200, 7, 9];
+    let (want, n_gen) = engine_text(&engine, &prompt, 12, SamplingParams::GREEDY);
+    assert!(n_gen > 0 && !want.is_empty(), "the reference generated nothing to compare");
+    let body = json!({"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 2});
+    let r = post(base, "/v1/completions", &body.to_string()).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], want.as_str());
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(v["usage"]["completion_tokens"], n_gen);
+    assert_eq!(v["usage"]["total_tokens"], prompt.len() + n_gen);
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n_gen);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    // Greedy: the sampled token is the most likely one.
+    let top_best =
+        lp["top_logprobs"][0].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
+    assert!((lp["token_logprobs"][0].as_f64().unwrap() - top_best).abs() < 1e-5, "{lp}");
+    let finish = if n_gen < 12 { "stop" } else { "length" };
+    assert_eq!(v["choices"][0]["finish_reason"], finish);
+
+    // The same, streamed: the pieces add up to the same text; the usage chunk and [DONE] close the stream.
+    let body = json!({"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let data = sse_data(post(base, "/v1/completions", &body.to_string()).await).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, want);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], n_gen);
+    assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], finish);
+
+    // Echo puts the prompt text first.
+    let body = json!({"model": name, "prompt": "hello world", "max_tokens": 4, "temperature": 0, "echo": true});
+    let v: Value = post(base, "/v1/completions", &body.to_string()).await.json().await.unwrap();
+    assert!(v["choices"][0]["text"].as_str().unwrap().starts_with("hello world"), "{v}");
+
+    // Chat, sampled with a seed: the prompt goes through the model's chat template; same text as the engine.
+    let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 77 };
+    let chat_prompt = engine
+        .tokenizer()
+        .encode(
+            &engine
+                .tokenizer()
+                .apply_chat_template(&[ChatMessage::system("be brief"), ChatMessage::user("hi there")], true)
+                .unwrap(),
+            false,
+        )
+        .unwrap();
+    let (want, n_gen) = engine_text(&engine, &chat_prompt, 10, sampled);
+    assert!(n_gen > 0 && !want.is_empty(), "the reference generated nothing to compare");
+    let body = json!({"model": name, "max_tokens": 10, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 77,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]});
+    let r = post(base, "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(v["usage"]["prompt_tokens"], chat_prompt.len());
+    assert_eq!(v["usage"]["completion_tokens"], n_gen);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let data = sse_data(post(base, "/v1/chat/completions", &streamed.to_string()).await).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c.get("usage").is_none()));
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, want);
+    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+
+    // Errors: OpenAI shape and status.
+    let (s, _) = error_of(base, "/v1/chat/completions", "{not json").await;
+    assert_eq!(s, 400);
+    let (s, _) =
+        error_of(base, "/v1/completions", &json!({"model": name, "prompt": "x", "max_tokens": "5"}).to_string()).await;
+    assert_eq!(s, 400);
+    let (s, v) =
+        error_of(base, "/v1/completions", &json!({"model": name, "prompt": "x", "max_tokens": CONTEXT}).to_string())
+            .await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("context_length_exceeded")));
+    let (s, v) = error_of(
+        base,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).to_string(),
+    )
+    .await;
+    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("model_not_found")));
+    let (s, v) = error_of(base, "/v1/completions", &json!({"model": name, "prompt": "x", "n": 2}).to_string()).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("n")));
+    let (s, _) = error_of(base, "/v1/completions", &json!({"model": name, "prompt": [100000]}).to_string()).await;
+    assert_eq!(s, 400);
+    assert_stages_idle(&nodes).await;
+
+    // A client that disconnects mid-stream: the generation stops and every stage frees the session.
+    let body = json!({"model": name, "prompt": prompt, "max_tokens": CONTEXT - prompt.len(), "ignore_eos": true,
+        "temperature": 0, "stream": true});
+    let r = post(base, "/v1/completions", &body.to_string()).await;
+    assert_eq!(r.status(), 200);
+    let mut bytes = r.bytes_stream();
+    let first = bytes.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+    assert!(nodes.iter().all(|n| n.server().active_sessions() == 1), "the stream's session runs on every stage");
+    drop(bytes);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while api.state.metrics.cancelled() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the generation was not cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_stages_idle(&nodes).await;
+
+    // Metrics and the swarm view.
+    let m = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(m.contains("shardline_requests_total{endpoint=\"completions\",status=\"200\"}"), "{m}");
+    assert!(m.contains("shardline_requests_total{endpoint=\"completions\",status=\"400\"}"), "{m}");
+    assert!(m.contains("shardline_cancelled_total 1"), "{m}");
+    assert!(m.contains("shardline_registered_nodes 3"), "{m}");
+    assert!(m.contains("shardline_time_to_first_token_seconds_count"), "{m}");
+    let s: Value = reqwest::get(format!("{base}/v1/swarm")).await.unwrap().json().await.unwrap();
+    let nodes_json = s["models"][0]["nodes"].as_array().unwrap();
+    let layers: Vec<&str> = nodes_json.iter().map(|n| n["layers"].as_str().unwrap()).collect();
+    assert_eq!(layers, vec!["0..2", "2..4", "4..6"]);
+    assert_eq!(s["models"][0]["missing"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_layers_give_503_and_full_queues_give_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let config = ApiConfig { admit_wait: Duration::from_millis(200), retry_after_secs: 2, ..ApiConfig::default() };
+    let api = api(&model, 0, config).await;
+    let boot = api.coordinator.p2p_addrs.clone();
+    let a = node(&model, LayerRange::new(0, 2), &boot, 4).await;
+    let c = node(&model, LayerRange::new(4, 6), &boot, 4).await;
+    wait_registered(&api.coordinator, &[&a, &c]).await;
+    let base = api.base.as_str();
+    let chat = json!({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+
+    let r = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let models: Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 0);
+    assert_eq!(models["partial"][0]["coverage"]["missing"], json!(["2..4"]));
+    let (s, v) = error_of(base, "/v1/chat/completions", &chat).await;
+    assert_eq!(s, 503);
+    assert!(v["error"]["message"].as_str().unwrap().contains("2..4"), "{v}");
+    let mut streamed: Value = serde_json::from_str(&chat).unwrap();
+    streamed["stream"] = json!(true);
+    let (s, _) = error_of(base, "/v1/chat/completions", &streamed.to_string()).await;
+    assert_eq!(s, 503, "a stream that cannot start is refused with a status, not an event");
+
+    // The missing node arrives: requests go through.
+    let b = node(&model, LayerRange::new(2, 4), &boot, 4).await;
+    wait_registered(&api.coordinator, &[&b]).await;
+    assert_eq!(reqwest::get(format!("{base}/health")).await.unwrap().status(), 200);
+    let r = post(base, "/v1/chat/completions", &chat).await;
+    assert_eq!(r.status(), 200);
+
+    // Every slot of the middle node taken, no waiting line: 429 with Retry-After.
+    let entry = api.coordinator.registry.get(&b.peer_id).unwrap();
+    let mut held = Vec::new();
+    while let Ok(p) = entry.queue.try_admit() {
+        held.push(p);
+    }
+    assert_eq!(held.len(), 4);
+    let r = post(base, "/v1/chat/completions", &chat).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "2");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    drop(held);
+    assert_eq!(post(base, "/v1/chat/completions", &chat).await.status(), 200);
+    let m = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(m.contains("shardline_route_failures_total 2"), "{m}");
+    assert!(m.contains("shardline_rejected_busy_total 1"), "{m}");
+    assert_stages_idle(&[&a, &b, &c]).await;
+}
