@@ -1,10 +1,15 @@
-//! `shardline coordinator`: join the DHT, discover and register nodes, plan routes.
+//! `shardline coordinator`: join the DHT, discover and register nodes, plan routes, and with `--http` serve the
+//! OpenAI-compatible API.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use libp2p::Multiaddr;
-use shardline_coordinator::{CoordinatorArgs, run_coordinator};
+use shardline_coordinator::api::{self, ApiConfig, ApiState};
+use shardline_coordinator::{CoordinatorArgs, run_coordinator, start_coordinator};
+
+use crate::generate::resolve_model;
 
 #[derive(Debug, clap::Args)]
 pub struct CoordinatorCmd {
@@ -20,6 +25,13 @@ pub struct CoordinatorCmd {
     /// Model id to look for from the start (others are learned from provider records); repeatable.
     #[arg(long = "model-id")]
     pub model_ids: Vec<String>,
+    /// Serve the OpenAI-compatible HTTP API on this address, e.g. `127.0.0.1:8080`.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// With `--http`: model file to serve (tokenizer, chat template and model id only; no weights are loaded);
+    /// repeatable. Default: SmolLM2-135M-Instruct from the model cache.
+    #[arg(long)]
+    pub model: Vec<PathBuf>,
 }
 
 pub fn run(cmd: CoordinatorCmd) -> Result<()> {
@@ -27,5 +39,26 @@ pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     args.key_file = cmd.key_file;
     args.models = cmd.model_ids;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(run_coordinator(args)).context("running the coordinator")
+    let Some(http) = cmd.http else {
+        return rt.block_on(run_coordinator(args)).context("running the coordinator");
+    };
+    let models = if cmd.model.is_empty() { vec![resolve_model(None)?] } else { cmd.model };
+    rt.block_on(async move {
+        let coordinator = start_coordinator(args).await.context("starting the coordinator")?;
+        let state = ApiState::open(&coordinator, &models, ApiConfig::default()).context("opening the served models")?;
+        let listener =
+            tokio::net::TcpListener::bind(http).await.with_context(|| format!("binding the HTTP API to {http}"))?;
+        println!("peer id {}", coordinator.dht.peer_id());
+        for a in &coordinator.p2p_addrs {
+            println!("p2p listening on {a}");
+        }
+        println!("http listening on http://{}", listener.local_addr()?);
+        for m in &state.models {
+            println!("serving model {} (id {})", m.name, m.model_id);
+        }
+        tokio::select! {
+            r = api::serve(listener, state) => r.context("serving the HTTP API"),
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
+        }
+    })
 }
