@@ -7,6 +7,7 @@
 
 use super::math;
 use super::parallel::Pool;
+use super::simd::avx2_variant;
 use crate::backend::{AttnSeq, AttnShape};
 use crate::error::{KernelError, Result, shape_err};
 
@@ -71,6 +72,7 @@ fn plan(q_rows: usize, n_slots: usize, seqs: &[AttnSeq<'_>], s: &AttnShape) -> R
 /// Rows that belong to no sequence are left as they are.
 pub(crate) fn attention(
     pool: &Pool,
+    avx2: bool,
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
@@ -113,15 +115,31 @@ pub(crate) fn attention(
     pool.run_each(batches, |batch| {
         let mut scores = Vec::new();
         for (it, o) in batch {
-            head_group(q, k_cache, v_cache, &seqs[it.seq], s, it, &mut scores, o);
+            head_group(avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, &mut scores, o);
         }
     });
     Ok(())
 }
 
-/// Attention of the `group` query heads that share KV head `it.kv_head`, for one row.
+avx2_variant! {
+    /// Attention of the `group` query heads that share KV head `it.kv_head`, for one row.
+    fn head_group(
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        seq: &AttnSeq<'_>,
+        s: &AttnShape,
+        it: Item,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) => head_group_impl
+}
+
+/// Scores of every query head of the group against each cached key (each key row is read once for the group),
+/// softmax per head with max subtraction (f32, 8-lane max and sum), then the weighted sum of the value rows.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn head_group(
+fn head_group_impl(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
@@ -138,30 +156,45 @@ fn head_group(
     let n = it.pos + 1;
     let slot = |p: usize| seq.block_table[p / bt] as usize * bt + p % bt;
     let kv_off = it.kv_head * hd;
-    for (g, o) in out.chunks_exact_mut(hd).enumerate() {
-        let head = it.kv_head * group + g;
-        let qh = &q[it.row * width + head * hd..it.row * width + (head + 1) * hd];
-        scores.clear();
-        scores.extend((0..n).map(|p| {
-            let k0 = slot(p) * kv_width + kv_off;
-            math::dot8(qh, &k_cache[k0..k0 + hd]) * s.scale
-        }));
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        let mut sum = 0.0f32;
-        for v in scores.iter_mut() {
-            *v = math::exp(*v - max);
-            sum += *v;
+    let q_group = &q[it.row * width + it.kv_head * group * hd..][..group * hd];
+    scores.clear();
+    scores.resize(group * n, 0.0);
+    for p in 0..n {
+        let k0 = slot(p) * kv_width + kv_off;
+        let krow = &k_cache[k0..k0 + hd];
+        for (h, qh) in q_group.chunks_exact(hd).enumerate() {
+            scores[h * n + p] = math::dot8(qh, krow) * s.scale;
         }
-        o.fill(0.0);
-        for (p, &e) in scores.iter().enumerate() {
-            let v0 = slot(p) * kv_width + kv_off;
-            for (ov, &vv) in o.iter_mut().zip(&v_cache[v0..v0 + hd]) {
+    }
+    let mut inv = [0.0f32; 8];
+    let mut inv_heap = Vec::new();
+    let inv: &mut [f32] = if group <= 8 {
+        &mut inv[..group]
+    } else {
+        inv_heap.resize(group, 0.0);
+        &mut inv_heap
+    };
+    for (h, sc) in scores.chunks_exact_mut(n).enumerate() {
+        let max = math::max8(sc);
+        for v in sc.iter_mut() {
+            *v = math::exp(*v - max);
+        }
+        inv[h] = 1.0 / math::sum8(sc);
+    }
+    out.fill(0.0);
+    for p in 0..n {
+        let v0 = slot(p) * kv_width + kv_off;
+        let vrow = &v_cache[v0..v0 + hd];
+        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+            let e = scores[h * n + p];
+            for (ov, &vv) in o.iter_mut().zip(vrow) {
                 *ov += e * vv;
             }
         }
-        let inv = 1.0 / sum;
+    }
+    for (o, &f) in out.chunks_exact_mut(hd).zip(inv.iter()) {
         for ov in o.iter_mut() {
-            *ov *= inv;
+            *ov *= f;
         }
     }
 }

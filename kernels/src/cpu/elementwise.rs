@@ -2,17 +2,25 @@
 
 use super::math;
 use super::parallel::Pool;
+use super::simd::avx2_variant;
 
 /// Below this many values an element-wise op runs on the calling thread.
 const SERIAL_ELEMS: usize = 256 * 1024;
 
 /// `out = silu(gate) · up`; equal lengths checked by the caller.
-pub(crate) fn swiglu(pool: &Pool, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for_chunks(pool, out, |start, o| {
-        for ((ov, &g), &u) in o.iter_mut().zip(&gate[start..]).zip(&up[start..]) {
-            *ov = math::silu(g) * u;
-        }
-    });
+pub(crate) fn swiglu(pool: &Pool, avx2: bool, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for_chunks(pool, out, |start, o| swiglu_chunk(avx2, &gate[start..], &up[start..], o));
+}
+
+avx2_variant! {
+    fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) => swiglu_body
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((ov, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *ov = math::silu(g) * u;
+    }
 }
 
 /// `acc += x`; equal lengths checked by the caller.

@@ -40,9 +40,41 @@ pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// Largest value (NaN ignored; −inf for an empty slice), over 8 interleaved lanes.
+#[inline(always)]
+pub(crate) fn max8(v: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    for (i, &x) in chunks.remainder().iter().enumerate() {
+        m[i] = if x > m[i] { x } else { m[i] };
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a })
+}
+
+/// Sum with 8 interleaved f32 lanes (element `i` into lane `i % 8`), folded as [`super::dot::fold8`].
+#[inline(always)]
+pub(crate) fn sum8(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    for (i, &x) in chunks.remainder().iter().enumerate() {
+        acc[i] += x;
+    }
+    super::dot::fold8(acc)
+}
+
 /// Dot product with 8 interleaved f32 accumulators (element `i` into lane `i % 8`), folded as in
 /// [`super::dot::fold8`]. Unfused multiply and add, so it vectorises identically at every width.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot8(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let mut ca = a.chunks_exact(8);

@@ -66,3 +66,29 @@ impl fmt::Display for SimdLevel {
         f.write_str(self.name())
     }
 }
+
+/// Defines `fn $name(avx2: bool, args…)` that calls the `#[inline(always)]` function `$body(args…)`, compiled for
+/// AVX2 when `avx2` is set. For the element-wise loops of the backend, which the compiler vectorises: the source's
+/// operations and their order are kept either way (no FMA contraction), so the results are the same bits, only
+/// computed with wider vectors.
+macro_rules! avx2_variant {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:path) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(avx2: bool, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: callers set `avx2` only when the CPU supports AVX2.
+                return unsafe { wide($($arg),*) };
+            }
+            let _ = avx2;
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_variant;
