@@ -6,7 +6,7 @@
 //! result it gives alone.
 
 use super::math;
-use super::parallel::Pool;
+use super::parallel::Exec;
 use super::simd::avx2_variant;
 use crate::backend::{AttnSeq, AttnShape};
 use crate::error::{KernelError, Result, shape_err};
@@ -71,8 +71,7 @@ fn plan(q_rows: usize, n_slots: usize, seqs: &[AttnSeq<'_>], s: &AttnShape) -> R
 /// Computes the attention; `q`/`out` are `[q_rows, n_heads · head_dim]`, the caches `[n_slots, n_kv · head_dim]`.
 /// Rows that belong to no sequence are left as they are.
 pub(crate) fn attention(
-    pool: &Pool,
-    avx2: bool,
+    ex: Exec<'_>,
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
@@ -105,17 +104,17 @@ pub(crate) fn attention(
     let work: Vec<(Item, &mut [f32])> =
         items.iter().filter_map(|it| slots[it.row * s.n_kv_heads + it.kv_head].take().map(|o| (*it, o))).collect();
     let macs: usize = items.iter().map(|it| (it.pos + 1) * chunk * 2).sum();
-    let parts = if macs <= SERIAL_MACS { 1 } else { pool.threads() * 4 };
+    let parts = if macs <= SERIAL_MACS { 1 } else { ex.pool.threads() * 4 };
     let mut batches: Vec<Vec<(Item, &mut [f32])>> = (0..parts.min(work.len()).max(1)).map(|_| Vec::new()).collect();
     let n_batches = batches.len();
     let per = work.len().div_ceil(n_batches);
     for (i, w) in work.into_iter().enumerate() {
         batches[i / per.max(1)].push(w);
     }
-    pool.run_each(batches, |batch| {
+    ex.pool.run_each(batches, |batch| {
         let mut scores = Vec::new();
         for (it, o) in batch {
-            head_group(avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, &mut scores, o);
+            head_group(ex.avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, &mut scores, o);
         }
     });
     Ok(())

@@ -1,15 +1,15 @@
 //! Element-wise ops of a Llama block: SwiGLU and the residual add.
 
 use super::math;
-use super::parallel::Pool;
+use super::parallel::{Exec, Pool};
 use super::simd::avx2_variant;
 
 /// Below this many values an element-wise op runs on the calling thread.
 const SERIAL_ELEMS: usize = 256 * 1024;
 
 /// `out = silu(gate) · up`; equal lengths checked by the caller.
-pub(crate) fn swiglu(pool: &Pool, avx2: bool, gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for_chunks(pool, out, |start, o| swiglu_chunk(avx2, &gate[start..], &up[start..], o));
+pub(crate) fn swiglu(ex: Exec<'_>, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for_chunks(ex.pool, out, |start, o| swiglu_chunk(ex.avx2, &gate[start..], &up[start..], o));
 }
 
 avx2_variant! {

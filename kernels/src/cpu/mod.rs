@@ -66,9 +66,9 @@ impl CpuBackend {
         self.simd
     }
 
-    /// Whether element-wise loops may be compiled for AVX2 (same results, wider vectors).
-    fn avx2(&self) -> bool {
-        self.simd >= SimdLevel::Avx2
+    /// The threads, and whether element-wise loops may be compiled for AVX2 (same results, wider vectors).
+    fn exec(&self) -> parallel::Exec<'_> {
+        parallel::Exec { pool: &self.pool, avx2: self.simd >= SimdLevel::Avx2 }
     }
 }
 
@@ -189,7 +189,7 @@ impl Backend for CpuBackend {
         same_len(OP, weight.elem_count(), width)?;
         let w = weight_f32(weight)?;
         let xs = act(OP, x)?;
-        norm::rms_norm(&self.pool, self.avx2(), xs, &w, eps, act_mut(OP, out)?, width);
+        norm::rms_norm(self.exec(), xs, &w, eps, act_mut(OP, out)?, width);
         Ok(())
     }
 
@@ -209,7 +209,7 @@ impl Backend for CpuBackend {
         let w = weight_f32(weight)?;
         let xs = act(OP, x)?;
         let res = act_mut(OP, residual)?;
-        norm::add_rms_norm(&self.pool, self.avx2(), res, xs, &w, eps, act_mut(OP, out)?, width);
+        norm::add_rms_norm(self.exec(), res, xs, &w, eps, act_mut(OP, out)?, width);
         Ok(())
     }
 
@@ -248,7 +248,7 @@ impl Backend for CpuBackend {
         if gate.shape() != up.shape() || gate.shape() != out.shape() {
             return Err(shape_err(OP, format!("gate {:?}, up {:?}, out {:?}", gate.shape(), up.shape(), out.shape())));
         }
-        elementwise::swiglu(&self.pool, self.avx2(), g, u, act_mut(OP, out)?);
+        elementwise::swiglu(self.exec(), g, u, act_mut(OP, out)?);
         Ok(())
     }
 
@@ -307,7 +307,7 @@ impl Backend for CpuBackend {
         let (n_slots, _) = check_2d(OP, "k_cache", k_cache, None, Some(shape.n_kv_heads * shape.head_dim))?;
         check_2d(OP, "v_cache", v_cache, Some(n_slots), Some(shape.n_kv_heads * shape.head_dim))?;
         let (qs, ks, vs) = (act(OP, q)?, act(OP, k_cache)?, act(OP, v_cache)?);
-        attention::attention(&self.pool, self.avx2(), qs, ks, vs, seqs, shape, act_mut(OP, out)?)
+        attention::attention(self.exec(), qs, ks, vs, seqs, shape, act_mut(OP, out)?)
     }
 
     fn sample(

@@ -1,6 +1,6 @@
 //! RMSNorm, alone and fused with the residual add.
 
-use super::parallel::{Pool, split_mut};
+use super::parallel::{Exec, split_mut};
 use super::simd::avx2_variant;
 
 /// Below this many values a norm runs on the calling thread.
@@ -61,17 +61,16 @@ fn add_norm_rows_body(res: &mut [f32], x: &[f32], w: &[f32], eps: f32, out: &mut
 }
 
 /// Row-wise RMSNorm of `x: [rows, width]` into `out`; sizes checked by the caller.
-pub(crate) fn rms_norm(pool: &Pool, avx2: bool, x: &[f32], w: &[f32], eps: f32, out: &mut [f32], width: usize) {
+pub(crate) fn rms_norm(ex: Exec<'_>, x: &[f32], w: &[f32], eps: f32, out: &mut [f32], width: usize) {
     let rows = x.len().checked_div(width).unwrap_or(0);
-    let chunks = pool.row_chunks(rows, width, SERIAL_ELEMS);
+    let chunks = ex.pool.row_chunks(rows, width, SERIAL_ELEMS);
     let items: Vec<_> = split_mut(out, &chunks, width);
-    pool.run_each(items, |(range, out)| norm_rows(avx2, x, w, eps, out, width, range.start));
+    ex.pool.run_each(items, |(range, out)| norm_rows(ex.avx2, x, w, eps, out, width, range.start));
 }
 
 /// `residual += x; out = rms_norm(residual) · w`, row-wise; sizes checked by the caller.
 pub(crate) fn add_rms_norm(
-    pool: &Pool,
-    avx2: bool,
+    ex: Exec<'_>,
     residual: &mut [f32],
     x: &[f32],
     w: &[f32],
@@ -80,9 +79,9 @@ pub(crate) fn add_rms_norm(
     width: usize,
 ) {
     let rows = x.len().checked_div(width).unwrap_or(0);
-    let chunks = pool.row_chunks(rows, width, SERIAL_ELEMS);
+    let chunks = ex.pool.row_chunks(rows, width, SERIAL_ELEMS);
     let outs = split_mut(out, &chunks, width);
     let res = split_mut(residual, &chunks, width);
     let items: Vec<_> = outs.into_iter().zip(res).collect();
-    pool.run_each(items, |((range, out), (_, res))| add_norm_rows(avx2, res, x, w, eps, out, width, range.start));
+    ex.pool.run_each(items, |((range, out), (_, res))| add_norm_rows(ex.avx2, res, x, w, eps, out, width, range.start));
 }

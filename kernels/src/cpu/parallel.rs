@@ -296,6 +296,13 @@ impl Pool {
     }
 }
 
+/// What an op needs to run: the backend's threads and whether its loops may use AVX2.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Exec<'a> {
+    pub pool: &'a Pool,
+    pub avx2: bool,
+}
+
 /// Splits `0..len` into `parts` contiguous ranges whose boundaries are multiples of `align` (except the end).
 pub(crate) fn split_range(len: usize, parts: usize, align: usize) -> Vec<std::ops::Range<usize>> {
     let align = align.max(1);
