@@ -211,3 +211,24 @@ fn empty_matmuls_are_fine() {
     let mut out = be.alloc(&[0, 3]).unwrap();
     be.matmul(&x, &w, &mut out).unwrap();
 }
+
+#[test]
+fn concurrent_callers_share_one_backend() {
+    let mut rng = Rng::new(8);
+    let be = std::sync::Arc::new(CpuBackend::new(3));
+    let (k, n, t) = (512, 400, 3);
+    let wv = rng.vec(n * k, 1.0);
+    let w = std::sync::Arc::new(weight(&*be, DType::Q4_1, &[n, k], &wv));
+    let inputs: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(t * k, 1.0)).collect();
+    let want: Vec<Vec<u32>> = inputs.iter().map(|x| bits(&run(&CpuBackend::new(1), &w, x, t, k, n))).collect();
+    std::thread::scope(|s| {
+        for (x, want) in inputs.iter().zip(&want) {
+            let (be, w) = (std::sync::Arc::clone(&be), std::sync::Arc::clone(&w));
+            s.spawn(move || {
+                for _ in 0..20 {
+                    assert_eq!(&bits(&run(&be, &w, x, t, k, n)), want);
+                }
+            });
+        }
+    });
+}

@@ -2,7 +2,8 @@
 //! integer SIMD dot products, all work on the backend's own thread pool.
 //!
 //! Results are bit-identical whatever the thread count, the instruction set ([`SimdLevel`]) and the number of rows
-//! a call holds, so a model run whole or split into shards, on any CPU, gives the same numbers (DESIGN.md).
+//! a call holds, so a model run whole or split into shards gives the same numbers on any x86-64 CPU (DESIGN.md).
+//! Other targets run the same portable arithmetic; only RoPE's sine and cosine come from the platform's libm.
 
 mod access;
 mod attention;
