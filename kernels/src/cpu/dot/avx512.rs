@@ -94,6 +94,13 @@ unsafe fn high256(v: __m512) -> __m256 {
     unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) }
 }
 
+/// Word indices gathering the codes of a Q4_0 block pair (9 words per block) as `[e, o, e, o]`.
+static Q4_0_CODES: [u16; 32] =
+    [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17];
+/// Word indices spreading the two Q4_0 scales over the Pair16 lanes (`[e×4, o×4, e×4, o×4]`).
+static Q4_0_SCALES: [u16; 32] =
+    [0, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
 /// 4-bit weights (Q4_0, Q4_1): `NR` weight rows from `n` times `TR` activation rows from `t0`, a block pair at a time.
 ///
 /// # Safety
@@ -101,18 +108,23 @@ unsafe fn high256(v: __m512) -> __m256 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
     let a = c.x;
-    let (bs, qoff) = if KIND == Q4_1 { (20, 4) } else { (18, 2) };
+    let bs = if KIND == Q4_1 { 20 } else { 18 };
     // SAFETY: weight blocks `b < nb` of rows `n + r` and activation pairs of rows `t0 + t` are inside the buffers the
     // matmul checked; the missing odd block of a pair is never loaded (zeros stand in for it).
     unsafe {
         let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
         let nibbles = _mm512_set1_epi8(0x0f);
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+        // Shift counts per 16-bit word: the low half keeps the low nibbles, the high half gets the high ones.
+        let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
+        // Q4_1 blocks are 5 dwords (header, 4 of codes): codes of e = dwords 1..5, of o = dwords 6..10.
+        let codes41 = _mm512_setr_epi32(1, 2, 3, 4, 6, 7, 8, 9, 1, 2, 3, 4, 6, 7, 8, 9);
+        let headers41 = _mm512_setr_epi32(0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5);
+        // Q4_0 blocks are 9 words (scale, 8 of codes): codes of e = words 1..9, of o = words 10..18.
+        let codes40 = _mm512_loadu_si512(Q4_0_CODES.as_ptr().cast());
+        let scales40 = _mm512_loadu_si512(Q4_0_SCALES.as_ptr().cast());
         let mut acc = [[_mm512_setzero_ps(); TR]; NR];
         let mut macc = [[_mm_setzero_ps(); TR]; NR];
-        let header = |p: *const u8| -> i32 {
-            if KIND == Q4_1 { p.cast::<u32>().read_unaligned() as i32 } else { p.cast::<u16>().read_unaligned() as i32 }
-        };
         macro_rules! step {
             ($b:expr, $full:expr) => {{
                 let b = $b;
@@ -122,18 +134,22 @@ unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
                 for r in 0..NR {
                     let be = rows[r].add(b * bs);
                     prefetch_ahead(be);
-                    let qe = _mm_loadu_si128(be.add(qoff).cast());
-                    let (qo, ho) = if $full {
-                        (_mm_loadu_si128(be.add(bs + qoff).cast()), header(be.add(bs)))
+                    // One masked load takes both blocks (40 or 36 bytes; only the even block's bytes when the odd
+                    // one is missing, which then reads as zeros), permutes bring codes and scales into place.
+                    if KIND == Q4_1 {
+                        let raw = _mm512_maskz_loadu_epi32(if $full { 0x3ff } else { 0x1f }, be.cast());
+                        let codes = _mm512_permutexvar_epi32(codes41, raw);
+                        wz[r] = _mm512_and_si512(_mm512_srlv_epi16(codes, shift), nibbles);
+                        // [d_e, m_e, d_o, m_o]
+                        wh[r] = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi32(headers41, raw)));
+                        wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(wh[r]));
                     } else {
-                        (_mm_setzero_si128(), 0)
-                    };
-                    let y = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qe), qo);
-                    let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(y), _mm256_srli_epi16::<4>(y));
-                    wz[r] = _mm512_and_si512(z, nibbles);
-                    // [d_e, m_e, d_o, m_o] (m = 0 for Q4_0)
-                    wh[r] = _mm_cvtph_ps(_mm_set_epi32(0, 0, ho, header(be)));
-                    wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(wh[r]));
+                        let raw = _mm512_maskz_loadu_epi16(if $full { 0x3ffff } else { 0x1ff }, be.cast());
+                        let codes = _mm512_permutexvar_epi16(codes40, raw);
+                        wz[r] = _mm512_and_si512(_mm512_srlv_epi16(codes, shift), nibbles);
+                        let d = _mm512_castsi512_si256(_mm512_permutexvar_epi16(scales40, raw));
+                        wd[r] = _mm512_cvtph_ps(d);
+                    }
                 }
                 for t in 0..TR {
                     let av = _mm512_loadu_si512(a.qs_ptr(t0 + t, b).cast());
