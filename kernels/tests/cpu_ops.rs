@@ -257,8 +257,10 @@ fn attention_matches_f64_over_a_paged_cache_with_several_sequences() {
         (gqa_shape(9, 3, 64, 16), vec![40usize, 7, 100], [3usize, 7, 1]),
         (gqa_shape(4, 4, 8, 4), vec![5, 9, 2], [5, 1, 2]),
         (gqa_shape(6, 1, 16, 32), vec![300, 33, 64], [64, 2, 1]),
+        // Long contexts: several position chunks per row, one decoded row each.
+        (gqa_shape(9, 3, 64, 16), vec![1000, 513, 257], [1, 1, 2]),
     ] {
-        let case = PagedCase::new(&mut rng, shape, &lens, 20);
+        let case = PagedCase::new(&mut rng, shape, &lens, 120);
         let width = shape.n_heads * shape.head_dim;
         let total: usize = q_rows.iter().sum();
         let q = rng.vec(total * width, 1.0);
@@ -269,12 +271,17 @@ fn attention_matches_f64_over_a_paged_cache_with_several_sequences() {
             seqs.push(AttnSeq { rows: start..start + n, pos0: len - n, block_table: &case.tables[s] });
             start += n;
         }
-        for threads in [1, 2] {
+        let mut first: Option<Vec<u32>> = None;
+        for threads in [1, 2, 3] {
             let be = CpuBackend::new(threads);
             let (kc, vc) = case.caches(&be);
             let mut out = be.alloc(&[total, width]).unwrap();
             be.attention(&act(&be, &[total, width], &q), &kc, &vc, &seqs, &shape, &mut out).unwrap();
             let got = be.download_f32(&out).unwrap();
+            match &first {
+                None => first = Some(bits(&got)),
+                Some(f) => assert_eq!(f, &bits(&got), "{threads} threads"),
+            }
             for (s, seq) in seqs.iter().enumerate() {
                 for (i, row) in seq.rows.clone().enumerate() {
                     let want = case.reference(&q[row * width..(row + 1) * width], s, seq.pos0 + i);

@@ -1,7 +1,13 @@
 //! Causal grouped-query attention over the paged KV cache, for several sequences in one call.
 //!
-//! Work is split over (row, KV head) pairs: the query heads that share a KV head are done together, so each key and
-//! value row is loaded once for the whole group. Every output value is computed by the same sequence of operations
+//! Work is split over (row, KV head, chunk of [`CHUNK`] positions): the query heads that share a KV head are done
+//! together, so each key and value row is read once for the whole group, and a long context is cut into chunks so a
+//! single decoded row still keeps every thread busy. Each chunk yields, per head, its maximum score, its sum of
+//! exponentials and its unnormalised weighted sum of values; the chunks of a row are then merged in order
+//! (`M = max m_c`, `L = Σ l_c·e^(m_c−M)`, `O = Σ o_c·e^(m_c−M)`, `out = O / L`). A row with at most `CHUNK`
+//! positions is one chunk, and the merge leaves its values unchanged.
+//!
+//! The chunks of a row depend only on its position, and every value is computed by the same sequence of operations
 //! whichever thread runs it and whatever else is in the call, so a sequence batched with others gives exactly the
 //! result it gives alone.
 
@@ -13,10 +19,13 @@ use crate::error::{KernelError, Result, shape_err};
 
 const OP: &str = "attention";
 
+/// Positions per chunk of work.
+const CHUNK: usize = 256;
+
 /// Below this many multiply-adds the call runs on the calling thread.
 const SERIAL_MACS: usize = 256 * 1024;
 
-/// One (row, KV head) work item.
+/// One (row, KV head) pair: its positions `0..=pos` are split into `chunks` work items.
 #[derive(Clone, Copy, Debug)]
 struct Item {
     row: usize,
@@ -24,6 +33,12 @@ struct Item {
     /// Last position the row attends to (inclusive).
     pos: usize,
     seq: usize,
+}
+
+impl Item {
+    fn chunks(&self) -> usize {
+        self.pos / CHUNK + 1
+    }
 }
 
 /// Checks the call and returns the work items, or an error before anything is written.
@@ -98,102 +113,134 @@ pub(crate) fn attention(
     let n_slots = k_cache.len() / kv_width;
     let items = plan(q_rows, n_slots, seqs, s)?;
     let group = s.n_heads / s.n_kv_heads;
-    let chunk = group * s.head_dim;
-    // Output chunk of (row, kv_head): the `group` query heads of that KV head, contiguous in the row.
-    let mut slots: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(chunk).map(Some).collect();
-    let work: Vec<(Item, &mut [f32])> =
-        items.iter().filter_map(|it| slots[it.row * s.n_kv_heads + it.kv_head].take().map(|o| (*it, o))).collect();
-    let macs: usize = items.iter().map(|it| (it.pos + 1) * chunk * 2).sum();
-    let parts = if macs <= SERIAL_MACS { 1 } else { ex.pool.threads() * 4 };
-    let mut batches: Vec<Vec<(Item, &mut [f32])>> = (0..parts.min(work.len()).max(1)).map(|_| Vec::new()).collect();
-    let n_batches = batches.len();
-    let per = work.len().div_ceil(n_batches);
-    for (i, w) in work.into_iter().enumerate() {
-        batches[i / per.max(1)].push(w);
+    // Per chunk and head: max score, sum of exponentials, then head_dim unnormalised output values.
+    let part_len = group * (s.head_dim + 2);
+    let n_parts: usize = items.iter().map(Item::chunks).sum();
+    let mut parts = vec![0.0f32; n_parts * part_len];
+    let mut work: Vec<(Item, usize, &mut [f32])> = Vec::with_capacity(n_parts);
+    let mut slices = parts.chunks_exact_mut(part_len);
+    for it in &items {
+        for c in 0..it.chunks() {
+            work.push((*it, c, slices.next().expect("one slice per chunk")));
+        }
     }
-    ex.pool.run_each(batches, |batch| {
+    let macs: usize = items.iter().map(|it| (it.pos + 1) * group * s.head_dim * 2).sum();
+    let batches = if macs <= SERIAL_MACS { 1 } else { ex.pool.threads() * 4 };
+    let per = work.len().div_ceil(batches.max(1)).max(1);
+    let mut groups: Vec<Vec<(Item, usize, &mut [f32])>> = Vec::new();
+    for w in work {
+        match groups.last_mut() {
+            Some(g) if g.len() < per => g.push(w),
+            _ => groups.push(vec![w]),
+        }
+    }
+    ex.pool.run_each(groups, |batch| {
         let mut scores = Vec::new();
-        for (it, o) in batch {
-            head_group(ex.avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, &mut scores, o);
+        for (it, c, part) in batch {
+            chunk_part(ex.avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, c, &mut scores, part);
         }
     });
+    // Merge the chunks of each (row, KV head) into the output, in chunk order.
+    let chunk_out = group * s.head_dim;
+    let mut next = 0;
+    for it in &items {
+        let n = it.chunks();
+        let o = &mut out[it.row * width + it.kv_head * chunk_out..][..chunk_out];
+        merge(&parts[next * part_len..(next + n) * part_len], group, s.head_dim, o);
+        next += n;
+    }
     Ok(())
 }
 
+/// `out[h] = Σ_c o_c·e^(m_c−M) / Σ_c l_c·e^(m_c−M)` for each head `h` of the group, chunks in order.
+fn merge(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
+    let part_len = group * (hd + 2);
+    for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+        let head = |c: usize| &parts[c * part_len + h * (hd + 2)..][..hd + 2];
+        let chunks = parts.len() / part_len;
+        let max = (0..chunks).fold(f32::NEG_INFINITY, |m, c| if head(c)[0] > m { head(c)[0] } else { m });
+        let mut sum = 0.0f32;
+        o.fill(0.0);
+        for c in 0..chunks {
+            let p = head(c);
+            let f = math::exp(p[0] - max);
+            sum += p[1] * f;
+            for (ov, &pv) in o.iter_mut().zip(&p[2..]) {
+                *ov += pv * f;
+            }
+        }
+        let inv = 1.0 / sum;
+        for ov in o.iter_mut() {
+            *ov *= inv;
+        }
+    }
+}
+
 avx2_variant! {
-    /// Attention of the `group` query heads that share KV head `it.kv_head`, for one row.
-    fn head_group(
+    /// Chunk `c` of the `group` query heads that share KV head `it.kv_head`, for one row.
+    fn chunk_part(
         q: &[f32],
         k_cache: &[f32],
         v_cache: &[f32],
         seq: &AttnSeq<'_>,
         s: &AttnShape,
         it: Item,
+        c: usize,
         scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) => head_group_impl
+        part: &mut [f32],
+    ) => chunk_part_body
 }
 
-/// Scores of every query head of the group against each cached key (each key row is read once for the group),
-/// softmax per head with max subtraction (f32, 8-lane max and sum), then the weighted sum of the value rows.
+/// Scores of every query head of the group against each key of the chunk (each key row read once for the group),
+/// then per head the max, the exponentials (max subtracted, f32) and their 8-lane sum, and the weighted sum of the
+/// value rows, written as `[max, sum, values…]` per head.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn head_group_impl(
+fn chunk_part_body(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
     seq: &AttnSeq<'_>,
     s: &AttnShape,
     it: Item,
+    c: usize,
     scores: &mut Vec<f32>,
-    out: &mut [f32],
+    part: &mut [f32],
 ) {
     let (hd, bt) = (s.head_dim, s.block_tokens);
     let width = s.n_heads * hd;
     let kv_width = s.n_kv_heads * hd;
     let group = s.n_heads / s.n_kv_heads;
-    let n = it.pos + 1;
+    let (p0, p1) = (c * CHUNK, ((c + 1) * CHUNK).min(it.pos + 1));
+    let n = p1 - p0;
     let slot = |p: usize| seq.block_table[p / bt] as usize * bt + p % bt;
     let kv_off = it.kv_head * hd;
     let q_group = &q[it.row * width + it.kv_head * group * hd..][..group * hd];
     scores.clear();
     scores.resize(group * n, 0.0);
-    for p in 0..n {
+    for p in p0..p1 {
         let k0 = slot(p) * kv_width + kv_off;
         let krow = &k_cache[k0..k0 + hd];
         for (h, qh) in q_group.chunks_exact(hd).enumerate() {
-            scores[h * n + p] = math::dot8(qh, krow) * s.scale;
+            scores[h * n + p - p0] = math::dot8(qh, krow) * s.scale;
         }
     }
-    let mut inv = [0.0f32; 8];
-    let mut inv_heap = Vec::new();
-    let inv: &mut [f32] = if group <= 8 {
-        &mut inv[..group]
-    } else {
-        inv_heap.resize(group, 0.0);
-        &mut inv_heap
-    };
     for (h, sc) in scores.chunks_exact_mut(n).enumerate() {
         let max = math::max8(sc);
         for v in sc.iter_mut() {
             *v = math::exp(*v - max);
         }
-        inv[h] = 1.0 / math::sum8(sc);
+        part[h * (hd + 2)] = max;
+        part[h * (hd + 2) + 1] = math::sum8(sc);
     }
-    out.fill(0.0);
-    for p in 0..n {
+    for p in p0..p1 {
         let v0 = slot(p) * kv_width + kv_off;
         let vrow = &v_cache[v0..v0 + hd];
-        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
-            let e = scores[h * n + p];
-            for (ov, &vv) in o.iter_mut().zip(vrow) {
+        for (h, o) in part.chunks_exact_mut(hd + 2).enumerate() {
+            let e = scores[h * n + p - p0];
+            for (ov, &vv) in o[2..].iter_mut().zip(vrow) {
                 *ov += e * vv;
             }
-        }
-    }
-    for (o, &f) in out.chunks_exact_mut(hd).zip(inv.iter()) {
-        for ov in o.iter_mut() {
-            *ov *= f;
         }
     }
 }
