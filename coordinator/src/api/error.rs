@@ -5,6 +5,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use shardline_node::wire::ErrorCode;
+
 use crate::queue::QueueError;
 use crate::routing::RouteError;
 use crate::session::SessionError;
@@ -110,12 +112,8 @@ impl ApiError {
             SessionError::Route(RouteError::Uncovered { .. } | RouteError::UnknownModel(_)) => {
                 Self::unavailable(e.to_string())
             }
-            SessionError::Busy { source: QueueError::Busy { .. } | QueueError::Timeout(_), .. } => {
-                Self::busy(e.to_string(), retry_after_secs)
-            }
-            SessionError::Exhausted(_, inner) if matches!(**inner, SessionError::Busy { .. }) => {
-                Self::busy(e.to_string(), retry_after_secs)
-            }
+            _ if is_busy(e) => Self::busy(e.to_string(), retry_after_secs),
+            SessionError::Exhausted(_, inner) if is_busy(inner) => Self::busy(e.to_string(), retry_after_secs),
             _ => Self::upstream(e.to_string()),
         }
     }
@@ -127,6 +125,15 @@ impl ApiError {
         };
         serde_json::to_string(&body).unwrap_or_else(|_| String::from(r#"{"error":{"message":"unserialisable"}}"#))
     }
+}
+
+/// Full queues on the coordinator's side, or a stage out of sessions or KV cache.
+fn is_busy(e: &SessionError) -> bool {
+    matches!(
+        e,
+        SessionError::Busy { source: QueueError::Busy { .. } | QueueError::Timeout(_), .. }
+            | SessionError::Stage { code: ErrorCode::Busy, .. }
+    )
 }
 
 impl std::fmt::Display for ApiError {
@@ -170,6 +177,9 @@ mod tests {
         assert_eq!((e.status, e.retry_after), (StatusCode::TOO_MANY_REQUESTS, Some(3)));
         let r = e.into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+        let kv_full = SessionError::Stage { peer: PeerId::random(), code: ErrorCode::Busy, message: "kv".into() };
+        let e = ApiError::from_session(&SessionError::Exhausted(3, Box::new(kv_full)), 1);
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         let e = ApiError::from_session(&SessionError::Protocol("x".into()), 1);
         assert_eq!(e.status, StatusCode::BAD_GATEWAY);
     }

@@ -41,6 +41,9 @@ pub struct ApiConfig {
     pub retry_after_secs: u64,
     /// `max_tokens` of a completion that names none (OpenAI's default is 16).
     pub default_completion_tokens: usize,
+    /// Most new tokens of a chat completion that names no `max_tokens`: every stage reserves KV cache for the whole
+    /// session at admission, so "up to the context" would let one request hold a node's whole cache.
+    pub default_chat_tokens: usize,
     /// Positions per prefill frame sent to the first stage.
     pub prefill_chunk: usize,
 }
@@ -51,6 +54,7 @@ impl Default for ApiConfig {
             admit_wait: Duration::from_secs(30),
             retry_after_secs: 1,
             default_completion_tokens: 16,
+            default_chat_tokens: 1024,
             prefill_chunk: 64,
         }
     }

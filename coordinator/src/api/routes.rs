@@ -247,10 +247,9 @@ async fn chat(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
         tok.apply_chat_template(&messages, true).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
     // The template writes BOS itself where the model wants one.
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
-    let max_tokens = req
-        .max_completion_tokens
-        .or(req.max_tokens)
-        .unwrap_or_else(|| model.context_length.saturating_sub(prompt.len()).max(1));
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or_else(|| {
+        model.context_length.saturating_sub(prompt.len()).min(state.config.default_chat_tokens).max(1)
+    });
     check_context(&model, prompt.len(), max_tokens)?;
     let n_top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
     let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
