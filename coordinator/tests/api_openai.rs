@@ -188,6 +188,13 @@ async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
     assert_eq!(usage["completion_tokens"], n_gen);
     assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], finish);
 
+    // One token: the first text event is followed at once by the end (nothing may be lost between them).
+    let (one, _) = engine_text(&engine, &prompt, 1, SamplingParams::GREEDY);
+    let body = json!({"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0});
+    let v: Value = post(base, "/v1/completions", &body.to_string()).await.json().await.unwrap();
+    assert_eq!(v["choices"][0]["text"], one.as_str(), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 1);
+
     // Echo puts the prompt text first.
     let body = json!({"model": name, "prompt": "hello world", "max_tokens": 4, "temperature": 0, "echo": true});
     let v: Value = post(base, "/v1/completions", &body.to_string()).await.json().await.unwrap();

@@ -133,7 +133,11 @@ async fn start(
 async fn collect(first: GenEvent, mut rx: tokio::sync::mpsc::Receiver<GenEvent>) -> Result<Generation, ApiError> {
     let mut ev = Some(first);
     loop {
-        match ev.take().or(rx.recv().await) {
+        let next = match ev.take() {
+            Some(e) => Some(e),
+            None => rx.recv().await,
+        };
+        match next {
             None => return Err(ApiError::internal("generation ended without a result")),
             Some(GenEvent::Text(_)) => {}
             Some(GenEvent::Done(g)) => return Ok(*g),
