@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use libp2p::Multiaddr;
 use shardline_coordinator::api::{self, ApiConfig, ApiState};
 use shardline_coordinator::{CoordinatorArgs, run_coordinator, start_coordinator};
+use tracing::info;
 
 use crate::generate::resolve_model;
 
@@ -56,6 +57,21 @@ pub fn run(cmd: CoordinatorCmd) -> Result<()> {
         for m in &state.models {
             println!("serving model {} (id {})", m.name, m.model_id);
         }
+        let registry = coordinator.registry.clone();
+        tokio::spawn(async move {
+            let mut changes = registry.subscribe();
+            while changes.changed().await.is_ok() {
+                for model in registry.models() {
+                    let mut spans: Vec<String> = registry
+                        .snapshot(&model)
+                        .iter()
+                        .map(|(e, _)| format!("{}@{}", e.announcement.layers, e.announcement.peer_id))
+                        .collect();
+                    spans.sort();
+                    info!(%model, nodes = spans.len(), layout = %spans.join(" "), "registry changed");
+                }
+            }
+        });
         tokio::select! {
             r = api::serve(listener, state) => r.context("serving the HTTP API"),
             r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
