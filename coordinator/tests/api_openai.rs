@@ -254,6 +254,10 @@ async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
     assert_eq!((s, v["error"]["code"].as_str()), (404, Some("model_not_found")));
     let (s, v) = error_of(base, "/v1/completions", &json!({"model": name, "prompt": "x", "n": 2}).to_string()).await;
     assert_eq!((s, v["error"]["param"].as_str()), (400, Some("n")));
+    let streamed_logprobs = json!({"model": name, "messages": [{"role": "user", "content": "x"}], "logprobs": true,
+        "stream": true});
+    let (s, v) = error_of(base, "/v1/chat/completions", &streamed_logprobs.to_string()).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("logprobs")));
     let (s, _) = error_of(base, "/v1/completions", &json!({"model": name, "prompt": [100000]}).to_string()).await;
     assert_eq!(s, 400);
     assert_stages_idle(&nodes).await;

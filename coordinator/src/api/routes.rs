@@ -172,6 +172,9 @@ async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError
     }
     let max_tokens = req.max_tokens.unwrap_or(state.config.default_completion_tokens);
     check_context(&model, prompt.len(), max_tokens)?;
+    if req.stream && req.logprobs.is_some() {
+        return Err(ApiError::invalid_param("logprobs", "logprobs are not supported with stream: true"));
+    }
     let n_top = req.logprobs.unwrap_or(0);
     let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
     let echo = match (&req.prompt, req.echo) {
@@ -255,6 +258,9 @@ async fn chat(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
         model.context_length.saturating_sub(prompt.len()).min(state.config.default_chat_tokens).max(1)
     });
     check_context(&model, prompt.len(), max_tokens)?;
+    if req.stream && req.logprobs {
+        return Err(ApiError::invalid_param("logprobs", "logprobs are not supported with stream: true"));
+    }
     let n_top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
     let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
     let prompt_len = prompt.len();
