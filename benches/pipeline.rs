@@ -1,0 +1,175 @@
+//! End-to-end greedy decode on SmolLM2, tokens/s: the single-process engine vs 2- and 3-stage pipelines of real
+//! nodes (QUIC stage servers + DHT discovery) on loopback, all in this process, driven by a `SwarmClient` exactly as
+//! `generate --swarm` drives them. One iteration is one decode step (token in, next token out at the owner); the
+//! context stays between the 16-token prompt and 16 + [`WINDOW`] positions (a session that fills up is replaced,
+//! its prefill untimed). Every stage and the single process use a 2-thread CPU backend.
+//!
+//! Needs the default model (`bash scripts/fetch-model.sh`); without it the SmolLM2 group says so and measures
+//! nothing. A second group, `pipeline/tiny_decode`, runs the same comparison on a generated 3-layer model whose
+//! compute is negligible, so its time per step is the pipeline's own cost (hops, token back to the owner, stage
+//! bookkeeping); it needs no download.
+//! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmSession};
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, SamplingParams};
+use shardline_node::default_model::locate_default_model;
+use shardline_node::generate::{LocalPipeline, LocalSession, Stepper};
+use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
+use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
+use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+
+/// Decode positions a session runs before it is replaced.
+const WINDOW: usize = 256;
+
+fn config() -> Criterion {
+    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let c = Criterion::default().sample_size(10);
+    if quick {
+        c.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2))
+    } else {
+        c.measurement_time(Duration::from_secs(10))
+    }
+}
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new(2))
+}
+
+/// A 16-token prompt of ids below `vocab`.
+fn prompt(vocab: usize) -> Vec<u32> {
+    (0..16u32).map(|i| (100 + i * 37) % vocab as u32).collect()
+}
+
+/// Splits `0..n` into `k` contiguous spans of nearly equal length.
+fn spans(n: usize, k: usize) -> Vec<LayerRange> {
+    (0..k).map(|i| LayerRange::new(i * n / k, (i + 1) * n / k)).collect()
+}
+
+/// `k` nodes serving `model` in equal spans, found through the DHT by a fresh client. Returns the nodes (they stop
+/// when dropped) and the client.
+async fn swarm(model: &Path, n_layers: usize, k: usize) -> (Vec<NodeHandle>, SwarmClient) {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    let mut boot = Vec::new();
+    for span in spans(n_layers, k) {
+        let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let mut args = NodeArgs::new(model.to_path_buf(), span, backend(), listen);
+        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+        args.bootstrap = boot.clone();
+        let n = start_node(args).await.expect("start node");
+        if boot.is_empty() {
+            boot = n.p2p_addrs.clone();
+        }
+        nodes.push(n);
+    }
+    let mut cfg = SwarmClientConfig::new(nodes[0].model_id.clone(), boot);
+    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
+    let client = SwarmClient::join(cfg).await.expect("join");
+    let route = client.wait_for_coverage(Duration::from_secs(60)).await.expect("coverage");
+    assert_eq!(route.stages.len(), k, "one stage per node");
+    (nodes, client)
+}
+
+fn bench_pipeline(c: &mut Criterion) {
+    match locate_default_model() {
+        Ok(model) => compare(c, "pipeline/decode", &model),
+        Err(why) => eprintln!("pipeline bench (SmolLM2 group) skipped: {why}"),
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tiny = dir.path().join("tiny.gguf");
+    let spec = TinySpec { n_layers: 3, context: 4096, ..TinySpec::default() };
+    write_tiny_gguf(&spec, &tiny).expect("write the tiny model");
+    compare(c, "pipeline/tiny_decode", &tiny);
+}
+
+/// Decode steps of `model` in one process, then through 2- and 3-stage loopback swarms, in one criterion group.
+fn compare(c: &mut Criterion, group: &str, model: &Path) {
+    let files = ModelFiles::open(model).expect("open the model");
+    let n_layers = files.config().n_layers;
+    let shard = Shard::load(files.weights().as_ref(), LayerRange::full(n_layers), backend(), ShardOptions::default())
+        .expect("load");
+    let local = LocalPipeline::new(vec![Arc::new(shard)]).expect("pipeline");
+    let prompt = prompt(files.config().vocab);
+    drop(files);
+    let total = prompt.len() + WINDOW + 1;
+    let greedy = SamplingParams::GREEDY;
+
+    let mut g = c.benchmark_group(group);
+    g.sampling_mode(SamplingMode::Flat).throughput(Throughput::Elements(1));
+
+    // The reference first token, which every pipeline must reproduce (greedy decoding is deterministic).
+    let first = {
+        let mut s = local.open_session(total).expect("session");
+        s.step(&prompt, &greedy, 0).expect("prefill").token
+    };
+    {
+        let mut session: Option<LocalSession<'_>> = None;
+        let mut token = first;
+        g.bench_function(BenchmarkId::new("stages", "1_single_process"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    if session.as_ref().is_none_or(|s| s.len() >= total - 1) {
+                        let mut s = local.open_session(total).expect("session");
+                        token = s.step(&prompt, &greedy, 0).expect("prefill").token;
+                        assert_eq!(token, first);
+                        session = Some(s);
+                    }
+                    let s = session.as_mut().expect("session");
+                    let start = Instant::now();
+                    token = s.step(&[token], &greedy, 0).expect("decode").token;
+                    spent += start.elapsed();
+                }
+                spent
+            })
+        });
+    }
+    drop(local);
+
+    for k in [2usize, 3] {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let (nodes, client) = rt.block_on(swarm(model, n_layers, k));
+        let mut session: Option<(SwarmSession, usize)> = None;
+        let mut token = first;
+        g.bench_function(BenchmarkId::new("stages", format!("{k}_loopback")), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        if session.as_ref().is_none_or(|(_, len)| *len >= total - 1) {
+                            if let Some((old, _)) = session.take() {
+                                old.close().await;
+                            }
+                            let mut s = client.session(total, greedy, 0);
+                            token = s.step(&prompt).await.expect("prefill").token;
+                            assert_eq!(token, first, "the {k}-stage pipeline agrees with the single process");
+                            session = Some((s, prompt.len()));
+                        }
+                        let (s, len) = session.as_mut().expect("session");
+                        let start = Instant::now();
+                        token = s.step(&[token]).await.expect("decode").token;
+                        spent += start.elapsed();
+                        *len += 1;
+                    }
+                    spent
+                })
+            })
+        });
+        if let Some((s, _)) = session.take() {
+            rt.block_on(s.close());
+        }
+        drop(client);
+        drop(nodes);
+        rt.shutdown_timeout(Duration::from_secs(2));
+    }
+    g.finish();
+}
+
+criterion_group! { name = benches; config = config(); targets = bench_pipeline }
+criterion_main!(benches);
