@@ -216,17 +216,28 @@ fn bench_discovery(c: &mut Criterion) {
             );
             continue;
         }
+        // A later round that does not converge counts as the full timeout and is reported after the group.
+        let mut stuck = Vec::new();
         g.bench_function(BenchmarkId::new("nodes", n), |b| {
             b.iter_custom(|iters| {
                 (0..iters)
                     .map(|_| {
                         discovery_round(n).unwrap_or_else(|registered| {
-                            panic!("discovery of {n} nodes: only {registered} registered after {DISCOVERY_TIMEOUT:?}")
+                            stuck.push(registered);
+                            DISCOVERY_TIMEOUT
                         })
                     })
                     .sum()
             })
         });
+        if !stuck.is_empty() {
+            eprintln!(
+                "routing/dht_discovery/nodes/{n}: {} round(s) did not converge within {} s (registered: {stuck:?}); \
+                 each was timed as the full timeout",
+                stuck.len(),
+                DISCOVERY_TIMEOUT.as_secs()
+            );
+        }
     }
     g.finish();
 }
