@@ -4,8 +4,8 @@
 //! quantises activations differently; a real bug shows up as far lower agreement.
 //!
 //! Measured scale of that noise (2026-11-28): llama.cpp run with an f32 KV cache instead of its default f16 agrees
-//! with its own fixture on 95.8% of positions (mean |logit diff| 0.144); shardline (f32 KV cache) agrees on 95.7%
-//! (0.148). Our distance from llama.cpp is the distance of llama.cpp from itself under a different cache dtype.
+//! with its own fixture on 95.9% of positions (mean |logit diff| 0.144); shardline (f32 KV cache) agrees on 96.5%
+//! (0.147). Our distance from llama.cpp is the distance of llama.cpp from itself under a different cache dtype.
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::default_model::model_for_tests;
-use shardline_node::engine::{Engine, stop_tokens};
+use shardline_node::engine::Engine;
 use shardline_node::generate::GenerateParams;
 use shardline_node::model::ShardOptions;
 
@@ -93,12 +93,9 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
 #[test]
 fn greedy_continuations_match_llama_cpp() {
     let Some(engine) = engine() else { return };
-    let params = GenerateParams {
-        max_tokens: 32,
-        sampling: SamplingParams::GREEDY,
-        stop_tokens: stop_tokens(engine.tokenizer()),
-        ..GenerateParams::default()
-    };
+    // llama.cpp's reference continues through end tokens (the long prompt's first greedy token is `<|im_end|>`),
+    // so the comparison does too: no stop tokens.
+    let params = GenerateParams { max_tokens: 32, sampling: SamplingParams::GREEDY, ..GenerateParams::default() };
     let mut identical = 0;
     let cases = fixture().cases;
     for case in &cases {
