@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::QuantAct;
-use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive, prefetch_ahead};
+use super::{Ctx, Out, Rhs, Weights, drive, prefetch_ahead, tile_set};
 use crate::DType;
 
 const Q8_0: u8 = 0;
@@ -49,53 +49,26 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
     match x {
         Rhs::Float(x) => {
             let ctx = Ctx { w, x, out };
-            let tiles = Tiles { nr_t: 1, tr: 2, nr_1: 2 };
-            macro_rules! fns {
-                ($dt:expr) => {
-                    [
-                        float_tile::<{ $dt }, 1, 2> as TileFn<_>,
-                        float_tile::<{ $dt }, 1, 2> as TileFn<_>,
-                        float_tile::<{ $dt }, 2, 1> as TileFn<_>,
-                        float_tile::<{ $dt }, 1, 1> as TileFn<_>,
-                    ]
-                };
-            }
-            let fns: [TileFn<&[f32]>; 4] = match w.dtype {
-                DType::F16 => fns!(1),
-                DType::BF16 => fns!(2),
-                _ => fns!(0),
+            let set = match w.dtype {
+                DType::F16 => tile_set!(float_tile, F16, 1 x 2, 2),
+                DType::BF16 => tile_set!(float_tile, BF16, 1 x 2, 2),
+                _ => tile_set!(float_tile, F32, 1 x 2, 2),
             };
             // SAFETY: forwarded from the caller.
-            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+            unsafe { drive(&ctx, rows, t_rows, set) }
         }
         Rhs::Quant(a) => {
             let ctx = Ctx { w, x: a, out };
-            let tiles = Tiles { nr_t: 2, tr: 2, nr_1: 2 };
-            macro_rules! fns {
-                ($f:ident, $k:expr) => {
-                    [
-                        $f::<{ $k }, 2, 2> as TileFn<_>,
-                        $f::<{ $k }, 1, 2> as TileFn<_>,
-                        $f::<{ $k }, 2, 1> as TileFn<_>,
-                        $f::<{ $k }, 1, 1> as TileFn<_>,
-                    ]
-                };
-            }
-            let kind = match w.dtype {
-                DType::Q8_0 => Q8_0,
-                DType::Q4_0 => Q4_0,
-                _ => Q4_1,
-            };
-            let fns: [TileFn<&QuantAct>; 4] = match (vnni, kind) {
-                (false, Q8_0) => fns!(quant_tile_maddubs, Q8_0),
-                (false, Q4_0) => fns!(quant_tile_maddubs, Q4_0),
-                (false, _) => fns!(quant_tile_maddubs, Q4_1),
-                (true, Q8_0) => fns!(quant_tile_vnni, Q8_0),
-                (true, Q4_0) => fns!(quant_tile_vnni, Q4_0),
-                (true, _) => fns!(quant_tile_vnni, Q4_1),
+            let set = match (vnni, w.dtype) {
+                (false, DType::Q8_0) => tile_set!(quant_tile_maddubs, Q8_0, 2 x 2, 2),
+                (false, DType::Q4_0) => tile_set!(quant_tile_maddubs, Q4_0, 2 x 2, 2),
+                (false, _) => tile_set!(quant_tile_maddubs, Q4_1, 2 x 2, 2),
+                (true, DType::Q8_0) => tile_set!(quant_tile_vnni, Q8_0, 2 x 2, 2),
+                (true, DType::Q4_0) => tile_set!(quant_tile_vnni, Q4_0, 2 x 2, 2),
+                (true, _) => tile_set!(quant_tile_vnni, Q4_1, 2 x 2, 2),
             };
             // SAFETY: forwarded from the caller.
-            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+            unsafe { drive(&ctx, rows, t_rows, set) }
         }
     }
 }

@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::QuantAct;
-use super::{Ctx, Out, Rhs, TileFn, Tiles, Weights, drive, prefetch_ahead};
+use super::{Ctx, Out, Rhs, Weights, drive, prefetch_ahead, tile_set};
 use crate::DType;
 
 const Q8_0: u8 = 0;
@@ -25,47 +25,26 @@ const Q4_1: u8 = 2;
 /// # Safety
 /// See [`super::gemm`]; the CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
 pub(super) unsafe fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
-    let tiles = Tiles { nr_t: 2, tr: 4, nr_1: 4 };
     match x {
         Rhs::Float(x) => {
             let ctx = Ctx { w, x, out };
-            macro_rules! fns {
-                ($dt:expr) => {
-                    [
-                        float_tile::<{ $dt }, 2, 4> as TileFn<_>,
-                        float_tile::<{ $dt }, 1, 4> as TileFn<_>,
-                        float_tile::<{ $dt }, 4, 1> as TileFn<_>,
-                        float_tile::<{ $dt }, 1, 1> as TileFn<_>,
-                    ]
-                };
-            }
-            let fns: [TileFn<&[f32]>; 4] = match w.dtype {
-                DType::F16 => fns!(F16),
-                DType::BF16 => fns!(BF16),
-                _ => fns!(F32),
+            let set = match w.dtype {
+                DType::F16 => tile_set!(float_tile, F16, 2 x 4, 4),
+                DType::BF16 => tile_set!(float_tile, BF16, 2 x 4, 4),
+                _ => tile_set!(float_tile, F32, 2 x 4, 4),
             };
             // SAFETY: forwarded from the caller.
-            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+            unsafe { drive(&ctx, rows, t_rows, set) }
         }
         Rhs::Quant(a) => {
             let ctx = Ctx { w, x: a, out };
-            macro_rules! fns {
-                ($f:ident, $k:expr) => {
-                    [
-                        $f::<{ $k }, 2, 4> as TileFn<_>,
-                        $f::<{ $k }, 1, 4> as TileFn<_>,
-                        $f::<{ $k }, 4, 1> as TileFn<_>,
-                        $f::<{ $k }, 1, 1> as TileFn<_>,
-                    ]
-                };
-            }
-            let fns: [TileFn<&QuantAct>; 4] = match w.dtype {
-                DType::Q8_0 => fns!(q8_tile, Q8_0),
-                DType::Q4_0 => fns!(q4_tile, Q4_0),
-                _ => fns!(q4_tile, Q4_1),
+            let set = match w.dtype {
+                DType::Q8_0 => tile_set!(q8_tile, Q8_0, 2 x 4, 4),
+                DType::Q4_0 => tile_set!(q4_tile, Q4_0, 2 x 4, 4),
+                _ => tile_set!(q4_tile, Q4_1, 2 x 4, 4),
             };
             // SAFETY: forwarded from the caller.
-            unsafe { drive(&ctx, rows, t_rows, tiles, fns) }
+            unsafe { drive(&ctx, rows, t_rows, set) }
         }
     }
 }

@@ -173,6 +173,27 @@ pub(crate) fn for_each_tile(
     }
 }
 
+/// The tile shapes and the four tile functions of one kernel, `(Tiles, [TileFn; 4])`, written from one set of
+/// numbers so the shapes the walk uses and the functions it calls cannot disagree:
+/// `tile_set!(kernel, KIND, NT x TR, N1)` instantiates `kernel::<KIND, NT, TR>`, `<KIND, 1, TR>`, `<KIND, N1, 1>`
+/// and `<KIND, 1, 1>`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_set {
+    ($f:ident, $k:expr, $nt:literal x $tr:literal, $n1:literal) => {
+        (
+            super::Tiles { nr_t: $nt, tr: $tr, nr_1: $n1 },
+            [
+                $f::<{ $k }, $nt, $tr> as super::TileFn<_>,
+                $f::<{ $k }, 1, $tr> as super::TileFn<_>,
+                $f::<{ $k }, $n1, 1> as super::TileFn<_>,
+                $f::<{ $k }, 1, 1> as super::TileFn<_>,
+            ],
+        )
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use tile_set;
+
 /// Everything a tile needs, shared by the tiles of one task.
 pub(crate) struct Ctx<'a, X> {
     pub w: &'a Weights<'a>,
@@ -186,7 +207,8 @@ pub(crate) type TileFn<X> = unsafe fn(&Ctx<'_, X>, usize, usize);
 ///
 /// # Safety
 /// The tile functions must be callable on this CPU and `ctx` must satisfy [`gemm`]'s size contract.
-pub(crate) unsafe fn drive<X>(ctx: &Ctx<'_, X>, rows: Range<usize>, t_rows: usize, tiles: Tiles, fns: [TileFn<X>; 4]) {
+pub(crate) unsafe fn drive<X>(ctx: &Ctx<'_, X>, rows: Range<usize>, t_rows: usize, set: (Tiles, [TileFn<X>; 4])) {
+    let (tiles, fns) = set;
     for_each_tile(rows, t_rows, ctx.w.row_bytes, tiles, |n, nr, t, tr| {
         let f = match (nr == 1, tr == 1) {
             (false, false) => fns[0],
