@@ -51,6 +51,7 @@ pub(crate) struct Weights<'a> {
 
 impl Weights<'_> {
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
     pub(crate) fn row_ptr(&self, n: usize) -> *const u8 {
         self.bytes.as_ptr().wrapping_add(n * self.row_bytes)
     }
@@ -119,6 +120,7 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
 
 /// Tile shapes of a kernel: `nr_t × tr` outputs when `tr` activation rows are left, `nr_1 × 1` otherwise.
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(crate) struct Tiles {
     pub nr_t: usize,
     pub tr: usize,
@@ -146,6 +148,7 @@ const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
 /// Walks the outputs `rows × 0..t_rows` tile by tile, calling `tile(n, nr, t, tr)` with `(nr, tr)` one of
 /// `(nr_t, tr)`, `(1, tr)`, `(nr_1, 1)`, `(1, 1)`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(crate) fn for_each_tile(
     rows: Range<usize>,
     t_rows: usize,
@@ -195,18 +198,21 @@ macro_rules! tile_set {
 pub(crate) use tile_set;
 
 /// Everything a tile needs, shared by the tiles of one task.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(crate) struct Ctx<'a, X> {
     pub w: &'a Weights<'a>,
     pub x: X,
     pub out: Out,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(crate) type TileFn<X> = unsafe fn(&Ctx<'_, X>, usize, usize);
 
 /// Runs `fns` = tiles `(nr_t × tr, 1 × tr, nr_1 × 1, 1 × 1)` over the outputs.
 ///
 /// # Safety
 /// The tile functions must be callable on this CPU and `ctx` must satisfy [`gemm`]'s size contract.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(crate) unsafe fn drive<X>(ctx: &Ctx<'_, X>, rows: Range<usize>, t_rows: usize, set: (Tiles, [TileFn<X>; 4])) {
     let (tiles, fns) = set;
     for_each_tile(rows, t_rows, ctx.w.row_bytes, tiles, |n, nr, t, tr| {
