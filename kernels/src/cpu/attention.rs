@@ -20,10 +20,10 @@ use crate::error::{KernelError, Result, shape_err};
 const OP: &str = "attention";
 
 /// Positions per chunk of work.
-const CHUNK: usize = 256;
+const CHUNK: usize = 64;
 
 /// Below this many multiply-adds the call runs on the calling thread.
-const SERIAL_MACS: usize = 256 * 1024;
+const SERIAL_MACS: usize = 32 * 1024;
 
 /// One (row, KV head) pair: its positions `0..=pos` are split into `chunks` work items.
 #[derive(Clone, Copy, Debug)]

@@ -2,7 +2,7 @@
 //!
 //! Quantised weights are used as they are stored (no dequantised copy): the activation rows are quantised once to
 //! 8-bit blocks and multiplied with integer block dot products, as llama.cpp does. Output rows `n` are split into
-//! tasks for the thread pool; small matmuls (under about 100 KB of weights) stay on the calling thread, since a
+//! tasks for the thread pool; small matmuls (under about 32 KB of weights) stay on the calling thread, since a
 //! fork costs about as much as the work. The split never changes a result (see [`super::dot`]).
 
 use std::cell::RefCell;
@@ -19,7 +19,7 @@ use crate::tensor::Tensor;
 const OP: &str = "matmul";
 
 /// Weight bytes × activation rows below which a matmul runs on the calling thread.
-const SERIAL_WORK: usize = 96 * 1024;
+const SERIAL_WORK: usize = 32 * 1024;
 
 /// Tasks per thread: enough to even out uneven progress, few enough to keep the per-task cost negligible.
 const TASKS_PER_THREAD: usize = 4;

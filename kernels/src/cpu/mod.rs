@@ -324,6 +324,6 @@ impl Backend for CpuBackend {
         if row >= rows {
             return Err(shape_err(OP, format!("row {row} of {rows}")));
         }
-        sample::sample(&act(OP, logits)?[row * vocab..(row + 1) * vocab], params, position, n_top)
+        sample::sample(self.exec().avx2, &act(OP, logits)?[row * vocab..(row + 1) * vocab], params, position, n_top)
     }
 }

@@ -7,6 +7,7 @@
 use std::cmp::Ordering;
 
 use super::math;
+use super::simd::avx2_variant;
 use crate::backend::{Sampled, SamplingParams};
 use crate::error::{Result, shape_err};
 use crate::rng;
@@ -14,7 +15,13 @@ use crate::rng;
 const OP: &str = "sample";
 
 /// Draws a token from one row of logits. NaN logits count as −inf: they are never drawn.
-pub(crate) fn sample(logits: &[f32], params: &SamplingParams, position: u64, n_top: usize) -> Result<Sampled> {
+pub(crate) fn sample(
+    avx2: bool,
+    logits: &[f32],
+    params: &SamplingParams,
+    position: u64,
+    n_top: usize,
+) -> Result<Sampled> {
     if params.temperature.is_nan() {
         return Err(shape_err(OP, "temperature is NaN"));
     }
@@ -26,14 +33,14 @@ pub(crate) fn sample(logits: &[f32], params: &SamplingParams, position: u64, n_t
         return Err(shape_err(OP, "infinite logit"));
     }
     // log Σ e^(l − max), the untempered normaliser.
-    let log_z = sum_exp(logits, max, 1.0).ln();
+    let log_z = sum_exp(avx2, logits, max, 1.0).ln();
     let logprob = |i: usize| ((logits[i] - max) as f64 - log_z) as f32;
 
     let mut order = SortedPrefix::new(logits);
     let token = if params.temperature <= 0.0 {
         best
     } else {
-        draw(logits, max, &mut order, params, rng::uniform(params.seed, position))
+        draw(avx2, logits, max, &mut order, params, rng::uniform(params.seed, position))
     };
     let n_top = n_top.min(logits.len());
     order.ensure(n_top);
@@ -54,8 +61,19 @@ fn argmax(v: &[f32]) -> Option<(u32, f32)> {
     best.map(|b| (b, max))
 }
 
-/// `Σ e^((l − max)·scale)` over the non-NaN logits: exponentials in f32, sums in f64 over 8 interleaved lanes.
-fn sum_exp(logits: &[f32], max: f32, scale: f32) -> f64 {
+avx2_variant! {
+    /// `Σ e^((l − max)·scale)` over the non-NaN logits: exponentials in f32, sums in f64 over 8 interleaved lanes.
+    fn sum_exp_into(logits: &[f32], max: f32, scale: f32, total: &mut f64) => sum_exp_body
+}
+
+fn sum_exp(avx2: bool, logits: &[f32], max: f32, scale: f32) -> f64 {
+    let mut total = 0.0;
+    sum_exp_into(avx2, logits, max, scale, &mut total);
+    total
+}
+
+#[inline(always)]
+fn sum_exp_body(logits: &[f32], max: f32, scale: f32, total: &mut f64) {
     let term = |l: f32| {
         let e = math::exp((l - max) * scale);
         if e.is_nan() { 0.0 } else { e as f64 }
@@ -70,18 +88,18 @@ fn sum_exp(logits: &[f32], max: f32, scale: f32) -> f64 {
     for (i, &l) in chunks.remainder().iter().enumerate() {
         acc[i] += term(l);
     }
-    acc.iter().sum()
+    *total = acc.iter().sum();
 }
 
 /// Temperature, top-k, top-p, then the inverse-CDF draw at `u ∈ [0, 1)`.
-fn draw(logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &SamplingParams, u: f32) -> u32 {
+fn draw(avx2: bool, logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &SamplingParams, u: f32) -> u32 {
     let inv_t = 1.0 / p.temperature;
     let weight = |i: u32| math::exp((key(logits, i) - max) * inv_t) as f64;
     let vocab = logits.len();
     let k = if p.top_k == 0 { vocab } else { p.top_k.min(vocab) };
     // Mass of the top-k set: in token order over the whole vocabulary, or in sorted order over a top-k prefix.
     let mass_k = if k == vocab {
-        sum_exp(logits, max, inv_t)
+        sum_exp(avx2, logits, max, inv_t)
     } else {
         order.ensure(k);
         order.idx[..k].iter().map(|&i| weight(i)).sum()
