@@ -162,7 +162,10 @@ fn nan_logits_never_win_and_bad_parameters_are_errors() {
     }
     assert!(be.sample(&logits(&be, &[f32::NAN; 3]), 0, &SamplingParams::GREEDY, 0, 0).is_err());
     let ok = logits(&be, &[0.0, 1.0]);
-    assert!(be.sample(&ok, 0, &params(1.0, 0, 0.0, 1), 0, 0).is_err(), "top_p 0");
+    assert!(be.sample(&ok, 0, &params(1.0, 0, f32::NAN, 1), 0, 0).is_err(), "NaN top_p");
+    for pos in 0..20 {
+        assert_eq!(be.sample(&ok, 0, &params(1.0, 0, 0.0, 1), pos, 0).unwrap().token, 1, "top_p 0 keeps the best");
+    }
     assert!(be.sample(&ok, 0, &params(f32::NAN, 0, 1.0, 1), 0, 0).is_err(), "NaN temperature");
     assert!(be.sample(&ok, 1, &SamplingParams::GREEDY, 0, 0).is_err(), "row past the logits");
     let two = be.upload_f32(&[2, 2], &[0.0, 1.0, 5.0, -1.0]).unwrap();

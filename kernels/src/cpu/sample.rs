@@ -25,8 +25,8 @@ pub(crate) fn sample(
     if params.temperature.is_nan() {
         return Err(shape_err(OP, "temperature is NaN"));
     }
-    if params.top_p.is_nan() || params.top_p <= 0.0 {
-        return Err(shape_err(OP, format!("top_p must be in (0, 1], got {}", params.top_p)));
+    if params.top_p.is_nan() {
+        return Err(shape_err(OP, "top_p is NaN"));
     }
     let (best, max) = argmax(logits).ok_or_else(|| shape_err(OP, "no finite logit"))?;
     if max == f32::INFINITY {
@@ -104,7 +104,8 @@ fn draw(avx2: bool, logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &
         order.ensure(k);
         order.idx[..k].iter().map(|&i| weight(i)).sum()
     };
-    // Top-p: the shortest sorted prefix (within the top k) whose mass reaches top_p of the top-k mass.
+    // Top-p: the shortest sorted prefix (within the top k) whose mass reaches top_p of the top-k mass; at least one
+    // token (top_p ≤ 0 keeps only the most likely one, as the CUDA sampler does).
     let (kept, mass) = if p.top_p < 1.0 {
         let goal = p.top_p as f64 * mass_k;
         let mut cum = 0.0;
