@@ -6,13 +6,14 @@
 //! huge allocation.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use shardline_kernels::{DType, HostBytes};
 
 use crate::error::{ModelError, Result};
+pub use crate::formats::mapped::SharedBytes;
+use crate::formats::mapped::map_file;
 use crate::model::config::ModelConfig;
 use crate::model::source::{TensorEntry, TensorMeta, WeightSource};
 
@@ -356,9 +357,6 @@ impl GgufTensorInfo {
     }
 }
 
-/// The bytes a GGUF file is read from: a memory map, or an owned buffer (tests, in-memory files).
-pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
-
 /// A parsed GGUF file: metadata, tensor table, and the mapped bytes that tensor views borrow.
 pub struct GgufFile {
     path: PathBuf,
@@ -388,19 +386,7 @@ impl GgufFile {
     /// Maps `path` and parses its header. Tensor data is not read.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
-        let file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
-        let bytes: SharedBytes = if len == 0 {
-            // Mapping an empty file is refused by some platforms; an empty buffer gives the same "truncated" error.
-            Arc::new(Vec::<u8>::new())
-        } else {
-            // SAFETY: the map is read-only and private. Like every memory-mapped model loader we rely on the model
-            // file not being truncated or rewritten while it is served; doing so is an operator error.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
-            Arc::new(map)
-        };
-        Self::parse(path, bytes)
+        Self::parse(path, map_file(path)?)
     }
 
     /// Parses a GGUF image held in memory; `path` only labels errors.

@@ -4,6 +4,7 @@
 pub mod gguf;
 pub mod gguf_writer;
 pub mod hf;
+pub mod mapped;
 pub mod safetensors;
 
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, GgufValueType, GgufWeights};

@@ -3,7 +3,6 @@
 //! map and are never read here.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +11,7 @@ use ::safetensors::{Dtype, SafeTensors};
 use shardline_kernels::{DType, HostBytes};
 
 use crate::error::{ModelError, Result};
-use crate::formats::gguf::SharedBytes;
+use crate::formats::mapped::{SharedBytes, map_file};
 
 /// One tensor of a safetensors file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,18 +54,7 @@ impl SafetensorsFile {
     /// Maps `path` and parses its header; no tensor data is read.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
-        let file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
-        let bytes: SharedBytes = if len == 0 {
-            Arc::new(Vec::<u8>::new())
-        } else {
-            // SAFETY: read-only private map; the file must not be truncated or rewritten while it is served, as
-            // with every memory-mapped model loader.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
-            Arc::new(map)
-        };
-        Self::parse(path, bytes)
+        Self::parse(path, map_file(path)?)
     }
 
     /// Parses a safetensors image held in memory; `path` only labels errors.
