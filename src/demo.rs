@@ -201,10 +201,10 @@ impl Plan<'_> {
                 r = watch_children(children) => r,
             };
         }
-        let example = serde_json::json!({
-            "model": name,
-            "messages": [{"role": "user", "content": "Name three uses of a paperclip."}],
-        });
+        let example = format!(
+            r#"{{"model": {}, "messages": [{{"role": "user", "content": "Name three uses of a paperclip."}}]}}"#,
+            serde_json::Value::from(name.as_str())
+        );
         print!(
             "{ready}\nTry it:\n  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{example}'\n\
              Ctrl-C stops the coordinator and every node.\n"
