@@ -5,8 +5,9 @@ use std::path::PathBuf;
 /// File name of the default model inside the model cache.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// The command that fetches the default model on a fresh machine.
-pub const FETCH_COMMAND: &str = "bash scripts/fetch-model.sh";
+/// The command that fetches the default model on a fresh machine (`bash scripts/fetch-model.sh` does the same
+/// without a build; CI uses it).
+pub const FETCH_COMMAND: &str = "shardline fetch";
 
 /// `$SHARDLINE_CACHE`, else `$XDG_CACHE_HOME/shardline`, else `~/.cache/shardline`.
 pub fn cache_dir() -> PathBuf {
@@ -36,7 +37,8 @@ pub fn locate_default_model() -> Result<PathBuf, String> {
         Ok(path)
     } else {
         Err(format!(
-            "the default model is not at {}; fetch it with `{FETCH_COMMAND}` (or pass --model PATH)",
+            "the default model is not at {}; fetch it with `{FETCH_COMMAND}` or `bash scripts/fetch-model.sh` \
+             (or pass --model PATH)",
             path.display()
         ))
     }
