@@ -19,6 +19,7 @@ use shardline_node::model::{LayerRange, ModelFiles};
 use tokio::sync::{mpsc, watch};
 
 use crate::fetch::ensure_default_model;
+use crate::logging::LogFormat;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -67,7 +68,7 @@ pub fn split_layers(n_layers: usize, k: usize) -> Vec<LayerRange> {
         .collect()
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(args: DemoArgs, log_format: LogFormat) -> Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -102,7 +103,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     eprintln!("demo: child logs in {}", log_dir.display());
 
-    let plan = Plan { args: &args, model: &model, n_layers, ranges, threads, log_dir };
+    let plan = Plan { args: &args, model: &model, n_layers, ranges, threads, log_dir, log_format };
     let mut children = Children::default();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     // `block_on` runs the future on this (the main) thread, so the children are spawned from the thread that lives
@@ -119,6 +120,8 @@ struct Plan<'a> {
     ranges: Vec<LayerRange>,
     threads: usize,
     log_dir: PathBuf,
+    /// Passed on to the children, so their log files are in the format asked of the demo.
+    log_format: LogFormat,
 }
 
 /// The coordinator's addresses, read from its stdout.
@@ -143,6 +146,10 @@ impl Plan<'_> {
         let exe = std::env::current_exe().context("locating the shardline executable")?;
         let model = self.model.to_string_lossy().into_owned();
         let http = self.args.http.to_string();
+        let log_format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
         let coordinator_args =
             ["coordinator", "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--http", http.as_str(), "--model", model.as_str()];
         let stdout = children.spawn(&exe, "coordinator", &coordinator_args, &self.log_dir.join("coordinator.log"))?;
@@ -155,6 +162,8 @@ impl Plan<'_> {
         for (i, range) in self.ranges.iter().enumerate() {
             let layers = range.to_string();
             let mut node_args = vec![
+                "--log-format",
+                log_format,
                 "node",
                 "--model",
                 model.as_str(),

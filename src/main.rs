@@ -32,8 +32,7 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
     pub log_format: logging::LogFormat,
-    /// Read flags from a TOML file: one table per subcommand (`[node]`, …), global flags at the top; keys are the
-    /// long flag names; flags on the command line win.
+    /// Read flags from a TOML file (see docs/shardline.example.toml); flags on the command line win.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
@@ -65,7 +64,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse_from(args);
     logging::init(cli.log_format);
     let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(args, cli.log_format),
         Command::Generate(args) => generate::run(args),
         Command::Node(cmd) => node::run(cmd),
         Command::Coordinator(cmd) => coordinator::run(cmd),
