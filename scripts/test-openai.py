@@ -10,6 +10,7 @@ Checks, greedy so that every answer is reproducible:
   * chat.completions and completions, not streamed: text, finish reason and usage are present and consistent;
   * the same requests streamed: the chunks add up to exactly the non-streamed text, the stream ends cleanly, and
     with stream_options.include_usage the last chunk carries the same usage;
+  * log-probabilities (chat and completions), streamed and not: the chunks' entries add up to the non-streamed ones;
   * errors reach the client as the package's typed exceptions: NotFoundError (unknown model), BadRequestError
     (max_tokens over the context).
 Exits non-zero on the first failed check; prints one line per check.
@@ -89,6 +90,35 @@ def main():
         if c.choices
     )
     check(streamed == text, "completions stream: chunks add up to the non-streamed text")
+
+    chat_lp = client.chat.completions.create(
+        model=args.model, messages=messages, max_tokens=n, temperature=0, seed=1, logprobs=True, top_logprobs=2
+    )
+    want = [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs])
+            for t in chat_lp.choices[0].logprobs.content]
+    got = []
+    for chunk in client.chat.completions.create(
+        model=args.model, messages=messages, max_tokens=n, temperature=0, seed=1, logprobs=True, top_logprobs=2,
+        stream=True,
+    ):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                got += [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in c.logprobs.content]
+    check(len(want) > 0 and got == want, f"chat stream: logprobs of {len(got)} tokens equal the non-streamed ones")
+
+    comp_lp = client.completions.create(model=args.model, prompt=prompt, max_tokens=n, temperature=0, seed=1, logprobs=2)
+    want = (comp_lp.choices[0].logprobs.tokens, comp_lp.choices[0].logprobs.token_logprobs,
+            comp_lp.choices[0].logprobs.text_offset)
+    got = ([], [], [])
+    for chunk in client.completions.create(
+        model=args.model, prompt=prompt, max_tokens=n, temperature=0, seed=1, logprobs=2, stream=True
+    ):
+        for c in chunk.choices:
+            if c.logprobs:
+                got[0].extend(c.logprobs.tokens)
+                got[1].extend(c.logprobs.token_logprobs)
+                got[2].extend(c.logprobs.text_offset)
+    check(len(want[0]) > 0 and got == want, f"completions stream: logprobs of {len(got[0])} tokens equal the non-streamed ones")
 
     try:
         client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)

@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API against a real in-process swarm on a tiny model: a coordinator serving the API and
 //! three nodes on loopback. Completions and chat give exactly the text of the single-process engine (greedy and
-//! sampled), streamed or not; errors have the OpenAI shape and status; a client that disconnects mid-stream ends its
-//! session and every stage frees its KV cache; missing layers give 503 naming them; full queues give 429.
+//! sampled), streamed or not, and the same log-probabilities streamed or not; errors have the OpenAI shape and
+//! status; a client that disconnects mid-stream ends its session and every stage frees its KV cache; missing layers
+//! give 503 naming them; full queues give 429.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -188,6 +189,49 @@ async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
     assert_eq!(usage["completion_tokens"], n_gen);
     assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], finish);
 
+    // Streamed with logprobs: the chunks' log-probabilities, joined, are exactly the unstreamed ones; with echo (text
+    // offsets count the prompt), and with a stop string (the token completing it brings no text, so its entry comes
+    // with the last chunk).
+    let body = json!({"model": name, "prompt": "hello world", "max_tokens": 12, "temperature": 0, "logprobs": 3,
+        "echo": true});
+    let whole: Value = post(base, "/v1/completions", &body.to_string()).await.json().await.unwrap();
+    let generated = whole["choices"][0]["text"].as_str().unwrap().strip_prefix("hello world").unwrap().to_string();
+    // A character of the generated text, not its first, that does not occur before: the stop cuts the text there.
+    let chars: Vec<char> = generated.chars().collect();
+    let at = (1..chars.len()).find(|&i| !chars[..i].contains(&chars[i]));
+    let stop = chars[at.unwrap_or_else(|| panic!("no stop string to pick from {generated:?}"))].to_string();
+    let with_stop = json!({"model": name, "prompt": "hello world", "max_tokens": 12, "temperature": 0, "logprobs": 1,
+        "stop": stop});
+    for body in [body, with_stop] {
+        let whole: Value = post(base, "/v1/completions", &body.to_string()).await.json().await.unwrap();
+        let want_lp = &whole["choices"][0]["logprobs"];
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let data = sse_data(post(base, "/v1/completions", &streamed.to_string()).await).await;
+        let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+        let mut joined = json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+        let mut with_logprobs = 0;
+        for lp in chunks.iter().map(|c| &c["choices"][0]["logprobs"]).filter(|lp| !lp.is_null()) {
+            with_logprobs += 1;
+            for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                joined[key].as_array_mut().unwrap().extend(lp[key].as_array().unwrap().iter().cloned());
+            }
+        }
+        assert_eq!(&joined, want_lp, "{body}");
+        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+        assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+        let finish = &chunks.iter().rev().find(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap()["choices"][0];
+        assert_eq!(finish["finish_reason"], whole["choices"][0]["finish_reason"]);
+        if body.get("echo").is_some() {
+            assert!(want_lp["tokens"].as_array().unwrap().len() >= 2, "too few tokens to compare: {whole}");
+            assert!(with_logprobs >= 2, "log-probabilities were not streamed with the text: {chunks:?}");
+            assert_eq!(want_lp["text_offset"][0], "hello world".len());
+        } else {
+            assert!(with_logprobs >= 1, "no log-probabilities streamed: {chunks:?}");
+            assert_eq!(whole["choices"][0]["finish_reason"], "stop", "{whole}");
+        }
+    }
+
     // One token: the first text event is followed at once by the end (nothing may be lost between them).
     let (one, _) = engine_text(&engine, &prompt, 1, SamplingParams::GREEDY);
     let body = json!({"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0});
@@ -235,6 +279,25 @@ async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
     assert_eq!(text, want);
     assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
 
+    // Chat logprobs, greedy, streamed and not: the same tokens, log-probabilities and alternatives.
+    let body = json!({"model": name, "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+        "messages": [{"role": "user", "content": "hi there"}]});
+    let whole: Value = post(base, "/v1/chat/completions", &body.to_string()).await.json().await.unwrap();
+    let want_lp = whole["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert!(want_lp.len() >= 2, "too few tokens to compare: {whole}");
+    assert_eq!(want_lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let data = sse_data(post(base, "/v1/chat/completions", &streamed.to_string()).await).await;
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let parts: Vec<&Vec<Value>> =
+        chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array()).collect();
+    assert!(parts.len() >= 2, "log-probabilities were not streamed with the text: {chunks:?}");
+    let joined: Vec<Value> = parts.into_iter().flatten().cloned().collect();
+    assert_eq!(joined, want_lp);
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+
     // Errors: OpenAI shape and status.
     let (s, _) = error_of(base, "/v1/chat/completions", "{not json").await;
     assert_eq!(s, 400);
@@ -254,10 +317,6 @@ async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
     assert_eq!((s, v["error"]["code"].as_str()), (404, Some("model_not_found")));
     let (s, v) = error_of(base, "/v1/completions", &json!({"model": name, "prompt": "x", "n": 2}).to_string()).await;
     assert_eq!((s, v["error"]["param"].as_str()), (400, Some("n")));
-    let streamed_logprobs = json!({"model": name, "messages": [{"role": "user", "content": "x"}], "logprobs": true,
-        "stream": true});
-    let (s, v) = error_of(base, "/v1/chat/completions", &streamed_logprobs.to_string()).await;
-    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("logprobs")));
     let (s, _) = error_of(base, "/v1/completions", &json!({"model": name, "prompt": [100000]}).to_string()).await;
     assert_eq!(s, 400);
     assert_stages_idle(&nodes).await;

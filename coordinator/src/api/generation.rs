@@ -3,6 +3,8 @@
 //! away (the HTTP client disconnected), the next send fails, the loop stops, and the session is closed on every
 //! stage, which frees its KV cache there.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use shardline_kernels::{Sampled, SamplingParams};
@@ -22,25 +24,42 @@ use super::metrics::Metrics;
 /// What the generation thread reports, in order: text pieces, then exactly one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum GenEvent {
-    Text(String),
+    /// Text that became final, with the samples of the generated tokens sampled since the previous `Text` (in
+    /// order; never a stop token). A token whose text is held back (incomplete UTF-8, a possible stop string)
+    /// arrives with a later piece, and the tokens of text that never becomes a piece only in `Done`.
+    Text {
+        text: String,
+        samples: Vec<Sampled>,
+    },
     Done(Box<Generation>),
     Failed(ApiError),
 }
 
-/// Steps a swarm session, keeping its typed error (the engine's loop only sees a `ModelError`).
+/// Steps a swarm session, keeping its typed error (the engine's loop only sees a `ModelError`), and collects the
+/// samples of generated tokens for the next text event.
 struct ApiStepper {
     session: SwarmSession,
     handle: tokio::runtime::Handle,
     error: Option<SessionError>,
+    /// Prompt positions not fed yet: a sample taken before the whole prompt is fed is not a generated token.
+    prompt_left: usize,
+    stop_tokens: Vec<u32>,
+    pending: Rc<RefCell<Vec<Sampled>>>,
 }
 
 impl Stepper for ApiStepper {
     fn step(&mut self, tokens: &[u32], _sampling: &SamplingParams, _n_top: usize) -> shardline_node::Result<Sampled> {
-        self.handle.block_on(self.session.step(tokens)).map_err(|e| {
+        let s = self.handle.block_on(self.session.step(tokens)).map_err(|e| {
             let message = format!("swarm: {e}");
             self.error = Some(e);
             ModelError::Invalid(message)
-        })
+        })?;
+        self.prompt_left = self.prompt_left.saturating_sub(tokens.len());
+        // The generation loop ends at a stop token without making it part of the output.
+        if self.prompt_left == 0 && !self.stop_tokens.contains(&s.token) {
+            self.pending.borrow_mut().push(s.clone());
+        }
+        Ok(s)
     }
 }
 
@@ -57,11 +76,20 @@ pub fn spawn(
     let handle = tokio::runtime::Handle::current();
     let session = model.client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
     tokio::task::spawn_blocking(move || {
-        let mut stepper = ApiStepper { session, handle: handle.clone(), error: None };
+        let pending = Rc::new(RefCell::new(Vec::new()));
+        let mut stepper = ApiStepper {
+            session,
+            handle: handle.clone(),
+            error: None,
+            prompt_left: prompt.len(),
+            stop_tokens: params.stop_tokens.clone(),
+            pending: pending.clone(),
+        };
         let mut decoder = TextStream::new(model.tokenizer.clone());
         let text_tx = tx.clone();
         let result = generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut |text| {
-            text_tx.blocking_send(GenEvent::Text(text.to_string())).is_ok()
+            let samples = std::mem::take(&mut *pending.borrow_mut());
+            text_tx.blocking_send(GenEvent::Text { text: text.to_string(), samples }).is_ok()
         });
         let ApiStepper { session, error, .. } = stepper;
         handle.block_on(session.close());

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod generation;
+pub mod logprobs;
 pub mod metrics;
 pub mod openai;
 pub mod routes;

@@ -20,11 +20,11 @@ use shardline_node::tokenizer::ChatMessage;
 use super::error::ApiError;
 use super::generation::{self, GenEvent};
 use super::openai::{
-    AssistantMessage, ChatChoice, ChatLogprobs, ChatRequest, ChatResponse, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, Coverage, ModelCard, ModelList, Prompt, Sampling, TokenLogprob, TopLogprob, Usage,
+    AssistantMessage, ChatChoice, ChatRequest, ChatResponse, CompletionChoice, CompletionRequest, Coverage, ModelCard,
+    ModelList, Prompt, Sampling, Usage,
 };
-use super::sse::{self, StreamCtx, StreamKind};
-use super::{ApiState, ServedModel, unix_secs};
+use super::sse::{self, StreamCtx, StreamKind, StreamLogprobs};
+use super::{ApiState, ServedModel, logprobs, unix_secs};
 
 /// The API's routes over `state`.
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -139,15 +139,11 @@ async fn collect(first: GenEvent, mut rx: tokio::sync::mpsc::Receiver<GenEvent>)
         };
         match next {
             None => return Err(ApiError::internal("generation ended without a result")),
-            Some(GenEvent::Text(_)) => {}
+            Some(GenEvent::Text { .. }) => {}
             Some(GenEvent::Done(g)) => return Ok(*g),
             Some(GenEvent::Failed(e)) => return Err(e),
         }
     }
-}
-
-fn piece(model: &ServedModel, id: u32) -> Vec<u8> {
-    model.tokenizer.token_to_piece(id).map(|b| b.to_vec()).unwrap_or_default()
 }
 
 async fn completions(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
@@ -172,9 +168,6 @@ async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError
     }
     let max_tokens = req.max_tokens.unwrap_or(state.config.default_completion_tokens);
     check_context(&model, prompt.len(), max_tokens)?;
-    if req.stream && req.logprobs.is_some() {
-        return Err(ApiError::invalid_param("logprobs", "logprobs are not supported with stream: true"));
-    }
     let n_top = req.logprobs.unwrap_or(0);
     let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
     let echo = match (&req.prompt, req.echo) {
@@ -191,6 +184,9 @@ async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError
         created: unix_secs(),
         model: req.model.clone(),
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs: req
+            .logprobs
+            .map(|_| StreamLogprobs::new(model.tokenizer.clone(), echo.as_ref().map_or(0, String::len))),
         echo,
     };
     if req.stream {
@@ -198,24 +194,8 @@ async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError
     }
     let g = collect(first, rx).await?;
     let prefix = ctx.echo.unwrap_or_default();
-    let logprobs = req.logprobs.map(|_| {
-        let mut lp = CompletionLogprobs::default();
-        let mut offset = prefix.len();
-        for s in g.samples.iter().take(g.tokens.len()) {
-            let text = String::from_utf8_lossy(&piece(&model, s.token)).into_owned();
-            lp.text_offset.push(offset);
-            offset += text.len();
-            lp.tokens.push(text);
-            lp.token_logprobs.push(s.logprob);
-            lp.top_logprobs.push(
-                s.top
-                    .iter()
-                    .map(|&(t, p)| (String::from_utf8_lossy(&piece(&model, t)).into_owned(), p.into()))
-                    .collect(),
-            );
-        }
-        lp
-    });
+    let generated = &g.samples[..g.tokens.len().min(g.samples.len())];
+    let logprobs = req.logprobs.map(|_| logprobs::completion(&model.tokenizer, generated, &mut prefix.len()));
     let resp = super::openai::CompletionResponse {
         id: ctx.id,
         object: "text_completion",
@@ -258,9 +238,6 @@ async fn chat(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
         model.context_length.saturating_sub(prompt.len()).min(state.config.default_chat_tokens).max(1)
     });
     check_context(&model, prompt.len(), max_tokens)?;
-    if req.stream && req.logprobs {
-        return Err(ApiError::invalid_param("logprobs", "logprobs are not supported with stream: true"));
-    }
     let n_top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
     let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
     let prompt_len = prompt.len();
@@ -272,34 +249,14 @@ async fn chat(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
         model: req.model.clone(),
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         echo: None,
+        logprobs: req.logprobs.then(|| StreamLogprobs::new(model.tokenizer.clone(), 0)),
     };
     if req.stream {
         return Ok(sse::response(ctx, first, rx));
     }
     let g = collect(first, rx).await?;
-    let logprobs = req.logprobs.then(|| ChatLogprobs {
-        content: g
-            .samples
-            .iter()
-            .take(g.tokens.len())
-            .map(|s| {
-                let bytes = piece(&model, s.token);
-                TokenLogprob {
-                    token: String::from_utf8_lossy(&bytes).into_owned(),
-                    logprob: s.logprob,
-                    bytes,
-                    top_logprobs: s
-                        .top
-                        .iter()
-                        .map(|&(t, p)| {
-                            let bytes = piece(&model, t);
-                            TopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), logprob: p, bytes }
-                        })
-                        .collect(),
-                }
-            })
-            .collect(),
-    });
+    let generated = &g.samples[..g.tokens.len().min(g.samples.len())];
+    let logprobs = req.logprobs.then(|| logprobs::chat(&model.tokenizer, generated));
     let resp = ChatResponse {
         id: ctx.id,
         object: "chat.completion",
