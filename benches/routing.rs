@@ -5,7 +5,7 @@
 //! - `routing/dht_discovery`: wall time from starting 5, 20 and 50 announcing nodes (real libp2p swarms on loopback,
 //!   all in this process) until a coordinator's registry holds every one, through DHT discovery alone.
 //!
-//! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs (and leaves out the 50-node discovery case).
+//! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -169,7 +169,9 @@ fn discovery_round(n: usize) -> Result<Duration, usize> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let elapsed = rt.block_on(async move {
         let (dht, events) =
-            DhtClient::start(DhtConfig::new(Keypair::generate_ed25519(), vec![tcp()], vec![])).await.expect("dht");
+            DhtClient::start(DhtConfig::for_discovery(Keypair::generate_ed25519(), vec![tcp()], vec![]))
+                .await
+                .expect("dht");
         let registry = NodeRegistry::new(RegistryConfig::default());
         let config = DiscoveryConfig {
             models: vec![MODEL.to_string()],
@@ -206,8 +208,7 @@ fn discovery_round(n: usize) -> Result<Duration, usize> {
 fn bench_discovery(c: &mut Criterion) {
     let mut g = c.benchmark_group("routing/dht_discovery");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);
-    let sizes: &[usize] = if quick() { &[5, 20] } else { &[5, 20, 50] };
-    for &n in sizes {
+    for n in [5usize, 20, 50] {
         // A probe round first: a swarm size that does not converge is reported, not timed.
         if let Err(registered) = discovery_round(n) {
             eprintln!(

@@ -126,7 +126,8 @@ impl SwarmClient {
     pub async fn join(config: SwarmClientConfig) -> Result<SwarmClient, ClientError> {
         let keypair = config.keypair.clone().unwrap_or_else(Keypair::generate_ed25519);
         let (dht, events) =
-            DhtClient::start(DhtConfig::new(keypair, config.p2p_listen.clone(), config.bootstrap.clone())).await?;
+            DhtClient::start(DhtConfig::for_discovery(keypair, config.p2p_listen.clone(), config.bootstrap.clone()))
+                .await?;
         let registry = NodeRegistry::new(config.registry.clone());
         let mut dcfg = config.discovery.clone();
         dcfg.models.push(config.model_id.clone());

@@ -2,16 +2,30 @@
 //! discovery (no status message or command needed), updated on each re-publication, and removed when its
 //! announcement expires.
 //!
-//! Nodes are found two ways: (1) as a DHT server the coordinator receives nodes' records and provider records itself
+//! Nodes are found three ways: (1) as a DHT server the coordinator receives nodes' records and provider records itself
 //! (in a small swarm it is among the closest peers of every key), and registers them as they arrive; (2) it
-//! periodically queries the providers of every model it knows (configured, or learned from provider records) and
-//! fetches each provider's node record. Every record is verified before it counts: signature against the peer id,
-//! expiry, layer range inside the model, stored under its own peer's key, and (for records found through a model's
-//! provider list) announcing that model. Rejects are logged.
+//! periodically queries the providers of every model it knows (configured, or learned from provider records); (3) at
+//! the same period it reads its own Kademlia routing table (run it with [`DhtConfig::for_discovery`], whose buckets
+//! keep every peer learned of). Of every peer found by (2) or (3) that is not registered, or whose registered
+//! announcement is older than a third of its lifetime (a re-publication is due), it fetches the node record; a peer
+//! whose record is missing (not a node, or not published yet) is retried with a growing back-off.
+//!
+//! (2) alone is not enough: a Kademlia peer answers a provider query with at most k = 20 providers of a key (libp2p-kad
+//! `provider_peers` takes the first k of its store, in insertion order), so in a swarm of more than about 20 nodes the
+//! later providers never appear in any answer. (3) is what makes "discovery registers a node, always" hold: every node
+//! is a DHT server, so it enters the routing table of a coordinator it bootstraps from or that meets it in a query.
+//!
+//! Every record is verified before it counts: signature against the peer id, expiry, layer range inside the model,
+//! stored under its own peer's key, and (for records found through a model's provider list) announcing that model.
+//! Rejects are logged.
+//!
+//! [`DhtConfig::for_discovery`]: shardline_node::dht::DhtConfig::for_discovery
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use libp2p::PeerId;
 use libp2p::kad::Record;
@@ -95,6 +109,8 @@ impl Discovery {
             let mut sweep = tokio::time::interval(config.sweep_interval);
             query.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let retry = Arc::new(Mutex::new(HashMap::new()));
+            let mut round: Option<JoinHandle<()>> = None;
             loop {
                 tokio::select! {
                     event = events.recv() => match event {
@@ -104,26 +120,37 @@ impl Discovery {
                         Some(DhtEvent::ProviderAdded { key, provider }) => {
                             if let Some(model) = parse_model_key(&key) {
                                 watched.lock().unwrap_or_else(|e| e.into_inner()).insert(model.clone());
-                                tokio::spawn(fetch_node(dht.clone(), registry.clone(), provider, model));
+                                tokio::spawn(fetch_node(dht.clone(), registry.clone(), provider, Some(model)));
                             }
                         }
                         Some(DhtEvent::PeerConnected(_)) => {}
                         None => break,
                     },
                     _ = query.tick() => {
+                        // One round at a time: on a loaded machine a round may outlast the period.
+                        if round.as_ref().is_some_and(|r| !r.is_finished()) {
+                            continue;
+                        }
                         let list: Vec<String> = {
                             let mut m = watched.lock().unwrap_or_else(|e| e.into_inner());
                             m.extend(registry.models());
                             m.iter().cloned().collect()
                         };
-                        for model in list {
-                            tokio::spawn(query_model(dht.clone(), registry.clone(), model));
-                        }
+                        round = Some(tokio::spawn(discovery_round(
+                            dht.clone(),
+                            registry.clone(),
+                            list,
+                            retry.clone(),
+                            config.query_interval,
+                        )));
                     }
                     _ = sweep.tick() => {
                         registry.sweep_expired(now_ms());
                     }
                 }
+            }
+            if let Some(r) = round {
+                r.abort();
             }
             debug!("discovery stopped: the DHT event loop is gone");
         });
@@ -149,25 +176,89 @@ fn log_outcome(from: &str, outcome: Result<(Upsert, ShardAnnouncement), Discover
     }
 }
 
-async fn fetch_node(dht: DhtClient, registry: Arc<NodeRegistry>, peer: PeerId, model: String) {
+/// Fetches and registers `peer`'s node record; true when the registry now holds a current announcement of it.
+async fn fetch_node(dht: DhtClient, registry: Arc<NodeRegistry>, peer: PeerId, model: Option<String>) -> bool {
     match dht.get_record(node_key(&peer)).await {
         Ok(records) => {
             for r in &records {
-                log_outcome(&peer.to_string(), register_record(&registry, r, Some(&model)));
+                log_outcome(&peer.to_string(), register_record(&registry, r, model.as_deref()));
             }
         }
         Err(e) => debug!(%peer, error = %e, "node record lookup failed"),
     }
+    !needs_fetch(&registry, &peer, now_ms())
 }
 
-async fn query_model(dht: DhtClient, registry: Arc<NodeRegistry>, model: String) {
-    let providers = match dht.get_providers(model_key(&model)).await {
-        Ok(p) => p,
-        Err(e) => {
-            debug!(%model, error = %e, "provider lookup failed");
-            return;
+/// Node record lookups in flight at once during a round.
+const MAX_CONCURRENT_FETCHES: usize = 16;
+/// Longest back-off for a peer without a node record, in query periods.
+const MAX_BACKOFF_PERIODS: u32 = 8;
+
+/// Back-off of a peer whose record lookup found nothing: failures so far, and when to try again.
+type RetryState = Arc<Mutex<HashMap<PeerId, (u32, Instant)>>>;
+
+/// Whether `peer`'s node record should be fetched: not registered, or its announcement is a third of its lifetime old
+/// (the announcer re-publishes at about that age, with fresh load).
+fn needs_fetch(registry: &NodeRegistry, peer: &PeerId, now_ms: u64) -> bool {
+    match registry.get(peer) {
+        None => true,
+        Some(entry) => {
+            let a = &entry.announcement;
+            let lifetime = a.expires_at_ms.saturating_sub(a.issued_at_ms);
+            now_ms.saturating_sub(a.issued_at_ms) >= lifetime / 3
         }
+    }
+}
+
+/// One discovery round: the providers of every watched model and every peer of the routing table are candidates;
+/// those whose record is due (see [`needs_fetch`]) and not backing off are fetched.
+async fn discovery_round(
+    dht: DhtClient,
+    registry: Arc<NodeRegistry>,
+    models: Vec<String>,
+    retry: RetryState,
+    period: Duration,
+) {
+    // Candidate → the model whose provider list named it (checked against its record), if any.
+    let mut candidates: HashMap<PeerId, Option<String>> = HashMap::new();
+    for model in models {
+        match dht.get_providers(model_key(&model)).await {
+            Ok(providers) => candidates.extend(providers.into_iter().map(|p| (p, Some(model.clone())))),
+            Err(e) => debug!(%model, error = %e, "provider lookup failed"),
+        }
+    }
+    match dht.routing_peers().await {
+        Ok(peers) => {
+            for p in peers {
+                candidates.entry(p).or_insert(None);
+            }
+        }
+        Err(e) => debug!(error = %e, "routing table unavailable"),
+    }
+    candidates.remove(&dht.peer_id());
+    let (now, wall) = (Instant::now(), now_ms());
+    let due: Vec<(PeerId, Option<String>)> = {
+        let mut retry = retry.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget peers that left the routing table and every provider list.
+        retry.retain(|p, _| candidates.contains_key(p));
+        candidates
+            .into_iter()
+            .filter(|(p, _)| needs_fetch(&registry, p, wall) && retry.get(p).is_none_or(|(_, at)| *at <= now))
+            .collect()
     };
-    let lookups = providers.into_iter().map(|p| fetch_node(dht.clone(), registry.clone(), p, model.clone()));
-    futures::future::join_all(lookups).await;
+    let fetches = due.into_iter().map(|(p, model)| {
+        let (dht, registry) = (dht.clone(), registry.clone());
+        async move { (p, fetch_node(dht, registry, p, model).await) }
+    });
+    let mut results = futures::stream::iter(fetches).buffer_unordered(MAX_CONCURRENT_FETCHES);
+    while let Some((peer, registered)) = results.next().await {
+        let mut retry = retry.lock().unwrap_or_else(|e| e.into_inner());
+        if registered {
+            retry.remove(&peer);
+        } else {
+            let failures = retry.get(&peer).map_or(0, |(f, _)| *f) + 1;
+            let periods = (1u32 << failures.min(4)).min(MAX_BACKOFF_PERIODS);
+            retry.insert(peer, (failures, Instant::now() + period * periods));
+        }
+    }
 }

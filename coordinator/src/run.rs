@@ -73,7 +73,7 @@ pub async fn start_coordinator(args: CoordinatorArgs) -> Result<CoordinatorHandl
         None => Keypair::generate_ed25519(),
     };
     let (dht, events) =
-        DhtClient::start(DhtConfig::new(keypair, args.p2p_listen.clone(), args.bootstrap.clone())).await?;
+        DhtClient::start(DhtConfig::for_discovery(keypair, args.p2p_listen.clone(), args.bootstrap.clone())).await?;
     let registry = NodeRegistry::new(args.registry.clone());
     let mut dcfg = args.discovery.clone();
     dcfg.models.extend(args.models.iter().cloned());

@@ -3,6 +3,7 @@
 //! queries are kept in `pending_*` maps keyed by `QueryId` until kad reports the query finished.
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,12 @@ use super::filter::RecordFilter;
 pub const KAD_PROTOCOL: &str = "/shardline/kad/1.0.0";
 /// Identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/shardline/id/1.0.0";
+/// Kademlia's bucket size (k), kept by nodes.
+pub const DEFAULT_KBUCKET_SIZE: usize = 20;
+/// Bucket size for a peer that runs discovery (coordinator, `SwarmClient`): its routing table keeps every peer it
+/// learns of (up to this many per distance bucket), because discovery fetches the node record of each of them. With
+/// k = 20 about half of a 50-node swarm falls into the one farthest bucket, and the surplus would be dropped.
+pub const DISCOVERY_KBUCKET_SIZE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DhtError {
@@ -52,6 +59,8 @@ pub struct DhtConfig {
     /// Lifetime of provider records, and how often kad re-publishes ours.
     pub provider_ttl: Duration,
     pub provider_republish: Duration,
+    /// Peers kept per routing-table bucket ([`DEFAULT_KBUCKET_SIZE`]; [`DISCOVERY_KBUCKET_SIZE`] where discovery runs).
+    pub kbucket_size: usize,
     pub filter: Arc<dyn RecordFilter>,
 }
 
@@ -65,8 +74,15 @@ impl DhtConfig {
             record_ttl: Duration::from_secs(60),
             provider_ttl: Duration::from_secs(60),
             provider_republish: Duration::from_secs(20),
+            kbucket_size: DEFAULT_KBUCKET_SIZE,
             filter: Arc::new(super::filter::AnnouncementFilter),
         }
+    }
+
+    /// The configuration of a peer that runs discovery: as [`DhtConfig::new`], with routing-table buckets of
+    /// [`DISCOVERY_KBUCKET_SIZE`].
+    pub fn for_discovery(keypair: Keypair, listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>) -> Self {
+        Self { kbucket_size: DISCOVERY_KBUCKET_SIZE, ..Self::new(keypair, listen, bootstrap) }
     }
 }
 
@@ -100,6 +116,7 @@ enum Command {
     GetRecord(RecordKey, oneshot::Sender<Vec<Record>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    RoutingPeers(oneshot::Sender<Vec<PeerId>>),
 }
 
 /// Handle on the DHT event loop. Cheap to clone; the loop stops when every handle is dropped.
@@ -210,6 +227,11 @@ impl DhtClient {
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, DhtError> {
         self.ask(Command::ConnectedPeers).await
     }
+
+    /// Every peer in the Kademlia routing table.
+    pub async fn routing_peers(&self) -> Result<Vec<PeerId>, DhtError> {
+        self.ask(Command::RoutingPeers).await
+    }
 }
 
 fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
@@ -223,7 +245,8 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
         .set_publication_interval(None)
         .set_replication_interval(None)
         .set_record_filtering(StoreInserts::FilterBoth)
-        .set_query_timeout(Duration::from_secs(10));
+        .set_query_timeout(Duration::from_secs(10))
+        .set_kbucket_size(NonZeroUsize::new(config.kbucket_size).unwrap_or(NonZeroUsize::MIN));
     // Announcements are a few hundred bytes; every replica of a model is a provider of its key (kad keeps only 20 per
     // key by default, far too few for a swarm with many replicas).
     let store_cfg = MemoryStoreConfig {
@@ -351,6 +374,12 @@ impl EventLoop {
             }
             Command::ConnectedPeers(tx) => {
                 let _ = tx.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::RoutingPeers(tx) => {
+                let peers = (self.swarm.behaviour_mut().kad.kbuckets())
+                    .flat_map(|bucket| bucket.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
+                    .collect();
+                let _ = tx.send(peers);
             }
         }
     }
