@@ -45,6 +45,7 @@ struct ApiStepper {
     prompt_left: usize,
     stop_tokens: Vec<u32>,
     pending: Rc<RefCell<Vec<Sampled>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Stepper for ApiStepper {
@@ -58,6 +59,7 @@ impl Stepper for ApiStepper {
         // The generation loop ends at a stop token without making it part of the output.
         if self.prompt_left == 0 && !self.stop_tokens.contains(&s.token) {
             self.pending.borrow_mut().push(s.clone());
+            self.metrics.record_token();
         }
         Ok(s)
     }
@@ -84,6 +86,7 @@ pub fn spawn(
             prompt_left: prompt.len(),
             stop_tokens: params.stop_tokens.clone(),
             pending: pending.clone(),
+            metrics: metrics.clone(),
         };
         let mut decoder = TextStream::new(model.tokenizer.clone());
         let text_tx = tx.clone();

@@ -1,12 +1,15 @@
 //! Counters and latency histograms of the API, rendered as Prometheus text at `GET /metrics` together with the
-//! registry's state (registered nodes, per-node queue depth).
+//! registry's state (registered nodes, per-node queue depth), and the recent request and token rates the dashboard
+//! plots (`GET /v1/swarm`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use axum::http::StatusCode;
+use serde::Serialize;
 use shardline_node::generate::{FinishReason, Generation};
 
 use super::error::ApiError;
@@ -46,6 +49,96 @@ impl Histogram {
     }
 }
 
+/// Seconds of history [`RateWindow`] keeps.
+pub const RATE_WINDOW_SECS: usize = 60;
+
+/// What happened during one wall-clock second.
+#[derive(Clone, Copy, Debug, Default)]
+struct Bucket {
+    /// Which second (since the window's start) the counts belong to; a bucket stamped with an older second is stale
+    /// and reads as zero.
+    second: u64,
+    requests: u64,
+    tokens: u64,
+}
+
+/// Generation requests and generated tokens per second over the last [`RATE_WINDOW_SECS`] seconds: a ring of
+/// per-second buckets, so recording is O(1) and nothing has to expire them.
+pub struct RateWindow {
+    start: Instant,
+    buckets: Mutex<[Bucket; RATE_WINDOW_SECS]>,
+}
+
+impl Default for RateWindow {
+    fn default() -> Self {
+        Self { start: Instant::now(), buckets: Mutex::new([Bucket::default(); RATE_WINDOW_SECS]) }
+    }
+}
+
+/// Recent rates, oldest second first; the last entry is the current (partial) second.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rates {
+    pub window_s: usize,
+    /// Generation requests (completions and chat) started in each second.
+    pub requests: Vec<u64>,
+    /// Tokens generated in each second.
+    pub tokens: Vec<u64>,
+    /// Mean requests per second over the window.
+    pub requests_per_s: f64,
+    /// Mean generated tokens per second over the window.
+    pub tokens_per_s: f64,
+}
+
+impl RateWindow {
+    fn now_second(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    /// Counts `requests` and `tokens` in the current second.
+    pub fn add(&self, requests: u64, tokens: u64) {
+        self.add_at(self.now_second(), requests, tokens);
+    }
+
+    fn add_at(&self, second: u64, requests: u64, tokens: u64) {
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = &mut b[second as usize % RATE_WINDOW_SECS];
+        if slot.second != second {
+            *slot = Bucket { second, requests: 0, tokens: 0 };
+        }
+        slot.requests += requests;
+        slot.tokens += tokens;
+    }
+
+    /// The window ending with the current second.
+    pub fn rates(&self) -> Rates {
+        self.rates_at(self.now_second())
+    }
+
+    fn rates_at(&self, now: u64) -> Rates {
+        let b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut requests, mut tokens) = (Vec::new(), Vec::new());
+        for age in (0..RATE_WINDOW_SECS as u64).rev() {
+            let (r, t) = match now.checked_sub(age) {
+                Some(second) => {
+                    let slot = b[second as usize % RATE_WINDOW_SECS];
+                    if slot.second == second { (slot.requests, slot.tokens) } else { (0, 0) }
+                }
+                None => (0, 0),
+            };
+            requests.push(r);
+            tokens.push(t);
+        }
+        let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / RATE_WINDOW_SECS as f64;
+        Rates {
+            window_s: RATE_WINDOW_SECS,
+            requests_per_s: mean(&requests),
+            tokens_per_s: mean(&tokens),
+            requests,
+            tokens,
+        }
+    }
+}
+
 /// Everything the API counts. Shared by every request (`Arc`).
 #[derive(Default)]
 pub struct Metrics {
@@ -61,12 +154,27 @@ pub struct Metrics {
     rejected_busy: AtomicU64,
     ttft: Mutex<Histogram>,
     inter_token: Mutex<Histogram>,
+    rates: RateWindow,
 }
 
 impl Metrics {
     pub fn record_request(&self, endpoint: &'static str, status: StatusCode) {
         let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *r.entry((endpoint, status.as_u16())).or_default() += 1;
+        if matches!(endpoint, "completions" | "chat_completions") {
+            self.rates.add(1, 0);
+        }
+    }
+
+    /// One generated token, counted in the recent rates as it is produced (the totals are counted when the
+    /// generation ends).
+    pub fn record_token(&self) {
+        self.rates.add(0, 1);
+    }
+
+    /// Requests and tokens per second over the last minute.
+    pub fn rates(&self) -> Rates {
+        self.rates.rates()
     }
 
     /// Tokens and latencies of a finished (or cancelled) generation.
@@ -181,5 +289,28 @@ mod tests {
         h.render(&mut s, "x", "help");
         assert!(s.contains("x_bucket{le=\"+Inf\"} 3"), "{s}");
         assert!(s.contains("x_count 3"), "{s}");
+    }
+
+    #[test]
+    fn rate_window_keeps_the_last_minute_only() {
+        let w = RateWindow::default();
+        w.add_at(0, 1, 5);
+        w.add_at(0, 1, 0);
+        w.add_at(2, 0, 7);
+        let r = w.rates_at(2);
+        assert_eq!(r.requests.len(), RATE_WINDOW_SECS);
+        assert_eq!(&r.requests[RATE_WINDOW_SECS - 3..], &[2, 0, 0]);
+        assert_eq!(&r.tokens[RATE_WINDOW_SECS - 3..], &[5, 0, 7]);
+        assert!((r.tokens_per_s - 12.0 / RATE_WINDOW_SECS as f64).abs() < 1e-12);
+        // Second 0 has left the window at second 60; second 60 reuses its slot without adding to it.
+        let r = w.rates_at(RATE_WINDOW_SECS as u64);
+        assert_eq!(r.requests.iter().sum::<u64>(), 0);
+        assert_eq!(r.tokens.iter().sum::<u64>(), 7);
+        w.add_at(RATE_WINDOW_SECS as u64, 3, 1);
+        let r = w.rates_at(RATE_WINDOW_SECS as u64);
+        assert_eq!((*r.requests.last().unwrap(), *r.tokens.last().unwrap()), (3, 1));
+        assert_eq!(r.tokens.iter().sum::<u64>(), 8);
+        // Long idle: everything reads as zero.
+        assert_eq!(w.rates_at(1000).tokens.iter().sum::<u64>(), 0);
     }
 }

@@ -1,11 +1,13 @@
 //! The OpenAI-compatible HTTP API of the coordinator (axum): `POST /v1/completions`, `POST /v1/chat/completions`
-//! (JSON or server-sent events), `GET /v1/models`, `GET /health`, `GET /metrics`, `GET /v1/swarm`.
+//! (JSON or server-sent events), `GET /v1/models`, `GET /health`, `GET /metrics`, `GET /v1/swarm` (and its live
+//! stream `GET /v1/swarm/events`), and the dashboard page at `GET /` (`dashboard.rs`).
 //!
 //! The coordinator holds no weights: each served model is opened from a local copy of its file for the tokenizer,
 //! the chat template and the model id only, and its sessions run over the coordinator's registry. The path of a
 //! request: `routes.rs` (parse, validate, tokenise) → `generation.rs` (the engine's generation loop over a
 //! `SwarmSession`) → `sse.rs` or a JSON body; failures become `error.rs`'s OpenAI-shaped errors.
 
+pub mod dashboard;
 pub mod error;
 pub mod generation;
 pub mod logprobs;
@@ -13,6 +15,7 @@ pub mod metrics;
 pub mod openai;
 pub mod routes;
 pub mod sse;
+pub mod swarm;
 
 use std::collections::HashSet;
 use std::path::Path;

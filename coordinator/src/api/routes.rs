@@ -2,7 +2,6 @@
 //! template), start the generation, and answer with JSON or an SSE stream.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -24,7 +23,7 @@ use super::openai::{
     ModelList, Prompt, Sampling, Usage,
 };
 use super::sse::{self, StreamCtx, StreamKind, StreamLogprobs};
-use super::{ApiState, ServedModel, logprobs, unix_secs};
+use super::{ApiState, ServedModel, dashboard, logprobs, swarm, unix_secs};
 
 /// The API's routes over `state`.
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -32,7 +31,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/v1/swarm", get(swarm))
+        .route("/v1/swarm", get(swarm::swarm))
+        .route("/v1/swarm/events", get(swarm::events))
+        .route("/", get(dashboard::page))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
@@ -314,89 +315,4 @@ async fn health(State(state): State<Arc<ApiState>>) -> Response {
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let text = state.metrics.render(&state.registry);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-#[derive(Serialize)]
-struct SwarmNode {
-    peer_id: String,
-    layers: String,
-    address: String,
-    running: u32,
-    waiting: u32,
-    capacity: u32,
-    decode_tokens_per_s: f32,
-    prefill_tokens_per_s: f32,
-    free_kv_tokens: u64,
-    rtt_ms: Option<f64>,
-    banned: bool,
-    /// Milliseconds since its announcement was last refreshed.
-    last_seen_ms: u64,
-}
-
-#[derive(Serialize)]
-struct SwarmModel {
-    model_id: String,
-    /// The served name, when this coordinator serves the model.
-    name: Option<String>,
-    n_layers: u32,
-    /// Layer ranges no usable node serves.
-    missing: Vec<String>,
-    nodes: Vec<SwarmNode>,
-}
-
-#[derive(Serialize)]
-struct SwarmView {
-    models: Vec<SwarmModel>,
-    registered_nodes: usize,
-}
-
-async fn swarm(State(state): State<Arc<ApiState>>) -> Response {
-    let now = Instant::now();
-    let reg = &state.registry;
-    let models = reg
-        .models()
-        .into_iter()
-        .map(|id| {
-            let served = state.model(&id);
-            let n_layers = reg.model_shape(&id).map(|s| s.n_layers).unwrap_or(0);
-            let missing = match &served {
-                Some(m) => m.missing_layers(reg),
-                None => {
-                    let cands = crate::routing::candidates(reg, &id);
-                    crate::routing::missing_ranges(&cands, n_layers as usize)
-                }
-            };
-            let mut nodes: Vec<SwarmNode> = reg
-                .snapshot(&id)
-                .into_iter()
-                .map(|(e, h)| {
-                    let a = &e.announcement;
-                    let (running, waiting, capacity) = e.queue.depth();
-                    SwarmNode {
-                        peer_id: a.peer_id.to_string(),
-                        layers: a.layers.to_string(),
-                        address: a.quic_addr.to_string(),
-                        running,
-                        waiting,
-                        capacity,
-                        decode_tokens_per_s: a.decode_tps,
-                        prefill_tokens_per_s: a.prefill_tps,
-                        free_kv_tokens: a.free_kv_tokens,
-                        rtt_ms: h.rtt.map(|r| r.as_secs_f64() * 1000.0),
-                        banned: h.banned_until.is_some_and(|t| t > now),
-                        last_seen_ms: now.duration_since(e.last_seen).as_millis() as u64,
-                    }
-                })
-                .collect();
-            nodes.sort_by(|a, b| a.layers.cmp(&b.layers).then(a.peer_id.cmp(&b.peer_id)));
-            SwarmModel {
-                model_id: id,
-                name: served.map(|m| m.name.clone()),
-                n_layers,
-                missing: missing.iter().map(|r| r.to_string()).collect(),
-                nodes,
-            }
-        })
-        .collect();
-    axum::Json(SwarmView { models, registered_nodes: reg.len() }).into_response()
 }
