@@ -38,6 +38,12 @@ const N_LAYERS: usize = 6;
 const MODEL_NAME: &str = "tiny<i>x";
 const MAX_TOKENS: usize = 16;
 
+/// Replaces the page's `EventSource` with one whose connection is refused at once (as a proxy that does not pass
+/// server-sent events would).
+const REFUSED_EVENT_SOURCE: &str = "window.EventSource = class extends EventTarget { \
+    constructor() { super(); this.readyState = 2; setTimeout(() => this.dispatchEvent(new Event('error')), 0); } \
+    close() {} }; window.EventSource.CLOSED = 2;";
+
 /// The browser to drive, if there is one.
 fn chromium() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SHARDLINE_CHROMIUM") {
@@ -313,6 +319,16 @@ async fn dashboard_shows_the_swarm_live_and_streams_chat() {
     let swarm: Value = reqwest::get(format!("{base}/v1/swarm")).await.unwrap().json().await.unwrap();
     let sum = |k: &str| swarm["rates"][k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum::<u64>();
     assert_eq!((sum("requests"), sum("tokens")), (1, n_gen as u64));
+
+    // A browser whose event stream is refused: the page falls back to polling and still shows the swarm.
+    let polled = browser.new_page("about:blank").await.unwrap();
+    polled.evaluate_on_new_document(REFUSED_EVENT_SOURCE).await.unwrap();
+    polled.goto(format!("{base}/")).await.unwrap();
+    wait_for(&polled, "document.querySelectorAll('#coverage [data-node]').length === 3", "three nodes by polling")
+        .await;
+    assert_eq!(coverage_nodes(&polled).await, want_nodes);
+    let mode: String = eval(&polled, "document.getElementById('conn').dataset.mode").await;
+    assert_eq!(mode, "polling");
 
     if let Some(path) = std::env::var_os("SHARDLINE_DASHBOARD_SCREENSHOT") {
         page.save_screenshot(ScreenshotParams::builder().full_page(true).build(), path).await.unwrap();
