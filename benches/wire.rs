@@ -1,6 +1,7 @@
 //! Frame encode/decode of hidden states: 1 and 512 positions × hidden 576 (SmolLM2) and 4096 (7B), in f32 and f16,
 //! reported in bytes/s of frame. A plain copy of the same number of bytes runs in the same group: encode and decode
-//! each copy the payload once, so the copy is the limit they can approach.
+//! each copy the payload once, so the copy is the limit they can approach. `encode` returns a new buffer per frame;
+//! `encode_into` reuses one output buffer.
 //! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs.
 
 use std::hint::black_box;
@@ -56,6 +57,14 @@ fn bench_wire(c: &mut Criterion) {
                 // Encode from the stage's raw bytes: wrap them as hidden states (one copy) and serialise (one copy).
                 g.bench_with_input(BenchmarkId::new("encode", &label), &bytes, |b, bytes| {
                     b.iter(|| frame(dtype, n_tokens, width, black_box(bytes)).encode())
+                });
+                // The same into one output buffer reused across frames, as a client streaming prefill chunks would.
+                let mut out = Vec::new();
+                g.bench_with_input(BenchmarkId::new("encode_into", &label), &bytes, |b, bytes| {
+                    b.iter(|| {
+                        frame(dtype, n_tokens, width, black_box(bytes)).encode_into(&mut out);
+                        black_box(out.len())
+                    })
                 });
                 g.bench_with_input(BenchmarkId::new("decode", &label), &encoded, |b, encoded| {
                     b.iter(|| Frame::decode(black_box(encoded), &limits).expect("decode"))

@@ -254,3 +254,21 @@ fn bit_flips_never_panic() {
         }
     }
 }
+
+#[test]
+fn encode_into_reuses_the_buffer_and_matches_encode() {
+    let mut out = vec![0xAA; 100_000];
+    for f in all_frames() {
+        f.encode_into(&mut out);
+        assert_eq!(out, f.encode(), "{:?}", f.kind());
+    }
+    // Hidden states whose byte length is not a multiple of 4 (3 f16 values) copy exactly.
+    let bytes = [1u8, 2, 3, 4, 5, 6];
+    let h = HiddenStates::from_bytes(WireDType::F16, 1, 3, &bytes).unwrap();
+    assert_eq!(h.as_bytes(), &bytes);
+    let f = Frame::Decode { session: 1, position: 2, data: StageData::Hidden(h) };
+    f.encode_into(&mut out);
+    assert_eq!(&out[HEADER_LEN..], &bytes);
+    let (back, used) = Frame::decode(&out, &Limits::default()).unwrap();
+    assert_eq!((back, used), (f, out.len()));
+}

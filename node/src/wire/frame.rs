@@ -84,10 +84,18 @@ impl AlignedBytes {
         Self { words: vec![0; len.div_ceil(4)], len }
     }
 
+    /// A copy of `bytes`, written once (no zero-fill first).
     pub fn copy_from(bytes: &[u8]) -> Self {
-        let mut a = Self::zeroed(bytes.len());
-        a.as_bytes_mut().copy_from_slice(bytes);
-        a
+        let mut words = Vec::with_capacity(bytes.len().div_ceil(4));
+        let chunks = bytes.chunks_exact(4);
+        let tail = chunks.remainder();
+        words.extend(chunks.map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])));
+        if !tail.is_empty() {
+            let mut last = [0u8; 4];
+            last[..tail.len()].copy_from_slice(tail);
+            words.push(u32::from_ne_bytes(last));
+        }
+        Self { words, len: bytes.len() }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -440,13 +448,23 @@ impl Frame {
         (h, payload)
     }
 
-    /// The whole frame as bytes (header + payload).
+    /// The whole frame as bytes (header + payload) in a new buffer. A sender of many large frames should prefer
+    /// [`Frame::encode_into`] (or `write_frame`, which copies nothing): with glibc, allocating and freeing a fresh
+    /// megabyte-sized output per frame while the frame itself is alive makes the heap trim and fault its pages back
+    /// in on every call (docs/PERFORMANCE.md, `wire`).
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Replaces the contents of `out` with the whole frame (header + payload), reusing its capacity.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         let (h, payload) = self.parts();
-        let mut out = Vec::with_capacity(super::HEADER_LEN + payload.as_ref().len());
+        out.clear();
+        out.reserve(super::HEADER_LEN + payload.as_ref().len());
         out.extend_from_slice(&h.encode());
         out.extend_from_slice(payload.as_ref());
-        out
     }
 
     /// Parses one frame from the start of `buf`, returning it and the bytes it used.
