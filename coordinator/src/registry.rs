@@ -73,11 +73,34 @@ impl Default for RegistryConfig {
     }
 }
 
+/// The shape a model id is held to: pinned by someone who read the model file (the coordinator serving it), or
+/// else set by its registered nodes, and forgotten when the last of them leaves, so an early node with a wrong shape
+/// blocks the real ones only while it is registered, and never a model whose file the coordinator has.
+#[derive(Clone, Copy, Debug)]
+struct ModelClaim {
+    shape: ModelShape,
+    pinned: bool,
+    /// Registered nodes of the model.
+    nodes: usize,
+}
+
 #[derive(Default)]
 struct Inner {
     nodes: HashMap<PeerId, NodeEntry>,
     health: HashMap<PeerId, NodeHealth>,
-    models: HashMap<String, ModelShape>,
+    models: HashMap<String, ModelClaim>,
+}
+
+impl Inner {
+    /// Takes a removed node off its model's claim.
+    fn release(&mut self, model_id: &str) {
+        if let Some(claim) = self.models.get_mut(model_id) {
+            claim.nodes = claim.nodes.saturating_sub(1);
+            if claim.nodes == 0 && !claim.pinned {
+                self.models.remove(model_id);
+            }
+        }
+    }
 }
 
 /// The node registry. Cheap to share (`Arc`); every change bumps a version that waiters can watch.
@@ -115,36 +138,70 @@ impl NodeRegistry {
         self.version.subscribe()
     }
 
+    /// Holds `model_id` to `shape` (read from the model file), whatever nodes announce: registered nodes of another
+    /// shape are removed, later ones refused. Returns the removed nodes.
+    pub fn pin_shape(&self, model_id: &str, shape: ModelShape) -> Vec<PeerId> {
+        let mut inner = self.write();
+        let wrong: Vec<PeerId> = inner
+            .nodes
+            .values()
+            .filter(|e| e.announcement.model_id == model_id)
+            .filter(|e| ModelShape { n_layers: e.announcement.n_layers, hidden: e.announcement.hidden } != shape)
+            .map(|e| e.announcement.peer_id)
+            .collect();
+        for p in &wrong {
+            inner.nodes.remove(p);
+            warn!(peer = %p, model = %model_id, "node removed: its announced shape differs from the model file");
+        }
+        let nodes = inner.nodes.values().filter(|e| e.announcement.model_id == model_id).count();
+        inner.models.insert(model_id.to_string(), ModelClaim { shape, pinned: true, nodes });
+        drop(inner);
+        self.bump();
+        wrong
+    }
+
     /// Registers a verified announcement, or updates the node's entry if it is newer than the one held. All nodes of
-    /// one model id must agree on its shape (layer count, hidden width): the first registered sets it.
+    /// one model id must agree on its shape (layer count, hidden width): the pinned shape when the model file is
+    /// known, else the shape of the nodes registered now.
     pub fn upsert(&self, a: ShardAnnouncement) -> Result<Upsert, RegistryError> {
         let shape = ModelShape { n_layers: a.n_layers, hidden: a.hidden };
         let now = Instant::now();
         let mut inner = self.write();
-        match inner.models.get(&a.model_id) {
-            Some(&known) if known != shape => {
-                return Err(RegistryError::InconsistentModel {
-                    peer: a.peer_id,
-                    model_id: a.model_id,
-                    known,
-                    got: shape,
-                });
-            }
-            Some(_) => {}
-            None => {
-                inner.models.insert(a.model_id.clone(), shape);
-            }
+        if let Some(claim) = inner.models.get(&a.model_id)
+            && claim.shape != shape
+        {
+            return Err(RegistryError::InconsistentModel {
+                peer: a.peer_id,
+                model_id: a.model_id,
+                known: claim.shape,
+                got: shape,
+            });
         }
         let outcome = match inner.nodes.get_mut(&a.peer_id) {
             Some(entry) if a.issued_at_ms <= entry.announcement.issued_at_ms => return Ok(Upsert::Stale),
-            Some(entry) => {
+            Some(entry) if entry.announcement.model_id == a.model_id => {
                 entry.queue.set_capacity(a.max_sessions);
                 entry.announcement = a;
                 entry.last_seen = now;
                 Upsert::Updated
             }
+            Some(entry) => {
+                // The node now serves another model: it leaves the old model's claim and joins the new one.
+                let old = std::mem::replace(&mut entry.announcement.model_id, a.model_id.clone());
+                entry.queue.set_capacity(a.max_sessions);
+                entry.announcement = a.clone();
+                entry.last_seen = now;
+                inner.release(&old);
+                inner.models.entry(a.model_id).or_insert(ModelClaim { shape, pinned: false, nodes: 0 }).nodes += 1;
+                Upsert::Updated
+            }
             None => {
                 info!(peer = %a.peer_id, model = %a.model_id, layers = %a.layers, addr = %a.quic_addr, "node registered");
+                inner
+                    .models
+                    .entry(a.model_id.clone())
+                    .or_insert(ModelClaim { shape, pinned: false, nodes: 0 })
+                    .nodes += 1;
                 let queue = NodeQueue::new(a.max_sessions, self.config.max_waiting);
                 inner.nodes.insert(a.peer_id, NodeEntry { announcement: a, queue, registered_at: now, last_seen: now });
                 Upsert::Inserted
@@ -157,7 +214,12 @@ impl NodeRegistry {
 
     /// Removes a node (its record expired or it was found to be gone).
     pub fn remove(&self, peer: &PeerId) -> Option<NodeEntry> {
-        let removed = self.write().nodes.remove(peer);
+        let mut inner = self.write();
+        let removed = inner.nodes.remove(peer);
+        if let Some(e) = &removed {
+            inner.release(&e.announcement.model_id);
+        }
+        drop(inner);
         if removed.is_some() {
             self.bump();
         }
@@ -171,6 +233,7 @@ impl NodeRegistry {
             inner.nodes.iter().filter(|(_, e)| e.announcement.is_expired(now_ms)).map(|(p, _)| *p).collect();
         for p in &gone {
             if let Some(e) = inner.nodes.remove(p) {
+                inner.release(&e.announcement.model_id);
                 info!(peer = %p, layers = %e.announcement.layers, "node expired: removed from the registry");
             }
         }
@@ -197,9 +260,9 @@ impl NodeRegistry {
         self.len() == 0
     }
 
-    /// Shape of a model as registered nodes announce it.
+    /// Shape of a model: pinned from its file, or as its registered nodes announce it.
     pub fn model_shape(&self, model_id: &str) -> Option<ModelShape> {
-        self.read().models.get(model_id).copied()
+        self.read().models.get(model_id).map(|c| c.shape)
     }
 
     /// Model ids with at least one registered node.
@@ -317,6 +380,55 @@ pub(crate) mod tests {
         assert!(matches!(reg.upsert(b.clone()), Err(RegistryError::InconsistentModel { .. })));
         b.model_id = "other".into();
         assert_eq!(reg.upsert(b).unwrap(), Upsert::Inserted);
+    }
+
+    #[test]
+    fn a_wrong_early_node_blocks_a_model_only_while_it_is_registered() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let liar = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 99), 99);
+        let real = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+        reg.upsert(liar.clone()).unwrap();
+        assert!(matches!(reg.upsert(real.clone()), Err(RegistryError::InconsistentModel { .. })));
+        reg.remove(&liar.peer_id).unwrap();
+        assert_eq!(reg.model_shape("m"), None, "the shape leaves with the last node");
+        assert_eq!(reg.upsert(real.clone()).unwrap(), Upsert::Inserted);
+        assert_eq!(reg.model_shape("m"), Some(ModelShape { n_layers: 30, hidden: 64 }));
+        // Expiry releases the claim too.
+        assert_eq!(reg.sweep_expired(real.expires_at_ms), vec![real.peer_id]);
+        assert_eq!(reg.model_shape("m"), None);
+        assert_eq!(reg.upsert(liar).unwrap(), Upsert::Inserted);
+    }
+
+    #[test]
+    fn a_pinned_shape_removes_and_refuses_nodes_that_disagree() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let liar = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 99), 99);
+        let real = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+        reg.upsert(liar.clone()).unwrap();
+        let shape = ModelShape { n_layers: 30, hidden: 64 };
+        assert_eq!(reg.pin_shape("m", shape), vec![liar.peer_id]);
+        assert!(!reg.contains(&liar.peer_id));
+        let mut again = liar.clone();
+        again.issued_at_ms += 1;
+        assert!(matches!(reg.upsert(again), Err(RegistryError::InconsistentModel { .. })));
+        assert_eq!(reg.upsert(real.clone()).unwrap(), Upsert::Inserted);
+        reg.remove(&real.peer_id).unwrap();
+        assert_eq!(reg.model_shape("m"), Some(shape), "a pinned shape stays without nodes");
+    }
+
+    #[test]
+    fn a_node_moving_to_another_model_releases_the_old_claim() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let key = Keypair::generate_ed25519();
+        let mut a = announcement(&key, "m", LayerRange::new(0, 10), 30);
+        reg.upsert(a.clone()).unwrap();
+        a.model_id = "n".into();
+        a.issued_at_ms += 1;
+        assert_eq!(reg.upsert(a).unwrap(), Upsert::Updated);
+        assert_eq!(reg.model_shape("m"), None);
+        assert_eq!(reg.models(), vec!["n".to_string()]);
+        let other = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 32), 32);
+        assert_eq!(reg.upsert(other).unwrap(), Upsert::Inserted);
     }
 
     #[test]

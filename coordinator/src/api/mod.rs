@@ -28,7 +28,7 @@ use shardline_node::model::{LayerRange, ModelFiles, ModelId};
 use shardline_node::tokenizer::Tokenizer;
 
 use crate::client::{ClientError, SwarmClient, SwarmClientConfig};
-use crate::registry::NodeRegistry;
+use crate::registry::{ModelShape, NodeRegistry};
 use crate::routing::{self, CoveragePolicy, RouteError};
 use crate::run::CoordinatorHandle;
 
@@ -96,6 +96,10 @@ impl ServedModel {
             .file_name()
             .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
             .unwrap_or_else(|| model_id.clone());
+        // The file tells the model's true shape: nodes announcing another one for this id can never block it.
+        let config_shape =
+            ModelShape { n_layers: files.config().n_layers as u32, hidden: files.config().hidden as u32 };
+        coordinator.registry.pin_shape(&model_id, config_shape);
         coordinator.discovery.watch(&model_id);
         let mut cfg = SwarmClientConfig::new(model_id.clone(), Vec::new());
         cfg.policy = CoveragePolicy::FailFast;
