@@ -17,8 +17,12 @@ use crate::wire::Fingerprint;
 pub const SERVER_NAME: &str = "shardline-stage";
 /// ALPN protocol id of the stage protocol, version 1.
 pub const ALPN: &[u8] = b"shardline/1";
-/// A QUIC connection with no traffic for this long is closed (keep-alives are sent at a third of it).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A QUIC connection that hears nothing from its peer for this long is closed. It is how a stage that vanished without
+/// a word (killed, unplugged) is noticed, so it bounds the time before a session fails over; live connections never
+/// reach it because both ends send keep-alives every [`KEEP_ALIVE`].
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+/// Keep-alive interval: several fit in [`IDLE_TIMEOUT`], so a few lost packets do not close a live connection.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -44,7 +48,7 @@ fn provider() -> Arc<CryptoProvider> {
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
-    t.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_concurrent_bidi_streams(1024u32.into());
     Arc::new(t)
 }
