@@ -378,7 +378,11 @@ impl Children {
     /// Starts `exe args…` with stdout and stderr into `log` (stdout piped back instead for the coordinator, the
     /// first child, whose addresses are read from it).
     fn spawn(&mut self, exe: &Path, name: &str, args: &[&str], log: &Path) -> Result<Option<ChildStdout>> {
-        let file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // Append mode: the coordinator's stdout reaches the same file through another descriptor (the reader thread),
+        // and each write must land at the end, not at this descriptor's own offset.
+        File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let file =
+            std::fs::OpenOptions::new().append(true).open(log).with_context(|| format!("opening {}", log.display()))?;
         let pipe = self.0.is_empty();
         let mut cmd = Command::new(exe);
         cmd.args(args).stdin(Stdio::null()).stderr(file.try_clone()?);
