@@ -12,7 +12,7 @@ use shardline_node::wire::{
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::info;
 
 use crate::routing::Route;
 
@@ -97,6 +97,7 @@ impl PipelineSession {
     ) -> Result<PipelineSession, SessionError> {
         let id: SessionId = rand::random();
         let n = route.stages.len();
+        let layout: Vec<String> = route.stages.iter().map(|s| format!("{}@{}", s.span, s.addr)).collect();
         let (tx, events) = mpsc::channel(256);
         let mut controls: Vec<Option<quinn::SendStream>> = (0..n).map(|_| None).collect();
         let mut readers = Vec::with_capacity(n);
@@ -157,7 +158,8 @@ impl PipelineSession {
             controls[i] = Some(send);
         }
         let controls = controls.into_iter().map(|c| c.expect("every stage opened")).collect();
-        debug!(session = id, stages = n, "pipeline session open");
+        // The stages log under the same session id, so one request can be followed across machines.
+        info!(session = id, route = %layout.join(" "), "pipeline session open");
         Ok(PipelineSession {
             id,
             route,

@@ -12,7 +12,7 @@ use shardline_node::ModelError;
 use shardline_node::engine::TextStream;
 use shardline_node::generate::{self, FinishReason, GenerateParams, Generation, Stepper};
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, info_span};
 
 use crate::client::SwarmSession;
 use crate::session::SessionError;
@@ -66,9 +66,11 @@ impl Stepper for ApiStepper {
 }
 
 /// Starts generating `prompt` with `params` on `model`; events arrive on the returned channel. Dropping the receiver
-/// cancels the generation.
+/// cancels the generation. Everything logged on its behalf (routing, failover, the pipeline session ids that the
+/// stages log too) is inside a `request` span carrying `request_id`, the id the client gets back.
 pub fn spawn(
     model: Arc<ServedModel>,
+    request_id: &str,
     prompt: Vec<u32>,
     params: GenerateParams,
     metrics: Arc<Metrics>,
@@ -77,7 +79,9 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(64);
     let handle = tokio::runtime::Handle::current();
     let session = model.client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
+    let span = info_span!("request", id = %request_id, model = %model.name);
     tokio::task::spawn_blocking(move || {
+        let _in_request = span.enter();
         let pending = Rc::new(RefCell::new(Vec::new()));
         let mut stepper = ApiStepper {
             session,
@@ -100,9 +104,9 @@ pub fn spawn(
             Ok(g) => {
                 metrics.record_generation(&g);
                 if g.finish == FinishReason::Cancelled {
-                    info!(model = %model.name, tokens = g.tokens.len(), "client went away: session closed");
+                    info!(tokens = g.tokens.len(), "client went away: session closed");
                 } else {
-                    debug!(model = %model.name, tokens = g.tokens.len(), finish = ?g.finish, "generation done");
+                    debug!(tokens = g.tokens.len(), finish = ?g.finish, "generation done");
                 }
                 GenEvent::Done(Box::new(g))
             }
@@ -112,7 +116,7 @@ pub fn spawn(
                     None => ApiError::internal(e.to_string()),
                 };
                 metrics.record_failure(&err);
-                info!(model = %model.name, error = %err, "generation failed");
+                info!(error = %err, "generation failed");
                 GenEvent::Failed(err)
             }
         };

@@ -119,10 +119,12 @@ fn check_context(model: &ServedModel, prompt: usize, max_tokens: usize) -> Resul
 async fn start(
     state: &ApiState,
     model: &Arc<ServedModel>,
+    request_id: &str,
     prompt: Vec<u32>,
     params: GenerateParams,
 ) -> Result<(GenEvent, tokio::sync::mpsc::Receiver<GenEvent>), ApiError> {
-    let mut rx = generation::spawn(model.clone(), prompt, params, state.metrics.clone(), state.config.retry_after_secs);
+    let (metrics, retry_after) = (state.metrics.clone(), state.config.retry_after_secs);
+    let mut rx = generation::spawn(model.clone(), request_id, prompt, params, metrics, retry_after);
     match rx.recv().await {
         None => Err(ApiError::internal("generation ended without a result")),
         Some(GenEvent::Failed(e)) => Err(e),
@@ -178,10 +180,11 @@ async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError
         (_, true) => Some(tok.decode(&prompt).map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?),
     };
     let prompt_len = prompt.len();
-    let (first, rx) = start(state, &model, prompt, params).await?;
+    let id = request_id("cmpl");
+    let (first, rx) = start(state, &model, &id, prompt, params).await?;
     let ctx = StreamCtx {
         kind: StreamKind::Completion,
-        id: request_id("cmpl"),
+        id,
         created: unix_secs(),
         model: req.model.clone(),
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
@@ -242,10 +245,11 @@ async fn chat(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
     let n_top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
     let params = generate_params(&req.sampling, &model, max_tokens, n_top)?;
     let prompt_len = prompt.len();
-    let (first, rx) = start(state, &model, prompt, params).await?;
+    let id = request_id("chatcmpl");
+    let (first, rx) = start(state, &model, &id, prompt, params).await?;
     let ctx = StreamCtx {
         kind: StreamKind::Chat,
-        id: request_id("chatcmpl"),
+        id,
         created: unix_secs(),
         model: req.model.clone(),
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
