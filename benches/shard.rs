@@ -8,7 +8,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shardline_kernels::Backend;
 use shardline_kernels::cpu::CpuBackend;
-use shardline_node::default_model::locate_default_model;
+use shardline_node::default_model::model_for_tests;
 use shardline_node::model::open::ModelFiles;
 use shardline_node::model::{LayerRange, Shard, ShardInput, ShardOptions};
 
@@ -23,12 +23,9 @@ fn config() -> Criterion {
 }
 
 fn bench_shard(c: &mut Criterion) {
-    let path = match locate_default_model() {
-        Ok(p) => p,
-        Err(why) => {
-            eprintln!("shard bench skipped: {why}");
-            return;
-        }
+    // Skipped (with a message) without the model, unless SHARDLINE_REQUIRE_MODEL=1 (CI), where that fails.
+    let Some(path) = model_for_tests("shard bench") else {
+        return;
     };
     let files = ModelFiles::open(&path).expect("open the default model");
     let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(2));
