@@ -2,58 +2,17 @@
 //! behind; `shardline demo` serves the API until SIGINT and then stops every child; `shardline coordinator --http`
 //! with node processes answers `/health` and `/v1/models`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{BIN, node, spawn, wait_line};
 use shardline_node::default_model::model_for_tests;
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
-
-const BIN: &str = env!("CARGO_BIN_EXE_shardline");
-
-/// Kills the process when the test ends, however it ends (its children follow through their parent-death signal).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `shardline args…` with stdout read line by line into the returned channel.
-fn spawn(args: &[&str]) -> (Proc, mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn shardline");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (Proc(child), rx)
-}
-
-/// The rest of the first line that starts with `prefix`.
-fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
-        if let Some(rest) = line.strip_prefix(prefix) {
-            return rest.trim().to_string();
-        }
-    }
-}
 
 /// A minimal HTTP/1.1 exchange (the API answers with a Content-Length and closes on `Connection: close`).
 fn http(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
@@ -198,28 +157,8 @@ fn coordinator_with_http_serves_health_and_models_for_node_processes() {
     let (status, _) = http(&http_addr, "GET", "/health", None);
     assert_eq!(status, 503, "no node yet, so nothing is routable");
 
-    let mut nodes = Vec::new();
-    for layers in ["0..2", "2..4"] {
-        let (node, rx) = spawn(&[
-            "node",
-            "--model",
-            model,
-            "--layers",
-            layers,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--p2p-listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--bootstrap",
-            &p2p,
-        ]);
-        wait_line(&rx, "serving layers", Duration::from_secs(60));
-        nodes.push(node);
-    }
+    let _nodes: Vec<_> =
+        ["0..2", "2..4"].iter().map(|layers| node(model, layers, "/ip4/127.0.0.1/tcp/0", &p2p)).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while http(&http_addr, "GET", "/health", None).0 != 200 {
         assert!(Instant::now() < deadline, "the model never became routable");

@@ -2,82 +2,21 @@
 //! notices, bans it, re-prefills on the replica and finishes with exactly the tokens of an undisturbed run, and the
 //! failover costs seconds, not the QUIC idle timeout.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{coordinator, node};
 use libp2p::{Multiaddr, PeerId};
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::SamplingParams;
 use shardline_node::model::{ModelFiles, ModelId};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 
-const BIN: &str = env!("CARGO_BIN_EXE_shardline");
-
-/// Kills the process when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `shardline args…`; returns it with the values of the stdout lines starting with each of `prefixes`.
-fn start(args: &[&str], prefixes: &[&str]) -> (Proc, Vec<String>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn shardline");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    let wanted: Vec<String> = prefixes.iter().map(|p| p.to_string()).collect();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            for (i, p) in wanted.iter().enumerate() {
-                if let Some(rest) = line.strip_prefix(p.as_str()) {
-                    let _ = tx.send((i, rest.trim().to_string()));
-                }
-            }
-        }
-    });
-    let mut found = vec![None; prefixes.len()];
-    while found.iter().any(Option::is_none) {
-        let (i, v) =
-            rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no {prefixes:?} lines from {args:?}"));
-        found[i].get_or_insert(v);
-    }
-    (Proc(child), found.into_iter().map(Option::unwrap).collect())
-}
-
-fn node(model: &Path, layers: &str, bootstrap: &str) -> (Proc, PeerId) {
-    let (p, v) = start(
-        &[
-            "node",
-            "--model",
-            model.to_str().unwrap(),
-            "--layers",
-            layers,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--p2p-listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--bootstrap",
-            bootstrap,
-        ],
-        &["peer id", "serving layers"],
-    );
-    (p, v[0].parse().expect("peer id"))
+/// A node on loopback with its peer id parsed.
+fn tail(model: &str, bootstrap: &str) -> (common::Proc, PeerId) {
+    let (p, id) = node(model, "2..4", "/ip4/127.0.0.1/tcp/0", bootstrap);
+    (p, id.parse().expect("peer id"))
 }
 
 async fn steps(s: &mut shardline_coordinator::SwarmSession, out: &mut Vec<u32>, until: usize) {
@@ -94,11 +33,11 @@ async fn a_killed_node_process_fails_over_quickly_with_identical_output() {
     write_tiny_gguf(&TinySpec { n_layers: 4, context: 512, ..TinySpec::default() }, &model).unwrap();
     let model_id = ModelId::of(ModelFiles::open(&model).unwrap().weights().as_ref()).unwrap().to_hex();
 
-    let (_coordinator, v) = start(&["coordinator", "--p2p-listen", "/ip4/127.0.0.1/tcp/0"], &["p2p listening on"]);
-    let boot = v[0].clone();
-    let (_head, _) = node(&model, "0..2", &boot);
-    let (tail1, id1) = node(&model, "2..4", &boot);
-    let (tail2, id2) = node(&model, "2..4", &boot);
+    let model = model.to_str().unwrap();
+    let (_coordinator, boot) = coordinator();
+    let _head = node(model, "0..2", "/ip4/127.0.0.1/tcp/0", &boot);
+    let (tail1, id1) = tail(model, &boot);
+    let (tail2, id2) = tail(model, &boot);
 
     let mut cfg = SwarmClientConfig::new(&model_id, vec![boot.parse::<Multiaddr>().unwrap()]);
     cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
