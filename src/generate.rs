@@ -205,13 +205,17 @@ fn run_swarm(args: GenerateArgs) -> Result<()> {
         let session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
         let handle = tokio::runtime::Handle::current();
         let json = args.json;
-        let generation = tokio::task::spawn_blocking(move || {
+        let (generation, stepper) = tokio::task::spawn_blocking(move || {
             let mut stepper = SwarmStepper::new(session, handle);
             let mut decoder = TextStream::new(tokenizer);
-            generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut text_sink(json))
+            let g = generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut text_sink(json));
+            (g, stepper)
         })
-        .await??;
-        anyhow::Ok(generation)
+        .await?;
+        // Tell every stage the session is over (they free its KV cache) before the process exits.
+        stepper.session.close().await;
+        client.shutdown(Duration::from_secs(1)).await;
+        anyhow::Ok(generation?)
     })?;
     report(&generation, args.json)
 }

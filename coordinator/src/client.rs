@@ -151,6 +151,14 @@ impl SwarmClient {
         &self.inner.registry
     }
 
+    /// Closes every QUIC connection to the stages and waits (at most `limit`) until the peers have been told, so a
+    /// process that exits right after does not leave stages to find a lost connection. Close sessions first.
+    pub async fn shutdown(&self, limit: Duration) {
+        let endpoint = self.inner.pool.endpoint();
+        endpoint.close(0u32.into(), b"client done");
+        let _ = tokio::time::timeout(limit, endpoint.wait_idle()).await;
+    }
+
     pub fn dht(&self) -> &DhtClient {
         &self.inner.dht
     }

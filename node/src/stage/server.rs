@@ -13,7 +13,7 @@ use super::downstream::ConnectionPool;
 use super::session::{self, Input, SessionSlot};
 use crate::model::Shard;
 use crate::tls::{StageIdentity, TlsError};
-use crate::wire::{ErrorCode, Frame, Limits, SessionId, read_frame, write_frame};
+use crate::wire::{ErrorCode, Frame, Limits, SessionId, WireError, read_frame, write_frame};
 
 /// Tunables of a stage server.
 #[derive(Clone, Debug)]
@@ -226,6 +226,12 @@ pub(crate) async fn forward_inputs(
             Ok(Some(Frame::Close { .. })) => Input::Close,
             Ok(Some(other)) => Input::Failed(ErrorCode::Malformed, format!("unexpected {} frame", other.kind().name())),
             Ok(None) => Input::Ended,
+            // The stream was reset or its connection lost: the sender went away, which ends the session like a
+            // close (its KV cache is freed); nothing malformed arrived.
+            Err(WireError::Io(e)) => {
+                debug!(session, error = %e, "input stream lost: ending the session");
+                Input::Ended
+            }
             Err(e) => {
                 warn!(session, error = %e, "malformed frame: ending the session");
                 Input::Failed(ErrorCode::Malformed, e.to_string())
