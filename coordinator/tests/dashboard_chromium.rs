@@ -65,6 +65,18 @@ async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr]) -> Node
     start_node(args).await.unwrap()
 }
 
+/// A coordinator on loopback serving `model`'s API; returns it with the API's base URL.
+async fn serve(model: &Path) -> (CoordinatorHandle, String) {
+    let mut args = CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![]);
+    args.discovery.query_interval = Duration::from_millis(300);
+    let coordinator = start_coordinator(args).await.unwrap();
+    let state = ApiState::open(&coordinator, &[model], ApiConfig::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(api::serve(listener, state));
+    (coordinator, base)
+}
+
 async fn wait_registered(c: &CoordinatorHandle, nodes: &[&NodeHandle]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !nodes.iter().all(|n| c.registry.contains(&n.peer_id)) {
@@ -145,13 +157,7 @@ async fn page_and_event_stream_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     write_tiny_gguf(&TinySpec { n_layers: N_LAYERS, context: 1024, ..TinySpec::default() }, &model).unwrap();
-    let mut args = CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![]);
-    args.discovery.query_interval = Duration::from_millis(300);
-    let coordinator = start_coordinator(args).await.unwrap();
-    let state = ApiState::open(&coordinator, &[&model], ApiConfig::default()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(api::serve(listener, state));
+    let (coordinator, base) = serve(&model).await;
 
     let r = reqwest::get(format!("{base}/")).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -209,13 +215,7 @@ async fn dashboard_shows_the_swarm_live_and_streams_chat() {
         Engine::load(&model, Arc::new(CpuBackend::new(1)), &[], ShardOptions::default(), &mut |_, _| {}).unwrap();
     let (message, want, n_gen) = reference_reply(&engine);
 
-    let mut args = CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![]);
-    args.discovery.query_interval = Duration::from_millis(300);
-    let coordinator = start_coordinator(args).await.unwrap();
-    let state = ApiState::open(&coordinator, &[&model], ApiConfig::default()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(api::serve(listener, state));
+    let (coordinator, base) = serve(&model).await;
     let boot = coordinator.p2p_addrs.clone();
     let a = node(&model, LayerRange::new(0, 2), &boot).await;
     let c = node(&model, LayerRange::new(4, 6), &boot).await;
