@@ -38,8 +38,8 @@ fn config() -> Criterion {
     }
 }
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend::new(2))
+fn backend(threads: usize) -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new(threads))
 }
 
 /// A 16-token prompt of ids below `vocab`.
@@ -54,12 +54,12 @@ fn spans(n: usize, k: usize) -> Vec<LayerRange> {
 
 /// `k` nodes serving `model` in equal spans, found through the DHT by a fresh client. Returns the nodes (they stop
 /// when dropped) and the client.
-async fn swarm(model: &Path, n_layers: usize, k: usize) -> (Vec<NodeHandle>, SwarmClient) {
+async fn swarm(model: &Path, n_layers: usize, k: usize, threads: usize) -> (Vec<NodeHandle>, SwarmClient) {
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut boot = Vec::new();
     for span in spans(n_layers, k) {
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let mut args = NodeArgs::new(model.to_path_buf(), span, backend(), listen);
+        let mut args = NodeArgs::new(model.to_path_buf(), span, backend(threads), listen);
         args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
         args.bootstrap = boot.clone();
         let n = start_node(args).await.expect("start node");
@@ -79,21 +79,27 @@ async fn swarm(model: &Path, n_layers: usize, k: usize) -> (Vec<NodeHandle>, Swa
 fn bench_pipeline(c: &mut Criterion) {
     // Skipped (with a message) without the model, unless SHARDLINE_REQUIRE_MODEL=1 (CI), where that fails.
     if let Some(model) = model_for_tests("pipeline bench (SmolLM2 group)") {
-        compare(c, "pipeline/decode", &model);
+        compare(c, "pipeline/decode", &model, 2);
+        // One compute thread per stage and in the single process: on this 2-core machine a core stays free for the
+        // stages' QUIC and tokio threads, which isolates the pipeline's own cost from core contention (see
+        // docs/PERFORMANCE.md, `pipeline`).
+        compare(c, "pipeline/decode_1thread", &model, 1);
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let tiny = dir.path().join("tiny.gguf");
     let spec = TinySpec { n_layers: 3, context: 4096, ..TinySpec::default() };
     write_tiny_gguf(&spec, &tiny).expect("write the tiny model");
-    compare(c, "pipeline/tiny_decode", &tiny);
+    compare(c, "pipeline/tiny_decode", &tiny, 2);
 }
 
-/// Decode steps of `model` in one process, then through 2- and 3-stage loopback swarms, in one criterion group.
-fn compare(c: &mut Criterion, group: &str, model: &Path) {
+/// Decode steps of `model` in one process, then through 2- and 3-stage loopback swarms, in one criterion group; every
+/// backend (the single process's and each stage's) computes on `threads` threads.
+fn compare(c: &mut Criterion, group: &str, model: &Path, threads: usize) {
     let files = ModelFiles::open(model).expect("open the model");
     let n_layers = files.config().n_layers;
-    let shard = Shard::load(files.weights().as_ref(), LayerRange::full(n_layers), backend(), ShardOptions::default())
-        .expect("load");
+    let shard =
+        Shard::load(files.weights().as_ref(), LayerRange::full(n_layers), backend(threads), ShardOptions::default())
+            .expect("load");
     let local = LocalPipeline::new(vec![Arc::new(shard)]).expect("pipeline");
     let prompt = prompt(files.config().vocab);
     drop(files);
@@ -134,7 +140,7 @@ fn compare(c: &mut Criterion, group: &str, model: &Path) {
 
     for k in [2usize, 3] {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let (nodes, client) = rt.block_on(swarm(model, n_layers, k));
+        let (nodes, client) = rt.block_on(swarm(model, n_layers, k, threads));
         let mut session: Option<(SwarmSession, usize)> = None;
         let mut token = first;
         g.bench_function(BenchmarkId::new("stages", format!("{k}_loopback")), |b| {
