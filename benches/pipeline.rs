@@ -47,17 +47,12 @@ fn prompt(vocab: usize) -> Vec<u32> {
     (0..16u32).map(|i| (100 + i * 37) % vocab as u32).collect()
 }
 
-/// Splits `0..n` into `k` contiguous spans of nearly equal length.
-fn spans(n: usize, k: usize) -> Vec<LayerRange> {
-    (0..k).map(|i| LayerRange::new(i * n / k, (i + 1) * n / k)).collect()
-}
-
 /// `k` nodes serving `model` in equal spans, found through the DHT by a fresh client. Returns the nodes (they stop
 /// when dropped) and the client.
 async fn swarm(model: &Path, n_layers: usize, k: usize, threads: usize) -> (Vec<NodeHandle>, SwarmClient) {
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut boot = Vec::new();
-    for span in spans(n_layers, k) {
+    for span in LayerRange::split_evenly(n_layers, k) {
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut args = NodeArgs::new(model.to_path_buf(), span, backend(threads), listen);
         args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];

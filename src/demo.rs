@@ -53,21 +53,6 @@ pub struct DemoArgs {
     pub log_dir: Option<PathBuf>,
 }
 
-/// `n_layers` split into `k` contiguous ranges whose sizes differ by at most one (the larger ones first).
-pub fn split_layers(n_layers: usize, k: usize) -> Vec<LayerRange> {
-    let k = k.clamp(1, n_layers.max(1));
-    let (base, extra) = (n_layers / k, n_layers % k);
-    let mut start = 0;
-    (0..k)
-        .map(|i| {
-            let end = start + base + usize::from(i < extra);
-            let r = LayerRange::new(start, end);
-            start = end;
-            r
-        })
-        .collect()
-}
-
 pub fn run(args: DemoArgs, log_format: LogFormat) -> Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
@@ -89,7 +74,7 @@ pub fn run(args: DemoArgs, log_format: LogFormat) -> Result<()> {
     if args.nodes > n_layers {
         eprintln!("demo: the model has {n_layers} layers; starting {n_layers} nodes instead of {}", args.nodes);
     }
-    let ranges = split_layers(n_layers, args.nodes);
+    let ranges = LayerRange::split_evenly(n_layers, args.nodes);
     let threads = args.threads.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (cores / ranges.len()).max(1)
@@ -496,17 +481,3 @@ fn die_with_parent(cmd: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_cmd: &mut Command) {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layers_are_split_contiguously_and_evenly() {
-        let show = |n, k| split_layers(n, k).iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" ");
-        assert_eq!(show(30, 3), "0..10 10..20 20..30");
-        assert_eq!(show(30, 4), "0..8 8..16 16..23 23..30");
-        assert_eq!(show(2, 5), "0..1 1..2");
-        assert_eq!(show(7, 1), "0..7");
-    }
-}

@@ -20,6 +20,22 @@ impl LayerRange {
         Self { start: 0, end: n_layers }
     }
 
+    /// `0..n_layers` split into `k` contiguous ranges whose sizes differ by at most one (the larger ones first);
+    /// fewer ranges when there are fewer layers than `k`.
+    pub fn split_evenly(n_layers: usize, k: usize) -> Vec<LayerRange> {
+        let k = k.clamp(1, n_layers.max(1));
+        let (base, extra) = (n_layers / k, n_layers % k);
+        let mut start = 0;
+        (0..k)
+            .map(|i| {
+                let end = start + base + usize::from(i < extra);
+                let r = LayerRange::new(start, end);
+                start = end;
+                r
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.end.saturating_sub(self.start)
     }
@@ -77,5 +93,14 @@ mod tests {
         assert!("20..10".parse::<LayerRange>().is_err());
         assert!("5".parse::<LayerRange>().is_err());
         assert!("a..b".parse::<LayerRange>().is_err());
+    }
+
+    #[test]
+    fn layers_are_split_contiguously_and_evenly() {
+        let show = |n, k| LayerRange::split_evenly(n, k).iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" ");
+        assert_eq!(show(30, 3), "0..10 10..20 20..30");
+        assert_eq!(show(30, 4), "0..8 8..16 16..23 23..30");
+        assert_eq!(show(2, 5), "0..1 1..2");
+        assert_eq!(show(7, 1), "0..7");
     }
 }
