@@ -7,6 +7,8 @@
 //!
 //! Threads: all cores (`SHARDLINE_BENCH_THREADS` overrides). `SHARDLINE_BENCH_QUICK=1` shortens the measurement.
 
+mod common;
+
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -14,7 +16,7 @@ use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
 
 fn config() -> Criterion {
-    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let c = Criterion::default().sample_size(20);
     if quick {
         c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(600))

@@ -10,6 +10,8 @@
 //! bookkeeping); it needs no download.
 //! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 const WINDOW: usize = 256;
 
 fn config() -> Criterion {
-    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let c = Criterion::default().sample_size(10);
     if quick {
         c.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2))

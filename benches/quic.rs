@@ -12,6 +12,8 @@
 //! rounds of round trips alternating between the three echoes, and the median of the per-round ratios.
 //! `SHARDLINE_BENCH_QUICK=1` shortens the measurement.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,7 @@ use tokio::runtime::Runtime;
 const HIDDEN: usize = 576;
 
 fn config() -> Criterion {
-    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let c = Criterion::default().sample_size(20);
     if quick {
         c.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1))
@@ -171,7 +173,7 @@ fn bench_hop(c: &mut Criterion) {
 /// Alternates rounds of round trips over `echoes` (framed, quinn, tcp) and prints the median round trip of each and
 /// the median of the per-round ratios framed / quinn and quinn / tcp.
 fn paired(rt: &Runtime, name: &str, echoes: &mut [Echo], frame: &Frame, bytes: &[u8]) {
-    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let (rounds, per_round) = match (quick, bytes.len() > 100_000) {
         (true, true) => (5, 10),
         (true, false) => (5, 200),

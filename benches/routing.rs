@@ -7,6 +7,8 @@
 //!
 //! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs.
 
+mod common;
+
 use std::collections::HashSet;
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -24,13 +26,9 @@ use shardline_node::wire::WireDType;
 
 const MODEL: &str = "be0c000000000000000000000000000000000000000000000000000000000001";
 
-fn quick() -> bool {
-    std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1")
-}
-
 fn config() -> Criterion {
     let c = Criterion::default().sample_size(20);
-    if quick() {
+    if common::quick() {
         c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(500))
     } else {
         c.measurement_time(Duration::from_secs(3))

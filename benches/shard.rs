@@ -2,6 +2,8 @@
 //! Needs the default model (`bash scripts/fetch-model.sh`); without it the bench says so and measures nothing.
 //! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use shardline_node::model::open::ModelFiles;
 use shardline_node::model::{LayerRange, Shard, ShardInput, ShardOptions};
 
 fn config() -> Criterion {
-    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let c = Criterion::default().sample_size(10);
     if quick {
         c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(1))

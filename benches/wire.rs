@@ -4,6 +4,8 @@
 //! `encode_into` reuses one output buffer.
 //! `SHARDLINE_BENCH_QUICK=1` shortens the measurement for smoke runs.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use shardline_node::wire::{Frame, HiddenStates, Limits, StageData, WireDType};
 
 fn config() -> Criterion {
-    let quick = std::env::var("SHARDLINE_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let c = Criterion::default().sample_size(20);
     if quick {
         c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(500))
