@@ -1,11 +1,20 @@
 // Decode matrix-vector products: out[t, n] = sum_k x[t, k] * w[n, k] for a few rows t (the sessions of a decode
 // batch) and weights in any format of weights.cuh, dequantised in registers.
 //
-// Launch: block 128 threads = 4 warps; each warp owns 2 consecutive output rows n and walks K in 16-byte weight
-// chunks (lane-strided, so a warp reads 512 contiguous bytes of each row per step), accumulating every activation
-// row t of its tile in f32; then one warp reduction per (n, t). grid = (ceil(N / 8), ceil(T / NT)); NT in
+// Launch: block 128 threads = 4 warps; each warp owns GEMV_ROWS = 2 consecutive output rows n and walks K in 16-byte
+// weight chunks (lane-strided, so a warp reads 512 contiguous bytes of each row per chunk step), accumulating every
+// activation row t of its tile in f32; then one warp reduction per (n, t). grid = (ceil(N / 8), ceil(T / NT)); NT in
 // {1, 2, 4, 8} is the number of activation rows that share one pass over the weights (several sessions per launch).
 // The weights are read once per launch (per NT rows); the activations (a few KiB) are re-read from L1/L2.
+//
+// Loads in flight (docs/CUDA.md, "GEMV"): a decode GEMV has too few warps per SM to hide DRAM latency with one
+// 16-byte load per lane, so the main loop is software-pipelined over groups of U = GemvUnroll<NT>::U chunk steps:
+// while a lane computes group g, the GEMV_ROWS x U chunk loads of group g + 1 (8 independent 128-bit loads at
+// NT = 1, 128 bytes per lane) are already in flight. The prefetch sits in its own block before the arithmetic and
+// its results are used only in the next iteration, so neither NVVM nor ptxas can sink a load next to its use
+// (both did with a plain unrolled loop, leaving 2-3 loads in flight). Activation rows past T are clamped to row
+// T - 1 and their sums never stored, so the arithmetic has no branch. The last < U steps of a lane go through a
+// guarded remainder loop. scripts/sass-report checks all this in the SASS and fails CI when it regresses.
 //
 // gemv_scalar_* is the fallback for plain weights whose K is not a multiple of the 16-byte chunk: one warp per
 // row, one element per lane and step.
@@ -15,9 +24,31 @@
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2
 
+// Chunk steps per lane per pipelined group: 8 weight loads in flight at NT <= 2 (the decode case), 4 beyond,
+// where each chunk is reused NT times and the activation registers grow.
+template <int NT>
+struct GemvUnroll {
+    static constexpr int U = NT <= 2 ? 4 : 2;
+};
+
+// Sums one step (chunk c of both rows) into the accumulators of the NT activation rows.
+template <class A, class W, int NT>
+__device__ __forceinline__ void gemv_step(const typename W::Chunk& w0, const typename W::Chunk& w1,
+                                          const u16* __restrict__ x, int c, int t0, int T, int K, float* acc0,
+                                          float* acc1) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const int row = min(t0 + t, T - 1);  // rows past T repeat the last one; their sums are never stored
+        const u16* xp = x + (long)row * K + (long)c * W::CHUNK;
+        acc0[t] += W::template dot<A>(w0, xp);
+        acc1[t] += W::template dot<A>(w1, xp);
+    }
+}
+
 template <class A, class W, int NT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* __restrict__ sc,
                                           const u16* __restrict__ x, u16* __restrict__ out, int N, int K, int T) {
+    constexpr int U = GemvUnroll<NT>::U;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     const int t0 = blockIdx.y * NT;
@@ -29,18 +60,40 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* _
     float acc0[NT], acc1[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, K);
-        const typename W::Chunk w1 = W::load_chunk(qs, sc, row1, c, K);
+    int c = lane;
+    // Software-pipelined main loop over whole groups of U steps: `n0w`/`n1w` hold the next group's chunks.
+    typename W::Chunk n0w[U], n1w[U];
+    bool more = c + 32 * (U - 1) < chunks;
+    if (more) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            if (t < nt) {
-                const u16* xp = x + (long)(t0 + t) * K + (long)c * W::CHUNK;
-                acc0[t] += W::template dot<A>(w0, xp);
-                acc1[t] += W::template dot<A>(w1, xp);
+        for (int u = 0; u < U; ++u) {
+            n0w[u] = W::load_chunk(qs, sc, row0, c + 32 * u, K);
+            n1w[u] = W::load_chunk(qs, sc, row1, c + 32 * u, K);
+        }
+    }
+    while (more) {
+        typename W::Chunk w0[U], w1[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) w0[u] = n0w[u], w1[u] = n1w[u];
+        const int cn = c + 32 * U;
+        more = cn + 32 * (U - 1) < chunks;
+        if (more) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                n0w[u] = W::load_chunk(qs, sc, row0, cn + 32 * u, K);
+                n1w[u] = W::load_chunk(qs, sc, row1, cn + 32 * u, K);
             }
         }
+#pragma unroll
+        for (int u = 0; u < U; ++u) gemv_step<A, W, NT>(w0[u], w1[u], x, c + 32 * u, t0, T, K, acc0, acc1);
+        c = cn;
+    }
+    // Remainder: fewer than U steps left for this lane.
+#pragma unroll 1
+    for (; c < chunks; c += 32) {
+        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, K);
+        const typename W::Chunk w1 = W::load_chunk(qs, sc, row1, c, K);
+        gemv_step<A, W, NT>(w0, w1, x, c, t0, T, K, acc0, acc1);
     }
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
