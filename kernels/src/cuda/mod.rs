@@ -25,6 +25,7 @@ pub mod nvrtc;
 mod ops;
 #[cfg(feature = "cuda")]
 mod sampling;
+mod stage_plan;
 #[cfg(feature = "cuda")]
 mod staging;
 #[cfg(feature = "cuda")]

@@ -82,6 +82,8 @@ impl CudaBackend {
         }
         let mut out = vec![0u8; s.byte_len()];
         if !out.is_empty() {
+            // A raw driver call: make the context current first (a fresh thread's first call may be a download).
+            self.ctx.bind_to_thread().map_err(cuda_err)?;
             // SAFETY: `out` has exactly the tensor's byte length, which the allocation holds.
             unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, s.ptr(), self.stream.cu_stream()) }
                 .map_err(cuda_err)?;
