@@ -45,9 +45,13 @@ __device__ __forceinline__ void gemv_step(const typename W::Chunk& w0, const typ
     }
 }
 
-template <class A, class W, int NT>
+// SPLIT: split-K (gemv_splitk_*): block z covers chunks [z * cps, (z + 1) * cps) of every row and writes its f32
+// partial sums to ws[z][t][n]; gemv_reduce_* adds the splits in order z = 0, 1, ... (deterministic). Used when the
+// output is too short to put enough warps on every SM (docs/CUDA.md, "GEMV").
+template <class A, class W, int NT, bool SPLIT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* __restrict__ sc,
-                                          const u16* __restrict__ x, u16* __restrict__ out, int N, int K, int T) {
+                                          const u16* __restrict__ x, u16* __restrict__ out, float* __restrict__ ws,
+                                          int N, int K, int T, int cps) {
     constexpr int U = GemvUnroll<NT>::U;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
@@ -56,11 +60,12 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* _
     const int nt = min(NT, T - t0);
     const bool has1 = n0 + 1 < N;
     const long row0 = n0, row1 = has1 ? n0 + 1 : n0;
-    const int chunks = K / W::CHUNK;
+    const int lo = SPLIT ? (int)blockIdx.z * cps : 0;
+    const int chunks = SPLIT ? min(K / W::CHUNK, lo + cps) : K / W::CHUNK;  // end of this block's chunk range
     float acc0[NT], acc1[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
-    int c = lane;
+    int c = lo + lane;
     // Software-pipelined main loop over whole groups of U steps: `n0w`/`n1w` hold the next group's chunks.
     typename W::Chunk n0w[U], n1w[U];
     bool more = c + 32 * (U - 1) < chunks;
@@ -100,10 +105,27 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* _
         const float s0 = warp_sum(acc0[t]);
         const float s1 = warp_sum(acc1[t]);
         if (lane == 0 && t < nt) {
-            u16* o = out + (long)(t0 + t) * N + n0;
-            o[0] = A::from_f32(s0);
-            if (has1) o[1] = A::from_f32(s1);
+            if (SPLIT) {
+                float* o = ws + ((long)blockIdx.z * T + t0 + t) * N + n0;
+                o[0] = s0;
+                if (has1) o[1] = s1;
+            } else {
+                u16* o = out + (long)(t0 + t) * N + n0;
+                o[0] = A::from_f32(s0);
+                if (has1) o[1] = A::from_f32(s1);
+            }
         }
+    }
+}
+
+// out[i] = sum over z of ws[z][i] for the TN = T * N outputs, in order z = 0 .. splits - 1. Grid-stride, block 256.
+template <class A>
+__device__ __forceinline__ void gemv_reduce_impl(const float* __restrict__ ws, u16* __restrict__ out, long tn,
+                                                 int splits) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < tn; i += (long)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int z = 0; z < splits; ++z) s += ws[(long)z * tn + i];
+        out[i] = A::from_f32(s);
     }
 }
 
@@ -135,11 +157,17 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
 #define GEMV_NT(act, A, wname, W, NT)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##act##_##wname##_t##NT(                       \
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
-        gemv_impl<A, W, NT>(qs, sc, x, out, N, K, T);                                                                \
+        gemv_impl<A, W, NT, false>(qs, sc, x, out, nullptr, N, K, T, 0);                                             \
+    }
+// Split-K at NT = 1 only (one decode row: the case whose short outputs leave SMs idle).
+#define GEMV_SPLITK(act, A, wname, W)                                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_splitk_##act##_##wname(                        \
+        const u8* qs, const u8* sc, const u16* x, float* ws, int N, int K, int T, int cps) {                         \
+        gemv_impl<A, W, 1, true>(qs, sc, x, nullptr, ws, N, K, T, cps);                                              \
     }
 #define GEMV(act, A, wname, W)                                                                                       \
     GEMV_NT(act, A, wname, W, 1) GEMV_NT(act, A, wname, W, 2) GEMV_NT(act, A, wname, W, 4)                           \
-        GEMV_NT(act, A, wname, W, 8)
+        GEMV_NT(act, A, wname, W, 8) GEMV_SPLITK(act, A, wname, W)
 #define GEMV_SCALAR(act, A, wname, W)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar_##act##_##wname(                        \
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
@@ -147,5 +175,9 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
     }
 #define GEMV_ACT(act, A)                                                                                             \
     FOR_EACH_WEIGHT(GEMV, act, A)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) gemv_reduce_##act(const float* ws, u16* out, long tn,          \
+                                                                        int splits) {                                \
+        gemv_reduce_impl<A>(ws, out, tn, splits);                                                                    \
+    }                                                                                                                \
     GEMV_SCALAR(act, A, f32, WF32) GEMV_SCALAR(act, A, f16, WF16) GEMV_SCALAR(act, A, bf16, WBF16)
 FOR_EACH_ACT(GEMV_ACT)

@@ -10,6 +10,9 @@
 //!
 //! Pure host logic (no driver call), so its tests run without a GPU.
 
+// Used by the CUDA backend only; built without it for the tests.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
 use crate::error::{KernelError, Result};
 
 /// Alignment of every staged region in bytes (enough for 16-byte vector loads).

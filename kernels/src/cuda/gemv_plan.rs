@@ -1,0 +1,75 @@
+//! Split-K of the one-row decode GEMV (kernels/cuda/gemv.cu, docs/CUDA.md "GEMV"): how many blocks share the K
+//! range of each output row. Pure host logic, so its tests run without a GPU.
+//!
+//! A GEMV block holds 4 warps of 2 output rows; a lane keeps 8 weight loads of 16 bytes in flight (one pipelined
+//! group of `GEMV_UNROLL_T1` chunk steps per row). By Little's law an H100/H200 needs about 20–26 KiB in flight per
+//! SM, i.e. at least two blocks (8 warps) per SM: a short output (N = 1024, the K/V projections of a GQA model: 128
+//! blocks on 132 SMs) has half that, so its K range is split across blocks whose f32 partial sums
+//! `gemv_reduce_*` adds in a fixed order (deterministic, but rounded differently from the unsplit kernel).
+
+// Used by the CUDA backend only; built without it for the tests.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+/// Output rows of one GEMV block (`GEMV_WARPS * GEMV_ROWS` in gemv.cu).
+pub(crate) const GEMV_ROWS_PER_BLOCK: usize = 8;
+/// Chunk steps per lane in one pipelined group at NT = 1 (`GemvUnroll<1>::U` in gemv.cu).
+pub(crate) const GEMV_UNROLL_T1: usize = 4;
+/// Most splits of one row (each adds `N * 4` bytes of partial sums and a share of the reduction).
+pub(crate) const MAX_SPLITS: usize = 8;
+/// Blocks per SM the split aims for.
+const BLOCKS_PER_SM: usize = 2;
+
+/// `(splits, chunks per split)` for a one-row GEMV of `n` outputs over `chunks` 16-byte chunks per row on a device
+/// with `sms` multiprocessors; `(1, chunks)` when the output alone puts enough blocks on every SM or K is too short
+/// to split (every split keeps at least two pipelined groups per lane, so one is in flight while one is computed).
+/// The chunks per split are a multiple of a warp's group (`32 * GEMV_UNROLL_T1`), so only the last split has a
+/// remainder.
+pub(crate) fn split_k(n: usize, chunks: usize, sms: usize) -> (usize, usize) {
+    let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK).max(1);
+    let want = (BLOCKS_PER_SM * sms).div_ceil(blocks);
+    let group = 32 * GEMV_UNROLL_T1;
+    let splits = want.min(MAX_SPLITS).min(chunks / (2 * group));
+    if splits <= 1 {
+        return (1, chunks);
+    }
+    let cps = chunks.div_ceil(splits).next_multiple_of(group);
+    (chunks.div_ceil(cps), cps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunk ranges the kernel's blocks cover (block z: `[z * cps, min((z + 1) * cps, chunks))`).
+    fn ranges(chunks: usize, splits: usize, cps: usize) -> Vec<std::ops::Range<usize>> {
+        (0..splits).map(|z| z * cps..((z + 1) * cps).min(chunks)).collect()
+    }
+
+    #[test]
+    fn short_outputs_are_split_and_every_chunk_is_covered_once() {
+        // f16 K = 4096 (512 chunks), bf16 K = 14336, Q4 K = 4096 (128 chunks), on 132 and 108 SMs.
+        for &(n, chunks, sms) in &[(1024, 512, 132), (1024, 1792, 132), (512, 512, 108), (256, 1792, 132)] {
+            let (splits, cps) = split_k(n, chunks, sms);
+            assert!(splits > 1, "n {n}, chunks {chunks}: not split");
+            assert!(splits <= MAX_SPLITS);
+            assert_eq!(cps % (32 * GEMV_UNROLL_T1), 0);
+            let r = ranges(chunks, splits, cps);
+            assert!(r.iter().all(|r| !r.is_empty()), "{r:?}");
+            assert!(r.windows(2).all(|w| w[0].end == w[1].start), "{r:?}");
+            assert_eq!((r[0].start, r[r.len() - 1].end), (0, chunks));
+            // Every split keeps at least two groups per lane.
+            assert!(r.iter().all(|r| r.len() >= 2 * 32 * GEMV_UNROLL_T1) || r.len() == 1, "{r:?}");
+            // Enough blocks per SM, or as many splits as K allows.
+            let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK) * splits;
+            assert!(blocks >= BLOCKS_PER_SM * sms || splits == MAX_SPLITS || splits >= chunks / 256, "{blocks}");
+        }
+    }
+
+    #[test]
+    fn long_outputs_and_short_rows_are_not_split() {
+        assert_eq!(split_k(4096, 512, 132), (1, 512)); // 512 blocks: ~3.9 per SM already
+        assert_eq!(split_k(14336, 512, 132), (1, 512));
+        assert_eq!(split_k(1024, 128, 132), (1, 128)); // Q4 K = 4096: one group per lane, nothing to split
+        assert_eq!(split_k(576, 72, 132), (1, 72)); // SmolLM2-135M
+    }
+}
