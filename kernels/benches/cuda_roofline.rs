@@ -1,6 +1,6 @@
 //! CUDA kernels against the card's ceilings, printed as one table: the device-to-device copy bandwidth first, then
-//! decode GEMV (f16, Q8_0, Q4_1 weights at 4096x4096, 4096x14336 and 1024x4096) as a share of it, the prefill GEMM in TFLOP/s,
-//! causal prefill attention at 2048 tokens in TFLOP/s, and one decode step of a 7B-shaped stack (32 layers,
+//! decode GEMV (f16, Q8_0, Q4_1 weights at 4096x4096, 4096x14336 and 1024x4096) as a share of it, the prefill GEMM
+//! in TFLOP/s, causal prefill attention at 2048 tokens in TFLOP/s, and one decode step of a 7B-shaped stack (32 layers,
 //! hidden 4096, GQA 32/8, FFN 14336, f16 weights, context 512, batch 1) eagerly and as a CUDA graph, against its
 //! bandwidth roofline (weight bytes / copy bandwidth). Without a GPU it prints "skipped: no CUDA device".
 //!

@@ -2,10 +2,12 @@
 //! range of each output row. Pure host logic, so its tests run without a GPU.
 //!
 //! A GEMV block holds 4 warps of 2 output rows; a lane keeps 8 weight loads of 16 bytes in flight (one pipelined
-//! group of `GEMV_UNROLL_T1` chunk steps per row). By Little's law an H100/H200 needs about 20–26 KiB in flight per
-//! SM, i.e. at least two blocks (8 warps) per SM: a short output (N = 1024, the K/V projections of a GQA model: 128
-//! blocks on 132 SMs) has half that, so its K range is split across blocks whose f32 partial sums
-//! `gemv_reduce_*` adds in a fixed order (deterministic, but rounded differently from the unsplit kernel).
+//! group of `GEMV_UNROLL_T1` chunk steps per row), so one block puts 16 KiB in flight on its SM, against about
+//! 20–26 KiB that an H100/H200 needs per SM (Little's law at ~600 ns). Splitting K across blocks whose f32 partial
+//! sums `gemv_reduce_*` adds in a fixed order (deterministic, but rounded differently from the unsplit kernel) costs
+//! a second launch (~1.5 µs); scripts/sass-report's model shows that this outweighs the gain while at least half the
+//! SMs have a block (N = 1024, the K/V projections of a GQA model: 128 blocks on 132 SMs, stays unsplit), so only
+//! shorter outputs are split, towards two blocks per SM.
 
 // Used by the CUDA backend only; built without it for the tests.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -20,12 +22,15 @@ pub(crate) const MAX_SPLITS: usize = 8;
 const BLOCKS_PER_SM: usize = 2;
 
 /// `(splits, chunks per split)` for a one-row GEMV of `n` outputs over `chunks` 16-byte chunks per row on a device
-/// with `sms` multiprocessors; `(1, chunks)` when the output alone puts enough blocks on every SM or K is too short
-/// to split (every split keeps at least two pipelined groups per lane, so one is in flight while one is computed).
+/// with `sms` multiprocessors; `(1, chunks)` when the output alone gives at least half the SMs a block or K is too
+/// short to split (every split keeps at least two pipelined groups per lane, so one is in flight while one is computed).
 /// The chunks per split are a multiple of a warp's group (`32 * GEMV_UNROLL_T1`), so only the last split has a
 /// remainder.
 pub(crate) fn split_k(n: usize, chunks: usize, sms: usize) -> (usize, usize) {
     let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK).max(1);
+    if 2 * blocks >= sms {
+        return (1, chunks);
+    }
     let want = (BLOCKS_PER_SM * sms).div_ceil(blocks);
     let group = 32 * GEMV_UNROLL_T1;
     let splits = want.min(MAX_SPLITS).min(chunks / (2 * group));
@@ -47,8 +52,10 @@ mod tests {
 
     #[test]
     fn short_outputs_are_split_and_every_chunk_is_covered_once() {
-        // f16 K = 4096 (512 chunks), bf16 K = 14336, Q4 K = 4096 (128 chunks), on 132 and 108 SMs.
-        for &(n, chunks, sms) in &[(1024, 512, 132), (1024, 1792, 132), (512, 512, 108), (256, 1792, 132)] {
+        // f16 K = 4096 (512 chunks) and K = 14336 (1792 chunks), on 132 and 108 SMs.
+        for &(n, chunks, sms) in
+            &[(512, 512, 132), (512, 1792, 132), (256, 512, 108), (256, 1792, 132), (64, 1792, 132)]
+        {
             let (splits, cps) = split_k(n, chunks, sms);
             assert!(splits > 1, "n {n}, chunks {chunks}: not split");
             assert!(splits <= MAX_SPLITS);
@@ -68,8 +75,10 @@ mod tests {
     #[test]
     fn long_outputs_and_short_rows_are_not_split() {
         assert_eq!(split_k(4096, 512, 132), (1, 512)); // 512 blocks: ~3.9 per SM already
+        assert_eq!(split_k(1024, 1792, 132), (1, 1792)); // 128 blocks: one on almost every SM
+        assert_eq!(split_k(528, 512, 132), (1, 512)); // 66 blocks: half the SMs
         assert_eq!(split_k(14336, 512, 132), (1, 512));
-        assert_eq!(split_k(1024, 128, 132), (1, 128)); // Q4 K = 4096: one group per lane, nothing to split
+        assert_eq!(split_k(256, 128, 132), (1, 128)); // Q4 K = 4096: one group per lane, nothing to split
         assert_eq!(split_k(576, 72, 132), (1, 72)); // SmolLM2-135M
     }
 }
