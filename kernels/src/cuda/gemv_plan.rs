@@ -72,6 +72,58 @@ mod tests {
         }
     }
 
+    /// The chunks one lane visits in `gemv_impl` (kernels/cuda/gemv.cu), statement for statement: the pipelined
+    /// main loop over whole groups of `u` steps (prefetching the next group when it is whole), then the remainder.
+    fn lane_chunks(lo: usize, hi: usize, lane: usize, u: usize) -> Vec<usize> {
+        let mut seen = Vec::new();
+        let mut c = lo + lane;
+        let mut next: Vec<usize> = Vec::new();
+        let mut more = c + 32 * (u - 1) < hi;
+        if more {
+            next = (0..u).map(|i| c + 32 * i).collect();
+        }
+        while more {
+            let current = next.clone();
+            let cn = c + 32 * u;
+            more = cn + 32 * (u - 1) < hi;
+            if more {
+                next = (0..u).map(|i| cn + 32 * i).collect();
+            }
+            assert_eq!(current, (0..u).map(|i| c + 32 * i).collect::<Vec<_>>(), "the prefetched group is the one used");
+            seen.extend(current);
+            c = cn;
+        }
+        while c < hi {
+            seen.push(c);
+            c += 32;
+        }
+        seen
+    }
+
+    #[test]
+    fn the_pipelined_loop_visits_every_chunk_of_its_range_once() {
+        for u in [2, 4] {
+            for &chunks in &[1usize, 31, 32, 72, 127, 128, 129, 255, 256, 512, 513, 1792] {
+                for split in [false, true] {
+                    let (splits, cps) =
+                        if split { (3, (chunks.div_ceil(3)).next_multiple_of(32 * u)) } else { (1, chunks) };
+                    let mut count = vec![0u32; chunks];
+                    for z in 0..splits {
+                        let lo = (z * cps).min(chunks);
+                        let hi = (lo + cps).min(chunks);
+                        for lane in 0..32 {
+                            for c in lane_chunks(lo, hi, lane, u) {
+                                assert!((lo..hi).contains(&c), "chunk {c} outside {lo}..{hi}");
+                                count[c] += 1;
+                            }
+                        }
+                    }
+                    assert!(count.iter().all(|&n| n == 1), "u {u}, chunks {chunks}, split {split}: {count:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn long_outputs_and_short_rows_are_not_split() {
         assert_eq!(split_k(4096, 512, 132), (1, 512)); // 512 blocks: ~3.9 per SM already
