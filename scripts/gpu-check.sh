@@ -7,7 +7,9 @@
 #                                  transfer, and put it all in the git-ignored folder .stage/ (checked to fit);
 #   scripts/gpu-check.sh run       on the GPU machine, from the repository root, with .stage/ carried along: runs the
 #                                  kernel parity tests, the whole-shard parity test and the roofline benchmark, keeps
-#                                  every log in $OUT (or .stage/out), and prints a short table last;
+#                                  every log in $OUT (or .stage/out), prints a short table last, and writes
+#                                  $OUT/summary.md (card, driver, every figure, and the static predictions of
+#                                  scripts/sass-report made at stage time) for docs/PERFORMANCE.md;
 #   scripts/gpu-check.sh dry-run   stage, then run the staged binaries here: every GPU case must report that it was
 #                                  skipped, which proves the plumbing without a GPU.
 #
@@ -67,6 +69,12 @@ EOF
     # the PTX (6.5 MB, for other cards) only with STAGE_PTX=1, as it does not fit beside the model otherwise.
     [ "${STAGE_PTX:-0}" = 1 ] || rm -f "$STAGE"/kernels/*.ptx
     echo "  $(ls "$STAGE/kernels" | wc -l) files, $(du -sh "$STAGE/kernels" | cut -f1)"
+
+    echo "== static predictions (scripts/sass-report) into $STAGE/sass-report.txt"
+    # Needs nvdisasm (pip install nvidia-cuda-nvdisasm); its absence only loses the predictions, not the check.
+    if ! timeout 1200 scripts/sass-report >"$STAGE/sass-report.txt" 2>&1; then
+        echo "  sass-report did not run: $(tail -1 "$STAGE/sass-report.txt")"
+    fi
 
     echo "== packing binaries and kernels (xz)"
     tar -cf - -C "$STAGE" bin kernels | xz -9 -T2 >"$STAGE/payload.tar.xz"
@@ -212,6 +220,29 @@ EOF
     echo
     printf '%-22s %-12s %6s  %s\n' "check" "status" "time" "tests"
     printf '%s\n' "${summary[@]}"
+
+    # One file to paste from into docs/PERFORMANCE.md: card, driver, date, commit, figures, predictions.
+    {
+        echo "# GPU check $(date -u +%FT%TZ)"
+        echo
+        echo '```'
+        cat "$out/device.log"
+        echo
+        printf '%-22s %-12s %6s  %s\n' "check" "status" "time" "tests"
+        printf '%s\n' "${summary[@]}"
+        echo
+        grep -h "overall teacher-forced\|teacher-forced top-1\|greedy continuation" "$out/shard_parity.log" 2>/dev/null || true
+        sed -n '/^kernel  /,$p' "$out/roofline.log" 2>/dev/null || true
+        cat "$out/torch.log" 2>/dev/null || true
+        echo '```'
+        echo
+        echo "Static predictions made at stage time (scripts/sass-report, docs/CUDA.md \"What the SASS shows\"):"
+        echo
+        echo '```'
+        sed -n '/^Analytic model/,$p' "$STAGE/sass-report.txt" 2>/dev/null || echo "(not staged)"
+        echo '```'
+    } >"$out/summary.md"
+    echo "== $out/summary.md written"
 }
 
 case "${1:-}" in

@@ -1,6 +1,6 @@
 //! CUDA kernels against the card's ceilings, printed as one table: the device-to-device copy bandwidth first, then
-//! decode GEMV (f16, Q8_0, Q4_1 weights at 4096x4096 and 4096x14336) as a share of it, the prefill GEMM in TFLOP/s,
-//! causal prefill attention at 2048 tokens in TFLOP/s, and one decode step of a 7B-shaped stack (32 layers,
+//! decode GEMV (f16, Q8_0, Q4_1 weights at 4096x4096, 4096x14336 and 1024x4096) as a share of it, the prefill GEMM
+//! in TFLOP/s, causal prefill attention at 2048 tokens in TFLOP/s, and one decode step of a 7B-shaped stack (32 layers,
 //! hidden 4096, GQA 32/8, FFN 14336, f16 weights, context 512, batch 1) eagerly and as a CUDA graph, against its
 //! bandwidth roofline (weight bytes / copy bandwidth). Without a GPU it prints "skipped: no CUDA device".
 //!
@@ -99,8 +99,8 @@ fn main() {
     rows.push(Row { what: "d2d copy 1 GiB".into(), micros: secs * 1e6, metric: format!("{:.0} GB/s", copy_bw / 1e9) });
     drop((src, dst));
 
-    // Decode GEMV, batch 1 and 8.
-    for (n, k) in [(4096, 4096), (14336, 4096), (4096, 14336)] {
+    // Decode GEMV, batch 1 and 8; N = 1024 (GQA K/V projections) is split across blocks at T = 1 (split-K).
+    for (n, k) in [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)] {
         for dtype in [DType::F16, DType::Q8_0, DType::Q4_1] {
             let w = weights(b, dtype, n, k, 7);
             let bytes = dtype.bytes_for(n * k).expect("blocks") as f64;

@@ -67,7 +67,7 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
         const bool valid = j < nk && sub < chunks;
         float kf[8];
         if (valid) {
-            unpack8<A>(*(const uint4*)(kc + (long)sslot[j] * kvw + (long)kvh * D + sub * 8), kf);
+            unpack8<A>(ld_nc_v4(kc + (long)sslot[j] * kvw + (long)kvh * D + sub * 8), kf);
         } else {
 #pragma unroll
             for (int i = 0; i < 8; ++i) kf[i] = 0.f;
@@ -114,7 +114,7 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
     if (part < np) {
         for (int j = part; j < nk; j += np) {
             float vf[8];
-            unpack8<A>(*(const uint4*)(vc + (long)sslot[j] * kvw + (long)kvh * D + c * 8), vf);
+            unpack8<A>(ld_nc_v4(vc + (long)sslot[j] * kvw + (long)kvh * D + c * 8), vf);
 #pragma unroll
             for (int g = 0; g < ATT_GB; ++g) {
                 if (g >= gb) break;

@@ -111,6 +111,16 @@ __device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
     return v;
 }
 
+// 16-byte coherent load, for data the same kernel also writes (a residual updated in place). Written as PTX, not as
+// `*(const uint4*)p`: with the f16 conversions' 16-bit asm operands, NVVM split such plain vector loads of f16 data
+// into four 32-bit loads (scripts/sass-report shows the widths). Volatile, so it is never merged with or moved
+// across another access of the same kernel (the written data must be re-read after the write).
+__device__ __forceinline__ uint4 ld_global_v4(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ u16 ld_nc_u16(const void* p) {
     u16 v;
     asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
@@ -126,6 +136,30 @@ __device__ __forceinline__ u32 ld_nc_u32(const void* p) {
 __device__ __forceinline__ u64 ld_nc_u64(const void* p) {
     u64 v;
     asm("ld.global.nc.u64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+
+// The same loads as `asm volatile`, for a GEMV's prefetch: the compiler may not move a volatile asm into a branch,
+// drop it or reorder it with another volatile asm, so the loads a kernel issues back to back stay back to back in
+// the SASS (with plain asm, NVVM re-sinks them next to their uses to save registers, serialising the round trips).
+__device__ __forceinline__ uint4 ld_stream_v4_ordered(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// Zero-extended into a 32-bit register (16-bit registers cost ptxas a spill in one GEMV variant).
+__device__ __forceinline__ u32 ld_nc_u16_ordered(const void* p) {
+    u32 v;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 ld_nc_u32_ordered(const void* p) {
+    u32 v;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
 

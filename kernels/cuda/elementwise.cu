@@ -12,8 +12,8 @@ __device__ __forceinline__ void swiglu_impl(const u16* __restrict__ gate, const 
     const long stride = (long)gridDim.x * blockDim.x;
     for (long c = (long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
         float g[8], u[8];
-        unpack8<A>(*(const uint4*)(gate + 8 * c), g);
-        unpack8<A>(*(const uint4*)(up + 8 * c), u);
+        unpack8<A>(ld_nc_v4(gate + 8 * c), g);
+        unpack8<A>(ld_nc_v4(up + 8 * c), u);
 #pragma unroll
         for (int i = 0; i < 8; ++i) g[i] = silu(g[i]) * u[i];
         *(uint4*)(out + 8 * c) = pack8<A>(g);
@@ -28,8 +28,8 @@ __device__ __forceinline__ void add_impl(u16* __restrict__ acc, const u16* __res
     const long stride = (long)gridDim.x * blockDim.x;
     for (long c = (long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
         float a[8], b[8];
-        unpack8<A>(*(const uint4*)(acc + 8 * c), a);
-        unpack8<A>(*(const uint4*)(x + 8 * c), b);
+        unpack8<A>(ld_global_v4(acc + 8 * c), a);
+        unpack8<A>(ld_nc_v4(x + 8 * c), b);
 #pragma unroll
         for (int i = 0; i < 8; ++i) a[i] += b[i];
         *(uint4*)(acc + 8 * c) = pack8<A>(a);

@@ -1,11 +1,20 @@
 // Decode matrix-vector products: out[t, n] = sum_k x[t, k] * w[n, k] for a few rows t (the sessions of a decode
 // batch) and weights in any format of weights.cuh, dequantised in registers.
 //
-// Launch: block 128 threads = 4 warps; each warp owns 2 consecutive output rows n and walks K in 16-byte weight
-// chunks (lane-strided, so a warp reads 512 contiguous bytes of each row per step), accumulating every activation
-// row t of its tile in f32; then one warp reduction per (n, t). grid = (ceil(N / 8), ceil(T / NT)); NT in
+// Launch: block 128 threads = 4 warps; each warp owns GEMV_ROWS = 2 consecutive output rows n and walks K in 16-byte
+// weight chunks (lane-strided, so a warp reads 512 contiguous bytes of each row per chunk step), accumulating every
+// activation row t of its tile in f32; then one warp reduction per (n, t). grid = (ceil(N / 8), ceil(T / NT)); NT in
 // {1, 2, 4, 8} is the number of activation rows that share one pass over the weights (several sessions per launch).
 // The weights are read once per launch (per NT rows); the activations (a few KiB) are re-read from L1/L2.
+//
+// Loads in flight (docs/CUDA.md, "GEMV"): a decode GEMV has too few warps per SM to hide DRAM latency with one
+// 16-byte load per lane, so the main loop is software-pipelined over groups of U = GemvUnroll<NT>::U chunk steps:
+// while a lane computes group g, the GEMV_ROWS x U chunk loads of group g + 1 (8 independent 128-bit loads at
+// NT = 1, 128 bytes per lane) are already in flight. The prefetch sits in its own block before the arithmetic and
+// its results are used only in the next iteration, so neither NVVM nor ptxas can sink a load next to its use
+// (both did with a plain unrolled loop, leaving 2-3 loads in flight). Activation rows past T are clamped to row
+// T - 1 and their sums never stored, so the arithmetic has no branch. The last < U steps of a lane go through a
+// guarded remainder loop. scripts/sass-report checks all this in the SASS and fails CI when it regresses.
 //
 // gemv_scalar_* is the fallback for plain weights whose K is not a multiple of the 16-byte chunk: one warp per
 // row, one element per lane and step.
@@ -15,9 +24,35 @@
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2
 
+// Chunk steps per lane per pipelined group: 8 weight loads in flight at NT <= 2 (the decode case), 4 beyond,
+// where each chunk is reused NT times and the activation registers grow.
+template <int NT>
+struct GemvUnroll {
+    static constexpr int U = NT <= 2 ? 4 : 2;
+};
+
+// Sums one step (chunk c of both rows) into the accumulators of the NT activation rows.
 template <class A, class W, int NT>
+__device__ __forceinline__ void gemv_step(const typename W::Chunk& w0, const typename W::Chunk& w1,
+                                          const u16* __restrict__ x, int c, int t0, int T, int K, float* acc0,
+                                          float* acc1) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const int row = min(t0 + t, T - 1);  // rows past T repeat the last one; their sums are never stored
+        const u16* xp = x + (long)row * K + (long)c * W::CHUNK;
+        acc0[t] += W::template dot<A>(w0, xp);
+        acc1[t] += W::template dot<A>(w1, xp);
+    }
+}
+
+// SPLIT: split-K (gemv_splitk_*): block z covers chunks [z * cps, (z + 1) * cps) of every row and writes its f32
+// partial sums to ws[z][t][n]; gemv_reduce_* adds the splits in order z = 0, 1, ... (deterministic). Used when the
+// output is too short to put enough warps on every SM (docs/CUDA.md, "GEMV").
+template <class A, class W, int NT, bool SPLIT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* __restrict__ sc,
-                                          const u16* __restrict__ x, u16* __restrict__ out, int N, int K, int T) {
+                                          const u16* __restrict__ x, u16* __restrict__ out, float* __restrict__ ws,
+                                          int N, int K, int T, int cps) {
+    constexpr int U = GemvUnroll<NT>::U;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     const int t0 = blockIdx.y * NT;
@@ -25,32 +60,72 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* _
     const int nt = min(NT, T - t0);
     const bool has1 = n0 + 1 < N;
     const long row0 = n0, row1 = has1 ? n0 + 1 : n0;
-    const int chunks = K / W::CHUNK;
+    const int lo = SPLIT ? (int)blockIdx.z * cps : 0;
+    const int chunks = SPLIT ? min(K / W::CHUNK, lo + cps) : K / W::CHUNK;  // end of this block's chunk range
     float acc0[NT], acc1[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, K);
-        const typename W::Chunk w1 = W::load_chunk(qs, sc, row1, c, K);
+    int c = lo + lane;
+    // Software-pipelined main loop over whole groups of U steps: `n0w`/`n1w` hold the next group's chunks.
+    typename W::Chunk n0w[U], n1w[U];
+    bool more = c + 32 * (U - 1) < chunks;
+    if (more) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            if (t < nt) {
-                const u16* xp = x + (long)(t0 + t) * K + (long)c * W::CHUNK;
-                acc0[t] += W::template dot<A>(w0, xp);
-                acc1[t] += W::template dot<A>(w1, xp);
+        for (int u = 0; u < U; ++u) {
+            n0w[u] = W::load_chunk(qs, sc, row0, c + 32 * u, K);
+            n1w[u] = W::load_chunk(qs, sc, row1, c + 32 * u, K);
+        }
+    }
+    while (more) {
+        typename W::Chunk w0[U], w1[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) w0[u] = n0w[u], w1[u] = n1w[u];
+        const int cn = c + 32 * U;
+        more = cn + 32 * (U - 1) < chunks;
+        if (more) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                n0w[u] = W::load_chunk(qs, sc, row0, cn + 32 * u, K);
+                n1w[u] = W::load_chunk(qs, sc, row1, cn + 32 * u, K);
             }
         }
+#pragma unroll
+        for (int u = 0; u < U; ++u) gemv_step<A, W, NT>(w0[u], w1[u], x, c + 32 * u, t0, T, K, acc0, acc1);
+        c = cn;
+    }
+    // Remainder: fewer than U steps left for this lane.
+#pragma unroll 1
+    for (; c < chunks; c += 32) {
+        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, K);
+        const typename W::Chunk w1 = W::load_chunk(qs, sc, row1, c, K);
+        gemv_step<A, W, NT>(w0, w1, x, c, t0, T, K, acc0, acc1);
     }
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
         const float s0 = warp_sum(acc0[t]);
         const float s1 = warp_sum(acc1[t]);
         if (lane == 0 && t < nt) {
-            u16* o = out + (long)(t0 + t) * N + n0;
-            o[0] = A::from_f32(s0);
-            if (has1) o[1] = A::from_f32(s1);
+            if (SPLIT) {
+                float* o = ws + ((long)blockIdx.z * T + t0 + t) * N + n0;
+                o[0] = s0;
+                if (has1) o[1] = s1;
+            } else {
+                u16* o = out + (long)(t0 + t) * N + n0;
+                o[0] = A::from_f32(s0);
+                if (has1) o[1] = A::from_f32(s1);
+            }
         }
+    }
+}
+
+// out[i] = sum over z of ws[z][i] for the TN = T * N outputs, in order z = 0 .. splits - 1. Grid-stride, block 256.
+template <class A>
+__device__ __forceinline__ void gemv_reduce_impl(const float* __restrict__ ws, u16* __restrict__ out, long tn,
+                                                 int splits) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < tn; i += (long)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int z = 0; z < splits; ++z) s += ws[(long)z * tn + i];
+        out[i] = A::from_f32(s);
     }
 }
 
@@ -82,11 +157,17 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
 #define GEMV_NT(act, A, wname, W, NT)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##act##_##wname##_t##NT(                       \
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
-        gemv_impl<A, W, NT>(qs, sc, x, out, N, K, T);                                                                \
+        gemv_impl<A, W, NT, false>(qs, sc, x, out, nullptr, N, K, T, 0);                                             \
+    }
+// Split-K at NT = 1 only (one decode row: the case whose short outputs leave SMs idle).
+#define GEMV_SPLITK(act, A, wname, W)                                                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_splitk_##act##_##wname(                        \
+        const u8* qs, const u8* sc, const u16* x, float* ws, int N, int K, int T, int cps) {                         \
+        gemv_impl<A, W, 1, true>(qs, sc, x, nullptr, ws, N, K, T, cps);                                              \
     }
 #define GEMV(act, A, wname, W)                                                                                       \
     GEMV_NT(act, A, wname, W, 1) GEMV_NT(act, A, wname, W, 2) GEMV_NT(act, A, wname, W, 4)                           \
-        GEMV_NT(act, A, wname, W, 8)
+        GEMV_NT(act, A, wname, W, 8) GEMV_SPLITK(act, A, wname, W)
 #define GEMV_SCALAR(act, A, wname, W)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar_##act##_##wname(                        \
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
@@ -94,5 +175,9 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
     }
 #define GEMV_ACT(act, A)                                                                                             \
     FOR_EACH_WEIGHT(GEMV, act, A)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) gemv_reduce_##act(const float* ws, u16* out, long tn,          \
+                                                                        int splits) {                                \
+        gemv_reduce_impl<A>(ws, out, tn, splits);                                                                    \
+    }                                                                                                                \
     GEMV_SCALAR(act, A, f32, WF32) GEMV_SCALAR(act, A, f16, WF16) GEMV_SCALAR(act, A, bf16, WBF16)
 FOR_EACH_ACT(GEMV_ACT)

@@ -11,8 +11,8 @@ extern "C" __global__ void __launch_bounds__(128) kv_store_b16(u16* __restrict__
     const long dst = (long)slots[t] * width, src = t * width;
     if (width % 8 == 0) {
         for (int e = threadIdx.x * 8; e < width; e += blockDim.x * 8) {
-            *(uint4*)(k_cache + dst + e) = *(const uint4*)(k + src + e);
-            *(uint4*)(v_cache + dst + e) = *(const uint4*)(v + src + e);
+            *(uint4*)(k_cache + dst + e) = ld_nc_v4(k + src + e);
+            *(uint4*)(v_cache + dst + e) = ld_nc_v4(v + src + e);
         }
     } else {
         for (int e = threadIdx.x; e < width; e += blockDim.x) {

@@ -25,15 +25,15 @@ __device__ __forceinline__ void rms_impl(u16* __restrict__ resid, const u16* __r
             float v[8];
             if (FUSED) {
                 float a[8], b[8];
-                unpack8<A>(*(const uint4*)(rr + k), a);
-                unpack8<A>(*(const uint4*)(xr + k), b);
+                unpack8<A>(ld_global_v4(rr + k), a);
+                unpack8<A>(ld_nc_v4(xr + k), b);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) a[i] += b[i];
                 uint4 s = pack8<A>(a);
                 *(uint4*)(rr + k) = s;
                 unpack8<A>(s, v);
             } else {
-                unpack8<A>(*(const uint4*)(xr + k), v);
+                unpack8<A>(ld_nc_v4(xr + k), v);
             }
 #pragma unroll
             for (int i = 0; i < 8; ++i) ss = fmaf(v[i], v[i], ss);
@@ -57,7 +57,8 @@ __device__ __forceinline__ void rms_impl(u16* __restrict__ resid, const u16* __r
     if (vec) {
         for (int k = threadIdx.x * 8; k < width; k += blockDim.x * 8) {
             float v[8], g[8];
-            unpack8<A>(*(const uint4*)(src + k), v);
+            // `src` may be the residual this thread just wrote: a coherent load.
+            unpack8<A>(ld_global_v4(src + k), v);
             W::load8(w, nullptr, k, g);
 #pragma unroll
             for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * g[i];

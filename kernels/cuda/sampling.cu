@@ -29,9 +29,10 @@ __device__ __forceinline__ float uniform01(u64 seed, u64 position) {
     return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
 
-// Logit bits mapped so that unsigned order is float order.
+// Logit bits mapped so that unsigned order is float order; -0 ranks as +0 (the two are equal logits, so a tie
+// between them goes to the lower id, as on the CPU).
 __device__ __forceinline__ u32 order_key(float x) {
-    const u32 b = __float_as_uint(x);
+    const u32 b = x == 0.f ? 0u : __float_as_uint(x);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 

@@ -16,7 +16,8 @@
 //   load8(qs, scales, e, out)  : both at once;
 //   load1(qs, scales, e)       : the single weight at element index e;
 //   Chunk / load_chunk / dot   : the GEMV unit, one 16-byte load of quants and the dot product of those weights
-//                                with CHUNK activations.
+//                                with CHUNK activations. `load_chunk` only loads (ordered loads, raw scale bits):
+//                                every conversion is in `dot`, so a GEMV can issue many chunks before waiting.
 #pragma once
 #include "common.cuh"
 
@@ -46,7 +47,7 @@ struct WF32 {
     };
     // Chunk `c` of row `row`: elements 4c .. 4c + 4.
     static __device__ __forceinline__ Chunk load_chunk(const u8* qs, const u8*, long row, int c, int K) {
-        return Chunk{ld_stream_v4((const float*)qs + row * K + (long)c * CHUNK)};
+        return Chunk{ld_stream_v4_ordered((const float*)qs + row * K + (long)c * CHUNK)};
     }
     template <class A>
     static __device__ __forceinline__ float dot(const Chunk& w, const u16* x) {
@@ -80,7 +81,7 @@ struct WHalf {
         uint4 q;
     };
     static __device__ __forceinline__ Chunk load_chunk(const u8* qs, const u8*, long row, int c, int K) {
-        return Chunk{ld_stream_v4((const u16*)qs + row * K + (long)c * CHUNK)};
+        return Chunk{ld_stream_v4_ordered((const u16*)qs + row * K + (long)c * CHUNK)};
     }
     template <class A>
     static __device__ __forceinline__ float dot(const Chunk& w, const u16* x) {
@@ -126,12 +127,12 @@ struct WQ8_0 {
     }
     struct Chunk {
         uint4 q;
-        float d;
+        u32 d;  // f16 bits in the low half
     };
     // Chunk `c` of a row: elements 16c .. 16c + 16, half of block c / 2.
     static __device__ __forceinline__ Chunk load_chunk(const u8* qs, const u8* sc, long row, int c, int K) {
         long e = row * K + (long)c * CHUNK;
-        return Chunk{ld_stream_v4(qs + e), f16_to_f32(ld_nc_u16((const u16*)sc + e / 32))};
+        return Chunk{ld_stream_v4_ordered(qs + e), ld_nc_u16_ordered((const u16*)sc + e / 32)};
     }
     template <class A>
     static __device__ __forceinline__ float dot(const Chunk& w, const u16* x) {
@@ -139,7 +140,7 @@ struct WQ8_0 {
         unpack8<A>(ld_nc_v4(x), xf);
         unpack8<A>(ld_nc_v4(x + 8), xf + 8);
         float s = dot4_i8(w.q.x, xf) + dot4_i8(w.q.y, xf + 4) + dot4_i8(w.q.z, xf + 8) + dot4_i8(w.q.w, xf + 12);
-        return w.d * s;
+        return f16_to_f32((u16)w.d) * s;
     }
 };
 
@@ -214,17 +215,17 @@ struct WQ4_0 {
     }
     struct Chunk {
         uint4 q;
-        float d;
+        u32 d;  // f16 bits in the low half
     };
     static __device__ __forceinline__ Chunk load_chunk(const u8* qs, const u8* sc, long row, int c, int K) {
         long b = row * (K / 32) + c;
-        return Chunk{ld_stream_v4(qs + b * 16), f16_to_f32(ld_nc_u16((const u16*)sc + b))};
+        return Chunk{ld_stream_v4_ordered(qs + b * 16), ld_nc_u16_ordered((const u16*)sc + b)};
     }
     template <class A>
     static __device__ __forceinline__ float dot(const Chunk& w, const u16* x) {
         float xsum;
         float s = Q4Common::dot_q<A>(w.q, x, xsum);
-        return w.d * (s - 8.f * xsum);
+        return f16_to_f32((u16)w.d) * (s - 8.f * xsum);
     }
 };
 
@@ -266,20 +267,18 @@ struct WQ4_1 {
     }
     struct Chunk {
         uint4 q;
-        float d, m;
+        u32 dm;  // f16 bits of d (low half) and m (high half)
     };
     static __device__ __forceinline__ Chunk load_chunk(const u8* qs, const u8* sc, long row, int c, int K) {
         long b = row * (K / 32) + c;
-        Chunk ch;
-        ch.q = ld_stream_v4(qs + b * 16);
-        dm(sc, b, ch.d, ch.m);
-        return ch;
+        return Chunk{ld_stream_v4_ordered(qs + b * 16), ld_nc_u32_ordered((const u32*)sc + b)};
     }
     template <class A>
     static __device__ __forceinline__ float dot(const Chunk& w, const u16* x) {
         float xsum;
         float s = Q4Common::dot_q<A>(w.q, x, xsum);
-        return fmaf(w.d, s, w.m * xsum);
+        const float d = f16_to_f32((u16)(w.dm & 0xffff)), m = f16_to_f32((u16)(w.dm >> 16));
+        return fmaf(d, s, m * xsum);
     }
 };
 

@@ -16,7 +16,7 @@ mod matmul;
 mod norm;
 mod parallel;
 mod rope;
-mod sample;
+pub(crate) mod sample;
 mod simd;
 
 pub use simd::SimdLevel;

@@ -140,7 +140,14 @@ fn draw(avx2: bool, logits: &[f32], max: f32, order: &mut SortedPrefix<'_>, p: &
 #[inline]
 fn key(logits: &[f32], i: u32) -> f32 {
     let l = logits[i as usize];
-    if l.is_nan() { f32::NEG_INFINITY } else { l }
+    // NaN never wins; -0 ranks as +0 (they are equal logits: the lower id wins the tie, as in `argmax` and on CUDA).
+    if l.is_nan() {
+        f32::NEG_INFINITY
+    } else if l == 0.0 {
+        0.0
+    } else {
+        l
+    }
 }
 
 /// Token ids whose first `sorted` entries are the largest logits in order (logit descending, id ascending), the

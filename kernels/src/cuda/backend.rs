@@ -13,6 +13,7 @@ use super::graph::{Mode, Recording};
 use super::modules;
 use super::nvrtc;
 use super::sampling::SampleIo;
+use super::stage_plan::Placement;
 use super::staging::StageArea;
 use super::storage::{CudaStorage, Layout, RawDeviceBuf, cuda_err};
 use crate::DType;
@@ -244,17 +245,28 @@ impl CudaBackend {
                 ex.ring.write(at, bytes);
                 ex.ring.upload(&self.stream, at, bytes.len())
             }
+            // A captured step stages each distinct argument once (kernels/src/cuda/stage_plan.rs); the placement is
+            // signed, so a replay reuses regions exactly where the capture did or is not launched.
             Mode::Capture(rec) => {
-                rec.sign(&[0x5354_4147, bytes.len() as u64]);
-                let at = rec.area.reserve(&self.stream, bytes.len())?;
-                rec.area.write(at, bytes);
-                rec.area.upload(&self.stream, at, bytes.len())
+                let placed = rec.plan.place(bytes)?;
+                rec.sign(&[0x5354_4147]);
+                rec.sign(&placed.signature(bytes.len()));
+                match placed {
+                    Placement::New(at) => {
+                        rec.area.write(at, bytes);
+                        rec.area.upload(&self.stream, at, bytes.len())
+                    }
+                    Placement::Reused(at) => Ok(rec.area.device_addr(at)),
+                }
             }
             Mode::Replay(rec) => {
-                rec.sign(&[0x5354_4147, bytes.len() as u64]);
-                let at = rec.area.reserve(&self.stream, bytes.len())?;
-                rec.area.write(at, bytes);
-                Ok(rec.area.device_addr(at))
+                let placed = rec.plan.place(bytes)?;
+                rec.sign(&[0x5354_4147]);
+                rec.sign(&placed.signature(bytes.len()));
+                if let Placement::New(at) = placed {
+                    rec.area.write(at, bytes);
+                }
+                Ok(rec.area.device_addr(placed.offset()))
             }
         }
     }
@@ -327,6 +339,8 @@ impl CudaBackend {
             Mode::Capture(rec) => rec.sign(&[0x4432_4432, dst, src, bytes as u64]),
             Mode::Eager => {}
         }
+        // A raw driver call: the context must be current on this thread (cudarc's safe calls bind it themselves).
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
         // SAFETY: the caller checked that both ranges lie inside live device allocations of this context.
         unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(cuda_err)
     }

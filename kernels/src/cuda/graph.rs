@@ -21,12 +21,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaEvent, CudaGraph, sys};
 
 use super::backend::CudaBackend;
+use super::stage_plan::{GRAPH_STAGING_BYTES, StagePlan};
 use super::staging::StageArea;
 use super::storage::{RawDeviceBuf, cuda_err};
 use crate::error::{KernelError, Result};
-
-/// Bytes of staged arguments one captured step may use.
-const GRAPH_STAGING_BYTES: usize = 1 << 20;
 
 pub(crate) enum Mode {
     Eager,
@@ -37,6 +35,8 @@ pub(crate) enum Mode {
 /// What a captured step owns and how it was launched.
 pub(crate) struct Recording {
     pub(crate) area: StageArea,
+    /// Where each staged argument of the step goes; one copy per distinct argument (kernels/src/cuda/stage_plan.rs).
+    pub(crate) plan: StagePlan,
     pub(crate) bufs: Vec<Arc<RawDeviceBuf>>,
     next: usize,
     signature: Vec<u64>,
@@ -46,6 +46,7 @@ impl Recording {
     fn new(backend: &CudaBackend) -> Result<Self> {
         Ok(Self {
             area: StageArea::new(&backend.ctx, GRAPH_STAGING_BYTES, false)?,
+            plan: StagePlan::new(GRAPH_STAGING_BYTES),
             bufs: Vec::new(),
             next: 0,
             signature: Vec::new(),
@@ -74,6 +75,7 @@ impl Recording {
 
     fn rewind(&mut self) {
         self.area.rewind();
+        self.plan.rewind();
         self.next = 0;
         self.signature.clear();
     }

@@ -11,6 +11,7 @@
 //!
 //! Design notes, launch shapes and what is graph-captured: docs/CUDA.md.
 
+mod gemv_plan;
 pub mod modules;
 pub mod names;
 pub mod repack;
@@ -25,6 +26,7 @@ pub mod nvrtc;
 mod ops;
 #[cfg(feature = "cuda")]
 mod sampling;
+mod stage_plan;
 #[cfg(feature = "cuda")]
 mod staging;
 #[cfg(feature = "cuda")]

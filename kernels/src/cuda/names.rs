@@ -34,6 +34,12 @@ pub const KV_STORE: &str = "kv_store_b16";
 pub fn gemv(act: DType, w: DType, tile: usize) -> String {
     format!("gemv_{act}_{w}_t{tile}")
 }
+pub fn gemv_splitk(act: DType, w: DType) -> String {
+    format!("gemv_splitk_{act}_{w}")
+}
+pub fn gemv_reduce(act: DType) -> String {
+    format!("gemv_reduce_{act}")
+}
 pub fn gemv_scalar(act: DType, w: DType) -> String {
     format!("gemv_scalar_{act}_{w}")
 }
@@ -62,12 +68,14 @@ pub fn all() -> Vec<(&'static str, String)> {
             v.push(("embedding", embedding(act, w)));
             v.push(("gemm", gemm(act, w)));
             v.extend(GEMV_TILES.iter().map(|&t| ("gemv", gemv(act, w, t))));
+            v.push(("gemv", gemv_splitk(act, w)));
         }
         for w in plain {
             v.push(("norm", rms_norm(act, w)));
             v.push(("norm", add_rms_norm(act, w)));
             v.push(("gemv", gemv_scalar(act, w)));
         }
+        v.push(("gemv", gemv_reduce(act)));
         v.push(("rope", rope(act)));
         v.push(("elementwise", swiglu(act)));
         v.push(("elementwise", add(act)));

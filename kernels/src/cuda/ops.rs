@@ -4,6 +4,7 @@
 use half::{bf16, f16};
 
 use super::backend::{Arg, CudaBackend, cuda_storage, i32_arg};
+use super::gemv_plan::{GEMV_ROWS_PER_BLOCK, split_k};
 use super::storage::{CudaStorage, Layout, cuda_err};
 use super::{names, repack};
 use crate::DType;
@@ -82,6 +83,8 @@ impl CudaBackend {
         }
         let mut out = vec![0u8; s.byte_len()];
         if !out.is_empty() {
+            // A raw driver call: make the context current first (a fresh thread's first call may be a download).
+            self.ctx.bind_to_thread().map_err(cuda_err)?;
             // SAFETY: `out` has exactly the tensor's byte length, which the allocation holds.
             unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, s.ptr(), self.stream.cu_stream()) }
                 .map_err(cuda_err)?;
@@ -483,6 +486,24 @@ impl Backend for CudaBackend {
             return self.launch(&mut ex, "gemv", &names::gemv_scalar(act, wd), grid, 128, &gemv_args);
         }
         if t <= 8 || k % 8 != 0 {
+            // One row and a short output: split K across blocks, then add the partial sums in a fixed order.
+            let (splits, cps) = split_k(n, k / chunk, self.info.multiprocessors as usize);
+            if t == 1 && splits > 1 {
+                let ws = self.scratch(&mut ex, splits * n * 4)?;
+                let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, splits as u32);
+                let args =
+                    [Arg::Ptr(qs), Arg::Ptr(sc), Arg::Ptr(xp), Arg::Ptr(ws), ni, ki, ti, i32_arg("matmul", cps)?];
+                self.launch(&mut ex, "gemv", &names::gemv_splitk(act, wd), grid, 128, &args)?;
+                let args = [Arg::Ptr(ws), Arg::Ptr(op), Arg::I64(n as i64), Arg::I32(splits as i32)];
+                return self.launch(
+                    &mut ex,
+                    "gemv",
+                    &names::gemv_reduce(act),
+                    (n.div_ceil(256) as u32, 1, 1),
+                    256,
+                    &args,
+                );
+            }
             let nt = t.next_power_of_two().min(8);
             let grid = (n.div_ceil(8) as u32, t.div_ceil(nt) as u32, 1);
             return self.launch(&mut ex, "gemv", &names::gemv(act, wd, nt), grid, 128, &gemv_args);

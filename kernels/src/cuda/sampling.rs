@@ -37,8 +37,9 @@ pub(crate) fn sample(
     if params.temperature.is_nan() {
         return Err(shape_err("sample", "temperature is NaN"));
     }
-    if params.top_p.is_nan() || params.top_p <= 0.0 {
-        return Err(shape_err("sample", format!("top_p must be in (0, 1], got {}", params.top_p)));
+    // top_p ≤ 0 keeps only the most likely token, as on the CPU (kernels/src/cpu/sample.rs); only NaN is refused.
+    if params.top_p.is_nan() {
+        return Err(shape_err("sample", "top_p is NaN"));
     }
     if logits.dtype() != b.act {
         return Err(KernelError::UnsupportedDType { op: "sample", dtype: logits.dtype() });
@@ -52,7 +53,8 @@ pub(crate) fn sample(
             host: PinnedBuf::new(&b.ctx, IO_BYTES, false)?,
         });
     }
-    let dev = ex.sample_io.as_ref().map(|io| io.dev.ptr()).expect("set above");
+    let dev =
+        ex.sample_io.as_ref().map(|io| io.dev.ptr()).ok_or_else(|| KernelError::Cuda("sampler buffer lost".into()))?;
     let top_k = i32::try_from(params.top_k).unwrap_or(i32::MAX);
     b.launch(
         &mut ex,
@@ -72,10 +74,12 @@ pub(crate) fn sample(
             Arg::Ptr(dev),
         ],
     )?;
-    let io = ex.sample_io.as_mut().expect("set above");
+    let io = ex.sample_io.as_mut().ok_or_else(|| KernelError::Cuda("sampler buffer lost".into()))?;
     let n_top = n_top.min(vocab);
     let words = 2 + 2 * n_top;
     let host = io.host.as_mut_slice(0, words * 4);
+    // A raw driver call: the context must be current on this thread.
+    b.ctx.bind_to_thread().map_err(cuda_err)?;
     // SAFETY: `host` is page-locked memory of `words * 4` bytes, read only after the synchronisation below; the
     // device buffer holds at least that many bytes.
     unsafe { cudarc::driver::result::memcpy_dtoh_async(host, dev, b.stream.cu_stream()) }.map_err(cuda_err)?;

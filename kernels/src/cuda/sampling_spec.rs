@@ -7,7 +7,8 @@ use crate::backend::SamplingParams;
 use crate::rng::uniform;
 
 fn order_key(x: f32) -> u32 {
-    let b = x.to_bits();
+    // -0 ranks as +0, as in the kernel and on the CPU.
+    let b = if x == 0.0 { 0 } else { x.to_bits() };
     if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 }
 }
 
@@ -173,5 +174,33 @@ fn greedy_breaks_ties_toward_the_lower_id_and_top_k_one_is_greedy() {
     for seed in 0..20 {
         let p = SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0, seed };
         assert_eq!(by_descent(&x, &p, seed, 0).0, 1);
+    }
+}
+
+/// The kernel's semantics (`by_descent`, which sampling.cu mirrors) agree with the CPU backend where they used to
+/// differ: a tie between -0 and +0 goes to the lower id in the greedy token and the top list alike, and top_p ≤ 0
+/// keeps only the most likely token (the CUDA host side refused it).
+#[test]
+fn agrees_with_the_cpu_backend_on_signed_zero_ties_and_top_p_zero() {
+    let cases: [&[f32]; 4] =
+        [&[-1.0, -0.0, 0.0, -3.0], &[0.0, -0.0, -0.0, 0.0], &[-2.0, 0.0, -0.0, -2.0, -0.0], &[-0.0, -5.0, 0.0]];
+    let params = [
+        SamplingParams::GREEDY,
+        SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.0, seed: 3 },
+        SamplingParams { temperature: 0.7, top_k: 0, top_p: -0.5, seed: 4 },
+        SamplingParams { temperature: 1.5, top_k: 1, top_p: 1.0, seed: 5 },
+    ];
+    for x in cases {
+        for (pi, p) in params.iter().enumerate() {
+            for position in [0u64, 5, 1 << 33] {
+                let (token, top) = by_descent(x, p, position, x.len());
+                let cpu = crate::cpu::sample::sample(false, x, p, position, x.len()).expect("cpu sample");
+                let cpu_top: Vec<u32> = cpu.top.iter().map(|&(i, _)| i).collect();
+                assert_eq!((token, &top), (cpu.token, &cpu_top), "logits {x:?}, params #{pi}, position {position}");
+                // The first -0/+0 of the row in id order is the winner (every case has its maximum at 0).
+                let first_zero = x.iter().position(|&v| v == 0.0).expect("a zero") as u32;
+                assert_eq!(token, first_zero, "logits {x:?}, params #{pi}");
+            }
+        }
     }
 }

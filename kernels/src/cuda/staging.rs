@@ -13,8 +13,7 @@ use cudarc::driver::{CudaContext, CudaStream, result};
 use super::storage::{RawDeviceBuf, cuda_err};
 use crate::error::{KernelError, Result};
 
-/// Alignment of every staged region in bytes (enough for 16-byte vector loads).
-const ALIGN: usize = 16;
+use super::stage_plan::ALIGN;
 
 /// Page-locked host memory (write-combined: the host only writes it, the copy engine reads it).
 pub(crate) struct PinnedBuf {
@@ -119,6 +118,8 @@ impl StageArea {
         let dst = self.dev.ptr() + offset as u64;
         if len > 0 {
             let src = self.host.read(offset, len);
+            // A raw driver call: the stream's context must be current on this thread.
+            stream.context().bind_to_thread().map_err(cuda_err)?;
             // SAFETY: `src` is page-locked memory that stays allocated and unmodified until the copy completed (a
             // ring wraps only after synchronising the stream; a graph area is rewritten only between launches);
             // `dst` is inside the device mirror of the same size.
