@@ -2,7 +2,9 @@
 //! small per-op arguments, and the launch path shared by every op (eager, or recorded for a CUDA graph).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::thread::ThreadId;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -166,7 +168,7 @@ impl CudaBackend {
     }
 
     fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
-        let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.modules.lock();
         if let Some(m) = cache.get(name) {
             return Ok(m.clone());
         }
@@ -215,18 +217,18 @@ impl CudaBackend {
     }
 
     fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+        if let Some(f) = self.functions.lock().get(name) {
             return Ok(f.clone());
         }
         let m = self.module(module)?;
         let f = m.load_function(name).map_err(|e| KernelError::Cuda(format!("kernel {module}::{name}: {e}")))?;
-        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), f.clone());
+        self.functions.lock().insert(name.to_string(), f.clone());
         Ok(f)
     }
 
     /// Locks the per-backend state, refusing ops from a second thread while a step is captured or replayed.
     pub(crate) fn exec(&self) -> Result<MutexGuard<'_, Exec>> {
-        let guard = self.exec.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self.exec.lock();
         if let Some(owner) = guard.step_thread
             && owner != std::thread::current().id()
         {

@@ -128,7 +128,7 @@ impl CudaBackend {
     }
 
     fn leave(&self) -> Option<Recording> {
-        let mut ex = self.exec.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ex = self.exec.lock();
         ex.step_thread = None;
         match std::mem::replace(&mut ex.mode, Mode::Eager) {
             Mode::Capture(r) | Mode::Replay(r) => Some(r),
