@@ -16,7 +16,7 @@ Usage:
   scripts/make-reference.py --preset Q4_K_M       # compact fixture of one preset file (scripts/make-presets)
   scripts/make-reference.py --all-presets         # compact fixtures of every preset file that exists
 
-A compact fixture (node/tests/fixtures/llamacpp_presets/<PRESET>.json, about 11 KB) keeps, for the prompts other
+A compact fixture (node/tests/fixtures/llamacpp_presets/<PRESET>.json, about 14 KB) keeps, for the prompts other
 than `long`, the prompt tokens, the greedy continuation and, at every teacher-forced position, only llama.cpp's top-1
 token, its logit and its margin over the top-2 logit, plus llama.cpp's own noise floor. The preset files are read from
 $SHARDLINE_CACHE/presets (default ~/.cache/shardline/presets), where scripts/make-presets writes them.
