@@ -3,15 +3,17 @@
 //! every architecture: the optional parts of a block (Q/K/V biases, per-head Q/K norms) are present or not as the
 //! model's [`BlockLayout`](crate::model::BlockLayout) says.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use shardline_kernels::{AttnSeq, AttnShape, Backend, Sampled, SamplingParams, Tensor};
 use tracing::debug;
 
 use crate::error::{ModelError, Result};
 use crate::model::kv_cache::{BlockAllocator, BlockReservation, KvPool};
-use crate::model::layers::LayerRange;
 use crate::model::{ModelConfig, WeightSource};
+use shardline_proto::LayerRange;
 
 /// Tunables of a loaded shard.
 #[derive(Clone, Debug)]
@@ -275,12 +277,12 @@ impl Shard {
 
     /// Free KV-cache capacity in tokens (whole blocks).
     pub fn free_kv_tokens(&self) -> usize {
-        self.allocator.lock().unwrap_or_else(|e| e.into_inner()).free_blocks() * self.block_tokens
+        self.allocator.lock().free_blocks() * self.block_tokens
     }
 
     /// Total KV-cache capacity in tokens.
     pub fn kv_capacity_tokens(&self) -> usize {
-        self.allocator.lock().unwrap_or_else(|e| e.into_inner()).total_blocks() * self.block_tokens
+        self.allocator.lock().total_blocks() * self.block_tokens
     }
 
     /// Admits a session that will hold at most `max_tokens` positions, reserving its KV-cache blocks now.
@@ -401,7 +403,7 @@ impl Shard {
         let mut act = b.alloc(&[t, c.ffn])?;
         // Scratch for the per-head Q/K norms (Qwen3), swapped with `q`/`k` by `head_rms_norm`.
         let mut qk_scratch = None;
-        let mut kv = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kv = self.kv.lock();
         let (lo, hi) = (span.start - self.layers.start, span.end - self.layers.start);
         for (blk, (k_cache, v_cache)) in self.blocks[lo..hi].iter().zip(kv.layers[lo..hi].iter_mut()) {
             b.rms_norm(&x, &blk.attn_norm, c.rms_eps, &mut h)?;
