@@ -13,6 +13,13 @@ For each of a few varied prompts this records, from llama.cpp (through llama-cpp
 Usage:
   scripts/make-reference.py                       # writes node/tests/fixtures/llamacpp_smollm2.json
   scripts/make-reference.py --check FIXTURE       # regenerates and fails unless the data equal FIXTURE's
+  scripts/make-reference.py --preset Q4_K_M       # compact fixture of one preset file (scripts/make-presets)
+  scripts/make-reference.py --all-presets         # compact fixtures of every preset file that exists
+
+A compact fixture (node/tests/fixtures/llamacpp_presets/<PRESET>.json, about 14 KB) keeps, for the prompts other
+than `long`, the prompt tokens, the greedy continuation and, at every teacher-forced position, only llama.cpp's top-1
+token, its logit and its margin over the top-2 logit, plus llama.cpp's own noise floor. The preset files are read from
+$SHARDLINE_CACHE/presets (default ~/.cache/shardline/presets), where scripts/make-presets writes them.
 
 The model is taken from --model, else $SHARDLINE_MODEL, else the cache path that scripts/fetch-model.sh fills.
 """
@@ -29,7 +36,16 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "node" / "tests" / "fixtures" / "llamacpp_smollm2.json"
+PRESET_OUT = REPO_ROOT / "node" / "tests" / "fixtures" / "llamacpp_presets"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PRESET_STEM = "SmolLM2-135M-Instruct"
+# The llama.cpp quantisation presets, in the order of scripts/make-presets.
+PRESETS = [
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS",
+]
+# Prompts of the compact fixtures (the 634-token `long` one is left out to keep them small).
+COMPACT_CASES = ["english", "code", "chat", "numbers_multilingual"]
 
 N_THREADS = 2
 N_CTX = 2048
@@ -127,12 +143,23 @@ PROMPTS = [
 ]
 
 
+def cache_dir() -> Path:
+    """$SHARDLINE_CACHE, else $XDG_CACHE_HOME/shardline, else ~/.cache/shardline (as shardline itself)."""
+    if os.environ.get("SHARDLINE_CACHE"):
+        return Path(os.environ["SHARDLINE_CACHE"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "shardline"
+
+
 def default_model_path() -> Path:
     env = os.environ.get("SHARDLINE_MODEL")
     if env:
         return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "shardline" / "models" / MODEL_FILE
+    return cache_dir() / "models" / MODEL_FILE
+
+
+def preset_path(preset: str) -> Path:
+    return cache_dir() / "presets" / f"{PRESET_STEM}.{preset}.gguf"
 
 
 def sha256_file(path: Path) -> str:
@@ -308,6 +335,96 @@ def build(model: Path, n_threads: int) -> dict:
     }
 
 
+def build_compact(model: Path, preset: str, n_threads: int) -> dict:
+    """The compact fixture of one preset file: top-1 id, logit and margin per teacher-forced position."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(model),
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        n_ctx=N_CTX,
+        n_batch=N_BATCH,
+        logits_all=True,
+        seed=0,
+        verbose=False,
+    )
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    cases = []
+    for name, text in PROMPTS:
+        if name not in COMPACT_CASES:
+            continue
+        prompt_tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        continuation, _ = greedy(llm, prompt_tokens)
+        all_tokens = prompt_tokens + continuation
+        llm.reset()
+        llm.eval(all_tokens)
+        scores = np.array(llm.scores[: len(all_tokens)], dtype=np.float32, copy=True)
+        top1, logits, margins = [], [], []
+        for row in scores:
+            order = np.lexsort((np.arange(row.size), -row))[:2]
+            top1.append(int(order[0]))
+            logits.append(round(float(row[order[0]]), DECIMALS))
+            margins.append(round(float(row[order[0]] - row[order[1]]), DECIMALS))
+        cases.append(
+            {
+                "name": name,
+                "prompt": text,
+                "prompt_tokens": prompt_tokens,
+                "continuation_tokens": continuation,
+                "llamacpp_self_consistency": self_consistency(llm, all_tokens, scores),
+                "positions": {"top1_ids": top1, "top1_logits": logits, "top1_margins": margins},
+            }
+        )
+        print(f"{preset} {name}: {len(prompt_tokens)} prompt tokens, {continuation_preview_of(llm, continuation, prompt_tokens)}", file=sys.stderr)
+    llm.close()
+    return {
+        "format": "shardline-llamacpp-reference-compact/1",
+        "generator": {
+            "command": " ".join(["scripts/make-reference.py"] + sys.argv[1:]),
+            "llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+        "preset": preset,
+        "model": {"file": model.name, "sha256": sha256_file(model), "size": model.stat().st_size},
+        "settings": {
+            "n_threads": n_threads,
+            "n_ctx": N_CTX,
+            "n_batch": N_BATCH,
+            "add_bos": add_bos,
+            "parse_special": True,
+            "greedy_tokens": GREEDY_TOKENS,
+            "logit_decimals": DECIMALS,
+            "positions": "entry i is about the logits after tokens[0..=i] of prompt_tokens + continuation_tokens: "
+            "the arg-max token (smaller id on ties), its logit and its margin over the second largest logit",
+        },
+        "cases": cases,
+    }
+
+
+def continuation_preview_of(llm, continuation: list[int], prompt_tokens: list[int]) -> str:
+    text = llm.detokenize(continuation, prev_tokens=prompt_tokens, special=True).decode("utf-8", errors="replace")
+    return json.dumps(text[:60], ensure_ascii=False)
+
+
+def write_presets(presets: list[str], n_threads: int, require: bool) -> int:
+    PRESET_OUT.mkdir(parents=True, exist_ok=True)
+    for preset in presets:
+        model = preset_path(preset)
+        if not model.is_file():
+            if require:
+                print(f"{model} is missing; run scripts/make-presets", file=sys.stderr)
+                return 2
+            print(f"skipped {preset}: {model} is missing (scripts/make-presets makes it)", file=sys.stderr)
+            continue
+        out = PRESET_OUT / f"{preset}.json"
+        out.write_text(dumps(build_compact(model, preset, n_threads)) + "\n", encoding="utf-8")
+        print(f"wrote {out} ({out.stat().st_size} bytes)", file=sys.stderr)
+    return 0
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -345,7 +462,12 @@ def main() -> int:
         help="llama.cpp threads (the data do not depend on it; 1 is much faster on a busy machine)",
     )
     parser.add_argument("--check", type=Path, default=None, help="compare against this fixture instead of writing")
+    parser.add_argument("--preset", choices=PRESETS, action="append", help="write the compact fixture of a preset")
+    parser.add_argument("--all-presets", action="store_true", help="compact fixtures of every preset file present")
     args = parser.parse_args()
+
+    if args.preset or args.all_presets:
+        return write_presets(args.preset or PRESETS, args.threads, require=bool(args.preset))
 
     model = args.model or default_model_path()
     if not model.is_file():

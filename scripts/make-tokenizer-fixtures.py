@@ -19,7 +19,7 @@ Two fixtures come out, both under node/tests/fixtures/:
   llama.cpp and tokenizes a set of strings with. The fixture holds the vocabulary itself and the expected ids, so the
   Rust tests need neither llama.cpp nor the GGUF.
 
-Usage: scripts/make-tokenizer-fixtures.py [--model PATH] [--out DIR]
+Usage: scripts/make-tokenizer-fixtures.py [--model PATH] [--out DIR] [--only FIXTURE...]
 The model defaults to $SHARDLINE_MODEL, then the shardline cache path that scripts/fetch-model.sh fills.
 Needs: llama-cpp-python, gguf, jinja2.
 """
@@ -37,7 +37,10 @@ from pathlib import Path
 import gguf
 import jinja2
 import jinja2.sandbox
-import llama_cpp
+try:
+    import llama_cpp
+except ImportError:  # only tokenizer_templates.json can be made without it
+    llama_cpp = None
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -464,6 +467,162 @@ TEMPLATES = {
     ),
 }
 
+# Qwen2.5-Instruct's template (ChatML with a default system prompt and tool calls) and Qwen3's (thinking blocks:
+# reasoning kept only after the last user query, found by walking the messages backwards), as their
+# tokenizer_config.json files ship them.
+TEMPLATES["qwen2.5"] = (
+    "",
+    "<|im_end|>",
+    """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+""",
+)
+TEMPLATES["qwen3"] = (
+    "",
+    "<|im_end|>",
+    """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}""",
+)
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": " What is 2+2? "}],
@@ -474,6 +633,17 @@ CONVERSATIONS = [
     ],
     [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "Roles out of order"}],
     [{"role": "user", "content": "Ünïcödé 🎉 and <b>markup</b> & 'quotes'"}],
+    # A reasoning model's history: thinking blocks in earlier and in the last assistant turn, and tool results.
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 6*7?"},
+        {"role": "assistant", "content": "<think>\nsix times seven\n</think>\n\n42"},
+        {"role": "user", "content": "Check the weather."},
+        {"role": "assistant", "content": "Calling the tool."},
+        {"role": "tool", "content": "{\"temp\": 21}"},
+        {"role": "tool", "content": "{\"wind\": 3}"},
+        {"role": "assistant", "content": "<think>\nmild\n</think>\nIt is 21 degrees."},
+    ],
 ]
 
 
@@ -496,18 +666,30 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--out", type=Path, default=ROOT / "node" / "tests" / "fixtures")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["tokenizer_smollm2.json", "tokenizer_bpe_pre.json", "tokenizer_templates.json", "tokenizer_spm.json"],
+        help="write only these fixtures (tokenizer_templates.json needs only jinja2)",
+    )
     args = parser.parse_args()
-    if not args.model.is_file():
+    needs_llama_cpp = not args.only or set(args.only) != {"tokenizer_templates.json"}
+    if needs_llama_cpp and llama_cpp is None:
+        sys.exit("llama-cpp-python is not installed (see docs/REFERENCE.md)")
+    if needs_llama_cpp and not args.model.is_file():
         sys.exit(f"model not found at {args.model}; run scripts/fetch-model.sh or set SHARDLINE_MODEL")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    fixtures = [
-        ("tokenizer_smollm2.json", smollm2_fixture(args.model)),
-        ("tokenizer_bpe_pre.json", bpe_pre_fixture(args.model)),
-        ("tokenizer_templates.json", templates_fixture()),
-        ("tokenizer_spm.json", spm_fixture()),
-    ]
-    for name, fixture in fixtures:
+    makers = {
+        "tokenizer_smollm2.json": lambda: smollm2_fixture(args.model),
+        "tokenizer_bpe_pre.json": lambda: bpe_pre_fixture(args.model),
+        "tokenizer_templates.json": templates_fixture,
+        "tokenizer_spm.json": spm_fixture,
+    }
+    for name, make in makers.items():
+        if args.only and name not in args.only:
+            continue
+        fixture = make()
         path = args.out / name
         path.write_text(json.dumps(fixture, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {path}")

@@ -1,7 +1,9 @@
-// Element-wise ops over n activations: swiglu (out = silu(gate) * up) and add (acc += x).
+// Element-wise ops over n activations: swiglu (out = silu(gate) * up), add (acc += x) and add_bias (x[r, c] +=
+// bias[c] for rows of `width`, bias f32/f16/bf16 as the model file stores it).
 // Launch: grid-stride over 8-element chunks with 16-byte accesses (all activation buffers start 256-byte aligned),
 // then a scalar tail for n % 8 elements. Block 256, grid sized by the host to cover the device once or twice.
 #include "common.cuh"
+#include "weights.cuh"
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
@@ -46,3 +48,20 @@ __device__ __forceinline__ void add_impl(u16* __restrict__ acc, const u16* __res
         add_impl<A>(acc, x, n);                                                                                      \
     }
 FOR_EACH_ACT(ELEMENTWISE)
+
+// One element per thread, grid-stride: biases are added to a few projections per block, next to which this costs
+// nothing worth vectorising.
+template <class A, class W>
+__device__ __forceinline__ void add_bias_impl(u16* __restrict__ x, const u8* __restrict__ bias, int width, long n) {
+    const long stride = (long)gridDim.x * blockDim.x;
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride)
+        x[e] = A::from_f32(A::to_f32(x[e]) + W::load1(bias, nullptr, e % width));
+}
+
+#define ADD_BIAS(act, A, wname, W)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                                                  \
+        add_bias_##act##_##wname(u16* x, const u8* bias, int width, long n) {                                        \
+        add_bias_impl<A, W>(x, bias, width, n);                                                                      \
+    }
+#define ADD_BIAS_ACT(act, A) ADD_BIAS(act, A, f32, WF32) ADD_BIAS(act, A, f16, WF16) ADD_BIAS(act, A, bf16, WBF16)
+FOR_EACH_ACT(ADD_BIAS_ACT)

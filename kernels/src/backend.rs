@@ -204,6 +204,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `acc += x`, element-wise.
     fn add(&self, acc: &mut Tensor, x: &Tensor) -> Result<()>;
 
+    /// `x[t, n] += bias[n]` for every row `t` of `x: [T, N]`; `bias` is a weight of `N` values (f32, f16 or bf16).
+    /// The bias of a linear layer (Qwen2's Q/K/V projections), added after [`Backend::matmul`].
+    fn add_bias(&self, x: &mut Tensor, bias: &Tensor) -> Result<()>;
+
     /// Copies `n` rows from `src[src_row..]` into `dst[dst_row..]` (same width).
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()>;
 

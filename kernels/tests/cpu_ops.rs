@@ -143,6 +143,25 @@ fn swiglu_add_and_copy_rows_match_definitions() {
 }
 
 #[test]
+fn add_bias_adds_the_bias_to_every_row() {
+    let mut rng = Rng::new(26);
+    let be = CpuBackend::new(2);
+    for (rows, width) in [(1usize, 7usize), (5, 896), (700, 1024)] {
+        let x = rng.vec(rows * width, 4.0);
+        let bias = rng.vec(width, 1.0);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let stored = dequantised(dtype, &bias);
+            let mut xt = act(&be, &[rows, width], &x);
+            be.add_bias(&mut xt, &weight(&be, dtype, &[width], &bias)).unwrap();
+            let want: Vec<f32> = x.iter().enumerate().map(|(i, &v)| v + stored[i % width]).collect();
+            assert_eq!(bits(&be.download_f32(&xt).unwrap()), bits(&want), "{dtype} [{rows}, {width}]");
+        }
+    }
+    let mut xt = act(&be, &[2, 8], &[1.0; 16]);
+    assert!(matches!(be.add_bias(&mut xt, &weight(&be, DType::F32, &[7], &[1.0; 7])), Err(KernelError::Shape { .. })));
+}
+
+#[test]
 fn embedding_gathers_rows_of_any_dtype() {
     let mut rng = Rng::new(25);
     let be = CpuBackend::new(1);

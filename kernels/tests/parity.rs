@@ -148,6 +148,24 @@ fn swiglu_and_add(d: &Device) {
     }
 }
 
+fn add_bias(d: &Device) {
+    let mut rng = Rng::new(16);
+    for (rows, width) in [(3usize, 347usize), (1, 64), (9, 5)] {
+        for wdt in [DType::F32, DType::F16, DType::BF16] {
+            let x = d.exact(&rng.vec(rows * width, 2.0));
+            let bias = common::round_to(wdt, &rng.vec(width, 1.0));
+            let wb = weight_bytes_from(wdt, &bias);
+            let (got, want) = both(d, |b| {
+                let mut xt = act(b, &[rows, width], &x);
+                let bt = weight(b, wdt, &[width], &wb);
+                b.add_bias(&mut xt, &bt).expect("add_bias");
+                download(b, &xt)
+            });
+            assert_close(&format!("{}: add_bias [{rows}, {width}] bias {wdt}", d.label), &got, &want, d.tol());
+        }
+    }
+}
+
 fn copy_rows(d: &Device) {
     let mut rng = Rng::new(7);
     let width = 40;
@@ -322,6 +340,7 @@ device_tests!(
     matmul,
     rope,
     swiglu_and_add,
+    add_bias,
     copy_rows,
     kv_store,
     attention_decode,

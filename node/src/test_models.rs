@@ -1,11 +1,11 @@
-//! Tiny Llama models for tests, written both as a GGUF file and as a Hugging Face directory holding the same
-//! numbers.
+//! Tiny models for tests (Llama, Qwen2, Qwen3 block layouts), written both as a GGUF file and as a Hugging Face
+//! directory holding the same numbers.
 //!
 //! Weights are drawn in f32 from a seeded SplitMix64 generator (normal, std 0.02..0.1 for matrices, norms around
 //! 1.0), quantised for GGUF when the spec asks for a quantised dtype, and the Hugging Face side stores the
 //! dequantised values (f32; or the same f16/bf16 bits when the dtype is exact), so both formats hold identical
-//! numbers. GGUF Q/K rows are permuted to llama.cpp's interleaved RoPE layout exactly as `convert_hf_to_gguf.py`
-//! does; the Hugging Face side keeps them unpermuted. Both carry a complete byte-level BPE tokenizer (256 byte
+//! numbers. For Llama, GGUF Q/K rows are permuted to llama.cpp's interleaved RoPE layout exactly as
+//! `convert_hf_to_gguf.py` does; Qwen GGUF files, like every Hugging Face directory, keep them unpermuted. Both carry a complete byte-level BPE tokenizer (256 byte
 //! tokens, a few merges, ChatML specials and template), so the tiny GGUF is a complete model.
 
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ use crate::error::{ModelError, Result};
 use crate::formats::gguf::GgufValue;
 use crate::formats::gguf_writer::GgufWriter;
 use crate::formats::hf::{self, canonical_to_hf};
+use crate::model::arch::Architecture;
 use crate::model::config::ModelConfig;
 
 /// ChatML, as SmolLM2 and Qwen use it.
@@ -66,14 +67,18 @@ impl TinyDTypes {
     }
 }
 
-/// Shape and storage of a tiny Llama model.
+/// Shape and storage of a tiny model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TinySpec {
+    /// Block layout and file names: `llama`, `qwen2` or `qwen3` metadata and the tensors that layout has.
+    pub arch: Architecture,
     pub n_layers: usize,
     pub hidden: usize,
     pub ffn: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Head size when it is not `hidden / n_heads` (Qwen3 style: `n_heads · head_dim` may differ from `hidden`).
+    pub explicit_head_dim: Option<usize>,
     /// At least [`MIN_VOCAB`].
     pub vocab: usize,
     /// Context length in tokens.
@@ -91,11 +96,13 @@ pub struct TinySpec {
 impl Default for TinySpec {
     fn default() -> Self {
         TinySpec {
+            arch: Architecture::Llama,
             n_layers: 2,
             hidden: 64,
             ffn: 128,
             n_heads: 4,
             n_kv_heads: 2,
+            explicit_head_dim: None,
             vocab: 288,
             context: 256,
             tied: false,
@@ -113,6 +120,9 @@ impl Default for TinySpec {
 enum Role {
     Embeddings,
     Norm,
+    /// Q/K/V biases: stored like the norms (F32 in llama.cpp's files), drawn around 0 with a large spread, as
+    /// Qwen2's are.
+    Bias,
     Attention,
     Ffn,
     Output,
@@ -120,13 +130,18 @@ enum Role {
 
 impl TinySpec {
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.n_heads
+        self.explicit_head_dim.unwrap_or(self.hidden / self.n_heads.max(1))
+    }
+
+    /// The architecture name the files carry (`general.architecture`, `model_type`).
+    pub fn arch_name(&self) -> String {
+        self.arch.to_string()
     }
 
     fn dtype(&self, role: Role) -> DType {
         match role {
             Role::Embeddings => self.dtypes.embeddings,
-            Role::Norm => self.dtypes.norms,
+            Role::Norm | Role::Bias => self.dtypes.norms,
             Role::Attention => self.dtypes.attention,
             Role::Ffn => self.dtypes.ffn,
             Role::Output => self.dtypes.output,
@@ -138,7 +153,8 @@ impl TinySpec {
         if [self.n_layers, self.hidden, self.ffn, self.n_heads, self.n_kv_heads, self.context].contains(&0) {
             return fail("every size must be positive".into());
         }
-        if !self.hidden.is_multiple_of(self.n_heads)
+        if (self.explicit_head_dim.is_none() && !self.hidden.is_multiple_of(self.n_heads))
+            || self.head_dim() == 0
             || !self.n_heads.is_multiple_of(self.n_kv_heads)
             || !self.head_dim().is_multiple_of(2)
         {
@@ -164,14 +180,33 @@ impl TinySpec {
     /// Canonical name, row-major shape, role, and whether it is a Q/K matrix (with its head count).
     fn tensors(&self) -> Vec<(String, Vec<usize>, Role, Option<usize>)> {
         let (h, hd) = (self.hidden, self.head_dim());
+        let layout = self.arch.layout();
+        // Only Llama's GGUF rows are permuted (see `Architecture::gguf_rope_style`).
+        let permuted = |heads: usize| (self.arch.gguf_rope_style() == RopeStyle::Interleaved).then_some(heads);
         let mut out = vec![("token_embd.weight".to_owned(), vec![self.vocab, h], Role::Embeddings, None)];
         for i in 0..self.n_layers {
             let b = |n: &str| format!("blk.{i}.{n}.weight");
+            let bias = |n: &str| format!("blk.{i}.{n}.bias");
             out.extend([
                 (b("attn_norm"), vec![h], Role::Norm, None),
-                (b("attn_q"), vec![self.n_heads * hd, h], Role::Attention, Some(self.n_heads)),
-                (b("attn_k"), vec![self.n_kv_heads * hd, h], Role::Attention, Some(self.n_kv_heads)),
+                (b("attn_q"), vec![self.n_heads * hd, h], Role::Attention, permuted(self.n_heads)),
+                (b("attn_k"), vec![self.n_kv_heads * hd, h], Role::Attention, permuted(self.n_kv_heads)),
                 (b("attn_v"), vec![self.n_kv_heads * hd, h], Role::Attention, None),
+            ]);
+            if layout.qkv_bias {
+                out.extend([
+                    (bias("attn_q"), vec![self.n_heads * hd], Role::Bias, None),
+                    (bias("attn_k"), vec![self.n_kv_heads * hd], Role::Bias, None),
+                    (bias("attn_v"), vec![self.n_kv_heads * hd], Role::Bias, None),
+                ]);
+            }
+            if layout.qk_norm {
+                out.extend([
+                    (b("attn_q_norm"), vec![hd], Role::Norm, None),
+                    (b("attn_k_norm"), vec![hd], Role::Norm, None),
+                ]);
+            }
+            out.extend([
                 (b("attn_output"), vec![h, self.n_heads * hd], Role::Attention, None),
                 (b("ffn_norm"), vec![h], Role::Norm, None),
                 (b("ffn_gate"), vec![self.ffn, h], Role::Ffn, None),
@@ -194,7 +229,7 @@ impl TinySpec {
     /// The configuration a reader should find in the tiny GGUF file.
     pub fn gguf_config(&self) -> ModelConfig {
         ModelConfig {
-            rope: self.rope(RopeStyle::Interleaved, None),
+            rope: self.rope(self.arch.gguf_rope_style(), None),
             rope_freq_factors: self.llama3.map(|s| llama3_freq_factors(self.rope_theta, self.head_dim(), &s)),
             ..self.hf_config()
         }
@@ -203,7 +238,8 @@ impl TinySpec {
     /// The configuration a reader should find in the tiny Hugging Face directory.
     pub fn hf_config(&self) -> ModelConfig {
         ModelConfig {
-            arch: "llama".into(),
+            arch: self.arch_name(),
+            architecture: self.arch,
             n_layers: self.n_layers,
             hidden: self.hidden,
             ffn: self.ffn,
@@ -347,6 +383,7 @@ pub fn tiny_tensors(spec: &TinySpec) -> Result<Vec<TinyTensor>> {
             let mut rng = stream(spec.seed, &name);
             let (mean, std) = match role {
                 Role::Norm => (1.0, 0.05),
+                Role::Bias => (0.0, 0.5),
                 Role::Embeddings => (0.0, 0.1),
                 _ => (0.0, (1.0 / (cols as f64).sqrt()).clamp(0.02, 0.1)),
             };
@@ -420,26 +457,36 @@ pub fn tiny_vocab(vocab_size: usize) -> Result<TinyVocab> {
     })
 }
 
-/// Writes the tiny model as a GGUF file: llama metadata, tokenizer metadata and chat template, and the tensors.
+/// Writes the tiny model as a GGUF file: `{arch}.*` metadata, tokenizer metadata and chat template, and the
+/// tensors. The pre-tokenizer is `qwen2` for the Qwen architectures and `gpt-2` for Llama.
 pub fn write_tiny_gguf(spec: &TinySpec, path: impl AsRef<Path>) -> Result<()> {
     let tensors = tiny_tensors(spec)?;
     let vocab = tiny_vocab(spec.vocab)?;
     let mut w = GgufWriter::new();
     let u = |v: usize| v as u32;
-    w.add("general.architecture", "llama")?
+    let arch = spec.arch_name();
+    let k = |name: &str| format!("{arch}.{name}");
+    let pre = match spec.arch {
+        Architecture::Llama => "gpt-2",
+        Architecture::Qwen2 | Architecture::Qwen3 => "qwen2",
+    };
+    w.add("general.architecture", arch.as_str())?
         .add("general.name", "shardline tiny test model")?
-        .add("llama.block_count", u(spec.n_layers))?
-        .add("llama.context_length", u(spec.context))?
-        .add("llama.embedding_length", u(spec.hidden))?
-        .add("llama.feed_forward_length", u(spec.ffn))?
-        .add("llama.attention.head_count", u(spec.n_heads))?
-        .add("llama.attention.head_count_kv", u(spec.n_kv_heads))?
-        .add("llama.rope.freq_base", spec.rope_theta)?
-        .add("llama.attention.layer_norm_rms_epsilon", spec.rms_eps)?
-        .add("llama.rope.dimension_count", u(spec.head_dim()))?
-        .add("llama.vocab_size", u(spec.vocab))?
-        .add("tokenizer.ggml.model", "gpt2")?
-        .add("tokenizer.ggml.pre", "gpt-2")?
+        .add(&k("block_count"), u(spec.n_layers))?
+        .add(&k("context_length"), u(spec.context))?
+        .add(&k("embedding_length"), u(spec.hidden))?
+        .add(&k("feed_forward_length"), u(spec.ffn))?
+        .add(&k("attention.head_count"), u(spec.n_heads))?
+        .add(&k("attention.head_count_kv"), u(spec.n_kv_heads))?
+        .add(&k("rope.freq_base"), spec.rope_theta)?
+        .add(&k("attention.layer_norm_rms_epsilon"), spec.rms_eps)?
+        .add(&k("rope.dimension_count"), u(spec.head_dim()))?
+        .add(&k("vocab_size"), u(spec.vocab))?;
+    if spec.explicit_head_dim.is_some() {
+        w.add(&k("attention.key_length"), u(spec.head_dim()))?.add(&k("attention.value_length"), u(spec.head_dim()))?;
+    }
+    w.add("tokenizer.ggml.model", "gpt2")?
+        .add("tokenizer.ggml.pre", pre)?
         .add("tokenizer.ggml.tokens", GgufValue::from_strs(&vocab.tokens))?
         .add("tokenizer.ggml.token_type", vocab.token_types.clone())?
         .add("tokenizer.ggml.merges", GgufValue::from_strs(&vocab.merges))?
@@ -522,9 +569,23 @@ fn hf_config_json(spec: &TinySpec) -> serde_json::Value {
             "original_max_position_embeddings": s.original_max_position,
         })
     });
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let (class, extra) = match spec.arch {
+        Architecture::Llama => ("LlamaForCausalLM", json!({ "attention_bias": false, "mlp_bias": false })),
+        // Qwen configs carry a window they do not use; a reader must not cap the context at it.
+        Architecture::Qwen2 => (
+            "Qwen2ForCausalLM",
+            json!({ "use_sliding_window": false, "sliding_window": 4,
+            "max_window_layers": spec.n_layers }),
+        ),
+        Architecture::Qwen3 => (
+            "Qwen3ForCausalLM",
+            json!({ "attention_bias": false, "use_sliding_window": false,
+            "sliding_window": null, "max_window_layers": spec.n_layers }),
+        ),
+    };
+    let mut config = json!({
+        "architectures": [class],
+        "model_type": spec.arch_name(),
         "hidden_size": spec.hidden,
         "intermediate_size": spec.ffn,
         "num_attention_heads": spec.n_heads,
@@ -540,10 +601,12 @@ fn hf_config_json(spec: &TinySpec) -> serde_json::Value {
         "vocab_size": spec.vocab,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "attention_bias": false,
-        "mlp_bias": false,
         "torch_dtype": "float32",
-    })
+    });
+    if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        config.extend(extra.clone());
+    }
+    config
 }
 
 /// `tokenizer.json` (built with the `tokenizers` crate: byte-level BPE with the GPT-2 split regex) and
@@ -612,6 +675,21 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text).map_err(|source| ModelError::Io { path: path.display().to_string(), source })
 }
 
+/// For tests that need the real default model: its path, or `None` after printing that the test is skipped.
+/// With `SHARDLINE_REQUIRE_MODEL=1` (set by CI, which fetches the model) a missing model fails the test instead.
+pub fn model_for_tests(test: &str) -> Option<std::path::PathBuf> {
+    match crate::default_model::locate_default_model() {
+        Ok(p) => Some(p),
+        Err(why) => {
+            if std::env::var("SHARDLINE_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+                panic!("{test}: SHARDLINE_REQUIRE_MODEL=1 but {why}");
+            }
+            eprintln!("skipped {test}: {why}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,21 +738,6 @@ mod tests {
         assert_eq!(back[0], -16.0);
         for (a, b) in x.iter().zip(&back) {
             assert!((a - b).abs() <= 31.0 / 15.0 / 2.0 + 1e-2, "{a} vs {b}");
-        }
-    }
-}
-
-/// For tests that need the real default model: its path, or `None` after printing that the test is skipped.
-/// With `SHARDLINE_REQUIRE_MODEL=1` (set by CI, which fetches the model) a missing model fails the test instead.
-pub fn model_for_tests(test: &str) -> Option<std::path::PathBuf> {
-    match crate::default_model::locate_default_model() {
-        Ok(p) => Some(p),
-        Err(why) => {
-            if std::env::var("SHARDLINE_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-                panic!("{test}: SHARDLINE_REQUIRE_MODEL=1 but {why}");
-            }
-            eprintln!("skipped {test}: {why}");
-            None
         }
     }
 }

@@ -3,6 +3,8 @@
 //! The CUDA model runs as two shards (0..N/2, N/2..N) so the hidden-state hand-off is on the path too. Any
 //! SmolLM2-derived GGUF works (`SHARDLINE_MODEL`); scripts/gpu-check.sh stages one cut to its first layers.
 //!
+//! Tiny random-weight Qwen2 and Qwen3 models (Q/K/V biases, per-head Q/K norms) run on CUDA against the CPU too.
+//!
 //! Needs a GPU: prints "skipped: no CUDA device" without one (fails instead when `SHARDLINE_REQUIRE_GPU=1`), and
 //! "skipped …: model not found" without the model (fails when `SHARDLINE_REQUIRE_MODEL=1`).
 
@@ -13,8 +15,8 @@ use shardline_kernels::cuda::{self, CudaBackend};
 use shardline_kernels::{Backend, DType};
 use shardline_node::engine::Engine;
 use shardline_node::generate::GenerateParams;
-use shardline_node::model::{LayerRange, ShardOptions};
-use shardline_node::test_models::model_for_tests;
+use shardline_node::model::{Architecture, LayerRange, ShardOptions};
+use shardline_node::test_models::{TinyDTypes, TinySpec, model_for_tests, write_tiny_gguf};
 
 const FIXTURES: &str = include_str!("fixtures/llamacpp_smollm2.json");
 
@@ -80,4 +82,49 @@ fn smollm2_on_cuda_matches_the_cpu_reference() {
     let rate = agree as f64 / total as f64;
     println!("overall teacher-forced top-1 agreement {:.4} over {total} positions", rate);
     assert!(rate >= 0.99, "teacher-forced top-1 agreement {rate:.4} < 0.99");
+}
+
+#[test]
+fn tiny_qwen_models_on_cuda_match_the_cpu_reference() {
+    let Some(gpu) = cuda_backend() else { return };
+    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 280).collect();
+    for arch in [Architecture::Qwen2, Architecture::Qwen3] {
+        // Head size 64, which the CUDA prefill attention supports; Qwen3's Q is twice the hidden width.
+        let (n_heads, explicit_head_dim) = match arch {
+            Architecture::Qwen3 => (4, Some(64)),
+            _ => (2, None),
+        };
+        let spec = TinySpec {
+            arch,
+            hidden: 128,
+            n_heads,
+            n_kv_heads: 1,
+            explicit_head_dim,
+            n_layers: 3,
+            tied: true,
+            rope_theta: 1e6,
+            dtypes: TinyDTypes::like_llama_cpp(DType::Q8_0),
+            ..TinySpec::default()
+        };
+        let path = dir.path().join(format!("{arch}.gguf"));
+        write_tiny_gguf(&spec, &path).expect("write");
+        let split = [LayerRange::new(0, 1), LayerRange::new(1, 3)];
+        let run = |backend: &Arc<dyn Backend>, shards: &[LayerRange]| -> Vec<f32> {
+            let engine =
+                Engine::load(&path, backend.clone(), shards, ShardOptions::default(), &mut |_, _| {}).expect("load");
+            let mut s = engine.pipeline().open_session(tokens.len()).expect("session");
+            backend.download_f32(&s.forward(&tokens, true).expect("forward")).expect("download")
+        };
+        let (g, c) = (run(&gpu, &split), run(&cpu, &[]));
+        let num: f64 = g.iter().zip(&c).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+        let den: f64 = c.iter().map(|b| f64::from(*b).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        let v = spec.vocab;
+        let same = g.chunks_exact(v).zip(c.chunks_exact(v)).filter(|(a, b)| argmax(a) == argmax(b)).count();
+        println!("{arch}: relative logit error {rel:.2e}, top-1 {same}/{}", tokens.len());
+        assert!(rel < 2e-2, "{arch}: CUDA logits differ from the CPU by {rel}");
+        assert!(same * 100 >= tokens.len() * 95, "{arch}: top-1 agreement {same}/{}", tokens.len());
+    }
 }

@@ -1,14 +1,15 @@
 //! The whole forward pass on tiny random models, checked against an independent f64 implementation written here
-//! from the Llama equations, across every tensor type, both file formats, GQA/MHA/MQA, tied embeddings and Llama 3
-//! RoPE scaling; and the determinism rules: shards run one after another are bit-identical to the whole model, and
-//! prefill equals token-by-token decode.
+//! from the Llama equations (with Qwen2's Q/K/V biases and Qwen3's per-head Q/K norms where the model has those
+//! tensors), across every tensor type, both file formats, the three architectures, GQA/MHA/MQA, tied embeddings,
+//! a head size that is not `hidden / heads`, and Llama 3 RoPE scaling; and the determinism rules: shards run one
+//! after another are bit-identical to the whole model, and prefill equals token-by-token decode.
 
 use std::sync::Arc;
 
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DType, Llama3Scaling};
 use shardline_node::model::open::ModelFiles;
-use shardline_node::model::{LayerRange, Shard, ShardInput, ShardOptions, ShardOutput};
+use shardline_node::model::{Architecture, LayerRange, Shard, ShardInput, ShardOptions, ShardOutput};
 use shardline_node::test_models::{
     TinyDTypes, TinySpec, TinyTensor, llama3_freq_factors, tiny_tensors, write_tiny_gguf, write_tiny_hf,
 };
@@ -17,12 +18,13 @@ fn backend(threads: usize) -> Arc<dyn Backend> {
     Arc::new(CpuBackend::new(threads))
 }
 
-/// Llama forward in f64 over the Hugging Face layout (NeoX RoPE); logits for every position.
+/// Llama forward in f64 over the Hugging Face layout (NeoX RoPE); logits for every position. Q/K/V biases (Qwen2)
+/// and per-head Q/K RMSNorm before RoPE (Qwen3) are applied when the model has those tensors.
 fn reference_logits(spec: &TinySpec, tensors: &[TinyTensor], tokens: &[u32]) -> Vec<Vec<f64>> {
-    let get = |name: &str| -> &TinyTensor {
-        tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("tensor {name}"))
-    };
+    let find = |name: &str| tensors.iter().find(|t| t.name == name);
+    let get = |name: &str| -> &TinyTensor { find(name).unwrap_or_else(|| panic!("tensor {name}")) };
     let w = |name: &str| -> Vec<f64> { get(name).values.iter().map(|&v| v as f64).collect() };
+    let opt = |name: &str| find(name).map(|_| w(name));
     let (h, hd, nh, nkv) = (spec.hidden, spec.head_dim(), spec.n_heads, spec.n_kv_heads);
     let eps = spec.rms_eps as f64;
     let matvec = |m: &[f64], x: &[f64], out_dim: usize| -> Vec<f64> {
@@ -33,6 +35,16 @@ fn reference_logits(spec: &TinySpec, tensors: &[TinyTensor], tokens: &[u32]) -> 
         let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
         let r = 1.0 / (ms + eps).sqrt();
         x.iter().zip(g).map(|(v, g)| v * r * g).collect()
+    };
+    let add_bias = |x: &mut Vec<f64>, b: &Option<Vec<f64>>| {
+        if let Some(b) = b {
+            x.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    };
+    let head_norm = |x: &mut Vec<f64>, g: &Option<Vec<f64>>| {
+        if let Some(g) = g {
+            *x = x.chunks(hd).flat_map(|head| rms(head, g)).collect();
+        }
     };
     let half = hd / 2;
     let mut inv_freq: Vec<f64> =
@@ -59,6 +71,9 @@ fn reference_logits(spec: &TinySpec, tensors: &[TinyTensor], tokens: &[u32]) -> 
         let (wq, wk, wv, wo) = (w(&p("attn_q")), w(&p("attn_k")), w(&p("attn_v")), w(&p("attn_output")));
         let (wg, wu, wd) = (w(&p("ffn_gate")), w(&p("ffn_up")), w(&p("ffn_down")));
         let (an, fnorm) = (w(&p("attn_norm")), w(&p("ffn_norm")));
+        let b = |s: &str| opt(&format!("blk.{l}.{s}.bias"));
+        let (bq, bk, bv) = (b("attn_q"), b("attn_k"), b("attn_v"));
+        let (qn, kn) = (opt(&p("attn_q_norm")), opt(&p("attn_k_norm")));
         let mut ks = Vec::new();
         let mut vs = Vec::new();
         let mut qs = Vec::new();
@@ -66,11 +81,17 @@ fn reference_logits(spec: &TinySpec, tensors: &[TinyTensor], tokens: &[u32]) -> 
             let hn = rms(x, &an);
             let mut q = matvec(&wq, &hn, nh * hd);
             let mut k = matvec(&wk, &hn, nkv * hd);
+            let mut v = matvec(&wv, &hn, nkv * hd);
+            add_bias(&mut q, &bq);
+            add_bias(&mut k, &bk);
+            add_bias(&mut v, &bv);
+            head_norm(&mut q, &qn);
+            head_norm(&mut k, &kn);
             rope(&mut q, nh, pos);
             rope(&mut k, nkv, pos);
             qs.push(q);
             ks.push(k);
-            vs.push(matvec(&wv, &hn, nkv * hd));
+            vs.push(v);
         }
         for pos in 0..xs.len() {
             let mut att = vec![0.0; nh * hd];
@@ -167,10 +188,27 @@ fn variants() -> Vec<(&'static str, TinySpec, f64)> {
     ));
     v.push((
         "like smollm2",
-        TinySpec { tied: true, n_layers: 3, dtypes: TinyDTypes::like_llama_cpp(DType::Q4_1), ..base },
+        TinySpec { tied: true, n_layers: 3, dtypes: TinyDTypes::like_llama_cpp(DType::Q4_1), ..base.clone() },
         3e-2,
     ));
+    for (name, arch, dtypes, tol) in [
+        ("qwen2 f32", Architecture::Qwen2, f32s, 1e-5),
+        ("qwen2 bf16", Architecture::Qwen2, TinyDTypes::all(DType::BF16), 1e-4),
+        ("qwen2 q8_0", Architecture::Qwen2, TinyDTypes::like_llama_cpp(DType::Q8_0), 3e-2),
+        ("qwen3 f32", Architecture::Qwen3, f32s, 1e-5),
+        ("qwen3 f16", Architecture::Qwen3, TinyDTypes::all(DType::F16), 1e-4),
+        ("qwen3 q4_1", Architecture::Qwen3, TinyDTypes::like_llama_cpp(DType::Q4_1), 3e-2),
+    ] {
+        v.push((name, qwen(arch, dtypes), tol));
+    }
     v
+}
+
+/// A tiny model of a Qwen architecture shaped like the real ones: tied embeddings and RoPE base 10⁶ (Qwen2.5's
+/// small models), and for Qwen3 a head size that makes `n_heads · head_dim` twice `hidden`.
+fn qwen(arch: Architecture, dtypes: TinyDTypes) -> TinySpec {
+    let explicit_head_dim = (arch == Architecture::Qwen3).then_some(32);
+    TinySpec { arch, tied: true, rope_theta: 1e6, rms_eps: 1e-6, explicit_head_dim, dtypes, ..TinySpec::default() }
 }
 
 #[test]
@@ -197,30 +235,37 @@ fn gguf_and_safetensors_match_an_independent_f64_forward() {
 #[test]
 fn shards_run_one_after_another_are_bit_identical_to_the_whole_model() {
     let dir = tempfile::tempdir().unwrap();
-    let spec =
-        TinySpec { n_layers: 4, dtypes: TinyDTypes::like_llama_cpp(DType::Q4_1), tied: true, ..Default::default() };
-    let path = dir.path().join("m.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    let files = ModelFiles::open(&path).unwrap();
-    let whole = run_shards(&files, &[LayerRange::new(0, 4)], &TOKENS, backend(2));
-    for splits in [
-        vec![LayerRange::new(0, 1), LayerRange::new(1, 4)],
-        vec![LayerRange::new(0, 2), LayerRange::new(2, 4)],
-        vec![LayerRange::new(0, 1), LayerRange::new(1, 2), LayerRange::new(2, 3), LayerRange::new(3, 4)],
-    ] {
-        let split = run_shards(&files, &splits, &TOKENS, backend(2));
-        assert!(whole == split, "split {splits:?} differs from the whole model");
+    for arch in [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3] {
+        let spec = TinySpec {
+            n_layers: 4,
+            dtypes: TinyDTypes::like_llama_cpp(DType::Q4_1),
+            ..qwen(arch, TinyDTypes::all(DType::F32))
+        };
+        let path = dir.path().join(format!("{arch}.gguf"));
+        write_tiny_gguf(&spec, &path).unwrap();
+        let files = ModelFiles::open(&path).unwrap();
+        assert_eq!(files.config().architecture, arch);
+        let whole = run_shards(&files, &[LayerRange::new(0, 4)], &TOKENS, backend(2));
+        for splits in [
+            vec![LayerRange::new(0, 1), LayerRange::new(1, 4)],
+            vec![LayerRange::new(0, 2), LayerRange::new(2, 4)],
+            vec![LayerRange::new(0, 1), LayerRange::new(1, 2), LayerRange::new(2, 3), LayerRange::new(3, 4)],
+        ] {
+            let split = run_shards(&files, &splits, &TOKENS, backend(2));
+            assert!(whole == split, "{arch}: split {splits:?} differs from the whole model");
+        }
+        // Thread count does not change a bit either.
+        assert!(whole == run_shards(&files, &[LayerRange::new(0, 4)], &TOKENS, backend(1)), "{arch}: threads");
     }
-    // Thread count does not change a bit either.
-    assert!(whole == run_shards(&files, &[LayerRange::new(0, 4)], &TOKENS, backend(1)));
 }
 
 #[test]
 fn prefill_equals_token_by_token_decode() {
     let dir = tempfile::tempdir().unwrap();
-    for dt in [DType::F32, DType::Q4_1] {
-        let spec = TinySpec { dtypes: TinyDTypes::all(dt), ..Default::default() };
-        let path = dir.path().join(format!("{dt}.gguf"));
+    let archs = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3];
+    for (arch, dt) in archs.into_iter().flat_map(|a| [(a, DType::F32), (a, DType::Q4_1)]) {
+        let spec = qwen(arch, TinyDTypes::all(dt));
+        let path = dir.path().join(format!("{arch}-{dt}.gguf"));
         write_tiny_gguf(&spec, &path).unwrap();
         let files = ModelFiles::open(&path).unwrap();
         let b = backend(2);
@@ -238,7 +283,7 @@ fn prefill_equals_token_by_token_decode() {
             let l = b.download_f32(&l).unwrap();
             let row = &all[i * spec.vocab..(i + 1) * spec.vocab];
             let diff = l.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(diff <= 1e-5, "{dt}: position {i} decode differs from prefill by {diff}");
+            assert!(diff <= 1e-5, "{arch} {dt}: position {i} decode differs from prefill by {diff}");
         }
         assert_eq!(s.len(), TOKENS.len());
     }

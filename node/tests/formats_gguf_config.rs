@@ -4,7 +4,7 @@ use shardline_kernels::{DType, RopeStyle};
 use shardline_node::ModelError;
 use shardline_node::formats::gguf::{GgufFile, GgufValue};
 use shardline_node::formats::gguf_writer::GgufWriter;
-use shardline_node::model::ModelConfig;
+use shardline_node::model::{Architecture, ModelConfig};
 use shardline_node::test_models::quantize;
 
 /// Metadata of a small llama model; `patch` replaces (or with `None` removes) keys.
@@ -121,8 +121,8 @@ fn rope_scaling() {
 
 #[test]
 fn refusals_name_what_is_wrong() {
-    match config_with("qwen2", &[], &[]) {
-        Err(ModelError::UnsupportedArchitecture(a)) => assert_eq!(a, "qwen2"),
+    match config_with("qwen2moe", &[], &[]) {
+        Err(ModelError::UnsupportedArchitecture(a)) => assert_eq!(a, "qwen2moe"),
         other => panic!("{other:?}"),
     }
     let c = config_with("mistral", &[], &[]).unwrap();
@@ -155,4 +155,18 @@ fn refusals_name_what_is_wrong() {
     w.add("llama.block_count", 1u32).unwrap();
     let f = GgufFile::from_bytes("noarch.gguf", w.to_bytes()).unwrap();
     assert!(matches!(ModelConfig::from_gguf(&f), Err(ModelError::MissingMetadata(k)) if k == "general.architecture"));
+}
+
+#[test]
+fn qwen_files_keep_neox_rope_pairs() {
+    for (name, arch) in [("qwen2", Architecture::Qwen2), ("qwen3", Architecture::Qwen3)] {
+        let c = config_with(name, &[("attention.key_length", Some(128u32.into()))], &[]).unwrap();
+        assert_eq!((c.arch.as_str(), c.architecture), (name, arch));
+        assert_eq!((c.rope.style, c.head_dim, c.rope.rotary_dim), (RopeStyle::Neox, 128, 128));
+    }
+    let c = config_with("llama", &[], &[]).unwrap();
+    assert_eq!((c.architecture, c.rope.style), (Architecture::Llama, RopeStyle::Interleaved));
+    // NaN cannot pass for an absent key.
+    let err = config_with("qwen2", &[("rope.freq_base", Some(f32::NAN.into()))], &[]).unwrap_err();
+    assert!(matches!(err, ModelError::BadMetadata { ref key, .. } if key == "qwen2.rope.freq_base"), "{err}");
 }

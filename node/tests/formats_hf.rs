@@ -7,7 +7,7 @@ use serde_json::json;
 use shardline_kernels::{DType, Llama3Scaling, RopeStyle};
 use shardline_node::ModelError;
 use shardline_node::formats::hf::{HfWeights, INDEX_FILE};
-use shardline_node::model::{ModelConfig, ModelFiles, WeightSource, open_model};
+use shardline_node::model::{Architecture, ModelConfig, ModelFiles, WeightSource, open_model};
 use shardline_node::test_models::{TinyDTypes, TinySpec, tiny_tensors, write_tiny_hf, write_tiny_hf_sharded};
 
 fn check_against_spec(w: &dyn WeightSource, spec: &TinySpec) {
@@ -113,8 +113,8 @@ fn hf_config_json_parsing() {
         .unwrap();
     assert_eq!((c.arch.as_str(), c.context_length), ("mistral", 4096));
 
-    match with(json!({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})) {
-        Err(ModelError::UnsupportedArchitecture(a)) => assert_eq!(a, "Qwen2ForCausalLM"),
+    match with(json!({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"})) {
+        Err(ModelError::UnsupportedArchitecture(a)) => assert_eq!(a, "Qwen2MoeForCausalLM"),
         other => panic!("{other:?}"),
     }
     match with(json!({"model_type": "gemma"})) {
@@ -136,6 +136,81 @@ fn hf_config_json_parsing() {
     let mut v = base_config();
     v.as_object_mut().unwrap().remove("num_hidden_layers");
     assert!(matches!(ModelConfig::from_hf_config(&v), Err(ModelError::MissingMetadata(k)) if k == "num_hidden_layers"));
+    // A nested field of the wrong type is named by its path.
+    match with(json!({"rope_scaling": {"rope_type": "linear", "factor": "4"}})) {
+        Err(ModelError::BadMetadata { key, .. }) => assert_eq!(key, "rope_scaling.factor"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(ModelConfig::from_hf_config(&json!([1, 2])), Err(ModelError::BadMetadata { .. })));
+}
+
+/// Qwen2.5-0.5B-Instruct's `config.json` (the numbers that matter here).
+fn qwen2_config() -> serde_json::Value {
+    json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_hidden_layers": 24,
+        "num_key_value_heads": 2, "max_position_embeddings": 32768, "max_window_layers": 21, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "sliding_window": 4096, "tie_word_embeddings": true, "use_sliding_window": false,
+        "vocab_size": 151936, "rope_scaling": null
+    })
+}
+
+#[test]
+fn qwen_configs_give_their_architecture() {
+    let c = ModelConfig::from_hf_config(&qwen2_config()).unwrap();
+    assert_eq!((c.arch.as_str(), c.architecture), ("qwen2", Architecture::Qwen2));
+    assert_eq!((c.hidden, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn), (896, 14, 2, 64, 4864));
+    assert_eq!((c.rope.theta, c.rope.style, c.rms_eps, c.tied_embeddings), (1e6, RopeStyle::Neox, 1e-6, true));
+    assert_eq!(c.context_length, 32768, "use_sliding_window is false: the window does not cap the context");
+    assert!(c.architecture.layout().qkv_bias);
+
+    let mut v = qwen2_config();
+    v["use_sliding_window"] = json!(true);
+    assert_eq!(ModelConfig::from_hf_config(&v).unwrap().context_length, 4096);
+    v.as_object_mut().unwrap().remove("use_sliding_window");
+    assert_eq!(ModelConfig::from_hf_config(&v).unwrap().context_length, 32768, "Qwen's default is off");
+
+    // Qwen3-0.6B: head_dim 128 with 16 heads over a hidden size of 1024.
+    let qwen3 = json!({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": false, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960,
+        "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+        "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": true,
+        "use_sliding_window": false, "vocab_size": 151936
+    });
+    let c = ModelConfig::from_hf_config(&qwen3).unwrap();
+    assert_eq!((c.architecture, c.head_dim, c.n_heads * c.head_dim, c.hidden), (Architecture::Qwen3, 128, 2048, 1024));
+    assert!(c.architecture.layout().qk_norm && !c.architecture.layout().qkv_bias);
+    let mut biased = qwen3.clone();
+    biased["attention_bias"] = json!(true);
+    assert!(
+        matches!(ModelConfig::from_hf_config(&biased), Err(ModelError::BadMetadata { key, .. }) if key == "attention_bias")
+    );
+    // Only `model_type` or only the class is enough.
+    let mut no_class = qwen3.clone();
+    no_class.as_object_mut().unwrap().remove("architectures");
+    assert_eq!(ModelConfig::from_hf_config(&no_class).unwrap().architecture, Architecture::Qwen3);
+    let mut no_type = qwen3;
+    no_type.as_object_mut().unwrap().remove("model_type");
+    assert_eq!(ModelConfig::from_hf_config(&no_type).unwrap().arch, "qwen3");
+}
+
+#[test]
+fn qwen_directories_load_biases_and_head_norms() {
+    for arch in [Architecture::Qwen2, Architecture::Qwen3] {
+        let spec = TinySpec { arch, tied: true, explicit_head_dim: Some(32), ..TinySpec::default() };
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_hf(&spec, dir.path()).unwrap();
+        let hf = HfWeights::open(dir.path()).unwrap();
+        check_against_spec(&hf, &spec);
+        let (bias, norm) = (hf.hf_name("blk.1.attn_k.bias"), hf.hf_name("blk.1.attn_k_norm.weight"));
+        match arch {
+            Architecture::Qwen2 => {
+                assert_eq!((bias, norm), (Some("model.layers.1.self_attn.k_proj.bias"), None));
+            }
+            _ => assert_eq!((bias, norm), (None, Some("model.layers.1.self_attn.k_norm.weight"))),
+        }
+    }
 }
 
 fn tiny_dir() -> tempfile::TempDir {

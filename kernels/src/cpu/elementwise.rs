@@ -1,4 +1,4 @@
-//! Element-wise ops of a Llama block: SwiGLU and the residual add.
+//! Element-wise ops of a transformer block: SwiGLU, the residual add and the bias add.
 
 use super::math;
 use super::parallel::{Exec, Pool};
@@ -28,6 +28,24 @@ pub(crate) fn add(pool: &Pool, acc: &mut [f32], x: &[f32]) {
     for_chunks(pool, acc, |start, a| {
         for (av, &xv) in a.iter_mut().zip(&x[start..]) {
             *av += xv;
+        }
+    });
+}
+
+/// `x[r, n] += bias[n]` for every row `r`; `x.len()` a multiple of `bias.len()` (checked by the caller).
+pub(crate) fn add_bias(pool: &Pool, x: &mut [f32], bias: &[f32]) {
+    let width = bias.len();
+    if width == 0 {
+        return;
+    }
+    let rows = x.len() / width;
+    let ranges = pool.row_chunks(rows, width, SERIAL_ELEMS);
+    let items = super::parallel::split_mut(x, &ranges, width);
+    pool.run_each(items, |(_, chunk)| {
+        for row in chunk.chunks_exact_mut(width) {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
         }
     });
 }

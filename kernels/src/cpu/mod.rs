@@ -263,6 +263,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn add_bias(&self, x: &mut Tensor, bias: &Tensor) -> Result<()> {
+        const OP: &str = "add_bias";
+        let (_, width) = check_2d(OP, "x", x, None, None)?;
+        same_len(OP, bias.elem_count(), width)?;
+        let b = weight_f32(bias)?;
+        elementwise::add_bias(&self.pool, act_mut(OP, x)?, &b);
+        Ok(())
+    }
+
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()> {
         const OP: &str = "copy_rows";
         let (src_rows, width) = check_2d(OP, "src", src, None, None)?;

@@ -30,6 +30,9 @@ pub fn swiglu(act: DType) -> String {
 pub fn add(act: DType) -> String {
     format!("add_{act}")
 }
+pub fn add_bias(act: DType, w: DType) -> String {
+    format!("add_bias_{act}_{w}")
+}
 pub const KV_STORE: &str = "kv_store_b16";
 pub fn gemv(act: DType, w: DType, tile: usize) -> String {
     format!("gemv_{act}_{w}_t{tile}")
@@ -73,6 +76,7 @@ pub fn all() -> Vec<(&'static str, String)> {
         for w in plain {
             v.push(("norm", rms_norm(act, w)));
             v.push(("norm", add_rms_norm(act, w)));
+            v.push(("elementwise", add_bias(act, w)));
             v.push(("gemv", gemv_scalar(act, w)));
         }
         v.push(("gemv", gemv_reduce(act)));

@@ -592,6 +592,22 @@ impl Backend for CudaBackend {
         self.launch(&mut ex, "elementwise", &names::add(self.act), grid, 256, &args)
     }
 
+    fn add_bias(&self, x: &mut Tensor, bias: &Tensor) -> Result<()> {
+        if bias.elem_count() != x.cols() {
+            return Err(shape_err("add_bias", format!("x {:?}, bias {:?}", x.shape(), bias.shape())));
+        }
+        if !matches!(bias.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            return Err(KernelError::UnsupportedDType { op: "add_bias bias", dtype: bias.dtype() });
+        }
+        let xp = self.act_ptr("add_bias", x)?;
+        let (bp, _) = Self::weight_ptrs(bias)?;
+        let n = x.elem_count();
+        let mut ex = self.exec()?;
+        let grid = (self.elementwise_grid(n.saturating_mul(8)), 1, 1);
+        let args = [Arg::Ptr(xp), Arg::Ptr(bp), i32_arg("add_bias", x.cols())?, Arg::I64(n as i64)];
+        self.launch(&mut ex, "elementwise", &names::add_bias(self.act, bias.dtype()), grid, 256, &args)
+    }
+
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()> {
         if src.cols() != dst.cols() || src.dtype() != dst.dtype() || src.dtype().is_quantized() {
             return Err(shape_err(

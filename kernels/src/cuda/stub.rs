@@ -92,6 +92,9 @@ impl Backend for CudaBackend {
     fn add(&self, _: &mut Tensor, _: &Tensor) -> Result<()> {
         match *self {}
     }
+    fn add_bias(&self, _: &mut Tensor, _: &Tensor) -> Result<()> {
+        match *self {}
+    }
     fn copy_rows(&self, _: &Tensor, _: usize, _: &mut Tensor, _: usize, _: usize) -> Result<()> {
         match *self {}
     }

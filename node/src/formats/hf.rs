@@ -21,13 +21,16 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 const GLOBAL_NAMES: [(&str, &str); 3] =
     [("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"), ("lm_head", "output")];
 
-/// Per-layer tensors below `model.layers.{i}.` → below `blk.{i}.`.
-const LAYER_NAMES: [(&str, &str); 9] = [
+/// Per-layer tensors below `model.layers.{i}.` → below `blk.{i}.` (biases keep their `.bias` suffix).
+const LAYER_NAMES: [(&str, &str); 11] = [
     ("input_layernorm", "attn_norm"),
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"),
     ("self_attn.o_proj", "attn_output"),
+    // Qwen3's per-head norms.
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
     ("post_attention_layernorm", "ffn_norm"),
     ("mlp.gate_proj", "ffn_gate"),
     ("mlp.up_proj", "ffn_up"),
@@ -48,7 +51,7 @@ fn split_layer<'a>(stem: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
     Some((idx.parse().ok()?, rest))
 }
 
-/// The canonical name of a Hugging Face Llama tensor name (`model.layers.3.self_attn.q_proj.weight` →
+/// The canonical name of a Hugging Face Llama/Qwen tensor name (`model.layers.3.self_attn.q_proj.weight` →
 /// `blk.3.attn_q.weight`); `None` for names shardline does not use (for example `rotary_emb.inv_freq`).
 pub fn hf_to_canonical(name: &str) -> Option<String> {
     let (stem, suffix) = split_suffix(name)?;
@@ -249,6 +252,8 @@ mod tests {
             ("model.layers.7.mlp.up_proj.weight", "blk.7.ffn_up.weight"),
             ("model.layers.7.mlp.down_proj.weight", "blk.7.ffn_down.weight"),
             ("model.layers.7.self_attn.q_proj.bias", "blk.7.attn_q.bias"),
+            ("model.layers.2.self_attn.q_norm.weight", "blk.2.attn_q_norm.weight"),
+            ("model.layers.2.self_attn.k_norm.weight", "blk.2.attn_k_norm.weight"),
         ];
         for (hf, canonical) in pairs {
             assert_eq!(hf_to_canonical(hf).as_deref(), Some(canonical), "{hf}");

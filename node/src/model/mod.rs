@@ -1,5 +1,6 @@
 //! Model description and weights: configuration, the weight-source interface over file formats, and shards.
 
+pub mod arch;
 pub mod config;
 pub mod id;
 pub mod kv_cache;
@@ -7,6 +8,7 @@ pub mod open;
 pub mod shard;
 pub mod source;
 
+pub use arch::{Architecture, BlockLayout};
 pub use config::ModelConfig;
 pub use id::{IdScope, ModelId};
 pub use open::{ModelFiles, open_model};

@@ -1,5 +1,7 @@
 //! A shard: exactly the blocks `a..b` of a model, plus the token embeddings when `a == 0` and the final norm and LM
-//! head when `b == N`. It reads no other layer's weights. The forward pass is written once against [`Backend`].
+//! head when `b == N`. It reads no other layer's weights. The forward pass is written once against [`Backend`], for
+//! every architecture: the optional parts of a block (Q/K/V biases, per-head Q/K norms) are present or not as the
+//! model's [`BlockLayout`](crate::model::BlockLayout) says.
 
 use std::sync::Arc;
 
@@ -42,16 +44,42 @@ pub enum ShardOutput {
     Logits(Tensor),
 }
 
+/// A projection `y = x·Wᵀ (+ b)`.
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, b: &dyn Backend, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        b.matmul(x, &self.weight, out)?;
+        if let Some(bias) = &self.bias {
+            b.add_bias(out, bias)?;
+        }
+        Ok(())
+    }
+}
+
+/// One transformer block; the optional parts are those its [`BlockLayout`](crate::model::BlockLayout) names.
 struct Block {
     attn_norm: Tensor,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     wo: Tensor,
+    /// Per-head RMSNorm weights of Q and K (`head_dim` each), applied before RoPE.
+    qk_norm: Option<(Tensor, Tensor)>,
     ffn_norm: Tensor,
     w_gate: Tensor,
     w_up: Tensor,
     w_down: Tensor,
+}
+
+impl Block {
+    /// Tensors a block of this layout loads.
+    fn tensor_count(layout: crate::model::BlockLayout) -> usize {
+        9 + 3 * usize::from(layout.qkv_bias) + 2 * usize::from(layout.qk_norm)
+    }
 }
 
 struct Head {
@@ -143,7 +171,9 @@ impl Shard {
         }
         let has_embeddings = layers.start == 0;
         let has_head = layers.end == c.n_layers;
-        let total = layers.len() * 9 + usize::from(has_embeddings) + 2 * usize::from(has_head);
+        let layout = c.architecture.layout();
+        let total =
+            layers.len() * Block::tensor_count(layout) + usize::from(has_embeddings) + 2 * usize::from(has_head);
         let mut done = 0;
         let mut step = |progress: &mut dyn FnMut(usize, usize)| {
             done += 1;
@@ -159,21 +189,32 @@ impl Shard {
         };
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.start..layers.end {
-            let mut get = |suffix: &str, shape: &[usize]| -> Result<Tensor> {
-                let t = upload(b, source, &format!("blk.{i}.{suffix}.weight"), shape)?;
+            let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+                let t = upload(b, source, &format!("blk.{i}.{name}"), shape)?;
                 step(progress);
                 Ok(t)
             };
+            let mut linear = |stem: &str, out_w: usize| -> Result<Linear> {
+                let weight = get(&format!("{stem}.weight"), &[out_w, h])?;
+                let bias = layout.qkv_bias.then(|| get(&format!("{stem}.bias"), &[out_w])).transpose()?;
+                Ok(Linear { weight, bias })
+            };
+            let (wq, wk, wv) = (linear("attn_q", q_w)?, linear("attn_k", kv_w)?, linear("attn_v", kv_w)?);
+            let qk_norm = match layout.qk_norm {
+                true => Some((get("attn_q_norm.weight", &[c.head_dim])?, get("attn_k_norm.weight", &[c.head_dim])?)),
+                false => None,
+            };
             blocks.push(Block {
-                attn_norm: get("attn_norm", &[h])?,
-                wq: get("attn_q", &[q_w, h])?,
-                wk: get("attn_k", &[kv_w, h])?,
-                wv: get("attn_v", &[kv_w, h])?,
-                wo: get("attn_output", &[h, q_w])?,
-                ffn_norm: get("ffn_norm", &[h])?,
-                w_gate: get("ffn_gate", &[ffn, h])?,
-                w_up: get("ffn_up", &[ffn, h])?,
-                w_down: get("ffn_down", &[h, ffn])?,
+                attn_norm: get("attn_norm.weight", &[h])?,
+                wq,
+                wk,
+                wv,
+                wo: get("attn_output.weight", &[h, q_w])?,
+                qk_norm,
+                ffn_norm: get("ffn_norm.weight", &[h])?,
+                w_gate: get("ffn_gate.weight", &[ffn, h])?,
+                w_up: get("ffn_up.weight", &[ffn, h])?,
+                w_down: get("ffn_down.weight", &[h, ffn])?,
             });
         }
         let head = if has_head {
@@ -360,13 +401,24 @@ impl Shard {
         let mut gate = b.alloc(&[t, c.ffn])?;
         let mut up = b.alloc(&[t, c.ffn])?;
         let mut act = b.alloc(&[t, c.ffn])?;
+        // Scratch for the per-head Q/K norms (Qwen3), swapped with `q`/`k` by `head_rms_norm`.
+        let mut qk_scratch = None;
         let mut kv = self.kv.lock();
         let (lo, hi) = (span.start - self.layers.start, span.end - self.layers.start);
         for (blk, (k_cache, v_cache)) in self.blocks[lo..hi].iter().zip(kv.layers[lo..hi].iter_mut()) {
             b.rms_norm(&x, &blk.attn_norm, c.rms_eps, &mut h)?;
-            b.matmul(&h, &blk.wq, &mut q)?;
-            b.matmul(&h, &blk.wk, &mut k)?;
-            b.matmul(&h, &blk.wv, &mut v)?;
+            blk.wq.forward(b, &h, &mut q)?;
+            blk.wk.forward(b, &h, &mut k)?;
+            blk.wv.forward(b, &h, &mut v)?;
+            if let Some((q_norm, k_norm)) = &blk.qk_norm {
+                if qk_scratch.is_none() {
+                    qk_scratch = Some((b.alloc(&[t, q_w])?, b.alloc(&[t, kv_w])?));
+                }
+                if let Some((q_scratch, k_scratch)) = qk_scratch.as_mut() {
+                    head_rms_norm(b, &mut q, q_scratch, c.n_heads, q_norm, c.rms_eps)?;
+                    head_rms_norm(b, &mut k, k_scratch, c.n_kv_heads, k_norm, c.rms_eps)?;
+                }
+            }
             b.rope(&mut q, &positions, c.n_heads, &self.inv_freq, &c.rope)?;
             b.rope(&mut k, &positions, c.n_kv_heads, &self.inv_freq, &c.rope)?;
             b.kv_store(k_cache, v_cache, &k, &v, &slots)?;
@@ -394,4 +446,27 @@ impl Shard {
         b.matmul(&normed, &head.lm_head, &mut logits)?;
         Ok(ShardOutput::Logits(logits))
     }
+}
+
+/// RMSNorm of each head of `x: [T, heads·head_dim]` over its `head_dim` values with the shared `weight`, seen as
+/// rows of a `[T·heads, head_dim]` tensor (the reshape moves no data). The result ends in `x`; `scratch` (same shape
+/// as `x`) receives the old values.
+fn head_rms_norm(
+    b: &dyn Backend,
+    x: &mut Tensor,
+    scratch: &mut Tensor,
+    heads: usize,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<()> {
+    let shape = x.shape().to_vec();
+    let head_dim = weight.elem_count();
+    let by_head = [x.rows() * heads, head_dim];
+    x.reshape(&by_head)?;
+    scratch.reshape(&by_head)?;
+    b.rms_norm(x, weight, eps, scratch)?;
+    x.reshape(&shape)?;
+    scratch.reshape(&shape)?;
+    std::mem::swap(x, scratch);
+    Ok(())
 }
