@@ -302,6 +302,13 @@ impl QuantAct {
         }
     }
 
+    /// Start of the 256 values of super-block `b` of row `r` ([`ActLayout::Super`]).
+    #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
+    pub(crate) fn super_ptr(&self, r: usize, b: usize) -> *const i8 {
+        self.qs.as_ptr().wrapping_add((r * self.blocks + b) * QK_K).cast()
+    }
+
     /// The 256 values of super-block `b` of row `r` ([`ActLayout::Super`]).
     #[inline(always)]
     pub(crate) fn super_values(&self, r: usize, b: usize) -> &[i8] {

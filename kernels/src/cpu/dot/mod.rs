@@ -23,6 +23,8 @@ pub(crate) mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_super;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod scalar;
 
@@ -125,19 +127,15 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
 /// (an AVX-512 CPU has AVX2), formats without SIMD kernels the scalar ones. Every level gives the same bits, so this
 /// only chooses speed.
 pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
-    let best = match dtype {
-        DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => SimdLevel::Avx512Vnni,
-        DType::Q5_0
-        | DType::Q5_1
-        | DType::IQ4_NL
-        | DType::Q4_K
-        | DType::Q6_K
-        | DType::Q2_K
-        | DType::Q3_K
-        | DType::Q5_K
-        | DType::IQ4_XS => SimdLevel::Scalar,
-    };
-    level.min(best)
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => level,
+        // An AVX-512 CPU need not have the VEX-encoded AVX-VNNI: it runs the `vpmaddubsw` kernels.
+        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL | DType::Q4_K | DType::Q6_K => match level {
+            SimdLevel::Avx512Vnni => SimdLevel::Avx2,
+            other => other,
+        },
+        DType::Q2_K | DType::Q3_K | DType::Q5_K | DType::IQ4_XS => SimdLevel::Scalar,
+    }
 }
 
 /// Tile shapes of a kernel: `nr_t × tr` outputs when `tr` activation rows are left, `nr_1 × 1` otherwise.
