@@ -435,6 +435,26 @@ mod tests {
     }
 
     #[test]
+    fn q8_k_maps_the_first_largest_magnitude_to_minus_127() {
+        let mut x = [0.0f32; QK_K];
+        x[0] = 2.0;
+        x[1] = -2.0; // same magnitude, later: not the reference value
+        x[2] = 0.5;
+        x[17] = -1.0;
+        let (mut q, mut bsums) = ([0i8; QK_K], [0i16; 16]);
+        let d = quantize_super(&x, &mut q, &mut bsums);
+        // iscale = −127 / 2 = −63.5, d = 1 / iscale.
+        assert_eq!(d, 1.0 / -63.5);
+        assert_eq!(&q[..3], &[-127, 127, -32]); // −31.75 rounds to −32
+        assert_eq!(q[17], 64); // 63.5 rounds half to even
+        assert_eq!(bsums[0], -127 + 127 - 32);
+        assert_eq!(bsums[1], 64);
+        assert!(q[3..17].iter().chain(&q[18..]).all(|&v| v == 0));
+        let d0 = quantize_super(&[0.0; QK_K], &mut q, &mut bsums);
+        assert_eq!((d0, q.iter().any(|&v| v != 0), bsums.iter().any(|&v| v != 0)), (0.0, false, false));
+    }
+
+    #[test]
     fn rounding_is_half_even_and_bounded() {
         let mut x = [0.0f32; QK];
         x[0] = 127.0;

@@ -130,11 +130,18 @@ pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => level,
         // An AVX-512 CPU need not have the VEX-encoded AVX-VNNI: it runs the `vpmaddubsw` kernels.
-        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL | DType::Q4_K | DType::Q6_K => match level {
+        DType::Q5_0
+        | DType::Q5_1
+        | DType::IQ4_NL
+        | DType::Q2_K
+        | DType::Q3_K
+        | DType::Q4_K
+        | DType::Q5_K
+        | DType::Q6_K
+        | DType::IQ4_XS => match level {
             SimdLevel::Avx512Vnni => SimdLevel::Avx2,
             other => other,
         },
-        DType::Q2_K | DType::Q3_K | DType::Q5_K | DType::IQ4_XS => SimdLevel::Scalar,
     }
 }
 
