@@ -8,7 +8,7 @@ mod common;
 use common::{Device, Rng, act, assert_close, download, poisoned, weight, weight_bytes};
 use shardline_kernels::{AttnSeq, AttnShape, Backend, DType, RopeConfig, RopeStyle, SamplingParams};
 
-/// Weight dtypes with CUDA kernels; the other file formats are refused by the CUDA backend (checked below).
+/// Weight dtypes with CUDA kernels; the CUDA backend refuses the other file formats at upload (`NotOnCuda`).
 const CUDA_WEIGHT_DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
 /// Runs `f` on the device under test and on the reference.
