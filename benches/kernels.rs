@@ -5,6 +5,9 @@
 //! - `matmul_prefill/<dtype>/<k>x<n>x<t>`: T = 64 activation rows. Throughput counts `2·T·K·N` floating-point
 //!   operations as "elements", so criterion's `Gelem/s` reads as GFLOP/s.
 //!
+//! The formats that `quant::quantize` cannot write (K-quants, IQ4) get random blocks; shapes whose K is not a
+//! whole number of their 256-value super-blocks are left out.
+//!
 //! Threads: all cores (`SHARDLINE_BENCH_THREADS` overrides). `SHARDLINE_BENCH_QUICK=1` shortens the measurement.
 
 mod common;
@@ -38,8 +41,32 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
-    let bytes = quant::quantize(dtype, &values(n * k, 7)).expect("quantise bench weights");
+    let bytes = if DType::ENCODABLE.contains(&dtype) {
+        quant::quantize(dtype, &values(n * k, 7)).expect("quantise bench weights")
+    } else {
+        file_blocks(dtype, n * k)
+    };
     be.upload_weight(dtype, &[n, k], HostBytes::from_vec(bytes)).expect("upload bench weights")
+}
+
+/// Blocks of a format read from files only: deterministic random bytes (valid codes and sub-scales), with the f16
+/// super-scales set to small values so that the results stay finite.
+fn file_blocks(dtype: DType, elems: usize) -> Vec<u8> {
+    let len = dtype.bytes_for(elems).expect("whole blocks");
+    let mut out: Vec<u8> = (0..len as u64).map(|i| rng::mix64(i ^ 0x5eed) as u8).collect();
+    let fields: &[usize] = match dtype {
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+        DType::Q4_K | DType::Q5_K => &[0, 2],
+        _ => &[0],
+    };
+    for blk in out.chunks_exact_mut(dtype.block_bytes()) {
+        for &at in fields {
+            blk[at..at + 2].copy_from_slice(&half::f16::from_f32(1e-3).to_le_bytes());
+        }
+    }
+    out
 }
 
 /// SmolLM2-135M matmuls at T = 1 as `(k, n)`: attention q/o, k/v, MLP gate/up, MLP down, and 4096² for scale.
@@ -49,8 +76,11 @@ fn bench_decode(c: &mut Criterion) {
     let be = backend();
     eprintln!("kernels bench on {}", be.describe());
     let mut group = c.benchmark_group("matmul_decode");
-    let mut cases: Vec<(DType, usize, usize)> =
-        DType::ALL.iter().flat_map(|&d| DECODE_SHAPES.iter().map(move |&(k, n)| (d, k, n))).collect();
+    let mut cases: Vec<(DType, usize, usize)> = DType::ALL
+        .iter()
+        .flat_map(|&d| DECODE_SHAPES.iter().map(move |&(k, n)| (d, k, n)))
+        .filter(|&(d, k, _)| k % d.block_elems() == 0)
+        .collect();
     // The tied LM head of SmolLM2 (token_embd, Q8_0).
     cases.push((DType::Q8_0, 576, 49152));
     for (dtype, k, n) in cases {
@@ -70,7 +100,10 @@ fn bench_prefill(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul_prefill");
     let t = 64;
     for dtype in DType::ALL {
-        for (k, n) in [(576, 1536), (4096, 4096)] {
+        for (k, n) in [(576, 1536), (1536, 576), (4096, 4096)] {
+            if k % dtype.block_elems() != 0 {
+                continue;
+            }
             let w = weight(&be, dtype, n, k);
             let x = be.upload_f32(&[t, k], &values(t * k, 3)).expect("upload x");
             let mut out = be.alloc(&[t, n]).expect("alloc out");

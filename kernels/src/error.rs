@@ -17,6 +17,8 @@ pub enum KernelError {
     KvSlot { slot: usize, capacity: usize },
     #[error("CUDA is not available: {0}")]
     CudaUnavailable(String),
+    #[error("{dtype} weights are not supported on CUDA yet (the CPU backend computes with them)")]
+    NotOnCuda { dtype: DType },
     #[error("CUDA error: {0}")]
     Cuda(String),
     #[error("unknown device {0:?}: expected cpu, cuda or cuda:N")]

@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod error;
 pub mod quant;
 pub mod rng;
+pub mod superblock;
 pub mod tensor;
 
 pub use backend::{

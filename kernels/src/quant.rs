@@ -5,13 +5,16 @@
 //! weights quantised here equal the ones `llama-quantize` writes. Input byte slices may start at any address: blocks
 //! are read with [`bytemuck::pod_read_unaligned`], never by casting a possibly misaligned slice.
 //!
+//! The formats without a block struct here (Q5_0, Q5_1, IQ4_NL and the 256-value super-blocks) are decoded byte by
+//! byte in [`crate::superblock`].
+//!
 //! Values are little-endian, as in GGUF; the crate assumes a little-endian host.
 
 use bytemuck::{Pod, Zeroable};
 use half::{bf16, f16};
 
-use crate::DType;
 use crate::error::{KernelError, Result};
+use crate::{DType, superblock};
 
 /// Elements per quantisation block (`QK8_0 == QK4_0 == QK4_1 == 32` in ggml).
 pub const QK: usize = 32;
@@ -143,7 +146,8 @@ fn check_len(op: &'static str, dtype: DType, elems: usize, bytes: usize) -> Resu
 }
 
 /// Encodes `src` as GGUF bytes of `dtype`: plain little-endian floats for f32/f16/bf16 (f16 and bf16 rounded to
-/// nearest even), ggml blocks for the quantised types. Quantised types need a multiple of 32 values.
+/// nearest even), ggml blocks for the quantised types. Quantised types need a multiple of 32 values. Only the types
+/// of [`DType::ENCODABLE`] can be written; the others are an [`KernelError::UnsupportedDType`] error.
 pub fn quantize(dtype: DType, src: &[f32]) -> Result<Vec<u8>> {
     let len = dtype.bytes_for(src.len()).ok_or(KernelError::PartialBlock {
         dtype,
@@ -158,6 +162,11 @@ pub fn quantize(dtype: DType, src: &[f32]) -> Result<Vec<u8>> {
         DType::Q8_0 => quantize_blocks(src, &mut out, BlockQ8_0::quantize),
         DType::Q4_0 => quantize_blocks(src, &mut out, BlockQ4_0::quantize),
         DType::Q4_1 => quantize_blocks(src, &mut out, BlockQ4_1::quantize),
+        DType::Q5_0 => src.chunks_exact(QK).for_each(|b| superblock::quantize_q5_0(b, &mut out)),
+        DType::Q5_1 => src.chunks_exact(QK).for_each(|b| superblock::quantize_q5_1(b, &mut out)),
+        DType::IQ4_NL | DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+            return Err(KernelError::UnsupportedDType { op: "quantize", dtype });
+        }
     }
     debug_assert_eq!(out.len(), len);
     Ok(out)
@@ -195,6 +204,16 @@ pub fn dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         DType::Q8_0 => dequantize_blocks::<BlockQ8_0>(src, dst, BlockQ8_0::dequantize),
         DType::Q4_0 => dequantize_blocks::<BlockQ4_0>(src, dst, BlockQ4_0::dequantize),
         DType::Q4_1 => dequantize_blocks::<BlockQ4_1>(src, dst, BlockQ4_1::dequantize),
+        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => {
+            for (blk, out) in src.chunks_exact(dtype.block_bytes()).zip(dst.chunks_exact_mut(QK)) {
+                superblock::dequantize32(dtype, blk, out);
+            }
+        }
+        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+            for (blk, out) in src.chunks_exact(dtype.block_bytes()).zip(dst.chunks_exact_mut(superblock::QK_K)) {
+                superblock::dequantize(dtype, blk, out);
+            }
+        }
     }
     Ok(())
 }

@@ -168,7 +168,7 @@ fn embedding_gathers_rows_of_any_dtype() {
     let (vocab, width) = (50, 64);
     let table_v = rng.vec(vocab * width, 1.0);
     let ids = [3u32, 49, 0, 3, 17];
-    for dtype in DType::ALL {
+    for dtype in DType::ENCODABLE {
         let table = weight_unaligned(&be, dtype, &[vocab, width], &table_v);
         let stored = dequantised(dtype, &table_v);
         let mut out = be.alloc(&[ids.len(), width]).unwrap();

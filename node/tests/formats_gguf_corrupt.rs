@@ -231,9 +231,9 @@ fn deeply_nested_arrays_are_refused() {
     assert!(matches!(parse(b), Err(ModelError::Corrupt { detail, .. }) if detail.contains("deeper")));
 }
 
-#[test]
-fn k_quants_open_as_files_but_not_as_weights() {
-    // A complete tiny model whose first FFN matrix is re-typed as Q6_K (blocks of 256 elements, 210 bytes).
+/// A complete tiny model (hidden and FFN widths 256) whose first FFN matrix is re-typed as `ggml_type` with the
+/// given block bytes repeated; returns the directory holding `retyped.gguf` and the path.
+fn retyped_model(ggml_type: GgmlType, block: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
     let spec = TinySpec {
         hidden: 256,
         n_heads: 4,
@@ -254,25 +254,67 @@ fn k_quants_open_as_files_but_not_as_weights() {
     for info in tiny.tensor_infos() {
         let bytes = tiny.tensor_bytes(&info.name).unwrap().as_slice().to_vec();
         if info.name == "blk.0.ffn_up.weight" {
-            let n_blocks = info.elem_count() as usize / 256;
-            w.add_raw_tensor(&info.name, GgmlType::Q6_K, info.ne.clone(), vec![0x11; n_blocks * 210]).unwrap();
+            let (elems, size) = ggml_type.block().unwrap();
+            assert_eq!(size, block.len());
+            let data = block.repeat(info.elem_count() as usize / elems);
+            w.add_raw_tensor(&info.name, ggml_type, info.ne.clone(), data).unwrap();
         } else {
             w.add_raw_tensor(&info.name, info.ggml_type, info.ne.clone(), bytes).unwrap();
         }
     }
-    let path = dir.path().join("k.gguf");
+    let path = dir.path().join("retyped.gguf");
     w.write(&path).unwrap();
+    (dir, path)
+}
 
-    let file = GgufFile::open(&path).expect("metadata of a K-quant file is readable");
-    assert_eq!(file.tensor_info("blk.0.ffn_up.weight").unwrap().ggml_type.name(), "Q6_K");
-    let expect_q6k = |r: Result<(), ModelError>| match r {
-        Err(ModelError::UnsupportedTensorType { tensor, type_name }) => {
-            assert_eq!((tensor.as_str(), type_name.as_str()), ("blk.0.ffn_up.weight", "Q6_K"));
-        }
-        other => panic!("{other:?}"),
-    };
-    expect_q6k(file.tensor("blk.0.ffn_up.weight").map(|_| ()));
-    expect_q6k(GgufWeights::open(&path).map(|_| ()));
-    let msg = GgufWeights::open(&path).unwrap_err().to_string();
-    assert!(msg.contains("Q6_K") && msg.contains("blk.0.ffn_up.weight"), "{msg}");
+#[test]
+fn unsupported_quantisations_open_as_files_but_not_as_weights() {
+    for (ggml_type, name) in [(GgmlType::IQ2_XXS, "IQ2_XXS"), (GgmlType(34), "TQ1_0")] {
+        let (_, size) = ggml_type.block().unwrap();
+        let (_dir, path) = retyped_model(ggml_type, &vec![0x11; size]);
+        let file = GgufFile::open(&path).expect("metadata of the file is readable");
+        assert_eq!(file.tensor_info("blk.0.ffn_up.weight").unwrap().ggml_type.name(), name);
+        let expect_refused = |r: Result<(), ModelError>| match r {
+            Err(ModelError::UnsupportedTensorType { tensor, type_name }) => {
+                assert_eq!((tensor.as_str(), type_name.as_str()), ("blk.0.ffn_up.weight", name));
+            }
+            other => panic!("{other:?}"),
+        };
+        expect_refused(file.tensor("blk.0.ffn_up.weight").map(|_| ()));
+        expect_refused(GgufWeights::open(&path).map(|_| ()));
+        let msg = GgufWeights::open(&path).unwrap_err().to_string();
+        assert!(msg.contains(name) && msg.contains("blk.0.ffn_up.weight"), "{msg}");
+    }
+}
+
+#[test]
+fn every_common_quantisation_loads_as_weights() {
+    let types = [
+        (GgmlType::Q5_0, DType::Q5_0),
+        (GgmlType::Q5_1, DType::Q5_1),
+        (GgmlType::IQ4_NL, DType::IQ4_NL),
+        (GgmlType::Q2_K, DType::Q2_K),
+        (GgmlType::Q3_K, DType::Q3_K),
+        (GgmlType::Q4_K, DType::Q4_K),
+        (GgmlType::Q5_K, DType::Q5_K),
+        (GgmlType::Q6_K, DType::Q6_K),
+        (GgmlType::IQ4_XS, DType::IQ4_XS),
+    ];
+    for (ggml_type, dtype) in types {
+        assert_eq!(ggml_type.dtype(), Some(dtype));
+        assert_eq!(GgmlType::from_dtype(dtype), ggml_type);
+        assert_eq!(ggml_type.block(), Some((dtype.block_elems(), dtype.block_bytes())), "{dtype}");
+        // Bytes 0x11, 0x12, 0x13, …: small positive f16 scales (high byte 0x11..0x13) and varied codes and
+        // sub-scales, a valid block of every format.
+        let block: Vec<u8> = (0..dtype.block_bytes()).map(|i| 0x11 + (i % 3) as u8).collect();
+        let (_dir, path) = retyped_model(ggml_type, &block);
+        GgufWeights::open(&path).unwrap_or_else(|e| panic!("{dtype}: {e}"));
+        let file = GgufFile::open(&path).unwrap();
+        let entry = file.tensor("blk.0.ffn_up.weight").unwrap();
+        assert_eq!(entry.dtype, dtype);
+        assert_eq!(entry.bytes.as_slice(), block.repeat(256 * 256 / dtype.block_elems()).as_slice(), "{dtype}");
+        let mut row = vec![0.0f32; 256];
+        shardline_kernels::quant::dequantize_row(dtype, entry.bytes.as_slice(), 256, 255, &mut row).unwrap();
+        assert!(row.iter().all(|v| v.is_finite()) && row.iter().any(|&v| v != 0.0), "{dtype}");
+    }
 }

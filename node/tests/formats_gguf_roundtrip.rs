@@ -56,7 +56,7 @@ fn every_metadata_type_and_dtype_round_trips() {
             w.add(k, v).unwrap();
         }
         let mut expected = Vec::new();
-        for (i, dtype) in DType::ALL.into_iter().enumerate() {
+        for (i, dtype) in DType::ENCODABLE.into_iter().enumerate() {
             // 3-D and 1-D shapes as well as matrices; quantised inner dimensions are multiples of 32.
             let shape: Vec<usize> = match i % 3 {
                 0 => vec![3, 64],

@@ -12,7 +12,6 @@ use super::access::{act, act_mut, check_2d, weight_bytes};
 use super::dot::act::QuantAct;
 use super::dot::{Out, Rhs, Weights, act_plan, gemm};
 use super::parallel::split_range;
-use crate::DType;
 use crate::error::{KernelError, Result, shape_err};
 use crate::tensor::Tensor;
 
@@ -60,7 +59,7 @@ pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) 
     let ranges = split_range(n, parts, 4);
     let run = |rhs: Rhs<'_>| be.pool.run(ranges.len(), |i| gemm(level, &weights, rhs, t_rows, ranges[i].clone(), o));
     match dtype {
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+        _ if dtype.is_quantized() => {
             let plan = act_plan(level, dtype);
             // The quantised activations live in a buffer of the calling thread, reused from call to call.
             ACT.with_borrow_mut(|act| {
@@ -68,7 +67,7 @@ pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) 
                 run(Rhs::Quant(act));
             });
         }
-        DType::F32 | DType::F16 | DType::BF16 => run(Rhs::Float(xs)),
+        _ => run(Rhs::Float(xs)),
     }
     Ok(())
 }

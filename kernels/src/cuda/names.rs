@@ -3,8 +3,9 @@
 
 use crate::DType;
 
-/// Weight dtypes with an entry point per kernel family that reads weights.
-pub const WEIGHT_DTYPES: [DType; 6] = DType::ALL;
+/// Weight dtypes with an entry point per kernel family that reads weights. The other file formats (Q5_0, Q5_1,
+/// IQ4_NL, the K-quants, IQ4_XS) have no CUDA kernels yet: uploading them is a `KernelError::NotOnCuda`.
+pub const WEIGHT_DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
 /// Activation dtypes of the CUDA backend.
 pub const ACT_DTYPES: [DType; 2] = [DType::F16, DType::BF16];
 /// Decode GEMV row-tile sizes (activation rows sharing one pass over the weights).

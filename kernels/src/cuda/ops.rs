@@ -308,6 +308,9 @@ impl Backend for CudaBackend {
     }
 
     fn upload_weight(&self, dtype: DType, shape: &[usize], bytes: HostBytes) -> Result<Tensor> {
+        if !names::WEIGHT_DTYPES.contains(&dtype) {
+            return Err(KernelError::NotOnCuda { dtype });
+        }
         let elems = elems_of("upload_weight", shape)?;
         let expected = dtype.bytes_for(elems).ok_or(KernelError::PartialBlock {
             dtype,
@@ -474,6 +477,8 @@ impl Backend for CudaBackend {
             DType::F16 | DType::BF16 => 8,
             DType::Q8_0 => 16,
             DType::Q4_0 | DType::Q4_1 => 32,
+            // upload_weight refuses the rest, so no such tensor reaches here.
+            dtype => return Err(KernelError::NotOnCuda { dtype }),
         };
         let (ti, ki, ni) = (i32_arg("matmul", t)?, i32_arg("matmul", k)?, i32_arg("matmul", n)?);
         let mut ex = self.exec()?;

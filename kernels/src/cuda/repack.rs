@@ -14,7 +14,7 @@ pub fn block_parts(dtype: DType) -> Option<(usize, usize)> {
         DType::Q8_0 => Some((32, 2)),
         DType::Q4_0 => Some((16, 2)),
         DType::Q4_1 => Some((16, 4)),
-        DType::F32 | DType::F16 | DType::BF16 => None,
+        _ => None,
     }
 }
 

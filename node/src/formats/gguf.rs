@@ -225,8 +225,17 @@ impl GgmlType {
     pub const F16: GgmlType = GgmlType(1);
     pub const Q4_0: GgmlType = GgmlType(2);
     pub const Q4_1: GgmlType = GgmlType(3);
+    pub const Q5_0: GgmlType = GgmlType(6);
+    pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
+    pub const Q2_K: GgmlType = GgmlType(10);
+    pub const Q3_K: GgmlType = GgmlType(11);
+    pub const Q4_K: GgmlType = GgmlType(12);
+    pub const Q5_K: GgmlType = GgmlType(13);
     pub const Q6_K: GgmlType = GgmlType(14);
+    pub const IQ2_XXS: GgmlType = GgmlType(16);
+    pub const IQ4_NL: GgmlType = GgmlType(20);
+    pub const IQ4_XS: GgmlType = GgmlType(23);
     pub const BF16: GgmlType = GgmlType(30);
 
     /// Name, elements per block and bytes per block of every type in ggml's table (ids 4, 5 and 31..=33, 36..=38
@@ -289,7 +298,16 @@ impl GgmlType {
             1 => DType::F16,
             2 => DType::Q4_0,
             3 => DType::Q4_1,
+            6 => DType::Q5_0,
+            7 => DType::Q5_1,
             8 => DType::Q8_0,
+            10 => DType::Q2_K,
+            11 => DType::Q3_K,
+            12 => DType::Q4_K,
+            13 => DType::Q5_K,
+            14 => DType::Q6_K,
+            20 => DType::IQ4_NL,
+            23 => DType::IQ4_XS,
             30 => DType::BF16,
             _ => return None,
         })
@@ -303,6 +321,15 @@ impl GgmlType {
             DType::Q4_1 => GgmlType::Q4_1,
             DType::Q8_0 => GgmlType::Q8_0,
             DType::BF16 => GgmlType::BF16,
+            DType::Q5_0 => GgmlType::Q5_0,
+            DType::Q5_1 => GgmlType::Q5_1,
+            DType::Q2_K => GgmlType::Q2_K,
+            DType::Q3_K => GgmlType::Q3_K,
+            DType::Q4_K => GgmlType::Q4_K,
+            DType::Q5_K => GgmlType::Q5_K,
+            DType::Q6_K => GgmlType::Q6_K,
+            DType::IQ4_NL => GgmlType::IQ4_NL,
+            DType::IQ4_XS => GgmlType::IQ4_XS,
         }
     }
 
@@ -837,7 +864,7 @@ pub struct GgufWeights {
 
 impl GgufWeights {
     /// Reads the configuration and checks that every tensor has a dtype shardline computes with, so an unsupported
-    /// file (for example one with Q6_K tensors) is refused when it is opened, naming the first such tensor.
+    /// file (for example one with IQ2_XXS tensors) is refused when it is opened, naming the first such tensor.
     pub fn new(file: Arc<GgufFile>) -> Result<Self> {
         let config = ModelConfig::from_gguf(&file)?;
         let mut table = Vec::with_capacity(file.tensors.len());

@@ -93,7 +93,7 @@ impl GgufWriter {
     }
 
     /// Adds a tensor of any known ggml type with dimensions in ggml order (`ne[0]` innermost). Lets tests write
-    /// types shardline does not compute with, such as Q6_K.
+    /// types shardline does not compute with, such as IQ2_XXS.
     pub fn add_raw_tensor(
         &mut self,
         name: &str,

@@ -3,6 +3,7 @@
 //! arrangement ([`ActLayout`]) follows what the chosen kernel loads.
 
 use crate::quant::QK;
+use crate::superblock::QK_K;
 
 /// Byte arrangement of the quantised activations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -15,11 +16,14 @@ pub(crate) enum ActLayout {
     Pair16,
     /// Blocks in pairs `(2j, 2j+1)`, each in element order: the order of two Q8_0 weight blocks in one register.
     Pair32,
+    /// 256-value super-blocks quantised as llama.cpp's Q8_K (for the K-quants and IQ4_XS): one f32 scale per
+    /// super-block, values in element order, and the sum of each 16-value group in [`QuantAct::bsums`].
+    Super,
 }
 
 impl ActLayout {
     fn paired(self) -> bool {
-        self != ActLayout::Natural
+        matches!(self, ActLayout::Pair16 | ActLayout::Pair32)
     }
 }
 
@@ -57,6 +61,8 @@ pub(crate) struct QuantAct {
     pub dpat: Vec<f32>,
     /// [`ActLayout::Pair16`] only: `[0, s_e, 0, s_o]` of each pair, lined up with the `[d, m, d, m]` of weights.
     pub spat: Vec<f32>,
+    /// [`ActLayout::Super`] only: the sum of each 16-value group, 16 per super-block (ggml `block_q8_K::bsums`).
+    pub bsums: Vec<i16>,
 }
 
 /// 1.5 · 2^23: adding it rounds any |v| < 2^22 to an integer (ties to even); subtracting it again leaves that integer.
@@ -172,6 +178,10 @@ impl QuantAct {
     }
 
     fn fill_impl(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) {
+        if layout == ActLayout::Super {
+            self.fill_super(x, rows, k);
+            return;
+        }
         let nb = k / QK;
         let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
         let pairs = blocks / 2;
@@ -195,7 +205,7 @@ impl QuantAct {
                 let odd = b % 2;
                 let pair_base = (blk - odd) * QK;
                 match layout {
-                    ActLayout::Natural | ActLayout::Pair32 => {
+                    ActLayout::Natural | ActLayout::Pair32 | ActLayout::Super => {
                         for (o, &v) in self.qs[blk * QK..(blk + 1) * QK].iter_mut().zip(&q) {
                             *o = v as u8;
                         }
@@ -235,6 +245,82 @@ impl QuantAct {
                 }
             }
         }
+    }
+}
+
+/// ggml `quantize_row_q8_K_ref` for one super-block: the value of largest magnitude (the first one, on ties) maps to
+/// −127, `q = min(127, round_half_even(x · iscale))` with `iscale = −127 / max` and `d = 1 / iscale` (NaN becomes
+/// 0). Returns `d`.
+fn quantize_super(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        bsums.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        *qi = ((xi * iscale + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
+    }
+    for (s, g) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+        *s = g.iter().map(|&v| v as i16).sum();
+    }
+    1.0 / iscale
+}
+
+impl QuantAct {
+    /// [`ActLayout::Super`]: `k % 256 == 0`.
+    fn fill_super(&mut self, x: &[f32], rows: usize, k: usize) {
+        let nb = k / QK_K;
+        self.layout = ActLayout::Super;
+        self.rows = rows;
+        self.nb = nb;
+        self.blocks = nb;
+        zeroed(&mut self.qs, rows * nb * QK_K);
+        zeroed(&mut self.d, rows * nb);
+        zeroed(&mut self.bsums, rows * nb * 16);
+        for v in [&mut self.s, &mut self.dpat, &mut self.spat] {
+            v.clear();
+        }
+        self.bias.clear();
+        for r in 0..rows {
+            for b in 0..nb {
+                let blk = r * nb + b;
+                let q: &mut [i8] = bytemuck::cast_slice_mut(&mut self.qs[blk * QK_K..(blk + 1) * QK_K]);
+                self.d[blk] = quantize_super(
+                    &x[r * k + b * QK_K..r * k + (b + 1) * QK_K],
+                    q,
+                    &mut self.bsums[blk * 16..blk * 16 + 16],
+                );
+            }
+        }
+    }
+
+    /// Start of the 256 values of super-block `b` of row `r` ([`ActLayout::Super`]).
+    #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
+    pub(crate) fn super_ptr(&self, r: usize, b: usize) -> *const i8 {
+        self.qs.as_ptr().wrapping_add((r * self.blocks + b) * QK_K).cast()
+    }
+
+    /// The 256 values of super-block `b` of row `r` ([`ActLayout::Super`]).
+    #[inline(always)]
+    pub(crate) fn super_values(&self, r: usize, b: usize) -> &[i8] {
+        let blk = r * self.blocks + b;
+        bytemuck::cast_slice(&self.qs[blk * QK_K..(blk + 1) * QK_K])
+    }
+
+    /// The 16 group sums of super-block `b` of row `r` ([`ActLayout::Super`]).
+    #[inline(always)]
+    pub(crate) fn super_bsums(&self, r: usize, b: usize) -> &[i16] {
+        let blk = r * self.blocks + b;
+        &self.bsums[blk * 16..blk * 16 + 16]
     }
 }
 
@@ -280,7 +366,7 @@ impl QuantAct {
         let mut q = [0i8; QK];
         let blk = r * self.blocks + b;
         match self.layout {
-            ActLayout::Natural | ActLayout::Pair32 => {
+            ActLayout::Natural | ActLayout::Pair32 | ActLayout::Super => {
                 for (o, &v) in q.iter_mut().zip(&self.qs[blk * QK..(blk + 1) * QK]) {
                     *o = v as i8;
                 }
@@ -346,6 +432,26 @@ mod tests {
             assert_eq!(a, b, "{x:?}");
             assert_eq!((ra.0.to_bits(), ra.1), (rb.0.to_bits(), rb.1), "{x:?}");
         }
+    }
+
+    #[test]
+    fn q8_k_maps_the_first_largest_magnitude_to_minus_127() {
+        let mut x = [0.0f32; QK_K];
+        x[0] = 2.0;
+        x[1] = -2.0; // same magnitude, later: not the reference value
+        x[2] = 0.5;
+        x[17] = -1.0;
+        let (mut q, mut bsums) = ([0i8; QK_K], [0i16; 16]);
+        let d = quantize_super(&x, &mut q, &mut bsums);
+        // iscale = −127 / 2 = −63.5, d = 1 / iscale.
+        assert_eq!(d, 1.0 / -63.5);
+        assert_eq!(&q[..3], &[-127, 127, -32]); // −31.75 rounds to −32
+        assert_eq!(q[17], 64); // 63.5 rounds half to even
+        assert_eq!(bsums[0], -127 + 127 - 32);
+        assert_eq!(bsums[1], 64);
+        assert!(q[3..17].iter().chain(&q[18..]).all(|&v| v == 0));
+        let d0 = quantize_super(&[0.0; QK_K], &mut q, &mut bsums);
+        assert_eq!((d0, q.iter().any(|&v| v != 0), bsums.iter().any(|&v| v != 0)), (0.0, false, false));
     }
 
     #[test]

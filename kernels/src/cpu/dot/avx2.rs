@@ -10,10 +10,14 @@ use std::ops::Range;
 use super::act::QuantAct;
 use super::{Ctx, Out, Rhs, Weights, drive, prefetch_ahead, tile_set};
 use crate::DType;
+use crate::superblock::IQ4_VALUES;
 
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
+const Q5_0: u8 = 3;
+const Q5_1: u8 = 4;
+const IQ4_NL: u8 = 5;
 
 /// `acc + Σ u·s` over each group of four bytes (u unsigned, s signed), per i32 lane.
 trait IntDot {
@@ -22,8 +26,8 @@ trait IntDot {
     unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
 }
 
-/// `vpmaddubsw` + `vpmaddwd`. Exact here: the pair sums stay below `i16::MAX` because one factor is at most 15
-/// (4-bit weights) or the pair is `|w| ≤ 128` times `|a| ≤ 127` (Q8_0 sign trick).
+/// `vpmaddubsw` + `vpmaddwd`. Exact here: the pair sums stay below `i16::MAX` because one factor is at most 31
+/// (4- and 5-bit weights) or the pair is `|w| ≤ 128` times `|a| ≤ 127` (Q8_0 and IQ4_NL sign trick).
 struct Maddubs;
 struct Vnni;
 
@@ -57,14 +61,24 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
             // SAFETY: forwarded from the caller.
             unsafe { drive(&ctx, rows, t_rows, set) }
         }
+        Rhs::Quant(a) if w.dtype.is_super_block() => {
+            // SAFETY: forwarded from the caller.
+            unsafe { super::avx2_super::gemm(w, a, t_rows, rows, out) }
+        }
         Rhs::Quant(a) => {
             let ctx = Ctx { w, x: a, out };
             let set = match (vnni, w.dtype) {
                 (false, DType::Q8_0) => tile_set!(quant_tile_maddubs, Q8_0, 2 x 2, 2),
                 (false, DType::Q4_0) => tile_set!(quant_tile_maddubs, Q4_0, 2 x 2, 2),
+                (false, DType::Q5_0) => tile_set!(quant_tile_maddubs, Q5_0, 2 x 2, 2),
+                (false, DType::Q5_1) => tile_set!(quant_tile_maddubs, Q5_1, 2 x 2, 2),
+                (false, DType::IQ4_NL) => tile_set!(quant_tile_maddubs, IQ4_NL, 2 x 2, 2),
                 (false, _) => tile_set!(quant_tile_maddubs, Q4_1, 2 x 2, 2),
                 (true, DType::Q8_0) => tile_set!(quant_tile_vnni, Q8_0, 2 x 2, 2),
                 (true, DType::Q4_0) => tile_set!(quant_tile_vnni, Q4_0, 2 x 2, 2),
+                (true, DType::Q5_0) => tile_set!(quant_tile_vnni, Q5_0, 2 x 2, 2),
+                (true, DType::Q5_1) => tile_set!(quant_tile_vnni, Q5_1, 2 x 2, 2),
+                (true, DType::IQ4_NL) => tile_set!(quant_tile_vnni, IQ4_NL, 2 x 2, 2),
                 (true, _) => tile_set!(quant_tile_vnni, Q4_1, 2 x 2, 2),
             };
             // SAFETY: forwarded from the caller.
@@ -75,7 +89,7 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
 
 /// Canonical fold of 8 lanes (see [`super::fold8`]).
 #[inline(always)]
-unsafe fn fold8(v: __m256) -> f32 {
+pub(super) unsafe fn fold8(v: __m256) -> f32 {
     // SAFETY: AVX is implied by the callers' AVX2.
     unsafe {
         let u = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -115,11 +129,15 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
     t0: usize,
 ) {
     let a = c.x;
+    // Block bytes and offset of the quants.
     let (bs, qoff) = match KIND {
         Q8_0 => (34, 2),
-        Q4_0 => (18, 2),
+        Q4_0 | IQ4_NL => (18, 2),
+        Q5_0 => (22, 6),
+        Q5_1 => (24, 8),
         _ => (20, 4),
     };
+    let with_min = KIND == Q4_1 || KIND == Q5_1;
     // SAFETY: every pointer below stays inside the weight rows and activation tables whose sizes the matmul checked:
     // block `b < nb` of row `n + r < rows` and of activation row `t0 + t < t_rows`.
     unsafe {
@@ -127,13 +145,14 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
         let mut acc = [[[_mm256_setzero_ps(); 2]; TR]; NR];
         let mut macc = [[[_mm_setzero_ps(); 2]; TR]; NR];
         let nibbles = _mm256_set1_epi8(0x0f);
+        let iq4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
         macro_rules! step {
             ($b:expr, $h:literal) => {{
                 let b = $b;
                 for r in 0..NR {
                     let blk = rows[r].add(b * bs);
                     prefetch_ahead(blk);
-                    let h = if KIND == Q4_1 {
+                    let h = if with_min {
                         _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u32>().read_unaligned() as i32))
                     } else {
                         _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u16>().read_unaligned() as i32))
@@ -146,18 +165,29 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
                     } else {
                         let q = _mm_loadu_si128(blk.add(qoff).cast());
                         let y = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nibbles);
-                        (y, y)
+                        match KIND {
+                            IQ4_NL => {
+                                let v = _mm256_shuffle_epi8(iq4, y);
+                                (v, _mm256_abs_epi8(v))
+                            }
+                            Q5_0 | Q5_1 => {
+                                let high = bytes_from_bits(blk.add(qoff - 4).cast::<u32>().read_unaligned());
+                                let y = _mm256_or_si256(y, _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
+                                (y, y)
+                            }
+                            _ => (y, y),
+                        }
                     };
                     for t in 0..TR {
                         let av = _mm256_loadu_si256(a.qs_ptr(t0 + t, b).cast());
                         let p = match KIND {
-                            Q8_0 => D::dot(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(av, wv)),
-                            Q4_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t0 + t, b).cast()), wv, av),
+                            Q8_0 | IQ4_NL => D::dot(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(av, wv)),
+                            Q4_0 | Q5_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t0 + t, b).cast()), wv, av),
                             _ => D::dot(_mm256_setzero_si256(), wv, av),
                         };
                         let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*a.d_ptr(t0 + t, b)));
                         acc[r][t][$h] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[r][t][$h]);
-                        if KIND == Q4_1 {
+                        if with_min {
                             macc[r][t][$h] = _mm_fmadd_ss(mw, _mm_load_ss(a.s_ptr(t0 + t, b)), macc[r][t][$h]);
                         }
                     }
@@ -177,12 +207,26 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
         for r in 0..NR {
             for t in 0..TR {
                 let mut v = fold8(_mm256_add_ps(acc[r][t][0], acc[r][t][1]));
-                if KIND == Q4_1 {
+                if with_min {
                     v += _mm_cvtss_f32(_mm_add_ss(macc[r][t][0], macc[r][t][1]));
                 }
                 c.out.put(t0 + t, n + r, v);
             }
         }
+    }
+}
+
+/// Byte `j` of the result is 0xff where bit `j` of `x` is set, else 0 (the fifth bits of Q5_0/Q5_1).
+#[inline(always)]
+unsafe fn bytes_from_bits(x: u32) -> __m256i {
+    // SAFETY: AVX2 is available in the calling kernels.
+    unsafe {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(x as i32),
+            _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+        );
+        let others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+        _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1))
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_super;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod scalar;
 
@@ -105,17 +107,42 @@ impl Out {
 /// How the kernels of `level` want the activations for weights of `dtype`: layout, and the lane-sum factor of the
 /// activation table [`QuantAct::bias`] (the negated offset the kernel adds to the weight codes).
 pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
+    let level = kernel_level(level, dtype);
     let layout = match (level, dtype) {
+        _ if dtype.is_super_block() => ActLayout::Super,
         (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::Pair32,
-        (SimdLevel::Avx512Vnni, _) => ActLayout::Pair16,
+        (SimdLevel::Avx512Vnni, DType::Q4_0 | DType::Q4_1) => ActLayout::Pair16,
         _ => ActLayout::Natural,
     };
     let bias = match (level, dtype) {
         (_, DType::Q4_0) => Some(-8),
+        (_, DType::Q5_0) => Some(-16),
         (SimdLevel::Avx512Vnni, DType::Q8_0) => Some(-128),
         _ => None,
     };
     ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2 }
+}
+
+/// The level whose kernels serve `dtype` on a CPU of `level`: formats without AVX-512 kernels use the AVX2 ones
+/// (an AVX-512 CPU has AVX2), formats without SIMD kernels the scalar ones. Every level gives the same bits, so this
+/// only chooses speed.
+pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => level,
+        // An AVX-512 CPU need not have the VEX-encoded AVX-VNNI: it runs the `vpmaddubsw` kernels.
+        DType::Q5_0
+        | DType::Q5_1
+        | DType::IQ4_NL
+        | DType::Q2_K
+        | DType::Q3_K
+        | DType::Q4_K
+        | DType::Q5_K
+        | DType::Q6_K
+        | DType::IQ4_XS => match level {
+            SimdLevel::Avx512Vnni => SimdLevel::Avx2,
+            other => other,
+        },
+    }
 }
 
 /// Tile shapes of a kernel: `nr_t × tr` outputs when `tr` activation rows are left, `nr_1 × 1` otherwise.
@@ -233,6 +260,7 @@ pub(crate) unsafe fn drive<X>(ctx: &Ctx<'_, X>, rows: Range<usize>, t_rows: usiz
 /// as `act_plan(level, w.dtype)` says for quantised weights), `out` has `t_rows × stride` elements with
 /// `rows.end <= stride`, and `level` is supported by this CPU.
 pub(crate) fn gemm(level: SimdLevel, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
+    let level = kernel_level(level, w.dtype);
     match level {
         SimdLevel::Scalar => scalar::gemm(w, x, t_rows, rows, out),
         #[cfg(target_arch = "x86_64")]

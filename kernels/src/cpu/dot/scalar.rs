@@ -11,6 +11,7 @@ use super::act::QuantAct;
 use super::{Out, Rhs, Weights, fold8};
 use crate::DType;
 use crate::quant::QK;
+use crate::superblock;
 
 pub(super) fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
     for n in rows {
@@ -18,6 +19,7 @@ pub(super) fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize
         for t in 0..t_rows {
             let v = match x {
                 Rhs::Float(x) => dot_float(w.dtype, row, &x[t * w.k..(t + 1) * w.k]),
+                Rhs::Quant(a) if w.dtype.is_super_block() => dot_super(w.dtype, row, a, t),
                 Rhs::Quant(a) => dot_quant(w.dtype, row, a, t),
             };
             // SAFETY: `gemm`'s caller guarantees `out` covers `t_rows × rows.end` and gives this task these columns.
@@ -74,7 +76,13 @@ fn dot_quant(dtype: DType, row: &[u8], a: &QuantAct, t: usize) -> f32 {
                     wq[j + 16] = (v >> 4) as i32 - zero;
                 }
             }
-            _ => unreachable!("dot_quant is only called for quantised weights"),
+            DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => {
+                let (_, _, codes) = superblock::decode32(dtype, blk);
+                for (o, &c) in wq.iter_mut().zip(&codes) {
+                    *o = c as i32;
+                }
+            }
+            _ => unreachable!("dot_quant is only called for 32-value quantised weights"),
         }
         let aq = a.block_values(t, b);
         let scale = dw * a.d[t * a.blocks + b];
@@ -83,7 +91,7 @@ fn dot_quant(dtype: DType, row: &[u8], a: &QuantAct, t: usize) -> f32 {
             let p: i32 = (4 * l..4 * l + 4).map(|i| wq[i] * aq[i] as i32).sum();
             acc[h][l] = scale.mul_add(p as f32, acc[h][l]);
         }
-        if dtype == DType::Q4_1 {
+        if matches!(dtype, DType::Q4_1 | DType::Q5_1) {
             let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
             macc[h] = m.mul_add(a.s[t * a.blocks + b], macc[h]);
         }
@@ -93,5 +101,33 @@ fn dot_quant(dtype: DType, row: &[u8], a: &QuantAct, t: usize) -> f32 {
         v8[l] = acc[0][l] + acc[1][l];
     }
     let r = fold8(v8);
-    if dtype == DType::Q4_1 { r + (macc[0] + macc[1]) } else { r }
+    if matches!(dtype, DType::Q4_1 | DType::Q5_1) { r + (macc[0] + macc[1]) } else { r }
+}
+
+/// Super-block weights against Q8_K activations: per super-block, exact integer lane sums of scale · code · a
+/// (lane `l` of each 32-value chunk holds its values `4l..4l+4`), one fused multiply-add per lane with `d_w · d_a`,
+/// and for formats with minimums one running `fma(dmin_w · d_a, Σ min · bsum, macc)`, subtracted at the end.
+fn dot_super(dtype: DType, row: &[u8], a: &QuantAct, t: usize) -> f32 {
+    let block_bytes = dtype.block_bytes();
+    let mut acc = [0.0f32; 8];
+    let mut macc = 0.0f32;
+    for b in 0..a.nb {
+        let sb = superblock::decode(dtype, &row[b * block_bytes..(b + 1) * block_bytes]);
+        let aq = a.super_values(t, b);
+        let mut lanes = [0i32; 8];
+        for (e, (&c, &v)) in sb.codes.iter().zip(aq).enumerate() {
+            lanes[(e % 32) / 4] += sb.scales[e / 16] as i32 * (c as i32 * v as i32);
+        }
+        let da = a.d[t * a.blocks + b];
+        let scale = sb.d * da;
+        for l in 0..8 {
+            acc[l] = scale.mul_add(lanes[l] as f32, acc[l]);
+        }
+        if superblock::has_mins(dtype) {
+            let m: i32 = sb.mins.iter().zip(a.super_bsums(t, b)).map(|(&m, &s)| m as i32 * s as i32).sum();
+            macc = (sb.dmin * da).mul_add(m as f32, macc);
+        }
+    }
+    let r = fold8(acc);
+    if superblock::has_mins(dtype) { r - macc } else { r }
 }
