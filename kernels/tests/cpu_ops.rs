@@ -30,7 +30,7 @@ fn rms_norm_matches_f64() {
                 let mut out = be.alloc(&[rows, width]).unwrap();
                 be.rms_norm(&act(&be, &[rows, width], &x), &wt, 1e-5, &mut out).unwrap();
                 let want = rms_reference(&x, &stored, 1e-5, width);
-                assert_close(&be.download_f32(&out).unwrap(), &want, 1e-7, 1e-6, "rms_norm");
+                assert_close("rms_norm", &be.download_f32(&out).unwrap(), &want, Tol::Elem { abs: 1e-7, rel: 1e-6 });
             }
         }
     }
@@ -56,7 +56,12 @@ fn add_rms_norm_adds_then_normalises() {
     .unwrap();
     let sum: Vec<f32> = r0.iter().zip(&x).map(|(a, b)| a + b).collect();
     assert_eq!(bits(&be.download_f32(&residual).unwrap()), bits(&sum));
-    assert_close(&be.download_f32(&out).unwrap(), &rms_reference(&sum, &w, 1e-6, width), 1e-7, 1e-6, "add_rms_norm");
+    assert_close(
+        "add_rms_norm",
+        &be.download_f32(&out).unwrap(),
+        &rms_reference(&sum, &w, 1e-6, width),
+        Tol::Elem { abs: 1e-7, rel: 1e-6 },
+    );
 }
 
 fn rope_reference(x: &[f32], positions: &[u32], n_heads: usize, cfg: &RopeConfig, inv: &[f32]) -> Vec<f64> {
@@ -96,7 +101,12 @@ fn rope_matches_f64_for_both_styles_and_partial_rotation() {
                 be.rope(&mut xt, &positions, n_heads, &table, &cfg).unwrap();
                 let got = be.download_f32(&xt).unwrap();
                 let want = rope_reference(&x, &positions, n_heads, &cfg, &inv);
-                assert_close(&got, &want, 1e-6, 1e-6, &format!("rope {style:?} {head_dim}/{rotary_dim}"));
+                assert_close(
+                    &format!("rope {style:?} {head_dim}/{rotary_dim}"),
+                    &got,
+                    &want,
+                    Tol::Elem { abs: 1e-6, rel: 1e-6 },
+                );
                 // Dimensions past rotary_dim are untouched.
                 for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
                     let d = i % head_dim;
@@ -120,7 +130,7 @@ fn swiglu_add_and_copy_rows_match_definitions() {
         let mut out = be.alloc(&[n]).unwrap();
         be.swiglu(&act(&be, &[n], &g), &act(&be, &[n], &u), &mut out).unwrap();
         let want: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
-        assert_close(&be.download_f32(&out).unwrap(), &want, 1e-7, 2e-6, "swiglu");
+        assert_close("swiglu", &be.download_f32(&out).unwrap(), &want, Tol::Elem { abs: 1e-7, rel: 2e-6 });
 
         let mut acc = act(&be, &[n], &g);
         be.add(&mut acc, &act(&be, &[n], &u)).unwrap();
@@ -304,7 +314,12 @@ fn attention_matches_f64_over_a_paged_cache_with_several_sequences() {
             for (s, seq) in seqs.iter().enumerate() {
                 for (i, row) in seq.rows.clone().enumerate() {
                     let want = case.reference(&q[row * width..(row + 1) * width], s, seq.pos0 + i);
-                    assert_close(&got[row * width..(row + 1) * width], &want, 2e-6, 1e-5, "attention");
+                    assert_close(
+                        "attention",
+                        &got[row * width..(row + 1) * width],
+                        &want,
+                        Tol::Elem { abs: 2e-6, rel: 1e-5 },
+                    );
                 }
             }
             // Each sequence alone, in its own call with only its rows, gives the same bits.

@@ -57,7 +57,14 @@ pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) 
     let work = n.saturating_mul(row_bytes.max(1)).saturating_mul(t_rows);
     let parts = if work <= SERIAL_WORK { 1 } else { be.pool.threads() * TASKS_PER_THREAD };
     let ranges = split_range(n, parts, 4);
-    let run = |rhs: Rhs<'_>| be.pool.run(ranges.len(), |i| gemm(level, &weights, rhs, t_rows, ranges[i].clone(), o));
+    let run = |rhs: Rhs<'_>| {
+        be.pool.run(ranges.len(), |i| {
+            // SAFETY: every size was checked above (weights of `n` rows of `row_bytes`, `t_rows` activation rows of
+            // `k`, an output of `t_rows × n`), `ranges` splits `0..n`, the activations are quantised with
+            // `act_plan(level, dtype)` below, and `level` is the backend's probed SIMD level.
+            unsafe { gemm(level, &weights, rhs, t_rows, ranges[i].clone(), o) }
+        })
+    };
     match dtype {
         _ if dtype.is_quantized() => {
             let plan = act_plan(level, dtype);

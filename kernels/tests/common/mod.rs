@@ -8,6 +8,10 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+mod close;
+#[allow(unused_imports)]
+pub use close::{Tol, assert_close};
+
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -47,8 +51,8 @@ impl Device {
 
     /// Largest accepted error relative to the largest reference magnitude: f32 1e-5 (identical algorithms give 0),
     /// f16/bf16 1e-2.
-    pub fn tol(&self) -> f32 {
-        if self.act() == DType::F32 { 1e-5 } else { 1e-2 }
+    pub fn tol(&self) -> Tol {
+        Tol::OfMax(if self.act() == DType::F32 { 1e-5 } else { 1e-2 })
     }
 
     /// `v` rounded to the device's activation dtype, so both devices start from exactly the same numbers and only
@@ -162,31 +166,6 @@ pub fn weight(b: &dyn Backend, dtype: DType, shape: &[usize], bytes: &[u8]) -> T
 
 pub fn download(b: &dyn Backend, t: &Tensor) -> Vec<f32> {
     b.download_f32(t).expect("download")
-}
-
-/// Asserts `got` matches `want`: no NaN anywhere, same length, and max |got - want| <= tol * max(|want|, 1e-3).
-pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().position(|v| v.is_nan()) {
-        panic!("{what}: NaN at {i} (an element was not written or the math failed)");
-    }
-    assert!(want.iter().all(|v| v.is_finite()), "{what}: the reference is not finite");
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
-    let (mut worst, mut at) = (0.0f32, 0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let e = (g - w).abs();
-        if e > worst {
-            worst = e;
-            at = i;
-        }
-    }
-    let rel = worst / scale;
-    assert!(
-        rel <= tol,
-        "{what}: relative error {rel:.3e} > {tol:.0e} at {at} (got {}, want {}, scale {scale})",
-        got[at],
-        want[at]
-    );
 }
 
 /// Instantiates each test body once per device: `cpu`, and `cuda_f16` / `cuda_bf16` when a GPU is usable.

@@ -1,6 +1,11 @@
 //! Helpers shared by the CPU backend tests: a seeded generator and tensor builders.
 #![allow(dead_code)]
 
+#[path = "../common/close.rs"]
+mod close;
+#[allow(unused_imports)]
+pub use close::{Tol, assert_close};
+
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
 
@@ -81,15 +86,6 @@ pub fn act(be: &dyn Backend, shape: &[usize], data: &[f32]) -> Tensor {
 
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// Largest |a − b| relative to `scale` (a floor for near-zero values).
-pub fn assert_close(got: &[f32], want: &[f64], abs: f64, rel: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = abs + rel * w.abs();
-        assert!((g as f64 - w).abs() <= tol, "{what}[{i}]: got {g}, want {w} (tolerance {tol})");
-    }
 }
 
 /// Random blocks of a quantised `dtype` as a model file holds them: random bytes (valid codes and sub-scales in every

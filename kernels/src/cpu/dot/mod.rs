@@ -256,10 +256,11 @@ pub(crate) unsafe fn drive<X>(ctx: &Ctx<'_, X>, rows: Range<usize>, t_rows: usiz
 
 /// Computes `out[t, n]` for `n` in `rows` and `t < t_rows` with the kernels of `level`.
 ///
-/// The caller has checked every size: `w` holds `rows.end` rows, `x` holds `t_rows` rows of `w.k` values (quantised
-/// as `act_plan(level, w.dtype)` says for quantised weights), `out` has `t_rows × stride` elements with
-/// `rows.end <= stride`, and `level` is supported by this CPU.
-pub(crate) fn gemm(level: SimdLevel, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
+/// # Safety
+/// The kernels index without bounds checks, so the caller must have checked every size: `w` holds `rows.end` rows,
+/// `x` holds `t_rows` rows of `w.k` values (quantised as `act_plan(level, w.dtype)` says for quantised weights),
+/// `out` has `t_rows × stride` elements with `rows.end <= stride`, and `level` is supported by this CPU.
+pub(crate) unsafe fn gemm(level: SimdLevel, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Range<usize>, out: Out) {
     let level = kernel_level(level, w.dtype);
     match level {
         SimdLevel::Scalar => scalar::gemm(w, x, t_rows, rows, out),
