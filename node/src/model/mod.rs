@@ -11,6 +11,6 @@ pub mod source;
 pub use config::ModelConfig;
 pub use id::{IdScope, ModelId};
 pub use layers::LayerRange;
-pub use open::{ModelFiles, open_model};
+pub use open::{ModelFiles, display_name, open_model};
 pub use shard::{Shard, ShardInput, ShardOptions, ShardOutput, ShardSession};
 pub use source::{TensorEntry, TensorMeta, WeightSource};
