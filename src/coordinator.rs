@@ -39,7 +39,7 @@ pub struct CoordinatorCmd {
 pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     let mut args = CoordinatorArgs::new(cmd.p2p_listen, cmd.bootstrap);
     args.key_file = cmd.key_file;
-    args.bootstrap_patience = shardline_node::dht::SERVICE_BOOTSTRAP_PATIENCE;
+    args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.models = cmd.model_ids;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let Some(http) = cmd.http else {

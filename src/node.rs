@@ -52,7 +52,7 @@ pub fn run(cmd: NodeCmd) -> Result<()> {
     args.advertise = cmd.advertise;
     args.p2p_listen = cmd.p2p_listen;
     args.bootstrap = cmd.bootstrap;
-    args.bootstrap_patience = shardline_node::dht::SERVICE_BOOTSTRAP_PATIENCE;
+    args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.key_file = cmd.key_file;
     args.shard = ShardOptions { kv_budget_bytes: cmd.kv_cache_mib << 20, ..ShardOptions::default() };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -10,7 +10,7 @@ use libp2p::identity::Keypair;
 use serde_json::Value;
 use shardline_coordinator::api::swarm::model_views;
 use shardline_coordinator::{Discovery, DiscoveryConfig, NodeRegistry, RegistryConfig};
-use shardline_node::dht::{DhtClient, DhtConfig};
+use shardline_proto::dht::{DhtClient, DhtConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct NodesCmd {
