@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn mistakes_name_the_key() {
         assert!(err("[node]\nlayer = \"0..2\"").contains("unknown key `layer` in [node]"));
-        assert!(err("[nodes]\nlayers = \"0..2\"").contains("unknown table [nodes]"));
+        assert!(err("[nodez]\nlayers = \"0..2\"").contains("unknown table [nodez]"));
         assert!(err("prompt = \"x\"").contains("unknown top-level key `prompt`"));
         assert!(err("config = \"x.toml\"").contains("unknown top-level key `config`"));
         let e = err("[generate]\nmax_tokens = \"lots\"");

@@ -15,10 +15,11 @@ use crate::generate::resolve_model;
 #[derive(Debug, clap::Args)]
 pub struct CoordinatorCmd {
     /// libp2p listen multiaddr, TCP or QUIC; repeatable.
-    #[arg(long = "p2p-listen", default_value = "/ip4/0.0.0.0/tcp/0")]
+    #[arg(long = "p2p-listen", default_value = "/ip4/0.0.0.0/tcp/0", value_parser = crate::args::multiaddr)]
     pub p2p_listen: Vec<Multiaddr>,
-    /// A peer of the swarm to join, with or without `/p2p/<peer id>`; repeatable.
-    #[arg(long)]
+    /// A peer of the swarm to join, as a multiaddr (`/ip4/10.0.0.1/tcp/4000`, with or without `/p2p/<peer id>`);
+    /// repeatable.
+    #[arg(long, value_parser = crate::args::multiaddr)]
     pub bootstrap: Vec<Multiaddr>,
     /// ed25519 identity file (created on first start).
     #[arg(long)]
@@ -29,8 +30,8 @@ pub struct CoordinatorCmd {
     /// Serve the OpenAI-compatible HTTP API on this address, e.g. `127.0.0.1:8080`.
     #[arg(long)]
     pub http: Option<SocketAddr>,
-    /// With `--http`: model file to serve (tokenizer, chat template and model id only; no weights are loaded);
-    /// repeatable. Default: SmolLM2-135M-Instruct from the model cache.
+    /// With `--http`: model to serve, a GGUF file or a Hugging Face model directory (tokenizer, chat template and
+    /// model id only; no weights are loaded); repeatable. Default: SmolLM2-135M-Instruct from the model cache.
     #[arg(long)]
     pub model: Vec<PathBuf>,
 }
@@ -38,12 +39,17 @@ pub struct CoordinatorCmd {
 pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     let mut args = CoordinatorArgs::new(cmd.p2p_listen, cmd.bootstrap);
     args.key_file = cmd.key_file;
+    args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.models = cmd.model_ids;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let Some(http) = cmd.http else {
         return rt.block_on(run_coordinator(args)).context("running the coordinator");
     };
-    let models = if cmd.model.is_empty() { vec![resolve_model(None)?] } else { cmd.model };
+    let models = if cmd.model.is_empty() {
+        vec![resolve_model(None)?]
+    } else {
+        cmd.model.into_iter().map(|m| resolve_model(Some(m))).collect::<Result<Vec<_>>>()?
+    };
     rt.block_on(async move {
         let coordinator = start_coordinator(args).await.context("starting the coordinator")?;
         let state = ApiState::open(&coordinator, &models, ApiConfig::default()).context("opening the served models")?;
@@ -68,6 +74,7 @@ pub fn run(cmd: CoordinatorCmd) -> Result<()> {
                         .map(|(e, _)| format!("{}@{}", e.announcement.layers, e.announcement.peer_id))
                         .collect();
                     spans.sort();
+                    let model = registry.model_name(&model);
                     info!(%model, nodes = spans.len(), layout = %spans.join(" "), "registry changed");
                 }
             }

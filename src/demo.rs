@@ -39,8 +39,9 @@ pub struct DemoArgs {
     /// With `--prompt`: most tokens of the answer.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// Compute device of the nodes: `cpu`, `cuda` or `cuda:N` (default: CUDA when a usable GPU is found, else CPU).
-    #[arg(long)]
+    /// Compute device of the nodes: `cpu`, `cuda` (alias `gpu`) or `cuda:N` (default: CUDA when a usable GPU is found,
+    /// else CPU).
+    #[arg(long, value_parser = crate::args::device)]
     pub device: Option<String>,
     /// CPU threads of each node (default: the cores shared out between the nodes).
     #[arg(long)]
@@ -61,7 +62,10 @@ pub fn run(args: DemoArgs, log_format: LogFormat) -> Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let model = match &args.model {
-        Some(p) => p.clone(),
+        Some(p) => {
+            crate::args::check_model_path(p)?;
+            p.clone()
+        }
         None if default_model_path().is_file() => default_model_path(),
         None if std::env::var_os("SHARDLINE_MODEL").is_some_and(|p| !p.is_empty()) => {
             bail!("SHARDLINE_MODEL is set to {}, which is not a file", default_model_path().display())

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::Multiaddr;
 use serde::Serialize;
+use shardline_coordinator::routing::CoveragePolicy;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmStepper};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DeviceKind, SamplingParams};
@@ -26,16 +27,19 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub prompt: String,
     /// Render the prompt as a user message of the model's chat template.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_chat")]
     pub chat: bool,
-    /// Most tokens to generate.
+    /// Use the prompt as it is (undoes a `chat = true` of the config file).
+    #[arg(long, overrides_with = "chat")]
+    pub no_chat: bool,
+    /// Most tokens to generate (0: none, only the prompt is read).
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Keep only the K most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
@@ -47,10 +51,13 @@ pub struct GenerateArgs {
     #[arg(long = "stop")]
     pub stop: Vec<String>,
     /// Print one JSON object instead of streaming text.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_json")]
     pub json: bool,
-    /// Compute device: `cpu`, `cuda` or `cuda:N` (default: CUDA when a usable GPU is found, else CPU).
-    #[arg(long)]
+    /// Stream text (undoes a `json = true` of the config file).
+    #[arg(long, overrides_with = "json")]
+    pub no_json: bool,
+    /// Compute device: `cpu`, `cuda` (alias `gpu`) or `cuda:N` (default: CUDA when a usable GPU is found, else CPU).
+    #[arg(long, value_parser = crate::args::device)]
     pub device: Option<String>,
     /// CPU threads (default: all cores).
     #[arg(long)]
@@ -58,11 +65,13 @@ pub struct GenerateArgs {
     /// Run the model as these consecutive shards in one process, e.g. `0..10,10..30` (default: one shard).
     #[arg(long, value_delimiter = ',')]
     pub shards: Vec<LayerRange>,
-    /// Run through a swarm instead of in this process: a peer to join (coordinator or node multiaddr);
-    /// repeatable. `--model` then only supplies the tokenizer and the model id (no weights are loaded).
-    #[arg(long)]
+    /// Run through a swarm instead of in this process: a peer to join, as a multiaddr
+    /// (`/ip4/10.0.0.1/tcp/4000`, the coordinator's `p2p listening on` line); repeatable. `--model` then only
+    /// supplies the tokenizer and the model id (no weights are loaded).
+    #[arg(long, value_parser = crate::args::multiaddr)]
     pub swarm: Vec<Multiaddr>,
-    /// With `--swarm`: how long to wait for nodes covering every layer, in seconds.
+    /// With `--swarm`: the longest wait for the swarm, in seconds: for nodes covering every layer at the start, and
+    /// for a working route again after a stage fails. Past it the command fails, naming what is missing.
     #[arg(long, default_value_t = 30)]
     pub swarm_timeout: u64,
 }
@@ -76,17 +85,24 @@ struct JsonOutput<'a> {
     decode_tokens_per_s: f64,
 }
 
-/// The model path given, or the default model with a message saying how to fetch it.
+/// The model path given (checked: a file, or a Hugging Face directory), or the default model with a message saying
+/// how to fetch it.
 pub fn resolve_model(model: Option<PathBuf>) -> Result<PathBuf> {
     match model {
-        Some(p) => Ok(p),
+        Some(p) => {
+            crate::args::check_model_path(&p)?;
+            Ok(p)
+        }
         None => shardline_node::default_model::locate_default_model().map_err(anyhow::Error::msg),
     }
 }
 
 /// The device asked for (or the best one present), with `threads` CPU threads when it is the CPU.
 pub fn select_backend(device: Option<&str>, threads: Option<usize>) -> Result<Arc<dyn Backend>> {
-    let backend = shardline_kernels::device::select_backend(device).context("selecting the compute device")?;
+    let backend = shardline_kernels::device::select_backend(device).with_context(|| match device {
+        Some(d) => format!("cannot compute on `--device {d}` (accepted: {})", crate::args::DEVICE_VALUES),
+        None => "selecting the compute device".to_string(),
+    })?;
     Ok(match threads {
         Some(t) if backend.kind() == DeviceKind::Cpu => Arc::new(CpuBackend::new(t.max(1))),
         _ => backend,
@@ -153,8 +169,34 @@ fn check_sampling(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model's human name: its file name without `.gguf`, or its directory's name (as the API serves it).
+pub fn model_name(path: &std::path::Path) -> String {
+    shardline_node::model::display_name(path)
+}
+
+/// `--max-tokens 0`: the prompt is read (tokenised) and nothing is generated; no weights are loaded.
+fn run_empty(args: &GenerateArgs) -> Result<()> {
+    let path = resolve_model(args.model.clone())?;
+    let files = ModelFiles::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let tokenizer = load_tokenizer(&files)?;
+    let prompt = encode_prompt(&tokenizer, &args.prompt, args.chat)?;
+    let generation = Generation {
+        prompt_tokens: prompt,
+        tokens: Vec::new(),
+        samples: Vec::new(),
+        text: String::new(),
+        finish: generate::FinishReason::Length,
+        prefill_secs: 0.0,
+        decode_secs: 0.0,
+    };
+    report(&generation, args.json)
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_sampling(&args)?;
+    if args.max_tokens == 0 {
+        return run_empty(&args);
+    }
     if !args.swarm.is_empty() {
         return run_swarm(args);
     }
@@ -195,13 +237,19 @@ fn run_swarm(args: GenerateArgs) -> Result<()> {
         );
     }
     let params = generate_params(&args, &tokenizer);
+    let name = model_name(&path);
+    let wait = Duration::from_secs(args.swarm_timeout);
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let generation = rt.block_on(async {
-        let client = SwarmClient::join(SwarmClientConfig::new(model_id, args.swarm.clone())).await?;
+        let mut config = SwarmClientConfig::new(model_id.clone(), args.swarm.clone());
+        // `--swarm-timeout` bounds every wait for the swarm, the route of a failover included.
+        config.policy = CoveragePolicy::WaitAndRetry { timeout: wait };
+        let client = SwarmClient::join(config).await.context("joining the swarm")?;
+        client.registry().name_model(&model_id, &name);
         client
-            .wait_for_coverage(Duration::from_secs(args.swarm_timeout))
+            .wait_for_coverage(wait)
             .await
-            .context("waiting for nodes that cover every layer")?;
+            .with_context(|| format!("no route through the swarm within --swarm-timeout {}s", args.swarm_timeout))?;
         let session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
         let handle = tokio::runtime::Handle::current();
         let json = args.json;
@@ -215,7 +263,12 @@ fn run_swarm(args: GenerateArgs) -> Result<()> {
         // Tell every stage the session is over (they free its KV cache) before the process exits.
         stepper.session.close().await;
         client.shutdown(Duration::from_secs(1)).await;
-        anyhow::Ok(generation?)
+        anyhow::Ok(generation.with_context(|| {
+            format!(
+                "generating through the swarm (each wait for it bounded by --swarm-timeout {}s)",
+                args.swarm_timeout
+            )
+        })?)
     })?;
     report(&generation, args.json)
 }

@@ -1,5 +1,6 @@
 //! `shardline`: run Llama-family models across many machines.
 
+mod args;
 mod config;
 mod coordinator;
 mod demo;
@@ -7,6 +8,7 @@ mod fetch;
 mod generate;
 mod logging;
 mod node;
+mod nodes;
 
 use std::path::PathBuf;
 
@@ -26,7 +28,13 @@ use clap::{CommandFactory, Parser, Subcommand};
   shardline generate --chat --prompt \"Hello!\"     the whole model in this process
   shardline coordinator --http 0.0.0.0:8080 --p2p-listen /ip4/0.0.0.0/tcp/4000
   shardline node --layers 0..15 --bootstrap /ip4/10.0.0.1/tcp/4000
-  shardline --config shardline.toml node          flags from a file (see docs/shardline.example.toml)"
+  shardline nodes --http http://127.0.0.1:8080    the nodes and layer coverage the dashboard shows
+  shardline --config shardline.toml node          flags from a file (see docs/shardline.example.toml)
+  shardline completions bash > /etc/bash_completion.d/shardline
+
+Swarm addresses are libp2p multiaddrs: /ip4/10.0.0.1/tcp/4000 (or /ip4/10.0.0.1/udp/4000/quic-v1), as printed on
+the `p2p listening on` line of a coordinator or node.
+--model takes a GGUF file or a Hugging Face model directory (config.json, tokenizer.json, *.safetensors)."
 )]
 pub struct Cli {
     /// Log format on stderr.
@@ -51,6 +59,14 @@ pub enum Command {
     Coordinator(coordinator::CoordinatorCmd),
     /// Download the default model (SmolLM2-135M-Instruct) into the model cache and print its path.
     Fetch(fetch::FetchArgs),
+    /// Print the registered nodes and the layer coverage of each model (what the dashboard shows).
+    Nodes(nodes::NodesCmd),
+    /// Print a shell completion script, e.g.
+    /// `shardline completions bash > ~/.local/share/bash-completion/completions/shardline`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +85,11 @@ fn main() -> std::process::ExitCode {
         Command::Node(cmd) => node::run(cmd),
         Command::Coordinator(cmd) => coordinator::run(cmd),
         Command::Fetch(args) => fetch::run(args),
+        Command::Nodes(cmd) => nodes::run(cmd),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "shardline", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

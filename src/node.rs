@@ -18,8 +18,8 @@ pub struct NodeCmd {
     /// Layers to serve, `A..B` (end exclusive).
     #[arg(long)]
     pub layers: LayerRange,
-    /// Compute device: `cpu`, `cuda` or `cuda:N` (default: CUDA when a usable GPU is found, else CPU).
-    #[arg(long)]
+    /// Compute device: `cpu`, `cuda` (alias `gpu`) or `cuda:N` (default: CUDA when a usable GPU is found, else CPU).
+    #[arg(long, value_parser = crate::args::device)]
     pub device: Option<String>,
     /// CPU threads (default: all cores).
     #[arg(long)]
@@ -31,10 +31,11 @@ pub struct NodeCmd {
     #[arg(long)]
     pub advertise: Option<SocketAddr>,
     /// libp2p listen multiaddr, TCP (`/ip4/0.0.0.0/tcp/P`) or QUIC (`/ip4/0.0.0.0/udp/P/quic-v1`); repeatable.
-    #[arg(long = "p2p-listen", default_value = "/ip4/0.0.0.0/tcp/0")]
+    #[arg(long = "p2p-listen", default_value = "/ip4/0.0.0.0/tcp/0", value_parser = crate::args::multiaddr)]
     pub p2p_listen: Vec<Multiaddr>,
-    /// A peer of the swarm to join, with or without `/p2p/<peer id>`; repeatable.
-    #[arg(long)]
+    /// A peer of the swarm to join, as a multiaddr (`/ip4/10.0.0.1/tcp/4000`, the coordinator's `p2p listening on`
+    /// line, with or without `/p2p/<peer id>`); repeatable.
+    #[arg(long, value_parser = crate::args::multiaddr)]
     pub bootstrap: Vec<Multiaddr>,
     /// ed25519 identity file: created on first start, reused after, so the peer id survives restarts.
     #[arg(long)]
@@ -51,6 +52,7 @@ pub fn run(cmd: NodeCmd) -> Result<()> {
     args.advertise = cmd.advertise;
     args.p2p_listen = cmd.p2p_listen;
     args.bootstrap = cmd.bootstrap;
+    args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.key_file = cmd.key_file;
     args.shard = ShardOptions { kv_budget_bytes: cmd.kv_cache_mib << 20, ..ShardOptions::default() };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;

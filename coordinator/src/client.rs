@@ -239,7 +239,7 @@ impl SwarmSession {
         let shape = inner
             .registry
             .model_shape(&c.model_id)
-            .ok_or_else(|| SessionError::Route(RouteError::UnknownModel(c.model_id.clone())))?;
+            .ok_or_else(|| SessionError::Route(RouteError::unknown_model(&inner.registry, &c.model_id)))?;
         let mut permits = Vec::new();
         for s in &route.stages {
             if let Some(q) = &s.queue {
@@ -274,11 +274,23 @@ impl SwarmSession {
     }
 
     /// Feeds `tokens` and returns the token sampled after them, failing over to another route when a stage fails.
+    ///
+    /// Under [`CoveragePolicy::WaitAndRetry`] its timeout is a hard deadline for getting a working route in this step
+    /// (connecting and every failover together), not a wait per attempt.
     pub async fn step(&mut self, tokens: &[u32]) -> Result<Sampled, SessionError> {
+        let connect_by = match self.client.inner.config.policy {
+            CoveragePolicy::WaitAndRetry { timeout } => Some((tokio::time::Instant::now() + timeout, timeout)),
+            CoveragePolicy::FailFast => None,
+        };
         loop {
             let attempt = async {
                 if self.pipeline.is_none() {
-                    self.connect().await?;
+                    match connect_by {
+                        Some((by, wait)) => tokio::time::timeout_at(by, self.connect())
+                            .await
+                            .map_err(|_| SessionError::Timeout(wait))??,
+                        None => self.connect().await?,
+                    }
                 }
                 let p = self.pipeline.as_mut().expect("connected");
                 let limit = self.client.inner.config.step_timeout;
@@ -300,6 +312,9 @@ impl SwarmSession {
                     self.pipeline = None;
                     self.permits.clear();
                     let Some(peer) = e.failed_peer() else { return Err(e) };
+                    if connect_by.is_some_and(|(by, _)| tokio::time::Instant::now() >= by) {
+                        return Err(SessionError::Exhausted(self.failovers, Box::new(e)));
+                    }
                     if self.failovers >= self.client.inner.config.max_failovers {
                         return Err(SessionError::Exhausted(self.failovers, Box::new(e)));
                     }

@@ -37,6 +37,8 @@ pub enum Upsert {
     Updated,
     /// Not newer than the one held: ignored.
     Stale,
+    /// A withdrawal of a registered node: removed.
+    Withdrawn,
 }
 
 /// Bans, failures and measured latency of one node. Kept across re-registrations, so a node cannot shed a ban by
@@ -91,6 +93,25 @@ struct Inner {
     nodes: HashMap<PeerId, NodeEntry>,
     health: HashMap<PeerId, NodeHealth>,
     models: HashMap<String, ModelClaim>,
+    /// Human names of model ids (from the model files the owner opened), for logs and errors.
+    names: HashMap<String, String>,
+}
+
+impl Inner {
+    fn name<'a>(&'a self, model_id: &'a str) -> &'a str {
+        self.names.get(model_id).map_or_else(|| short_id(model_id), String::as_str)
+    }
+}
+
+/// A model id as people read it where no name is known: its first 12 hex digits and an ellipsis.
+pub fn short_id(model_id: &str) -> &str {
+    model_id.get(..12).unwrap_or(model_id)
+}
+
+/// Whether an announcement is a withdrawal: a node that stops announces that it takes no sessions
+/// (`max_sessions` 0), so registries drop it at once instead of when its last record expires (docs/SWARM.md).
+pub fn is_withdrawal(a: &ShardAnnouncement) -> bool {
+    a.max_sessions == 0
 }
 
 impl Inner {
@@ -140,6 +161,21 @@ impl NodeRegistry {
         self.version.subscribe()
     }
 
+    /// Names `model_id` for people: logs and errors say `name` instead of the hex id.
+    pub fn name_model(&self, model_id: &str, name: &str) {
+        self.write().names.insert(model_id.to_string(), name.to_string());
+    }
+
+    /// The human name of `model_id`, if someone named it.
+    pub fn named(&self, model_id: &str) -> Option<String> {
+        self.read().names.get(model_id).cloned()
+    }
+
+    /// The human name of `model_id`, or its first hex digits when nobody named it.
+    pub fn model_name(&self, model_id: &str) -> String {
+        self.read().name(model_id).to_string()
+    }
+
     /// Holds `model_id` to `shape` (read from the model file), whatever nodes announce: registered nodes of another
     /// shape are removed, later ones refused. Returns the removed nodes.
     pub fn pin_shape(&self, model_id: &str, shape: ModelShape) -> Vec<PeerId> {
@@ -153,7 +189,8 @@ impl NodeRegistry {
             .collect();
         for p in &wrong {
             inner.nodes.remove(p);
-            warn!(peer = %p, model = %model_id, "node removed: its announced shape differs from the model file");
+            let model = inner.name(model_id);
+            warn!(peer = %p, %model, "node removed: its announced shape differs from the model file");
         }
         let nodes = inner.nodes.values().filter(|e| e.announcement.model_id == model_id).count();
         inner.models.insert(model_id.to_string(), ModelClaim { shape, pinned: true, nodes });
@@ -164,11 +201,27 @@ impl NodeRegistry {
 
     /// Registers a verified announcement, or updates the node's entry if it is newer than the one held. All nodes of
     /// one model id must agree on its shape (layer count, hidden width): the pinned shape when the model file is
-    /// known, else the shape of the nodes registered now.
+    /// known, else the shape of the nodes registered now. A withdrawal ([`is_withdrawal`]) newer than the entry held
+    /// removes the node.
     pub fn upsert(&self, a: ShardAnnouncement) -> Result<Upsert, RegistryError> {
         let shape = ModelShape { n_layers: a.n_layers, hidden: a.hidden };
         let now = Instant::now();
         let mut inner = self.write();
+        if is_withdrawal(&a) {
+            let newer = inner.nodes.get(&a.peer_id).is_some_and(|e| a.issued_at_ms > e.announcement.issued_at_ms);
+            if !newer {
+                return Ok(Upsert::Stale);
+            }
+            if let Some(e) = inner.nodes.remove(&a.peer_id) {
+                inner.release(&e.announcement.model_id);
+                let model = inner.name(&e.announcement.model_id).to_string();
+                let layers = e.announcement.layers;
+                info!(peer = %a.peer_id, %model, %layers, "node withdrew: removed from the registry");
+            }
+            drop(inner);
+            self.bump();
+            return Ok(Upsert::Withdrawn);
+        }
         if let Some(claim) = inner.models.get(&a.model_id)
             && claim.shape != shape
         {
@@ -198,7 +251,8 @@ impl NodeRegistry {
                 Upsert::Updated
             }
             None => {
-                info!(peer = %a.peer_id, model = %a.model_id, layers = %a.layers, addr = %a.quic_addr, "node registered");
+                let model = inner.name(&a.model_id).to_string();
+                info!(peer = %a.peer_id, %model, layers = %a.layers, addr = %a.quic_addr, "node registered");
                 inner
                     .models
                     .entry(a.model_id.clone())
@@ -236,7 +290,8 @@ impl NodeRegistry {
         for p in &gone {
             if let Some(e) = inner.nodes.remove(p) {
                 inner.release(&e.announcement.model_id);
-                info!(peer = %p, layers = %e.announcement.layers, "node expired: removed from the registry");
+                let model = inner.name(&e.announcement.model_id).to_string();
+                info!(peer = %p, %model, layers = %e.announcement.layers, "node expired: removed from the registry");
             }
         }
         drop(inner);
@@ -431,6 +486,25 @@ pub(crate) mod tests {
         assert_eq!(reg.models(), vec!["n".to_string()]);
         let other = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 32), 32);
         assert_eq!(reg.upsert(other).unwrap(), Upsert::Inserted);
+    }
+
+    #[test]
+    fn a_withdrawal_removes_the_node_and_names_are_kept() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        reg.name_model("m", "Tiny.Q8_0");
+        assert_eq!(reg.model_name("m"), "Tiny.Q8_0");
+        assert_eq!(reg.model_name(&"ab".repeat(32)), "abababababab");
+        let key = Keypair::generate_ed25519();
+        let a = announcement(&key, "m", LayerRange::new(0, 10), 30);
+        let mut gone = a.clone();
+        gone.max_sessions = 0;
+        assert_eq!(reg.upsert(gone.clone()).unwrap(), Upsert::Stale, "a withdrawal never registers a node");
+        assert_eq!(reg.upsert(a.clone()).unwrap(), Upsert::Inserted);
+        assert_eq!(reg.upsert(gone.clone()).unwrap(), Upsert::Stale, "an old withdrawal does not remove a newer entry");
+        gone.issued_at_ms += 1;
+        assert_eq!(reg.upsert(gone).unwrap(), Upsert::Withdrawn);
+        assert!(reg.is_empty());
+        assert_eq!(reg.model_shape("m"), None);
     }
 
     #[test]

@@ -115,16 +115,58 @@ pub enum CoveragePolicy {
     WaitAndRetry { timeout: Duration },
 }
 
+/// Why no route was found. `model` is the model's human name (the hex id when nobody named it, see
+/// [`NodeRegistry::name_model`](crate::registry::NodeRegistry::name_model)).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RouteError {
-    #[error("no registered node serves layers {} of model {model_id} ({n_layers} layers)", fmt_ranges(.missing))]
-    Uncovered { model_id: String, n_layers: usize, missing: Vec<LayerRange> },
-    #[error("no node of model {0} is registered")]
-    UnknownModel(String),
+    #[error("no route: found {}; missing {} of {model} ({n_layers} layers)", fmt_found(.found), fmt_ranges(.missing))]
+    Uncovered { model_id: String, model: String, n_layers: usize, found: Vec<LayerRange>, missing: Vec<LayerRange> },
+    #[error("no route: no node of {model} is registered")]
+    UnknownModel { model_id: String, model: String },
+}
+
+impl RouteError {
+    /// The hex id of the model the error is about.
+    pub fn model_id(&self) -> &str {
+        match self {
+            Self::Uncovered { model_id, .. } | Self::UnknownModel { model_id, .. } => model_id,
+        }
+    }
+
+    /// No node of `model_id` is registered in `registry` (named as the registry names it).
+    pub fn unknown_model(registry: &crate::registry::NodeRegistry, model_id: &str) -> Self {
+        Self::UnknownModel { model_id: model_id.to_string(), model: registry.model_name(model_id) }
+    }
+
+    fn named(mut self, name: String) -> Self {
+        match &mut self {
+            Self::Uncovered { model, .. } | Self::UnknownModel { model, .. } => *model = name,
+        }
+        self
+    }
 }
 
 fn fmt_ranges(r: &[LayerRange]) -> String {
     r.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn fmt_found(r: &[LayerRange]) -> String {
+    if r.is_empty() { "no layers".to_string() } else { fmt_ranges(r) }
+}
+
+/// Layer ranges of `0..n_layers` that some candidate covers, merged, in order (the complement of
+/// [`missing_ranges`]).
+pub fn covered_ranges(cands: &[Candidate], n_layers: usize) -> Vec<LayerRange> {
+    let missing = missing_ranges(cands, n_layers);
+    let mut covered = Vec::new();
+    let mut at = 0;
+    for m in missing.iter().chain(std::iter::once(&LayerRange::new(n_layers, n_layers))) {
+        if m.start > at {
+            covered.push(LayerRange::new(at, m.start));
+        }
+        at = m.end;
+    }
+    covered
 }
 
 /// Layer ranges of `0..n_layers` that no candidate covers, in order.
@@ -193,7 +235,14 @@ pub fn plan(
         if missing.is_empty() {
             missing.push(LayerRange::new(0, n_layers));
         }
-        return Err(RouteError::Uncovered { model_id: model_id.to_string(), n_layers, missing });
+        let found = covered_ranges(&owned, n_layers);
+        return Err(RouteError::Uncovered {
+            model_id: model_id.to_string(),
+            model: model_id.to_string(),
+            n_layers,
+            found,
+            missing,
+        });
     }
     let mut stages = Vec::new();
     let mut b = n_layers;
@@ -248,13 +297,14 @@ pub async fn route(
     loop {
         changes.borrow_and_update();
         let attempt = match registry.model_shape(model_id) {
-            None => Err(RouteError::UnknownModel(model_id.to_string())),
+            None => Err(RouteError::UnknownModel { model_id: model_id.to_string(), model: model_id.to_string() }),
             Some(shape) => {
                 let cands = candidates(registry, model_id);
                 plan(model_id, &cands, shape.n_layers as usize, excluded, rand::random())
             }
         };
         let Err(err) = attempt else { return attempt };
+        let err = err.named(registry.model_name(model_id));
         let Some(deadline) = deadline else { return Err(err) };
         // Bans expire without a registry change, so re-plan at least every 250 ms.
         let wake = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
@@ -331,9 +381,12 @@ mod tests {
     fn names_the_missing_ranges() {
         let c = vec![cand(0, 10, 100.0), cand(12, 20, 100.0), cand(25, 28, 100.0)];
         let err = plan("m", &c, 30, &HashSet::new(), 0).unwrap_err();
-        let RouteError::Uncovered { missing, .. } = &err else { panic!("{err}") };
+        let RouteError::Uncovered { missing, found, .. } = &err else { panic!("{err}") };
         assert_eq!(missing, &vec![LayerRange::new(10, 12), LayerRange::new(20, 25), LayerRange::new(28, 30)]);
-        assert!(err.to_string().contains("10..12, 20..25, 28..30"), "{err}");
+        assert_eq!(found, &vec![LayerRange::new(0, 10), LayerRange::new(12, 20), LayerRange::new(25, 28)]);
+        assert!(err.to_string().contains("found 0..10, 12..20, 25..28; missing 10..12, 20..25, 28..30 of m"), "{err}");
+        let err = plan("m", &[], 30, &HashSet::new(), 0).unwrap_err();
+        assert!(err.to_string().contains("found no layers; missing 0..30"), "{err}");
     }
 
     #[test]
@@ -379,26 +432,35 @@ mod tests {
         use crate::registry::{NodeRegistry, RegistryConfig};
 
         let reg = NodeRegistry::new(RegistryConfig::default());
+        reg.name_model("m", "Tiny.Q8_0");
         let none = HashSet::new();
         assert_eq!(
             route(&reg, "m", &none, CoveragePolicy::FailFast).await.unwrap_err(),
-            RouteError::UnknownModel("m".into())
+            RouteError::UnknownModel { model_id: "m".into(), model: "Tiny.Q8_0".into() }
         );
         reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 10), 30)).unwrap();
+        reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(20, 30), 30)).unwrap();
         let err = route(&reg, "m", &none, CoveragePolicy::FailFast).await.unwrap_err();
         assert_eq!(
             err,
-            RouteError::Uncovered { model_id: "m".into(), n_layers: 30, missing: vec![LayerRange::new(10, 30)] }
+            RouteError::Uncovered {
+                model_id: "m".into(),
+                model: "Tiny.Q8_0".into(),
+                n_layers: 30,
+                found: vec![LayerRange::new(0, 10), LayerRange::new(20, 30)],
+                missing: vec![LayerRange::new(10, 20)]
+            }
         );
+        assert!(err.to_string().contains("found 0..10, 20..30; missing 10..20 of Tiny.Q8_0"), "{err}");
         // Waiting: the missing node registers a little later and the route comes through.
         let late = reg.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            late.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(10, 30), 30)).unwrap();
+            late.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(10, 20), 30)).unwrap();
         });
         let wait = CoveragePolicy::WaitAndRetry { timeout: Duration::from_secs(5) };
         let r = route(&reg, "m", &none, wait).await.unwrap();
-        assert_eq!(spans(&r), vec![(0, 10), (10, 30)]);
+        assert_eq!(spans(&r), vec![(0, 10), (10, 20), (20, 30)]);
         // Waiting that runs out reports what is still missing.
         let reg = NodeRegistry::new(RegistryConfig::default());
         reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(5, 30), 30)).unwrap();

@@ -20,6 +20,8 @@ pub struct CoordinatorArgs {
     pub p2p_listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub key_file: Option<std::path::PathBuf>,
+    /// How long to keep dialling unreachable bootstrap peers before failing (`DhtConfig::bootstrap_patience`).
+    pub bootstrap_patience: Duration,
     /// Model ids to look for from the start (others are learned from provider records).
     pub models: Vec<String>,
     pub registry: RegistryConfig,
@@ -32,6 +34,7 @@ impl CoordinatorArgs {
             p2p_listen,
             bootstrap,
             key_file: None,
+            bootstrap_patience: Duration::ZERO,
             models: Vec::new(),
             registry: RegistryConfig::default(),
             discovery: DiscoveryConfig::default(),
@@ -72,8 +75,9 @@ pub async fn start_coordinator(args: CoordinatorArgs) -> Result<CoordinatorHandl
         Some(p) => identity::load_or_create(p)?,
         None => Keypair::generate_ed25519(),
     };
-    let (dht, events) =
-        DhtClient::start(DhtConfig::for_discovery(keypair, args.p2p_listen.clone(), args.bootstrap.clone())).await?;
+    let mut dht_config = DhtConfig::for_discovery(keypair, args.p2p_listen.clone(), args.bootstrap.clone());
+    dht_config.bootstrap_patience = args.bootstrap_patience;
+    let (dht, events) = DhtClient::start(dht_config).await?;
     let registry = NodeRegistry::new(args.registry.clone());
     let mut dcfg = args.discovery.clone();
     dcfg.models.extend(args.models.iter().cloned());
@@ -101,6 +105,7 @@ pub async fn run_coordinator(args: CoordinatorArgs) -> Result<(), CoordinatorErr
                     let mut spans: Vec<String> =
                         nodes.iter().map(|(e, _)| format!("{}@{}", e.announcement.layers, e.announcement.peer_id)).collect();
                     spans.sort();
+                    let model = c.registry.model_name(&model);
                     info!(%model, nodes = nodes.len(), layout = %spans.join(" "), "registry changed");
                 }
             }

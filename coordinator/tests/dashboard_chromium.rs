@@ -2,8 +2,8 @@
 //! Chromium, driven over the DevTools protocol, against a real in-process swarm on a tiny model whose file name holds
 //! markup: the coverage bar shows every node and the uncovered layers in red, and updates live when the missing node
 //! arrives; the node table lists every node; a chat message typed into the page streams back exactly the text the
-//! single-process engine generates, in several chunks; the request and token rates count it; no server or user string
-//! becomes markup.
+//! single-process engine generates, in several chunks; the request and token rates count it, and the 10-minute
+//! throughput chart draws it; no server or user string becomes markup.
 //!
 //! Needs a Chromium (or Chrome) binary: `SHARDLINE_CHROMIUM`, else `chromium`, `chromium-browser`, `google-chrome`
 //! or `google-chrome-stable` on `PATH`. Without one the test prints why it is skipped and passes, unless
@@ -164,7 +164,7 @@ async fn page_and_event_stream_are_served() {
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     assert!(r.headers()["content-security-policy"].to_str().unwrap().contains("connect-src 'self'"));
     let html = r.text().await.unwrap();
-    for id in ["coverage", "nodes", "rates", "chat-input", "chat-send", "chat-output"] {
+    for id in ["coverage", "nodes", "rates", "history-chart", "chat-input", "chat-send", "chat-output"] {
         assert!(html.contains(&format!("id=\"{id}\"")), "the page lacks #{id}");
     }
 
@@ -319,6 +319,37 @@ async fn dashboard_shows_the_swarm_live_and_streams_chat() {
     let swarm: Value = reqwest::get(format!("{base}/v1/swarm")).await.unwrap().json().await.unwrap();
     let sum = |k: &str| swarm["rates"][k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum::<u64>();
     assert_eq!((sum("requests"), sum("tokens")), (1, n_gen as u64));
+
+    // The 10-minute chart draws the same counts: both lines reach the top of the box at the API's peak rate, the
+    // peaks written beside it are the API's, and the line spans the whole width (oldest bucket left, now right).
+    wait_for(
+        &page,
+        &format!("document.getElementById('history').dataset.tokens === '{n_gen}'"),
+        "the generated tokens in the chart",
+    )
+    .await;
+    let history = &swarm["history"];
+    let bucket_s = history["bucket_s"].as_f64().unwrap();
+    assert_eq!((bucket_s, history["window_s"].as_u64()), (10.0, Some(600)));
+    for (series, digits) in [("tokens", 1), ("requests", 2)] {
+        let counts: Vec<f64> = history[series].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(counts.len(), 60);
+        let peak = counts.iter().cloned().fold(0.0, f64::max) / bucket_s;
+        let shown: String = eval(&page, &format!("document.getElementById('history-{series}-peak').textContent")).await;
+        assert_eq!(shown, format!("{peak:.digits$}"), "peak {series}/s on the chart");
+        let points: String =
+            eval(&page, &format!("document.getElementById('history-{series}').getAttribute('points')")).await;
+        let xy: Vec<(f64, f64)> = points
+            .split(' ')
+            .map(|p| p.split_once(',').map(|(x, y)| (x.parse().unwrap(), y.parse().unwrap())).unwrap())
+            .collect();
+        assert_eq!(xy.len(), 60, "{series}: {points}");
+        assert_eq!((xy[0].0, xy[59].0), (0.0, 600.0));
+        let top = xy.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        assert_eq!(top, 2.0, "the {series} line reaches the top of the chart at its peak");
+        let drawn_peaks = xy.iter().zip(&counts).filter(|(p, c)| p.1 == 2.0 && **c / bucket_s == peak).count();
+        assert!(drawn_peaks >= 1, "the {series} line's highest point is not the busiest bucket: {points}");
+    }
 
     // A browser whose event stream is refused: the page falls back to polling and still shows the swarm.
     let polled = browser.new_page("about:blank").await.unwrap();

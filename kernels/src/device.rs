@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::DType;
 use crate::backend::Backend;
@@ -62,8 +62,14 @@ pub fn select_backend_with(spec: Option<&str>, cuda_act: DType) -> Result<Arc<dy
                     Ok(cpu())
                 }
             },
-            Err(reason) => {
+            // Said at INFO only where it matters: a CUDA driver is installed yet no GPU can be used. A machine
+            // without the driver (or a build without CUDA) computes on the CPU, which is no news.
+            Err(reason) if reason != cuda::NO_DRIVER => {
                 info!(%reason, "no usable CUDA device; computing on the CPU");
+                Ok(cpu())
+            }
+            Err(reason) => {
+                debug!(%reason, "computing on the CPU");
                 Ok(cpu())
             }
         },

@@ -1,6 +1,7 @@
 //! Node side of discovery: publishes the node's signed announcement (value record under its node key) and a
 //! provider record under its model key, and re-publishes both well before they expire, with fresh load figures.
-//! When the announcer stops, the records expire everywhere within one TTL and the node disappears from the swarm.
+//! When the announcer stops, the records expire everywhere within one TTL and the node disappears from the swarm; a
+//! node that stops on purpose publishes a withdrawal first ([`withdraw`]), so registries drop it at once.
 
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,29 @@ impl Announcer {
     }
 
     pub fn stop(self) {}
+}
+
+/// Lifetime of a withdrawal record: long enough to reach the peers that store node records, short enough that it is
+/// gone before the node could come back under the same identity.
+pub const WITHDRAWAL_TTL: Duration = Duration::from_secs(10);
+
+/// Publishes the node's withdrawal under its node key: its announcement with `max_sessions` 0, which registries read
+/// as "this node is leaving" and which replaces the node's stored record (docs/SWARM.md). Call it after the
+/// announcer stopped.
+pub async fn withdraw(dht: &DhtClient, key: &Keypair, mut a: ShardAnnouncement) -> Result<(), String> {
+    a.max_sessions = 0;
+    a.active_sessions = 0;
+    a.free_kv_tokens = 0;
+    let now = now_ms();
+    a.issued_at_ms = now;
+    a.expires_at_ms = now + WITHDRAWAL_TTL.as_millis() as u64;
+    let signed = a.sign(key).map_err(|e| e.to_string())?;
+    let mut record = Record::new(node_key(&key.public().to_peer_id()), signed.to_bytes());
+    record.publisher = Some(key.public().to_peer_id());
+    record.expires = Some(Instant::now() + WITHDRAWAL_TTL);
+    dht.put_record(record).await.map_err(|e| e.to_string())?;
+    debug!("withdrawal published");
+    Ok(())
 }
 
 /// Signs and publishes one announcement: the node record first, then the provider record of its model.

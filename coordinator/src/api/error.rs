@@ -109,7 +109,7 @@ impl ApiError {
     /// Maps a session failure: missing layers → 503, full queues → 429, failed stages → 502.
     pub fn from_session(e: &SessionError, retry_after_secs: u64) -> Self {
         match e {
-            SessionError::Route(RouteError::Uncovered { .. } | RouteError::UnknownModel(_)) => {
+            SessionError::Route(RouteError::Uncovered { .. } | RouteError::UnknownModel { .. }) => {
                 Self::unavailable(e.to_string())
             }
             _ if is_busy(e) => Self::busy(e.to_string(), retry_after_secs),
@@ -162,13 +162,20 @@ mod tests {
     #[test]
     fn session_errors_get_the_openai_status() {
         let uncovered = SessionError::Route(RouteError::Uncovered {
-            model_id: "m".into(),
+            model_id: "ab".repeat(32),
+            model: "SmolLM2-135M-Instruct.Q4_1".into(),
             n_layers: 30,
+            found: vec![LayerRange::new(0, 10), LayerRange::new(20, 30)],
             missing: vec![LayerRange::new(10, 20)],
         });
         let e = ApiError::from_session(&uncovered, 1);
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(e.message.contains("10..20"), "{}", e.message);
+        assert!(
+            e.message.contains("found 0..10, 20..30; missing 10..20 of SmolLM2-135M-Instruct.Q4_1"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("abab"), "the hex id is for machines: {}", e.message);
         let busy = SessionError::Busy {
             peer: PeerId::random(),
             source: QueueError::Busy { in_flight: 1, waiting: 0, max_waiting: 0 },

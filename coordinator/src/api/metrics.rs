@@ -62,26 +62,33 @@ struct Bucket {
     tokens: u64,
 }
 
-/// Generation requests and generated tokens per second over the last [`RATE_WINDOW_SECS`] seconds: a ring of
-/// per-second buckets, so recording is O(1) and nothing has to expire them.
+/// Seconds per bucket of the longer history the dashboard's chart draws: 60 buckets of 10 s, the last 10 minutes.
+pub const HISTORY_BUCKET_SECS: u64 = 10;
+
+/// Generation requests and generated tokens over the last [`RATE_WINDOW_SECS`] buckets of `bucket_s` seconds (1 s by
+/// default): a ring of buckets, so recording is O(1) and nothing has to expire them.
 pub struct RateWindow {
     start: Instant,
+    bucket_s: u64,
     buckets: Mutex<[Bucket; RATE_WINDOW_SECS]>,
 }
 
 impl Default for RateWindow {
     fn default() -> Self {
-        Self { start: Instant::now(), buckets: Mutex::new([Bucket::default(); RATE_WINDOW_SECS]) }
+        Self::with_bucket_secs(1)
     }
 }
 
-/// Recent rates, oldest second first; the last entry is the current (partial) second.
+/// Recent rates, oldest bucket first; the last entry is the current (partial) bucket.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Rates {
+    /// Seconds the buckets span together.
     pub window_s: usize,
-    /// Generation requests (completions and chat) started in each second.
+    /// Seconds per bucket.
+    pub bucket_s: u64,
+    /// Generation requests (completions and chat) started in each bucket.
     pub requests: Vec<u64>,
-    /// Tokens generated in each second.
+    /// Tokens generated in each bucket.
     pub tokens: Vec<u64>,
     /// Mean requests per second over the window.
     pub requests_per_s: f64,
@@ -90,11 +97,21 @@ pub struct Rates {
 }
 
 impl RateWindow {
-    fn now_second(&self) -> u64 {
-        self.start.elapsed().as_secs()
+    /// A window of [`RATE_WINDOW_SECS`] buckets of `bucket_s` seconds each (at least 1).
+    pub fn with_bucket_secs(bucket_s: u64) -> Self {
+        Self {
+            start: Instant::now(),
+            bucket_s: bucket_s.max(1),
+            buckets: Mutex::new([Bucket::default(); RATE_WINDOW_SECS]),
+        }
     }
 
-    /// Counts `requests` and `tokens` in the current second.
+    /// The current bucket's number since the window's start (named `second` below: with 1-s buckets it is one).
+    fn now_second(&self) -> u64 {
+        self.start.elapsed().as_secs() / self.bucket_s
+    }
+
+    /// Counts `requests` and `tokens` in the current bucket.
     pub fn add(&self, requests: u64, tokens: u64) {
         self.add_at(self.now_second(), requests, tokens);
     }
@@ -128,9 +145,11 @@ impl RateWindow {
             requests.push(r);
             tokens.push(t);
         }
-        let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / RATE_WINDOW_SECS as f64;
+        let window_s = RATE_WINDOW_SECS * self.bucket_s as usize;
+        let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / window_s as f64;
         Rates {
-            window_s: RATE_WINDOW_SECS,
+            window_s,
+            bucket_s: self.bucket_s,
             requests_per_s: mean(&requests),
             tokens_per_s: mean(&tokens),
             requests,
@@ -140,7 +159,6 @@ impl RateWindow {
 }
 
 /// Everything the API counts. Shared by every request (`Arc`).
-#[derive(Default)]
 pub struct Metrics {
     /// `(endpoint, status code)` → requests answered.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -155,6 +173,25 @@ pub struct Metrics {
     ttft: Mutex<Histogram>,
     inter_token: Mutex<Histogram>,
     rates: RateWindow,
+    /// The same counts over the last 10 minutes, in [`HISTORY_BUCKET_SECS`] buckets (the dashboard's chart).
+    history: RateWindow,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Mutex::default(),
+            prompt_tokens: AtomicU64::default(),
+            completion_tokens: AtomicU64::default(),
+            cancelled: AtomicU64::default(),
+            route_failures: AtomicU64::default(),
+            rejected_busy: AtomicU64::default(),
+            ttft: Mutex::default(),
+            inter_token: Mutex::default(),
+            rates: RateWindow::default(),
+            history: RateWindow::with_bucket_secs(HISTORY_BUCKET_SECS),
+        }
+    }
 }
 
 impl Metrics {
@@ -163,6 +200,7 @@ impl Metrics {
         *r.entry((endpoint, status.as_u16())).or_default() += 1;
         if matches!(endpoint, "completions" | "chat_completions") {
             self.rates.add(1, 0);
+            self.history.add(1, 0);
         }
     }
 
@@ -170,11 +208,17 @@ impl Metrics {
     /// generation ends).
     pub fn record_token(&self) {
         self.rates.add(0, 1);
+        self.history.add(0, 1);
     }
 
     /// Requests and tokens per second over the last minute.
     pub fn rates(&self) -> Rates {
         self.rates.rates()
+    }
+
+    /// Requests and tokens per [`HISTORY_BUCKET_SECS`] over the last 10 minutes.
+    pub fn history(&self) -> Rates {
+        self.history.rates()
     }
 
     /// Tokens and latencies of a finished (or cancelled) generation.
@@ -312,5 +356,22 @@ mod tests {
         assert_eq!(r.tokens.iter().sum::<u64>(), 8);
         // Long idle: everything reads as zero.
         assert_eq!(w.rates_at(1000).tokens.iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn the_history_window_spans_ten_minutes_in_ten_second_buckets() {
+        let w = RateWindow::with_bucket_secs(HISTORY_BUCKET_SECS);
+        w.add_at(3, 2, 40);
+        let r = w.rates_at(3);
+        assert_eq!((r.window_s, r.bucket_s), (600, 10));
+        assert_eq!(r.tokens.len(), RATE_WINDOW_SECS);
+        assert_eq!(*r.tokens.last().unwrap(), 40);
+        assert!((r.tokens_per_s - 40.0 / 600.0).abs() < 1e-12);
+        let m = Metrics::default();
+        m.record_request("completions", StatusCode::OK);
+        m.record_token();
+        m.record_token();
+        let h = m.history();
+        assert_eq!((h.requests.iter().sum::<u64>(), h.tokens.iter().sum::<u64>()), (1, 2));
     }
 }

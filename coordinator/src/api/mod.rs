@@ -76,6 +76,8 @@ pub enum ApiSetupError {
 pub struct ServedModel {
     /// The name clients use (`model` field): the file name without `.gguf`, or the directory name.
     pub name: String,
+    /// When the model file was last written, in seconds since the Unix epoch (`created` of `GET /v1/models`).
+    pub created: u64,
     /// The swarm's content digest of the model; accepted as a name too.
     pub model_id: String,
     pub tokenizer: Arc<Tokenizer>,
@@ -92,10 +94,13 @@ impl ServedModel {
         let files = ModelFiles::open(path)?;
         let tokenizer = Arc::new(load_tokenizer(&files)?);
         let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
-            .unwrap_or_else(|| model_id.clone());
+        let name = shardline_node::model::display_name(path);
+        coordinator.registry.name_model(&model_id, &name);
+        let created = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
         // The file tells the model's true shape: nodes announcing another one for this id can never block it.
         let config_shape =
             ModelShape { n_layers: files.config().n_layers as u32, hidden: files.config().hidden as u32 };
@@ -108,6 +113,7 @@ impl ServedModel {
         let client = SwarmClient::with_registry(coordinator.dht.clone(), coordinator.registry.clone(), cfg)?;
         Ok(Self {
             name,
+            created,
             model_id,
             tokenizer,
             context_length: files.config().context_length,
@@ -126,7 +132,7 @@ impl ServedModel {
         match routing::plan(&self.model_id, &cands, self.n_layers, &HashSet::new(), 0) {
             Ok(_) => Vec::new(),
             Err(RouteError::Uncovered { missing, .. }) => missing,
-            Err(RouteError::UnknownModel(_)) => full,
+            Err(RouteError::UnknownModel { .. }) => full,
         }
     }
 }

@@ -283,7 +283,7 @@ fn card(state: &ApiState, m: &ServedModel) -> ModelCard {
     ModelCard {
         id: m.name.clone(),
         object: "model",
-        created: 0,
+        created: m.created,
         owned_by: "shardline",
         shardline_model_id: m.model_id.clone(),
         coverage: Coverage {

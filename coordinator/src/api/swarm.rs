@@ -14,8 +14,9 @@ use futures::StreamExt;
 use futures::stream::{self, Stream};
 use serde::Serialize;
 
-use super::ApiState;
 use super::metrics::Rates;
+use super::{ApiState, ServedModel};
+use crate::registry::NodeRegistry;
 use crate::routing;
 
 /// Longest time between two pushes of `GET /v1/swarm/events` (loads, rates and ages change without a registry
@@ -48,7 +49,7 @@ pub struct SwarmNode {
 #[derive(Serialize)]
 pub struct SwarmModel {
     pub model_id: String,
-    /// The served name, when this coordinator serves the model.
+    /// The model's human name, when this coordinator serves the model (or otherwise knows its file).
     pub name: Option<String>,
     pub n_layers: u32,
     /// Layer ranges no usable node serves.
@@ -64,17 +65,30 @@ pub struct SwarmView {
     pub served: Vec<String>,
     /// Generation requests and generated tokens per second over the last minute.
     pub rates: Rates,
+    /// The same over the last 10 minutes, in 10-second buckets (the dashboard's throughput chart).
+    pub history: Rates,
 }
 
 /// The swarm now.
 pub fn view(state: &ApiState) -> SwarmView {
+    SwarmView {
+        models: model_views(&state.registry, &|id| state.model(id)),
+        registered_nodes: state.registry.len(),
+        served: state.models.iter().map(|m| m.name.clone()).collect(),
+        rates: state.metrics.rates(),
+        history: state.metrics.history(),
+    }
+}
+
+/// Every model of `registry` with its nodes and uncovered layers; `served` gives the API's model of an id, if it
+/// serves it (its file's layer count decides what is missing). `shardline nodes --swarm` prints this without an API.
+pub fn model_views(registry: &NodeRegistry, served: &dyn Fn(&str) -> Option<Arc<ServedModel>>) -> Vec<SwarmModel> {
     let now = Instant::now();
-    let reg = &state.registry;
-    let models = reg
-        .models()
+    let reg = registry;
+    reg.models()
         .into_iter()
         .map(|id| {
-            let served = state.model(&id);
+            let served = served(&id);
             let n_layers = reg.model_shape(&id).map(|s| s.n_layers).unwrap_or(0);
             let missing = match &served {
                 Some(m) => m.missing_layers(reg),
@@ -107,21 +121,10 @@ pub fn view(state: &ApiState) -> SwarmView {
             nodes.sort_by(|a, b| {
                 (a.layer_start, a.layer_end, &a.peer_id).cmp(&(b.layer_start, b.layer_end, &b.peer_id))
             });
-            SwarmModel {
-                model_id: id,
-                name: served.map(|m| m.name.clone()),
-                n_layers,
-                missing: missing.iter().map(|r| r.to_string()).collect(),
-                nodes,
-            }
+            let name = served.map(|m| m.name.clone()).or_else(|| reg.named(&id));
+            SwarmModel { model_id: id, name, n_layers, missing: missing.iter().map(|r| r.to_string()).collect(), nodes }
         })
-        .collect();
-    SwarmView {
-        models,
-        registered_nodes: reg.len(),
-        served: state.models.iter().map(|m| m.name.clone()).collect(),
-        rates: state.metrics.rates(),
-    }
+        .collect()
 }
 
 /// `GET /v1/swarm`.

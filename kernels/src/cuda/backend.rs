@@ -97,10 +97,13 @@ impl std::fmt::Debug for CudaBackend {
 
 /// Number of CUDA devices this process can use, or why there are none. Never panics: the driver library (and NVRTC
 /// when a kernel module was not prebuilt) are probed before cudarc touches them.
+/// What [`probe`] answers on a machine without the CUDA driver: a CPU machine, not a broken GPU setup.
+pub const NO_DRIVER: &str = "the CUDA driver library (libcuda.so) was not found";
+
 pub fn probe() -> std::result::Result<usize, String> {
     // SAFETY: only tries to dlopen libcuda by its usual names; no symbol is called.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("the CUDA driver library (libcuda.so) was not found".into());
+        return Err(NO_DRIVER.into());
     }
     if !modules::all_prebuilt() && !nvrtc::available() {
         return Err("NVRTC (libnvrtc.so) was not found and the kernels were not prebuilt with nvcc".into());

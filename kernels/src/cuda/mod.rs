@@ -33,7 +33,7 @@ mod staging;
 mod storage;
 
 #[cfg(feature = "cuda")]
-pub use backend::{CudaBackend, DeviceInfo, probe};
+pub use backend::{CudaBackend, DeviceInfo, NO_DRIVER, probe};
 #[cfg(feature = "cuda")]
 pub use graph::DecodeGraph;
 #[cfg(feature = "cuda")]
@@ -44,7 +44,7 @@ pub use storage::CudaStorage;
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
-pub use stub::{CudaBackend, CudaStorage, probe};
+pub use stub::{CudaBackend, CudaStorage, NO_DRIVER, probe};
 
 #[cfg(test)]
 mod sampling_spec;

@@ -9,6 +9,8 @@ use crate::error::{KernelError, Result};
 use crate::tensor::{HostBytes, Tensor};
 
 const NOT_COMPILED: &str = "not compiled with CUDA (build shardline-kernels with the `cuda` feature)";
+/// Without CUDA compiled in, every machine is a CPU machine (see the CUDA build's `NO_DRIVER`).
+pub const NO_DRIVER: &str = NOT_COMPILED;
 
 /// Device memory of a CUDA tensor (uninhabited without the `cuda` feature).
 #[derive(Debug)]

@@ -74,3 +74,16 @@ impl ModelFiles {
 pub fn open_model(path: impl AsRef<Path>) -> Result<Arc<dyn WeightSource>> {
     Ok(ModelFiles::open(path)?.weights())
 }
+
+/// The name people know a model by: the file name without `.gguf` (`SmolLM2-135M-Instruct.Q4_1`), or the
+/// directory's name for a Hugging Face directory. Logs, errors and the API's model list use it; the 64-hex model id
+/// is for machines.
+pub fn display_name(path: &Path) -> String {
+    // `.` or `models/..` name a directory only once resolved.
+    let base = path.canonicalize().ok();
+    let name = base.as_deref().unwrap_or(path).file_name().map(|n| n.to_string_lossy().into_owned());
+    match name {
+        Some(n) => n.strip_suffix(".gguf").map(str::to_string).unwrap_or(n),
+        None => path.display().to_string(),
+    }
+}

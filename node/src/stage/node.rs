@@ -11,7 +11,7 @@ use shardline_kernels::{Backend, DType};
 use tracing::info;
 
 use super::server::{StageConfig, StageError, StageServer};
-use crate::announcer::{Announcer, AnnouncerConfig};
+use crate::announcer::{self, Announcer, AnnouncerConfig};
 use crate::error::ModelError;
 use crate::model::{LayerRange, ModelFiles, ModelId, Shard, ShardInput, ShardOptions, ShardOutput};
 use crate::wire_convert::wire_dtype_of;
@@ -33,6 +33,8 @@ pub struct NodeArgs {
     pub advertise: Option<SocketAddr>,
     pub p2p_listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    /// How long to keep dialling unreachable bootstrap peers before failing (`DhtConfig::bootstrap_patience`).
+    pub bootstrap_patience: std::time::Duration,
     /// ed25519 identity file; a fresh identity each start when `None`.
     pub key_file: Option<PathBuf>,
     pub shard: ShardOptions,
@@ -56,6 +58,7 @@ impl NodeArgs {
             advertise: None,
             p2p_listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr")],
             bootstrap: Vec::new(),
+            bootstrap_patience: std::time::Duration::ZERO,
             key_file: None,
             shard: ShardOptions::default(),
             stage: StageConfig::default(),
@@ -95,6 +98,12 @@ pub struct NodeHandle {
     server: StageServer,
     dht: DhtClient,
     announcer: Option<Announcer>,
+    /// What the node announces (times and load filled in at each publication), and the key it signs with: what a
+    /// withdrawal is made of.
+    template: ShardAnnouncement,
+    keypair: libp2p::identity::Keypair,
+    /// The model's human name, for logs.
+    pub model_name: String,
 }
 
 impl NodeHandle {
@@ -109,6 +118,17 @@ impl NodeHandle {
     /// Stops re-publishing the announcement (the node expires from the swarm within one TTL) but keeps serving.
     pub fn stop_announcing(&mut self) {
         self.announcer.take();
+    }
+
+    /// Leaves the swarm on purpose: stops announcing and publishes a withdrawal, so registries drop the node at
+    /// once rather than when its record expires (waits at most `limit` for the DHT to take it).
+    pub async fn withdraw(&mut self, limit: std::time::Duration) -> Result<(), NodeError> {
+        self.announcer.take();
+        match tokio::time::timeout(limit, announcer::withdraw(&self.dht, &self.keypair, self.template.clone())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(NodeError::Task(format!("publishing the withdrawal: {e}"))),
+            Err(_) => Err(NodeError::Task(format!("publishing the withdrawal took over {} ms", limit.as_millis()))),
+        }
     }
 }
 
@@ -167,8 +187,9 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
         let a = server.local_addr();
         if a.ip().is_unspecified() { SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), a.port()) } else { a }
     });
-    let (dht, _events) =
-        DhtClient::start(DhtConfig::new(keypair.clone(), args.p2p_listen.clone(), args.bootstrap.clone())).await?;
+    let mut dht_config = DhtConfig::new(keypair.clone(), args.p2p_listen.clone(), args.bootstrap.clone());
+    dht_config.bootstrap_patience = args.bootstrap_patience;
+    let (dht, _events) = DhtClient::start(dht_config).await?;
     let p2p_addrs = dht.listen_addrs().await?;
     let c = shard.config().clone();
     let probe = server.probe();
@@ -193,13 +214,15 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
         issued_at_ms: 0,
         expires_at_ms: 0,
     };
-    let announcer = Announcer::spawn(dht.clone(), keypair, args.announce, move || {
+    let announced = template.clone();
+    let announcer = Announcer::spawn(dht.clone(), keypair.clone(), args.announce, move || {
         let mut a = template.clone();
         a.active_sessions = probe.active_sessions() as u32;
         a.free_kv_tokens = probe.free_kv_tokens() as u64;
         a
     });
-    info!(%peer_id, model = %model_id, %layers, quic = %quic_addr, decode_tps, prefill_tps, "node started");
+    let model_name = crate::model::display_name(&args.model);
+    info!(%peer_id, model = %model_name, %layers, quic = %quic_addr, decode_tps, prefill_tps, "node started");
     Ok(NodeHandle {
         peer_id,
         p2p_addrs,
@@ -212,7 +235,27 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
         server,
         dht,
         announcer: Some(announcer),
+        template: announced,
+        keypair,
+        model_name,
     })
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `kill` and service managers send).
+async fn stop_signal() -> Result<&'static str, NodeError> {
+    let task = |e: std::io::Error| NodeError::Task(format!("waiting for a stop signal: {e}"));
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(task)?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map(|_| "SIGINT").map_err(task),
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map(|_| "Ctrl-C").map_err(task)
+    }
 }
 
 /// Runs a node until Ctrl-C: prints its peer id and full listen multiaddrs (to pass to `--bootstrap`) first.
@@ -223,14 +266,19 @@ pub async fn run_node(args: NodeArgs) -> Result<(), NodeError> {
         println!("p2p listening on {a}");
     }
     println!(
-        "serving layers {} of model {} on quic {} (certificate sha256 {})",
+        "serving layers {} of model {} (id {}) on quic {} (certificate sha256 {})",
         node.layers,
+        node.model_name,
         node.model_id,
         node.quic_addr,
         hex::encode(node.fingerprint)
     );
-    tokio::signal::ctrl_c().await.map_err(|e| NodeError::Task(e.to_string()))?;
-    info!("shutting down");
+    let mut node = node;
+    let signal = stop_signal().await?;
+    info!(signal, "stopping: withdrawing from the swarm");
+    if let Err(e) = node.withdraw(std::time::Duration::from_secs(3)).await {
+        tracing::warn!(error = %e, "the withdrawal may not have reached the swarm; the record expires on its own");
+    }
     drop(node);
     Ok(())
 }

@@ -7,4 +7,4 @@ pub mod network;
 
 pub use filter::{AnnouncementFilter, RecordFilter, check_node_record};
 pub use keys::{model_key, node_key, parse_model_key, parse_node_key};
-pub use network::{DhtClient, DhtConfig, DhtError, DhtEvent};
+pub use network::{DhtClient, DhtConfig, DhtError, DhtEvent, SERVICE_BOOTSTRAP_PATIENCE};

@@ -41,6 +41,9 @@ pub enum DhtError {
     Listen { addr: Multiaddr, detail: String },
     #[error("cannot dial {addr}: {detail}")]
     Dial { addr: Multiaddr, detail: String },
+    /// Every bootstrap peer failed: `failures` holds one `address: reason` per peer.
+    #[error("no bootstrap peer is reachable: {}", .failures.join("; "))]
+    Unreachable { failures: Vec<String> },
     #[error("DHT query failed: {0}")]
     Query(String),
     #[error("the DHT event loop has stopped")]
@@ -62,6 +65,10 @@ pub struct DhtConfig {
     /// Peers kept per routing-table bucket ([`DEFAULT_KBUCKET_SIZE`]; [`DISCOVERY_KBUCKET_SIZE`] where discovery runs).
     pub kbucket_size: usize,
     pub filter: Arc<dyn RecordFilter>,
+    /// How long to keep dialling when no bootstrap peer answers, before [`DhtClient::start`] fails. Zero (the
+    /// default) fails at once; long-running processes (`shardline node`, `shardline coordinator`) wait a little, so
+    /// a swarm started in one go does not depend on which process is up first. The first failure is logged at once.
+    pub bootstrap_patience: Duration,
 }
 
 impl DhtConfig {
@@ -76,6 +83,7 @@ impl DhtConfig {
             provider_republish: Duration::from_secs(20),
             kbucket_size: DEFAULT_KBUCKET_SIZE,
             filter: Arc::new(super::filter::AnnouncementFilter),
+            bootstrap_patience: Duration::ZERO,
         }
     }
 
@@ -135,11 +143,16 @@ impl std::fmt::Debug for DhtClient {
 impl DhtClient {
     /// Builds the swarm, starts listening and dialling the bootstrap peers, and spawns the event loop on the current
     /// tokio runtime. Returns once every listener reported its address.
+    ///
+    /// With bootstrap peers it also waits (at most [`BOOTSTRAP_DIAL_WAIT`]) for the outcome of dialling them: when
+    /// none answers, it fails with each address and the reason (`Connection refused (os error 111)`), so an operator
+    /// hears of a wrong address at once; a peer that fails while another answers is logged.
     pub async fn start(config: DhtConfig) -> Result<(DhtClient, mpsc::Receiver<DhtEvent>), DhtError> {
         let peer_id = config.keypair.public().to_peer_id();
         let mut swarm = build_swarm(&config)?;
         let mut listeners = 0;
         for addr in &config.listen {
+            probe_port(addr)?;
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| DhtError::Listen { addr: addr.clone(), detail: e.to_string() })?;
@@ -153,7 +166,7 @@ impl DhtClient {
                 Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
                 Ok(SwarmEvent::ListenerError { error, .. })
                 | Ok(SwarmEvent::ListenerClosed { reason: Err(error), .. }) => {
-                    return Err(DhtError::Listen { addr: config.listen[0].clone(), detail: error.to_string() });
+                    return Err(DhtError::Listen { addr: config.listen[0].clone(), detail: root_cause(&error) });
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -161,7 +174,7 @@ impl DhtClient {
         }
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (ev_tx, ev_rx) = mpsc::channel(1024);
-        let mut event_loop = EventLoop {
+        let event_loop = EventLoop {
             swarm,
             commands: cmd_rx,
             events: ev_tx,
@@ -174,13 +187,54 @@ impl DhtClient {
             pending_record: HashMap::new(),
             bootstrapped: false,
         };
-        for addr in &config.bootstrap {
-            if let Err(e) = event_loop.dial(addr.clone()) {
-                warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        tokio::spawn(event_loop.run());
+        let client = DhtClient { peer_id, commands: cmd_tx };
+        let give_up = tokio::time::Instant::now() + config.bootstrap_patience;
+        let mut warned = false;
+        loop {
+            match client.join(&config.bootstrap).await {
+                Err(e) if tokio::time::Instant::now() < give_up => {
+                    if !warned {
+                        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+                        warn!(error = %e, retry_for_s = left.as_secs(), "cannot join the swarm yet; retrying");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => break,
             }
         }
-        tokio::spawn(event_loop.run());
-        Ok((DhtClient { peer_id, commands: cmd_tx }, ev_rx))
+        if warned {
+            info!("joined the swarm");
+        }
+        Ok((client, ev_rx))
+    }
+
+    /// Dials every bootstrap peer at once and waits for the outcomes (see [`DhtClient::start`]).
+    async fn join(&self, bootstrap: &[Multiaddr]) -> Result<(), DhtError> {
+        if bootstrap.is_empty() {
+            return Ok(());
+        }
+        let dials = bootstrap.iter().map(|addr| async move {
+            let outcome = match tokio::time::timeout(BOOTSTRAP_DIAL_WAIT, self.dial(addr.clone())).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(DhtError::Dial { detail, .. })) => Err(detail),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", BOOTSTRAP_DIAL_WAIT.as_secs())),
+            };
+            (addr, outcome)
+        });
+        let outcomes = futures::future::join_all(dials).await;
+        let failures: Vec<String> =
+            outcomes.iter().filter_map(|(a, o)| o.as_ref().err().map(|e| format!("{a}: {e}"))).collect();
+        if failures.len() == outcomes.len() {
+            return Err(DhtError::Unreachable { failures });
+        }
+        for f in &failures {
+            warn!(peer = %f, "bootstrap peer unreachable; joined through the others");
+        }
+        Ok(())
     }
 
     pub fn peer_id(&self) -> PeerId {
@@ -245,6 +299,9 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
         .set_publication_interval(None)
         .set_replication_interval(None)
         .set_record_filtering(StoreInserts::FilterBoth)
+        // The event loop refreshes the routing table itself, and only while it knows a peer: kad's own timer warns
+        // "No known peers" on every peer that starts a swarm.
+        .set_periodic_bootstrap_interval(None)
         .set_query_timeout(Duration::from_secs(10))
         .set_kbucket_size(NonZeroUsize::new(config.kbucket_size).unwrap_or(NonZeroUsize::MIN));
     // Announcements are a few hundred bytes; every replica of a model is a provider of its key (kad keeps only 20 per
@@ -284,7 +341,7 @@ struct EventLoop {
     events: mpsc::Sender<DhtEvent>,
     filter: Arc<dyn RecordFilter>,
     listen_addrs: Vec<Multiaddr>,
-    pending_dial: HashMap<libp2p::swarm::ConnectionId, oneshot::Sender<Result<(), DhtError>>>,
+    pending_dial: HashMap<libp2p::swarm::ConnectionId, (Multiaddr, oneshot::Sender<Result<(), DhtError>>)>,
     pending_put: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
     pending_provide: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
     pending_providers: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
@@ -294,8 +351,16 @@ struct EventLoop {
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut refresh = tokio::time::interval(ROUTING_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        refresh.tick().await;
         loop {
             tokio::select! {
+                _ = refresh.tick() => {
+                    if self.swarm.connected_peers().next().is_some() {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
                     Some(c) => self.on_command(c),
@@ -326,7 +391,7 @@ impl EventLoop {
             _ => opts,
         };
         let id = opts.connection_id();
-        self.swarm.dial(opts).map_err(|e| DhtError::Dial { addr, detail: e.to_string() })?;
+        self.swarm.dial(opts).map_err(|e| DhtError::Dial { addr, detail: dial_error_detail(&e) })?;
         Ok(id)
     }
 
@@ -335,9 +400,9 @@ impl EventLoop {
             Command::Dial(addr, tx) if dial_target(&addr).is_some_and(|p| self.swarm.is_connected(&p)) => {
                 let _ = tx.send(Ok(()));
             }
-            Command::Dial(addr, tx) => match self.dial(addr) {
+            Command::Dial(addr, tx) => match self.dial(addr.clone()) {
                 Ok(id) => {
-                    self.pending_dial.insert(id, tx);
+                    self.pending_dial.insert(id, (addr, tx));
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -398,15 +463,15 @@ impl EventLoop {
                         self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                     }
                 }
-                if let Some(tx) = self.pending_dial.remove(&connection_id) {
+                if let Some((_, tx)) = self.pending_dial.remove(&connection_id) {
                     let _ = tx.send(Ok(()));
                 }
                 self.emit(DhtEvent::PeerConnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { connection_id, error, peer_id } => {
                 debug!(?peer_id, %error, "outgoing connection failed");
-                if let Some(tx) = self.pending_dial.remove(&connection_id) {
-                    let _ = tx.send(Err(DhtError::Dial { addr: Multiaddr::empty(), detail: error.to_string() }));
+                if let Some((addr, tx)) = self.pending_dial.remove(&connection_id) {
+                    let _ = tx.send(Err(DhtError::Dial { addr, detail: dial_error_detail(&error) }));
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
@@ -496,6 +561,77 @@ impl EventLoop {
             Err(e) => Err(DhtError::Query(e)),
         }
     }
+}
+
+/// How long [`DhtClient::start`] waits for the bootstrap peers to answer (a QUIC handshake gives up after 5 s).
+pub const BOOTSTRAP_DIAL_WAIT: Duration = Duration::from_secs(10);
+
+/// [`DhtConfig::bootstrap_patience`] of `shardline node` and `shardline coordinator`.
+pub const SERVICE_BOOTSTRAP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How often the routing table is refreshed (a Kademlia bootstrap) while some peer is connected.
+const ROUTING_REFRESH: Duration = Duration::from_secs(300);
+
+/// The innermost error of a chain: the OS error (`Connection refused (os error 111)`) rather than the wrappers around
+/// it, which repeat it.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Why a dial failed, in a few words: per address tried, the innermost cause.
+fn dial_error_detail(e: &libp2p::swarm::DialError) -> String {
+    use libp2p::TransportError;
+    use libp2p::swarm::DialError;
+    match e {
+        DialError::Transport(tries) => {
+            let mut reasons: Vec<String> = tries
+                .iter()
+                .map(|(_, err)| match err {
+                    TransportError::MultiaddrNotSupported(a) => format!("{a} is not a TCP or QUIC address"),
+                    TransportError::Other(io) => root_cause(io),
+                })
+                .collect();
+            reasons.dedup();
+            reasons.join(", ")
+        }
+        DialError::WrongPeerId { obtained, .. } => format!("the peer there is {obtained}, not the one in the address"),
+        other => root_cause(other),
+    }
+}
+
+/// Refuses a listen address whose TCP or UDP port another process holds. libp2p's TCP listener sets
+/// `SO_REUSEPORT`, so without this check a second process would listen on the same port beside the first.
+fn probe_port(addr: &Multiaddr) -> Result<(), DhtError> {
+    let mut ip = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) | Protocol::Udp(port) if port != 0 => {
+                let Some(ip) = ip else { return Ok(()) };
+                let at = std::net::SocketAddr::new(ip, port);
+                let taken = if matches!(p, Protocol::Tcp(_)) {
+                    std::net::TcpListener::bind(at).err()
+                } else {
+                    std::net::UdpSocket::bind(at).err()
+                };
+                if let Some(e) = taken {
+                    let kind = if matches!(p, Protocol::Tcp(_)) { "TCP" } else { "UDP" };
+                    return Err(DhtError::Listen {
+                        addr: addr.clone(),
+                        detail: format!("{kind} port {port} is not free: {e}"),
+                    });
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The peer id at the end of a multiaddr, if any.
