@@ -150,23 +150,25 @@ impl DhtClient {
     pub async fn start(config: DhtConfig) -> Result<(DhtClient, mpsc::Receiver<DhtEvent>), DhtError> {
         let peer_id = config.keypair.public().to_peer_id();
         let mut swarm = build_swarm(&config)?;
-        let mut listeners = 0;
+        // Which address each listener was started for, so a failing listener is reported by its own address.
+        let mut listeners = HashMap::new();
         for addr in &config.listen {
             probe_port(addr)?;
-            swarm
+            let id = swarm
                 .listen_on(addr.clone())
                 .map_err(|e| DhtError::Listen { addr: addr.clone(), detail: e.to_string() })?;
-            listeners += 1;
+            listeners.insert(id, addr.clone());
         }
         // Wait for the listen addresses, so callers can print and hand them out right away.
         let mut listen_addrs = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while listen_addrs.len() < listeners {
+        while listen_addrs.len() < listeners.len() {
             match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
                 Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
-                Ok(SwarmEvent::ListenerError { error, .. })
-                | Ok(SwarmEvent::ListenerClosed { reason: Err(error), .. }) => {
-                    return Err(DhtError::Listen { addr: config.listen[0].clone(), detail: root_cause(&error) });
+                Ok(SwarmEvent::ListenerError { listener_id, error })
+                | Ok(SwarmEvent::ListenerClosed { listener_id, reason: Err(error), .. }) => {
+                    let addr = listeners.get(&listener_id).cloned().unwrap_or_else(Multiaddr::empty);
+                    return Err(DhtError::Listen { addr, detail: root_cause(&error) });
                 }
                 Ok(_) => {}
                 Err(_) => break,
