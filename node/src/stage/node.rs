@@ -10,7 +10,8 @@ use libp2p::{Multiaddr, PeerId};
 use shardline_kernels::{Backend, DType};
 use tracing::info;
 
-use super::server::{StageConfig, StageError, StageServer};
+use super::core::StageConfig;
+use super::server::{StageError, StageServer};
 use crate::announce::ShardAnnouncement;
 use crate::dht::identity::{self, IdentityError};
 use crate::dht::{Announcer, AnnouncerConfig, DhtClient, DhtConfig, DhtError};
