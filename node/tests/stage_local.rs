@@ -10,7 +10,7 @@ use shardline_kernels::cpu::CpuBackend;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardInput, ShardOptions, ShardOutput};
 use shardline_node::stage::{LocalSwarm, ShardStage, StageConfig};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
-use shardline_node::wire::{ErrorCode, Frame, Hop, SessionOpen, StageData, WireDType};
+use shardline_proto::wire::{ErrorCode, Frame, Hop, SessionOpen, StageData, WireDType, WireSampling};
 
 const MODEL: &str = "tiny-test-model";
 
@@ -31,7 +31,7 @@ fn open(span: LayerRange, rest: Vec<Hop>) -> SessionOpen {
         n_layers: 2,
         span,
         max_tokens: 64,
-        sampling: SamplingParams::GREEDY,
+        sampling: WireSampling::GREEDY,
         n_top: 0,
         wire_dtype: WireDType::F32,
         hidden: 64,

@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use shardline_node::wire::ErrorCode;
+use shardline_proto::wire::ErrorCode;
 
 use crate::queue::QueueError;
 use crate::routing::RouteError;
@@ -155,7 +155,7 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use libp2p::PeerId;
-    use shardline_node::model::LayerRange;
+    use shardline_proto::LayerRange;
 
     use super::*;
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::core::{Action, Event, StageCompute, StageConfig, StageCore, StreamId};
-use crate::wire::Frame;
+use shardline_proto::wire::Frame;
 
 /// A client's end of a stream, returned by [`LocalSwarm::connect`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

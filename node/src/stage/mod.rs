@@ -11,7 +11,6 @@
 //! [`local`] in memory, for tests and benches.
 
 pub mod core;
-pub mod downstream;
 pub mod local;
 pub mod node;
 pub mod server;

@@ -12,11 +12,11 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use super::core::{Action, Admission, Event, StageCompute, StageConfig, StageCore, StreamId};
-use super::downstream::ConnectionPool;
 use super::shard_stage::ShardStage;
 use crate::model::{Shard, ShardSession};
-use crate::tls::{StageIdentity, TlsError};
-use crate::wire::{Fingerprint, Frame, Limits, WireError, read_frame, write_frame};
+use shardline_proto::pool::ConnectionPool;
+use shardline_proto::tls::{StageIdentity, TlsError};
+use shardline_proto::wire::{Fingerprint, Frame, Limits, WireError, read_frame, write_frame};
 
 /// A QUIC server running one shard for many sessions.
 pub struct StageServer {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use super::core::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample, StageCompute, StageModel};
 use crate::error::ModelError;
 use crate::model::{Shard, ShardInput, ShardOutput, ShardSession};
-use crate::wire::{ErrorCode, HiddenStates, SessionOpen, StageData, TokenResult};
+use crate::wire_convert::compute_dtype;
+use shardline_proto::wire::{ErrorCode, HiddenStates, SessionOpen, StageData, TokenResult};
 
 /// One shard serving model `model_id` (the digest owners name in `Open`).
 pub struct ShardStage {
@@ -34,14 +35,14 @@ impl ShardStage {
         let out = match &item.input {
             StageData::Tokens(t) => shard.forward_span(&mut item.kv, ShardInput::Tokens(t), item.span)?,
             StageData::Hidden(h) => {
-                let x = backend.upload_raw(&[h.n_tokens(), h.width()], wire.dtype(), h.as_bytes())?;
+                let x = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(wire), h.as_bytes())?;
                 shard.forward_span(&mut item.kv, ShardInput::Hidden(&x), item.span)?
             }
         };
         Ok(match (out, item.sample) {
             (ShardOutput::Hidden(t), _) => {
                 let rows = t.rows();
-                let bytes = backend.download_raw(&t, wire.dtype())?;
+                let bytes = backend.download_raw(&t, compute_dtype(wire))?;
                 let hidden = HiddenStates::from_bytes(wire, rows, shard.config().hidden, &bytes)
                     .map_err(|e| ModelError::Invalid(e.to_string()))?;
                 ComputeOutput::Hidden(hidden)

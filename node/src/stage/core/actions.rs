@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use super::batch::ComputeBatch;
 use super::events::StreamId;
-use crate::wire::{Fingerprint, Frame};
+use shardline_proto::wire::{Fingerprint, Frame};
 
 /// One request to the driver, taken with [`super::StageCore::poll_action`] and carried out in order.
 #[derive(Debug)]

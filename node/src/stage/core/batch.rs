@@ -6,7 +6,7 @@
 use shardline_kernels::SamplingParams;
 
 use crate::model::LayerRange;
-use crate::wire::{ErrorCode, HiddenStates, SessionId, StageData, TokenResult, WireDType};
+use shardline_proto::wire::{ErrorCode, HiddenStates, SessionId, StageData, TokenResult, WireDType};
 
 /// Every session's next ready chunk at one moment. At most one item per session, so items of one batch never depend
 /// on each other and may be merged into one forward (rows `start..start + n` of each session's sequence).

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::wire::Limits;
+use shardline_proto::wire::Limits;
 
 #[derive(Clone, Debug)]
 pub struct StageConfig {

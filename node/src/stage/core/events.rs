@@ -1,7 +1,7 @@
 //! What a driver tells the stage core: things that happened on streams, in compute, and on the clock.
 
 use super::batch::ComputeResult;
-use crate::wire::Frame;
+use shardline_proto::wire::Frame;
 
 /// Names one bidirectional stream for the core. The driver numbers the streams it accepts; the core numbers the
 /// streams it asks the driver to dial ([`super::Action::Dial`]); the two spaces never collide.

@@ -44,7 +44,8 @@ pub use session::{INPUT_QUEUE, OUTPUT_WINDOW};
 
 use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, Session, Upstream};
 
-use crate::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
+use crate::wire_convert::sampling_from_wire;
+use shardline_proto::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
 
 /// What a stream is to the core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -524,7 +525,7 @@ impl<M: StageModel> StageCore<M> {
             let n = c.data.n_tokens() as u64;
             let sample = match c.kind {
                 ChunkKind::Prefill { last: false } => None,
-                _ => Some(Sample { params: s.open.sampling, n_top: s.open.n_top as usize }),
+                _ => Some(Sample { params: sampling_from_wire(&s.open.sampling), n_top: s.open.n_top as usize }),
             };
             s.in_flight = Some(InFlight { position: c.position, n, kind: c.kind });
             items.push(ComputeItem {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::batch::{ComputeBatch, ComputeResult, Failure};
-use crate::wire::SessionOpen;
+use shardline_proto::wire::SessionOpen;
 
 /// What the core needs from the shard to admit a session. Tests use a fake; the server uses
 /// [`crate::stage::ShardStage`].

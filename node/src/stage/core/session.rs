@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::admission::Slot;
 use super::batch::Failure;
 use super::events::StreamId;
-use crate::wire::{SessionOpen, StageData};
+use shardline_proto::wire::{SessionOpen, StageData};
 
 /// Input chunks a session holds before compute, at most (frames not yet read stay in the transport).
 pub const INPUT_QUEUE: usize = 4;

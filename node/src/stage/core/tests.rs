@@ -5,11 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use shardline_kernels::SamplingParams;
-
 use super::*;
 use crate::model::LayerRange;
-use crate::wire::{HiddenStates, Hop, TokenResult, WireDType};
+use shardline_proto::wire::{HiddenStates, Hop, TokenResult, WireDType, WireSampling};
 
 const KV_TOKENS: usize = 1000;
 const WIDTH: u32 = 4;
@@ -117,7 +115,7 @@ fn open(session: SessionId, span: LayerRange, rest: Vec<Hop>) -> Frame {
             n_layers: 4,
             span,
             max_tokens: 50,
-            sampling: SamplingParams::GREEDY,
+            sampling: WireSampling::GREEDY,
             n_top: 2,
             wire_dtype: WireDType::F32,
             hidden: WIDTH,
