@@ -148,14 +148,14 @@ impl<M: StageModel> StageCore<M> {
                 None => {}
                 Some(Role::Pending) => self.forget(stream),
                 Some(Role::Control(s) | Role::Upstream(s)) => self.input_end(now, s, Ok(())),
-                Some(Role::Downstream(s)) => {
-                    // A next stage that finishes its side after attaching has ended its part of the session; the
-                    // session goes on until a write to it fails. Before attaching it is a refusal.
-                    if self.link(s) != Some(Link::Ready) {
-                        let msg = format!("next stage {} closed the stream before accepting", self.addr(s));
-                        self.fail(s, Failure::new(ErrorCode::Downstream, msg));
-                    }
+                // Before attaching, a next stage that finishes its side has refused the session.
+                Some(Role::Downstream(s)) if self.link(s) != Some(Link::Ready) => {
+                    let msg = format!("next stage {} closed the stream before accepting", self.addr(s));
+                    self.fail(s, Failure::new(ErrorCode::Downstream, msg));
                 }
+                // After attaching it has ended its part of the session (the owner closes every stage, so this races
+                // with our own close): the session goes on until a write to it fails.
+                Some(Role::Downstream(_)) => {}
             },
             Event::Lost { stream, reason } => match self.answered(stream) {
                 None => {}

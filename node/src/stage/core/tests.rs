@@ -456,11 +456,9 @@ fn reads_stop_when_the_input_queue_is_full_and_resume_as_it_drains() {
     let mut h = Harness::new(config());
     let s = h.open(1);
     let first = take_batch(h.frame(s, prefill(1, 0, &[1])));
-    let mut position = 1;
     let mut reads = 0;
-    for _ in 0..INPUT_QUEUE {
+    for position in 1..=INPUT_QUEUE as u64 {
         let a = h.frame(s, prefill(1, position, &[1]));
-        position += 1;
         reads = a.iter().filter(|x| matches!(x, Action::Read { .. })).count();
     }
     assert_eq!(reads, 0, "the queue is full: no more reads");
