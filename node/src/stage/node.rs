@@ -10,7 +10,8 @@ use libp2p::{Multiaddr, PeerId};
 use shardline_kernels::{Backend, DType};
 use tracing::info;
 
-use super::server::{StageConfig, StageError, StageServer};
+use super::core::StageConfig;
+use super::server::{StageError, StageServer};
 use crate::announcer::{self, Announcer, AnnouncerConfig};
 use crate::error::ModelError;
 use crate::model::{LayerRange, ModelFiles, ModelId, Shard, ShardInput, ShardOptions, ShardOutput};

@@ -1,71 +1,40 @@
-//! Accept loop and stream dispatch of the stage server.
+//! The QUIC driver of the stage core: an accept loop, a reader and a writer task per stream, and one task that owns
+//! the [`StageCore`], feeds it events and carries out its actions (writes, dials through the connection pool, compute
+//! on this worker thread with `block_in_place`, or on the blocking pool on a single-threaded runtime).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
 
-use super::session::{self, Input, SessionSlot};
-use crate::model::Shard;
+use super::core::{Action, Admission, Event, StageCompute, StageConfig, StageCore, StreamId};
+use super::shard_stage::ShardStage;
+use crate::model::{Shard, ShardSession};
 use shardline_proto::pool::ConnectionPool;
 use shardline_proto::tls::{StageIdentity, TlsError};
-use shardline_proto::wire::{ErrorCode, Frame, Limits, SessionId, WireError, read_frame, write_frame};
-
-/// Tunables of a stage server.
-#[derive(Clone, Debug)]
-pub struct StageConfig {
-    /// Sessions admitted at once; more get a `Busy` error.
-    pub max_sessions: usize,
-    /// A session with no input for this long is ended and its KV cache freed.
-    pub idle_timeout: Duration,
-    /// How long to wait for the next stage to accept a session.
-    pub connect_timeout: Duration,
-    pub limits: Limits,
-}
-
-impl Default for StageConfig {
-    fn default() -> Self {
-        Self {
-            max_sessions: 16,
-            idle_timeout: Duration::from_secs(300),
-            connect_timeout: Duration::from_secs(10),
-            limits: Limits::default(),
-        }
-    }
-}
-
-/// State shared by every stream of a server.
-pub(crate) struct Shared {
-    pub shard: Arc<Shard>,
-    pub model_id: String,
-    pub config: StageConfig,
-    pub pool: ConnectionPool,
-    pub sessions: Mutex<HashMap<SessionId, SessionSlot>>,
-    pub active: AtomicUsize,
-}
-
-impl Shared {
-    pub fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, SessionSlot>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+use shardline_proto::wire::{Fingerprint, Frame, Limits, WireError, read_frame, write_frame};
 
 /// A QUIC server running one shard for many sessions.
 pub struct StageServer {
-    shared: Arc<Shared>,
-    fingerprint: shardline_proto::wire::Fingerprint,
+    stage: Arc<ShardStage>,
+    config: StageConfig,
+    admission: Admission,
+    endpoint: quinn::Endpoint,
+    fingerprint: Fingerprint,
     addr: SocketAddr,
-    accept: tokio::task::JoinHandle<()>,
+    accept: JoinHandle<()>,
+    core: JoinHandle<()>,
 }
 
 impl Drop for StageServer {
     fn drop(&mut self) {
         self.accept.abort();
-        self.shared.pool.endpoint().close(0u32.into(), b"stage server stopped");
+        self.core.abort();
+        self.endpoint.close(0u32.into(), b"stage server stopped");
     }
 }
 
@@ -89,17 +58,22 @@ impl StageServer {
         let endpoint = quinn::Endpoint::server(identity.server_config()?, listen)
             .map_err(|source| StageError::Bind { addr: listen, source })?;
         let addr = endpoint.local_addr().map_err(|source| StageError::Bind { addr: listen, source })?;
-        let shared = Arc::new(Shared {
-            shard,
-            model_id,
-            config,
-            pool: ConnectionPool::new(endpoint.clone()),
-            sessions: Mutex::new(HashMap::new()),
-            active: AtomicUsize::new(0),
-        });
-        let accept = tokio::spawn(accept_loop(endpoint, shared.clone()));
+        let stage = Arc::new(ShardStage::new(shard, model_id));
+        let core = StageCore::new(stage.clone(), config.clone());
+        let admission = core.admission().clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            core,
+            pool: Arc::new(ConnectionPool::new(endpoint.clone())),
+            limits: config.limits,
+            tx: tx.clone(),
+            streams: HashMap::new(),
+            next_accepted: 0,
+        };
+        let core = tokio::spawn(driver.run(rx));
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), tx));
         info!(%addr, fingerprint = %hex::encode(identity.fingerprint()), "stage server listening");
-        Ok(StageServer { shared, fingerprint: identity.fingerprint(), addr, accept })
+        Ok(StageServer { stage, config, admission, endpoint, fingerprint: identity.fingerprint(), addr, accept, core })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -107,48 +81,56 @@ impl StageServer {
     }
 
     /// SHA-256 of the server certificate, to publish in the announcement.
-    pub fn fingerprint(&self) -> shardline_proto::wire::Fingerprint {
+    pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
     }
 
-    /// Sessions open now.
+    /// Sessions holding a slot now.
     pub fn active_sessions(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.admission.active()
     }
 
     /// A cheap handle reporting the current load, for announcements.
     pub fn probe(&self) -> LoadProbe {
-        LoadProbe { shared: self.shared.clone() }
+        LoadProbe { admission: self.admission.clone(), shard: self.stage.shard().clone() }
     }
 
     pub fn shard(&self) -> &Arc<Shard> {
-        &self.shared.shard
+        self.stage.shard()
     }
 
     pub fn config(&self) -> &StageConfig {
-        &self.shared.config
+        &self.config
     }
 }
 
 /// Reads a server's current load without holding the server.
 #[derive(Clone)]
 pub struct LoadProbe {
-    shared: Arc<Shared>,
+    admission: Admission,
+    shard: Arc<Shard>,
 }
 
 impl LoadProbe {
     pub fn active_sessions(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.admission.active()
     }
 
     pub fn free_kv_tokens(&self) -> usize {
-        self.shared.shard.free_kv_tokens()
+        self.shard.free_kv_tokens()
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+/// What reaches the task that owns the core.
+enum Msg {
+    Accepted(quinn::SendStream, quinn::RecvStream),
+    Dialed(StreamId, Result<(quinn::SendStream, quinn::RecvStream), String>),
+    Event(Event<ShardSession>),
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, tx: UnboundedSender<Msg>) {
     while let Some(incoming) = endpoint.accept().await {
-        let shared = shared.clone();
+        let tx = tx.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -160,7 +142,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
-                        tokio::spawn(handle_stream(shared.clone(), send, recv));
+                        if tx.send(Msg::Accepted(send, recv)).is_err() {
+                            return;
+                        }
                     }
                     Err(e) => {
                         debug!(remote = %conn.remote_address(), reason = %e, "connection closed");
@@ -172,74 +156,185 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     }
 }
 
-/// Sends an error frame and finishes the stream; failures to do so are moot (the peer is gone).
-pub(crate) async fn refuse(send: &mut quinn::SendStream, session: SessionId, code: ErrorCode, message: String) {
-    debug!(session, ?code, %message, "refusing stream");
-    let _ = write_frame(send, &Frame::Error { session, code, message }).await;
-    let _ = send.finish();
+/// The driver's side of one stream: read credits to its reader task, frames to its writer task.
+struct StreamIo {
+    credit: UnboundedSender<()>,
+    writes: UnboundedSender<Write>,
+    reader: JoinHandle<()>,
 }
 
-async fn handle_stream(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let limits = shared.config.limits;
-    let first = match read_frame(&mut recv, &limits).await {
-        Ok(Some(f)) => f,
-        Ok(None) => return,
-        Err(e) => return refuse(&mut send, 0, ErrorCode::Malformed, e.to_string()).await,
-    };
-    match first {
-        Frame::Open { session, open } => session::run_control(shared, session, open, send, recv).await,
-        Frame::Attach { session, dtype, width } => {
-            let slot = shared.sessions().get_mut(&session).and_then(|s| s.take_upstream());
-            let Some((inputs, expect)) = slot else {
-                return refuse(&mut send, session, ErrorCode::UnknownSession, format!("no session {session}")).await;
+enum Write {
+    Frame(Frame),
+    Finish,
+}
+
+struct Driver {
+    core: StageCore<Arc<ShardStage>>,
+    pool: Arc<ConnectionPool>,
+    limits: Limits,
+    tx: UnboundedSender<Msg>,
+    streams: HashMap<StreamId, StreamIo>,
+    next_accepted: u64,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: UnboundedReceiver<Msg>) {
+        loop {
+            let deadline = self.core.next_deadline();
+            let msg = match deadline {
+                Some(d) => {
+                    tokio::select! {
+                        m = rx.recv() => m,
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d)) => {
+                            Some(Msg::Event(Event::Tick))
+                        }
+                    }
+                }
+                None => rx.recv().await,
             };
-            if expect != (dtype, width) {
-                let msg = format!("session expects {:?} x {}, attach says {dtype:?} x {width}", expect.0, expect.1);
-                return refuse(&mut send, session, ErrorCode::BadRequest, msg).await;
+            let Some(msg) = msg else { return };
+            self.take(msg);
+            // Everything already waiting goes in before the core is polled, so it lands in one batch.
+            while let Ok(msg) = rx.try_recv() {
+                self.take(msg);
             }
-            if write_frame(&mut send, &Frame::Opened { session }).await.is_err() {
-                return;
+            while let Some(action) = self.core.poll_action() {
+                self.act(action).await;
             }
-            forward_inputs(session, &mut recv, &inputs, &limits).await;
-            let _ = send.finish();
         }
-        other => {
-            let msg = format!("a stream starts with open or attach, not {}", other.kind().name());
-            refuse(&mut send, other.session(), ErrorCode::Malformed, msg).await
+    }
+
+    fn take(&mut self, msg: Msg) {
+        let now = Instant::now();
+        let event = match msg {
+            Msg::Accepted(send, recv) => {
+                let stream = StreamId::Accepted(self.next_accepted);
+                self.next_accepted += 1;
+                self.attach_io(stream, send, recv);
+                Event::Accepted { stream }
+            }
+            Msg::Dialed(stream, Ok((send, recv))) => {
+                self.attach_io(stream, send, recv);
+                Event::Dialed { stream, result: Ok(()) }
+            }
+            Msg::Dialed(stream, Err(e)) => Event::Dialed { stream, result: Err(e) },
+            Msg::Event(e) => e,
+        };
+        self.core.handle(now, event);
+    }
+
+    fn attach_io(&mut self, stream: StreamId, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let (credit, credits) = mpsc::unbounded_channel();
+        let (writes, queue) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_stream(stream, recv, credits, self.tx.clone(), self.limits));
+        tokio::spawn(write_stream(stream, send, queue, self.tx.clone()));
+        self.streams.insert(stream, StreamIo { credit, writes, reader });
+    }
+
+    async fn act(&mut self, action: Action<ShardSession>) {
+        match action {
+            Action::Read { stream } => {
+                if let Some(io) = self.streams.get(&stream) {
+                    let _ = io.credit.send(());
+                }
+            }
+            Action::Send { stream, frame } => {
+                if let Some(io) = self.streams.get(&stream) {
+                    let _ = io.writes.send(Write::Frame(frame));
+                }
+            }
+            Action::Finish { stream } => {
+                if let Some(io) = self.streams.remove(&stream) {
+                    io.reader.abort();
+                    let _ = io.writes.send(Write::Finish);
+                }
+            }
+            Action::Dial { stream, addr, fingerprint } => {
+                let pool = self.pool.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let result = async {
+                        let conn = pool.get(addr, fingerprint).await.map_err(|e| e.to_string())?;
+                        conn.open_bi().await.map_err(|e| {
+                            pool.forget(addr, fingerprint);
+                            format!("next stage {addr}: {e}")
+                        })
+                    }
+                    .await;
+                    let _ = tx.send(Msg::Dialed(stream, result));
+                });
+            }
+            Action::Compute(batch) => {
+                let stage = self.core.model().clone();
+                let run = move || stage.compute(batch);
+                // On a multi-threaded runtime the batch runs on this worker thread (its other tasks move to other
+                // workers): no hand-off to the blocking pool and back on every decode step of every stage.
+                let results = if tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread
+                {
+                    tokio::task::block_in_place(run)
+                } else {
+                    match tokio::task::spawn_blocking(run).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let reason = format!("compute task failed: {e}");
+                            return self.core.handle(Instant::now(), Event::ComputeLost { reason });
+                        }
+                    }
+                };
+                self.core.handle(Instant::now(), Event::Computed(results));
+            }
         }
     }
 }
 
-/// Reads input frames of `session` from a stream into the session task, until the stream ends or misbehaves.
-pub(crate) async fn forward_inputs(
-    session: SessionId,
-    recv: &mut quinn::RecvStream,
-    inputs: &mpsc::Sender<Input>,
-    limits: &Limits,
+/// Reads one frame per credit and reports it, until the stream ends, fails, or the core stops asking.
+async fn read_stream(
+    stream: StreamId,
+    mut recv: quinn::RecvStream,
+    mut credits: UnboundedReceiver<()>,
+    tx: UnboundedSender<Msg>,
+    limits: Limits,
 ) {
-    loop {
-        let input = match read_frame(recv, limits).await {
-            Ok(Some(f)) if f.session() != session => {
-                Input::Failed(ErrorCode::BadRequest, format!("frame for session {} on session {session}", f.session()))
-            }
-            Ok(Some(f @ (Frame::Prefill { .. } | Frame::Decode { .. }))) => Input::Frame(f),
-            Ok(Some(Frame::Close { .. })) => Input::Close,
-            Ok(Some(other)) => Input::Failed(ErrorCode::Malformed, format!("unexpected {} frame", other.kind().name())),
-            Ok(None) => Input::Ended,
-            // The stream was reset or its connection lost: the sender went away, which ends the session like a
-            // close (its KV cache is freed); nothing malformed arrived.
-            Err(WireError::Io(e)) => {
-                debug!(session, error = %e, "input stream lost: ending the session");
-                Input::Ended
-            }
-            Err(e) => {
-                warn!(session, error = %e, "malformed frame: ending the session");
-                Input::Failed(ErrorCode::Malformed, e.to_string())
-            }
+    while credits.recv().await.is_some() {
+        let event = match read_frame(&mut recv, &limits).await {
+            Ok(Some(frame)) => Event::Frame { stream, frame },
+            Ok(None) => Event::Finished { stream },
+            // A reset or a lost connection: the sender went away; nothing malformed arrived.
+            Err(WireError::Io(e)) => Event::Lost { stream, reason: e.to_string() },
+            Err(e) => Event::Malformed { stream, error: e.to_string() },
         };
-        let last = !matches!(input, Input::Frame(_));
-        if inputs.send(input).await.is_err() || last {
+        let last = !matches!(event, Event::Frame { .. });
+        if tx.send(Msg::Event(event)).is_err() || last {
             return;
+        }
+    }
+}
+
+/// Writes frames in order and reports each, until told to finish or a write fails.
+async fn write_stream(
+    stream: StreamId,
+    mut send: quinn::SendStream,
+    mut queue: UnboundedReceiver<Write>,
+    tx: UnboundedSender<Msg>,
+) {
+    while let Some(w) = queue.recv().await {
+        match w {
+            Write::Frame(frame) => {
+                let event = match write_frame(&mut send, &frame).await {
+                    Ok(()) => Event::Sent { stream },
+                    Err(e) => Event::SendFailed { stream, reason: e.to_string() },
+                };
+                let failed = matches!(event, Event::SendFailed { .. });
+                let _ = tx.send(Msg::Event(event));
+                if failed {
+                    return;
+                }
+            }
+            Write::Finish => {
+                let _ = send.finish();
+                return;
+            }
         }
     }
 }

@@ -1,0 +1,27 @@
+//! Tunables of a stage, read by the core and its drivers.
+
+use std::time::Duration;
+
+use shardline_proto::wire::Limits;
+
+#[derive(Clone, Debug)]
+pub struct StageConfig {
+    /// Sessions admitted at once; more get a `Busy` error.
+    pub max_sessions: usize,
+    /// A session with no input for this long is ended and its KV cache freed.
+    pub idle_timeout: Duration,
+    /// How long to wait for the next stage to accept a session.
+    pub connect_timeout: Duration,
+    pub limits: Limits,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 16,
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,686 @@
+//! The stage as a state machine that does no I/O: [`StageCore`] takes [`Event`]s (a frame arrived on a stream, a
+//! stream ended, a dial or a compute batch finished, time passed) and answers with [`Action`]s (read the next frame,
+//! send a frame, finish a stream, dial the next stage, run a compute batch). No sockets, no tasks, no clock: the
+//! driver passes `now` with every event and asks [`StageCore::next_deadline`] when to come back. The QUIC server
+//! (`stage::server`) and the in-process driver (`stage::local`) run this same core; its tests script events by hand.
+//!
+//! Admission, the session map, position ordering, error replies, backpressure and the whole session lifecycle live
+//! here (see `docs/PROTOCOL.md` for the frames):
+//! - A stream's first frame is `Open` (a control stream from the owner) or `Attach` (a data stream from the previous
+//!   stage); anything else is refused with `Malformed`.
+//! - An admitted session's map entry owns its admission [`Slot`](admission::Slot) and its KV reservation, so removing
+//!   the entry frees both; while a chunk computes the KV handle is lent to the batch, and a session ended meanwhile
+//!   is kept as `Closing` until the handle comes back (its result is discarded).
+//! - Backpressure: the core asks for one frame at a time per stream ([`Action::Read`]) and only while the session
+//!   holds fewer than [`INPUT_QUEUE`] chunks, and computes a session only while fewer than [`OUTPUT_WINDOW`] of its
+//!   output frames are unwritten; a fast sender is held back by the transport's flow control.
+//! - Ordering: chunks must continue the session's positions exactly; a close, the end of an input stream or a
+//!   refused frame takes effect after the chunks before it. A lost stream, a malformed frame, a failed next stage,
+//!   a compute error and the idle timeout end the session at once.
+
+mod actions;
+mod admission;
+mod batch;
+mod config;
+mod events;
+mod model;
+mod session;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
+
+use tracing::{debug, warn};
+
+pub use actions::Action;
+pub use admission::{Admission, Slot};
+pub use batch::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample};
+pub use config::StageConfig;
+pub use events::{Event, StreamId};
+pub use model::{StageCompute, StageModel};
+pub use session::{INPUT_QUEUE, OUTPUT_WINDOW};
+
+use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, Session, Upstream};
+
+use crate::wire_convert::sampling_from_wire;
+use shardline_proto::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
+
+/// What a stream is to the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Accepted; its first frame decides.
+    Pending,
+    /// The owner's stream of `session` (`Open`, inputs on the first stage, `Close`; tokens and errors back).
+    Control(SessionId),
+    /// The previous stage's data stream of `session` (hidden-state inputs).
+    Upstream(SessionId),
+    /// Our data stream to the next stage of `session` (hidden-state outputs; only errors come back).
+    Downstream(SessionId),
+}
+
+struct StreamState {
+    role: Role,
+    /// A read was asked for and has not been answered.
+    reading: bool,
+    /// Frames sent on it that the driver has not reported written.
+    unsent: usize,
+}
+
+/// One stage's sessions, driven by events. `M` checks opens and reserves KV cache; see the module docs.
+pub struct StageCore<M: StageModel> {
+    model: M,
+    config: StageConfig,
+    admission: Admission,
+    /// Ordered by id so batches are built in a stable order.
+    sessions: BTreeMap<SessionId, Session<M::Kv>>,
+    streams: HashMap<StreamId, StreamState>,
+    actions: VecDeque<Action<M::Kv>>,
+    /// A batch is out; the next is built when it comes back.
+    computing: bool,
+    next_dial: u64,
+}
+
+impl<M: StageModel> StageCore<M> {
+    pub fn new(model: M, config: StageConfig) -> Self {
+        let admission = Admission::new(config.max_sessions);
+        Self {
+            model,
+            config,
+            admission,
+            sessions: BTreeMap::new(),
+            streams: HashMap::new(),
+            actions: VecDeque::new(),
+            computing: false,
+            next_dial: 0,
+        }
+    }
+
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    pub fn config(&self) -> &StageConfig {
+        &self.config
+    }
+
+    /// The admission counter, to read the load from elsewhere.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Sessions holding a slot (opening, running, or closing while their compute finishes).
+    pub fn active_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The next action, in order. When none is left and no batch is out, builds a batch of every session's next
+    /// ready chunk — so a driver that feeds all pending events before polling gets them batched together.
+    pub fn poll_action(&mut self) -> Option<Action<M::Kv>> {
+        if self.actions.is_empty() && !self.computing {
+            self.build_batch();
+        }
+        self.actions.pop_front()
+    }
+
+    /// When the driver must send [`Event::Tick`] (a session's idle or connect timeout), if ever.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.sessions.values().filter_map(|s| self.deadline(s)).min()
+    }
+
+    /// Takes one event that happened at `now`.
+    pub fn handle(&mut self, now: Instant, event: Event<M::Kv>) {
+        match event {
+            Event::Accepted { stream } => {
+                self.streams.insert(stream, StreamState { role: Role::Pending, reading: false, unsent: 0 });
+                self.read(stream);
+            }
+            Event::Frame { stream, frame } => {
+                let Some(role) = self.answered(stream) else { return };
+                match role {
+                    Role::Pending => self.first_frame(now, stream, frame),
+                    Role::Control(s) | Role::Upstream(s) => self.input_frame(now, s, frame),
+                    Role::Downstream(s) => self.downstream_frame(now, s, frame),
+                }
+            }
+            Event::Finished { stream } => match self.answered(stream) {
+                None => {}
+                Some(Role::Pending) => self.forget(stream),
+                Some(Role::Control(s) | Role::Upstream(s)) => self.input_end(now, s, Ok(())),
+                // Before attaching, a next stage that finishes its side has refused the session.
+                Some(Role::Downstream(s)) if self.link(s) != Some(Link::Ready) => {
+                    let msg = format!("next stage {} closed the stream before accepting", self.addr(s));
+                    self.fail(s, Failure::new(ErrorCode::Downstream, msg));
+                }
+                // After attaching it has ended its part of the session (the owner closes every stage, so this races
+                // with our own close): the session goes on until a write to it fails.
+                Some(Role::Downstream(_)) => {}
+            },
+            Event::Lost { stream, reason } => match self.answered(stream) {
+                None => {}
+                Some(Role::Pending) => self.forget(stream),
+                Some(Role::Control(s) | Role::Upstream(s)) => {
+                    debug!(session = s, %reason, "input stream lost: ending the session");
+                    self.end(s, None);
+                }
+                Some(Role::Downstream(s)) => {
+                    let msg = format!("next stage {} stream: {reason}", self.addr(s));
+                    self.fail(s, Failure::new(ErrorCode::Downstream, msg));
+                }
+            },
+            Event::Malformed { stream, error } => match self.answered(stream) {
+                None => {}
+                Some(Role::Pending) => self.refuse(stream, 0, Failure::new(ErrorCode::Malformed, error)),
+                Some(Role::Control(s) | Role::Upstream(s)) => {
+                    warn!(session = s, %error, "malformed frame: ending the session");
+                    self.fail(s, Failure::new(ErrorCode::Malformed, error));
+                }
+                Some(Role::Downstream(s)) => {
+                    let msg = format!("next stage {} stream: {error}", self.addr(s));
+                    self.fail(s, Failure::new(ErrorCode::Downstream, msg));
+                }
+            },
+            Event::Dialed { stream, result } => self.dialed(stream, result),
+            Event::Sent { stream } => {
+                if let Some(st) = self.streams.get_mut(&stream) {
+                    st.unsent = st.unsent.saturating_sub(1);
+                    if let Role::Control(s) | Role::Downstream(s) = st.role
+                        && let Some(sess) = self.sessions.get_mut(&s)
+                    {
+                        sess.last_active = now;
+                    }
+                }
+            }
+            Event::SendFailed { stream, reason } => match self.streams.get(&stream).map(|st| st.role) {
+                None | Some(Role::Upstream(_)) => {}
+                Some(Role::Pending) => self.forget(stream),
+                Some(Role::Control(s)) => {
+                    debug!(session = s, %reason, "owner stream lost: ending the session");
+                    self.end(s, None);
+                }
+                Some(Role::Downstream(s)) => {
+                    let msg = format!("next stage {}: {reason}", self.addr(s));
+                    self.fail(s, Failure::new(ErrorCode::Downstream, msg));
+                }
+            },
+            Event::Computed(results) => {
+                self.computing = false;
+                for r in results {
+                    self.computed(now, r);
+                }
+            }
+            Event::ComputeLost { reason } => {
+                self.computing = false;
+                let lost: Vec<SessionId> =
+                    self.sessions.iter().filter(|(_, s)| s.in_flight.is_some()).map(|(id, _)| *id).collect();
+                for id in lost {
+                    let Some(s) = self.sessions.get_mut(&id) else { continue };
+                    s.in_flight = None;
+                    if matches!(s.phase, Phase::Closing) {
+                        self.sessions.remove(&id);
+                    } else {
+                        self.fail(id, Failure::new(ErrorCode::Compute, format!("compute failed: {reason}")));
+                    }
+                }
+            }
+            Event::Tick => self.tick(now),
+        }
+    }
+
+    // ---- streams ----
+
+    /// Marks a read on `stream` answered; `None` if the core no longer knows the stream.
+    fn answered(&mut self, stream: StreamId) -> Option<Role> {
+        let st = self.streams.get_mut(&stream)?;
+        st.reading = false;
+        Some(st.role)
+    }
+
+    fn read(&mut self, stream: StreamId) {
+        if let Some(st) = self.streams.get_mut(&stream)
+            && !st.reading
+        {
+            st.reading = true;
+            self.actions.push_back(Action::Read { stream });
+        }
+    }
+
+    fn send(&mut self, stream: StreamId, frame: Frame) {
+        if let Some(st) = self.streams.get_mut(&stream) {
+            st.unsent += 1;
+        }
+        self.actions.push_back(Action::Send { stream, frame });
+    }
+
+    /// Finishes and forgets a stream.
+    fn forget(&mut self, stream: StreamId) {
+        if self.streams.remove(&stream).is_some() {
+            self.actions.push_back(Action::Finish { stream });
+        }
+    }
+
+    /// Answers a stream with an error frame and finishes it; no session is touched.
+    fn refuse(&mut self, stream: StreamId, session: SessionId, f: Failure) {
+        debug!(session, code = ?f.code, message = %f.message, "refusing stream");
+        self.send(stream, Frame::Error { session, code: f.code, message: f.message });
+        self.forget(stream);
+    }
+
+    fn unsent(&self, stream: StreamId) -> usize {
+        self.streams.get(&stream).map_or(0, |s| s.unsent)
+    }
+
+    // ---- opening ----
+
+    fn first_frame(&mut self, now: Instant, stream: StreamId, frame: Frame) {
+        match frame {
+            Frame::Open { session, open } => self.open(now, stream, session, open),
+            Frame::Attach { session, dtype, width } => {
+                let Some(s) = self
+                    .sessions
+                    .get_mut(&session)
+                    .filter(|s| matches!(s.phase, Phase::Running) && s.upstream == Upstream::Expected)
+                else {
+                    let f = Failure::new(ErrorCode::UnknownSession, format!("no session {session}"));
+                    return self.refuse(stream, session, f);
+                };
+                if (dtype, width) != (s.open.wire_dtype, s.open.hidden) {
+                    let msg = format!(
+                        "session expects {:?} x {}, attach says {dtype:?} x {width}",
+                        s.open.wire_dtype, s.open.hidden
+                    );
+                    return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));
+                }
+                s.upstream = Upstream::Attached(stream);
+                s.last_active = now;
+                if let Some(st) = self.streams.get_mut(&stream) {
+                    st.role = Role::Upstream(session);
+                }
+                self.send(stream, Frame::Opened { session });
+                self.refill_reads(session);
+            }
+            other => {
+                let msg = format!("a stream starts with open or attach, not {}", other.kind().name());
+                self.refuse(stream, other.session(), Failure::new(ErrorCode::Malformed, msg));
+            }
+        }
+    }
+
+    fn open(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen) {
+        if let Err(msg) = self.model.check_open(&open) {
+            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));
+        }
+        let Some(slot) = self.admission.try_admit() else {
+            let msg = format!("{} sessions running", self.admission.max());
+            return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg));
+        };
+        if self.sessions.contains_key(&session) {
+            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, "session id in use"));
+        }
+        let kv = match self.model.reserve(open.max_tokens as usize) {
+            Ok(kv) => kv,
+            Err(f) => return self.refuse(stream, session, f),
+        };
+        if let Some(st) = self.streams.get_mut(&stream) {
+            st.role = Role::Control(session);
+        }
+        let next = open.rest.first().map(|h| (h.addr, h.fingerprint));
+        let deadline = now + self.config.connect_timeout;
+        let mut entry = Session {
+            open,
+            control: stream,
+            phase: Phase::Opening { deadline },
+            upstream: Upstream::None,
+            downstream: None,
+            kv: Some(kv),
+            in_flight: None,
+            queue: VecDeque::new(),
+            next_position: 0,
+            input_closed: false,
+            last_active: now,
+            _slot: slot,
+        };
+        match next {
+            None => {
+                self.sessions.insert(session, entry);
+                self.opened(now, session);
+            }
+            Some((addr, fingerprint)) => {
+                let dial = StreamId::Dialed(self.next_dial);
+                self.next_dial += 1;
+                entry.downstream = Some(Downstream { stream: dial, addr, link: Link::Dialing });
+                self.sessions.insert(session, entry);
+                self.streams.insert(dial, StreamState { role: Role::Downstream(session), reading: false, unsent: 0 });
+                self.actions.push_back(Action::Dial { stream: dial, addr, fingerprint });
+            }
+        }
+    }
+
+    fn dialed(&mut self, stream: StreamId, result: Result<(), String>) {
+        let Some(Role::Downstream(session)) = self.streams.get(&stream).map(|s| s.role) else {
+            // The session ended while dialing: close what the driver just opened.
+            if result.is_ok() {
+                self.actions.push_back(Action::Finish { stream });
+            }
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        let Some(d) = s.downstream.as_mut().filter(|d| d.stream == stream && d.link == Link::Dialing) else { return };
+        match result {
+            Ok(()) => {
+                d.link = Link::Attaching;
+                let attach = Frame::Attach { session, dtype: s.open.wire_dtype, width: s.open.hidden };
+                self.send(stream, attach);
+                self.read(stream);
+            }
+            Err(msg) => self.fail(session, Failure::new(ErrorCode::Downstream, msg)),
+        }
+    }
+
+    /// The session is ready: tell the owner and start reading inputs.
+    fn opened(&mut self, now: Instant, session: SessionId) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        s.phase = Phase::Running;
+        s.last_active = now;
+        if s.open.span.start > 0 {
+            s.upstream = Upstream::Expected;
+        }
+        let control = s.control;
+        debug!(session, layers = %s.open.span, "session open");
+        self.send(control, Frame::Opened { session });
+        self.refill_reads(session);
+    }
+
+    fn downstream_frame(&mut self, now: Instant, session: SessionId, frame: Frame) {
+        let addr = self.addr(session);
+        match (self.link(session), frame) {
+            (Some(Link::Attaching), Frame::Opened { .. }) => {
+                if let Some(d) = self.sessions.get_mut(&session).and_then(|s| s.downstream.as_mut()) {
+                    d.link = Link::Ready;
+                    let stream = d.stream;
+                    // Keep one read out: the next stage speaks on this stream only to report a failure.
+                    self.read(stream);
+                }
+                self.opened(now, session);
+            }
+            (Some(Link::Attaching), Frame::Error { code, message, .. }) => {
+                let msg = format!("next stage {addr} refused ({code:?}): {message}");
+                self.fail(session, Failure::new(ErrorCode::Downstream, msg));
+            }
+            (_, Frame::Error { code, message, .. }) => {
+                let msg = format!("next stage failed ({code:?}): {message}");
+                self.fail(session, Failure::new(ErrorCode::Downstream, msg));
+            }
+            (_, other) => {
+                let msg = format!("next stage {addr} sent {}", other.kind().name());
+                self.fail(session, Failure::new(ErrorCode::Downstream, msg));
+            }
+        }
+    }
+
+    fn link(&self, session: SessionId) -> Option<Link> {
+        self.sessions.get(&session)?.downstream.as_ref().map(|d| d.link)
+    }
+
+    fn addr(&self, session: SessionId) -> String {
+        match self.sessions.get(&session).and_then(|s| s.downstream.as_ref()) {
+            Some(d) => d.addr.to_string(),
+            None => "?".into(),
+        }
+    }
+
+    // ---- inputs ----
+
+    fn input_frame(&mut self, now: Instant, session: SessionId, frame: Frame) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if s.input_closed {
+            return;
+        }
+        s.last_active = now;
+        let item = match frame {
+            f if f.session() != session => Queued::End(Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("frame for session {} on session {session}", f.session()),
+            ))),
+            Frame::Prefill { position, last, data, .. } => chunk(s, position, ChunkKind::Prefill { last }, data),
+            Frame::Decode { position, data, .. } => chunk(s, position, ChunkKind::Decode, data),
+            Frame::Close { .. } => Queued::End(Ok(())),
+            other => Queued::End(Err(Failure::new(
+                ErrorCode::Malformed,
+                format!("unexpected {} frame", other.kind().name()),
+            ))),
+        };
+        if matches!(item, Queued::End(_)) {
+            s.input_closed = true;
+        }
+        s.queue.push_back(item);
+        self.refill_reads(session);
+        self.advance(session);
+    }
+
+    /// An input stream ended: like a close, after the chunks before it.
+    fn input_end(&mut self, _now: Instant, session: SessionId, outcome: Result<(), Failure>) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if !s.input_closed {
+            s.input_closed = true;
+            s.queue.push_back(Queued::End(outcome));
+        }
+        self.advance(session);
+    }
+
+    /// Asks for the next frame on each input stream while the session has room for it.
+    fn refill_reads(&mut self, session: SessionId) {
+        let Some(s) = self.sessions.get(&session) else { return };
+        if !matches!(s.phase, Phase::Running) || s.input_closed {
+            return;
+        }
+        let inputs: Vec<StreamId> = s.input_streams().collect();
+        let mut pending =
+            s.queue.len() + inputs.iter().filter(|i| self.streams.get(*i).is_some_and(|st| st.reading)).count();
+        for stream in inputs {
+            if pending >= INPUT_QUEUE {
+                break;
+            }
+            if self.streams.get(&stream).is_some_and(|st| !st.reading) {
+                self.read(stream);
+                pending += 1;
+            }
+        }
+    }
+
+    /// Ends the session if its next queued input is an end and nothing computes.
+    fn advance(&mut self, session: SessionId) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if s.in_flight.is_some() || !matches!(s.phase, Phase::Running) {
+            return;
+        }
+        if matches!(s.queue.front(), Some(Queued::End(_)))
+            && let Some(Queued::End(outcome)) = s.queue.pop_front()
+        {
+            match outcome {
+                Ok(()) => self.end(session, None),
+                Err(f) => self.fail(session, f),
+            }
+        }
+    }
+
+    // ---- compute ----
+
+    fn build_batch(&mut self) {
+        let mut items = Vec::new();
+        let ready: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                matches!(s.phase, Phase::Running)
+                    && s.has_ready_chunk()
+                    && self.unsent(s.output_stream()) < OUTPUT_WINDOW
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let Some(s) = self.sessions.get_mut(&id) else { continue };
+            let (Some(Queued::Chunk(c)), Some(kv)) = (s.queue.pop_front(), s.kv.take()) else { continue };
+            let n = c.data.n_tokens() as u64;
+            let sample = match c.kind {
+                ChunkKind::Prefill { last: false } => None,
+                _ => Some(Sample { params: sampling_from_wire(&s.open.sampling), n_top: s.open.n_top as usize }),
+            };
+            s.in_flight = Some(InFlight { position: c.position, n, kind: c.kind });
+            items.push(ComputeItem {
+                session: id,
+                start: c.position,
+                input: c.data,
+                span: s.open.span,
+                sample,
+                wire_dtype: s.open.wire_dtype,
+                kv,
+            });
+            self.refill_reads(id);
+        }
+        if !items.is_empty() {
+            self.computing = true;
+            self.actions.push_back(Action::Compute(ComputeBatch { items }));
+        }
+    }
+
+    fn computed(&mut self, now: Instant, r: ComputeResult<M::Kv>) {
+        let session = r.session;
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        let Some(chunk) = s.in_flight.take() else { return };
+        if matches!(s.phase, Phase::Closing) {
+            // Ended while computing: the result is discarded; dropping the KV handle and then the entry frees the
+            // cache and the slot.
+            drop(r);
+            self.sessions.remove(&session);
+            debug!(session, "session closed after its last compute: KV cache freed");
+            return;
+        }
+        s.kv = Some(r.kv);
+        s.last_active = now;
+        let output = match r.output {
+            Ok(o) => o,
+            Err(f) => return self.fail(session, f),
+        };
+        match output {
+            ComputeOutput::Hidden(hidden) => {
+                let Some(d) = s.downstream.as_ref().filter(|d| d.link == Link::Ready) else {
+                    return self.fail(session, Failure::new(ErrorCode::Compute, "no next stage"));
+                };
+                let stream = d.stream;
+                let data = StageData::Hidden(hidden);
+                let frame = match chunk.kind {
+                    ChunkKind::Prefill { last } => Frame::Prefill { session, position: chunk.position, last, data },
+                    ChunkKind::Decode => Frame::Decode { session, position: chunk.position, data },
+                };
+                self.send(stream, frame);
+            }
+            ComputeOutput::Token(result) => {
+                let control = s.control;
+                self.send(control, Frame::Token { session, position: chunk.position + chunk.n, result });
+            }
+            ComputeOutput::Nothing => {}
+        }
+        self.refill_reads(session);
+        self.advance(session);
+    }
+
+    // ---- endings ----
+
+    fn deadline(&self, s: &Session<M::Kv>) -> Option<Instant> {
+        match s.phase {
+            Phase::Opening { deadline } => Some(deadline),
+            Phase::Running if s.in_flight.is_none() => Some(s.last_active + self.config.idle_timeout),
+            _ => None,
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let due: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| self.deadline(s).is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(s) = self.sessions.get(&id) else { continue };
+            let f = match s.phase {
+                Phase::Opening { .. } => {
+                    Failure::new(ErrorCode::Downstream, format!("next stage {} did not accept in time", self.addr(id)))
+                }
+                _ if s.queue.is_empty() => {
+                    Failure::new(ErrorCode::Timeout, format!("no input for {:?}", self.config.idle_timeout))
+                }
+                _ => Failure::new(
+                    ErrorCode::Downstream,
+                    format!("output not taken for {:?}: the next stage stopped reading", self.config.idle_timeout),
+                ),
+            };
+            self.fail(id, f);
+        }
+    }
+
+    /// Ends the session with an error frame to its owner.
+    fn fail(&mut self, session: SessionId, f: Failure) {
+        warn!(session, code = ?f.code, message = %f.message, "session failed");
+        self.end(session, Some(f));
+    }
+
+    /// Ends the session now: error frame (if any), finish its streams, tell the next stage, free its KV cache and
+    /// slot — or, while a chunk computes, keep the entry as `Closing` until the KV handle comes back.
+    fn end(&mut self, session: SessionId, failure: Option<Failure>) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if matches!(s.phase, Phase::Closing) {
+            return;
+        }
+        s.queue.clear();
+        s.input_closed = true;
+        let control = s.control;
+        let upstream = match s.upstream {
+            Upstream::Attached(u) => Some(u),
+            _ => None,
+        };
+        let downstream = s.downstream.as_ref().map(|d| (d.stream, d.link));
+        let computing = s.in_flight.is_some();
+        if computing {
+            s.phase = Phase::Closing;
+        }
+        if let Some(f) = failure {
+            self.send(control, Frame::Error { session, code: f.code, message: f.message });
+        }
+        self.forget(control);
+        if let Some(u) = upstream {
+            self.forget(u);
+        }
+        if let Some((d, link)) = downstream {
+            if link == Link::Ready {
+                self.send(d, Frame::Close { session });
+            }
+            self.forget(d);
+        }
+        if !computing {
+            self.sessions.remove(&session);
+            debug!(session, "session closed: KV cache freed");
+        }
+    }
+}
+
+/// Checks a chunk against the session's history and shape; a chunk that does not fit becomes the session's end.
+fn chunk<K>(s: &mut Session<K>, position: u64, kind: ChunkKind, data: StageData) -> Queued {
+    if position != s.next_position {
+        let msg = format!("position {position}, expected {}", s.next_position);
+        return Queued::End(Err(Failure::new(ErrorCode::BadRequest, msg)));
+    }
+    let span = s.open.span;
+    let fits = match &data {
+        StageData::Tokens(_) => span.start == 0,
+        StageData::Hidden(h) => span.start > 0 && h.dtype() == s.open.wire_dtype && h.width() == s.open.hidden as usize,
+    };
+    if !fits || data.n_tokens() == 0 {
+        let msg = format!("input of the wrong kind or shape for span {span}");
+        return Queued::End(Err(Failure::new(ErrorCode::BadRequest, msg)));
+    }
+    s.next_position += data.n_tokens() as u64;
+    Queued::Chunk(Chunk { position, kind, data })
+}

@@ -1,0 +1,505 @@
+//! The core driven by scripted events: no sockets, no sleeps, time passed in by hand. A fake model counts the KV
+//! positions it has lent out, so each test can see exactly when a session's cache is freed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::model::LayerRange;
+use shardline_proto::wire::{HiddenStates, Hop, TokenResult, WireDType, WireSampling};
+
+const KV_TOKENS: usize = 1000;
+const WIDTH: u32 = 4;
+
+/// A model of 4 layers whose KV pool is a counter of free positions.
+struct Fake {
+    free: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct FakeKv {
+    tokens: usize,
+    free: Arc<AtomicUsize>,
+}
+
+impl Drop for FakeKv {
+    fn drop(&mut self) {
+        self.free.fetch_add(self.tokens, Ordering::SeqCst);
+    }
+}
+
+impl StageModel for Fake {
+    type Kv = FakeKv;
+
+    fn check_open(&self, open: &SessionOpen) -> Result<(), String> {
+        if open.model_id != "m" {
+            return Err(format!("not model {}", open.model_id));
+        }
+        if open.max_tokens == 0 || open.max_tokens > 100 {
+            return Err("max_tokens".into());
+        }
+        Ok(())
+    }
+
+    fn reserve(&self, tokens: usize) -> Result<FakeKv, Failure> {
+        self.free
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| f.checked_sub(tokens))
+            .map_err(|_| Failure::new(ErrorCode::Busy, "kv full"))?;
+        Ok(FakeKv { tokens, free: self.free.clone() })
+    }
+}
+
+struct Harness {
+    core: StageCore<Fake>,
+    free: Arc<AtomicUsize>,
+    now: Instant,
+    next: u64,
+}
+
+fn config() -> StageConfig {
+    StageConfig {
+        max_sessions: 2,
+        idle_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(5),
+        ..StageConfig::default()
+    }
+}
+
+impl Harness {
+    fn new(config: StageConfig) -> Self {
+        let free = Arc::new(AtomicUsize::new(KV_TOKENS));
+        Self { core: StageCore::new(Fake { free: free.clone() }, config), free, now: Instant::now(), next: 0 }
+    }
+
+    fn event(&mut self, e: Event<FakeKv>) -> Vec<Action<FakeKv>> {
+        self.core.handle(self.now, e);
+        std::iter::from_fn(|| self.core.poll_action()).collect()
+    }
+
+    fn accept(&mut self) -> StreamId {
+        let s = StreamId::Accepted(self.next);
+        self.next += 1;
+        let a = self.event(Event::Accepted { stream: s });
+        assert!(matches!(a[..], [Action::Read { stream }] if stream == s), "{a:?}");
+        s
+    }
+
+    fn frame(&mut self, stream: StreamId, frame: Frame) -> Vec<Action<FakeKv>> {
+        self.event(Event::Frame { stream, frame })
+    }
+
+    /// Opens a last-stage session over layers 0..4 on a new stream and checks the `Opened` answer.
+    fn open(&mut self, session: SessionId) -> StreamId {
+        let s = self.accept();
+        let a = self.frame(s, open(session, LayerRange::new(0, 4), vec![]));
+        assert_opened(&a, s, session);
+        s
+    }
+
+    fn kv_in_use(&self) -> usize {
+        KV_TOKENS - self.free.load(Ordering::SeqCst)
+    }
+
+    fn advance(&mut self, d: Duration) -> Vec<Action<FakeKv>> {
+        self.now += d;
+        self.event(Event::Tick)
+    }
+}
+
+fn open(session: SessionId, span: LayerRange, rest: Vec<Hop>) -> Frame {
+    Frame::Open {
+        session,
+        open: SessionOpen {
+            model_id: "m".into(),
+            n_layers: 4,
+            span,
+            max_tokens: 50,
+            sampling: WireSampling::GREEDY,
+            n_top: 2,
+            wire_dtype: WireDType::F32,
+            hidden: WIDTH,
+            rest,
+        },
+    }
+}
+
+fn hop() -> Hop {
+    Hop { layers: LayerRange::new(2, 4), addr: "127.0.0.1:9".parse().unwrap(), fingerprint: [7; 32] }
+}
+
+fn prefill(session: SessionId, position: u64, tokens: &[u32]) -> Frame {
+    Frame::Prefill { session, position, last: true, data: StageData::Tokens(tokens.to_vec()) }
+}
+
+fn token(t: u32) -> ComputeOutput {
+    ComputeOutput::Token(TokenResult { token: t, logprob: -0.5, top: vec![] })
+}
+
+fn assert_opened(a: &[Action<FakeKv>], s: StreamId, session: SessionId) {
+    match a {
+        [Action::Send { stream, frame: Frame::Opened { session: got } }, Action::Read { stream: r }]
+            if *stream == s && *got == session && *r == s => {}
+        other => panic!("expected Opened then a read on {s:?}, got {other:?}"),
+    }
+}
+
+/// The error frame sent on `s`, asserting the stream is finished right after.
+fn error_on(a: &[Action<FakeKv>], s: StreamId) -> (ErrorCode, String) {
+    let i = a
+        .iter()
+        .position(|x| matches!(x, Action::Send { stream, frame: Frame::Error { .. } } if *stream == s))
+        .unwrap_or_else(|| panic!("no error frame on {s:?} in {a:?}"));
+    assert!(matches!(a.get(i + 1), Some(Action::Finish { stream }) if *stream == s), "{a:?}");
+    match &a[i] {
+        Action::Send { frame: Frame::Error { code, message, .. }, .. } => (*code, message.clone()),
+        _ => unreachable!(),
+    }
+}
+
+fn take_batch(a: Vec<Action<FakeKv>>) -> ComputeBatch<FakeKv> {
+    let mut batches: Vec<_> = a
+        .into_iter()
+        .filter_map(|x| match x {
+            Action::Compute(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(batches.len(), 1, "expected one batch");
+    batches.remove(0)
+}
+
+fn done(batch: ComputeBatch<FakeKv>, out: impl Fn(&ComputeItem<FakeKv>) -> ComputeOutput) -> Event<FakeKv> {
+    Event::Computed(
+        batch
+            .items
+            .into_iter()
+            .map(|i| {
+                let o = out(&i);
+                i.finish(Ok(o))
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn chunks_run_in_order_and_tokens_go_back_to_the_owner() {
+    let mut h = Harness::new(config());
+    let s = h.open(1);
+    assert_eq!(h.kv_in_use(), 50);
+    let batch = take_batch(h.frame(s, prefill(1, 0, &[5, 6, 7])));
+    let item = &batch.items[0];
+    assert_eq!((item.session, item.start, item.n_positions()), (1, 0, 3));
+    assert!(item.sample.is_some_and(|x| x.n_top == 2));
+    let a = h.event(done(batch, |_| token(42)));
+    match &a[..] {
+        [Action::Send { stream, frame: Frame::Token { session: 1, position: 3, result } }] if *stream == s => {
+            assert_eq!(result.token, 42)
+        }
+        other => panic!("{other:?}"),
+    }
+    // A prefill chunk that is not the last is not sampled.
+    let not_last = Frame::Prefill { session: 1, position: 3, last: false, data: StageData::Tokens(vec![1]) };
+    let batch = take_batch(h.frame(s, not_last));
+    assert!(batch.items[0].sample.is_none());
+    assert!(h.event(done(batch, |_| ComputeOutput::Nothing)).is_empty());
+    // Close: finished and freed.
+    let a = h.frame(s, Frame::Close { session: 1 });
+    assert!(matches!(a[..], [Action::Finish { stream }] if stream == s), "{a:?}");
+    assert_eq!((h.core.active_sessions(), h.core.admission().active(), h.kv_in_use()), (0, 0, 0));
+}
+
+#[test]
+fn a_chunk_out_of_order_ends_its_session_after_the_chunks_before_it() {
+    let mut h = Harness::new(config());
+    let s = h.open(1);
+    let batch = take_batch(h.frame(s, prefill(1, 0, &[1, 2])));
+    // Position 5 arrives while 0..2 computes: it must wait its turn, then end the session.
+    assert!(!h.frame(s, prefill(1, 5, &[3])).iter().any(|a| matches!(a, Action::Send { .. })));
+    assert_eq!(h.kv_in_use(), 50);
+    let a = h.event(done(batch, |_| token(9)));
+    assert!(matches!(&a[0], Action::Send { frame: Frame::Token { position: 2, .. }, .. }), "{a:?}");
+    let (code, msg) = error_on(&a, s);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(msg.contains("position 5, expected 2"), "{msg}");
+    assert_eq!((h.core.active_sessions(), h.kv_in_use()), (0, 0));
+}
+
+#[test]
+fn duplicate_session_ids_are_refused_and_the_first_goes_on() {
+    let mut h = Harness::new(config());
+    let s1 = h.open(1);
+    let s2 = h.accept();
+    let a = h.frame(s2, open(1, LayerRange::new(0, 4), vec![]));
+    assert_eq!(error_on(&a, s2).0, ErrorCode::BadRequest);
+    assert_eq!((h.core.active_sessions(), h.core.admission().active(), h.kv_in_use()), (1, 1, 50));
+    let batch = take_batch(h.frame(s1, prefill(1, 0, &[1])));
+    assert_eq!(batch.items.len(), 1);
+}
+
+#[test]
+fn busy_at_capacity_and_the_slot_is_freed_after_close() {
+    let mut h = Harness::new(config());
+    let s1 = h.open(1);
+    h.open(2);
+    let s3 = h.accept();
+    let a = h.frame(s3, open(3, LayerRange::new(0, 4), vec![]));
+    assert_eq!(error_on(&a, s3).0, ErrorCode::Busy);
+    h.frame(s1, Frame::Close { session: 1 });
+    assert_eq!(h.core.admission().active(), 1);
+    h.open(3);
+    // A full KV cache is Busy too, and the refused open holds no slot.
+    let mut small = Harness::new(config());
+    small.free.store(10, Ordering::SeqCst);
+    let s = small.accept();
+    assert_eq!(error_on(&small.frame(s, open(1, LayerRange::new(0, 4), vec![])), s).0, ErrorCode::Busy);
+    assert_eq!(small.core.admission().active(), 0);
+}
+
+#[test]
+fn bad_opens_and_stray_first_frames_are_refused() {
+    let mut h = Harness::new(config());
+    let s = h.accept();
+    let Frame::Open { open: mut o, .. } = open(1, LayerRange::new(0, 4), vec![]) else { unreachable!() };
+    o.model_id = "other".into();
+    assert_eq!(error_on(&h.frame(s, Frame::Open { session: 1, open: o }), s).0, ErrorCode::BadRequest);
+    let s = h.accept();
+    assert_eq!(error_on(&h.frame(s, prefill(1, 0, &[1])), s).0, ErrorCode::Malformed);
+    let s = h.accept();
+    let a = h.event(Event::Malformed { stream: s, error: "bad magic".into() });
+    assert_eq!(error_on(&a, s), (ErrorCode::Malformed, String::from("bad magic")));
+    assert_eq!(h.core.admission().active(), 0);
+}
+
+#[test]
+fn a_reset_during_compute_frees_the_kv_cache_when_compute_returns_and_drops_the_result() {
+    let mut h = Harness::new(config());
+    let s = h.open(1);
+    let batch = take_batch(h.frame(s, prefill(1, 0, &[1, 2, 3])));
+    let a = h.event(Event::Lost { stream: s, reason: "reset by peer".into() });
+    assert!(matches!(a[..], [Action::Finish { stream }] if stream == s), "{a:?}");
+    // The KV handle is out with the batch: the session still holds its slot and its cache.
+    assert_eq!((h.core.active_sessions(), h.kv_in_use()), (1, 50));
+    // A new open with the same id is refused while it closes.
+    let s2 = h.accept();
+    assert_eq!(error_on(&h.frame(s2, open(1, LayerRange::new(0, 4), vec![])), s2).0, ErrorCode::BadRequest);
+    let a = h.event(done(batch, |_| token(1)));
+    assert!(a.is_empty(), "the result of a closed session is discarded: {a:?}");
+    assert_eq!((h.core.active_sessions(), h.core.admission().active(), h.kv_in_use()), (0, 0, 0));
+}
+
+#[test]
+fn a_close_frame_during_compute_waits_for_the_result() {
+    let mut h = Harness::new(config());
+    let s = h.open(1);
+    let batch = take_batch(h.frame(s, prefill(1, 0, &[1])));
+    assert!(h.frame(s, Frame::Close { session: 1 }).is_empty());
+    let a = h.event(done(batch, |_| token(3)));
+    assert!(matches!(&a[..], [Action::Send { frame: Frame::Token { .. }, .. }, Action::Finish { .. }]), "{a:?}");
+    assert_eq!(h.kv_in_use(), 0);
+}
+
+#[test]
+fn a_downstream_that_never_dials_or_attaches_times_out_as_downstream() {
+    for attach in [false, true] {
+        let mut h = Harness::new(config());
+        let s = h.accept();
+        let a = h.frame(s, open(1, LayerRange::new(0, 2), vec![hop()]));
+        let d = match a[..] {
+            [Action::Dial { stream, addr, fingerprint }] => {
+                assert_eq!((addr, fingerprint), (hop().addr, hop().fingerprint));
+                stream
+            }
+            ref other => panic!("{other:?}"),
+        };
+        if attach {
+            let a = h.event(Event::Dialed { stream: d, result: Ok(()) });
+            match &a[..] {
+                [
+                    Action::Send { stream, frame: Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH } },
+                    Action::Read { stream: r },
+                ] if *stream == d && *r == d => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(h.core.next_deadline(), Some(h.now + Duration::from_secs(5)));
+        assert!(h.advance(Duration::from_millis(4999)).is_empty());
+        let a = h.advance(Duration::from_millis(1));
+        let (code, msg) = error_on(&a, s);
+        assert_eq!(code, ErrorCode::Downstream);
+        assert!(msg.contains("did not accept in time"), "{msg}");
+        assert!(a.iter().any(|x| matches!(x, Action::Finish { stream } if *stream == d)));
+        assert_eq!((h.core.admission().active(), h.kv_in_use()), (0, 0));
+        // A dial that succeeds after the session gave up is closed at once.
+        if !attach {
+            let a = h.event(Event::Dialed { stream: d, result: Ok(()) });
+            assert!(matches!(a[..], [Action::Finish { stream }] if stream == d), "{a:?}");
+        }
+    }
+}
+
+#[test]
+fn a_middle_stage_sends_hidden_states_on_and_reports_a_failing_next_stage() {
+    let mut h = Harness::new(config());
+    let c = h.accept();
+    let a = h.frame(c, open(1, LayerRange::new(0, 2), vec![hop()]));
+    let Action::Dial { stream: d, .. } = a[0] else { panic!("{a:?}") };
+    h.event(Event::Dialed { stream: d, result: Ok(()) });
+    // Nothing is told to the owner before the next stage accepts.
+    let a = h.frame(d, Frame::Opened { session: 1 });
+    match &a[..] {
+        [
+            Action::Read { stream: r },
+            Action::Send { stream, frame: Frame::Opened { session: 1 } },
+            Action::Read { .. },
+        ] if *r == d && *stream == c => {}
+        other => panic!("{other:?}"),
+    }
+    let batch = take_batch(h.frame(c, prefill(1, 0, &[1, 2])));
+    assert!(batch.items[0].sample.is_some(), "the runner samples only when the span ends at the head");
+    let hidden = |i: &ComputeItem<FakeKv>| {
+        let n = i.n_positions();
+        ComputeOutput::Hidden(HiddenStates::from_f32(n, WIDTH as usize, &vec![0.5; n * WIDTH as usize]).unwrap())
+    };
+    let a = h.event(done(batch, hidden));
+    match &a[..] {
+        [Action::Send { stream, frame: Frame::Prefill { session: 1, position: 0, last: true, data } }]
+            if *stream == d =>
+        {
+            assert_eq!(data.n_tokens(), 2)
+        }
+        other => panic!("{other:?}"),
+    }
+    // The next stage reports an error: the owner hears Downstream, the session ends.
+    let a = h.frame(d, Frame::Error { session: 1, code: ErrorCode::Compute, message: "boom".into() });
+    let (code, msg) = error_on(&a, c);
+    assert_eq!(code, ErrorCode::Downstream);
+    assert!(msg.contains("boom"), "{msg}");
+    assert!(a.iter().any(|x| matches!(x, Action::Finish { stream } if *stream == d)));
+    assert_eq!(h.kv_in_use(), 0);
+}
+
+#[test]
+fn a_downstream_that_refuses_the_attach_is_reported_to_the_owner() {
+    let mut h = Harness::new(config());
+    let c = h.accept();
+    let a = h.frame(c, open(1, LayerRange::new(0, 2), vec![hop()]));
+    let Action::Dial { stream: d, .. } = a[0] else { panic!("{a:?}") };
+    let a = h.event(Event::Dialed { stream: d, result: Err("connection refused".into()) });
+    assert_eq!(error_on(&a, c), (ErrorCode::Downstream, String::from("connection refused")));
+    assert_eq!(h.kv_in_use(), 0);
+}
+
+#[test]
+fn attach_checks_the_session_and_the_shape() {
+    let mut h = Harness::new(config());
+    let c = h.accept();
+    assert_opened(&h.frame(c, open(1, LayerRange::new(2, 4), vec![])), c, 1);
+    let u = h.accept();
+    assert_eq!(
+        error_on(&h.frame(u, Frame::Attach { session: 9, dtype: WireDType::F32, width: WIDTH }), u).0,
+        ErrorCode::UnknownSession
+    );
+    let u = h.accept();
+    let (code, msg) = error_on(&h.frame(u, Frame::Attach { session: 1, dtype: WireDType::F16, width: WIDTH }), u);
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(msg.contains("F16"), "{msg}");
+    let u = h.accept();
+    let u2 = h.accept();
+    let a = h.frame(u, Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH });
+    assert_opened(&a, u, 1);
+    // Only one previous stage per session.
+    let a = h.frame(u2, Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH });
+    assert_eq!(error_on(&a, u2).0, ErrorCode::UnknownSession);
+    // Hidden states of the wrong width end the session.
+    let bad = HiddenStates::from_f32(1, 3, &[0.0; 3]).unwrap();
+    let a = h.frame(u, Frame::Decode { session: 1, position: 0, data: StageData::Hidden(bad) });
+    assert_eq!(error_on(&a, c).0, ErrorCode::BadRequest);
+    assert_eq!(h.kv_in_use(), 0);
+}
+
+#[test]
+fn a_malformed_frame_ends_only_its_own_session() {
+    let mut h = Harness::new(config());
+    let s1 = h.open(1);
+    let s2 = h.open(2);
+    let a = h.event(Event::Malformed { stream: s2, error: "payload over the limit".into() });
+    assert_eq!(error_on(&a, s2).0, ErrorCode::Malformed);
+    assert_eq!((h.core.active_sessions(), h.kv_in_use()), (1, 50));
+    let batch = take_batch(h.frame(s1, prefill(1, 0, &[1])));
+    assert_eq!(batch.items[0].session, 1);
+    // A frame of another session on this stream, or of an unexpected kind, ends it too.
+    h.event(done(batch, |_| token(1)));
+    let a = h.frame(s1, Frame::Opened { session: 1 });
+    assert_eq!(error_on(&a, s1).0, ErrorCode::Malformed);
+}
+
+#[test]
+fn an_idle_session_times_out_and_activity_postpones_it() {
+    let mut h = Harness::new(config());
+    let s = h.open(1);
+    assert!(h.advance(Duration::from_secs(20)).is_empty());
+    let batch = take_batch(h.frame(s, prefill(1, 0, &[1])));
+    // No timeout while computing.
+    assert_eq!(h.core.next_deadline(), None);
+    h.now += Duration::from_secs(100);
+    h.event(done(batch, |_| token(1)));
+    assert!(h.advance(Duration::from_secs(29)).is_empty());
+    let a = h.advance(Duration::from_secs(1));
+    assert_eq!(error_on(&a, s).0, ErrorCode::Timeout);
+    assert_eq!((h.core.active_sessions(), h.kv_in_use()), (0, 0));
+    assert_eq!(h.core.next_deadline(), None);
+}
+
+#[test]
+fn reads_stop_when_the_input_queue_is_full_and_resume_as_it_drains() {
+    let mut h = Harness::new(config());
+    let s = h.open(1);
+    let first = take_batch(h.frame(s, prefill(1, 0, &[1])));
+    let mut reads = 0;
+    for position in 1..=INPUT_QUEUE as u64 {
+        let a = h.frame(s, prefill(1, position, &[1]));
+        reads = a.iter().filter(|x| matches!(x, Action::Read { .. })).count();
+    }
+    assert_eq!(reads, 0, "the queue is full: no more reads");
+    let a = h.event(done(first, |_| token(1)));
+    assert!(a.iter().any(|x| matches!(x, Action::Read { .. })), "a chunk left the queue: read again: {a:?}");
+    assert_eq!(take_batch(a).items[0].start, 1);
+}
+
+#[test]
+fn output_not_written_holds_compute_back() {
+    let mut h = Harness::new(config());
+    let s = h.open(1);
+    // The `Opened` frame counts until the driver reports it written.
+    h.event(Event::Sent { stream: s });
+    let mut position = 0;
+    for i in 0..OUTPUT_WINDOW {
+        let batch = take_batch(h.frame(s, prefill(1, position, &[1])));
+        position += 1;
+        let a = h.event(done(batch, |_| token(i as u32)));
+        assert!(a.iter().any(|x| matches!(x, Action::Send { frame: Frame::Token { .. }, .. })));
+    }
+    let a = h.frame(s, prefill(1, position, &[1]));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{OUTPUT_WINDOW} tokens unwritten: {a:?}");
+    let a = h.event(Event::Sent { stream: s });
+    assert_eq!(take_batch(a).items[0].start, position);
+}
+
+#[test]
+fn every_ready_session_goes_into_one_batch() {
+    let mut h = Harness::new(config());
+    let s1 = h.open(1);
+    let s2 = h.open(2);
+    // Feed both before polling, as a driver does with everything that is pending.
+    h.core.handle(h.now, Event::Frame { stream: s2, frame: prefill(2, 0, &[1, 2, 3]) });
+    h.core.handle(h.now, Event::Frame { stream: s1, frame: prefill(1, 0, &[4]) });
+    let batch = take_batch(std::iter::from_fn(|| h.core.poll_action()).collect());
+    let shape: Vec<_> = batch.items.iter().map(|i| (i.session, i.start, i.n_positions())).collect();
+    assert_eq!(shape, vec![(1, 0, 1), (2, 0, 3)]);
+    assert_eq!(batch.rows(), 4);
+    // While it runs, new chunks wait for the next batch.
+    assert!(!h.frame(s1, prefill(1, 1, &[5])).iter().any(|a| matches!(a, Action::Compute(_))));
+    let next = take_batch(h.event(done(batch, |_| token(0))));
+    assert_eq!(next.items.len(), 1);
+}

@@ -1,0 +1,252 @@
+//! The in-process driver: several stage cores wired together in memory, with clients that speak frames to them. No
+//! sockets, no tasks, no clock: streams are queues, compute runs inline on the caller's thread, and time moves only
+//! when [`LocalSwarm::advance`] says so. Tests and benches run whole pipelines through the same core as the QUIC
+//! server, deterministically.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::core::{Action, Event, StageCompute, StageConfig, StageCore, StreamId};
+use shardline_proto::wire::Frame;
+
+/// A client's end of a stream, returned by [`LocalSwarm::connect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientStream(usize);
+
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Client(usize),
+    Stage(usize, StreamId),
+}
+
+/// A stage's end of a stream.
+struct Pipe {
+    peer: End,
+    /// Frames written by the peer, not yet read by the core.
+    inbox: VecDeque<Frame>,
+    peer_finished: bool,
+    /// The core asked for a frame.
+    wants_read: bool,
+}
+
+struct Stage<M: StageCompute> {
+    addr: SocketAddr,
+    core: StageCore<M>,
+    pipes: HashMap<StreamId, Pipe>,
+    next_accepted: u64,
+}
+
+struct Client {
+    peer: Option<(usize, StreamId)>,
+    inbox: VecDeque<Frame>,
+    finished: bool,
+}
+
+/// Stages addressed by socket address (what `Hop`s name), run in one thread.
+pub struct LocalSwarm<M: StageCompute> {
+    stages: Vec<Stage<M>>,
+    clients: Vec<Client>,
+    now: Instant,
+}
+
+impl<M: StageCompute> Default for LocalSwarm<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<M: StageCompute> LocalSwarm<M> {
+    pub fn new() -> Self {
+        Self { stages: Vec::new(), clients: Vec::new(), now: Instant::now() }
+    }
+
+    /// Adds a stage reachable at `addr` (no socket is bound; only `Hop`s and [`Self::connect`] use it).
+    pub fn add_stage(&mut self, addr: SocketAddr, model: M, config: StageConfig) {
+        self.stages.push(Stage { addr, core: StageCore::new(model, config), pipes: HashMap::new(), next_accepted: 0 });
+    }
+
+    /// The core of the stage at `addr`, to look at its sessions.
+    pub fn core(&self, addr: SocketAddr) -> Option<&StageCore<M>> {
+        self.stages.iter().find(|s| s.addr == addr).map(|s| &s.core)
+    }
+
+    /// Opens a stream from a client to the stage at `addr`; `None` if there is no such stage.
+    pub fn connect(&mut self, addr: SocketAddr) -> Option<ClientStream> {
+        let i = self.stages.iter().position(|s| s.addr == addr)?;
+        let c = self.clients.len();
+        let stream = self.open_pipe(i, End::Client(c));
+        self.clients.push(Client { peer: Some((i, stream)), inbox: VecDeque::new(), finished: false });
+        Some(ClientStream(c))
+    }
+
+    /// Writes a frame from the client (delivered by the next [`Self::run`]).
+    pub fn send(&mut self, c: ClientStream, frame: Frame) {
+        if let Some(pipe) = self.client_peer(c) {
+            pipe.inbox.push_back(frame);
+        }
+    }
+
+    /// Finishes the client's send side.
+    pub fn finish(&mut self, c: ClientStream) {
+        if let Some(pipe) = self.client_peer(c) {
+            pipe.peer_finished = true;
+        }
+    }
+
+    /// Resets the stream from the client's side: the stage sees it lost at once.
+    pub fn reset(&mut self, c: ClientStream) {
+        if let Some((i, stream)) = self.clients.get_mut(c.0).and_then(|cl| cl.peer.take()) {
+            self.stages[i].pipes.remove(&stream);
+            let now = self.now;
+            self.stages[i].core.handle(now, Event::Lost { stream, reason: "reset by the client".into() });
+        }
+    }
+
+    /// The next frame the stage wrote to the client, if one is waiting.
+    pub fn recv(&mut self, c: ClientStream) -> Option<Frame> {
+        self.clients.get_mut(c.0)?.inbox.pop_front()
+    }
+
+    /// Whether the stage finished its side of the client's stream and every frame has been received.
+    pub fn is_finished(&self, c: ClientStream) -> bool {
+        self.clients.get(c.0).is_some_and(|cl| cl.finished && cl.inbox.is_empty())
+    }
+
+    /// Lets time pass (timeouts fire) and runs until nothing more happens.
+    pub fn advance(&mut self, d: Duration) {
+        self.now += d;
+        for s in &mut self.stages {
+            s.core.handle(self.now, Event::Tick);
+        }
+        self.run();
+    }
+
+    /// Delivers frames, runs compute and carries out every action until all stages are idle.
+    pub fn run(&mut self) {
+        loop {
+            let mut busy = false;
+            for i in 0..self.stages.len() {
+                busy |= self.deliver(i);
+                while let Some(action) = self.stages[i].core.poll_action() {
+                    busy = true;
+                    self.act(i, action);
+                }
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    /// Answers the reads stage `i` asked for with what its peers wrote.
+    fn deliver(&mut self, i: usize) -> bool {
+        let now = self.now;
+        let stage = &mut self.stages[i];
+        let mut events = Vec::new();
+        for (id, pipe) in &mut stage.pipes {
+            if !pipe.wants_read {
+                continue;
+            }
+            if let Some(frame) = pipe.inbox.pop_front() {
+                pipe.wants_read = false;
+                events.push(Event::Frame { stream: *id, frame });
+            } else if pipe.peer_finished {
+                pipe.wants_read = false;
+                events.push(Event::Finished { stream: *id });
+            }
+        }
+        // Streams in id order, so runs repeat exactly.
+        events.sort_by_key(|e| match e {
+            Event::Frame { stream, .. } | Event::Finished { stream } => *stream,
+            _ => StreamId::Accepted(u64::MAX),
+        });
+        let any = !events.is_empty();
+        for e in events {
+            stage.core.handle(now, e);
+        }
+        any
+    }
+
+    fn act(&mut self, i: usize, action: Action<M::Kv>) {
+        let now = self.now;
+        match action {
+            Action::Read { stream } => {
+                if let Some(p) = self.stages[i].pipes.get_mut(&stream) {
+                    p.wants_read = true;
+                }
+            }
+            Action::Send { stream, frame } => {
+                let peer = self.stages[i].pipes.get(&stream).map(|p| p.peer);
+                let delivered = match peer {
+                    Some(End::Client(c)) => {
+                        self.clients[c].inbox.push_back(frame);
+                        true
+                    }
+                    Some(End::Stage(j, s)) => match self.stages[j].pipes.get_mut(&s) {
+                        Some(p) => {
+                            p.inbox.push_back(frame);
+                            true
+                        }
+                        None => false,
+                    },
+                    None => false,
+                };
+                let event = if delivered {
+                    Event::Sent { stream }
+                } else {
+                    Event::SendFailed { stream, reason: "the peer closed the stream".into() }
+                };
+                self.stages[i].core.handle(now, event);
+            }
+            Action::Finish { stream } => {
+                if let Some(p) = self.stages[i].pipes.remove(&stream) {
+                    match p.peer {
+                        End::Client(c) => self.clients[c].finished = true,
+                        End::Stage(j, s) => {
+                            if let Some(q) = self.stages[j].pipes.get_mut(&s) {
+                                q.peer_finished = true;
+                            }
+                        }
+                    }
+                }
+            }
+            Action::Dial { stream, addr, .. } => {
+                let result = match self.stages.iter().position(|s| s.addr == addr) {
+                    None => Err(format!("no stage at {addr}")),
+                    Some(j) => {
+                        let accepted = self.open_pipe(j, End::Stage(i, stream));
+                        let pipe = Pipe {
+                            peer: End::Stage(j, accepted),
+                            inbox: VecDeque::new(),
+                            peer_finished: false,
+                            wants_read: false,
+                        };
+                        self.stages[i].pipes.insert(stream, pipe);
+                        Ok(())
+                    }
+                };
+                self.stages[i].core.handle(now, Event::Dialed { stream, result });
+            }
+            Action::Compute(batch) => {
+                let results = self.stages[i].core.model().compute(batch);
+                self.stages[i].core.handle(now, Event::Computed(results));
+            }
+        }
+    }
+
+    /// A new stream accepted by stage `j` whose other end is `peer`.
+    fn open_pipe(&mut self, j: usize, peer: End) -> StreamId {
+        let stage = &mut self.stages[j];
+        let stream = StreamId::Accepted(stage.next_accepted);
+        stage.next_accepted += 1;
+        stage.pipes.insert(stream, Pipe { peer, inbox: VecDeque::new(), peer_finished: false, wants_read: false });
+        stage.core.handle(self.now, Event::Accepted { stream });
+        stream
+    }
+
+    fn client_peer(&mut self, c: ClientStream) -> Option<&mut Pipe> {
+        let (i, stream) = self.clients.get(c.0)?.peer?;
+        self.stages[i].pipes.get_mut(&stream)
+    }
+}

@@ -1,0 +1,106 @@
+//! The model side of a stage: a [`Shard`] checked against opens, reserving KV cache, and running compute batches.
+
+use std::sync::Arc;
+
+use super::core::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample, StageCompute, StageModel};
+use crate::error::ModelError;
+use crate::model::{Shard, ShardInput, ShardOutput, ShardSession};
+use crate::wire_convert::compute_dtype;
+use shardline_proto::wire::{ErrorCode, HiddenStates, SessionOpen, StageData, TokenResult};
+
+/// One shard serving model `model_id` (the digest owners name in `Open`).
+pub struct ShardStage {
+    shard: Arc<Shard>,
+    model_id: String,
+}
+
+impl ShardStage {
+    pub fn new(shard: Arc<Shard>, model_id: String) -> Self {
+        Self { shard, model_id }
+    }
+
+    pub fn shard(&self) -> &Arc<Shard> {
+        &self.shard
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Runs one item through its span; `kv` holds `item.start` positions before and `start + n` after.
+    fn run(&self, item: &mut ComputeItem<ShardSession>) -> Result<ComputeOutput, ModelError> {
+        let shard = &self.shard;
+        let backend = shard.backend().clone();
+        let wire = item.wire_dtype;
+        let out = match &item.input {
+            StageData::Tokens(t) => shard.forward_span(&mut item.kv, ShardInput::Tokens(t), item.span)?,
+            StageData::Hidden(h) => {
+                let x = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(wire), h.as_bytes())?;
+                shard.forward_span(&mut item.kv, ShardInput::Hidden(&x), item.span)?
+            }
+        };
+        Ok(match (out, item.sample) {
+            (ShardOutput::Hidden(t), _) => {
+                let rows = t.rows();
+                let bytes = backend.download_raw(&t, compute_dtype(wire))?;
+                let hidden = HiddenStates::from_bytes(wire, rows, shard.config().hidden, &bytes)
+                    .map_err(|e| ModelError::Invalid(e.to_string()))?;
+                ComputeOutput::Hidden(hidden)
+            }
+            (ShardOutput::Logits(l), Some(Sample { params, n_top })) => {
+                let s = shard.sample(&l, &params, item.kv.len() as u64, n_top)?;
+                ComputeOutput::Token(TokenResult { token: s.token, logprob: s.logprob, top: s.top })
+            }
+            (ShardOutput::Logits(_), None) => ComputeOutput::Nothing,
+        })
+    }
+}
+
+impl StageModel for ShardStage {
+    type Kv = ShardSession;
+
+    fn check_open(&self, open: &SessionOpen) -> Result<(), String> {
+        let c = self.shard.config();
+        if open.model_id != self.model_id {
+            return Err(format!("this stage serves model {}, not {}", self.model_id, open.model_id));
+        }
+        if open.n_layers as usize != c.n_layers || open.hidden as usize != c.hidden {
+            return Err(format!(
+                "model shape {} layers x {} does not match {} x {}",
+                open.n_layers, open.hidden, c.n_layers, c.hidden
+            ));
+        }
+        let l = self.shard.layers();
+        if open.span.start < l.start || open.span.end > l.end {
+            return Err(format!("span {} is not inside this stage's layers {l}", open.span));
+        }
+        if open.max_tokens == 0 || open.max_tokens as usize > c.context_length {
+            return Err(format!("max_tokens {} outside 1..={}", open.max_tokens, c.context_length));
+        }
+        Ok(())
+    }
+
+    fn reserve(&self, max_tokens: usize) -> Result<ShardSession, Failure> {
+        self.shard.open_session(max_tokens).map_err(|e| match e {
+            ModelError::KvCacheFull { .. } => Failure::new(ErrorCode::Busy, e.to_string()),
+            other => Failure::new(ErrorCode::BadRequest, other.to_string()),
+        })
+    }
+}
+
+impl StageCompute for ShardStage {
+    /// Runs the items one after another (`Shard` has no batched forward yet).
+    fn compute(&self, batch: ComputeBatch<ShardSession>) -> Vec<ComputeResult<ShardSession>> {
+        batch
+            .items
+            .into_iter()
+            .map(|mut item| {
+                let output = self.run(&mut item).map_err(|e| match e {
+                    ModelError::ContextOverflow { .. } => Failure::new(ErrorCode::BadRequest, e.to_string()),
+                    other => Failure::new(ErrorCode::Compute, other.to_string()),
+                });
+                item.finish(output)
+            })
+            .collect()
+    }
+}
