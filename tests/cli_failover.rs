@@ -20,7 +20,12 @@ fn tail(model: &str, bootstrap: &str) -> (common::Proc, PeerId) {
     (p, id.parse().expect("peer id"))
 }
 
-async fn steps(s: &mut shardline_coordinator::SwarmSession, sampling: &SamplingParams, out: &mut Vec<u32>, until: usize) {
+async fn steps(
+    s: &mut shardline_coordinator::SwarmSession,
+    sampling: &SamplingParams,
+    out: &mut Vec<u32>,
+    until: usize,
+) {
     while out.len() < until {
         let t = *out.last().unwrap();
         out.push(s.step(&[t], sampling, 0).await.expect("step").token);

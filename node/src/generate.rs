@@ -277,8 +277,7 @@ where
     for c in head.chunks(params.prefill_chunk.max(1)) {
         stepper.feed(c).await.map_err(GenerateError::Step)?;
     }
-    let first =
-        stepper.step(last_chunk, &params.sampling, params.n_top_logprobs).await.map_err(GenerateError::Step)?;
+    let first = stepper.step(last_chunk, &params.sampling, params.n_top_logprobs).await.map_err(GenerateError::Step)?;
     let mut next = Some(first);
     let prefill_secs = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
@@ -320,7 +319,8 @@ where
         if out.tokens.len() >= params.max_tokens {
             break;
         }
-        next = Some(stepper.step(&[token], &params.sampling, params.n_top_logprobs).await.map_err(GenerateError::Step)?);
+        next =
+            Some(stepper.step(&[token], &params.sampling, params.n_top_logprobs).await.map_err(GenerateError::Step)?);
     }
     if out.finish == FinishReason::Length {
         out.text.push_str(&decoder.finish());

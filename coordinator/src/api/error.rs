@@ -203,7 +203,10 @@ mod tests {
             source: QueueError::Busy { in_flight: 2, waiting: 0, max_waiting: 0 },
         };
         let e = ApiError::from_generation(&GenerateError::Step(busy), 2);
-        assert_eq!((e.status, e.retry_after, e.code), (StatusCode::TOO_MANY_REQUESTS, Some(2), Some("rate_limit_exceeded")));
+        assert_eq!(
+            (e.status, e.retry_after, e.code),
+            (StatusCode::TOO_MANY_REQUESTS, Some(2), Some("rate_limit_exceeded"))
+        );
         let e = ApiError::from_generation(&GenerateError::EmptyPrompt, 1);
         assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some("prompt")));
         let e = ApiError::from_generation(&GenerateError::Step(SessionError::TopChanged { asked: 5, opened: 2 }), 1);
