@@ -21,10 +21,10 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_grou
 use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmSession};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
-use shardline_node::default_model::model_for_tests;
 use shardline_node::generate::{LocalPipeline, LocalSession, Stepper};
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
 use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
+use shardline_node::test_models::model_for_tests;
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 
 /// Decode positions a session runs before it is replaced.

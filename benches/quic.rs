@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use shardline_node::tls::{self, StageIdentity};
-use shardline_node::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
+use shardline_proto::tls::{self, StageIdentity};
+use shardline_proto::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;

@@ -19,10 +19,12 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use shardline_coordinator::routing::{self, Candidate};
 use shardline_coordinator::{Discovery, DiscoveryConfig, NodeRegistry, RegistryConfig};
-use shardline_node::announce::{ShardAnnouncement, now_ms};
-use shardline_node::dht::{Announcer, AnnouncerConfig, DhtClient, DhtConfig};
-use shardline_node::model::LayerRange;
-use shardline_node::wire::WireDType;
+use shardline_kernels::rng::SplitMix64;
+use shardline_node::announcer::{Announcer, AnnouncerConfig};
+use shardline_proto::LayerRange;
+use shardline_proto::announcement::{ShardAnnouncement, now_ms};
+use shardline_proto::dht::{DhtClient, DhtConfig};
+use shardline_proto::wire::WireDType;
 
 const MODEL: &str = "be0c000000000000000000000000000000000000000000000000000000000001";
 
@@ -35,27 +37,10 @@ fn config() -> Criterion {
     }
 }
 
-/// A small deterministic generator (splitmix64), so every run plans over the same swarm.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Layer spans of `n` nodes over `n_layers`: the first four tile the model (so a route always exists), the rest are
 /// random spans of 1/8 to 1/2 of the model, as volunteers with different memory would pick.
 fn spans(n: usize, n_layers: usize) -> Vec<LayerRange> {
-    let mut rng = Rng(n as u64 * 1000 + n_layers as u64);
+    let mut rng = SplitMix64::new(n as u64 * 1000 + n_layers as u64);
     (0..n)
         .map(|i| {
             if i < 4 {
@@ -70,7 +55,7 @@ fn spans(n: usize, n_layers: usize) -> Vec<LayerRange> {
         .collect()
 }
 
-fn announcement(peer: PeerId, layers: LayerRange, n_layers: usize, rng: &mut Rng) -> ShardAnnouncement {
+fn announcement(peer: PeerId, layers: LayerRange, n_layers: usize, rng: &mut SplitMix64) -> ShardAnnouncement {
     let now = now_ms();
     ShardAnnouncement {
         peer_id: peer,
@@ -99,7 +84,7 @@ fn bench_plan(c: &mut Criterion) {
     for n_layers in [32usize, 80] {
         let mut g = c.benchmark_group(format!("routing/plan/{n_layers}_layers"));
         for n in [10usize, 100, 1_000, 10_000] {
-            let mut rng = Rng(n as u64);
+            let mut rng = SplitMix64::new(n as u64);
             let cands: Vec<Candidate> = spans(n, n_layers)
                 .into_iter()
                 .map(|layers| Candidate {
@@ -134,7 +119,7 @@ fn bench_registry(c: &mut Criterion) {
     for n_layers in [32usize, 80] {
         let mut g = c.benchmark_group(format!("routing/registry/{n_layers}_layers"));
         for n in [10usize, 100, 1_000, 10_000] {
-            let mut rng = Rng(n as u64 + 1);
+            let mut rng = SplitMix64::new(n as u64 + 1);
             let registry = NodeRegistry::new(RegistryConfig::default());
             for layers in spans(n, n_layers) {
                 registry.upsert(announcement(PeerId::random(), layers, n_layers, &mut rng)).expect("upsert");
@@ -180,7 +165,7 @@ fn discovery_round(n: usize) -> Result<Duration, usize> {
         let boot = dht.listen_addrs().await.expect("listen addrs");
         let start = Instant::now();
         let mut nodes = Vec::with_capacity(n);
-        let mut rng = Rng(n as u64);
+        let mut rng = SplitMix64::new(n as u64);
         for i in 0..n {
             let key = Keypair::generate_ed25519();
             let peer = key.public().to_peer_id();

@@ -10,9 +10,9 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shardline_kernels::Backend;
 use shardline_kernels::cpu::CpuBackend;
-use shardline_node::default_model::model_for_tests;
 use shardline_node::model::open::ModelFiles;
 use shardline_node::model::{LayerRange, Shard, ShardInput, ShardOptions};
+use shardline_node::test_models::model_for_tests;
 
 fn config() -> Criterion {
     let quick = common::quick();

@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use shardline_node::wire::{Frame, HiddenStates, Limits, StageData, WireDType};
+use shardline_proto::wire::{Frame, HiddenStates, Limits, StageData, WireDType};
 
 fn config() -> Criterion {
     let quick = common::quick();

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{BIN, node, spawn, wait_line};
-use shardline_node::default_model::model_for_tests;
+use shardline_node::test_models::model_for_tests;
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 
 /// A minimal HTTP/1.1 exchange (the API answers with a Content-Length and closes on `Connection: close`).

@@ -43,10 +43,10 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use shardline_kernels::{Sampled, SamplingParams};
-use shardline_node::dht::{DhtClient, DhtConfig, DhtError};
 use shardline_node::generate::Stepper;
-use shardline_node::stage::downstream::ConnectionPool;
-use shardline_node::wire::{Limits, WireDType};
+use shardline_proto::dht::{DhtClient, DhtConfig, DhtError};
+use shardline_proto::pool::ConnectionPool;
+use shardline_proto::wire::{Limits, WireDType};
 use tracing::{info, warn};
 
 use crate::discovery::{Discovery, DiscoveryConfig};

@@ -19,18 +19,20 @@
 //! stored under its own peer's key, and (for records found through a model's provider list) announcing that model.
 //! Rejects are logged.
 //!
-//! [`DhtConfig::for_discovery`]: shardline_node::dht::DhtConfig::for_discovery
+//! [`DhtConfig::for_discovery`]: shardline_proto::dht::DhtConfig::for_discovery
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
 use libp2p::PeerId;
 use libp2p::kad::Record;
-use shardline_node::announce::{ShardAnnouncement, now_ms};
-use shardline_node::dht::{DhtClient, DhtEvent, check_node_record, model_key, node_key, parse_model_key};
+use shardline_proto::announcement::{ShardAnnouncement, now_ms};
+use shardline_proto::dht::{DhtClient, DhtEvent, check_node_record, model_key, node_key, parse_model_key};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -57,7 +59,7 @@ impl Default for DiscoveryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryReject {
     #[error(transparent)]
-    Record(#[from] shardline_node::dht::filter::RecordRejected),
+    Record(#[from] shardline_proto::dht::filter::RecordRejected),
     #[error("provider of model {expected} announces model {got}")]
     WrongModel { expected: String, got: String },
     #[error(transparent)]
@@ -119,7 +121,7 @@ impl Discovery {
                         }
                         Some(DhtEvent::ProviderAdded { key, provider }) => {
                             if let Some(model) = parse_model_key(&key) {
-                                watched.lock().unwrap_or_else(|e| e.into_inner()).insert(model.clone());
+                                watched.lock().insert(model.clone());
                                 tokio::spawn(fetch_node(dht.clone(), registry.clone(), provider, Some(model)));
                             }
                         }
@@ -132,7 +134,7 @@ impl Discovery {
                             continue;
                         }
                         let list: Vec<String> = {
-                            let mut m = watched.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut m = watched.lock();
                             m.extend(registry.models());
                             m.iter().cloned().collect()
                         };
@@ -159,12 +161,12 @@ impl Discovery {
 
     /// Models discovery currently looks for.
     pub fn models(&self) -> Vec<String> {
-        self.models.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.models.lock().iter().cloned().collect()
     }
 
     /// Adds a model to look for.
     pub fn watch(&self, model_id: &str) {
-        self.models.lock().unwrap_or_else(|e| e.into_inner()).insert(model_id.to_string());
+        self.models.lock().insert(model_id.to_string());
     }
 }
 
@@ -238,7 +240,7 @@ async fn discovery_round(
     candidates.remove(&dht.peer_id());
     let (now, wall) = (Instant::now(), now_ms());
     let due: Vec<(PeerId, Option<String>)> = {
-        let mut retry = retry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retry = retry.lock();
         // Forget peers that left the routing table and every provider list.
         retry.retain(|p, _| candidates.contains_key(p));
         candidates
@@ -252,7 +254,7 @@ async fn discovery_round(
     });
     let mut results = futures::stream::iter(fetches).buffer_unordered(MAX_CONCURRENT_FETCHES);
     while let Some((peer, registered)) = results.next().await {
-        let mut retry = retry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retry = retry.lock();
         if registered {
             retry.remove(&peer);
         } else {

@@ -2,8 +2,10 @@
 //! announcement); further sessions wait, at most `max_waiting` of them and each at most its own timeout, and anything
 //! beyond gets a clear "busy" error rather than piling up.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -57,8 +59,8 @@ impl NodeQueue {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Updates the capacity from a fresh announcement; waiters are woken in case it grew.

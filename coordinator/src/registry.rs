@@ -3,11 +3,13 @@
 //! The route planner reads only this.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shardline_node::announce::ShardAnnouncement;
+use shardline_proto::announcement::ShardAnnouncement;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -121,12 +123,12 @@ impl NodeRegistry {
         Arc::new(Self { inner: RwLock::new(Inner::default()), config, version: watch::channel(0).0 })
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, Inner> {
+        self.inner.read()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    fn write(&self) -> parking_lot::RwLockWriteGuard<'_, Inner> {
+        self.inner.write()
     }
 
     fn bump(&self) {
@@ -325,9 +327,9 @@ impl NodeRegistry {
 #[cfg(test)]
 pub(crate) mod tests {
     use libp2p::identity::Keypair;
-    use shardline_node::announce::now_ms;
-    use shardline_node::model::LayerRange;
-    use shardline_node::wire::WireDType;
+    use shardline_proto::LayerRange;
+    use shardline_proto::announcement::now_ms;
+    use shardline_proto::wire::WireDType;
 
     use super::*;
 

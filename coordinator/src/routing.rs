@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shardline_node::model::LayerRange;
-use shardline_node::wire::Fingerprint;
+use shardline_kernels::rng::mix64;
+use shardline_proto::LayerRange;
+use shardline_proto::wire::Fingerprint;
 
 use crate::queue::NodeQueue;
 use crate::registry::{NodeEntry, NodeHealth};
@@ -76,7 +77,7 @@ impl Candidate {
             0.0
         };
         // Up to 1% of the cost, from a hash of (peer, tie_break): equal replicas are chosen evenly across requests.
-        let scale = 1.0 + (mix(hash_peer(&self.peer) ^ tie_break) % 1000) as f64 / 100_000.0;
+        let scale = 1.0 + (mix64(hash_peer(&self.peer) ^ tie_break) % 1000) as f64 / 100_000.0;
         ((self.rtt.as_secs_f64() * 1000.0 + saturated) * scale, per_layer * scale)
     }
 }
@@ -270,13 +271,6 @@ fn hash_peer(p: &PeerId) -> u64 {
     digest.iter().rev().take(8).fold(0u64, |h, &b| (h << 8) | b as u64)
 }
 
-/// SplitMix64 finaliser.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +341,7 @@ mod tests {
         let c = vec![cand(0, 30, 100.0), cand(0, 30, 100.0)];
         let mut counts = [0usize; 2];
         for t in 0..1000u64 {
-            let r = plan("m", &c, 30, &HashSet::new(), mix(t)).unwrap();
+            let r = plan("m", &c, 30, &HashSet::new(), mix64(t)).unwrap();
             counts[usize::from(r.stages[0].peer == c[1].peer)] += 1;
         }
         assert!(counts[0] > 350 && counts[1] > 350, "{counts:?}");
@@ -359,9 +353,9 @@ mod tests {
         let mut c = Vec::with_capacity(10_000);
         let mut x = 1u64;
         for _ in 0..10_000 {
-            x = mix(x);
+            x = mix64(x);
             let start = (x % n_layers as u64) as usize;
-            let len = 1 + (mix(x) % 16) as usize;
+            let len = 1 + (mix64(x) % 16) as usize;
             c.push(cand(start, (start + len).min(n_layers), 10.0 + (x % 200) as f32));
         }
         c.push(cand(0, 8, 50.0));

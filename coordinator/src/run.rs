@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
-use shardline_node::announce::now_ms;
-use shardline_node::dht::identity;
-use shardline_node::dht::{DhtClient, DhtConfig};
+use shardline_proto::announcement::now_ms;
+use shardline_proto::dht::{DhtClient, DhtConfig};
+use shardline_proto::identity;
 use tracing::info;
 
 use crate::discovery::{Discovery, DiscoveryConfig};
@@ -42,9 +42,9 @@ impl CoordinatorArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
     #[error(transparent)]
-    Dht(#[from] shardline_node::dht::DhtError),
+    Dht(#[from] shardline_proto::dht::DhtError),
     #[error(transparent)]
-    Identity(#[from] shardline_node::dht::identity::IdentityError),
+    Identity(#[from] shardline_proto::identity::IdentityError),
     #[error("{0}")]
     Signal(std::io::Error),
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use shardline_kernels::SamplingParams;
-use shardline_node::stage::downstream::ConnectionPool;
-use shardline_node::wire::{
+use shardline_node::wire_convert::sampling_to_wire;
+use shardline_proto::pool::ConnectionPool;
+use shardline_proto::wire::{
     ErrorCode, Frame, Hop, Limits, SessionId, SessionOpen, StageData, TokenResult, WireDType, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
@@ -126,7 +127,7 @@ impl PipelineSession {
                 n_layers: params.n_layers,
                 span: stage.span,
                 max_tokens: params.max_tokens,
-                sampling: params.sampling,
+                sampling: sampling_to_wire(&params.sampling),
                 n_top: params.n_top,
                 wire_dtype: params.wire_dtype,
                 hidden: params.hidden,

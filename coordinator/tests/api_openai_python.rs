@@ -11,9 +11,9 @@ use std::time::Duration;
 use shardline_coordinator::api::{self, ApiConfig, ApiState};
 use shardline_coordinator::{CoordinatorArgs, start_coordinator};
 use shardline_kernels::cpu::CpuBackend;
-use shardline_node::model::LayerRange;
 use shardline_node::stage::{NodeArgs, start_node};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+use shardline_proto::LayerRange;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-openai.py")

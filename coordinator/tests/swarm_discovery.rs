@@ -13,10 +13,11 @@ use libp2p::{Multiaddr, PeerId};
 use shardline_coordinator::discovery::DiscoveryReject;
 use shardline_coordinator::routing::{self, CoveragePolicy, RouteError};
 use shardline_coordinator::{Discovery, DiscoveryConfig, NodeRegistry, RegistryConfig, register_record};
-use shardline_node::announce::{ShardAnnouncement, now_ms};
-use shardline_node::dht::{Announcer, AnnouncerConfig, DhtClient, DhtConfig, model_key, node_key};
-use shardline_node::model::LayerRange;
-use shardline_node::wire::WireDType;
+use shardline_node::announcer::{Announcer, AnnouncerConfig};
+use shardline_proto::LayerRange;
+use shardline_proto::announcement::{ShardAnnouncement, now_ms};
+use shardline_proto::dht::{DhtClient, DhtConfig, model_key, node_key};
+use shardline_proto::wire::WireDType;
 
 const MODEL: &str = "5eed000000000000000000000000000000000000000000000000000000000001";
 
@@ -213,7 +214,7 @@ async fn forged_tampered_and_out_of_range_records_never_register() {
     assert!(c.registry.is_empty());
 }
 
-/// DESIGN.md promises "discovery registers a node, always". A swarm larger than Kademlia's replication factor (20) is
+/// docs/ARCHITECTURE.md promises "discovery registers a node, always". A swarm larger than Kademlia's replication factor (20) is
 /// where that used to break: a peer answers a provider query with at most 20 providers, so the coordinator's
 /// provider lookup saw only the first ~20 of 50 (see docs/PERFORMANCE.md, `routing`). Every one of 50 in-process nodes
 /// must be registered, through the DHT alone, within a bounded time.

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
-use shardline_node::default_model::model_for_tests;
 use shardline_node::generate::Stepper;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
 use shardline_node::stage::{NodeArgs, start_node};
-use shardline_node::tls::{self, StageIdentity};
-use shardline_node::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
+use shardline_node::test_models::model_for_tests;
+use shardline_proto::tls::{self, StageIdentity};
+use shardline_proto::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
 
 fn backend() -> Arc<dyn Backend> {
     Arc::new(CpuBackend::new(2))
@@ -131,7 +131,7 @@ async fn echo_rtt(raw: bool, payload: usize, rounds: usize) -> Duration {
     client.set_default_client_config(tls::client_config(id.fingerprint()).unwrap());
     let conn = client.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hidden = vec![0.5f32; (payload - shardline_node::wire::HEADER_LEN) / 4];
+    let hidden = vec![0.5f32; (payload - shardline_proto::wire::HEADER_LEN) / 4];
     let frame = Frame::Decode {
         session: 1,
         position: 7,
@@ -164,7 +164,7 @@ async fn echo_rtt(raw: bool, payload: usize, rounds: usize) -> Duration {
 #[ignore = "measurement; run explicitly in release"]
 async fn one_token_frame_hop_vs_bare_quinn_echo() {
     // One SmolLM2 position in f32: 576 x 4 bytes of hidden state plus the 36-byte header.
-    let size = 576 * 4 + shardline_node::wire::HEADER_LEN;
+    let size = 576 * 4 + shardline_proto::wire::HEADER_LEN;
     let bare = echo_rtt(true, size, 2000).await;
     let framed = echo_rtt(false, size, 2000).await;
     println!("round trip of a {size}-byte one-token frame: bare quinn echo {bare:?}, shardline codec {framed:?}");

@@ -43,18 +43,3 @@ pub fn locate_default_model() -> Result<PathBuf, String> {
         ))
     }
 }
-
-/// For tests that need the real default model: its path, or `None` after printing that the test is skipped.
-/// With `SHARDLINE_REQUIRE_MODEL=1` (set by CI, which fetches the model) a missing model fails the test instead.
-pub fn model_for_tests(test: &str) -> Option<PathBuf> {
-    match locate_default_model() {
-        Ok(p) => Some(p),
-        Err(why) => {
-            if std::env::var("SHARDLINE_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
-                panic!("{test}: SHARDLINE_REQUIRE_MODEL=1 but {why}");
-            }
-            eprintln!("skipped {test}: {why}");
-            None
-        }
-    }
-}

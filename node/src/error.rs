@@ -39,4 +39,15 @@ pub enum ModelError {
     Kernel(#[from] KernelError),
 }
 
+impl From<shardline_proto::SpanError> for ModelError {
+    fn from(e: shardline_proto::SpanError) -> Self {
+        match e {
+            shardline_proto::SpanError::OutOfRange { start, end, n_layers } => {
+                ModelError::LayerRange { start, end, n_layers }
+            }
+            other => ModelError::Invalid(other.to_string()),
+        }
+    }
+}
+
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

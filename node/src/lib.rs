@@ -1,17 +1,17 @@
 //! shardline node: model formats, tokenizer, and the shard forward pass.
 
-pub mod announce;
+pub mod announcer;
 pub mod default_model;
-pub mod dht;
 pub mod engine;
 pub mod error;
 pub mod formats;
 pub mod generate;
 pub mod model;
 pub mod stage;
+/// Tiny random models and the default-model lookup for tests and benches; not part of the shipped library.
+#[cfg(feature = "test-support")]
 pub mod test_models;
-pub mod tls;
 pub mod tokenizer;
-pub mod wire;
+pub mod wire_convert;
 
 pub use error::{ModelError, Result};

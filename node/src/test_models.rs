@@ -291,12 +291,11 @@ pub fn dequantize(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
 }
 
 /// A seeded SplitMix64 stream (the same mixer as the sampler's counter-based generator).
-struct SplitMix(u64);
+struct SplitMix(shardline_kernels::rng::SplitMix64);
 
 impl SplitMix {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        shardline_kernels::rng::mix64(self.0)
+        self.0.next_u64()
     }
 
     /// Uniform in the open interval (0, 1).
@@ -315,7 +314,7 @@ impl SplitMix {
 fn stream(seed: u64, name: &str) -> SplitMix {
     // FNV-1a of the name.
     let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    SplitMix(shardline_kernels::rng::mix64(seed ^ h))
+    SplitMix(shardline_kernels::rng::SplitMix64::new(shardline_kernels::rng::mix64(seed ^ h)))
 }
 
 /// One tensor of a tiny model, in both formats.
@@ -661,6 +660,21 @@ mod tests {
         assert_eq!(back[0], -16.0);
         for (a, b) in x.iter().zip(&back) {
             assert!((a - b).abs() <= 31.0 / 15.0 / 2.0 + 1e-2, "{a} vs {b}");
+        }
+    }
+}
+
+/// For tests that need the real default model: its path, or `None` after printing that the test is skipped.
+/// With `SHARDLINE_REQUIRE_MODEL=1` (set by CI, which fetches the model) a missing model fails the test instead.
+pub fn model_for_tests(test: &str) -> Option<std::path::PathBuf> {
+    match crate::default_model::locate_default_model() {
+        Ok(p) => Some(p),
+        Err(why) => {
+            if std::env::var("SHARDLINE_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+                panic!("{test}: SHARDLINE_REQUIRE_MODEL=1 but {why}");
+            }
+            eprintln!("skipped {test}: {why}");
+            None
         }
     }
 }

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::cuda::{self, CudaBackend};
 use shardline_kernels::{Backend, DType};
-use shardline_node::default_model::model_for_tests;
 use shardline_node::engine::Engine;
 use shardline_node::generate::GenerateParams;
 use shardline_node::model::{LayerRange, ShardOptions};
+use shardline_node::test_models::model_for_tests;
 
 const FIXTURES: &str = include_str!("fixtures/llamacpp_smollm2.json");
 

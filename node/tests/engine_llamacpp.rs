@@ -12,10 +12,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
-use shardline_node::default_model::model_for_tests;
 use shardline_node::engine::Engine;
 use shardline_node::generate::GenerateParams;
 use shardline_node::model::ShardOptions;
+use shardline_node::test_models::model_for_tests;
 
 #[derive(Deserialize)]
 struct Fixture {

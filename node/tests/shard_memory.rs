@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use shardline_kernels::Backend;
 use shardline_kernels::cpu::CpuBackend;
-use shardline_node::default_model::model_for_tests;
 use shardline_node::model::open::ModelFiles;
 use shardline_node::model::{LayerRange, Shard, ShardInput, ShardOptions, ShardOutput};
+use shardline_node::test_models::model_for_tests;
 
 /// Resident kilobytes of the mapping that contains `addr`.
 fn mapping_rss_kb(addr: usize) -> Option<u64> {

@@ -5,14 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardline_kernels::SamplingParams;
 use shardline_kernels::cpu::CpuBackend;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
 use shardline_node::stage::{StageConfig, StageServer};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
-use shardline_node::tls;
-use shardline_node::wire::{
-    ErrorCode, Frame, HEADER_LEN, Limits, SessionOpen, StageData, WireDType, read_frame, write_frame,
+use shardline_proto::tls;
+use shardline_proto::wire::{
+    ErrorCode, Frame, HEADER_LEN, Limits, SessionOpen, StageData, WireDType, WireSampling, read_frame, write_frame,
 };
 
 const MODEL: &str = "tiny-test-model";
@@ -46,7 +45,7 @@ fn open(session: u64) -> Frame {
             n_layers: 2,
             span: LayerRange::new(0, 2),
             max_tokens: 64,
-            sampling: SamplingParams::GREEDY,
+            sampling: WireSampling::GREEDY,
             n_top: 3,
             wire_dtype: WireDType::F32,
             hidden: 64,

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use shardline_node::generate::GenerateError;
-use shardline_node::wire::ErrorCode;
+use shardline_proto::wire::ErrorCode;
 
 use crate::queue::QueueError;
 use crate::routing::RouteError;
@@ -166,7 +166,7 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use libp2p::PeerId;
-    use shardline_node::model::LayerRange;
+    use shardline_proto::LayerRange;
 
     use super::*;
 

@@ -115,7 +115,7 @@ mod tests {
     use libp2p::PeerId;
     use shardline_kernels::SamplingParams;
     use shardline_node::generate::{GenerateError, PieceDecoder};
-    use shardline_node::wire::ErrorCode;
+    use shardline_proto::wire::ErrorCode;
 
     use crate::session::SessionError;
 

@@ -2,9 +2,9 @@
 //! registry's state (registered nodes, per-node queue depth), and the recent request and token rates the dashboard
 //! plots (`GET /v1/swarm`).
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -100,7 +100,7 @@ impl RateWindow {
     }
 
     fn add_at(&self, second: u64, requests: u64, tokens: u64) {
-        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.buckets.lock();
         let slot = &mut b[second as usize % RATE_WINDOW_SECS];
         if slot.second != second {
             *slot = Bucket { second, requests: 0, tokens: 0 };
@@ -115,7 +115,7 @@ impl RateWindow {
     }
 
     fn rates_at(&self, now: u64) -> Rates {
-        let b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let b = self.buckets.lock();
         let (mut requests, mut tokens) = (Vec::new(), Vec::new());
         for age in (0..RATE_WINDOW_SECS as u64).rev() {
             let (r, t) = match now.checked_sub(age) {
@@ -159,7 +159,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn record_request(&self, endpoint: &'static str, status: StatusCode) {
-        let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.requests.lock();
         *r.entry((endpoint, status.as_u16())).or_default() += 1;
         if matches!(endpoint, "completions" | "chat_completions") {
             self.rates.add(1, 0);
@@ -185,11 +185,11 @@ impl Metrics {
             self.cancelled.fetch_add(1, Ordering::Relaxed);
         }
         if !g.samples.is_empty() {
-            self.ttft.lock().unwrap_or_else(|e| e.into_inner()).observe(g.prefill_secs);
+            self.ttft.lock().observe(g.prefill_secs);
         }
         let steps = g.samples.len().saturating_sub(1);
         if steps > 0 {
-            let mut h = self.inter_token.lock().unwrap_or_else(|e| e.into_inner());
+            let mut h = self.inter_token.lock();
             let each = g.decode_secs / steps as f64;
             for _ in 0..steps {
                 h.observe(each);
@@ -216,7 +216,7 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP shardline_requests_total HTTP API requests by endpoint and status.\n");
         out.push_str("# TYPE shardline_requests_total counter\n");
-        for ((endpoint, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for ((endpoint, status), n) in self.requests.lock().iter() {
             let _ = writeln!(out, "shardline_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
         }
         let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
@@ -237,12 +237,12 @@ impl Metrics {
             "Requests refused on full node queues.",
             &self.rejected_busy,
         );
-        self.ttft.lock().unwrap_or_else(|e| e.into_inner()).render(
+        self.ttft.lock().render(
             &mut out,
             "shardline_time_to_first_token_seconds",
             "Seconds from the start of a generation to its first token (prefill).",
         );
-        self.inter_token.lock().unwrap_or_else(|e| e.into_inner()).render(
+        self.inter_token.lock().render(
             &mut out,
             "shardline_inter_token_latency_seconds",
             "Seconds between consecutive generated tokens.",

@@ -2,7 +2,7 @@
 //! integer SIMD dot products, all work on the backend's own thread pool.
 //!
 //! Results are bit-identical whatever the thread count, the instruction set ([`SimdLevel`]) and the number of rows
-//! a call holds, so a model run whole or split into shards gives the same numbers on any x86-64 CPU (DESIGN.md).
+//! a call holds, so a model run whole or split into shards gives the same numbers on any x86-64 CPU (docs/ARCHITECTURE.md, determinism).
 //! Other targets run the same portable arithmetic; only RoPE's sine and cosine come from the platform's libm.
 
 mod access;

@@ -18,8 +18,10 @@
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use parking_lot::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long an idle helper keeps polling for the next call before it parks.
@@ -65,7 +67,7 @@ impl Job {
             let result = panic::catch_unwind(AssertUnwindSafe(|| f(i)));
             let failed = result.is_err();
             if let Err(payload) = result {
-                lock(&self.panic).get_or_insert(payload);
+                self.panic.lock().get_or_insert(payload);
             }
             self.done.fetch_add(1, Ordering::AcqRel);
             if failed {
@@ -73,10 +75,6 @@ impl Job {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// State shared by the caller and the helpers.
@@ -97,7 +95,7 @@ impl Shared {
     fn helper_loop(&self) {
         let mut seen = self.epoch.load(Ordering::SeqCst);
         while self.wait_for_work(&mut seen) {
-            let job = lock(&self.current).clone();
+            let job = self.current.lock().clone();
             if let Some(job) = job {
                 job.work();
             }
@@ -122,11 +120,11 @@ impl Shared {
                 std::hint::spin_loop();
                 continue;
             }
-            let mut guard = lock(&self.parked_lock);
+            let mut guard = self.parked_lock.lock();
             self.parked.fetch_add(1, Ordering::SeqCst);
             // Checked after announcing the park: a publisher that missed the announcement bumped the epoch first.
             while self.epoch.load(Ordering::SeqCst) == *seen && !self.shutdown.load(Ordering::Acquire) {
-                guard = self.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+                self.wake.wait(&mut guard);
             }
             self.parked.fetch_sub(1, Ordering::SeqCst);
         }
@@ -134,17 +132,17 @@ impl Shared {
 
     /// Makes `job` the current one and wakes parked helpers.
     fn publish(&self, job: &Arc<Job>) {
-        *lock(&self.current) = Some(Arc::clone(job));
+        *self.current.lock() = Some(Arc::clone(job));
         self.epoch.fetch_add(1, Ordering::SeqCst);
         if self.parked.load(Ordering::SeqCst) > 0 {
-            let _guard = lock(&self.parked_lock);
+            let _guard = self.parked_lock.lock();
             self.wake.notify_all();
         }
     }
 
     fn stop(&self) {
         self.shutdown.store(true, Ordering::Release);
-        let _guard = lock(&self.parked_lock);
+        let _guard = self.parked_lock.lock();
         self.wake.notify_all();
     }
 }
@@ -259,7 +257,7 @@ impl Pool {
             }
         }
         self.record(own, start.elapsed() - own);
-        let payload = lock(&job.panic).take();
+        let payload = job.panic.lock().take();
         if let Some(payload) = payload {
             panic::resume_unwind(payload);
         }
@@ -281,7 +279,7 @@ impl Pool {
         }
         let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|x| Mutex::new(Some(x))).collect();
         self.run(slots.len(), |i| {
-            let item = lock(&slots[i]).take();
+            let item = slots[i].lock().take();
             if let Some(item) = item {
                 f(item);
             }

@@ -1,5 +1,5 @@
 //! Token sampling: greedy, or temperature → top-k → top-p followed by one inverse-CDF draw whose uniform number is
-//! `rng::uniform(seed, position)`, so a replayed session draws the same tokens (DESIGN.md, determinism).
+//! `rng::uniform(seed, position)`, so a replayed session draws the same tokens (docs/ARCHITECTURE.md, determinism).
 //!
 //! Candidates are ordered by logit, highest first, ties by lower token id. Only as much of that order as a call
 //! needs is sorted (a growing prefix), so a draw costs O(vocab) for peaked distributions rather than a full sort.

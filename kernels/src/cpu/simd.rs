@@ -2,7 +2,7 @@
 //!
 //! Every level computes exactly the same numbers: integer block dot products are exact whatever the instructions,
 //! and the floating-point accumulation order is fixed by the definitions in [`super::dot`]. The level only changes
-//! speed, so nodes with different CPUs stay bit-identical (see DESIGN.md, determinism).
+//! speed, so nodes with different CPUs stay bit-identical (see docs/ARCHITECTURE.md, determinism).
 
 use std::fmt;
 

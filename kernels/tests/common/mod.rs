@@ -67,16 +67,15 @@ pub fn round_to(dtype: DType, v: &[f32]) -> Vec<f32> {
 }
 
 /// Deterministic generator (SplitMix64); each test seeds its own.
-pub struct Rng(u64);
+pub struct Rng(shardline_kernels::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5eed_5eed_5eed_5eed)
+        Self(shardline_kernels::rng::SplitMix64::new(seed ^ 0x5eed_5eed_5eed_5eed))
     }
 
     pub fn u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        shardline_kernels::rng::mix64(self.0)
+        self.0.next_u64()
     }
 
     pub fn below(&mut self, n: usize) -> usize {

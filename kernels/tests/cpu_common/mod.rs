@@ -4,22 +4,21 @@
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
 
-/// Seeded SplitMix64 stream: reproducible inputs without a dependency.
-pub struct Rng(u64);
+/// Seeded SplitMix64 stream (`rng::SplitMix64`): reproducible inputs.
+pub struct Rng(rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(rng::SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        rng::mix64(self.0)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit_f64()
     }
 
     /// Uniform in [-scale, scale], never exactly zero.

@@ -1,7 +1,9 @@
 //! Paged KV cache: a node-wide pool of fixed-size blocks shared by every session of a shard, sized by a byte budget.
 //! A session reserves all the blocks it may need when it is admitted, so a running session never fails for memory.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use shardline_kernels::{Backend, Tensor};
 
@@ -68,7 +70,7 @@ impl BlockReservation {
     /// Reserves enough blocks for `tokens` positions.
     pub fn reserve(allocator: &Arc<Mutex<BlockAllocator>>, tokens: usize, block_tokens: usize) -> Result<Self> {
         let needed = tokens.div_ceil(block_tokens).max(1);
-        let mut a = allocator.lock().unwrap_or_else(|e| e.into_inner());
+        let mut a = allocator.lock();
         if a.free.len() < needed {
             return Err(ModelError::KvCacheFull { needed, free: a.free.len() });
         }
@@ -84,7 +86,7 @@ impl BlockReservation {
 
 impl Drop for BlockReservation {
     fn drop(&mut self) {
-        let mut a = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
+        let mut a = self.allocator.lock();
         a.free.append(&mut self.blocks);
     }
 }

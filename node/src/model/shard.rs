@@ -1,15 +1,17 @@
 //! A shard: exactly the blocks `a..b` of a model, plus the token embeddings when `a == 0` and the final norm and LM
 //! head when `b == N`. It reads no other layer's weights. The forward pass is written once against [`Backend`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use shardline_kernels::{AttnSeq, AttnShape, Backend, Sampled, SamplingParams, Tensor};
 use tracing::debug;
 
 use crate::error::{ModelError, Result};
 use crate::model::kv_cache::{BlockAllocator, BlockReservation, KvPool};
-use crate::model::layers::LayerRange;
 use crate::model::{ModelConfig, WeightSource};
+use shardline_proto::LayerRange;
 
 /// Tunables of a loaded shard.
 #[derive(Clone, Debug)]
@@ -234,12 +236,12 @@ impl Shard {
 
     /// Free KV-cache capacity in tokens (whole blocks).
     pub fn free_kv_tokens(&self) -> usize {
-        self.allocator.lock().unwrap_or_else(|e| e.into_inner()).free_blocks() * self.block_tokens
+        self.allocator.lock().free_blocks() * self.block_tokens
     }
 
     /// Total KV-cache capacity in tokens.
     pub fn kv_capacity_tokens(&self) -> usize {
-        self.allocator.lock().unwrap_or_else(|e| e.into_inner()).total_blocks() * self.block_tokens
+        self.allocator.lock().total_blocks() * self.block_tokens
     }
 
     /// Admits a session that will hold at most `max_tokens` positions, reserving its KV-cache blocks now.
@@ -358,7 +360,7 @@ impl Shard {
         let mut gate = b.alloc(&[t, c.ffn])?;
         let mut up = b.alloc(&[t, c.ffn])?;
         let mut act = b.alloc(&[t, c.ffn])?;
-        let mut kv = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kv = self.kv.lock();
         let (lo, hi) = (span.start - self.layers.start, span.end - self.layers.start);
         for (blk, (k_cache, v_cache)) in self.blocks[lo..hi].iter().zip(kv.layers[lo..hi].iter_mut()) {
             b.rms_norm(&x, &blk.attn_norm, c.rms_eps, &mut h)?;

@@ -7,7 +7,6 @@
 //! the sampled token goes back to the owner on the control stream. A malformed frame ends only its own stream and
 //! session; the KV cache is freed on close, on stream reset, and after an idle timeout.
 
-pub mod downstream;
 pub mod node;
 pub mod server;
 mod session;

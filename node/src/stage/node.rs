@@ -11,12 +11,14 @@ use shardline_kernels::{Backend, DType};
 use tracing::info;
 
 use super::server::{StageConfig, StageError, StageServer};
-use crate::announce::ShardAnnouncement;
-use crate::dht::identity::{self, IdentityError};
-use crate::dht::{Announcer, AnnouncerConfig, DhtClient, DhtConfig, DhtError};
+use crate::announcer::{Announcer, AnnouncerConfig};
 use crate::error::ModelError;
 use crate::model::{LayerRange, ModelFiles, ModelId, Shard, ShardInput, ShardOptions, ShardOutput};
-use crate::wire::{Fingerprint, WireDType};
+use crate::wire_convert::wire_dtype_of;
+use shardline_proto::announcement::ShardAnnouncement;
+use shardline_proto::dht::{DhtClient, DhtConfig, DhtError};
+use shardline_proto::identity::{self, IdentityError};
+use shardline_proto::wire::{Fingerprint, WireDType};
 
 /// Everything `shardline node` needs.
 pub struct NodeArgs {
@@ -110,14 +112,6 @@ impl NodeHandle {
     }
 }
 
-fn wire_dtype_of(backend: &dyn Backend) -> WireDType {
-    match backend.act_dtype() {
-        DType::F16 => WireDType::F16,
-        DType::BF16 => WireDType::BF16,
-        _ => WireDType::F32,
-    }
-}
-
 /// Measures prefill and decode tokens/s of the whole shard on a scratch session.
 fn measure(shard: &Shard, tokens: usize) -> Result<(f32, f32), ModelError> {
     let prefill = tokens.max(2);
@@ -167,7 +161,7 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
     })
     .await
     .map_err(|e| NodeError::Task(e.to_string()))??;
-    let wire = args.wire_dtype.unwrap_or_else(|| wire_dtype_of(shard.backend().as_ref()));
+    let wire = args.wire_dtype.unwrap_or_else(|| wire_dtype_of(shard.backend().act_dtype()));
     let server = StageServer::start(shard.clone(), model_id.clone(), args.listen, args.stage.clone())?;
     let quic_addr = args.advertise.unwrap_or_else(|| {
         let a = server.local_addr();

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::downstream::ConnectionPool;
 use super::session::{self, Input, SessionSlot};
 use crate::model::Shard;
-use crate::tls::{StageIdentity, TlsError};
-use crate::wire::{ErrorCode, Frame, Limits, SessionId, WireError, read_frame, write_frame};
+use shardline_proto::pool::ConnectionPool;
+use shardline_proto::tls::{StageIdentity, TlsError};
+use shardline_proto::wire::{ErrorCode, Frame, Limits, SessionId, WireError, read_frame, write_frame};
 
 /// Tunables of a stage server.
 #[derive(Clone, Debug)]
@@ -57,7 +57,7 @@ impl Shared {
 /// A QUIC server running one shard for many sessions.
 pub struct StageServer {
     shared: Arc<Shared>,
-    fingerprint: crate::wire::Fingerprint,
+    fingerprint: shardline_proto::wire::Fingerprint,
     addr: SocketAddr,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -107,7 +107,7 @@ impl StageServer {
     }
 
     /// SHA-256 of the server certificate, to publish in the announcement.
-    pub fn fingerprint(&self) -> crate::wire::Fingerprint {
+    pub fn fingerprint(&self) -> shardline_proto::wire::Fingerprint {
         self.fingerprint
     }
 

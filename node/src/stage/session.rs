@@ -10,7 +10,8 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::server::{Shared, forward_inputs, refuse};
 use crate::error::ModelError;
 use crate::model::{LayerRange, ShardInput, ShardOutput, ShardSession};
-use crate::wire::{
+use crate::wire_convert::{compute_dtype, sampling_from_wire};
+use shardline_proto::wire::{
     ErrorCode, Frame, HiddenStates, SessionId, SessionOpen, StageData, TokenResult, WireDType, read_frame, write_frame,
 };
 
@@ -162,7 +163,7 @@ async fn attach_next(
     session: SessionId,
     open: &SessionOpen,
     addr: std::net::SocketAddr,
-    fingerprint: crate::wire::Fingerprint,
+    fingerprint: shardline_proto::wire::Fingerprint,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
     let conn = shared.pool.get(addr, fingerprint).await.map_err(|e| e.to_string())?;
     let (mut dsend, mut drecv) = match conn.open_bi().await {
@@ -188,7 +189,7 @@ async fn watch_downstream(
     session: SessionId,
     mut recv: quinn::RecvStream,
     tx: mpsc::Sender<Input>,
-    limits: crate::wire::Limits,
+    limits: shardline_proto::wire::Limits,
 ) {
     let failure = match read_frame(&mut recv, &limits).await {
         Ok(None) => return,
@@ -276,7 +277,7 @@ impl SessionRun {
         }
         let shard = self.shared.shard.clone();
         let mut kv = self.kv.take().ok_or((ErrorCode::Compute, "session state lost".to_string()))?;
-        let params: SamplingParams = self.open.sampling;
+        let params: SamplingParams = sampling_from_wire(&self.open.sampling);
         let n_top = self.open.n_top as usize;
         let wire = self.open.wire_dtype;
         let compute = move || {
@@ -285,14 +286,14 @@ impl SessionRun {
                 let out = match &data {
                     StageData::Tokens(t) => shard.forward_span(&mut kv, ShardInput::Tokens(t), span)?,
                     StageData::Hidden(h) => {
-                        let x = backend.upload_raw(&[h.n_tokens(), h.width()], wire.dtype(), h.as_bytes())?;
+                        let x = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(wire), h.as_bytes())?;
                         shard.forward_span(&mut kv, ShardInput::Hidden(&x), span)?
                     }
                 };
                 Ok(match out {
                     ShardOutput::Hidden(t) => {
                         let rows = t.rows();
-                        StepOut::Hidden(backend.download_raw(&t, wire.dtype())?, rows)
+                        StepOut::Hidden(backend.download_raw(&t, compute_dtype(wire))?, rows)
                     }
                     ShardOutput::Logits(l) if sample => {
                         StepOut::Token(shard.sample(&l, &params, kv.len() as u64, n_top)?)

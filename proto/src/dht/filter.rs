@@ -9,7 +9,7 @@ use libp2p::kad::{ProviderRecord, Record};
 use tracing::debug;
 
 use super::keys::{parse_model_key, parse_node_key};
-use crate::announce::{SignedAnnouncement, now_ms};
+use crate::announcement::{SignedAnnouncement, now_ms};
 
 /// Why an inbound record was refused.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum RecordRejected {
     #[error("record stored under {key_peer} holds the announcement of {announced}")]
     WrongKey { key_peer: String, announced: String },
     #[error(transparent)]
-    Announcement(#[from] Box<crate::announce::AnnounceError>),
+    Announcement(#[from] Box<crate::announcement::AnnounceError>),
 }
 
 /// Checks a node record and returns the verified announcement with the instant it expires locally.

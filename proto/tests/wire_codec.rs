@@ -1,11 +1,10 @@
 //! The stage wire codec: every frame type round-trips (bytes and async streams), and truncated, oversized,
 //! wrong-version and otherwise malformed frames give typed errors, never panics.
 
-use shardline_kernels::SamplingParams;
-use shardline_node::model::LayerRange;
-use shardline_node::wire::{
+use shardline_proto::LayerRange;
+use shardline_proto::wire::{
     ErrorCode, Frame, FrameKind, HEADER_LEN, HiddenStates, Hop, Limits, SessionOpen, StageData, TokenResult, WireDType,
-    WireError, read_frame, write_frame,
+    WireError, WireSampling, read_frame, write_frame,
 };
 
 fn open_frame() -> Frame {
@@ -16,7 +15,7 @@ fn open_frame() -> Frame {
             n_layers: 30,
             span: LayerRange::new(0, 10),
             max_tokens: 2048,
-            sampling: SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 42 },
+            sampling: WireSampling { temperature: 0.7, top_k: 40, top_p: 0.9, seed: 42 },
             n_top: 5,
             wire_dtype: WireDType::F16,
             hidden: 576,

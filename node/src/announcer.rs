@@ -9,13 +9,12 @@ use libp2p::kad::Record;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::keys::{model_key, node_key};
-use super::network::DhtClient;
-use crate::announce::{ShardAnnouncement, now_ms};
+use shardline_proto::announcement::{ShardAnnouncement, now_ms};
+use shardline_proto::dht::{DhtClient, model_key, node_key};
 
 #[derive(Clone, Copy, Debug)]
 pub struct AnnouncerConfig {
-    /// Lifetime of each announcement (DESIGN.md: about 60 s).
+    /// Lifetime of each announcement (docs/ARCHITECTURE.md, discovery records: about 60 s).
     pub ttl: Duration,
     /// Re-publication period (about a third of the TTL, so two re-publications may fail before expiry).
     pub republish: Duration,

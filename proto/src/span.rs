@@ -1,7 +1,19 @@
+//! Layer spans: which transformer blocks a node serves and a session stage runs. Shared by announcements, the wire
+//! (`Open` frames and route hops) and routing; the model crate re-exports it.
+
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::ModelError;
+/// Why a layer range was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpanError {
+    #[error("layer range {start}..{end} is not inside the model's 0..{n_layers} layers")]
+    OutOfRange { start: usize, end: usize, n_layers: usize },
+    #[error("layer range {0:?} is not of the form A..B")]
+    Syntax(String),
+    #[error("layer range {0:?} is empty")]
+    Empty(String),
+}
 
 /// A contiguous range `start..end` of a model's transformer blocks: the unit a node serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -45,9 +57,9 @@ impl LayerRange {
     }
 
     /// Checks that the range is non-empty and inside `0..n_layers`.
-    pub fn check(&self, n_layers: usize) -> Result<(), ModelError> {
+    pub fn check(&self, n_layers: usize) -> Result<(), SpanError> {
         if self.start >= self.end || self.end > n_layers {
-            return Err(ModelError::LayerRange { start: self.start, end: self.end, n_layers });
+            return Err(SpanError::OutOfRange { start: self.start, end: self.end, n_layers });
         }
         Ok(())
     }
@@ -64,16 +76,16 @@ impl fmt::Display for LayerRange {
 }
 
 impl FromStr for LayerRange {
-    type Err = ModelError;
+    type Err = SpanError;
 
     /// Parses `A..B` (end exclusive).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ModelError::Invalid(format!("layer range {s:?} is not of the form A..B"));
+        let bad = || SpanError::Syntax(s.to_string());
         let (a, b) = s.trim().split_once("..").ok_or_else(bad)?;
         let start = a.trim().parse().map_err(|_| bad())?;
         let end = b.trim().parse().map_err(|_| bad())?;
         if start >= end {
-            return Err(ModelError::Invalid(format!("layer range {s:?} is empty")));
+            return Err(SpanError::Empty(s.to_string()));
         }
         Ok(Self { start, end })
     }

@@ -2,13 +2,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use shardline_kernels::{DType, SamplingParams};
-
 use super::buf::{Reader, Writer};
 use super::error::{WireError, WireResult, malformed};
 use super::header::{FLAG_LAST, FrameKind, Header, PayloadDType};
 use super::limits::Limits;
-use crate::model::LayerRange;
+use crate::span::LayerRange;
 
 /// Identifies a session on every stage of its route; chosen at random by the session owner.
 pub type SessionId = u64;
@@ -39,15 +37,6 @@ impl WireDType {
             PayloadDType::F16 => Ok(WireDType::F16),
             PayloadDType::BF16 => Ok(WireDType::BF16),
             other => Err(malformed(kind, format!("{other:?} is not a hidden-state dtype"))),
-        }
-    }
-
-    /// The matching compute dtype, for `Backend::upload_raw` / `download_raw`.
-    pub fn dtype(self) -> DType {
-        match self {
-            WireDType::F32 => DType::F32,
-            WireDType::F16 => DType::F16,
-            WireDType::BF16 => DType::BF16,
         }
     }
 
@@ -222,6 +211,23 @@ impl StageData {
     }
 }
 
+/// Sampling parameters as the wire carries them in `Open` (the compute side converts them to its own type).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WireSampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 = off).
+    pub top_k: u32,
+    /// Keep the smallest set whose probability reaches `top_p` (1.0 = off).
+    pub top_p: f32,
+    /// Seed of the counter-based generator: a draw depends only on `(seed, position)`.
+    pub seed: u64,
+}
+
+impl WireSampling {
+    pub const GREEDY: WireSampling = WireSampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+}
+
 /// One stage of the rest of a route: who runs which layers, where, and which certificate to expect.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hop {
@@ -241,7 +247,7 @@ pub struct SessionOpen {
     pub span: LayerRange,
     /// Positions the session may reach (prompt + new tokens), reserved in the KV cache at open.
     pub max_tokens: u32,
-    pub sampling: SamplingParams,
+    pub sampling: WireSampling,
     /// Top log-probabilities returned with each token (0 = none).
     pub n_top: u8,
     /// Element type of hidden states between stages.
@@ -619,7 +625,7 @@ fn encode_open(o: &SessionOpen) -> Vec<u8> {
         .u32(o.span.end as u32)
         .u32(o.max_tokens)
         .f32(o.sampling.temperature)
-        .u32(o.sampling.top_k.min(u32::MAX as usize) as u32)
+        .u32(o.sampling.top_k)
         .f32(o.sampling.top_p)
         .u64(o.sampling.seed)
         .u8(o.n_top)
@@ -641,7 +647,7 @@ fn decode_open(buf: &[u8], wire_dtype: WireDType, hidden: u32, limits: &Limits) 
         return Err(malformed("open", format!("span {span} is not inside 0..{n_layers}")));
     }
     let max_tokens = r.u32()?;
-    let sampling = SamplingParams { temperature: r.f32()?, top_k: r.u32()? as usize, top_p: r.f32()?, seed: r.u64()? };
+    let sampling = WireSampling { temperature: r.f32()?, top_k: r.u32()?, top_p: r.f32()?, seed: r.u64()? };
     if !sampling.temperature.is_finite() || !sampling.top_p.is_finite() {
         return Err(malformed("open", "temperature and top_p must be finite"));
     }

@@ -65,7 +65,7 @@ pub struct DhtConfig {
 }
 
 impl DhtConfig {
-    /// Defaults of DESIGN.md: records live about 60 s; providers are re-published every 20 s.
+    /// Defaults of docs/ARCHITECTURE.md (discovery records): records live about 60 s; providers are re-published every 20 s.
     pub fn new(keypair: Keypair, listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>) -> Self {
         Self {
             keypair,

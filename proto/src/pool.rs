@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 
 use crate::tls::{self, TlsError};
 use crate::wire::Fingerprint;
@@ -28,7 +29,7 @@ impl ConnectionPool {
 
     /// An open connection to `addr` that presented exactly the certificate `fingerprint`.
     pub async fn get(&self, addr: SocketAddr, fingerprint: Fingerprint) -> Result<quinn::Connection, ConnectError> {
-        if let Some(c) = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&(addr, fingerprint))
+        if let Some(c) = self.conns.lock().get(&(addr, fingerprint))
             && c.close_reason().is_none()
         {
             return Ok(c.clone());
@@ -40,13 +41,13 @@ impl ConnectionPool {
             .map_err(|e| ConnectError::Connect { addr, detail: e.to_string() })?
             .await
             .map_err(|e| ConnectError::Connect { addr, detail: e.to_string() })?;
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert((addr, fingerprint), conn.clone());
+        self.conns.lock().insert((addr, fingerprint), conn.clone());
         Ok(conn)
     }
 
     /// Forgets a connection (after a failure), so the next `get` dials again.
     pub fn forget(&self, addr: SocketAddr, fingerprint: Fingerprint) {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&(addr, fingerprint));
+        self.conns.lock().remove(&(addr, fingerprint));
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
 
-use crate::model::LayerRange;
+use crate::span::LayerRange;
 use crate::wire::buf::{Reader, Writer};
 use crate::wire::frame::{decode_addr, encode_addr};
 use crate::wire::{Fingerprint, WireDType, WireError};

@@ -18,7 +18,7 @@ pub mod limits;
 pub use error::{WireError, WireResult};
 pub use frame::{
     AlignedBytes, ErrorCode, Fingerprint, Frame, HiddenStates, Hop, SessionId, SessionOpen, StageData, TokenResult,
-    WireDType,
+    WireDType, WireSampling,
 };
 pub use header::{FrameKind, HEADER_LEN, Header, PayloadDType};
 pub use io::{read_frame, write_frame};
