@@ -109,7 +109,7 @@ fn compare(c: &mut Criterion, group: &str, model: &Path, threads: usize) {
     // The reference first token, which every pipeline must reproduce (greedy decoding is deterministic).
     let first = {
         let mut s = local.open_session(total).expect("session");
-        s.step(&prompt, &greedy, 0).expect("prefill").token
+        s.step_sync(&prompt, &greedy, 0).expect("prefill").token
     };
     {
         let mut session: Option<LocalSession<'_>> = None;
@@ -120,13 +120,13 @@ fn compare(c: &mut Criterion, group: &str, model: &Path, threads: usize) {
                 for _ in 0..iters {
                     if session.as_ref().is_none_or(|s| s.len() >= total - 1) {
                         let mut s = local.open_session(total).expect("session");
-                        token = s.step(&prompt, &greedy, 0).expect("prefill").token;
+                        token = s.step_sync(&prompt, &greedy, 0).expect("prefill").token;
                         assert_eq!(token, first);
                         session = Some(s);
                     }
                     let s = session.as_mut().expect("session");
                     let start = Instant::now();
-                    token = s.step(&[token], &greedy, 0).expect("decode").token;
+                    token = s.step_sync(&[token], &greedy, 0).expect("decode").token;
                     spent += start.elapsed();
                 }
                 spent
@@ -150,13 +150,13 @@ fn compare(c: &mut Criterion, group: &str, model: &Path, threads: usize) {
                                 old.close().await;
                             }
                             let mut s = client.session(total, greedy, 0);
-                            token = s.step(&prompt).await.expect("prefill").token;
+                            token = s.step(&prompt, &greedy, 0).await.expect("prefill").token;
                             assert_eq!(token, first, "the {k}-stage pipeline agrees with the single process");
                             session = Some((s, prompt.len()));
                         }
                         let (s, len) = session.as_mut().expect("session");
                         let start = Instant::now();
-                        token = s.step(&[token]).await.expect("decode").token;
+                        token = s.step(&[token], &greedy, 0).await.expect("decode").token;
                         spent += start.elapsed();
                         *len += 1;
                     }

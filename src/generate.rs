@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::Multiaddr;
 use serde::Serialize;
 use shardline_coordinator::routing::CoveragePolicy;
-use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmStepper};
+use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DeviceKind, SamplingParams};
 use shardline_node::engine::{Engine, TextStream, encode_prompt, load_tokenizer, stop_tokens};
@@ -250,18 +250,12 @@ fn run_swarm(args: GenerateArgs) -> Result<()> {
             .wait_for_coverage(wait)
             .await
             .with_context(|| format!("no route through the swarm within --swarm-timeout {}s", args.swarm_timeout))?;
-        let session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
-        let handle = tokio::runtime::Handle::current();
-        let json = args.json;
-        let (generation, stepper) = tokio::task::spawn_blocking(move || {
-            let mut stepper = SwarmStepper::new(session, handle);
-            let mut decoder = TextStream::new(tokenizer);
-            let g = generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut text_sink(json));
-            (g, stepper)
-        })
-        .await?;
+        let mut session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
+        let mut decoder = TextStream::new(tokenizer);
+        let mut sink = text_sink(args.json);
+        let generation = generate::generate(&mut session, &prompt, &params, &mut decoder, &mut sink).await;
         // Tell every stage the session is over (they free its KV cache) before the process exits.
-        stepper.session.close().await;
+        session.close().await;
         client.shutdown(Duration::from_secs(1)).await;
         anyhow::Ok(generation.with_context(|| {
             format!(

@@ -10,6 +10,7 @@ use common::{coordinator, node};
 use libp2p::{Multiaddr, PeerId};
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::SamplingParams;
+use shardline_node::generate::Stepper;
 use shardline_node::model::{ModelFiles, ModelId};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 
@@ -19,10 +20,15 @@ fn tail(model: &str, bootstrap: &str) -> (common::Proc, PeerId) {
     (p, id.parse().expect("peer id"))
 }
 
-async fn steps(s: &mut shardline_coordinator::SwarmSession, out: &mut Vec<u32>, until: usize) {
+async fn steps(
+    s: &mut shardline_coordinator::SwarmSession,
+    sampling: &SamplingParams,
+    out: &mut Vec<u32>,
+    until: usize,
+) {
     while out.len() < until {
         let t = *out.last().unwrap();
-        out.push(s.step(&[t]).await.expect("step").token);
+        out.push(s.step(&[t], sampling, 0).await.expect("step").token);
     }
 }
 
@@ -54,21 +60,21 @@ async fn a_killed_node_process_fails_over_quickly_with_identical_output() {
     let sampling = SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 5 };
     // The undisturbed run, through the same swarm.
     let mut s = client.session(prompt.len() + 17, sampling, 0);
-    let mut expected = vec![s.step(&prompt).await.unwrap().token];
-    steps(&mut s, &mut expected, 16).await;
+    let mut expected = vec![s.step(&prompt, &sampling, 0).await.unwrap().token];
+    steps(&mut s, &sampling, &mut expected, 16).await;
     s.close().await;
 
     let mut s = client.session(prompt.len() + 17, sampling, 0);
-    let mut out = vec![s.step(&prompt).await.unwrap().token];
-    steps(&mut s, &mut out, 6).await;
+    let mut out = vec![s.step(&prompt, &sampling, 0).await.unwrap().token];
+    steps(&mut s, &sampling, &mut out, 6).await;
     let used = s.routes()[0][1];
     let (mut victim, survivor) = if used == id1 { (tail1, id2) } else { (tail2, id1) };
     victim.0.kill().expect("SIGKILL the tail in use");
     victim.0.wait().unwrap();
     let t0 = Instant::now();
-    steps(&mut s, &mut out, 7).await;
+    steps(&mut s, &sampling, &mut out, 7).await;
     let failover = t0.elapsed();
-    steps(&mut s, &mut out, 16).await;
+    steps(&mut s, &sampling, &mut out, 16).await;
 
     assert_eq!(out, expected, "the text after failover differs from the undisturbed run");
     assert_eq!(s.failovers(), 1);

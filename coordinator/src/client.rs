@@ -3,12 +3,13 @@
 //! session's token history is re-prefilled on it. Because sampling depends only on `(seed, position)`, the text is
 //! the same as an undisturbed run.
 //!
-//! `shardline generate --swarm` is the local generation loop over a [`SwarmStepper`]:
+//! `shardline generate --swarm` runs the engine's generation loop over a [`SwarmSession`], which is a
+//! [`Stepper`] itself:
 //!
 //! ```no_run
 //! # async fn demo(model: &std::path::Path, bootstrap: libp2p::Multiaddr) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmStepper};
+//! use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 //! use shardline_node::engine::{TextStream, encode_prompt, load_tokenizer, stop_tokens};
 //! use shardline_node::generate::{self, GenerateParams};
 //! use shardline_node::model::{ModelFiles, ModelId};
@@ -20,18 +21,16 @@
 //! let client = SwarmClient::join(SwarmClientConfig::new(model_id, vec![bootstrap])).await?;
 //! let prompt = encode_prompt(&tokenizer, "Hello!", true)?;
 //! let params = GenerateParams { stop_tokens: stop_tokens(&tokenizer), ..GenerateParams::default() };
-//! let session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
-//! let handle = tokio::runtime::Handle::current();
-//! let generation = tokio::task::spawn_blocking(move || {
-//!     let mut stepper = SwarmStepper::new(session, handle);
-//!     let mut decoder = TextStream::new(tokenizer);
-//!     generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut |text| {
-//!         print!("{text}");
-//!         true
-//!     })
-//! })
-//! .await??;
-//! println!("\n{} tokens", generation.tokens.len());
+//! let mut session = client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
+//! let mut decoder = TextStream::new(tokenizer);
+//! let mut print = |text: &str| {
+//!     print!("{text}");
+//!     true
+//! };
+//! let generation = generate::generate(&mut session, &prompt, &params, &mut decoder, &mut print).await;
+//! // Every stage frees the session's KV cache, whatever the outcome.
+//! session.close().await;
+//! println!("\n{} tokens", generation?.tokens.len());
 //! # Ok(())
 //! # }
 //! ```
@@ -44,7 +43,6 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use shardline_kernels::{Sampled, SamplingParams};
-use shardline_node::ModelError;
 use shardline_node::generate::Stepper;
 use shardline_proto::dht::{DhtClient, DhtConfig, DhtError};
 use shardline_proto::pool::ConnectionPool;
@@ -273,11 +271,13 @@ impl SwarmSession {
         Ok(())
     }
 
-    /// Feeds `tokens` and returns the token sampled after them, failing over to another route when a stage fails.
+    /// Feeds `tokens` and, with `sample`, returns the token sampled after them, failing over to another route when a
+    /// stage fails. Without `sample` the frames are only written: a stage's failure on them surfaces at the next
+    /// sampled step, whose failover re-prefills them (they are in the history by then).
     ///
     /// Under [`CoveragePolicy::WaitAndRetry`] its timeout is a hard deadline for getting a working route in this step
     /// (connecting and every failover together), not a wait per attempt.
-    pub async fn step(&mut self, tokens: &[u32]) -> Result<Sampled, SessionError> {
+    async fn run(&mut self, tokens: &[u32], sample: bool) -> Result<Option<Sampled>, SessionError> {
         let connect_by = match self.client.inner.config.policy {
             CoveragePolicy::WaitAndRetry { timeout } => Some((tokio::time::Instant::now() + timeout, timeout)),
             CoveragePolicy::FailFast => None,
@@ -292,12 +292,17 @@ impl SwarmSession {
                         None => self.connect().await?,
                     }
                 }
-                let p = self.pipeline.as_mut().expect("connected");
+                let p = self.pipeline.as_mut().ok_or_else(|| SessionError::Protocol("no pipeline".into()))?;
                 let limit = self.client.inner.config.step_timeout;
-                tokio::time::timeout(limit, p.feed(tokens, true)).await.map_err(|_| SessionError::Timeout(limit))?
+                tokio::time::timeout(limit, p.feed(tokens, sample)).await.map_err(|_| SessionError::Timeout(limit))?
             }
             .await;
             match attempt {
+                Ok(None) if sample => return Err(SessionError::Protocol("no token returned".into())),
+                Ok(None) => {
+                    self.history.extend_from_slice(tokens);
+                    return Ok(None);
+                }
                 Ok(Some(r)) => {
                     self.history.extend_from_slice(tokens);
                     if let Some(p) = &self.pipeline {
@@ -305,9 +310,8 @@ impl SwarmSession {
                             self.client.inner.registry.record_success(&peer);
                         }
                     }
-                    return Ok(Sampled { token: r.token, logprob: r.logprob, top: r.top });
+                    return Ok(Some(Sampled { token: r.token, logprob: r.logprob, top: r.top }));
                 }
-                Ok(None) => return Err(SessionError::Protocol("no token returned".into())),
                 Err(e) => {
                     self.pipeline = None;
                     self.permits.clear();
@@ -334,24 +338,25 @@ impl SwarmSession {
     }
 }
 
-/// Drives a [`SwarmSession`] through the engine's generation loop (`shardline_node::generate::generate`). Call it
-/// from a thread outside the tokio runtime (e.g. `spawn_blocking`): each step blocks on `handle`.
-pub struct SwarmStepper {
-    pub session: SwarmSession,
-    handle: tokio::runtime::Handle,
-}
+/// A swarm session is driven by the generation loop (`shardline_node::generate::generate`) directly, on the
+/// caller's runtime. Sampling and `n_top` are fixed when the session opens on its stages (they travel in the open
+/// frame), so a step must ask for the same sampling and at most that many top log-probabilities.
+impl Stepper for SwarmSession {
+    type Error = SessionError;
 
-impl SwarmStepper {
-    pub fn new(session: SwarmSession, handle: tokio::runtime::Handle) -> Self {
-        Self { session, handle }
+    async fn feed(&mut self, tokens: &[u32]) -> Result<(), SessionError> {
+        self.run(tokens, false).await.map(drop)
     }
-}
 
-impl Stepper for SwarmStepper {
-    fn step(&mut self, tokens: &[u32], sampling: &SamplingParams, _n_top: usize) -> shardline_node::Result<Sampled> {
-        if *sampling != self.session.sampling {
-            return Err(ModelError::Invalid(SessionError::SamplingChanged.to_string()));
+    async fn step(&mut self, tokens: &[u32], sampling: &SamplingParams, n_top: usize) -> Result<Sampled, SessionError> {
+        if *sampling != self.sampling {
+            return Err(SessionError::SamplingChanged);
         }
-        self.handle.block_on(self.session.step(tokens)).map_err(|e| ModelError::Invalid(format!("swarm: {e}")))
+        if n_top > usize::from(self.n_top) {
+            return Err(SessionError::TopChanged { asked: n_top, opened: self.n_top });
+        }
+        let mut s = self.run(tokens, true).await?.ok_or_else(|| SessionError::Protocol("no token returned".into()))?;
+        s.top.truncate(n_top);
+        Ok(s)
     }
 }

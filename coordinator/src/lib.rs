@@ -10,7 +10,7 @@ pub mod routing;
 pub mod run;
 pub mod session;
 
-pub use client::{SwarmClient, SwarmClientConfig, SwarmSession, SwarmStepper};
+pub use client::{SwarmClient, SwarmClientConfig, SwarmSession};
 pub use discovery::{Discovery, DiscoveryConfig, register_record};
 pub use queue::{NodeQueue, QueueError, QueuePermit};
 pub use registry::{NodeEntry, NodeHealth, NodeRegistry, RegistryConfig, Upsert};

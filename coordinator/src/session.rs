@@ -48,6 +48,9 @@ pub enum SessionError {
     Timeout(std::time::Duration),
     #[error("sampling parameters cannot change within a session")]
     SamplingChanged,
+    /// The stages return the top log-probabilities asked for when the session opened, no more.
+    #[error("{asked} top log-probabilities asked for, the session was opened with {opened}")]
+    TopChanged { asked: usize, opened: u8 },
     #[error("gave up after {0} failovers: {1}")]
     Exhausted(usize, Box<SessionError>),
 }

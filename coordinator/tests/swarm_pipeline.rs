@@ -39,10 +39,10 @@ fn reference(model: &Path, prompt: &[u32], n: usize, sampling: SamplingParams) -
     let shard = Shard::load(w.as_ref(), LayerRange::new(0, N_LAYERS), backend(), ShardOptions::default()).unwrap();
     let pipeline = LocalPipeline::new(vec![Arc::new(shard)]).unwrap();
     let mut s = pipeline.open_session(prompt.len() + n + 1).unwrap();
-    let mut out = vec![s.step(prompt, &sampling, 0).unwrap().token];
+    let mut out = vec![s.step_sync(prompt, &sampling, 0).unwrap().token];
     while out.len() < n {
         let t = *out.last().unwrap();
-        out.push(s.step(&[t], &sampling, 0).unwrap().token);
+        out.push(s.step_sync(&[t], &sampling, 0).unwrap().token);
     }
     out
 }
@@ -67,10 +67,10 @@ async fn client(model_id: &str, bootstrap: &[Multiaddr]) -> SwarmClient {
 
 async fn swarm_tokens(c: &SwarmClient, prompt: &[u32], n: usize, sampling: SamplingParams) -> Vec<u32> {
     let mut s = c.session(prompt.len() + n + 1, sampling, 2);
-    let mut out = vec![s.step(prompt).await.unwrap().token];
+    let mut out = vec![s.step(prompt, &sampling, 0).await.unwrap().token];
     while out.len() < n {
         let t = *out.last().unwrap();
-        out.push(s.step(&[t]).await.unwrap().token);
+        out.push(s.step(&[t], &sampling, 0).await.unwrap().token);
     }
     s.close().await;
     out
@@ -169,10 +169,10 @@ async fn a_stage_dying_mid_generation_fails_over_with_identical_output() {
     let sampling = SamplingParams { temperature: 0.7, top_k: 0, top_p: 1.0, seed: 99 };
     let expected = reference(&model, &PROMPT, 12, sampling);
     let mut s = cl.session(PROMPT.len() + 13, sampling, 0);
-    let mut out = vec![s.step(&PROMPT).await.unwrap().token];
+    let mut out = vec![s.step(&PROMPT, &sampling, 0).await.unwrap().token];
     for _ in 0..4 {
         let t = *out.last().unwrap();
-        out.push(s.step(&[t]).await.unwrap().token);
+        out.push(s.step(&[t], &sampling, 0).await.unwrap().token);
     }
     // Kill the tail the session uses.
     let used = s.routes()[0][1];
@@ -181,7 +181,7 @@ async fn a_stage_dying_mid_generation_fails_over_with_identical_output() {
     drop(victim);
     while out.len() < 12 {
         let t = *out.last().unwrap();
-        out.push(s.step(&[t]).await.unwrap().token);
+        out.push(s.step(&[t], &sampling, 0).await.unwrap().token);
     }
     assert_eq!(out, expected);
     assert_eq!(s.failovers(), 1);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardline_coordinator::{CoordinatorArgs, SwarmClient, SwarmClientConfig, SwarmStepper, start_coordinator};
+use shardline_coordinator::{CoordinatorArgs, SwarmClient, SwarmClientConfig, start_coordinator};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::engine::{Engine, TextStream, stop_tokens};
@@ -73,16 +73,11 @@ async fn three_smollm2_nodes_match_the_single_process_engine() {
         let tokens = engine.prompt_tokens(prompt, true).unwrap();
         let (e, p, t) = (engine.clone(), params.clone(), tokens.clone());
         let local = tokio::task::spawn_blocking(move || e.generate(&t, &p, &mut |_| true).unwrap()).await.unwrap();
-        let session = client.session(tokens.len() + params.max_tokens, params.sampling, 0);
-        let handle = tokio::runtime::Handle::current();
-        let (e, p) = (engine.clone(), params.clone());
-        let swarm = tokio::task::spawn_blocking(move || {
-            let mut stepper = SwarmStepper::new(session, handle);
-            let mut decoder = TextStream::new(e.tokenizer().clone());
-            generate::generate(&mut stepper, &tokens, &p, &mut decoder, &mut |_| true).unwrap()
-        })
-        .await
-        .unwrap();
+        let mut session = client.session(tokens.len() + params.max_tokens, params.sampling, 0);
+        let mut decoder = TextStream::new(engine.tokenizer().clone());
+        let swarm =
+            generate::generate(&mut session, &tokens, &params, &mut decoder, &mut |_: &str| true).await.unwrap();
+        session.close().await;
         assert_eq!(swarm.tokens, local.tokens, "prompt {prompt:?}");
         assert_eq!(swarm.text, local.text, "prompt {prompt:?}");
         assert_eq!(swarm.finish, local.finish);

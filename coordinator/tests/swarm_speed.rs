@@ -53,7 +53,7 @@ async fn decode_throughput_three_stages_vs_single_process() {
     // per-round ratios is reported. The local session lives on its own thread (it borrows the pipeline).
     let total = prompt.len() + ROUNDS * STEPS_PER_ROUND + 1;
     let mut swarm = client.session(total, SamplingParams::GREEDY, 0);
-    let mut ts = swarm.step(&prompt).await.unwrap().token;
+    let mut ts = swarm.step(&prompt, &SamplingParams::GREEDY, 0).await.unwrap().token;
     let (to_local, requests) = std::sync::mpsc::channel::<Vec<u32>>();
     let (replies, from_local) = std::sync::mpsc::channel::<(u32, f64)>();
     let local = std::thread::spawn(move || {
@@ -61,10 +61,10 @@ async fn decode_throughput_three_stages_vs_single_process() {
         while let Ok(tokens) = requests.recv() {
             // A one-element request is a round of decode steps starting from that token; longer ones are the prompt.
             let start = Instant::now();
-            let mut t = s.step(&tokens, &SamplingParams::GREEDY, 0).unwrap().token;
+            let mut t = s.step_sync(&tokens, &SamplingParams::GREEDY, 0).unwrap().token;
             if tokens.len() == 1 {
                 for _ in 1..STEPS_PER_ROUND {
-                    t = s.step(&[t], &SamplingParams::GREEDY, 0).unwrap().token;
+                    t = s.step_sync(&[t], &SamplingParams::GREEDY, 0).unwrap().token;
                 }
             }
             replies.send((t, start.elapsed().as_secs_f64())).unwrap();
@@ -78,7 +78,7 @@ async fn decode_throughput_three_stages_vs_single_process() {
     for _ in 0..ROUNDS {
         let start = Instant::now();
         for _ in 0..STEPS_PER_ROUND {
-            ts = swarm.step(&[ts]).await.unwrap().token;
+            ts = swarm.step(&[ts], &SamplingParams::GREEDY, 0).await.unwrap().token;
         }
         let sw = start.elapsed().as_secs_f64();
         to_local.send(vec![tl]).unwrap();
@@ -199,11 +199,11 @@ async fn per_step_overhead_of_a_three_stage_pipeline() {
     client.wait_for_coverage(Duration::from_secs(30)).await.unwrap();
     let steps = 2000;
     let mut s = client.session(steps + 8, SamplingParams::GREEDY, 0);
-    let mut t = s.step(&[1, 2, 3]).await.unwrap().token;
+    let mut t = s.step(&[1, 2, 3], &SamplingParams::GREEDY, 0).await.unwrap().token;
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let start = Instant::now();
-        t = s.step(&[t]).await.unwrap().token;
+        t = s.step(&[t], &SamplingParams::GREEDY, 0).await.unwrap().token;
         times.push(start.elapsed());
     }
     times.sort();

@@ -69,12 +69,14 @@ impl Engine {
         encode_prompt(&self.tokenizer, prompt, chat)
     }
 
-    /// Generates from `prompt` tokens; `on_text` receives text as it becomes final.
+    /// Generates from `prompt` tokens on this thread; `on_text` receives text as it becomes final and answers
+    /// whether to go on. The local session's steps never wait on anything, so the async generation loop is driven
+    /// to completion in place (no runtime needed).
     pub fn generate(
         &self,
         prompt: &[u32],
         params: &GenerateParams,
-        on_text: &mut dyn FnMut(&str) -> bool,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> Result<Generation> {
         let context = self.pipeline.context_length();
         if prompt.len() + params.max_tokens > context {
@@ -82,7 +84,7 @@ impl Engine {
         }
         let mut session = self.pipeline.open_session(prompt.len() + params.max_tokens)?;
         let mut decoder = TextStream::new(self.tokenizer.clone());
-        generate::generate(&mut session, prompt, params, &mut decoder, on_text)
+        Ok(futures::executor::block_on(generate::generate(&mut session, prompt, params, &mut decoder, on_text))?)
     }
 }
 

@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use shardline_node::generate::GenerateError;
 use shardline_proto::wire::ErrorCode;
 
 use crate::queue::QueueError;
@@ -106,12 +107,22 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
-    /// Maps a session failure: missing layers → 503, full queues → 429, failed stages → 502.
+    /// Maps a failed generation: the request's own fault → 400, else as [`ApiError::from_session`].
+    pub fn from_generation(e: &GenerateError<SessionError>, retry_after_secs: u64) -> Self {
+        match e {
+            GenerateError::EmptyPrompt => Self::invalid_param("prompt", e.to_string()),
+            GenerateError::Step(s) => Self::from_session(s, retry_after_secs),
+        }
+    }
+
+    /// Maps a session failure: missing layers → 503, full queues → 429, a step the coordinator itself asked wrongly
+    /// → 500, failed stages → 502.
     pub fn from_session(e: &SessionError, retry_after_secs: u64) -> Self {
         match e {
             SessionError::Route(RouteError::Uncovered { .. } | RouteError::UnknownModel { .. }) => {
                 Self::unavailable(e.to_string())
             }
+            SessionError::SamplingChanged | SessionError::TopChanged { .. } => Self::internal(e.to_string()),
             _ if is_busy(e) => Self::busy(e.to_string(), retry_after_secs),
             SessionError::Exhausted(_, inner) if is_busy(inner) => Self::busy(e.to_string(), retry_after_secs),
             _ => Self::upstream(e.to_string()),
@@ -189,6 +200,24 @@ mod tests {
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         let e = ApiError::from_session(&SessionError::Protocol("x".into()), 1);
         assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn generation_errors_keep_their_type_to_the_status() {
+        // The loop hands back the session's own error: a busy node is still 429 with Retry-After, not a message.
+        let busy = SessionError::Busy {
+            peer: PeerId::random(),
+            source: QueueError::Busy { in_flight: 2, waiting: 0, max_waiting: 0 },
+        };
+        let e = ApiError::from_generation(&GenerateError::Step(busy), 2);
+        assert_eq!(
+            (e.status, e.retry_after, e.code),
+            (StatusCode::TOO_MANY_REQUESTS, Some(2), Some("rate_limit_exceeded"))
+        );
+        let e = ApiError::from_generation(&GenerateError::EmptyPrompt, 1);
+        assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some("prompt")));
+        let e = ApiError::from_generation(&GenerateError::Step(SessionError::TopChanged { asked: 5, opened: 2 }), 1);
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

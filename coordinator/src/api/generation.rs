@@ -1,27 +1,26 @@
-//! One generation over the swarm for an HTTP request: the engine's generation loop runs on a blocking thread over
-//! the model's `SwarmClient`, and hands text to the request handler through a bounded channel. When the handler goes
+//! One generation over the swarm for an HTTP request: an async task runs the engine's generation loop over the
+//! model's `SwarmSession` and hands text to the request handler through a bounded channel. When the handler goes
 //! away (the HTTP client disconnected), the next send fails, the loop stops, and the session is closed on every
 //! stage, which frees its KV cache there.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
-use shardline_kernels::{Sampled, SamplingParams};
-use shardline_node::ModelError;
+use shardline_kernels::Sampled;
 use shardline_node::engine::TextStream;
-use shardline_node::generate::{self, FinishReason, GenerateParams, Generation, Stepper};
+use shardline_node::generate::{self, FinishReason, GenerateParams, Generation, TextSink};
 use tokio::sync::mpsc;
-use tracing::{debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
-use crate::client::SwarmSession;
-use crate::session::SessionError;
-
-use super::ServedModel;
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::{ApiConfig, ServedModel};
 
-/// What the generation thread reports, in order: text pieces, then exactly one `Done` or `Failed`.
+/// Events buffered between the generation task and the response; a reader that falls this far behind holds the
+/// generation at its next text event.
+const CHANNEL_EVENTS: usize = 64;
+
+/// What the generation task reports, in order: text pieces, then exactly one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum GenEvent {
     /// Text that became final, with the samples of the generated tokens sampled since the previous `Text` (in
@@ -35,33 +34,36 @@ pub enum GenEvent {
     Failed(ApiError),
 }
 
-/// Steps a swarm session, keeping its typed error (the engine's loop only sees a `ModelError`), and collects the
-/// samples of generated tokens for the next text event.
-struct ApiStepper {
-    session: SwarmSession,
-    handle: tokio::runtime::Handle,
-    error: Option<SessionError>,
-    /// Prompt positions not fed yet: a sample taken before the whole prompt is fed is not a generated token.
-    prompt_left: usize,
-    stop_tokens: Vec<u32>,
-    pending: Rc<RefCell<Vec<Sampled>>>,
+/// Sends the loop's text to the response as `GenEvent::Text`, with the samples of the tokens generated since the
+/// previous one, and counts each generated token in the live rates as it is sampled.
+struct ChannelSink {
+    tx: mpsc::Sender<GenEvent>,
+    pending: Vec<Sampled>,
     metrics: Arc<Metrics>,
+    /// Longest wait for room in the channel before the reader counts as gone; `None` waits as long as the reader
+    /// takes (the default: `ApiConfig::send_timeout`).
+    send_timeout: Option<Duration>,
 }
 
-impl Stepper for ApiStepper {
-    fn step(&mut self, tokens: &[u32], _sampling: &SamplingParams, _n_top: usize) -> shardline_node::Result<Sampled> {
-        let s = self.handle.block_on(self.session.step(tokens)).map_err(|e| {
-            let message = format!("swarm: {e}");
-            self.error = Some(e);
-            ModelError::Invalid(message)
-        })?;
-        self.prompt_left = self.prompt_left.saturating_sub(tokens.len());
-        // The generation loop ends at a stop token without making it part of the output.
-        if self.prompt_left == 0 && !self.stop_tokens.contains(&s.token) {
-            self.pending.borrow_mut().push(s.clone());
-            self.metrics.record_token();
+impl TextSink for ChannelSink {
+    fn token(&mut self, sample: &Sampled) {
+        self.pending.push(sample.clone());
+        self.metrics.record_token();
+    }
+
+    async fn text(&mut self, text: &str) -> bool {
+        let event = GenEvent::Text { text: text.to_string(), samples: std::mem::take(&mut self.pending) };
+        self.send(event).await
+    }
+}
+
+impl ChannelSink {
+    /// Whether the event reached the channel (a reader is still there).
+    async fn send(&self, event: GenEvent) -> bool {
+        match self.send_timeout {
+            None => self.tx.send(event).await.is_ok(),
+            Some(limit) => self.tx.send_timeout(event, limit).await.is_ok(),
         }
-        Ok(s)
     }
 }
 
@@ -74,32 +76,17 @@ pub fn spawn(
     prompt: Vec<u32>,
     params: GenerateParams,
     metrics: Arc<Metrics>,
-    retry_after_secs: u64,
+    config: &ApiConfig,
 ) -> mpsc::Receiver<GenEvent> {
-    let (tx, rx) = mpsc::channel(64);
-    let handle = tokio::runtime::Handle::current();
-    let session = model.client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
+    let (tx, rx) = mpsc::channel(CHANNEL_EVENTS);
+    let mut session = model.client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
     let span = info_span!("request", id = %request_id, model = %model.name);
-    tokio::task::spawn_blocking(move || {
-        let _in_request = span.enter();
-        let pending = Rc::new(RefCell::new(Vec::new()));
-        let mut stepper = ApiStepper {
-            session,
-            handle: handle.clone(),
-            error: None,
-            prompt_left: prompt.len(),
-            stop_tokens: params.stop_tokens.clone(),
-            pending: pending.clone(),
-            metrics: metrics.clone(),
-        };
+    let retry_after_secs = config.retry_after_secs;
+    let mut sink = ChannelSink { tx, pending: Vec::new(), metrics: metrics.clone(), send_timeout: config.send_timeout };
+    let task = async move {
         let mut decoder = TextStream::new(model.tokenizer.clone());
-        let text_tx = tx.clone();
-        let result = generate::generate(&mut stepper, &prompt, &params, &mut decoder, &mut |text| {
-            let samples = std::mem::take(&mut *pending.borrow_mut());
-            text_tx.blocking_send(GenEvent::Text { text: text.to_string(), samples }).is_ok()
-        });
-        let ApiStepper { session, error, .. } = stepper;
-        handle.block_on(session.close());
+        let result = generate::generate(&mut session, &prompt, &params, &mut decoder, &mut sink).await;
+        session.close().await;
         let event = match result {
             Ok(g) => {
                 metrics.record_generation(&g);
@@ -111,16 +98,91 @@ pub fn spawn(
                 GenEvent::Done(Box::new(g))
             }
             Err(e) => {
-                let err = match error {
-                    Some(s) => ApiError::from_session(&s, retry_after_secs),
-                    None => ApiError::internal(e.to_string()),
-                };
+                let err = ApiError::from_generation(&e, retry_after_secs);
                 metrics.record_failure(&err);
                 info!(error = %err, "generation failed");
                 GenEvent::Failed(err)
             }
         };
-        let _ = tx.blocking_send(event);
-    });
+        sink.send(event).await;
+    };
+    tokio::spawn(task.instrument(span));
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::PeerId;
+    use shardline_kernels::SamplingParams;
+    use shardline_node::generate::{GenerateError, PieceDecoder};
+    use shardline_proto::wire::ErrorCode;
+
+    use crate::session::SessionError;
+
+    use super::*;
+
+    fn sink(tx: mpsc::Sender<GenEvent>, send_timeout: Option<Duration>) -> ChannelSink {
+        ChannelSink { tx, pending: Vec::new(), metrics: Arc::new(Metrics::default()), send_timeout }
+    }
+
+    #[tokio::test]
+    async fn text_carries_the_tokens_sampled_since_the_last_piece() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut s = sink(tx, None);
+        s.token(&Sampled { token: 7, logprob: -0.5, top: vec![] });
+        s.token(&Sampled { token: 8, logprob: -1.5, top: vec![] });
+        assert!(s.text("ab").await);
+        assert!(s.text("c").await);
+        let Some(GenEvent::Text { text, samples }) = rx.recv().await else { panic!("a text event") };
+        assert_eq!((text.as_str(), samples.iter().map(|s| s.token).collect::<Vec<_>>()), ("ab", vec![7, 8]));
+        let Some(GenEvent::Text { samples, .. }) = rx.recv().await else { panic!("a text event") };
+        assert!(samples.is_empty());
+        assert_eq!(s.metrics.rates().tokens.iter().sum::<u64>(), 2, "each generated token counted once");
+        drop(rx);
+        assert!(!s.text("d").await, "a reader that went away cancels the generation");
+    }
+
+    /// Stages that always answer that they are out of KV cache.
+    struct BusyStages;
+
+    impl generate::Stepper for BusyStages {
+        type Error = SessionError;
+
+        async fn feed(&mut self, _: &[u32]) -> Result<(), SessionError> {
+            Ok(())
+        }
+
+        async fn step(&mut self, _: &[u32], _: &SamplingParams, _: usize) -> Result<Sampled, SessionError> {
+            Err(SessionError::Stage { peer: PeerId::random(), code: ErrorCode::Busy, message: "kv cache full".into() })
+        }
+    }
+
+    struct NoText;
+
+    impl PieceDecoder for NoText {
+        fn push(&mut self, _: u32) -> String {
+            String::new()
+        }
+        fn finish(&mut self) -> String {
+            String::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_stage_reaches_the_api_as_429_through_the_loop() {
+        let params = GenerateParams { prefill_chunk: 2, ..GenerateParams::default() };
+        let r = generate::generate(&mut BusyStages, &[1, 2, 3], &params, &mut NoText, &mut |_: &str| true).await;
+        let Err(e) = r else { panic!("the step fails") };
+        assert!(matches!(e, GenerateError::Step(SessionError::Stage { code: ErrorCode::Busy, .. })), "{e:?}");
+        let api = ApiError::from_generation(&e, 4);
+        assert_eq!((api.status.as_u16(), api.retry_after), (429, Some(4)));
+    }
+
+    #[tokio::test]
+    async fn a_send_timeout_gives_up_on_a_stalled_reader() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut s = sink(tx, Some(Duration::from_millis(50)));
+        assert!(s.text("a").await, "room for one event");
+        assert!(!s.text("b").await, "the reader never reads: the send gives up after the timeout");
+    }
 }

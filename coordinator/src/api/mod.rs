@@ -4,8 +4,8 @@
 //!
 //! The coordinator holds no weights: each served model is opened from a local copy of its file for the tokenizer,
 //! the chat template and the model id only, and its sessions run over the coordinator's registry. The path of a
-//! request: `routes.rs` (parse, validate, tokenise) → `generation.rs` (the engine's generation loop over a
-//! `SwarmSession`) → `sse.rs` or a JSON body; failures become `error.rs`'s OpenAI-shaped errors.
+//! request: `routes.rs` (parse, validate, tokenise) → `generation.rs` (an async task running the engine's generation
+//! loop over a `SwarmSession`) → `sse.rs` or a JSON body; failures become `error.rs`'s OpenAI-shaped errors.
 
 pub mod dashboard;
 pub mod error;
@@ -50,6 +50,9 @@ pub struct ApiConfig {
     pub default_chat_tokens: usize,
     /// Positions per prefill frame sent to the first stage.
     pub prefill_chunk: usize,
+    /// Longest wait for a streaming reader to take the next text event before the generation counts it as gone
+    /// and closes the session; `None` waits as long as the reader takes (see `generation.rs`).
+    pub send_timeout: Option<Duration>,
 }
 
 impl Default for ApiConfig {
@@ -60,6 +63,7 @@ impl Default for ApiConfig {
             default_completion_tokens: 16,
             default_chat_tokens: 1024,
             prefill_chunk: 64,
+            send_timeout: None,
         }
     }
 }

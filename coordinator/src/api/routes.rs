@@ -123,8 +123,7 @@ async fn start(
     prompt: Vec<u32>,
     params: GenerateParams,
 ) -> Result<(GenEvent, tokio::sync::mpsc::Receiver<GenEvent>), ApiError> {
-    let (metrics, retry_after) = (state.metrics.clone(), state.config.retry_after_secs);
-    let mut rx = generation::spawn(model.clone(), request_id, prompt, params, metrics, retry_after);
+    let mut rx = generation::spawn(model.clone(), request_id, prompt, params, state.metrics.clone(), &state.config);
     match rx.recv().await {
         None => Err(ApiError::internal("generation ended without a result")),
         Some(GenEvent::Failed(e)) => Err(e),
