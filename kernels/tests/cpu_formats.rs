@@ -131,7 +131,7 @@ fn matmul_matches_an_f64_reference_within_the_activation_quantisation() {
 fn every_simd_level_gives_identical_bits() {
     let mut rng = Rng::new(42);
     let levels = levels();
-    for dtype in ALL_QUANTISED {
+    for dtype in all_quantised() {
         let ks: &[usize] = if dtype.is_super_block() { &[256, 768, 1536] } else { &[96, 576] };
         for &k in ks {
             for (n, t) in [(37, 1), (6, 2), (45, 5), (13, 4)] {
@@ -155,7 +155,7 @@ fn every_simd_level_gives_identical_bits() {
 #[test]
 fn thread_count_and_row_batching_do_not_change_bits() {
     let mut rng = Rng::new(43);
-    for dtype in ALL_QUANTISED {
+    for dtype in all_quantised() {
         let (k, n, t) = (512, 301, 5);
         let wb = file_blocks(&mut rng, dtype, n * k, 1.0);
         let x = rng.vec(t * k, 1.5);

@@ -8,9 +8,9 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-mod close;
+mod shared;
 #[allow(unused_imports)]
-pub use close::{Tol, assert_close};
+pub use shared::{Tol, assert_close};
 
 use std::sync::Arc;
 
@@ -116,36 +116,7 @@ pub fn weight_bytes(rng: &mut Rng, dtype: DType, rows: usize, cols: usize, scale
         DType::F32 => rng.vec(n, scale).iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::F16 => rng.vec(n, scale).iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
         DType::BF16 => rng.vec(n, scale).iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
-        _ => {
-            // Random bytes are valid codes and sub-scales in every format; the f16 super-scales are then set to
-            // small positive values so that |x| stays around `scale`.
-            let mut out: Vec<u8> = (0..dtype.bytes_for(n).expect("whole blocks")).map(|_| rng.u64() as u8).collect();
-            let (d_at, dmin_at, span) = match dtype {
-                DType::Q8_0 => (0, None, 127.0),
-                DType::Q4_0 => (0, None, 8.0),
-                DType::Q4_1 => (0, Some(2), 15.0),
-                DType::Q5_0 => (0, None, 16.0),
-                DType::Q5_1 => (0, Some(2), 31.0),
-                DType::IQ4_NL => (0, None, 127.0),
-                DType::Q2_K => (80, Some(82), 45.0),
-                DType::Q3_K => (108, None, 128.0),
-                DType::Q4_K => (0, Some(2), 945.0),
-                DType::Q5_K => (0, Some(2), 1953.0),
-                DType::Q6_K => (208, None, 4064.0),
-                DType::IQ4_XS => (0, None, 4064.0),
-                _ => unreachable!("plain dtypes are handled above"),
-            };
-            for blk in out.chunks_exact_mut(dtype.block_bytes()) {
-                let d = f16::from_f32(scale * (0.5 + rng.f32(0.5).abs()) / span);
-                blk[d_at..d_at + 2].copy_from_slice(&d.to_le_bytes());
-                if let Some(at) = dmin_at {
-                    // Q4_1/Q5_1 store the minimum itself; the K-quants a scale of 6-bit (or 4-bit) minimums.
-                    let m = if dtype.is_super_block() { scale * 0.5 / span * 4.0 } else { -scale * 0.5 };
-                    blk[at..at + 2].copy_from_slice(&f16::from_f32(m).to_le_bytes());
-                }
-            }
-            out
-        }
+        _ => shared::file_blocks(|| rng.u64(), dtype, n, scale),
     }
 }
 

@@ -1,10 +1,10 @@
 //! Helpers shared by the CPU backend tests: a seeded generator and tensor builders.
 #![allow(dead_code)]
 
-#[path = "../common/close.rs"]
-mod close;
+#[path = "../common/shared.rs"]
+mod shared;
 #[allow(unused_imports)]
-pub use close::{Tol, assert_close};
+pub use shared::{Tol, assert_close};
 
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
@@ -88,35 +88,9 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Random blocks of a quantised `dtype` as a model file holds them: random bytes (valid codes and sub-scales in every
-/// format), with the f16 super-scales set so that |x| stays around `scale`. For the formats `quant::quantize` cannot
-/// write.
+/// Random blocks of a quantised `dtype` as a model file holds them (see `shared::file_blocks`).
 pub fn file_blocks(rng: &mut Rng, dtype: DType, elems: usize, scale: f32) -> Vec<u8> {
-    let mut out: Vec<u8> = (0..dtype.bytes_for(elems).unwrap()).map(|_| rng.next_u64() as u8).collect();
-    let (d_at, dmin_at, span) = match dtype {
-        DType::Q8_0 => (0, None, 127.0),
-        DType::Q4_0 => (0, None, 8.0),
-        DType::Q4_1 => (0, Some(2), 15.0),
-        DType::Q5_0 => (0, None, 16.0),
-        DType::Q5_1 => (0, Some(2), 31.0),
-        DType::IQ4_NL => (0, None, 127.0),
-        DType::Q2_K => (80, Some(82), 45.0),
-        DType::Q3_K => (108, None, 128.0),
-        DType::Q4_K => (0, Some(2), 945.0),
-        DType::Q5_K => (0, Some(2), 1953.0),
-        DType::Q6_K => (208, None, 4064.0),
-        DType::IQ4_XS => (0, None, 4064.0),
-        other => panic!("{other} is not a quantised dtype"),
-    };
-    for blk in out.chunks_exact_mut(dtype.block_bytes()) {
-        let d = half::f16::from_f32(scale * (0.5 + rng.unit() as f32) / span);
-        blk[d_at..d_at + 2].copy_from_slice(&d.to_le_bytes());
-        if let Some(at) = dmin_at {
-            let m = if dtype.is_super_block() { scale * 2.0 / span } else { -scale * 0.5 };
-            blk[at..at + 2].copy_from_slice(&half::f16::from_f32(m).to_le_bytes());
-        }
-    }
-    out
+    shared::file_blocks(|| rng.next_u64(), dtype, elems, scale)
 }
 
 /// The formats read from files only (no quantiser here).
@@ -124,17 +98,6 @@ pub const FILE_ONLY: [DType; 7] =
     [DType::IQ4_NL, DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS];
 
 /// Every quantised format, 32-value and super-block.
-pub const ALL_QUANTISED: [DType; 12] = [
-    DType::Q8_0,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::IQ4_NL,
-    DType::Q2_K,
-    DType::Q3_K,
-    DType::Q4_K,
-    DType::Q5_K,
-    DType::Q6_K,
-    DType::IQ4_XS,
-];
+pub fn all_quantised() -> impl Iterator<Item = DType> {
+    DType::ALL.into_iter().filter(|d| d.is_quantized())
+}
