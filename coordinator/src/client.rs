@@ -53,7 +53,7 @@ use crate::discovery::{Discovery, DiscoveryConfig};
 use crate::queue::QueuePermit;
 use crate::registry::{NodeRegistry, RegistryConfig};
 use crate::routing::{self, CoveragePolicy, Route, RouteError};
-use crate::session::{PipelineSession, SessionError, SessionParams};
+use crate::session::{RouteSession, SessionError, SessionParams};
 
 /// Settings of a swarm client.
 #[derive(Clone, Debug)]
@@ -213,7 +213,7 @@ pub struct SwarmSession {
     n_top: u8,
     /// Every token fed so far: what a new route must be prefilled with.
     history: Vec<u32>,
-    pipeline: Option<PipelineSession>,
+    pipeline: Option<RouteSession>,
     permits: Vec<QueuePermit>,
     failovers: usize,
     /// Peers of every route used, in order.
@@ -257,10 +257,9 @@ impl SwarmSession {
         };
         let registry = inner.registry.clone();
         let peers = route.peers();
-        let mut pipeline = PipelineSession::open(&inner.pool, route, &params, Limits::default(), |p, rtt| {
-            registry.record_rtt(&p, rtt)
-        })
-        .await?;
+        let mut pipeline =
+            RouteSession::open(&inner.pool, route, &params, Limits::default(), |p, rtt| registry.record_rtt(&p, rtt))
+                .await?;
         if !self.history.is_empty() {
             info!(tokens = self.history.len(), "re-prefilling the session history on the new route");
             pipeline.feed(&self.history, false).await?;

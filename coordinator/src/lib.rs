@@ -16,4 +16,4 @@ pub use queue::{NodeQueue, QueueError, QueuePermit};
 pub use registry::{NodeEntry, NodeHealth, NodeRegistry, RegistryConfig, Upsert};
 pub use routing::{CoveragePolicy, Route, RouteError, RouteStage};
 pub use run::{CoordinatorArgs, CoordinatorHandle, run_coordinator, start_coordinator};
-pub use session::{PipelineSession, SessionError, SessionParams};
+pub use session::{RouteSession, SessionError, SessionParams};

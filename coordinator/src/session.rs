@@ -72,7 +72,7 @@ enum StageEvent {
 }
 
 /// An open session on every stage of a route.
-pub struct PipelineSession {
+pub struct RouteSession {
     id: SessionId,
     route: Route,
     controls: Vec<quinn::SendStream>,
@@ -82,7 +82,7 @@ pub struct PipelineSession {
     prefill_chunk: usize,
 }
 
-impl Drop for PipelineSession {
+impl Drop for RouteSession {
     fn drop(&mut self) {
         for r in &self.readers {
             r.abort();
@@ -90,7 +90,7 @@ impl Drop for PipelineSession {
     }
 }
 
-impl PipelineSession {
+impl RouteSession {
     /// Opens the session on every stage, last stage first. `rtt` receives the measured round-trip time per stage.
     pub async fn open(
         pool: &ConnectionPool,
@@ -98,7 +98,7 @@ impl PipelineSession {
         params: &SessionParams,
         limits: Limits,
         mut rtt: impl FnMut(PeerId, std::time::Duration),
-    ) -> Result<PipelineSession, SessionError> {
+    ) -> Result<RouteSession, SessionError> {
         let id: SessionId = rand::random();
         let n = route.stages.len();
         let layout: Vec<String> = route.stages.iter().map(|s| format!("{}@{}", s.span, s.addr)).collect();
@@ -164,7 +164,7 @@ impl PipelineSession {
         let controls = controls.into_iter().map(|c| c.expect("every stage opened")).collect();
         // The stages log under the same session id, so one request can be followed across machines.
         info!(session = id, route = %layout.join(" "), "pipeline session open");
-        Ok(PipelineSession {
+        Ok(RouteSession {
             id,
             route,
             controls,

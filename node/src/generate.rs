@@ -14,7 +14,7 @@ use std::time::Instant;
 use shardline_kernels::{Sampled, SamplingParams};
 
 use crate::error::{ModelError, Result};
-use crate::model::{Shard, ShardInput, ShardOutput, ShardSession};
+use crate::model::{Shard, ShardInput, ShardKv, ShardOutput};
 
 /// Something that runs a session's tokens through every layer and samples the token that follows them.
 pub trait Stepper {
@@ -120,7 +120,7 @@ impl LocalPipeline {
 /// One session over a [`LocalPipeline`].
 pub struct LocalSession<'a> {
     pipeline: &'a LocalPipeline,
-    sessions: Vec<ShardSession>,
+    sessions: Vec<ShardKv>,
 }
 
 impl LocalSession<'_> {

@@ -89,13 +89,13 @@ struct Head {
 
 /// A session's state on this shard: its KV-cache blocks and how many positions are filled.
 #[derive(Debug)]
-pub struct ShardSession {
+pub struct ShardKv {
     reservation: BlockReservation,
     capacity: usize,
     len: usize,
 }
 
-impl ShardSession {
+impl ShardKv {
     /// Positions already in the KV cache (the position of the next token).
     pub fn len(&self) -> usize {
         self.len
@@ -286,7 +286,7 @@ impl Shard {
     }
 
     /// Admits a session that will hold at most `max_tokens` positions, reserving its KV-cache blocks now.
-    pub fn open_session(&self, max_tokens: usize) -> Result<ShardSession> {
+    pub fn open_session(&self, max_tokens: usize) -> Result<ShardKv> {
         if max_tokens > self.config.context_length {
             return Err(ModelError::ContextOverflow {
                 tokens: max_tokens,
@@ -295,12 +295,12 @@ impl Shard {
             });
         }
         let reservation = BlockReservation::reserve(&self.allocator, max_tokens, self.block_tokens)?;
-        Ok(ShardSession { capacity: reservation.blocks().len() * self.block_tokens, reservation, len: 0 })
+        Ok(ShardKv { capacity: reservation.blocks().len() * self.block_tokens, reservation, len: 0 })
     }
 
     /// Runs the shard on `T` new positions of a session, appending them to its KV cache. The last stage returns the
     /// logits of the last position only.
-    pub fn forward(&self, s: &mut ShardSession, input: ShardInput<'_>) -> Result<ShardOutput> {
+    pub fn forward(&self, s: &mut ShardKv, input: ShardInput<'_>) -> Result<ShardOutput> {
         self.forward_inner(s, input, self.layers, false)
     }
 
@@ -308,12 +308,12 @@ impl Shard {
     /// a suffix of its shard when the route joins it midway (overlapping layouts such as `0..16` + `10..30`); a
     /// session must use the same span for all its positions. Tokens go in only when `span` starts at layer 0, and
     /// logits come out only when it ends at the model's last layer.
-    pub fn forward_span(&self, s: &mut ShardSession, input: ShardInput<'_>, span: LayerRange) -> Result<ShardOutput> {
+    pub fn forward_span(&self, s: &mut ShardKv, input: ShardInput<'_>, span: LayerRange) -> Result<ShardOutput> {
         self.forward_inner(s, input, span, false)
     }
 
     /// As [`Shard::forward`], but the last stage returns logits for every position (teacher forcing, evaluation).
-    pub fn forward_all_logits(&self, s: &mut ShardSession, input: ShardInput<'_>) -> Result<ShardOutput> {
+    pub fn forward_all_logits(&self, s: &mut ShardKv, input: ShardInput<'_>) -> Result<ShardOutput> {
         self.forward_inner(s, input, self.layers, true)
     }
 
@@ -325,7 +325,7 @@ impl Shard {
 
     fn forward_inner(
         &self,
-        s: &mut ShardSession,
+        s: &mut ShardKv,
         input: ShardInput<'_>,
         span: LayerRange,
         all_logits: bool,

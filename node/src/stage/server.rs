@@ -13,7 +13,7 @@ use tracing::{debug, info};
 
 use super::core::{Action, Admission, Event, StageCompute, StageConfig, StageCore, StreamId};
 use super::shard_stage::ShardStage;
-use crate::model::{Shard, ShardSession};
+use crate::model::{Shard, ShardKv};
 use shardline_proto::pool::ConnectionPool;
 use shardline_proto::tls::{StageIdentity, TlsError};
 use shardline_proto::wire::{Fingerprint, Frame, Limits, WireError, read_frame, write_frame};
@@ -125,7 +125,7 @@ impl LoadProbe {
 enum Msg {
     Accepted(quinn::SendStream, quinn::RecvStream),
     Dialed(StreamId, Result<(quinn::SendStream, quinn::RecvStream), String>),
-    Event(Event<ShardSession>),
+    Event(Event<ShardKv>),
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, tx: UnboundedSender<Msg>) {
@@ -231,7 +231,7 @@ impl Driver {
         self.streams.insert(stream, StreamIo { credit, writes, reader });
     }
 
-    async fn act(&mut self, action: Action<ShardSession>) {
+    async fn act(&mut self, action: Action<ShardKv>) {
         match action {
             Action::Read { stream } => {
                 if let Some(io) = self.streams.get(&stream) {

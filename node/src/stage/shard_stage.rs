@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::core::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample, StageCompute, StageModel};
 use crate::error::ModelError;
-use crate::model::{Shard, ShardInput, ShardOutput, ShardSession};
+use crate::model::{Shard, ShardInput, ShardKv, ShardOutput};
 use crate::wire_convert::compute_dtype;
 use shardline_proto::wire::{ErrorCode, HiddenStates, SessionOpen, StageData, TokenResult};
 
@@ -28,7 +28,7 @@ impl ShardStage {
     }
 
     /// Runs one item through its span; `kv` holds `item.start` positions before and `start + n` after.
-    fn run(&self, item: &mut ComputeItem<ShardSession>) -> Result<ComputeOutput, ModelError> {
+    fn run(&self, item: &mut ComputeItem<ShardKv>) -> Result<ComputeOutput, ModelError> {
         let shard = &self.shard;
         let backend = shard.backend().clone();
         let wire = item.wire_dtype;
@@ -57,7 +57,7 @@ impl ShardStage {
 }
 
 impl StageModel for ShardStage {
-    type Kv = ShardSession;
+    type Kv = ShardKv;
 
     fn check_open(&self, open: &SessionOpen) -> Result<(), String> {
         let c = self.shard.config();
@@ -80,7 +80,7 @@ impl StageModel for ShardStage {
         Ok(())
     }
 
-    fn reserve(&self, max_tokens: usize) -> Result<ShardSession, Failure> {
+    fn reserve(&self, max_tokens: usize) -> Result<ShardKv, Failure> {
         self.shard.open_session(max_tokens).map_err(|e| match e {
             ModelError::KvCacheFull { .. } => Failure::new(ErrorCode::Busy, e.to_string()),
             other => Failure::new(ErrorCode::BadRequest, other.to_string()),
@@ -90,7 +90,7 @@ impl StageModel for ShardStage {
 
 impl StageCompute for ShardStage {
     /// Runs the items one after another (`Shard` has no batched forward yet).
-    fn compute(&self, batch: ComputeBatch<ShardSession>) -> Vec<ComputeResult<ShardSession>> {
+    fn compute(&self, batch: ComputeBatch<ShardKv>) -> Vec<ComputeResult<ShardKv>> {
         batch
             .items
             .into_iter()

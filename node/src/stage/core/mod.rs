@@ -42,7 +42,7 @@ pub use events::{Event, StreamId};
 pub use model::{StageCompute, StageModel};
 pub use session::{INPUT_QUEUE, OUTPUT_WINDOW};
 
-use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, Session, Upstream};
+use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, StageSession, Upstream};
 
 use crate::wire_convert::sampling_from_wire;
 use shardline_proto::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
@@ -74,7 +74,7 @@ pub struct StageCore<M: StageModel> {
     config: StageConfig,
     admission: Admission,
     /// Ordered by id so batches are built in a stable order.
-    sessions: BTreeMap<SessionId, Session<M::Kv>>,
+    sessions: BTreeMap<SessionId, StageSession<M::Kv>>,
     streams: HashMap<StreamId, StreamState>,
     actions: VecDeque<Action<M::Kv>>,
     /// A batch is out; the next is built when it comes back.
@@ -327,7 +327,7 @@ impl<M: StageModel> StageCore<M> {
         }
         let next = open.rest.first().map(|h| (h.addr, h.fingerprint));
         let deadline = now + self.config.connect_timeout;
-        let mut entry = Session {
+        let mut entry = StageSession {
             open,
             control: stream,
             phase: Phase::Opening { deadline },
@@ -588,7 +588,7 @@ impl<M: StageModel> StageCore<M> {
 
     // ---- endings ----
 
-    fn deadline(&self, s: &Session<M::Kv>) -> Option<Instant> {
+    fn deadline(&self, s: &StageSession<M::Kv>) -> Option<Instant> {
         match s.phase {
             Phase::Opening { deadline } => Some(deadline),
             Phase::Running if s.in_flight.is_none() => Some(s.last_active + self.config.idle_timeout),
@@ -667,7 +667,7 @@ impl<M: StageModel> StageCore<M> {
 }
 
 /// Checks a chunk against the session's history and shape; a chunk that does not fit becomes the session's end.
-fn chunk<K>(s: &mut Session<K>, position: u64, kind: ChunkKind, data: StageData) -> Queued {
+fn chunk<K>(s: &mut StageSession<K>, position: u64, kind: ChunkKind, data: StageData) -> Queued {
     if position != s.next_position {
         let msg = format!("position {position}, expected {}", s.next_position);
         return Queued::End(Err(Failure::new(ErrorCode::BadRequest, msg)));

@@ -79,7 +79,7 @@ pub(super) enum Queued {
     End(Result<(), Failure>),
 }
 
-pub(super) struct Session<K> {
+pub(super) struct StageSession<K> {
     pub open: SessionOpen,
     pub control: StreamId,
     pub phase: Phase,
@@ -99,7 +99,7 @@ pub(super) struct Session<K> {
     pub _slot: Slot,
 }
 
-impl<K> Session<K> {
+impl<K> StageSession<K> {
     /// The streams input frames arrive on.
     pub fn input_streams(&self) -> impl Iterator<Item = StreamId> {
         let upstream = match self.upstream {
