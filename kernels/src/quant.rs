@@ -73,15 +73,7 @@ impl BlockQ8_0 {
 impl BlockQ4_0 {
     /// ggml `quantize_row_q4_0_ref`: the value of largest magnitude maps to −8, `q = min(15, trunc(x/d + 8.5))`.
     pub fn quantize(x: &[f32; QK]) -> Self {
-        let mut amax = 0.0f32;
-        let mut max = 0.0f32;
-        for &v in x {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        let d = max / -8.0;
+        let d = signed_absmax(x) / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0u8; QK / 2];
         for (j, q) in qs.iter_mut().enumerate() {
@@ -136,6 +128,20 @@ impl BlockQ4_1 {
 }
 
 /// Checks that `elems` values of `dtype` occupy exactly `bytes` bytes.
+/// The value of largest magnitude in `x` (the first one on ties), with its sign: ggml's reference quantisers scale a
+/// block so that this value maps to the most negative code.
+pub(crate) fn signed_absmax(x: &[f32]) -> f32 {
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
 fn check_len(op: &'static str, dtype: DType, elems: usize, bytes: usize) -> Result<()> {
     let expected =
         dtype.bytes_for(elems).ok_or(KernelError::PartialBlock { dtype, len: elems, block: dtype.block_elems() })?;

@@ -205,15 +205,7 @@ pub fn dequantize32(dtype: DType, blk: &[u8], out: &mut [f32]) {
 /// ggml `quantize_row_q5_0_ref` (one block): the value of largest magnitude maps to −16,
 /// `q = min(31, trunc(x/d + 16.5))`.
 pub fn quantize_q5_0(x: &[f32], out: &mut Vec<u8>) {
-    let mut amax = 0.0f32;
-    let mut max = 0.0f32;
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    let d = max / -16.0;
+    let d = crate::quant::signed_absmax(x) / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let q: [u8; 32] = std::array::from_fn(|j| ((x[j] * id + 16.5) as i8).min(31) as u8);
     push_q5(f16::from_f32(d), None, &q, out);
