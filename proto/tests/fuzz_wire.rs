@@ -66,7 +66,7 @@ fn frame(kind: u8, session: u64, position: u64, n: usize, bytes: &[u8]) -> Frame
         },
         1 => Frame::Opened { session },
         2 => Frame::Attach { session, dtype: DTYPES[n % 3], width: 1 + n as u32 },
-        3 => Frame::Prefill { session, position, last: n % 2 == 0, data: tokens() },
+        3 => Frame::Prefill { session, position, last: n.is_multiple_of(2), data: tokens() },
         4 => Frame::Prefill { session, position, last: n % 2 == 1, data: hidden(DTYPES[n % 3], 1 + bytes.len() % 4) },
         5 => Frame::Decode { session, position, data: StageData::Tokens(vec![n as u32]) },
         6 => Frame::Decode { session, position, data: hidden(DTYPES[n % 3], 1) },
