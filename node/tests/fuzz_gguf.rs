@@ -8,6 +8,7 @@ mod fuzz_common;
 
 use proptest::prelude::*;
 use shardline_kernels::DType;
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::{GgufFile, GgufValue};
 use shardline_node::formats::gguf_writer::GgufWriter;
 use shardline_node::test_models::quantize;
