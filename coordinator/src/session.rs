@@ -198,7 +198,8 @@ impl RouteSession {
             conns[i] = Some(conn);
         }
         let controls = controls.into_iter().map(|c| c.expect("every stage opened")).collect();
-        let conns = conns.into_iter().map(|c| c.expect("every stage opened")).collect();
+        // Every slot was filled above (any failure returned early).
+        let conns = conns.into_iter().flatten().collect();
         // The stages log under the same session id, so one request can be followed across machines.
         info!(session = id, route = %layout.join(" "), "pipeline session open");
         Ok(RouteSession {
