@@ -7,13 +7,12 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardline_coordinator::{CoordinatorArgs, SwarmClient, SwarmClientConfig, start_coordinator};
+use shardline_coordinator::{CoordinatorArgs, SwarmClient, start_coordinator};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::engine::{Engine, TextStream, stop_tokens};
 use shardline_node::generate::{self, GenerateParams};
-use shardline_node::model::{LayerRange, ShardOptions};
-use shardline_node::stage::{NodeArgs, start_node};
+use shardline_node::model::ShardOptions;
 use shardline_node::test_models::model_for_tests;
 
 const PROMPTS: [&str; 3] = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 5."];

@@ -5,16 +5,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardline_coordinator::{SwarmClient, SwarmClientConfig};
+use shardline_coordinator::SwarmClient;
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::generate::Stepper;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
-use shardline_node::stage::{NodeArgs, start_node};
 use shardline_node::test_models::model_for_tests;
 use shardline_proto::tls::{self, StageIdentity};
 use shardline_proto::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
