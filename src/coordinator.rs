@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use libp2p::Multiaddr;
@@ -34,6 +35,19 @@ pub struct CoordinatorCmd {
     /// model id only; no weights are loaded); repeatable. Default: SmolLM2-135M-Instruct from the model cache.
     #[arg(long)]
     pub model: Vec<PathBuf>,
+    /// With `--http`: seconds a streaming client may leave the next piece of text unread before its generation is
+    /// stopped and its stages freed; 0 waits forever.
+    #[arg(long, default_value_t = 15)]
+    pub send_timeout_secs: u64,
+    /// With `--http`: seconds a connection may take to send a request's headers before it is closed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_secs: u64,
+    /// With `--http`: seconds a request's body may take to arrive before it is answered with 408.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_secs: u64,
+    /// With `--http`: most HTTP connections served at once (more wait in the listen backlog).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 pub fn run(cmd: CoordinatorCmd) -> Result<()> {
@@ -41,6 +55,13 @@ pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     args.key_file = cmd.key_file;
     args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.models = cmd.model_ids;
+    let api_config = ApiConfig {
+        send_timeout: (cmd.send_timeout_secs > 0).then(|| Duration::from_secs(cmd.send_timeout_secs)),
+        header_timeout: Duration::from_secs(cmd.header_timeout_secs),
+        body_timeout: Duration::from_secs(cmd.body_timeout_secs),
+        max_connections: cmd.max_connections as usize,
+        ..ApiConfig::default()
+    };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let Some(http) = cmd.http else {
         return rt.block_on(run_coordinator(args)).context("running the coordinator");
@@ -52,7 +73,7 @@ pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     };
     rt.block_on(async move {
         let coordinator = start_coordinator(args).await.context("starting the coordinator")?;
-        let state = ApiState::open(&coordinator, &models, ApiConfig::default()).context("opening the served models")?;
+        let state = ApiState::open(&coordinator, &models, api_config).context("opening the served models")?;
         let listener =
             tokio::net::TcpListener::bind(http).await.with_context(|| format!("binding the HTTP API to {http}"))?;
         println!("peer id {}", coordinator.dht.peer_id());

@@ -50,11 +50,16 @@ use shardline_proto::wire::{Limits, WireDType};
 use tracing::{info, warn};
 
 use crate::deadline::DeadlineConfig;
+use crate::blame::{self, Fault};
 use crate::discovery::{Discovery, DiscoveryConfig};
 use crate::queue::QueuePermit;
 use crate::registry::{NodeRegistry, RegistryConfig};
 use crate::routing::{self, CoveragePolicy, Route, RouteError};
 use crate::session::{RouteSession, SessionError, SessionParams};
+
+/// First wait when every route left is through a full node; doubled per wait up to [`MAX_CAPACITY_BACKOFF`].
+const CAPACITY_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_CAPACITY_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Settings of a swarm client.
 #[derive(Clone, Debug)]
@@ -68,8 +73,10 @@ pub struct SwarmClientConfig {
     pub wire_dtype: WireDType,
     /// Positions per prefill frame.
     pub prefill_chunk: usize,
-    /// Route changes a session may go through before giving up.
-    pub max_failovers: usize,
+    /// How long one step may keep failing over: while untried nodes can still form a route and this much time has
+    /// not passed since the step began, a failed stage is banned and another route tried (a fixed count would let a
+    /// handful of faulty nodes exhaust it with honest replicas still untried).
+    pub failover_deadline: Duration,
     /// How long a session waits in a saturated node's queue.
     pub admit_wait: Duration,
     /// Longest wait for the token of one step (prefill included) before the step fails, however alive its stages.
@@ -90,7 +97,7 @@ impl SwarmClientConfig {
             policy: CoveragePolicy::WaitAndRetry { timeout: Duration::from_secs(30) },
             wire_dtype: WireDType::F32,
             prefill_chunk: 64,
-            max_failovers: 3,
+            failover_deadline: Duration::from_secs(60),
             admit_wait: Duration::from_secs(30),
             step_timeout: Duration::from_secs(300),
             detect: DeadlineConfig::default(),
@@ -234,10 +241,15 @@ impl SwarmSession {
         self.failovers
     }
 
-    async fn connect(&mut self) -> Result<(), SessionError> {
+    /// Plans a route around `excluded` under `policy`, admits the session in each node's queue, opens it and
+    /// re-prefills the history.
+    async fn connect(&mut self, excluded: &HashSet<PeerId>, policy: CoveragePolicy) -> Result<(), SessionError> {
         let inner = &self.client.inner;
         let c = &inner.config;
-        let route = routing::route(&inner.registry, &c.model_id, &HashSet::new(), c.policy).await?;
+        let max_tokens = u32::try_from(self.max_tokens).map_err(|_| {
+            SessionError::Request(format!("{} positions do not fit a session (at most {})", self.max_tokens, u32::MAX))
+        })?;
+        let route = routing::route(&inner.registry, &c.model_id, excluded, policy).await?;
         let shape = inner
             .registry
             .model_shape(&c.model_id)
@@ -253,7 +265,7 @@ impl SwarmSession {
             model_id: c.model_id.clone(),
             n_layers: shape.n_layers,
             hidden: shape.hidden,
-            max_tokens: self.max_tokens as u32,
+            max_tokens,
             sampling: self.sampling,
             n_top: self.n_top,
             wire_dtype: c.wire_dtype,
@@ -279,29 +291,47 @@ impl SwarmSession {
     /// stage fails. Without `sample` the frames are only written: a stage's failure on them surfaces at the next
     /// sampled step, whose failover re-prefills them (they are in the history by then).
     ///
-    /// Under [`CoveragePolicy::WaitAndRetry`] its timeout is a hard deadline for getting a working route in this step
-    /// (connecting and every failover together), not a wait per attempt.
+    /// Each failure is classified (`blame.rs`): the request's own fault ends the step at once; a peer's fault bans
+    /// that peer and re-routes around it; a full node is routed around without a ban, and when no route is left but
+    /// full nodes, the step waits (backing off) for a slot until the admission wait has passed. Failover goes on while
+    /// a route avoiding every peer that failed in this step exists, within `failover_deadline`. Under
+    /// [`CoveragePolicy::WaitAndRetry`] its timeout is also a hard deadline for getting a working route in this step.
     async fn run(&mut self, tokens: &[u32], sample: bool) -> Result<Option<Sampled>, SessionError> {
-        let connect_by = match self.client.inner.config.policy {
-            CoveragePolicy::WaitAndRetry { timeout } => Some((tokio::time::Instant::now() + timeout, timeout)),
+        let (policy, admit_wait, failover_deadline, limit) = {
+            let c = &self.client.inner.config;
+            (c.policy, c.admit_wait, c.failover_deadline, c.step_timeout)
+        };
+        let started = tokio::time::Instant::now();
+        let connect_by = match policy {
+            CoveragePolicy::WaitAndRetry { timeout } => Some((started + timeout, timeout)),
             CoveragePolicy::FailFast => None,
         };
+        let give_up_at = connect_by.map_or(started + failover_deadline, |(by, _)| by.min(started + failover_deadline));
+        let capacity_by = started + admit_wait;
+        // Peers that failed in this step (banned too) and nodes found full in it (not banned).
+        let mut failed: HashSet<PeerId> = HashSet::new();
+        let mut full: HashSet<PeerId> = HashSet::new();
+        // The failure that made the last peer excluded: what the client hears when no route is left.
+        let mut last: Option<SessionError> = None;
+        let mut backoff = CAPACITY_BACKOFF;
         loop {
+            let excluded: HashSet<PeerId> = failed.union(&full).copied().collect();
+            // Around a full node, plan once and fall back to waiting below rather than waiting for coverage.
+            let plan_policy = if full.is_empty() { policy } else { CoveragePolicy::FailFast };
             let attempt = async {
                 if self.pipeline.is_none() {
                     match connect_by {
-                        Some((by, wait)) => tokio::time::timeout_at(by, self.connect())
+                        Some((by, wait)) => tokio::time::timeout_at(by, self.connect(&excluded, plan_policy))
                             .await
                             .map_err(|_| SessionError::Timeout(wait))??,
-                        None => self.connect().await?,
+                        None => self.connect(&excluded, plan_policy).await?,
                     }
                 }
                 let p = self.pipeline.as_mut().ok_or_else(|| SessionError::Protocol("no pipeline".into()))?;
-                let limit = self.client.inner.config.step_timeout;
                 tokio::time::timeout(limit, p.feed(tokens, sample)).await.map_err(|_| SessionError::Timeout(limit))?
             }
             .await;
-            match attempt {
+            let e = match attempt {
                 Ok(None) if sample => return Err(SessionError::Protocol("no token returned".into())),
                 Ok(None) => {
                     self.history.extend_from_slice(tokens);
@@ -316,21 +346,61 @@ impl SwarmSession {
                     }
                     return Ok(Some(Sampled { token: r.token, logprob: r.logprob, top: r.top }));
                 }
-                Err(e) => {
-                    self.pipeline = None;
-                    self.permits.clear();
-                    let Some(peer) = e.failed_peer() else { return Err(e) };
-                    if connect_by.is_some_and(|(by, _)| tokio::time::Instant::now() >= by) {
-                        return Err(SessionError::Exhausted(self.failovers, Box::new(e)));
+                Err(e) => e,
+            };
+            let route_peers = self.pipeline.as_ref().map(|p| p.route().peers()).unwrap_or_default();
+            self.release();
+            match blame::classify(&e) {
+                Fault::Request => return Err(e),
+                // No route around the peers excluded in this step (or none at all).
+                Fault::Final if matches!(e, SessionError::Route(_)) && last.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    if !full.is_empty() && now + backoff < capacity_by.min(give_up_at) {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_CAPACITY_BACKOFF);
+                        full.clear();
+                        continue;
                     }
-                    if self.failovers >= self.client.inner.config.max_failovers {
-                        return Err(SessionError::Exhausted(self.failovers, Box::new(e)));
-                    }
+                    let cause = last.take().unwrap_or(e);
+                    return Err(SessionError::Exhausted(self.failovers, Box::new(cause)));
+                }
+                Fault::Final => return Err(e),
+                Fault::Capacity(peer) => {
+                    info!(peer = ?peer, error = %e, "node full: routing around it (no ban)");
+                    full.extend(peer);
+                }
+                Fault::Peer(peer) => {
                     warn!(%peer, error = %e, "stage failed: banning it and re-routing");
                     self.client.inner.registry.ban(&peer);
+                    failed.insert(peer);
+                    self.failovers += 1;
+                }
+                Fault::Unattributed => {
+                    warn!(error = %e, "step failed with no stage to blame: re-routing around the whole route");
+                    failed.extend(route_peers);
                     self.failovers += 1;
                 }
             }
+            if tokio::time::Instant::now() >= give_up_at {
+                return Err(if last.is_none() { e } else { SessionError::Exhausted(self.failovers, Box::new(e)) });
+            }
+            last = Some(e);
+        }
+    }
+
+    /// Drops the current route after a failure: its stages are told to close in the background, and the session's
+    /// queue permits are released only once they have (or after `session::CLOSE_WAIT`), so the owner never counts
+    /// a slot free that a stage still holds.
+    fn release(&mut self) {
+        let permits = std::mem::take(&mut self.permits);
+        match self.pipeline.take() {
+            Some(p) => {
+                tokio::spawn(async move {
+                    p.close().await;
+                    drop(permits);
+                });
+            }
+            None => drop(permits),
         }
     }
 

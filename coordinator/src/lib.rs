@@ -2,6 +2,7 @@
 //! health, plans routes over layer boundaries, and runs pipeline sessions over QUIC (`SwarmClient`).
 
 pub mod api;
+pub mod blame;
 pub mod client;
 pub mod deadline;
 pub mod discovery;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::blame;
 use crate::deadline::{self, DeadlineConfig, StepTimes, Watched};
 use crate::routing::Route;
 
@@ -45,6 +46,14 @@ pub enum SessionError {
     Connect { peer: PeerId, detail: String },
     #[error("stage {peer} failed ({code:?}): {message}")]
     Stage { peer: PeerId, code: ErrorCode, message: String },
+    /// The peer sent what the protocol does not allow where it did (a wrong frame kind, a token for the wrong
+    /// position, a log-probability that cannot be one).
+    #[error("stage {peer} broke the protocol: {detail}")]
+    Violation { peer: PeerId, detail: String },
+    /// The request asks for something no route can serve (a size beyond what the protocol carries).
+    #[error("{0}")]
+    Request(String),
+    /// The owner's own state is wrong (no stage to blame).
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("no token within {0:?}")]
@@ -59,14 +68,18 @@ pub enum SessionError {
 }
 
 impl SessionError {
-    /// The node to blame and ban, when the failure points at one.
+    /// The node to blame and ban, when the failure is a peer's fault (see `blame.rs`: a full node is not at fault).
     pub fn failed_peer(&self) -> Option<PeerId> {
-        match self {
-            SessionError::Connect { peer, .. } | SessionError::Stage { peer, .. } => Some(*peer),
+        match crate::blame::classify(self) {
+            crate::blame::Fault::Peer(p) => Some(p),
             _ => None,
         }
     }
 }
+
+/// Longest wait for the stages to end their control streams after `Close`: a stage that does not answer by then is
+/// left to its idle timeout.
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 enum StageEvent {
     Frame(Frame),
@@ -173,11 +186,14 @@ impl RouteSession {
                 Ok(Some(Frame::Opened { .. })) => {}
                 Ok(Some(Frame::Error { code, message, .. })) => {
                     // A stage that could not reach its successor points at the successor.
-                    let blamed =
-                        if code == ErrorCode::Downstream && i + 1 < n { route.stages[i + 1].peer } else { peer };
+                    let blamed = route.stages[blame::blamed_stage(code, i, n)].peer;
                     return Err(SessionError::Stage { peer: blamed, code, message });
                 }
-                Ok(other) => return Err(SessionError::Protocol(format!("stage {peer} answered open with {other:?}"))),
+                Ok(Some(other)) => {
+                    let detail = format!("answered open with {}", other.kind().name());
+                    return Err(SessionError::Violation { peer, detail });
+                }
+                Ok(None) => return Err(conn_err("the stream ended before the answer to open".into())),
                 Err(e) => return Err(conn_err(e.to_string())),
             }
             let tx = tx.clone();
@@ -277,29 +293,58 @@ impl RouteSession {
             self.pending = 0;
         }
         let peer = self.route.stages[i].peer;
+        let n = self.route.stages.len();
         match ev {
-            StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => Ok(Some(result)),
+            StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected && i + 1 == n => {
+                match blame::implausible_token(&result) {
+                    None => Ok(Some(result)),
+                    Some(detail) => Err(SessionError::Violation { peer, detail }),
+                }
+            }
             StageEvent::Frame(Frame::Error { code, message, .. }) => {
-                // A stage that lost its successor points at the successor.
-                let n = self.route.stages.len();
-                let blamed =
-                    if code == ErrorCode::Downstream && i + 1 < n { self.route.stages[i + 1].peer } else { peer };
+                // Downstream names the next hop, Upstream the previous one.
+                let blamed = self.route.stages[blame::blamed_stage(code, i, n)].peer;
                 Err(SessionError::Stage { peer: blamed, code, message })
             }
+            StageEvent::Frame(Frame::Token { position, .. }) => {
+                let detail = format!("token for position {position} from stage {i} of {n}, expected {expected}");
+                Err(SessionError::Violation { peer, detail })
+            }
             StageEvent::Frame(other) => {
-                Err(SessionError::Protocol(format!("stage {peer} sent an unexpected {:?} frame", other.kind())))
+                Err(SessionError::Violation { peer, detail: format!("unexpected {} frame", other.kind().name()) })
             }
             StageEvent::Gone(detail) => Err(SessionError::Stage { peer, code: ErrorCode::Other(0), message: detail }),
         }
     }
 
-    /// Closes the session on every stage (they free the KV cache).
+    /// Closes the session on every stage (they free the KV cache), and waits (at most [`CLOSE_WAIT`]) until each
+    /// stage has ended its side of the control stream, which it does after freeing the session's slot. The owner's
+    /// queue permits are released after this, so the owner never counts a slot free that the stage still holds: a
+    /// session admitted right after would be refused as Busy.
     pub async fn close(mut self) {
         let id = self.id;
         for c in &mut self.controls {
             let _ = write_frame(c, &Frame::Close { session: id }).await;
             let _ = c.finish();
         }
+        // Readers are kept last stage first; one that already ended has reported its stream gone.
+        let n = self.controls.len();
+        let mut open = vec![true; n];
+        for (k, r) in self.readers.iter().enumerate() {
+            if r.is_finished() {
+                open[n - 1 - k] = false;
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while open.iter().any(|o| *o) {
+                match self.events.recv().await {
+                    Some((i, StageEvent::Gone(_))) => open[i] = false,
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        })
+        .await;
     }
 }
 

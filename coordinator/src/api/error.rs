@@ -6,9 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use shardline_node::generate::GenerateError;
-use shardline_proto::wire::ErrorCode;
 
-use crate::queue::QueueError;
 use crate::routing::RouteError;
 use crate::session::SessionError;
 
@@ -69,6 +67,11 @@ impl ApiError {
         }
     }
 
+    /// 408: the request body did not arrive within the body timeout.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", format!("the request body took over {limit:?}"))
+    }
+
     /// 404: no served model has this name or id.
     pub fn unknown_model(model: &str) -> Self {
         Self {
@@ -115,16 +118,17 @@ impl ApiError {
         }
     }
 
-    /// Maps a session failure: missing layers → 503, full queues → 429, a step the coordinator itself asked wrongly
-    /// → 500, failed stages → 502.
+    /// Maps a session failure by its fault (`blame.rs`): missing layers → 503, no capacity (full queues, a stage
+    /// out of slots or KV cache) → 429, a size the request asked for that no session can hold → 400, a step the
+    /// coordinator itself asked wrongly → 500, failed stages → 502.
     pub fn from_session(e: &SessionError, retry_after_secs: u64) -> Self {
         match e {
             SessionError::Route(RouteError::Uncovered { .. } | RouteError::UnknownModel { .. }) => {
                 Self::unavailable(e.to_string())
             }
+            SessionError::Request(_) => Self::invalid_param("max_tokens", e.to_string()),
             SessionError::SamplingChanged | SessionError::TopChanged { .. } => Self::internal(e.to_string()),
             _ if is_busy(e) => Self::busy(e.to_string(), retry_after_secs),
-            SessionError::Exhausted(_, inner) if is_busy(inner) => Self::busy(e.to_string(), retry_after_secs),
             _ => Self::upstream(e.to_string()),
         }
     }
@@ -138,13 +142,10 @@ impl ApiError {
     }
 }
 
-/// Full queues on the coordinator's side, or a stage out of sessions or KV cache.
+/// Full queues on the coordinator's side, or a stage out of sessions or KV cache (also as the last cause of a
+/// failover that found nothing free).
 fn is_busy(e: &SessionError) -> bool {
-    matches!(
-        e,
-        SessionError::Busy { source: QueueError::Busy { .. } | QueueError::Timeout(_), .. }
-            | SessionError::Stage { code: ErrorCode::Busy, .. }
-    )
+    matches!(crate::blame::classify(e), crate::blame::Fault::Capacity(_))
 }
 
 impl std::fmt::Display for ApiError {
@@ -167,6 +168,9 @@ impl IntoResponse for ApiError {
 mod tests {
     use libp2p::PeerId;
     use shardline_proto::LayerRange;
+    use shardline_proto::wire::ErrorCode;
+
+    use crate::queue::QueueError;
 
     use super::*;
 

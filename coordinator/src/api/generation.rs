@@ -79,7 +79,9 @@ pub fn spawn(
     config: &ApiConfig,
 ) -> mpsc::Receiver<GenEvent> {
     let (tx, rx) = mpsc::channel(CHANNEL_EVENTS);
-    let mut session = model.client.session(prompt.len() + params.max_tokens, params.sampling, params.n_top_logprobs);
+    // Checked against the context by the caller; saturating here keeps an unchecked caller from wrapping around.
+    let positions = prompt.len().saturating_add(params.max_tokens);
+    let mut session = model.client.session(positions, params.sampling, params.n_top_logprobs);
     let span = info_span!("request", id = %request_id, model = %model.name);
     let retry_after_secs = config.retry_after_secs;
     let mut sink = ChannelSink { tx, pending: Vec::new(), metrics: metrics.clone(), send_timeout: config.send_timeout };

@@ -51,8 +51,37 @@ pub struct ApiConfig {
     /// Positions per prefill frame sent to the first stage.
     pub prefill_chunk: usize,
     /// Longest wait for a streaming reader to take the next text event before the generation counts it as gone
-    /// and closes the session; `None` waits as long as the reader takes (see `generation.rs`).
+    /// and closes the session, freeing its slots and KV cache on every stage; `None` waits as long as the reader
+    /// takes (see `generation.rs`). A client that stops reading otherwise holds a slot on each stage of its route.
     pub send_timeout: Option<Duration>,
+    /// Longest time a connection may take to send a request's head (request line and headers); then it is closed.
+    /// Without it, half-sent heads hold connections open forever (slowloris).
+    pub header_timeout: Duration,
+    /// Longest time to receive a request's whole body once its head arrived (a total, not per read, so a client
+    /// trickling one byte at a time is cut off too); answered with 408.
+    pub body_timeout: Duration,
+    /// Most HTTP connections served at once; further ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// Most bytes of prompt text (all chat messages together) accepted before tokenising; `None`:
+    /// [`PROMPT_BYTES_PER_TOKEN`] per token of the model's context, more than any prompt that fits could hold.
+    pub max_prompt_bytes: Option<usize>,
+}
+
+/// Bytes of prompt text per context token beyond which a prompt cannot fit (English averages about 4 bytes per
+/// token; 32 leaves room for long tokens such as runs of spaces).
+pub const PROMPT_BYTES_PER_TOKEN: usize = 32;
+
+/// Most bytes of a request body (axum's default limit for a body read whole).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// Prompts tokenised at once on the blocking pool; more wait their turn.
+const TOKENISE_SLOTS: usize = 4;
+
+impl ApiConfig {
+    /// The prompt byte limit for a model of `context_length` tokens.
+    pub fn max_prompt_bytes(&self, context_length: usize) -> usize {
+        self.max_prompt_bytes.unwrap_or_else(|| context_length.saturating_mul(PROMPT_BYTES_PER_TOKEN))
+    }
 }
 
 impl Default for ApiConfig {
@@ -63,7 +92,11 @@ impl Default for ApiConfig {
             default_completion_tokens: 16,
             default_chat_tokens: 1024,
             prefill_chunk: 64,
-            send_timeout: None,
+            send_timeout: Some(Duration::from_secs(15)),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_prompt_bytes: None,
         }
     }
 }
@@ -147,6 +180,8 @@ pub struct ApiState {
     pub registry: Arc<NodeRegistry>,
     pub metrics: Arc<Metrics>,
     pub config: ApiConfig,
+    /// Bounds the prompts tokenised at once (`routes.rs`).
+    pub(crate) tokenise_slots: tokio::sync::Semaphore,
 }
 
 impl ApiState {
@@ -165,6 +200,7 @@ impl ApiState {
             registry: coordinator.registry.clone(),
             metrics: Arc::new(Metrics::default()),
             config,
+            tokenise_slots: tokio::sync::Semaphore::new(TOKENISE_SLOTS),
         }))
     }
 
@@ -174,9 +210,42 @@ impl ApiState {
     }
 }
 
-/// Serves the API on `listener` until the future is dropped or the listener fails.
+/// Serves the API on `listener` until the future is dropped or the listener fails: HTTP/1.1 with a header read
+/// timeout and at most `max_connections` connections (`axum::serve` has neither); the body timeout is applied where
+/// bodies are read (`routes.rs`).
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ApiState>) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+    let limit = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(state.config.header_timeout);
+    let app = router(state);
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else { return Ok(()) };
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            // Out of file descriptors and the like: the listener itself is fine, try again shortly.
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Accept errors that concern one connection or a passing shortage, not the listener.
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        || e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE
 }
 
 /// Seconds since the Unix epoch (`created` fields).

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +23,7 @@ use super::openai::{
     ModelList, Prompt, Sampling, Usage,
 };
 use super::sse::{self, StreamCtx, StreamKind, StreamLogprobs};
-use super::{ApiState, ServedModel, dashboard, logprobs, swarm, unix_secs};
+use super::{ApiState, MAX_BODY_BYTES, ServedModel, dashboard, logprobs, swarm, unix_secs};
 
 /// The API's routes over `state`.
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -104,14 +104,35 @@ fn generate_params(
     })
 }
 
+/// Prompt plus new tokens must fit the context; the sum is checked (a client may send `max_tokens` up to 2^64-1).
 fn check_context(model: &ServedModel, prompt: usize, max_tokens: usize) -> Result<(), ApiError> {
     if prompt == 0 {
         return Err(ApiError::invalid_param("prompt", "the prompt has no tokens"));
     }
-    if prompt + max_tokens > model.context_length {
-        return Err(ApiError::context_exceeded(prompt, max_tokens, model.context_length));
+    match prompt.checked_add(max_tokens) {
+        Some(total) if total <= model.context_length => Ok(()),
+        _ => Err(ApiError::context_exceeded(prompt, max_tokens, model.context_length)),
+    }
+}
+
+/// Refuses prompt text longer than any prompt that fits the model's context could be, before it is tokenised.
+fn check_prompt_bytes(state: &ApiState, model: &ServedModel, param: &str, bytes: usize) -> Result<(), ApiError> {
+    let limit = state.config.max_prompt_bytes(model.context_length);
+    if bytes > limit {
+        let msg = format!("the prompt is {bytes} bytes; at most {limit} bytes are accepted for this model's context");
+        return Err(ApiError { code: Some("context_length_exceeded"), ..ApiError::invalid_param(param, msg) });
     }
     Ok(())
+}
+
+/// Runs `work` (tokenising, rendering a chat template) on the blocking pool, at most `TOKENISE_SLOTS` at once, so a
+/// large prompt never holds an async worker thread: other requests and `/health` are served meanwhile.
+async fn off_runtime<T: Send + 'static>(
+    state: &ApiState,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let _slot = state.tokenise_slots.acquire().await.map_err(|_| ApiError::internal("tokeniser closed"))?;
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("tokeniser failed: {e}")))?
 }
 
 /// Starts the generation and waits for its first event, so that failures before any output (no route, full
@@ -148,8 +169,23 @@ async fn collect(first: GenEvent, mut rx: tokio::sync::mpsc::Receiver<GenEvent>)
     }
 }
 
-async fn completions(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
-    let r = completion(&state, &body).await;
+/// Reads a request body whole, within the body timeout (a total for the whole body) and the size limit.
+async fn read_body(state: &ApiState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.body_timeout;
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Err(_) => Err(ApiError::body_timeout(limit)),
+        Ok(Err(e)) => {
+            Err(ApiError::invalid(format!("cannot read the request body (at most {MAX_BODY_BYTES} bytes): {e}")))
+        }
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+async fn completions(State(state): State<Arc<ApiState>>, body: Body) -> Response {
+    let r = match read_body(&state, body).await {
+        Ok(body) => completion(&state, &body).await,
+        Err(e) => Err(e),
+    };
     counted(&state, "completions", r)
 }
 
@@ -157,12 +193,24 @@ async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError
     let req: CompletionRequest = parse(body)?;
     let model = state.model(&req.model).ok_or_else(|| ApiError::unknown_model(&req.model))?;
     let tok = &model.tokenizer;
-    let encode = |s: &str| tok.encode(s, true).map_err(|e| ApiError::invalid_param("prompt", e.to_string()));
-    let prompt = match &req.prompt {
-        Prompt::Text(s) => encode(s)?,
-        Prompt::TextBatch(v) if v.len() == 1 => encode(&v[0])?,
-        Prompt::Tokens(t) => t.clone(),
-        Prompt::TokenBatch(v) if v.len() == 1 => v[0].clone(),
+    let text = match &req.prompt {
+        Prompt::Text(s) => Some(s.clone()),
+        Prompt::TextBatch(v) if v.len() == 1 => Some(v[0].clone()),
+        Prompt::Tokens(_) => None,
+        Prompt::TokenBatch(v) if v.len() == 1 => None,
+        _ => return Err(ApiError::invalid_param("prompt", "only one prompt per request is supported")),
+    };
+    let prompt = match (&req.prompt, text) {
+        (_, Some(text)) => {
+            check_prompt_bytes(state, &model, "prompt", text.len())?;
+            let tok = tok.clone();
+            off_runtime(state, move || {
+                tok.encode(&text, true).map_err(|e| ApiError::invalid_param("prompt", e.to_string()))
+            })
+            .await?
+        }
+        (Prompt::Tokens(t), None) => t.clone(),
+        (Prompt::TokenBatch(v), None) => v[0].clone(),
         _ => return Err(ApiError::invalid_param("prompt", "only one prompt per request is supported")),
     };
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= tok.vocab_size()) {
@@ -215,8 +263,11 @@ async fn completion(state: &ApiState, body: &Bytes) -> Result<Response, ApiError
     Ok(axum::Json(resp).into_response())
 }
 
-async fn chat_completions(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
-    let r = chat(&state, &body).await;
+async fn chat_completions(State(state): State<Arc<ApiState>>, body: Body) -> Response {
+    let r = match read_body(&state, body).await {
+        Ok(body) => chat(&state, &body).await,
+        Err(e) => Err(e),
+    };
     counted(&state, "chat_completions", r)
 }
 
@@ -232,11 +283,16 @@ async fn chat(state: &ApiState, body: &Bytes) -> Result<Response, ApiError> {
         .map(|m| m.text().map(|t| ChatMessage::new(m.role.clone(), t)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::invalid_param("messages", e))?;
-    let tok = &model.tokenizer;
-    let text =
-        tok.apply_chat_template(&messages, true).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
-    // The template writes BOS itself where the model wants one.
-    let prompt = tok.encode(&text, false).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+    let bytes = messages.iter().fold(0usize, |n, m| n.saturating_add(m.content.len()).saturating_add(m.role.len()));
+    check_prompt_bytes(state, &model, "messages", bytes)?;
+    let tok = model.tokenizer.clone();
+    let prompt = off_runtime(state, move || {
+        let text =
+            tok.apply_chat_template(&messages, true).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+        // The template writes BOS itself where the model wants one.
+        tok.encode(&text, false).map_err(|e| ApiError::invalid_param("messages", e.to_string()))
+    })
+    .await?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or_else(|| {
         model.context_length.saturating_sub(prompt.len()).min(state.config.default_chat_tokens).max(1)
     });

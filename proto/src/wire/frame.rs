@@ -283,6 +283,10 @@ pub enum ErrorCode {
     Downstream,
     /// The session was idle for too long.
     Timeout,
+    /// The previous stage of the route broke the data stream: closed it (a stage never closes its successor on its
+    /// own), sent a frame that does not parse, or hidden states of the wrong position or shape. The owner blames the
+    /// previous hop, not the stage that reports it.
+    Upstream,
     Other(u16),
 }
 
@@ -296,6 +300,7 @@ impl ErrorCode {
             ErrorCode::Compute => 5,
             ErrorCode::Downstream => 6,
             ErrorCode::Timeout => 7,
+            ErrorCode::Upstream => 8,
             ErrorCode::Other(c) => c,
         }
     }
@@ -309,6 +314,7 @@ impl ErrorCode {
             5 => ErrorCode::Compute,
             6 => ErrorCode::Downstream,
             7 => ErrorCode::Timeout,
+            8 => ErrorCode::Upstream,
             other => ErrorCode::Other(other),
         }
     }

@@ -143,14 +143,20 @@ impl<M: StageModel> StageCore<M> {
                 let Some(role) = self.answered(stream) else { return };
                 match role {
                     Role::Pending => self.first_frame(now, stream, frame),
-                    Role::Control(s) | Role::Upstream(s) => self.input_frame(now, s, frame),
+                    Role::Control(s) => self.input_frame(now, s, frame, false),
+                    Role::Upstream(s) => self.input_frame(now, s, frame, true),
                     Role::Downstream(s) => self.downstream_frame(now, s, frame),
                 }
             }
             Event::Finished { stream } => match self.answered(stream) {
                 None => {}
                 Some(Role::Pending) => self.forget(stream),
-                Some(Role::Control(s) | Role::Upstream(s)) => self.input_end(now, s, Ok(())),
+                Some(Role::Control(s)) => self.input_end(now, s, Ok(())),
+                // Only the owner ends a session; a previous stage that ends the data stream is blamed for it.
+                Some(Role::Upstream(s)) => {
+                    let f = Failure::new(ErrorCode::Upstream, "the previous stage ended the data stream");
+                    self.input_end(now, s, Err(f))
+                }
                 // Before attaching, a next stage that finishes its side has refused the session.
                 Some(Role::Downstream(s)) if self.link(s) != Some(Link::Ready) => {
                     let msg = format!("next stage {} closed the stream before accepting", self.addr(s));
@@ -163,9 +169,13 @@ impl<M: StageModel> StageCore<M> {
             Event::Lost { stream, reason } => match self.answered(stream) {
                 None => {}
                 Some(Role::Pending) => self.forget(stream),
-                Some(Role::Control(s) | Role::Upstream(s)) => {
+                Some(Role::Control(s)) => {
                     debug!(session = s, %reason, "input stream lost: ending the session");
                     self.end(s, None);
+                }
+                Some(Role::Upstream(s)) => {
+                    let msg = format!("the previous stage's data stream broke: {reason}");
+                    self.fail(s, Failure::new(ErrorCode::Upstream, msg));
                 }
                 Some(Role::Downstream(s)) => {
                     let msg = format!("next stage {} stream: {reason}", self.addr(s));
@@ -175,9 +185,13 @@ impl<M: StageModel> StageCore<M> {
             Event::Malformed { stream, error } => match self.answered(stream) {
                 None => {}
                 Some(Role::Pending) => self.refuse(stream, 0, Failure::new(ErrorCode::Malformed, error)),
-                Some(Role::Control(s) | Role::Upstream(s)) => {
+                Some(Role::Control(s)) => {
                     warn!(session = s, %error, "malformed frame: ending the session");
                     self.fail(s, Failure::new(ErrorCode::Malformed, error));
+                }
+                Some(Role::Upstream(s)) => {
+                    let msg = format!("the previous stage sent a malformed frame: {error}");
+                    self.fail(s, Failure::new(ErrorCode::Upstream, msg));
                 }
                 Some(Role::Downstream(s)) => {
                     let msg = format!("next stage {} stream: {error}", self.addr(s));
@@ -446,13 +460,14 @@ impl<M: StageModel> StageCore<M> {
 
     // ---- inputs ----
 
-    fn input_frame(&mut self, now: Instant, session: SessionId, frame: Frame) {
+    /// An input frame of `session`, from its owner or (`from_upstream`) from the previous stage.
+    fn input_frame(&mut self, now: Instant, session: SessionId, frame: Frame, from_upstream: bool) {
         let Some(s) = self.sessions.get_mut(&session) else { return };
         if s.input_closed {
             return;
         }
         s.last_active = now;
-        let item = match frame {
+        let mut item = match frame {
             f if f.session() != session => Queued::End(Err(Failure::new(
                 ErrorCode::BadRequest,
                 format!("frame for session {} on session {session}", f.session()),
@@ -465,6 +480,9 @@ impl<M: StageModel> StageCore<M> {
                 format!("unexpected {} frame", other.kind().name()),
             ))),
         };
+        if from_upstream && let Queued::End(outcome) = &mut item {
+            *outcome = Err(upstream_failure(outcome));
+        }
         if matches!(item, Queued::End(_)) {
             s.input_closed = true;
         }
@@ -678,6 +696,16 @@ impl<M: StageModel> StageCore<M> {
             debug!(session, "session closed: KV cache freed");
         }
     }
+}
+
+/// What ends a session when its previous stage ends it (a `Close` or a refused frame on the data stream): the
+/// owner must hear which hop did it, or it would blame this stage (docs/PROTOCOL.md, "Error body").
+fn upstream_failure(outcome: &Result<(), Failure>) -> Failure {
+    let msg = match outcome {
+        Ok(()) => String::from("the previous stage closed the session"),
+        Err(f) => format!("the previous stage sent a refused frame ({:?}): {}", f.code, f.message),
+    };
+    Failure::new(ErrorCode::Upstream, msg)
 }
 
 /// Checks a chunk against the session's history and shape; a chunk that does not fit becomes the session's end.

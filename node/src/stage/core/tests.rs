@@ -411,11 +411,47 @@ fn attach_checks_the_session_and_the_shape() {
     // Only one previous stage per session.
     let a = h.frame(u2, Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH });
     assert_eq!(error_on(&a, u2).0, ErrorCode::UnknownSession);
-    // Hidden states of the wrong width end the session.
+    // Hidden states of the wrong width end the session, and the owner hears that the previous stage sent them.
     let bad = HiddenStates::from_f32(1, 3, &[0.0; 3]).unwrap();
     let a = h.frame(u, Frame::Decode { session: 1, position: 0, data: StageData::Hidden(bad) });
-    assert_eq!(error_on(&a, c).0, ErrorCode::BadRequest);
+    let (code, msg) = error_on(&a, c);
+    assert_eq!(code, ErrorCode::Upstream);
+    assert!(msg.contains("BadRequest"), "{msg}");
     assert_eq!(h.kv_in_use(), 0);
+}
+
+/// Opens a session over layers 2..4 and attaches a previous stage to it; returns (control, upstream).
+fn attached(h: &mut Harness, session: SessionId) -> (StreamId, StreamId) {
+    let c = h.accept();
+    assert_opened(&h.frame(c, open(session, LayerRange::new(2, 4), vec![])), c, session);
+    let u = h.accept();
+    assert_opened(&h.frame(u, Frame::Attach { session, dtype: WireDType::F32, width: WIDTH }), u, session);
+    (c, u)
+}
+
+#[test]
+fn a_previous_stage_that_ends_the_session_is_named_to_the_owner() {
+    let mut h = Harness::new(config());
+    // A clean Close on the data stream: the owner must not read a silent end of this stage's control stream (it
+    // would blame this stage), but an error naming the previous hop.
+    let (c, u) = attached(&mut h, 1);
+    let (code, msg) = error_on(&h.frame(u, Frame::Close { session: 1 }), c);
+    assert_eq!(code, ErrorCode::Upstream);
+    assert!(msg.contains("closed"), "{msg}");
+    // The data stream finished without a Close, reset, or malformed: the same.
+    let (c, u) = attached(&mut h, 2);
+    assert_eq!(error_on(&h.event(Event::Finished { stream: u }), c).0, ErrorCode::Upstream);
+    let (c, u) = attached(&mut h, 3);
+    assert_eq!(error_on(&h.event(Event::Lost { stream: u, reason: "reset".into() }), c).0, ErrorCode::Upstream);
+    let (c, u) = attached(&mut h, 4);
+    let a = h.event(Event::Malformed { stream: u, error: "bad magic".into() });
+    assert_eq!(error_on(&a, c).0, ErrorCode::Upstream);
+    assert_eq!((h.core.active_sessions(), h.kv_in_use()), (0, 0));
+    // The owner's own Close ends the session without an error frame.
+    let (c, _u) = attached(&mut h, 5);
+    let a = h.frame(c, Frame::Close { session: 5 });
+    assert!(!a.iter().any(|x| matches!(x, Action::Send { frame: Frame::Error { .. }, .. })), "{a:?}");
+    assert_eq!((h.core.active_sessions(), h.kv_in_use()), (0, 0));
 }
 
 #[test]
