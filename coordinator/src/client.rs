@@ -17,7 +17,7 @@
 //! // The tokenizer and the model id come from a local copy of the model file; no weights are loaded.
 //! let files = ModelFiles::open(model)?;
 //! let tokenizer = Arc::new(load_tokenizer(&files)?);
-//! let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
+//! let model_id = ModelId::of_files(&files)?.to_hex();
 //! let client = SwarmClient::join(SwarmClientConfig::new(model_id, vec![bootstrap])).await?;
 //! let prompt = encode_prompt(&tokenizer, "Hello!", true)?;
 //! let params = GenerateParams { stop_tokens: stop_tokens(&tokenizer), ..GenerateParams::default() };

@@ -97,7 +97,7 @@ impl ServedModel {
     pub fn open(path: &Path, coordinator: &CoordinatorHandle, config: &ApiConfig) -> Result<Self, ApiSetupError> {
         let files = ModelFiles::open(path)?;
         let tokenizer = Arc::new(load_tokenizer(&files)?);
-        let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
+        let model_id = ModelId::of_files(&files)?.to_hex();
         let name = shardline_node::model::display_name(path);
         coordinator.registry.name_model(&model_id, &name);
         let created = std::fs::metadata(path)

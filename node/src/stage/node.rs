@@ -175,7 +175,7 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
     let (shard, model_id, decode_tps, prefill_tps) = tokio::task::spawn_blocking(move || {
         let files = ModelFiles::open(&model)?;
         let weights = files.weights();
-        let model_id = ModelId::of(weights.as_ref())?.to_hex();
+        let model_id = ModelId::of_files(&files)?.to_hex();
         let shard = Shard::load(weights.as_ref(), layers, backend, shard_opts)?;
         let (d, p) = measure(&shard, measure_tokens)?;
         Ok::<_, ModelError>((Arc::new(shard), model_id, d, p))
