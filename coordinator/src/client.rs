@@ -54,6 +54,7 @@ use crate::queue::QueuePermit;
 use crate::registry::{NodeRegistry, RegistryConfig};
 use crate::routing::{self, CoveragePolicy, Route, RouteError};
 use crate::session::{RouteSession, SessionError, SessionParams};
+use crate::trust::{Audit, Checked, Prober, TrustContext, after_step};
 
 /// Settings of a swarm client.
 #[derive(Clone, Debug)]
@@ -75,6 +76,10 @@ pub struct SwarmClientConfig {
     pub step_timeout: Duration,
     pub registry: RegistryConfig,
     pub discovery: DiscoveryConfig,
+    /// Fraction of sessions whose every step is also run on a second, disjoint route and compared (`trust.rs`).
+    pub audit_fraction: f64,
+    /// How often nodes on probation are checked with canary sessions.
+    pub probe_interval: Duration,
 }
 
 impl SwarmClientConfig {
@@ -92,6 +97,8 @@ impl SwarmClientConfig {
             step_timeout: Duration::from_secs(300),
             registry: RegistryConfig::default(),
             discovery: DiscoveryConfig { query_interval: Duration::from_secs(2), ..DiscoveryConfig::default() },
+            audit_fraction: 0.05,
+            probe_interval: Duration::from_millis(500),
         }
     }
 }
@@ -110,7 +117,9 @@ struct Inner {
     registry: Arc<NodeRegistry>,
     /// `None` when the client shares a coordinator's registry (the coordinator runs discovery).
     discovery: Option<Discovery>,
-    pool: ConnectionPool,
+    pool: Arc<ConnectionPool>,
+    /// Checks new nodes of the model (absent when another client of the same registry does, or without probation).
+    _prober: Option<crate::trust::Prober>,
 }
 
 /// A member of the swarm that runs sessions. Cheap to clone.
@@ -131,7 +140,10 @@ impl SwarmClient {
         dcfg.models.push(config.model_id.clone());
         let discovery = Discovery::spawn(dht.clone(), events, registry.clone(), dcfg);
         let pool = client_pool()?;
-        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: Some(discovery), pool }) })
+        let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
+        Ok(SwarmClient {
+            inner: Arc::new(Inner { config, dht, registry, discovery: Some(discovery), pool, _prober: prober }),
+        })
     }
 
     /// A client over a registry someone else keeps current (a coordinator's: see `CoordinatorHandle::client`); it
@@ -142,7 +154,8 @@ impl SwarmClient {
         config: SwarmClientConfig,
     ) -> Result<SwarmClient, ClientError> {
         let pool = client_pool()?;
-        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: None, pool }) })
+        let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
+        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: None, pool, _prober: prober }) })
     }
 
     pub fn registry(&self) -> &Arc<NodeRegistry> {
@@ -195,14 +208,35 @@ impl SwarmClient {
             permits: Vec::new(),
             failovers: 0,
             routes: Vec::new(),
+            audit: Audit::draw(
+                self.inner.config.audit_fraction,
+                max_tokens,
+                sampling,
+                n_top.min(u8::MAX as usize) as u8,
+            ),
         }
+    }
+
+    /// What the trust checks (`trust.rs`) need of this client.
+    pub fn trust_context(&self) -> TrustContext {
+        trust_context(&self.inner.config, &self.inner.registry, &self.inner.pool)
     }
 }
 
-fn client_pool() -> Result<ConnectionPool, ClientError> {
+fn trust_context(config: &SwarmClientConfig, registry: &Arc<NodeRegistry>, pool: &Arc<ConnectionPool>) -> TrustContext {
+    TrustContext {
+        pool: pool.clone(),
+        registry: registry.clone(),
+        model_id: config.model_id.clone(),
+        wire_dtype: config.wire_dtype,
+        prefill_chunk: config.prefill_chunk,
+    }
+}
+
+fn client_pool() -> Result<Arc<ConnectionPool>, ClientError> {
     let endpoint =
         quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).map_err(ClientError::Endpoint)?;
-    Ok(ConnectionPool::new(endpoint))
+    Ok(Arc::new(ConnectionPool::new(endpoint)))
 }
 
 /// One generation session over the swarm, surviving stage failures.
@@ -218,6 +252,8 @@ pub struct SwarmSession {
     failovers: usize,
     /// Peers of every route used, in order.
     routes: Vec<Vec<PeerId>>,
+    /// The sampled check of this session's steps on a second route, when drawn (`trust.rs`).
+    audit: Option<Audit>,
 }
 
 impl SwarmSession {
@@ -228,6 +264,16 @@ impl SwarmSession {
 
     pub fn failovers(&self) -> usize {
         self.failovers
+    }
+
+    /// Steps of this session checked on a second route (0 when the session was not drawn for checking).
+    pub fn audited_steps(&self) -> usize {
+        self.audit.as_ref().map_or(0, |a| a.checked)
+    }
+
+    /// Draws this session for checking with probability `fraction` now (tests and callers that audit on demand).
+    pub fn set_audit(&mut self, fraction: f64) {
+        self.audit = Audit::draw(fraction, self.max_tokens, self.sampling, self.n_top);
     }
 
     async fn connect(&mut self) -> Result<(), SessionError> {
@@ -303,6 +349,14 @@ impl SwarmSession {
                     return Ok(None);
                 }
                 Ok(Some(r)) => {
+                    let ctx = self.client.trust_context();
+                    let checked = after_step(&ctx, &mut self.audit, &self.history, tokens, self.pipeline.as_ref(), r);
+                    let Checked { result: r, main_route_failed } = checked.await?;
+                    if main_route_failed {
+                        // The route lost a majority vote: the session is replayed on another at the next step.
+                        self.pipeline = None;
+                        self.permits.clear();
+                    }
                     self.history.extend_from_slice(tokens);
                     if let Some(p) = &self.pipeline {
                         for peer in p.route().peers() {

@@ -80,6 +80,8 @@ pub struct RouteSession {
     readers: Vec<JoinHandle<()>>,
     position: u64,
     prefill_chunk: usize,
+    /// Wall time of the last sampled one-token step, first frame written to token read (`trust.rs` times nodes).
+    last_decode: Option<std::time::Duration>,
 }
 
 impl Drop for RouteSession {
@@ -172,6 +174,7 @@ impl RouteSession {
             readers,
             position: 0,
             prefill_chunk: params.prefill_chunk.max(1),
+            last_decode: None,
         })
     }
 
@@ -181,6 +184,11 @@ impl RouteSession {
 
     pub fn route(&self) -> &Route {
         &self.route
+    }
+
+    /// Wall time of the last step if it fed one token and sampled (the owner's measurement of the route).
+    pub fn last_decode(&self) -> Option<std::time::Duration> {
+        self.last_decode
     }
 
     /// Positions fed so far.
@@ -195,6 +203,8 @@ impl RouteSession {
             return Err(SessionError::Protocol("nothing to feed".into()));
         }
         let first = self.route.stages[0].peer;
+        let started = std::time::Instant::now();
+        self.last_decode = None;
         let chunks: Vec<&[u32]> = tokens.chunks(self.prefill_chunk).collect();
         for (k, chunk) in chunks.iter().enumerate() {
             let last = k + 1 == chunks.len() && sample;
@@ -218,7 +228,12 @@ impl RouteSession {
         };
         let peer = self.route.stages[i].peer;
         match ev {
-            StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => Ok(Some(result)),
+            StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => {
+                if tokens.len() == 1 {
+                    self.last_decode = Some(started.elapsed());
+                }
+                Ok(Some(result))
+            }
             StageEvent::Frame(Frame::Error { code, message, .. }) => {
                 // A stage that lost its successor points at the successor.
                 let n = self.route.stages.len();
