@@ -487,9 +487,17 @@ async fn replay(
     r
 }
 
+/// A route of trusted nodes avoiding `excluded`, drawn without regard to speed (every stage costs the same per
+/// layer), so the checks reach every replica, not only the fastest ones.
 fn plan_user_route(ctx: &TrustContext, excluded: &HashSet<PeerId>) -> Option<Route> {
     let shape = ctx.registry.model_shape(&ctx.model_id)?;
-    let cands = routing::candidates(&ctx.registry, &ctx.model_id);
+    let mut cands = routing::candidates(&ctx.registry, &ctx.model_id);
+    for c in &mut cands {
+        c.ms_per_layer = Some(1.0);
+        c.rtt = routing::DEFAULT_RTT;
+        c.in_flight = 0;
+        c.waiting = 0;
+    }
     routing::plan(&ctx.model_id, &cands, shape.n_layers as usize, excluded, rand::random()).ok()
 }
 

@@ -152,12 +152,13 @@ async fn a_node_turning_bad_after_probation_is_caught_by_sampled_checks() {
     plain.sort();
     checked.sort();
     println!("8-token session, median of 4: unchecked {:?}, every step checked {:?}", plain[2], checked[2]);
-    // C turns bad. Every session is checked: the first one whose main or shadow route is C catches it.
+    // C turns bad. Every session is checked on a shadow route drawn among the other replicas: the first session
+    // whose main or shadow route is C catches it (about one in two here).
     c.server().tamper(true);
     let mut sessions = 0;
     while reg.health(&c.peer_id).standing != Standing::Rejected {
         sessions += 1;
-        assert!(sessions <= 12, "the bad node was not caught in 12 checked sessions");
+        assert!(sessions <= 16, "the bad node was not caught in 16 checked sessions");
         let (out, _, _) = generate(&cl, 8, Some(1.0)).await;
         assert_eq!(out, expected, "the user gets the majority's tokens");
     }
