@@ -29,7 +29,7 @@ pub const MAX_DIMS: usize = 4;
 const MAX_ARRAY_DEPTH: usize = 8;
 
 /// Type tag of a metadata value, as numbered in the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, num_enum::TryFromPrimitive)]
 #[repr(u32)]
 pub enum GgufValueType {
     U8 = 0,
@@ -48,26 +48,6 @@ pub enum GgufValueType {
 }
 
 impl GgufValueType {
-    pub fn from_u32(v: u32) -> Option<Self> {
-        use GgufValueType::*;
-        Some(match v {
-            0 => U8,
-            1 => I8,
-            2 => U16,
-            3 => I16,
-            4 => U32,
-            5 => I32,
-            6 => F32,
-            7 => Bool,
-            8 => String,
-            9 => Array,
-            10 => U64,
-            11 => I64,
-            12 => F64,
-            _ => return None,
-        })
-    }
-
     /// The fewest bytes one value of this type occupies in the file (a string is at least its 8-byte length, an
     /// array at least its 4-byte element type and 8-byte count). Used to bound counts before allocating.
     pub const fn min_encoded_len(self) -> usize {
@@ -816,8 +796,8 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<GgufValue> {
-        let ty = GgufValueType::from_u32(ty)
-            .ok_or_else(|| self.corrupt(format!("metadata {key} has unknown value type {ty}")))?;
+        let ty = GgufValueType::try_from(ty)
+            .map_err(|_| self.corrupt(format!("metadata {key} has unknown value type {ty}")))?;
         Ok(match ty {
             GgufValueType::U8 => GgufValue::U8(u8::from_le_bytes(self.array(key)?)),
             GgufValueType::I8 => GgufValue::I8(i8::from_le_bytes(self.array(key)?)),
@@ -840,8 +820,8 @@ impl<'a> Reader<'a> {
                     return Err(self.corrupt(format!("metadata {key} nests arrays deeper than {MAX_ARRAY_DEPTH}")));
                 }
                 let elem = self.u32(key)?;
-                let elem_ty = GgufValueType::from_u32(elem)
-                    .ok_or_else(|| self.corrupt(format!("metadata {key} has unknown array element type {elem}")))?;
+                let elem_ty = GgufValueType::try_from(elem)
+                    .map_err(|_| self.corrupt(format!("metadata {key} has unknown array element type {elem}")))?;
                 let count = self.u64(key)?;
                 let count = self.bounded_count(count, elem_ty.min_encoded_len(), key)?;
                 let mut items = Vec::with_capacity(count);
