@@ -30,6 +30,8 @@ pub struct ModelShape {
 pub enum RegistryError {
     #[error("announcement of {peer} for model {model_id} says {got:?}, other nodes of that model say {known:?}")]
     InconsistentModel { peer: PeerId, model_id: String, known: ModelShape, got: ModelShape },
+    #[error("{peer} is not on the allowed peer list")]
+    NotAllowed { peer: PeerId },
     #[error("{peer} not registered: {limit} identities with a stage on {ip} are registered already")]
     TooManyFromAddress { peer: PeerId, ip: std::net::IpAddr, limit: usize },
 }
@@ -88,6 +90,8 @@ pub struct RegistryConfig {
     /// Identities that may be registered at once with a stage address on one IP address: a sybil flood from one
     /// machine fills this and no more ([`DEFAULT_MAX_PER_ADDRESS`]).
     pub max_per_address: usize,
+    /// A private swarm's membership list (`--allow-peers`): announcements of other peers are refused.
+    pub allow_peers: Option<shardline_proto::dht::AllowList>,
 }
 
 impl Default for RegistryConfig {
@@ -98,6 +102,7 @@ impl Default for RegistryConfig {
             max_ban: Duration::from_secs(300),
             probation: true,
             max_per_address: DEFAULT_MAX_PER_ADDRESS,
+            allow_peers: None,
         }
     }
 }
@@ -237,6 +242,9 @@ impl NodeRegistry {
     /// removes the node.
     pub fn upsert(&self, a: ShardAnnouncement) -> Result<Upsert, RegistryError> {
         let shape = ModelShape { n_layers: a.n_layers, hidden: a.hidden };
+        if self.config.allow_peers.as_ref().is_some_and(|l| !l.contains(&a.peer_id)) {
+            return Err(RegistryError::NotAllowed { peer: a.peer_id });
+        }
         let now = Instant::now();
         let mut inner = self.write();
         if is_withdrawal(&a) {
@@ -606,6 +614,16 @@ pub(crate) mod tests {
         assert_eq!(reg.upsert(other.clone()).unwrap(), Upsert::Inserted);
         other.issued_at_ms += 1;
         assert_eq!(reg.upsert(other).unwrap(), Upsert::Updated);
+    }
+
+    #[test]
+    fn only_allowed_peers_register_in_a_private_swarm() {
+        let member = Keypair::generate_ed25519();
+        let list: shardline_proto::dht::AllowList = Arc::new([member.public().to_peer_id()].into());
+        let reg = NodeRegistry::new(RegistryConfig { allow_peers: Some(list), ..RegistryConfig::default() });
+        let outsider = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+        assert!(matches!(reg.upsert(outsider), Err(RegistryError::NotAllowed { .. })));
+        assert_eq!(reg.upsert(announcement(&member, "m", LayerRange::new(0, 30), 30)).unwrap(), Upsert::Inserted);
     }
 
     #[test]

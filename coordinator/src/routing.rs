@@ -288,6 +288,16 @@ pub fn candidates(registry: &crate::registry::NodeRegistry, model_id: &str) -> V
     candidates_where(registry, model_id, |h| !probation || h.standing == crate::trust::Standing::Trusted)
 }
 
+/// Candidates of `model_id` that cover layers for health and coverage reports: not banned and not rejected, on
+/// probation included (they take user sessions once checked, within a few seconds).
+pub fn coverage_candidates(registry: &crate::registry::NodeRegistry, model_id: &str) -> Vec<Candidate> {
+    candidates_where(registry, model_id, |h| h.standing != crate::trust::Standing::Rejected)
+}
+
+/// Longest a session waits for nodes on probation that would cover the model to be checked, whatever the coverage
+/// policy: a request arriving just after nodes joined is served once they are trusted instead of failing.
+pub const PROBATION_WAIT: Duration = Duration::from_secs(10);
+
 /// Candidates of `model_id` whose health passes `admit` (and not banned), with measured or clamped compute times.
 pub fn candidates_where(
     registry: &crate::registry::NodeRegistry,
@@ -330,6 +340,7 @@ pub async fn route(
         CoveragePolicy::FailFast => None,
         CoveragePolicy::WaitAndRetry { timeout } => Some(tokio::time::Instant::now() + timeout),
     };
+    let mut probation_deadline: Option<tokio::time::Instant> = None;
     loop {
         changes.borrow_and_update();
         let attempt = match registry.model_shape(model_id) {
@@ -339,8 +350,27 @@ pub async fn route(
                 plan(model_id, &cands, shape.n_layers as usize, excluded, rand::random())
             }
         };
-        let Err(err) = attempt else { return attempt };
+        let Err(mut err) = attempt else { return attempt };
+        // Covered only with nodes still on probation: wait for their check (bounded) even when failing fast. Not
+        // covered even with them: the error names what is missing among them.
+        let mut probation_covers = false;
+        if registry.config().probation
+            && let Some(shape) = registry.model_shape(model_id)
+        {
+            let all = coverage_candidates(registry, model_id);
+            match plan(model_id, &all, shape.n_layers as usize, excluded, 0) {
+                Ok(_) => probation_covers = true,
+                Err(e) => err = e,
+            }
+        }
         let err = err.named(registry.model_name(model_id));
+        let deadline = match deadline {
+            None if probation_covers => {
+                let by = *probation_deadline.get_or_insert_with(|| tokio::time::Instant::now() + PROBATION_WAIT);
+                Some(by)
+            }
+            d => d,
+        };
         let Some(deadline) = deadline else { return Err(err) };
         // Bans expire without a registry change, so re-plan at least every 250 ms.
         let wake = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);

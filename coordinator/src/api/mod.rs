@@ -132,7 +132,7 @@ impl ServedModel {
         if registry.model_shape(&self.model_id).is_none() {
             return full;
         }
-        let cands = routing::candidates(registry, &self.model_id);
+        let cands = routing::coverage_candidates(registry, &self.model_id);
         match routing::plan(&self.model_id, &cands, self.n_layers, &HashSet::new(), 0) {
             Ok(_) => Vec::new(),
             Err(RouteError::Uncovered { missing, .. }) => missing,
