@@ -521,6 +521,6 @@ mod tests {
         assert!(!agree(&a, &r(9, -0.5, &[(9, -0.5), (5, -1.5)])), "another token, far from a tie");
         assert!(!agree(&a, &r(5, f32::NAN, &[])));
         assert!(agree_all(&[a.clone(), tie.clone()], &[a.clone(), r(9, -0.69, &[(9, -0.69), (5, -0.70)])]));
-        assert!(!agree_all(&[a.clone()], &[a.clone(), a.clone()]));
+        assert!(!agree_all(std::slice::from_ref(&a), &[a.clone(), a.clone()]));
     }
 }

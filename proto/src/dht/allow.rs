@@ -91,7 +91,7 @@ mod tests {
         // B admits only some other peer: its connection to A is dropped, so it cannot join through A.
         let mut cfg = DhtConfig::new(Keypair::generate_ed25519(), vec![tcp.clone()], vec![addr.clone()]);
         cfg.allow_peers = Some(Arc::new([PeerId::random()].into()));
-        let err = DhtClient::start(cfg).await.err().expect("joining through a non-member must fail");
+        let Err(err) = DhtClient::start(cfg).await else { panic!("joining through a non-member must fail") };
         assert!(err.to_string().contains("not on the allowed peer list"), "{err}");
         // With A on its list, C joins.
         let mut cfg = DhtConfig::new(Keypair::generate_ed25519(), vec![tcp], vec![addr]);
