@@ -88,6 +88,7 @@ fn bench_plan(c: &mut Criterion) {
                     addr: "10.0.0.1:4000".parse().expect("addr"),
                     fingerprint: [7; 32],
                     decode_tps: 5.0 + rng.below(100) as f32,
+                    ms_per_layer: None,
                     rtt: Duration::from_micros(200 + rng.below(50_000)),
                     in_flight: rng.below(3) as u32,
                     waiting: 0,

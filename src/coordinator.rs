@@ -25,6 +25,10 @@ pub struct CoordinatorCmd {
     /// ed25519 identity file (created on first start).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Private swarm: a file of the peer ids allowed in (one per line, `#` comments); connections from any other
+    /// peer are dropped and no other node is registered.
+    #[arg(long)]
+    pub allow_peers: Option<PathBuf>,
     /// Model id to look for from the start (others are learned from provider records); repeatable.
     #[arg(long = "model-id")]
     pub model_ids: Vec<String>,
@@ -53,6 +57,9 @@ pub struct CoordinatorCmd {
 pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     let mut args = CoordinatorArgs::new(cmd.p2p_listen, cmd.bootstrap);
     args.key_file = cmd.key_file;
+    if let Some(p) = &cmd.allow_peers {
+        args.registry.allow_peers = Some(shardline_proto::dht::read_allow_list(p)?);
+    }
     args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.models = cmd.model_ids;
     let api_config = ApiConfig {

@@ -226,7 +226,7 @@ fn run_swarm(args: GenerateArgs) -> Result<()> {
     let path = resolve_model(args.model.clone())?;
     let files = ModelFiles::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let tokenizer = Arc::new(load_tokenizer(&files)?);
-    let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
+    let model_id = ModelId::of_files(&files)?.to_hex();
     let prompt = encode_prompt(&tokenizer, &args.prompt, args.chat)?;
     let context = files.config().context_length;
     if prompt.len() + args.max_tokens > context {

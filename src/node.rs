@@ -40,6 +40,10 @@ pub struct NodeCmd {
     /// ed25519 identity file: created on first start, reused after, so the peer id survives restarts.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Private swarm: a file of the peer ids allowed in (one per line, `#` comments); connections from any other
+    /// peer are dropped.
+    #[arg(long)]
+    pub allow_peers: Option<PathBuf>,
     /// KV-cache memory for all sessions of this node, in MiB.
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mib: usize,
@@ -60,6 +64,9 @@ pub fn run(cmd: NodeCmd) -> Result<()> {
     args.key_file = cmd.key_file;
     args.drain_timeout = std::time::Duration::try_from_secs_f64(cmd.drain_timeout)
         .map_err(|e| anyhow::anyhow!("--drain-timeout {}: {e}", cmd.drain_timeout))?;
+    if let Some(p) = &cmd.allow_peers {
+        args.allow_peers = Some(shardline_proto::dht::read_allow_list(p)?);
+    }
     args.shard = ShardOptions { kv_budget_bytes: cmd.kv_cache_mib << 20, ..ShardOptions::default() };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(run_node(args)).context("running the node")

@@ -37,7 +37,7 @@ async fn a_killed_node_process_fails_over_quickly_with_identical_output() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     write_tiny_gguf(&TinySpec { n_layers: 4, context: 512, ..TinySpec::default() }, &model).unwrap();
-    let model_id = ModelId::of(ModelFiles::open(&model).unwrap().weights().as_ref()).unwrap().to_hex();
+    let model_id = ModelId::of_files(&ModelFiles::open(&model).unwrap()).unwrap().to_hex();
 
     let model = model.to_str().unwrap();
     let (_coordinator, boot) = coordinator();

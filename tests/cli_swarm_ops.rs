@@ -80,7 +80,7 @@ fn swarm_timeout_is_a_deadline_and_no_route_names_the_gap() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("found 0..2; missing 2..4 of tiny"), "{err}");
     let files = ModelFiles::open(&model).unwrap();
-    let id = ModelId::of(files.weights().as_ref()).unwrap().to_hex();
+    let id = ModelId::of_files(&files).unwrap().to_hex();
     assert!(!err.contains(&id[..12]), "the hex id instead of the name: {err}");
     assert!((3.0..20.0).contains(&secs), "--swarm-timeout 3 took {secs:.1} s");
 

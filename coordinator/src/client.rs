@@ -17,7 +17,7 @@
 //! // The tokenizer and the model id come from a local copy of the model file; no weights are loaded.
 //! let files = ModelFiles::open(model)?;
 //! let tokenizer = Arc::new(load_tokenizer(&files)?);
-//! let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
+//! let model_id = ModelId::of_files(&files)?.to_hex();
 //! let client = SwarmClient::join(SwarmClientConfig::new(model_id, vec![bootstrap])).await?;
 //! let prompt = encode_prompt(&tokenizer, "Hello!", true)?;
 //! let params = GenerateParams { stop_tokens: stop_tokens(&tokenizer), ..GenerateParams::default() };
@@ -56,6 +56,7 @@ use crate::queue::QueuePermit;
 use crate::registry::{NodeRegistry, RegistryConfig};
 use crate::routing::{self, CoveragePolicy, Route, RouteError};
 use crate::session::{RouteSession, SessionError, SessionParams};
+use crate::trust::{Audit, Checked, Prober, TrustContext, after_step};
 
 /// First wait when every route left is through a full node; doubled per wait up to [`MAX_CAPACITY_BACKOFF`].
 const CAPACITY_BACKOFF: Duration = Duration::from_millis(50);
@@ -85,6 +86,10 @@ pub struct SwarmClientConfig {
     pub detect: DeadlineConfig,
     pub registry: RegistryConfig,
     pub discovery: DiscoveryConfig,
+    /// Fraction of sessions whose every step is also run on a second, disjoint route and compared (`trust.rs`).
+    pub audit_fraction: f64,
+    /// How often nodes on probation are checked with canary sessions.
+    pub probe_interval: Duration,
 }
 
 impl SwarmClientConfig {
@@ -103,6 +108,8 @@ impl SwarmClientConfig {
             detect: DeadlineConfig::default(),
             registry: RegistryConfig::default(),
             discovery: DiscoveryConfig { query_interval: Duration::from_secs(2), ..DiscoveryConfig::default() },
+            audit_fraction: 0.05,
+            probe_interval: Duration::from_millis(500),
         }
     }
 }
@@ -121,7 +128,9 @@ struct Inner {
     registry: Arc<NodeRegistry>,
     /// `None` when the client shares a coordinator's registry (the coordinator runs discovery).
     discovery: Option<Discovery>,
-    pool: ConnectionPool,
+    pool: Arc<ConnectionPool>,
+    /// Checks new nodes of the model (absent when another client of the same registry does, or without probation).
+    _prober: Option<crate::trust::Prober>,
 }
 
 /// A member of the swarm that runs sessions. Cheap to clone.
@@ -142,7 +151,10 @@ impl SwarmClient {
         dcfg.models.push(config.model_id.clone());
         let discovery = Discovery::spawn(dht.clone(), events, registry.clone(), dcfg);
         let pool = client_pool()?;
-        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: Some(discovery), pool }) })
+        let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
+        Ok(SwarmClient {
+            inner: Arc::new(Inner { config, dht, registry, discovery: Some(discovery), pool, _prober: prober }),
+        })
     }
 
     /// A client over a registry someone else keeps current (a coordinator's: see `CoordinatorHandle::client`); it
@@ -153,7 +165,8 @@ impl SwarmClient {
         config: SwarmClientConfig,
     ) -> Result<SwarmClient, ClientError> {
         let pool = client_pool()?;
-        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: None, pool }) })
+        let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
+        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: None, pool, _prober: prober }) })
     }
 
     pub fn registry(&self) -> &Arc<NodeRegistry> {
@@ -206,14 +219,36 @@ impl SwarmClient {
             permits: Vec::new(),
             failovers: 0,
             routes: Vec::new(),
+            audit: Audit::draw(
+                self.inner.config.audit_fraction,
+                max_tokens,
+                sampling,
+                n_top.min(u8::MAX as usize) as u8,
+            ),
         }
+    }
+
+    /// What the trust checks (`trust.rs`) need of this client.
+    pub fn trust_context(&self) -> TrustContext {
+        trust_context(&self.inner.config, &self.inner.registry, &self.inner.pool)
     }
 }
 
-fn client_pool() -> Result<ConnectionPool, ClientError> {
+fn trust_context(config: &SwarmClientConfig, registry: &Arc<NodeRegistry>, pool: &Arc<ConnectionPool>) -> TrustContext {
+    TrustContext {
+        pool: pool.clone(),
+        registry: registry.clone(),
+        model_id: config.model_id.clone(),
+        wire_dtype: config.wire_dtype,
+        prefill_chunk: config.prefill_chunk,
+        detect: config.detect,
+    }
+}
+
+fn client_pool() -> Result<Arc<ConnectionPool>, ClientError> {
     let endpoint =
         quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).map_err(ClientError::Endpoint)?;
-    Ok(ConnectionPool::new(endpoint))
+    Ok(Arc::new(ConnectionPool::new(endpoint)))
 }
 
 /// One generation session over the swarm, surviving stage failures.
@@ -229,6 +264,8 @@ pub struct SwarmSession {
     failovers: usize,
     /// Peers of every route used, in order.
     routes: Vec<Vec<PeerId>>,
+    /// The sampled check of this session's steps on a second route, when drawn (`trust.rs`).
+    audit: Option<Audit>,
 }
 
 impl SwarmSession {
@@ -239,6 +276,16 @@ impl SwarmSession {
 
     pub fn failovers(&self) -> usize {
         self.failovers
+    }
+
+    /// Steps of this session checked on a second route (0 when the session was not drawn for checking).
+    pub fn audited_steps(&self) -> usize {
+        self.audit.as_ref().map_or(0, |a| a.checked)
+    }
+
+    /// Draws this session for checking with probability `fraction` now (tests and callers that audit on demand).
+    pub fn set_audit(&mut self, fraction: f64) {
+        self.audit = Audit::draw(fraction, self.max_tokens, self.sampling, self.n_top);
     }
 
     /// Plans a route around `excluded` under `policy`, admits the session in each node's queue, opens it and
@@ -338,6 +385,14 @@ impl SwarmSession {
                     return Ok(None);
                 }
                 Ok(Some(r)) => {
+                    let ctx = self.client.trust_context();
+                    let checked = after_step(&ctx, &mut self.audit, &self.history, tokens, self.pipeline.as_ref(), r);
+                    let Checked { result: r, main_route_failed } = checked.await?;
+                    if main_route_failed {
+                        // The route lost a majority vote: the session is replayed on another at the next step.
+                        self.pipeline = None;
+                        self.permits.clear();
+                    }
                     self.history.extend_from_slice(tokens);
                     if let Some(p) = &self.pipeline {
                         for peer in p.route().peers() {

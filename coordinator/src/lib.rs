@@ -11,6 +11,7 @@ pub mod registry;
 pub mod routing;
 pub mod run;
 pub mod session;
+pub mod trust;
 
 pub use client::{SwarmClient, SwarmClientConfig, SwarmSession};
 pub use discovery::{Discovery, DiscoveryConfig, register_record};

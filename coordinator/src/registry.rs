@@ -15,6 +15,10 @@ use tracing::{info, warn};
 
 use crate::queue::NodeQueue;
 
+/// Default of [`RegistryConfig::max_per_address`]: generous for several nodes per machine (GPUs, tests on
+/// loopback), far below a flood of identities.
+pub const DEFAULT_MAX_PER_ADDRESS: usize = 16;
+
 /// Shape every announcement of one model id must agree on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelShape {
@@ -26,6 +30,10 @@ pub struct ModelShape {
 pub enum RegistryError {
     #[error("announcement of {peer} for model {model_id} says {got:?}, other nodes of that model say {known:?}")]
     InconsistentModel { peer: PeerId, model_id: String, known: ModelShape, got: ModelShape },
+    #[error("{peer} is not on the allowed peer list")]
+    NotAllowed { peer: PeerId },
+    #[error("{peer} not registered: {limit} identities with a stage on {ip} are registered already")]
+    TooManyFromAddress { peer: PeerId, ip: std::net::IpAddr, limit: usize },
 }
 
 /// What an upsert did.
@@ -50,6 +58,13 @@ pub struct NodeHealth {
     pub banned_until: Option<Instant>,
     /// Smoothed round-trip time to the node's stage server.
     pub rtt: Option<Duration>,
+    /// Whether the owner has checked the node's output against a trusted replica (`trust.rs`).
+    pub standing: crate::trust::Standing,
+    /// The owner's measurement of the node's compute, milliseconds per layer per decoded token (an EWMA of timed
+    /// steps; `None` until measured). Routing uses it instead of the announced throughput.
+    pub ms_per_layer: Option<f64>,
+    /// Timed steps folded into `ms_per_layer`.
+    pub steps_timed: u32,
 }
 
 /// One registered node.
@@ -69,11 +84,26 @@ pub struct RegistryConfig {
     /// First ban after a failure; doubled per consecutive failure up to `max_ban`.
     pub base_ban: Duration,
     pub max_ban: Duration,
+    /// User sessions go only to nodes whose output a trusted replica confirmed (docs/SECURITY.md, "Trust and
+    /// routing"); new identities are checked with the owner's canary sessions first.
+    pub probation: bool,
+    /// Identities that may be registered at once with a stage address on one IP address: a sybil flood from one
+    /// machine fills this and no more ([`DEFAULT_MAX_PER_ADDRESS`]).
+    pub max_per_address: usize,
+    /// A private swarm's membership list (`--allow-peers`): announcements of other peers are refused.
+    pub allow_peers: Option<shardline_proto::dht::AllowList>,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self { max_waiting: 16, base_ban: Duration::from_secs(2), max_ban: Duration::from_secs(300) }
+        Self {
+            max_waiting: 16,
+            base_ban: Duration::from_secs(2),
+            max_ban: Duration::from_secs(300),
+            probation: true,
+            max_per_address: DEFAULT_MAX_PER_ADDRESS,
+            allow_peers: None,
+        }
     }
 }
 
@@ -131,6 +161,8 @@ pub struct NodeRegistry {
     inner: RwLock<Inner>,
     config: RegistryConfig,
     version: watch::Sender<u64>,
+    /// Models whose new nodes a prober checks already (`trust.rs`): one prober per model and registry.
+    probers: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for NodeRegistry {
@@ -141,7 +173,12 @@ impl std::fmt::Debug for NodeRegistry {
 
 impl NodeRegistry {
     pub fn new(config: RegistryConfig) -> Arc<Self> {
-        Arc::new(Self { inner: RwLock::new(Inner::default()), config, version: watch::channel(0).0 })
+        Arc::new(Self {
+            inner: RwLock::new(Inner::default()),
+            config,
+            version: watch::channel(0).0,
+            probers: Default::default(),
+        })
     }
 
     fn read(&self) -> parking_lot::RwLockReadGuard<'_, Inner> {
@@ -205,6 +242,9 @@ impl NodeRegistry {
     /// removes the node.
     pub fn upsert(&self, a: ShardAnnouncement) -> Result<Upsert, RegistryError> {
         let shape = ModelShape { n_layers: a.n_layers, hidden: a.hidden };
+        if self.config.allow_peers.as_ref().is_some_and(|l| !l.contains(&a.peer_id)) {
+            return Err(RegistryError::NotAllowed { peer: a.peer_id });
+        }
         let now = Instant::now();
         let mut inner = self.write();
         if is_withdrawal(&a) {
@@ -251,6 +291,11 @@ impl NodeRegistry {
                 Upsert::Updated
             }
             None => {
+                let ip = a.quic_addr.ip();
+                let limit = self.config.max_per_address;
+                if inner.nodes.values().filter(|e| e.announcement.quic_addr.ip() == ip).count() >= limit {
+                    return Err(RegistryError::TooManyFromAddress { peer: a.peer_id, ip, limit });
+                }
                 let model = inner.name(&a.model_id).to_string();
                 info!(peer = %a.peer_id, %model, layers = %a.layers, addr = %a.quic_addr, "node registered");
                 inner
@@ -366,6 +411,46 @@ impl NodeRegistry {
         if let Some(h) = self.write().health.get_mut(peer) {
             h.failures = 0;
         }
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// Claims the checking of `model_id`'s new nodes; `false` when a prober holds it already.
+    pub fn claim_prober(&self, model_id: &str) -> bool {
+        self.probers.lock().insert(model_id.to_string())
+    }
+
+    pub fn release_prober(&self, model_id: &str) {
+        self.probers.lock().remove(model_id);
+    }
+
+    /// Sets a node's standing (probation, trusted, rejected); wakes route waiters when it changes.
+    pub fn set_standing(&self, peer: &PeerId, standing: crate::trust::Standing) {
+        let mut inner = self.write();
+        let h = inner.health.entry(*peer).or_default();
+        let changed = h.standing != standing;
+        h.standing = standing;
+        drop(inner);
+        if changed {
+            info!(%peer, ?standing, "node standing changed");
+            self.bump();
+        }
+    }
+
+    /// Folds one timed step into the node's measured milliseconds per layer (weight 1/4 for the new sample).
+    pub fn record_layer_time(&self, peer: &PeerId, ms_per_layer: f64) {
+        if !ms_per_layer.is_finite() || ms_per_layer < 0.0 {
+            return;
+        }
+        let mut inner = self.write();
+        let h = inner.health.entry(*peer).or_default();
+        h.ms_per_layer = Some(match h.ms_per_layer {
+            None => ms_per_layer,
+            Some(old) => 0.75 * old + 0.25 * ms_per_layer,
+        });
+        h.steps_timed = h.steps_timed.saturating_add(1);
     }
 
     /// Folds a round-trip measurement into the node's smoothed RTT (weight 1/4 for the new sample).
@@ -505,6 +590,40 @@ pub(crate) mod tests {
         assert_eq!(reg.upsert(gone).unwrap(), Upsert::Withdrawn);
         assert!(reg.is_empty());
         assert_eq!(reg.model_shape("m"), None);
+    }
+
+    #[test]
+    fn one_address_registers_a_bounded_number_of_identities() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let mut registered = 0;
+        let mut refused = 0;
+        for _ in 0..300 {
+            match reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30)) {
+                Ok(Upsert::Inserted) => registered += 1,
+                Err(RegistryError::TooManyFromAddress { limit, .. }) => {
+                    assert_eq!(limit, DEFAULT_MAX_PER_ADDRESS);
+                    refused += 1
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((registered, refused), (DEFAULT_MAX_PER_ADDRESS, 300 - DEFAULT_MAX_PER_ADDRESS));
+        // Another address still registers, and a registered node still updates.
+        let mut other = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+        other.quic_addr = "10.0.0.2:9".parse().unwrap();
+        assert_eq!(reg.upsert(other.clone()).unwrap(), Upsert::Inserted);
+        other.issued_at_ms += 1;
+        assert_eq!(reg.upsert(other).unwrap(), Upsert::Updated);
+    }
+
+    #[test]
+    fn only_allowed_peers_register_in_a_private_swarm() {
+        let member = Keypair::generate_ed25519();
+        let list: shardline_proto::dht::AllowList = Arc::new([member.public().to_peer_id()].into());
+        let reg = NodeRegistry::new(RegistryConfig { allow_peers: Some(list), ..RegistryConfig::default() });
+        let outsider = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+        assert!(matches!(reg.upsert(outsider), Err(RegistryError::NotAllowed { .. })));
+        assert_eq!(reg.upsert(announcement(&member, "m", LayerRange::new(0, 30), 30)).unwrap(), Upsert::Inserted);
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! DAG over the boundaries `0..=N`, so one pass in boundary order finds the shortest path in `O(Σ layers per node)`.
 //!
 //! Edge cost, in milliseconds per decoded token: the measured round-trip time to the node, plus the time the node
-//! needs for that many layers at its announced decode throughput, scaled by how many sessions already share it, plus a
-//! large penalty once its queue is full. Replicas of equal cost are separated by a per-request tie-break, so sessions
-//! spread over them.
+//! needs for that many layers, scaled by how many sessions already share it, plus a large penalty once its queue is
+//! full. The time per layer is what the owner measured (an EWMA of timed steps, `trust.rs`); what a node announces
+//! about itself is only a prior for a node not measured yet, and never better than the best measured node of the
+//! model (docs/SECURITY.md, "Trust and routing"). Replicas of equal cost are separated by a per-request tie-break, so
+//! sessions spread over them.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -26,6 +28,9 @@ use crate::registry::{NodeEntry, NodeHealth};
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Decode throughput assumed for a node announcing none, tokens per second.
 const FALLBACK_TPS: f64 = 1.0;
+/// The fastest compute a node may be assumed to have before it is measured, milliseconds per layer per token: an
+/// announcement claiming more is clamped to it (100,000 layer-steps per second).
+pub const MIN_PLAUSIBLE_MS_PER_LAYER: f64 = 0.01;
 /// Added per waiting session once a node is at capacity, in milliseconds: saturated nodes are used only when nothing
 /// else covers their layers.
 const SATURATION_PENALTY_MS: f64 = 10_000.0;
@@ -39,6 +44,9 @@ pub struct Candidate {
     pub fingerprint: Fingerprint,
     /// Tokens per second through the node's whole shard.
     pub decode_tps: f32,
+    /// Milliseconds per layer per token: measured by the owner, or the clamped prior (see [`candidates`]); `None`
+    /// to derive it from `decode_tps`.
+    pub ms_per_layer: Option<f64>,
     pub rtt: Duration,
     pub in_flight: u32,
     pub waiting: u32,
@@ -57,6 +65,7 @@ impl Candidate {
             addr: a.quic_addr,
             fingerprint: a.cert_fingerprint,
             decode_tps: a.decode_tps,
+            ms_per_layer: health.ms_per_layer,
             rtt: health.rtt.unwrap_or(DEFAULT_RTT),
             in_flight,
             waiting,
@@ -65,12 +74,19 @@ impl Candidate {
         }
     }
 
+    /// What the node's announcement claims, milliseconds per layer per token, clamped to
+    /// [`MIN_PLAUSIBLE_MS_PER_LAYER`].
+    pub fn announced_ms_per_layer(&self) -> f64 {
+        let tps =
+            if self.decode_tps.is_finite() && self.decode_tps > 0.0 { self.decode_tps as f64 } else { FALLBACK_TPS };
+        (1000.0 / tps / self.layers.len().max(1) as f64).max(MIN_PLAUSIBLE_MS_PER_LAYER)
+    }
+
     /// `(fixed, per_layer)` milliseconds of using this node for one token: the edge cost for `n` layers is
     /// `fixed + per_layer · n`.
     fn cost_terms(&self, tie_break: u64) -> (f64, f64) {
-        let tps = if self.decode_tps > 0.0 { self.decode_tps as f64 } else { FALLBACK_TPS };
         let sharing = 1.0 + self.in_flight as f64 + self.waiting as f64;
-        let per_layer = 1000.0 / tps / self.layers.len().max(1) as f64 * sharing;
+        let per_layer = self.ms_per_layer.unwrap_or_else(|| self.announced_ms_per_layer()) * sharing;
         let saturated = if self.in_flight >= self.capacity.max(1) {
             SATURATION_PENALTY_MS * (1.0 + self.waiting as f64)
         } else {
@@ -262,20 +278,50 @@ pub fn plan(
     Ok(Route { stages, cost_ms: dist[n_layers] })
 }
 
-/// Candidates of `model_id` from the registry, without banned nodes. A node whose RTT was never measured is assumed
+/// Candidates of `model_id` from the registry for user sessions: without banned nodes and, when the registry runs
+/// probation, only nodes whose output a trusted replica confirmed. A node whose RTT was never measured is assumed
 /// as close as the closest measured one (or [`DEFAULT_RTT`]), so new replicas get tried instead of being starved by a
-/// pessimistic guess.
+/// pessimistic guess; a node whose compute was never measured is assumed no faster than the fastest measured node
+/// of the model, whatever it announces.
 pub fn candidates(registry: &crate::registry::NodeRegistry, model_id: &str) -> Vec<Candidate> {
+    let probation = registry.config().probation;
+    candidates_where(registry, model_id, |h| !probation || h.standing == crate::trust::Standing::Trusted)
+}
+
+/// Candidates of `model_id` that cover layers for health and coverage reports: not banned and not rejected, on
+/// probation included (they take user sessions once checked, within a few seconds).
+pub fn coverage_candidates(registry: &crate::registry::NodeRegistry, model_id: &str) -> Vec<Candidate> {
+    candidates_where(registry, model_id, |h| h.standing != crate::trust::Standing::Rejected)
+}
+
+/// Longest a session waits for nodes on probation that would cover the model to be checked, whatever the coverage
+/// policy: a request arriving just after nodes joined is served once they are trusted instead of failing.
+pub const PROBATION_WAIT: Duration = Duration::from_secs(10);
+
+/// Candidates of `model_id` whose health passes `admit` (and not banned), with measured or clamped compute times.
+pub fn candidates_where(
+    registry: &crate::registry::NodeRegistry,
+    model_id: &str,
+    admit: impl Fn(&NodeHealth) -> bool,
+) -> Vec<Candidate> {
     let now = Instant::now();
     let snapshot = registry.snapshot(model_id);
     let assumed = snapshot.iter().filter_map(|(_, h)| h.rtt).min().unwrap_or(DEFAULT_RTT);
+    let best_measured = snapshot
+        .iter()
+        .filter_map(|(_, h)| h.ms_per_layer)
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
     snapshot
         .iter()
-        .filter(|(_, h)| h.banned_until.is_none_or(|t| t <= now))
+        .filter(|(_, h)| h.banned_until.is_none_or(|t| t <= now) && admit(h))
         .map(|(e, h)| {
             let mut c = Candidate::from_entry(e, h);
             if h.rtt.is_none() {
                 c.rtt = assumed;
+            }
+            if c.ms_per_layer.is_none() {
+                let prior = c.announced_ms_per_layer();
+                c.ms_per_layer = Some(best_measured.map_or(prior, |b| prior.max(b)));
             }
             c
         })
@@ -294,6 +340,7 @@ pub async fn route(
         CoveragePolicy::FailFast => None,
         CoveragePolicy::WaitAndRetry { timeout } => Some(tokio::time::Instant::now() + timeout),
     };
+    let mut probation_deadline: Option<tokio::time::Instant> = None;
     loop {
         changes.borrow_and_update();
         let attempt = match registry.model_shape(model_id) {
@@ -303,8 +350,27 @@ pub async fn route(
                 plan(model_id, &cands, shape.n_layers as usize, excluded, rand::random())
             }
         };
-        let Err(err) = attempt else { return attempt };
+        let Err(mut err) = attempt else { return attempt };
+        // Covered only with nodes still on probation: wait for their check (bounded) even when failing fast. Not
+        // covered even with them: the error names what is missing among them.
+        let mut probation_covers = false;
+        if registry.config().probation
+            && let Some(shape) = registry.model_shape(model_id)
+        {
+            let all = coverage_candidates(registry, model_id);
+            match plan(model_id, &all, shape.n_layers as usize, excluded, 0) {
+                Ok(_) => probation_covers = true,
+                Err(e) => err = e,
+            }
+        }
         let err = err.named(registry.model_name(model_id));
+        let deadline = match deadline {
+            None if probation_covers => {
+                let by = *probation_deadline.get_or_insert_with(|| tokio::time::Instant::now() + PROBATION_WAIT);
+                Some(by)
+            }
+            d => d,
+        };
         let Some(deadline) = deadline else { return Err(err) };
         // Bans expire without a registry change, so re-plan at least every 250 ms.
         let wake = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
@@ -332,6 +398,7 @@ mod tests {
             addr: "127.0.0.1:1".parse().unwrap(),
             fingerprint: [0; 32],
             decode_tps: tps,
+            ms_per_layer: None,
             rtt: DEFAULT_RTT,
             in_flight: 0,
             waiting: 0,
@@ -424,6 +491,56 @@ mod tests {
         assert!(per < Duration::from_millis(10), "planning took {per:?}");
     }
 
+    #[test]
+    fn a_sybil_on_probation_is_no_candidate_and_its_announced_speed_is_clamped_to_the_best_measured() {
+        use libp2p::identity::Keypair;
+
+        use crate::registry::tests::announcement;
+        use crate::registry::{NodeRegistry, RegistryConfig};
+        use crate::trust::Standing;
+
+        let full = LayerRange::new(0, 30);
+        for probation in [true, false] {
+            let reg = NodeRegistry::new(RegistryConfig { probation, ..RegistryConfig::default() });
+            let honest = announcement(&Keypair::generate_ed25519(), "m", full, 30);
+            let mut sybil = announcement(&Keypair::generate_ed25519(), "m", full, 30);
+            sybil.decode_tps = 1e30;
+            reg.upsert(honest.clone()).unwrap();
+            reg.upsert(sybil.clone()).unwrap();
+            reg.set_standing(&honest.peer_id, Standing::Trusted);
+            // The owner measured the honest node at 0.5 ms per layer.
+            reg.record_layer_time(&honest.peer_id, 0.5);
+            let cands = candidates(&reg, "m");
+            let by = |p: &PeerId| cands.iter().find(|c| c.peer == *p);
+            assert_eq!(by(&honest.peer_id).unwrap().ms_per_layer, Some(0.5));
+            if probation {
+                assert!(by(&sybil.peer_id).is_none(), "a node on probation takes no user session");
+                let r = plan("m", &cands, 30, &HashSet::new(), 7).unwrap();
+                assert_eq!(r.peers(), vec![honest.peer_id]);
+            } else {
+                // Announced 1e30 tokens/s: assumed no faster than the measured node, so at most a fair share.
+                assert_eq!(by(&sybil.peer_id).unwrap().ms_per_layer, Some(0.5));
+                let mut sybil_wins = 0;
+                for t in 0..400u64 {
+                    let r = plan("m", &cands, 30, &HashSet::new(), mix64(t)).unwrap();
+                    sybil_wins += usize::from(r.peers() == vec![sybil.peer_id]);
+                }
+                assert!(sybil_wins < 280, "the sybil took {sybil_wins} of 400 routes");
+                // Once measured slower, it takes none.
+                reg.record_layer_time(&sybil.peer_id, 5.0);
+                let cands = candidates(&reg, "m");
+                for t in 0..100u64 {
+                    assert_eq!(plan("m", &cands, 30, &HashSet::new(), mix64(t)).unwrap().peers(), vec![honest.peer_id]);
+                }
+            }
+        }
+        // With nothing measured yet, an absurd announcement is clamped to the plausible bound.
+        let mut c = cand(0, 30, 1e30);
+        assert_eq!(c.announced_ms_per_layer(), MIN_PLAUSIBLE_MS_PER_LAYER);
+        c.decode_tps = f32::INFINITY;
+        assert!(c.announced_ms_per_layer() >= MIN_PLAUSIBLE_MS_PER_LAYER);
+    }
+
     #[tokio::test]
     async fn coverage_policies_fail_fast_or_wait_for_nodes() {
         use libp2p::identity::Keypair;
@@ -431,7 +548,9 @@ mod tests {
         use crate::registry::tests::announcement;
         use crate::registry::{NodeRegistry, RegistryConfig};
 
-        let reg = NodeRegistry::new(RegistryConfig::default());
+        // Coverage alone: no probation, every registered node counts.
+        let config = RegistryConfig { probation: false, ..RegistryConfig::default() };
+        let reg = NodeRegistry::new(config.clone());
         reg.name_model("m", "Tiny.Q8_0");
         let none = HashSet::new();
         assert_eq!(
@@ -462,7 +581,7 @@ mod tests {
         let r = route(&reg, "m", &none, wait).await.unwrap();
         assert_eq!(spans(&r), vec![(0, 10), (10, 20), (20, 30)]);
         // Waiting that runs out reports what is still missing.
-        let reg = NodeRegistry::new(RegistryConfig::default());
+        let reg = NodeRegistry::new(config);
         reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(5, 30), 30)).unwrap();
         let t = Instant::now();
         let short = CoveragePolicy::WaitAndRetry { timeout: Duration::from_millis(300) };

@@ -76,6 +76,7 @@ pub async fn start_coordinator(args: CoordinatorArgs) -> Result<CoordinatorHandl
         None => Keypair::generate_ed25519(),
     };
     let mut dht_config = DhtConfig::for_discovery(keypair, args.p2p_listen.clone(), args.bootstrap.clone());
+    dht_config.allow_peers = args.registry.allow_peers.clone();
     dht_config.bootstrap_patience = args.bootstrap_patience;
     let (dht, events) = DhtClient::start(dht_config).await?;
     let registry = NodeRegistry::new(args.registry.clone());

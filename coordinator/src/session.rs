@@ -102,6 +102,8 @@ pub struct RouteSession {
     /// Positions written since the last token, and when the first of them was written.
     pending: usize,
     pending_since: std::time::Instant,
+    /// Wall time of the last sampled one-token step, first frame written to token read (`trust.rs` times nodes).
+    last_decode: Option<std::time::Duration>,
 }
 
 impl Drop for RouteSession {
@@ -230,6 +232,7 @@ impl RouteSession {
             times: StepTimes::new(params.detect, std::time::Duration::from_secs_f64(route_cost_s)),
             pending: 0,
             pending_since: std::time::Instant::now(),
+            last_decode: None,
         })
     }
 
@@ -239,6 +242,11 @@ impl RouteSession {
 
     pub fn route(&self) -> &Route {
         &self.route
+    }
+
+    /// Wall time of the last step if it fed one token and sampled (the owner's measurement of the route).
+    pub fn last_decode(&self) -> Option<std::time::Duration> {
+        self.last_decode
     }
 
     /// Positions fed so far.
@@ -253,6 +261,8 @@ impl RouteSession {
             return Err(SessionError::Protocol("nothing to feed".into()));
         }
         let first = self.route.stages[0].peer;
+        let started = std::time::Instant::now();
+        self.last_decode = None;
         let chunks: Vec<&[u32]> = tokens.chunks(self.prefill_chunk).collect();
         for (k, chunk) in chunks.iter().enumerate() {
             let last = k + 1 == chunks.len() && sample;
@@ -296,6 +306,9 @@ impl RouteSession {
         let n = self.route.stages.len();
         match ev {
             StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected && i + 1 == n => {
+                if tokens.len() == 1 {
+                    self.last_decode = Some(started.elapsed());
+                }
                 match blame::implausible_token(&result) {
                     None => Ok(Some(result)),
                     Some(detail) => Err(SessionError::Violation { peer, detail }),

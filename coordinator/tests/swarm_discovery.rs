@@ -66,7 +66,8 @@ async fn coordinator(listen: Vec<Multiaddr>) -> Coordinator {
 
 async fn coordinator_with_key(key: Keypair, listen: Vec<Multiaddr>) -> Coordinator {
     let (dht, events) = DhtClient::start(DhtConfig::for_discovery(key, listen, vec![])).await.unwrap();
-    let registry = NodeRegistry::new(RegistryConfig::default());
+    // Up to 50 nodes on the one loopback address: no per-address limit here.
+    let registry = NodeRegistry::new(RegistryConfig { max_per_address: usize::MAX, ..RegistryConfig::default() });
     let config = DiscoveryConfig {
         query_interval: Duration::from_millis(300),
         sweep_interval: Duration::from_millis(100),

@@ -28,7 +28,7 @@ fn tiny_model(dir: &Path) -> (PathBuf, String) {
     let path = dir.join("tiny.gguf");
     write_tiny_gguf(&spec, &path).unwrap();
     let files = ModelFiles::open(&path).unwrap();
-    let id = ModelId::of(files.weights().as_ref()).unwrap().to_hex();
+    let id = ModelId::of_files(&files).unwrap().to_hex();
     (path, id)
 }
 

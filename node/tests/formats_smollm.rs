@@ -127,8 +127,21 @@ fn tokenizer_metadata_is_reachable() {
 #[test]
 fn model_id_is_stable_across_opens() {
     let Some(path) = model_path() else { return };
+    let t = std::time::Instant::now();
     let a = ModelId::of(open_model(&path).unwrap().as_ref()).unwrap();
-    let b = ModelId::of(open_model(&path).unwrap().as_ref()).unwrap();
+    let hashed = t.elapsed();
+    // A copy in a fresh directory: the first `of_files` hashes and caches, the second reads the cache.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("m.gguf");
+    std::fs::copy(&path, &copy).unwrap();
+    let t = std::time::Instant::now();
+    let b = ModelId::of_files(&shardline_node::model::ModelFiles::open(&copy).unwrap()).unwrap();
+    let first = t.elapsed();
+    let t = std::time::Instant::now();
+    let c = ModelId::of_files(&shardline_node::model::ModelFiles::open(&copy).unwrap()).unwrap();
+    let cached = t.elapsed();
+    println!("model id of SmolLM2: hashing every tensor {hashed:?}, first of_files {first:?}, cached {cached:?}");
     assert_eq!(a, b);
+    assert_eq!(a, c);
     assert_eq!(a.to_string().len(), 64);
 }

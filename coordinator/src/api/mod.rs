@@ -130,7 +130,7 @@ impl ServedModel {
     pub fn open(path: &Path, coordinator: &CoordinatorHandle, config: &ApiConfig) -> Result<Self, ApiSetupError> {
         let files = ModelFiles::open(path)?;
         let tokenizer = Arc::new(load_tokenizer(&files)?);
-        let model_id = ModelId::of(files.weights().as_ref())?.to_hex();
+        let model_id = ModelId::of_files(&files)?.to_hex();
         let name = shardline_node::model::display_name(path);
         coordinator.registry.name_model(&model_id, &name);
         let created = std::fs::metadata(path)
@@ -165,7 +165,7 @@ impl ServedModel {
         if registry.model_shape(&self.model_id).is_none() {
             return full;
         }
-        let cands = routing::candidates(registry, &self.model_id);
+        let cands = routing::coverage_candidates(registry, &self.model_id);
         match routing::plan(&self.model_id, &cands, self.n_layers, &HashSet::new(), 0) {
             Ok(_) => Vec::new(),
             Err(RouteError::Uncovered { missing, .. }) => missing,

@@ -92,7 +92,7 @@ pub fn model_views(registry: &NodeRegistry, served: &dyn Fn(&str) -> Option<Arc<
             let n_layers = reg.model_shape(&id).map(|s| s.n_layers).unwrap_or(0);
             let missing = match &served {
                 Some(m) => m.missing_layers(reg),
-                None => routing::missing_ranges(&routing::candidates(reg, &id), n_layers as usize),
+                None => routing::missing_ranges(&routing::coverage_candidates(reg, &id), n_layers as usize),
             };
             let mut nodes: Vec<SwarmNode> = reg
                 .snapshot(&id)

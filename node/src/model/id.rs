@@ -1,7 +1,7 @@
-//! The model id: a SHA-256 digest of the architecture configuration and the tensor table (canonical names,
-//! shapes, dtypes, byte sizes), so every node serving a shard of the same file derives the same id at start-up
-//! without reading gigabytes of weights. Hashing the weight bytes as well is an option for operators who want ids
-//! that distinguish fine-tunes with identical tables.
+//! The model id: a SHA-256 digest of the architecture configuration, the tensor table (canonical names, shapes,
+//! dtypes, byte sizes) and every tensor's own SHA-256 (`tensor_hashes.rs`), so a node whose weights differ in one
+//! byte derives another id and cannot join the swarm of the real model (docs/PROTOCOL.md, "Model id"). The tensor
+//! digests of a file are computed once and cached; [`ModelId::of_files`] uses that cache, [`ModelId::of`] hashes.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,53 +10,49 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 use crate::model::config::ModelConfig;
+use crate::model::open::ModelFiles;
 use crate::model::source::WeightSource;
+use crate::model::tensor_hashes::{self, TensorHashes};
 
-/// Version tag of the canonical encoding; changing the encoding changes the tag.
-const DOMAIN: &[u8] = b"shardline/model-id/1";
+/// Version tag of the canonical encoding; changing the encoding changes the tag. Version 1 covered the
+/// configuration and tensor table only.
+const DOMAIN: &[u8] = b"shardline/model-id/2";
 
 /// A model id: 32 bytes, written as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelId(pub [u8; 32]);
 
-/// Whether [`ModelId::compute`] also hashes the weight bytes (reads the whole model).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum IdScope {
-    /// Configuration and tensor table only (the default, instant).
-    #[default]
-    Metadata,
-    /// Also every tensor's bytes, in table order.
-    WithWeights,
-}
-
 impl ModelId {
-    /// The id of a model's configuration and tensor table.
+    /// The id of a model, hashing every tensor now (reads all weights). For a model opened from files prefer
+    /// [`ModelId::of_files`], which reads the cached tensor digests.
     pub fn of(source: &dyn WeightSource) -> Result<Self> {
-        Self::compute(source, IdScope::Metadata)
+        let hashes = tensor_hashes::hash_tensors(source)?;
+        Self::from_parts(source, &hashes)
     }
 
-    pub fn compute(source: &dyn WeightSource, scope: IdScope) -> Result<Self> {
-        let mut h = Sha256::new();
-        h.update(DOMAIN);
-        h.update([matches!(scope, IdScope::WithWeights) as u8]);
-        hash_config(&mut h, source.config());
+    /// The id of a model opened from files, with the per-tensor digests from the cache beside the file (computed
+    /// and cached on first use).
+    pub fn of_files(files: &ModelFiles) -> Result<Self> {
+        let weights = files.weights();
+        let meta = metadata_digest(weights.as_ref());
+        let hashes = tensor_hashes::tensor_hashes(files, &meta)?;
+        Self::from_parts(weights.as_ref(), &hashes)
+    }
+
+    /// The id from the configuration and table of `source` and the given tensor digests, which must name exactly
+    /// the tensors of the table (a stale or foreign table is refused).
+    pub fn from_parts(source: &dyn WeightSource, hashes: &TensorHashes) -> Result<Self> {
         let mut table = source.tensor_table();
         table.sort_by(|a, b| a.name.cmp(&b.name));
-        put_u64(&mut h, table.len() as u64);
-        for t in &table {
-            put_str(&mut h, &t.name);
-            put_str(&mut h, t.dtype.name());
-            put_u64(&mut h, t.shape.len() as u64);
-            for &d in &t.shape {
-                put_u64(&mut h, d as u64);
-            }
-            put_u64(&mut h, t.byte_len as u64);
+        if table.len() != hashes.len() || table.iter().zip(hashes).any(|(t, (n, _))| &t.name != n) {
+            return Err(ModelError::Invalid("the tensor digests do not match the tensor table".into()));
         }
-        if scope == IdScope::WithWeights {
-            for t in &table {
-                let entry = source.tensor(&t.name)?;
-                h.update(entry.bytes.as_slice());
-            }
+        let mut h = Sha256::new();
+        h.update(DOMAIN);
+        h.update(metadata_digest(source));
+        for (name, digest) in hashes {
+            put_str(&mut h, name);
+            h.update(digest);
         }
         Ok(ModelId(h.finalize().into()))
     }
@@ -74,6 +70,26 @@ impl ModelId {
     pub fn short(&self) -> String {
         hex::encode(&self.0[..8])
     }
+}
+
+/// SHA-256 of the configuration and the tensor table (names, dtypes, shapes, byte sizes): what the id covers
+/// besides the weights, and part of the tensor-digest cache key.
+pub fn metadata_digest(source: &dyn WeightSource) -> [u8; 32] {
+    let mut h = Sha256::new();
+    hash_config(&mut h, source.config());
+    let mut table = source.tensor_table();
+    table.sort_by(|a, b| a.name.cmp(&b.name));
+    put_u64(&mut h, table.len() as u64);
+    for t in &table {
+        put_str(&mut h, &t.name);
+        put_str(&mut h, t.dtype.name());
+        put_u64(&mut h, t.shape.len() as u64);
+        for &d in &t.shape {
+            put_u64(&mut h, d as u64);
+        }
+        put_u64(&mut h, t.byte_len as u64);
+    }
+    h.finalize().into()
 }
 
 fn put_u64(h: &mut Sha256, v: u64) {

@@ -7,10 +7,11 @@ pub mod kv_cache;
 pub mod open;
 pub mod shard;
 pub mod source;
+pub mod tensor_hashes;
 
 pub use arch::{Architecture, BlockLayout};
 pub use config::ModelConfig;
-pub use id::{IdScope, ModelId};
+pub use id::ModelId;
 pub use open::{ModelFiles, display_name, open_model};
 pub use shard::{Shard, ShardInput, ShardKv, ShardOptions, ShardOutput};
 pub use shardline_proto::LayerRange;

@@ -38,6 +38,8 @@ pub struct NodeArgs {
     pub bootstrap_patience: std::time::Duration,
     /// ed25519 identity file; a fresh identity each start when `None`.
     pub key_file: Option<PathBuf>,
+    /// A private swarm's membership list (`--allow-peers`): the DHT drops connections from other peers.
+    pub allow_peers: Option<shardline_proto::dht::AllowList>,
     pub shard: ShardOptions,
     pub stage: StageConfig,
     /// Hidden-state dtype on the wire; defaults to the backend's activation dtype (f32 on the CPU, so a split run is
@@ -64,6 +66,7 @@ impl NodeArgs {
             bootstrap: Vec::new(),
             bootstrap_patience: std::time::Duration::ZERO,
             key_file: None,
+            allow_peers: None,
             shard: ShardOptions::default(),
             stage: StageConfig::default(),
             wire_dtype: None,
@@ -179,7 +182,7 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
     let (shard, model_id, decode_tps, prefill_tps) = tokio::task::spawn_blocking(move || {
         let files = ModelFiles::open(&model)?;
         let weights = files.weights();
-        let model_id = ModelId::of(weights.as_ref())?.to_hex();
+        let model_id = ModelId::of_files(&files)?.to_hex();
         let shard = Shard::load(weights.as_ref(), layers, backend, shard_opts)?;
         let (d, p) = measure(&shard, measure_tokens)?;
         Ok::<_, ModelError>((Arc::new(shard), model_id, d, p))
@@ -194,6 +197,7 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
     });
     let mut dht_config = DhtConfig::new(keypair.clone(), args.p2p_listen.clone(), args.bootstrap.clone());
     dht_config.bootstrap_patience = args.bootstrap_patience;
+    dht_config.allow_peers = args.allow_peers.clone();
     let (dht, _events) = DhtClient::start(dht_config).await?;
     let p2p_addrs = dht.listen_addrs().await?;
     let c = shard.config().clone();

@@ -133,6 +133,13 @@ impl StageServer {
         self.stage.shard()
     }
 
+    /// Test-only fault injection: from now on the stage computes as if its weights were tampered with
+    /// (`ShardStage`'s `tampered` field), or honestly again with `false`.
+    #[cfg(feature = "test-support")]
+    pub fn tamper(&self, on: bool) {
+        self.stage.tamper_switch().store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn config(&self) -> &StageConfig {
         &self.config
     }

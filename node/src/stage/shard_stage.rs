@@ -1,6 +1,7 @@
 //! The model side of a stage: a [`Shard`] checked against opens, reserving KV cache, and running compute batches.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::core::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample, StageCompute, StageModel};
 use crate::error::ModelError;
@@ -12,11 +13,20 @@ use shardline_proto::wire::{ErrorCode, HiddenStates, SessionOpen, StageData, Tok
 pub struct ShardStage {
     shard: Arc<Shard>,
     model_id: String,
+    /// Test-only fault injection (switched through `StageServer::tamper` with the `test-support` feature): the
+    /// stage then computes as if its weights were tampered with — token ids are shifted by one before the
+    /// embedding, hidden states entering it get 0.5 added — so trust checks can be tested against real processes.
+    tampered: Arc<AtomicBool>,
 }
 
 impl ShardStage {
     pub fn new(shard: Arc<Shard>, model_id: String) -> Self {
-        Self { shard, model_id }
+        Self { shard, model_id, tampered: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// The fault-injection switch (see the field).
+    pub fn tamper_switch(&self) -> &Arc<AtomicBool> {
+        &self.tampered
     }
 
     pub fn shard(&self) -> &Arc<Shard> {
@@ -32,8 +42,21 @@ impl ShardStage {
         let shard = &self.shard;
         let backend = shard.backend().clone();
         let wire = item.wire_dtype;
+        let tampered = self.tampered.load(Ordering::Relaxed);
         let out = match &item.input {
+            StageData::Tokens(t) if tampered => {
+                let vocab = shard.config().vocab.max(1) as u32;
+                let shifted: Vec<u32> = t.iter().map(|&x| (x + 1) % vocab).collect();
+                shard.forward_span(&mut item.kv, ShardInput::Tokens(&shifted), item.span)?
+            }
             StageData::Tokens(t) => shard.forward_span(&mut item.kv, ShardInput::Tokens(t), item.span)?,
+            StageData::Hidden(h) if tampered => {
+                let mut v = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(wire), h.as_bytes())?;
+                let mut host = backend.download_f32(&v)?;
+                host.iter_mut().for_each(|x| *x += 0.5);
+                v = backend.upload_f32(&[h.n_tokens(), h.width()], &host)?;
+                shard.forward_span(&mut item.kv, ShardInput::Hidden(&v), item.span)?
+            }
             StageData::Hidden(h) => {
                 let x = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(wire), h.as_bytes())?;
                 shard.forward_span(&mut item.kv, ShardInput::Hidden(&x), item.span)?

@@ -69,6 +69,9 @@ pub struct DhtConfig {
     /// default) fails at once; long-running processes (`shardline node`, `shardline coordinator`) wait a little, so
     /// a swarm started in one go does not depend on which process is up first. The first failure is logged at once.
     pub bootstrap_patience: Duration,
+    /// A private swarm's membership list (`--allow-peers`, `allow.rs`): connections from other peers are closed at
+    /// once. `None` admits every peer.
+    pub allow_peers: Option<super::AllowList>,
 }
 
 impl DhtConfig {
@@ -84,6 +87,7 @@ impl DhtConfig {
             kbucket_size: DEFAULT_KBUCKET_SIZE,
             filter: Arc::new(super::filter::AnnouncementFilter),
             bootstrap_patience: Duration::ZERO,
+            allow_peers: None,
         }
     }
 
@@ -181,6 +185,7 @@ impl DhtClient {
             commands: cmd_rx,
             events: ev_tx,
             filter: config.filter.clone(),
+            allow_peers: config.allow_peers.clone(),
             listen_addrs,
             pending_dial: HashMap::new(),
             pending_put: HashMap::new(),
@@ -342,6 +347,7 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<DhtEvent>,
     filter: Arc<dyn RecordFilter>,
+    allow_peers: Option<super::AllowList>,
     listen_addrs: Vec<Multiaddr>,
     pending_dial: HashMap<libp2p::swarm::ConnectionId, (Multiaddr, oneshot::Sender<Result<(), DhtError>>)>,
     pending_put: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
@@ -455,6 +461,16 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
                 self.listen_addrs.push(address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. }
+                if self.allow_peers.as_ref().is_some_and(|a| !a.contains(&peer_id)) =>
+            {
+                warn!(peer = %peer_id, addr = %endpoint.get_remote_address(), "peer not on --allow-peers: disconnected");
+                let _ = self.swarm.disconnect_peer_id(peer_id);
+                if let Some((_, tx)) = self.pending_dial.remove(&connection_id) {
+                    let detail = format!("peer {peer_id} is not on the allowed peer list");
+                    let _ = tx.send(Err(DhtError::Dial { addr: endpoint.get_remote_address().clone(), detail }));
+                }
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
                 if endpoint.is_dialer() {
