@@ -13,6 +13,10 @@ pub struct StageConfig {
     /// How long to wait for the next stage to accept a session.
     pub connect_timeout: Duration,
     pub limits: Limits,
+    /// Rows (positions) per compute batch that prefill chunks may fill after every waiting decode row: the
+    /// chunked-prefill budget. A long prompt delays the sessions decoding beside it by at most this many rows of
+    /// compute per step; larger values prefill faster and stall decoders longer (see `core::schedule`).
+    pub batch_tokens: usize,
 }
 
 impl Default for StageConfig {
@@ -22,6 +26,7 @@ impl Default for StageConfig {
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             limits: Limits::default(),
+            batch_tokens: 128,
         }
     }
 }

@@ -24,6 +24,7 @@ mod batch;
 mod config;
 mod events;
 mod model;
+mod schedule;
 mod session;
 
 #[cfg(test)]
@@ -40,8 +41,10 @@ pub use batch::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure
 pub use config::StageConfig;
 pub use events::{Event, StreamId};
 pub use model::{StageCompute, StageModel};
+pub use schedule::{BatchGauge, BatchStats};
 pub use session::{INPUT_QUEUE, OUTPUT_WINDOW};
 
+use schedule::Candidate;
 use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, StageSession, Upstream};
 
 use crate::wire_convert::sampling_from_wire;
@@ -80,6 +83,9 @@ pub struct StageCore<M: StageModel> {
     /// A batch is out; the next is built when it comes back.
     computing: bool,
     next_dial: u64,
+    /// Admission order given to the next session (the scheduler serves older prompts first).
+    next_arrival: u64,
+    gauge: BatchGauge,
 }
 
 impl<M: StageModel> StageCore<M> {
@@ -94,7 +100,14 @@ impl<M: StageModel> StageCore<M> {
             actions: VecDeque::new(),
             computing: false,
             next_dial: 0,
+            next_arrival: 0,
+            gauge: BatchGauge::default(),
         }
+    }
+
+    /// What the scheduler did last (batch size, queue depth), readable from other threads.
+    pub fn batch_gauge(&self) -> &BatchGauge {
+        &self.gauge
     }
 
     pub fn model(&self) -> &M {
@@ -339,8 +352,10 @@ impl<M: StageModel> StageCore<M> {
             next_position: 0,
             input_closed: false,
             last_active: now,
+            arrival: self.next_arrival,
             _slot: slot,
         };
+        self.next_arrival += 1;
         match next {
             None => {
                 self.sessions.insert(session, entry);
@@ -507,9 +522,10 @@ impl<M: StageModel> StageCore<M> {
 
     // ---- compute ----
 
+    /// The next batch, as [`schedule::plan`] picks it from every session with a chunk ready (and room for its
+    /// output): all decode rows, then prefill chunks up to the token budget, the last one cut if it does not fit.
     fn build_batch(&mut self) {
-        let mut items = Vec::new();
-        let ready: Vec<SessionId> = self
+        let candidates: Vec<Candidate> = self
             .sessions
             .iter()
             .filter(|(_, s)| {
@@ -517,11 +533,35 @@ impl<M: StageModel> StageCore<M> {
                     && s.has_ready_chunk()
                     && self.unsent(s.output_stream()) < OUTPUT_WINDOW
             })
-            .map(|(id, _)| *id)
+            .filter_map(|(id, s)| match s.queue.front() {
+                Some(Queued::Chunk(c)) => Some(Candidate {
+                    session: *id,
+                    decode: matches!(c.kind, ChunkKind::Decode),
+                    rows: c.data.n_tokens(),
+                    arrival: s.arrival,
+                }),
+                _ => None,
+            })
             .collect();
-        for id in ready {
-            let Some(s) = self.sessions.get_mut(&id) else { continue };
-            let (Some(Queued::Chunk(c)), Some(kv)) = (s.queue.pop_front(), s.kv.take()) else { continue };
+        let mut items = Vec::new();
+        for pick in schedule::plan(&candidates, self.config.batch_tokens) {
+            let Some(s) = self.sessions.get_mut(&pick.session) else { continue };
+            let (Some(Queued::Chunk(mut c)), Some(kv)) = (s.queue.pop_front(), s.kv.take()) else { continue };
+            if let ChunkKind::Prefill { last } = c.kind
+                && pick.rows < c.data.n_tokens()
+            {
+                let (first, rest) = schedule::split_front(c.data, pick.rows);
+                c.data = first;
+                if let Some(rest) = rest {
+                    let position = c.position + c.data.n_tokens() as u64;
+                    s.queue.push_front(Queued::Chunk(Chunk {
+                        position,
+                        kind: ChunkKind::Prefill { last },
+                        data: rest,
+                    }));
+                    c.kind = ChunkKind::Prefill { last: false };
+                }
+            }
             let n = c.data.n_tokens() as u64;
             let sample = match c.kind {
                 ChunkKind::Prefill { last: false } => None,
@@ -529,7 +569,7 @@ impl<M: StageModel> StageCore<M> {
             };
             s.in_flight = Some(InFlight { position: c.position, n, kind: c.kind });
             items.push(ComputeItem {
-                session: id,
+                session: pick.session,
                 start: c.position,
                 input: c.data,
                 span: s.open.span,
@@ -537,11 +577,15 @@ impl<M: StageModel> StageCore<M> {
                 wire_dtype: s.open.wire_dtype,
                 kv,
             });
-            self.refill_reads(id);
+            self.refill_reads(pick.session);
         }
         if !items.is_empty() {
+            let batch = ComputeBatch { items };
+            let queued =
+                self.sessions.values().map(|s| s.queue.iter().filter(|q| matches!(q, Queued::Chunk(_))).count()).sum();
+            self.gauge.record(batch.items.len(), batch.rows(), queued);
             self.computing = true;
-            self.actions.push_back(Action::Compute(ComputeBatch { items }));
+            self.actions.push_back(Action::Compute(batch));
         }
     }
 
