@@ -11,7 +11,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
-use super::core::{Action, Admission, Event, StageCompute, StageConfig, StageCore, StreamId};
+use super::core::{Action, Admission, BatchGauge, BatchStats, Event, StageCompute, StageConfig, StageCore, StreamId};
 use super::shard_stage::ShardStage;
 use crate::model::{Shard, ShardKv};
 use shardline_proto::pool::ConnectionPool;
@@ -23,6 +23,7 @@ pub struct StageServer {
     stage: Arc<ShardStage>,
     config: StageConfig,
     admission: Admission,
+    batch: BatchGauge,
     endpoint: quinn::Endpoint,
     fingerprint: Fingerprint,
     addr: SocketAddr,
@@ -61,6 +62,7 @@ impl StageServer {
         let stage = Arc::new(ShardStage::new(shard, model_id));
         let core = StageCore::new(stage.clone(), config.clone());
         let admission = core.admission().clone();
+        let batch = core.batch_gauge().clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = Driver {
             core,
@@ -73,7 +75,17 @@ impl StageServer {
         let core = tokio::spawn(driver.run(rx));
         let accept = tokio::spawn(accept_loop(endpoint.clone(), tx));
         info!(%addr, fingerprint = %hex::encode(identity.fingerprint()), "stage server listening");
-        Ok(StageServer { stage, config, admission, endpoint, fingerprint: identity.fingerprint(), addr, accept, core })
+        Ok(StageServer {
+            stage,
+            config,
+            admission,
+            batch,
+            endpoint,
+            fingerprint: identity.fingerprint(),
+            addr,
+            accept,
+            core,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -90,9 +102,14 @@ impl StageServer {
         self.admission.active()
     }
 
+    /// What the batch scheduler did last: sessions and rows in the last batch, chunks queued behind it.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batch.read()
+    }
+
     /// A cheap handle reporting the current load, for announcements.
     pub fn probe(&self) -> LoadProbe {
-        LoadProbe { admission: self.admission.clone(), shard: self.stage.shard().clone() }
+        LoadProbe { admission: self.admission.clone(), shard: self.stage.shard().clone(), batch: self.batch.clone() }
     }
 
     pub fn shard(&self) -> &Arc<Shard> {
@@ -109,6 +126,7 @@ impl StageServer {
 pub struct LoadProbe {
     admission: Admission,
     shard: Arc<Shard>,
+    batch: BatchGauge,
 }
 
 impl LoadProbe {
@@ -118,6 +136,11 @@ impl LoadProbe {
 
     pub fn free_kv_tokens(&self) -> usize {
         self.shard.free_kv_tokens()
+    }
+
+    /// The batch scheduler's last batch and queue depth.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batch.read()
     }
 }
 

@@ -17,6 +17,9 @@ pub struct StageConfig {
     /// chunked-prefill budget. A long prompt delays the sessions decoding beside it by at most this many rows of
     /// compute per step; larger values prefill faster and stall decoders longer (see `core::schedule`).
     pub batch_tokens: usize,
+    /// Opens that may wait for KV-cache blocks when the pool is full (each at most `connect_timeout`); more are
+    /// refused `Busy` at once.
+    pub max_waiting: usize,
 }
 
 impl Default for StageConfig {
@@ -27,6 +30,7 @@ impl Default for StageConfig {
             connect_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             batch_tokens: 128,
+            max_waiting: 16,
         }
     }
 }

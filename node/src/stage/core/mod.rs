@@ -50,6 +50,15 @@ use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, Stage
 use crate::wire_convert::sampling_from_wire;
 use shardline_proto::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
 
+/// An open waiting for KV-cache blocks.
+struct Parked {
+    stream: StreamId,
+    session: SessionId,
+    open: SessionOpen,
+    /// Refused `Busy` if still waiting then.
+    deadline: Instant,
+}
+
 /// What a stream is to the core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
@@ -85,6 +94,8 @@ pub struct StageCore<M: StageModel> {
     next_dial: u64,
     /// Admission order given to the next session (the scheduler serves older prompts first).
     next_arrival: u64,
+    /// Opens waiting for KV-cache blocks, oldest first (at most `config.max_waiting`).
+    parked: VecDeque<Parked>,
     gauge: BatchGauge,
 }
 
@@ -101,6 +112,7 @@ impl<M: StageModel> StageCore<M> {
             computing: false,
             next_dial: 0,
             next_arrival: 0,
+            parked: VecDeque::new(),
             gauge: BatchGauge::default(),
         }
     }
@@ -139,11 +151,26 @@ impl<M: StageModel> StageCore<M> {
 
     /// When the driver must send [`Event::Tick`] (a session's idle or connect timeout), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.sessions.values().filter_map(|s| self.deadline(s)).min()
+        let parked = self.parked.front().map(|p| p.deadline);
+        self.sessions.values().filter_map(|s| self.deadline(s)).chain(parked).min()
+    }
+
+    /// Opens waiting for KV-cache blocks to be freed.
+    pub fn waiting_opens(&self) -> usize {
+        self.parked.len()
     }
 
     /// Takes one event that happened at `now`.
     pub fn handle(&mut self, now: Instant, event: Event<M::Kv>) {
+        self.handle_event(now, event);
+        // Any event may have freed KV-cache blocks (a session ended) or run out a waiting open's time.
+        if !self.parked.is_empty() {
+            self.admit_parked(now);
+        }
+        self.gauge.set_waiting_opens(self.parked.len());
+    }
+
+    fn handle_event(&mut self, now: Instant, event: Event<M::Kv>) {
         match event {
             Event::Accepted { stream } => {
                 self.streams.insert(stream, StreamState { role: Role::Pending, reading: false, unsent: 0 });
@@ -324,17 +351,74 @@ impl<M: StageModel> StageCore<M> {
         if let Err(msg) = self.model.check_open(&open) {
             return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));
         }
+        if self.sessions.contains_key(&session) || self.parked.iter().any(|p| p.session == session) {
+            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, "session id in use"));
+        }
+        // Opens already waiting for KV cache go first.
+        if !self.parked.is_empty() {
+            return self.park(now, stream, session, open, None);
+        }
         let Some(slot) = self.admission.try_admit() else {
             let msg = format!("{} sessions running", self.admission.max());
             return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg));
         };
-        if self.sessions.contains_key(&session) {
-            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, "session id in use"));
-        }
         let kv = match self.model.reserve(open.max_tokens as usize) {
             Ok(kv) => kv,
+            // Waiting only makes sense while running sessions hold blocks that they will give back.
+            Err(f) if f.code == ErrorCode::Busy && !self.sessions.is_empty() => {
+                return self.park(now, stream, session, open, Some(f));
+            }
             Err(f) => return self.refuse(stream, session, f),
         };
+        self.start(now, stream, session, open, slot, kv);
+    }
+
+    /// Queues an open that finds the KV cache full, until running sessions free enough blocks (or `connect_timeout`
+    /// passes); refused `Busy` at once when `max_waiting` opens already wait. A running session is never evicted to
+    /// make room: its blocks were reserved whole when it was admitted.
+    fn park(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen, why: Option<Failure>) {
+        if self.parked.len() >= self.config.max_waiting {
+            let msg = match why {
+                Some(f) => format!("{}; {} opens already wait for KV cache", f.message, self.parked.len()),
+                None => format!("{} opens already wait for KV cache", self.parked.len()),
+            };
+            return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg));
+        }
+        debug!(session, waiting = self.parked.len() + 1, "KV cache full: the open waits");
+        let deadline = now + self.config.connect_timeout;
+        self.parked.push_back(Parked { stream, session, open, deadline });
+    }
+
+    /// Admits waiting opens, oldest first, while slots and KV blocks allow; refuses those whose time is up.
+    fn admit_parked(&mut self, now: Instant) {
+        while let Some(p) = self.parked.front() {
+            if !self.streams.contains_key(&p.stream) {
+                self.parked.pop_front();
+                continue;
+            }
+            if p.deadline <= now {
+                let Some(p) = self.parked.pop_front() else { break };
+                let msg = format!("KV cache full for {:?}", self.config.connect_timeout);
+                self.refuse(p.stream, p.session, Failure::new(ErrorCode::Busy, msg));
+                continue;
+            }
+            let Some(slot) = self.admission.try_admit() else { break };
+            match self.model.reserve(p.open.max_tokens as usize) {
+                Ok(kv) => {
+                    let Some(p) = self.parked.pop_front() else { break };
+                    self.start(now, p.stream, p.session, p.open, slot, kv);
+                }
+                Err(f) if f.code == ErrorCode::Busy => break,
+                Err(f) => {
+                    let Some(p) = self.parked.pop_front() else { break };
+                    self.refuse(p.stream, p.session, f);
+                }
+            }
+        }
+    }
+
+    /// A session admitted with its slot and KV reservation: into the map, then `Opened` (or a dial of the next stage).
+    fn start(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen, slot: Slot, kv: M::Kv) {
         if let Some(st) = self.streams.get_mut(&stream) {
             st.role = Role::Control(session);
         }

@@ -102,6 +102,8 @@ struct GaugeInner {
     rows: AtomicUsize,
     waiting: AtomicUsize,
     batches: AtomicUsize,
+    peak: AtomicUsize,
+    opens: AtomicUsize,
 }
 
 /// A reading of [`BatchGauge`].
@@ -115,6 +117,10 @@ pub struct BatchStats {
     pub queued_chunks: usize,
     /// Batches computed since the stage started.
     pub batches: usize,
+    /// Most sessions ever in one batch.
+    pub peak_sessions: usize,
+    /// Opens waiting for KV-cache blocks now.
+    pub waiting_opens: usize,
 }
 
 impl BatchGauge {
@@ -125,6 +131,8 @@ impl BatchGauge {
             batch_rows: i.rows.load(Ordering::Relaxed),
             queued_chunks: i.waiting.load(Ordering::Relaxed),
             batches: i.batches.load(Ordering::Relaxed),
+            peak_sessions: i.peak.load(Ordering::Relaxed),
+            waiting_opens: i.opens.load(Ordering::Relaxed),
         }
     }
 
@@ -134,6 +142,11 @@ impl BatchGauge {
         i.rows.store(rows, Ordering::Relaxed);
         i.waiting.store(queued, Ordering::Relaxed);
         i.batches.fetch_add(1, Ordering::Relaxed);
+        i.peak.fetch_max(sessions, Ordering::Relaxed);
+    }
+
+    pub(super) fn set_waiting_opens(&self, n: usize) {
+        self.inner.opens.store(n, Ordering::Relaxed);
     }
 }
 

@@ -612,3 +612,52 @@ fn a_middle_stage_forwards_a_cut_prompt_as_consecutive_prefill_frames() {
     }
     assert_eq!(sent, vec![(0, false, 8), (8, false, 8), (16, true, 4)]);
 }
+
+// ---- admission by free KV blocks ----
+
+#[test]
+fn opens_wait_for_kv_blocks_in_a_bounded_queue_and_get_them_as_sessions_close() {
+    let mut h = Harness::new(StageConfig { max_sessions: 8, max_waiting: 1, ..config() });
+    // Room for two sessions of 50 positions.
+    h.free.store(120, Ordering::SeqCst);
+    let s1 = h.open(1);
+    let _s2 = h.open(2);
+    // The third waits: no answer yet, nothing refused.
+    let w = h.accept();
+    let a = h.frame(w, open(3, LayerRange::new(0, 4), vec![]));
+    assert!(a.is_empty(), "{a:?}");
+    assert_eq!(h.core.waiting_opens(), 1);
+    // The fourth finds the queue full: Busy at once.
+    let x = h.accept();
+    let a = h.frame(x, open(4, LayerRange::new(0, 4), vec![]));
+    assert_eq!(error_on(&a, x).0, ErrorCode::Busy);
+    // Session 1 is closed: its blocks go to session 3, which is told it is open.
+    let a = h.frame(s1, Frame::Close { session: 1 });
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Send { stream, frame: Frame::Opened { session: 3 } } if *stream == w)),
+        "{a:?}"
+    );
+    assert_eq!(h.core.waiting_opens(), 0);
+    assert_eq!(h.free.load(Ordering::SeqCst), 20, "sessions 2 and 3 hold 50 positions each");
+    // Session 3 runs like any other.
+    let batch = take_batch(h.frame(w, prefill(3, 0, &[1, 2])));
+    assert_eq!(batch.items[0].session, 3);
+}
+
+#[test]
+fn an_open_that_waits_too_long_for_kv_blocks_is_refused_busy() {
+    let mut h = Harness::new(StageConfig { max_sessions: 8, ..config() });
+    h.free.store(60, Ordering::SeqCst);
+    let _s1 = h.open(1);
+    let w = h.accept();
+    assert!(h.frame(w, open(2, LayerRange::new(0, 4), vec![])).is_empty());
+    assert_eq!(h.core.next_deadline(), Some(h.now + config().connect_timeout));
+    let a = h.advance(config().connect_timeout);
+    let (code, msg) = error_on(&a, w);
+    assert_eq!(code, ErrorCode::Busy);
+    assert!(msg.contains("KV cache full"), "{msg}");
+    assert_eq!(h.core.waiting_opens(), 0);
+    // The running session was never touched.
+    assert_eq!(h.core.active_sessions(), 1);
+    assert_eq!(h.free.load(Ordering::SeqCst), 10);
+}
