@@ -13,7 +13,8 @@
 //! inter-token gaps (median, p99, max) — what `scripts/concurrency` reads to put the figures beside llama.cpp's.
 //! `SHARDLINE_CONCURRENCY_LEVELS=1,4` picks the levels, `SHARDLINE_CONCURRENCY_THREADS` the compute threads of the
 //! single process (default 2) and `SHARDLINE_CONCURRENCY_STAGE_THREADS` those of each stage (default 1: three
-//! stages share the two cores). Needs the default model; without it the bench says so and measures nothing.
+//! stages share the two cores). `SHARDLINE_BENCH_QUICK=1` runs C = 1 and 4 only. Needs the default model; without it
+//! the bench says so and measures nothing.
 
 mod common;
 
@@ -44,6 +45,8 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn levels() -> Vec<usize> {
     match std::env::var("SHARDLINE_CONCURRENCY_LEVELS") {
         Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        // Smoke runs (CI: every benchmark once) keep to the small levels.
+        Err(_) if common::quick() => vec![1, 4],
         Err(_) => LEVELS.to_vec(),
     }
 }
