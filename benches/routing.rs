@@ -68,6 +68,8 @@ fn announcement(peer: PeerId, layers: LayerRange, n_layers: usize, rng: &mut Spl
         decode_tps: 5.0 + rng.below(100) as f32,
         prefill_tps: 500.0,
         active_sessions: 0,
+        batch_sessions: 0,
+        queued: 0,
         software_version: "bench".into(),
         issued_at_ms: now,
         expires_at_ms: now + 3_600_000,

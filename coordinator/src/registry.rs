@@ -491,6 +491,8 @@ pub(crate) mod tests {
             decode_tps: 100.0,
             prefill_tps: 1000.0,
             active_sessions: 0,
+            batch_sessions: 0,
+            queued: 0,
             software_version: "test".into(),
             issued_at_ms: now,
             expires_at_ms: now + 60_000,

@@ -47,6 +47,8 @@ fn announcement(key: &Keypair, layers: LayerRange) -> ShardAnnouncement {
         decode_tps: 50.0,
         prefill_tps: 500.0,
         active_sessions: 0,
+        batch_sessions: 0,
+        queued: 0,
         software_version: "test".into(),
         issued_at_ms: now,
         expires_at_ms: now + 60_000,

@@ -83,6 +83,10 @@ pub struct ShardAnnouncement {
     pub prefill_tps: f32,
     /// Sessions open at issue time.
     pub active_sessions: u32,
+    /// Sessions in the stage's last compute batch at issue time (continuous batching).
+    pub batch_sessions: u32,
+    /// Input chunks waiting in the stage's session queues at issue time, plus opens waiting for KV cache.
+    pub queued: u32,
     pub software_version: String,
     /// Issue and expiry times, Unix milliseconds.
     pub issued_at_ms: u64,
@@ -110,6 +114,8 @@ impl ShardAnnouncement {
             .f32(self.decode_tps)
             .f32(self.prefill_tps)
             .u32(self.active_sessions)
+            .u32(self.batch_sessions)
+            .u32(self.queued)
             .str16(&self.software_version)
             .u64(self.issued_at_ms)
             .u64(self.expires_at_ms);
@@ -154,6 +160,8 @@ impl ShardAnnouncement {
             decode_tps: r.f32()?,
             prefill_tps: r.f32()?,
             active_sessions: r.u32()?,
+            batch_sessions: r.u32()?,
+            queued: r.u32()?,
             software_version: r.str16()?,
             issued_at_ms: r.u64()?,
             expires_at_ms: r.u64()?,
@@ -309,6 +317,8 @@ mod tests {
             decode_tps: 120.5,
             prefill_tps: 900.0,
             active_sessions: 1,
+            batch_sessions: 1,
+            queued: 0,
             software_version: "0.1.0".into(),
             issued_at_ms: now,
             expires_at_ms: now + 60_000,

@@ -311,6 +311,32 @@ impl Metrics {
                 }
             }
         }
+        // What each node last announced of its own scheduler (continuous batching on the stage).
+        out.push_str(
+            "# HELP shardline_node_batch_sessions Sessions in the node's last compute batch, as announced.\n\
+             # TYPE shardline_node_batch_sessions gauge\n",
+        );
+        let nodes: Vec<_> = registry.models().iter().flat_map(|m| registry.snapshot(m)).collect();
+        for (e, _) in &nodes {
+            let a = &e.announcement;
+            let _ = writeln!(
+                out,
+                "shardline_node_batch_sessions{{peer=\"{}\",layers=\"{}\"}} {}",
+                a.peer_id, a.layers, a.batch_sessions
+            );
+        }
+        out.push_str(
+            "# HELP shardline_node_stage_queued Input chunks and opens waiting on the node, as announced.\n\
+             # TYPE shardline_node_stage_queued gauge\n",
+        );
+        for (e, _) in &nodes {
+            let a = &e.announcement;
+            let _ = writeln!(
+                out,
+                "shardline_node_stage_queued{{peer=\"{}\",layers=\"{}\"}} {}",
+                a.peer_id, a.layers, a.queued
+            );
+        }
         out
     }
 }

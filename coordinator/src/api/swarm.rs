@@ -40,6 +40,10 @@ pub struct SwarmNode {
     pub decode_tokens_per_s: f32,
     pub prefill_tokens_per_s: f32,
     pub free_kv_tokens: u64,
+    /// Sessions in the node's last compute batch, as it last announced.
+    pub batch_sessions: u32,
+    /// Input chunks and opens waiting on the node, as it last announced.
+    pub node_queued: u32,
     pub rtt_ms: Option<f64>,
     pub banned: bool,
     /// Milliseconds since its announcement was last refreshed.
@@ -112,6 +116,8 @@ pub fn model_views(registry: &NodeRegistry, served: &dyn Fn(&str) -> Option<Arc<
                         decode_tokens_per_s: a.decode_tps,
                         prefill_tokens_per_s: a.prefill_tps,
                         free_kv_tokens: a.free_kv_tokens,
+                        batch_sessions: a.batch_sessions,
+                        node_queued: a.queued,
                         rtt_ms: h.rtt.map(|r| r.as_secs_f64() * 1000.0),
                         banned: h.banned_until.is_some_and(|t| t > now),
                         last_seen_ms: now.duration_since(e.last_seen).as_millis() as u64,

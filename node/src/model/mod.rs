@@ -13,6 +13,6 @@ pub use arch::{Architecture, BlockLayout};
 pub use config::ModelConfig;
 pub use id::ModelId;
 pub use open::{ModelFiles, display_name, open_model};
-pub use shard::{Shard, ShardInput, ShardKv, ShardOptions, ShardOutput};
+pub use shard::{BatchItem, HeadRows, Shard, ShardInput, ShardKv, ShardOptions, ShardOutput};
 pub use shardline_proto::LayerRange;
 pub use source::{TensorEntry, TensorMeta, WeightSource};

@@ -3,6 +3,7 @@
 //! every architecture: the optional parts of a block (Q/K/V biases, per-head Q/K norms) are present or not as the
 //! model's [`BlockLayout`](crate::model::BlockLayout) says.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -330,59 +331,107 @@ impl Shard {
         span: LayerRange,
         all_logits: bool,
     ) -> Result<ShardOutput> {
+        let head = if all_logits { HeadRows::All } else { HeadRows::Last };
+        let mut items = [BatchItem { kv: s, input, head }];
+        let mut out = self.forward_batch(&mut items, span)?;
+        out.pop().ok_or_else(|| ModelError::Invalid("a batch of one gave no output".into()))
+    }
+
+    /// Runs the blocks `span` over the new positions of several sessions at once: their rows are concatenated into
+    /// one `[Σ T_i, hidden]` activation, every projection is one matmul over all of them, and attention is one call
+    /// with one [`AttnSeq`] per session over the shared paged KV pool. Returns one output per item, in order: hidden
+    /// states `[T_i, hidden]` when `span` stops before the model's end, else what the item's [`HeadRows`] asks for.
+    ///
+    /// A session's output does not depend on its batch mates: on the CPU every kernel quantises and reduces each
+    /// row on its own, in a fixed order (docs/ARCHITECTURE.md, "Determinism"), so the rows are bit-identical to a
+    /// forward of that session alone. The KV pool is locked once for the whole batch. Every item is checked before
+    /// anything runs, so an error leaves every session's KV cache as it was.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>], span: LayerRange) -> Result<Vec<ShardOutput>> {
         let c = &self.config;
         if span.start < self.layers.start || span.end > self.layers.end || span.is_empty() {
             return Err(ModelError::Invalid(format!("span {span} is not inside shard {}", self.layers)));
         }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
         let b = self.backend.as_ref();
-        let t = match &input {
-            ShardInput::Tokens(ids) => ids.len(),
-            ShardInput::Hidden(x) => x.rows(),
-        };
-        if t == 0 {
-            return Err(ModelError::Invalid("forward called with no positions".into()));
-        }
-        if s.len + t > s.capacity {
-            return Err(ModelError::ContextOverflow { tokens: s.len + t, max_new: 0, context: s.capacity });
-        }
-        let mut x = match input {
-            ShardInput::Tokens(ids) => {
-                let table = self
-                    .embeddings
-                    .as_ref()
-                    .filter(|_| span.start == 0)
-                    .ok_or_else(|| ModelError::Invalid(format!("span {span} takes hidden states, not tokens")))?;
-                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab) {
-                    return Err(ModelError::Invalid(format!(
-                        "token id {bad} is outside the vocabulary of {}",
-                        c.vocab
-                    )));
+        // Rows of each item in the concatenated activation.
+        let mut ranges = Vec::with_capacity(items.len());
+        let mut total = 0usize;
+        for item in items.iter() {
+            let t = match &item.input {
+                ShardInput::Tokens(ids) => {
+                    if self.embeddings.is_none() || span.start != 0 {
+                        return Err(ModelError::Invalid(format!("span {span} takes hidden states, not tokens")));
+                    }
+                    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab) {
+                        return Err(ModelError::Invalid(format!(
+                            "token id {bad} is outside the vocabulary of {}",
+                            c.vocab
+                        )));
+                    }
+                    ids.len()
                 }
-                let mut x = b.alloc(&[t, c.hidden])?;
-                b.embedding(table, ids, &mut x)?;
-                x
+                ShardInput::Hidden(h) => {
+                    if h.cols() != c.hidden {
+                        return Err(ModelError::Invalid(format!(
+                            "hidden states of width {} for a model of width {}",
+                            h.cols(),
+                            c.hidden
+                        )));
+                    }
+                    if span.start == 0 {
+                        return Err(ModelError::Invalid(format!("span {span} takes tokens, not hidden states")));
+                    }
+                    h.rows()
+                }
+            };
+            if t == 0 {
+                return Err(ModelError::Invalid("forward called with no positions".into()));
             }
-            ShardInput::Hidden(h) => {
-                if h.cols() != c.hidden {
-                    return Err(ModelError::Invalid(format!(
-                        "hidden states of width {} for a model of width {}",
-                        h.cols(),
-                        c.hidden
-                    )));
-                }
-                if span.start == 0 {
-                    return Err(ModelError::Invalid(format!("span {span} takes tokens, not hidden states")));
-                }
-                let mut x = b.alloc(&[t, c.hidden])?;
-                b.copy_rows(h, 0, &mut x, 0, t)?;
-                x
+            let s = &item.kv;
+            if s.len + t > s.capacity {
+                return Err(ModelError::ContextOverflow { tokens: s.len + t, max_new: 0, context: s.capacity });
             }
-        };
-        let pos0 = s.len;
-        let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
+            ranges.push(total..total + t);
+            total += t;
+        }
+        let t = total;
+        let mut x = b.alloc(&[t, c.hidden])?;
+        let ids: Vec<u32> = items
+            .iter()
+            .filter_map(|i| match &i.input {
+                ShardInput::Tokens(ids) => Some(ids.iter().copied()),
+                ShardInput::Hidden(_) => None,
+            })
+            .flatten()
+            .collect();
+        match &self.embeddings {
+            Some(table) if span.start == 0 => b.embedding(table, &ids, &mut x)?,
+            _ => {
+                for (item, r) in items.iter().zip(&ranges) {
+                    if let ShardInput::Hidden(h) = &item.input {
+                        b.copy_rows(h, 0, &mut x, r.start, r.len())?;
+                    }
+                }
+            }
+        }
         let bt = self.block_tokens;
-        let blocks = s.reservation.blocks();
-        let slots: Vec<u32> = (pos0..pos0 + t).map(|p| blocks[p / bt] * bt as u32 + (p % bt) as u32).collect();
+        let mut positions = Vec::with_capacity(t);
+        let mut slots = Vec::with_capacity(t);
+        for (item, r) in items.iter().zip(&ranges) {
+            let pos0 = item.kv.len;
+            let blocks = item.kv.reservation.blocks();
+            for p in pos0..pos0 + r.len() {
+                positions.push(p as u32);
+                slots.push(blocks[p / bt] * bt as u32 + (p % bt) as u32);
+            }
+        }
+        let seqs: Vec<AttnSeq<'_>> = items
+            .iter()
+            .zip(&ranges)
+            .map(|(item, r)| AttnSeq { rows: r.clone(), pos0: item.kv.len, block_table: item.kv.reservation.blocks() })
+            .collect();
         let (q_w, kv_w) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let shape = AttnShape {
             n_heads: c.n_heads,
@@ -391,7 +440,6 @@ impl Shard {
             block_tokens: bt,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        let seqs = [AttnSeq { rows: 0..t, pos0, block_table: blocks }];
         let mut h = b.alloc(&[t, c.hidden])?;
         let mut q = b.alloc(&[t, q_w])?;
         let mut k = b.alloc(&[t, kv_w])?;
@@ -432,20 +480,106 @@ impl Shard {
             b.add(&mut x, &o)?;
         }
         drop(kv);
-        s.len += t;
+        drop(seqs);
+        for (item, r) in items.iter_mut().zip(&ranges) {
+            item.kv.len += r.len();
+        }
         let head = if span.end == c.n_layers { self.head.as_ref() } else { None };
         let Some(head) = head else {
-            return Ok(ShardOutput::Hidden(x));
+            return split_rows(b, x, &ranges, c.hidden, ShardOutput::Hidden);
         };
-        let rows = if all_logits { t } else { 1 };
-        let mut last = b.alloc(&[rows, c.hidden])?;
-        b.copy_rows(&x, t - rows, &mut last, 0, rows)?;
-        let mut normed = b.alloc(&[rows, c.hidden])?;
-        b.rms_norm(&last, &head.norm, c.rms_eps, &mut normed)?;
-        let mut logits = b.alloc(&[rows, c.vocab])?;
-        b.matmul(&normed, &head.lm_head, &mut logits)?;
-        Ok(ShardOutput::Logits(logits))
+        // Rows of `x` that go through the head, item by item.
+        let wanted: Vec<Range<usize>> = items
+            .iter()
+            .zip(&ranges)
+            .map(|(item, r)| match item.head {
+                HeadRows::None => r.end..r.end,
+                HeadRows::Last => r.end - 1..r.end,
+                HeadRows::All => r.clone(),
+            })
+            .collect();
+        let rows: usize = wanted.iter().map(Range::len).sum();
+        let mut logits = None;
+        if rows > 0 {
+            let mut last = b.alloc(&[rows, c.hidden])?;
+            let mut at = 0;
+            for w in &wanted {
+                b.copy_rows(&x, w.start, &mut last, at, w.len())?;
+                at += w.len();
+            }
+            let mut normed = b.alloc(&[rows, c.hidden])?;
+            b.rms_norm(&last, &head.norm, c.rms_eps, &mut normed)?;
+            let mut l = b.alloc(&[rows, c.vocab])?;
+            b.matmul(&normed, &head.lm_head, &mut l)?;
+            logits = Some(l);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for (w, r) in wanted.iter().zip(&ranges) {
+            if w.is_empty() {
+                // No head rows asked for: the item's final hidden states (before the output norm).
+                let mut hid = b.alloc(&[r.len(), c.hidden])?;
+                b.copy_rows(&x, r.start, &mut hid, 0, r.len())?;
+                out.push(ShardOutput::Hidden(hid));
+                continue;
+            }
+            let Some(l) = logits.as_ref() else {
+                return Err(ModelError::Invalid("head rows without logits".into()));
+            };
+            if wanted.len() == 1 {
+                return Ok(vec![ShardOutput::Logits(
+                    logits.take().ok_or_else(|| ModelError::Invalid("head rows without logits".into()))?,
+                )]);
+            }
+            let mut mine = b.alloc(&[w.len(), c.vocab])?;
+            b.copy_rows(l, at, &mut mine, 0, w.len())?;
+            at += w.len();
+            out.push(ShardOutput::Logits(mine));
+        }
+        Ok(out)
     }
+}
+
+/// How much of the LM head an item of a batched forward wants when its span ends at the model's last layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadRows {
+    /// No logits (a prefill chunk that samples nothing): the output is the item's final hidden states.
+    None,
+    /// Logits of the item's last position, `[1, vocab]`.
+    Last,
+    /// Logits of every position of the item, `[T, vocab]` (teacher forcing, evaluation).
+    All,
+}
+
+/// One session's part of [`Shard::forward_batch`]: its KV cache, its new positions, and what it wants of the head.
+pub struct BatchItem<'a> {
+    pub kv: &'a mut ShardKv,
+    pub input: ShardInput<'a>,
+    pub head: HeadRows,
+}
+
+/// Splits `x` into one tensor per range of rows (no copy when there is a single range covering it).
+fn split_rows(
+    b: &dyn Backend,
+    x: Tensor,
+    ranges: &[Range<usize>],
+    width: usize,
+    wrap: fn(Tensor) -> ShardOutput,
+) -> Result<Vec<ShardOutput>> {
+    if let [only] = ranges
+        && only.start == 0
+        && only.end == x.rows()
+    {
+        return Ok(vec![wrap(x)]);
+    }
+    ranges
+        .iter()
+        .map(|r| {
+            let mut part = b.alloc(&[r.len(), width])?;
+            b.copy_rows(&x, r.start, &mut part, 0, r.len())?;
+            Ok(wrap(part))
+        })
+        .collect()
 }
 
 /// RMSNorm of each head of `x: [T, heads·head_dim]` over its `head_dim` values with the shared `weight`, seen as

@@ -219,6 +219,8 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
         decode_tps,
         prefill_tps,
         active_sessions: 0,
+        batch_sessions: 0,
+        queued: 0,
         software_version: env!("CARGO_PKG_VERSION").to_string(),
         issued_at_ms: 0,
         expires_at_ms: 0,
@@ -228,6 +230,9 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
         let mut a = template.clone();
         a.active_sessions = probe.active_sessions() as u32;
         a.free_kv_tokens = probe.free_kv_tokens() as u64;
+        let batch = probe.batch_stats();
+        a.batch_sessions = batch.batch_sessions as u32;
+        a.queued = (batch.queued_chunks + batch.waiting_opens) as u32;
         a
     });
     let model_name = crate::model::display_name(&args.model);

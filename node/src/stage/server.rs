@@ -11,7 +11,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
-use super::core::{Action, Admission, Event, StageCompute, StageConfig, StageCore, StreamId};
+use super::core::{Action, Admission, BatchGauge, BatchStats, Event, StageCompute, StageConfig, StageCore, StreamId};
 use super::shard_stage::ShardStage;
 use crate::model::{Shard, ShardKv};
 use shardline_proto::pool::ConnectionPool;
@@ -23,6 +23,7 @@ pub struct StageServer {
     stage: Arc<ShardStage>,
     config: StageConfig,
     admission: Admission,
+    batch: BatchGauge,
     endpoint: quinn::Endpoint,
     fingerprint: Fingerprint,
     addr: SocketAddr,
@@ -63,6 +64,7 @@ impl StageServer {
         let stage = Arc::new(ShardStage::new(shard, model_id));
         let core = StageCore::new(stage.clone(), config.clone());
         let admission = core.admission().clone();
+        let batch = core.batch_gauge().clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = Driver {
             core,
@@ -79,6 +81,7 @@ impl StageServer {
             stage,
             config,
             admission,
+            batch,
             endpoint,
             fingerprint: identity.fingerprint(),
             addr,
@@ -124,9 +127,14 @@ impl StageServer {
         cut
     }
 
+    /// What the batch scheduler did last: sessions and rows in the last batch, chunks queued behind it.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batch.read()
+    }
+
     /// A cheap handle reporting the current load, for announcements.
     pub fn probe(&self) -> LoadProbe {
-        LoadProbe { admission: self.admission.clone(), shard: self.stage.shard().clone() }
+        LoadProbe { admission: self.admission.clone(), shard: self.stage.shard().clone(), batch: self.batch.clone() }
     }
 
     pub fn shard(&self) -> &Arc<Shard> {
@@ -150,6 +158,7 @@ impl StageServer {
 pub struct LoadProbe {
     admission: Admission,
     shard: Arc<Shard>,
+    batch: BatchGauge,
 }
 
 impl LoadProbe {
@@ -159,6 +168,11 @@ impl LoadProbe {
 
     pub fn free_kv_tokens(&self) -> usize {
         self.shard.free_kv_tokens()
+    }
+
+    /// The batch scheduler's last batch and queue depth.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batch.read()
     }
 }
 

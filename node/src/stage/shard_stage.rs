@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::core::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample, StageCompute, StageModel};
 use crate::error::ModelError;
-use crate::model::{Shard, ShardInput, ShardKv, ShardOutput};
+use crate::model::{BatchItem, HeadRows, Shard, ShardInput, ShardKv, ShardOutput};
 use crate::wire_convert::compute_dtype;
 use shardline_proto::wire::{ErrorCode, HiddenStates, SessionOpen, StageData, TokenResult};
 
@@ -37,36 +37,16 @@ impl ShardStage {
         &self.model_id
     }
 
-    /// Runs one item through its span; `kv` holds `item.start` positions before and `start + n` after.
-    fn run(&self, item: &mut ComputeItem<ShardKv>) -> Result<ComputeOutput, ModelError> {
+    /// Turns one item's shard output into what the core sends on; `kv` already holds the item's positions.
+    fn output(&self, item: &ComputeItem<ShardKv>, out: ShardOutput) -> Result<ComputeOutput, ModelError> {
         let shard = &self.shard;
-        let backend = shard.backend().clone();
-        let wire = item.wire_dtype;
-        let tampered = self.tampered.load(Ordering::Relaxed);
-        let out = match &item.input {
-            StageData::Tokens(t) if tampered => {
-                let vocab = shard.config().vocab.max(1) as u32;
-                let shifted: Vec<u32> = t.iter().map(|&x| (x + 1) % vocab).collect();
-                shard.forward_span(&mut item.kv, ShardInput::Tokens(&shifted), item.span)?
-            }
-            StageData::Tokens(t) => shard.forward_span(&mut item.kv, ShardInput::Tokens(t), item.span)?,
-            StageData::Hidden(h) if tampered => {
-                let mut v = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(wire), h.as_bytes())?;
-                let mut host = backend.download_f32(&v)?;
-                host.iter_mut().for_each(|x| *x += 0.5);
-                v = backend.upload_f32(&[h.n_tokens(), h.width()], &host)?;
-                shard.forward_span(&mut item.kv, ShardInput::Hidden(&v), item.span)?
-            }
-            StageData::Hidden(h) => {
-                let x = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(wire), h.as_bytes())?;
-                shard.forward_span(&mut item.kv, ShardInput::Hidden(&x), item.span)?
-            }
-        };
+        let at_head = item.span.end == shard.config().n_layers;
         Ok(match (out, item.sample) {
+            (ShardOutput::Hidden(_), _) if at_head => ComputeOutput::Nothing,
             (ShardOutput::Hidden(t), _) => {
-                let rows = t.rows();
-                let bytes = backend.download_raw(&t, compute_dtype(wire))?;
-                let hidden = HiddenStates::from_bytes(wire, rows, shard.config().hidden, &bytes)
+                let wire = item.wire_dtype;
+                let bytes = shard.backend().download_raw(&t, compute_dtype(wire))?;
+                let hidden = HiddenStates::from_bytes(wire, t.rows(), shard.config().hidden, &bytes)
                     .map_err(|e| ModelError::Invalid(e.to_string()))?;
                 ComputeOutput::Hidden(hidden)
             }
@@ -76,6 +56,73 @@ impl ShardStage {
             }
             (ShardOutput::Logits(_), None) => ComputeOutput::Nothing,
         })
+    }
+
+    /// Runs items that share one span as one batched forward (`Shard::forward_batch`): one set of matmuls over all
+    /// their rows, one attention call. Each session's rows come out as they would alone (see `forward_batch`).
+    fn run_group(&self, items: &mut [ComputeItem<ShardKv>]) -> Result<Vec<ComputeOutput>, ModelError> {
+        let Some(span) = items.first().map(|i| i.span) else { return Ok(Vec::new()) };
+        let backend = self.shard.backend().clone();
+        let tampered = self.tampered.load(Ordering::Relaxed);
+        let uploaded = items
+            .iter()
+            .map(|i| match &i.input {
+                StageData::Tokens(_) => Ok(None),
+                StageData::Hidden(h) => {
+                    let x = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(i.wire_dtype), h.as_bytes())?;
+                    if !tampered {
+                        return Ok(Some(x));
+                    }
+                    let mut host = backend.download_f32(&x)?;
+                    host.iter_mut().for_each(|v| *v += 0.5);
+                    backend.upload_f32(&[h.n_tokens(), h.width()], &host).map(Some)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let vocab = self.shard.config().vocab.max(1) as u32;
+        let shifted: Vec<Option<Vec<u32>>> = items
+            .iter()
+            .map(|i| match &i.input {
+                StageData::Tokens(t) if tampered => Some(t.iter().map(|&x| (x + 1) % vocab).collect()),
+                _ => None,
+            })
+            .collect();
+        let outs = {
+            let mut batch: Vec<BatchItem<'_>> = items
+                .iter_mut()
+                .zip(&uploaded)
+                .zip(&shifted)
+                .map(|((ComputeItem { kv, input, sample, .. }, x), shifted)| {
+                    let input = match (x, &*input) {
+                        (Some(x), _) => ShardInput::Hidden(x),
+                        (None, StageData::Tokens(_)) if shifted.is_some() => {
+                            ShardInput::Tokens(shifted.as_deref().unwrap_or(&[]))
+                        }
+                        (None, StageData::Tokens(t)) => ShardInput::Tokens(t),
+                        // Every hidden-state input was uploaded above; were one not, the forward would refuse
+                        // the empty item with an error.
+                        (None, StageData::Hidden(_)) => ShardInput::Tokens(&[]),
+                    };
+                    let head = if sample.is_some() { HeadRows::Last } else { HeadRows::None };
+                    BatchItem { kv, input, head }
+                })
+                .collect();
+            self.shard.forward_batch(&mut batch, span)?
+        };
+        items.iter().zip(outs).map(|(i, o)| self.output(i, o)).collect()
+    }
+
+    /// Runs one item alone (after its batch was refused, so each item gets its own error).
+    fn run_one(&self, item: &mut ComputeItem<ShardKv>) -> Result<ComputeOutput, ModelError> {
+        let mut out = self.run_group(std::slice::from_mut(item))?;
+        out.pop().ok_or_else(|| ModelError::Invalid("no output".into()))
+    }
+}
+
+fn failure(e: ModelError) -> Failure {
+    match e {
+        ModelError::ContextOverflow { .. } => Failure::new(ErrorCode::BadRequest, e.to_string()),
+        other => Failure::new(ErrorCode::Compute, other.to_string()),
     }
 }
 
@@ -112,18 +159,33 @@ impl StageModel for ShardStage {
 }
 
 impl StageCompute for ShardStage {
-    /// Runs the items one after another (`Shard` has no batched forward yet).
+    /// Runs the batch as one forward per span (normally one: every session of a stage uses the same span). When a
+    /// forward refuses its items (one asked for more positions than it reserved, say), they run one by one so only
+    /// the faulty one fails; a refused forward has changed no session's KV cache.
     fn compute(&self, batch: ComputeBatch<ShardKv>) -> Vec<ComputeResult<ShardKv>> {
-        batch
-            .items
-            .into_iter()
-            .map(|mut item| {
-                let output = self.run(&mut item).map_err(|e| match e {
-                    ModelError::ContextOverflow { .. } => Failure::new(ErrorCode::BadRequest, e.to_string()),
-                    other => Failure::new(ErrorCode::Compute, other.to_string()),
-                });
-                item.finish(output)
-            })
-            .collect()
+        let mut groups: Vec<Vec<ComputeItem<ShardKv>>> = Vec::new();
+        for item in batch.items {
+            match groups.iter_mut().find(|g| g[0].span == item.span) {
+                Some(g) => g.push(item),
+                None => groups.push(vec![item]),
+            }
+        }
+        let mut results = Vec::new();
+        for mut group in groups {
+            match self.run_group(&mut group) {
+                Ok(outs) => results.extend(group.into_iter().zip(outs).map(|(i, o)| i.finish(Ok(o)))),
+                Err(e) if group.len() == 1 => {
+                    let f = failure(e);
+                    results.extend(group.into_iter().map(|i| i.finish(Err(f.clone()))));
+                }
+                Err(_) => {
+                    for mut item in group {
+                        let out = self.run_one(&mut item).map_err(failure);
+                        results.push(item.finish(out));
+                    }
+                }
+            }
+        }
+        results
     }
 }

@@ -1,7 +1,6 @@
 //! Compute requests as they leave the core: a batch of chunks from many sessions, each with its positions, its input
-//! and its KV handle. A driver may run the items one by one (today's `Shard::forward_span` takes one session) or, with
-//! continuous batching, as one forward over the concatenated rows; either way every item comes back as a
-//! [`ComputeResult`], in any order.
+//! and its KV handle, picked by the scheduler (`schedule.rs`). `ShardStage` runs it as one forward over the
+//! concatenated rows (`Shard::forward_batch`); every item comes back as a [`ComputeResult`], in any order.
 
 use shardline_kernels::SamplingParams;
 

@@ -24,6 +24,7 @@ mod batch;
 mod config;
 mod events;
 mod model;
+mod schedule;
 mod session;
 
 #[cfg(test)]
@@ -40,12 +41,23 @@ pub use batch::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure
 pub use config::StageConfig;
 pub use events::{Event, StreamId};
 pub use model::{StageCompute, StageModel};
+pub use schedule::{BatchGauge, BatchStats};
 pub use session::{INPUT_QUEUE, OUTPUT_WINDOW};
 
+use schedule::Candidate;
 use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, StageSession, Upstream};
 
 use crate::wire_convert::sampling_from_wire;
 use shardline_proto::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
+
+/// An open waiting for KV-cache blocks.
+struct Parked {
+    stream: StreamId,
+    session: SessionId,
+    open: SessionOpen,
+    /// Refused `Busy` if still waiting then.
+    deadline: Instant,
+}
 
 /// What a stream is to the core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +94,11 @@ pub struct StageCore<M: StageModel> {
     next_dial: u64,
     /// Shutting down: opens are refused ([`Event::Drain`]).
     draining: bool,
+    /// Admission order given to the next session (the scheduler serves older prompts first).
+    next_arrival: u64,
+    /// Opens waiting for KV-cache blocks, oldest first (at most `config.max_waiting`).
+    parked: VecDeque<Parked>,
+    gauge: BatchGauge,
 }
 
 impl<M: StageModel> StageCore<M> {
@@ -97,7 +114,15 @@ impl<M: StageModel> StageCore<M> {
             computing: false,
             next_dial: 0,
             draining: false,
+            next_arrival: 0,
+            parked: VecDeque::new(),
+            gauge: BatchGauge::default(),
         }
+    }
+
+    /// What the scheduler did last (batch size, queue depth), readable from other threads.
+    pub fn batch_gauge(&self) -> &BatchGauge {
+        &self.gauge
     }
 
     pub fn model(&self) -> &M {
@@ -129,11 +154,26 @@ impl<M: StageModel> StageCore<M> {
 
     /// When the driver must send [`Event::Tick`] (a session's idle or connect timeout), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.sessions.values().filter_map(|s| self.deadline(s)).min()
+        let parked = self.parked.front().map(|p| p.deadline);
+        self.sessions.values().filter_map(|s| self.deadline(s)).chain(parked).min()
+    }
+
+    /// Opens waiting for KV-cache blocks to be freed.
+    pub fn waiting_opens(&self) -> usize {
+        self.parked.len()
     }
 
     /// Takes one event that happened at `now`.
     pub fn handle(&mut self, now: Instant, event: Event<M::Kv>) {
+        self.handle_event(now, event);
+        // Any event may have freed KV-cache blocks (a session ended) or run out a waiting open's time.
+        if !self.parked.is_empty() {
+            self.admit_parked(now);
+        }
+        self.gauge.set_waiting_opens(self.parked.len());
+    }
+
+    fn handle_event(&mut self, now: Instant, event: Event<M::Kv>) {
         match event {
             Event::Accepted { stream } => {
                 self.streams.insert(stream, StreamState { role: Role::Pending, reading: false, unsent: 0 });
@@ -339,17 +379,74 @@ impl<M: StageModel> StageCore<M> {
         if self.draining {
             return self.refuse(stream, session, Failure::new(ErrorCode::Busy, "node shutting down: no new sessions"));
         }
+        if self.sessions.contains_key(&session) || self.parked.iter().any(|p| p.session == session) {
+            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, "session id in use"));
+        }
+        // Opens already waiting for KV cache go first.
+        if !self.parked.is_empty() {
+            return self.park(now, stream, session, open, None);
+        }
         let Some(slot) = self.admission.try_admit() else {
             let msg = format!("{} sessions running", self.admission.max());
             return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg));
         };
-        if self.sessions.contains_key(&session) {
-            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, "session id in use"));
-        }
         let kv = match self.model.reserve(open.max_tokens as usize) {
             Ok(kv) => kv,
+            // Waiting only makes sense while running sessions hold blocks that they will give back.
+            Err(f) if f.code == ErrorCode::Busy && !self.sessions.is_empty() => {
+                return self.park(now, stream, session, open, Some(f));
+            }
             Err(f) => return self.refuse(stream, session, f),
         };
+        self.start(now, stream, session, open, slot, kv);
+    }
+
+    /// Queues an open that finds the KV cache full, until running sessions free enough blocks (or `connect_timeout`
+    /// passes); refused `Busy` at once when `max_waiting` opens already wait. A running session is never evicted to
+    /// make room: its blocks were reserved whole when it was admitted.
+    fn park(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen, why: Option<Failure>) {
+        if self.parked.len() >= self.config.max_waiting {
+            let msg = match why {
+                Some(f) => format!("{}; {} opens already wait for KV cache", f.message, self.parked.len()),
+                None => format!("{} opens already wait for KV cache", self.parked.len()),
+            };
+            return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg));
+        }
+        debug!(session, waiting = self.parked.len() + 1, "KV cache full: the open waits");
+        let deadline = now + self.config.connect_timeout;
+        self.parked.push_back(Parked { stream, session, open, deadline });
+    }
+
+    /// Admits waiting opens, oldest first, while slots and KV blocks allow; refuses those whose time is up.
+    fn admit_parked(&mut self, now: Instant) {
+        while let Some(p) = self.parked.front() {
+            if !self.streams.contains_key(&p.stream) {
+                self.parked.pop_front();
+                continue;
+            }
+            if p.deadline <= now {
+                let Some(p) = self.parked.pop_front() else { break };
+                let msg = format!("KV cache full for {:?}", self.config.connect_timeout);
+                self.refuse(p.stream, p.session, Failure::new(ErrorCode::Busy, msg));
+                continue;
+            }
+            let Some(slot) = self.admission.try_admit() else { break };
+            match self.model.reserve(p.open.max_tokens as usize) {
+                Ok(kv) => {
+                    let Some(p) = self.parked.pop_front() else { break };
+                    self.start(now, p.stream, p.session, p.open, slot, kv);
+                }
+                Err(f) if f.code == ErrorCode::Busy => break,
+                Err(f) => {
+                    let Some(p) = self.parked.pop_front() else { break };
+                    self.refuse(p.stream, p.session, f);
+                }
+            }
+        }
+    }
+
+    /// A session admitted with its slot and KV reservation: into the map, then `Opened` (or a dial of the next stage).
+    fn start(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen, slot: Slot, kv: M::Kv) {
         if let Some(st) = self.streams.get_mut(&stream) {
             st.role = Role::Control(session);
         }
@@ -367,8 +464,10 @@ impl<M: StageModel> StageCore<M> {
             next_position: 0,
             input_closed: false,
             last_active: now,
+            arrival: self.next_arrival,
             _slot: slot,
         };
+        self.next_arrival += 1;
         match next {
             None => {
                 self.sessions.insert(session, entry);
@@ -539,9 +638,10 @@ impl<M: StageModel> StageCore<M> {
 
     // ---- compute ----
 
+    /// The next batch, as [`schedule::plan`] picks it from every session with a chunk ready (and room for its
+    /// output): all decode rows, then prefill chunks up to the token budget, the last one cut if it does not fit.
     fn build_batch(&mut self) {
-        let mut items = Vec::new();
-        let ready: Vec<SessionId> = self
+        let candidates: Vec<Candidate> = self
             .sessions
             .iter()
             .filter(|(_, s)| {
@@ -549,11 +649,35 @@ impl<M: StageModel> StageCore<M> {
                     && s.has_ready_chunk()
                     && self.unsent(s.output_stream()) < OUTPUT_WINDOW
             })
-            .map(|(id, _)| *id)
+            .filter_map(|(id, s)| match s.queue.front() {
+                Some(Queued::Chunk(c)) => Some(Candidate {
+                    session: *id,
+                    decode: matches!(c.kind, ChunkKind::Decode),
+                    rows: c.data.n_tokens(),
+                    arrival: s.arrival,
+                }),
+                _ => None,
+            })
             .collect();
-        for id in ready {
-            let Some(s) = self.sessions.get_mut(&id) else { continue };
-            let (Some(Queued::Chunk(c)), Some(kv)) = (s.queue.pop_front(), s.kv.take()) else { continue };
+        let mut items = Vec::new();
+        for pick in schedule::plan(&candidates, self.config.batch_tokens) {
+            let Some(s) = self.sessions.get_mut(&pick.session) else { continue };
+            let (Some(Queued::Chunk(mut c)), Some(kv)) = (s.queue.pop_front(), s.kv.take()) else { continue };
+            if let ChunkKind::Prefill { last } = c.kind
+                && pick.rows < c.data.n_tokens()
+            {
+                let (first, rest) = schedule::split_front(c.data, pick.rows);
+                c.data = first;
+                if let Some(rest) = rest {
+                    let position = c.position + c.data.n_tokens() as u64;
+                    s.queue.push_front(Queued::Chunk(Chunk {
+                        position,
+                        kind: ChunkKind::Prefill { last },
+                        data: rest,
+                    }));
+                    c.kind = ChunkKind::Prefill { last: false };
+                }
+            }
             let n = c.data.n_tokens() as u64;
             let sample = match c.kind {
                 ChunkKind::Prefill { last: false } => None,
@@ -561,7 +685,7 @@ impl<M: StageModel> StageCore<M> {
             };
             s.in_flight = Some(InFlight { position: c.position, n, kind: c.kind });
             items.push(ComputeItem {
-                session: id,
+                session: pick.session,
                 start: c.position,
                 input: c.data,
                 span: s.open.span,
@@ -569,11 +693,15 @@ impl<M: StageModel> StageCore<M> {
                 wire_dtype: s.open.wire_dtype,
                 kv,
             });
-            self.refill_reads(id);
+            self.refill_reads(pick.session);
         }
         if !items.is_empty() {
+            let batch = ComputeBatch { items };
+            let queued =
+                self.sessions.values().map(|s| s.queue.iter().filter(|q| matches!(q, Queued::Chunk(_))).count()).sum();
+            self.gauge.record(batch.items.len(), batch.rows(), queued);
             self.computing = true;
-            self.actions.push_back(Action::Compute(ComputeBatch { items }));
+            self.actions.push_back(Action::Compute(batch));
         }
     }
 

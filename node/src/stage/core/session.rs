@@ -95,6 +95,8 @@ pub(super) struct StageSession<K> {
     pub input_closed: bool,
     /// Last input, compute result or written output: the idle timeout counts from here.
     pub last_active: Instant,
+    /// Admission order on this stage (lower is older): the scheduler serves older prompts first.
+    pub arrival: u64,
     /// Dropped with the entry, after `kv`: gives the admission back.
     pub _slot: Slot,
 }

@@ -567,3 +567,161 @@ fn a_draining_stage_refuses_opens_keeps_running_sessions_and_cuts_them_off_at_th
     assert_eq!(h.kv_in_use(), 0);
     assert_eq!(h.core.active_sessions(), 0);
 }
+
+// ---- continuous batching: scripted arrivals against the token budget ----
+
+fn decode(session: SessionId, position: u64, t: u32) -> Frame {
+    Frame::Decode { session, position, data: StageData::Tokens(vec![t]) }
+}
+
+/// `(session, start, rows, samples)` of each item, in batch order.
+fn shape(batch: &ComputeBatch<FakeKv>) -> Vec<(SessionId, u64, usize, bool)> {
+    batch.items.iter().map(|i| (i.session, i.start, i.n_positions(), i.sample.is_some())).collect()
+}
+
+/// Runs one prefill of `tokens` for `session` alone, answers its token and its write, so it can decode next.
+fn prefilled(h: &mut Harness, s: StreamId, session: SessionId, tokens: &[u32]) {
+    let batch = take_batch(h.frame(s, prefill(session, 0, tokens)));
+    h.event(done(batch, |_| token(1)));
+    h.event(Event::Sent { stream: s });
+}
+
+#[test]
+fn decode_rows_go_first_and_a_long_prompt_is_cut_to_the_token_budget() {
+    let mut h = Harness::new(StageConfig { max_sessions: 4, batch_tokens: 8, ..config() });
+    let (s1, s2, s3) = (h.open(1), h.open(2), h.open(3));
+    prefilled(&mut h, s2, 2, &[1, 2]);
+    prefilled(&mut h, s3, 3, &[1, 2]);
+    // Arrivals before the driver polls: a 20-token prompt, then two decode steps.
+    h.core.handle(h.now, Event::Frame { stream: s1, frame: prefill(1, 0, &[7; 20]) });
+    h.core.handle(h.now, Event::Frame { stream: s2, frame: decode(2, 2, 5) });
+    h.core.handle(h.now, Event::Frame { stream: s3, frame: decode(3, 2, 6) });
+    let batch = take_batch(std::iter::from_fn(|| h.core.poll_action()).collect());
+    // Both decode rows, then what is left of the budget (8 − 2) from the prompt, which samples nothing yet.
+    assert_eq!(shape(&batch), vec![(2, 2, 1, true), (3, 2, 1, true), (1, 0, 6, false)]);
+    let stats = h.core.batch_gauge().read();
+    assert_eq!((stats.batch_sessions, stats.batch_rows, stats.queued_chunks), (3, 8, 1));
+    // The decoders get their tokens; the prompt goes on alone, a full budget this time.
+    let a = h.event(done(batch, |i| if i.sample.is_some() { token(9) } else { ComputeOutput::Nothing }));
+    let tokens: Vec<_> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send { stream, frame: Frame::Token { session, position, .. } } => {
+                Some((*stream, *session, *position))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens, vec![(s2, 2, 3), (s3, 3, 3)]);
+    let batch = take_batch(a);
+    assert_eq!(shape(&batch), vec![(1, 6, 8, false)]);
+    // A decode arriving while that runs joins the next batch ahead of the rest of the prompt.
+    h.event(Event::Sent { stream: s2 });
+    h.event(Event::Sent { stream: s3 });
+    assert!(!h.frame(s2, decode(2, 3, 5)).iter().any(|x| matches!(x, Action::Compute(_))));
+    let batch = take_batch(h.event(done(batch, |_| ComputeOutput::Nothing)));
+    // The last 6 rows of the prompt fit: that piece is the prompt's last and samples.
+    assert_eq!(shape(&batch), vec![(2, 3, 1, true), (1, 14, 6, true)]);
+    let a = h.event(done(batch, |_| token(4)));
+    assert!(a.iter().any(
+        |x| matches!(x, Action::Send { stream, frame: Frame::Token { session: 1, position: 20, .. } } if *stream == s1)
+    ));
+    assert_eq!(h.core.batch_gauge().read().batches, 5);
+}
+
+#[test]
+fn older_prompts_are_served_first_and_sessions_join_between_steps() {
+    let mut h = Harness::new(StageConfig { max_sessions: 4, batch_tokens: 10, ..config() });
+    let (s1, s2) = (h.open(1), h.open(2));
+    // Session 2's prompt arrives first on the wire, but session 1 was admitted first.
+    h.core.handle(h.now, Event::Frame { stream: s2, frame: prefill(2, 0, &[3; 8]) });
+    h.core.handle(h.now, Event::Frame { stream: s1, frame: prefill(1, 0, &[4; 8]) });
+    let batch = take_batch(std::iter::from_fn(|| h.core.poll_action()).collect());
+    assert_eq!(shape(&batch), vec![(1, 0, 8, true), (2, 0, 2, false)]);
+    // A session admitted while the batch runs joins the next step with its decode-free prompt behind session 2.
+    let s3 = h.open(3);
+    h.core.handle(h.now, Event::Frame { stream: s3, frame: prefill(3, 0, &[5; 4]) });
+    let batch =
+        take_batch(h.event(done(batch, |i| if i.sample.is_some() { token(1) } else { ComputeOutput::Nothing })));
+    assert_eq!(shape(&batch), vec![(2, 2, 6, true), (3, 0, 4, true)]);
+}
+
+#[test]
+fn a_middle_stage_forwards_a_cut_prompt_as_consecutive_prefill_frames() {
+    let mut h = Harness::new(StageConfig { batch_tokens: 8, ..config() });
+    let c = h.accept();
+    let a = h.frame(c, open(1, LayerRange::new(0, 2), vec![hop()]));
+    let Action::Dial { stream: d, .. } = a[0] else { panic!("{a:?}") };
+    h.event(Event::Dialed { stream: d, result: Ok(()) });
+    h.frame(d, Frame::Opened { session: 1 });
+    let hidden = |i: &ComputeItem<FakeKv>| {
+        let n = i.n_positions();
+        ComputeOutput::Hidden(HiddenStates::from_f32(n, WIDTH as usize, &vec![0.5; n * WIDTH as usize]).unwrap())
+    };
+    let mut a = h.frame(c, prefill(1, 0, &[1; 20]));
+    let mut sent = Vec::new();
+    while let Some(batch) =
+        a.iter().any(|x| matches!(x, Action::Compute(_))).then(|| take_batch(std::mem::take(&mut a)))
+    {
+        a = h.event(done(batch, hidden));
+        for x in &a {
+            if let Action::Send { stream, frame: Frame::Prefill { position, last, data, .. } } = x
+                && *stream == d
+            {
+                sent.push((*position, *last, data.n_tokens()));
+            }
+        }
+        let more = h.event(Event::Sent { stream: d });
+        a.extend(more);
+    }
+    assert_eq!(sent, vec![(0, false, 8), (8, false, 8), (16, true, 4)]);
+}
+
+// ---- admission by free KV blocks ----
+
+#[test]
+fn opens_wait_for_kv_blocks_in_a_bounded_queue_and_get_them_as_sessions_close() {
+    let mut h = Harness::new(StageConfig { max_sessions: 8, max_waiting: 1, ..config() });
+    // Room for two sessions of 50 positions.
+    h.free.store(120, Ordering::SeqCst);
+    let s1 = h.open(1);
+    let _s2 = h.open(2);
+    // The third waits: no answer yet, nothing refused.
+    let w = h.accept();
+    let a = h.frame(w, open(3, LayerRange::new(0, 4), vec![]));
+    assert!(a.is_empty(), "{a:?}");
+    assert_eq!(h.core.waiting_opens(), 1);
+    // The fourth finds the queue full: Busy at once.
+    let x = h.accept();
+    let a = h.frame(x, open(4, LayerRange::new(0, 4), vec![]));
+    assert_eq!(error_on(&a, x).0, ErrorCode::Busy);
+    // Session 1 is closed: its blocks go to session 3, which is told it is open.
+    let a = h.frame(s1, Frame::Close { session: 1 });
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Send { stream, frame: Frame::Opened { session: 3 } } if *stream == w)),
+        "{a:?}"
+    );
+    assert_eq!(h.core.waiting_opens(), 0);
+    assert_eq!(h.free.load(Ordering::SeqCst), 20, "sessions 2 and 3 hold 50 positions each");
+    // Session 3 runs like any other.
+    let batch = take_batch(h.frame(w, prefill(3, 0, &[1, 2])));
+    assert_eq!(batch.items[0].session, 3);
+}
+
+#[test]
+fn an_open_that_waits_too_long_for_kv_blocks_is_refused_busy() {
+    let mut h = Harness::new(StageConfig { max_sessions: 8, ..config() });
+    h.free.store(60, Ordering::SeqCst);
+    let _s1 = h.open(1);
+    let w = h.accept();
+    assert!(h.frame(w, open(2, LayerRange::new(0, 4), vec![])).is_empty());
+    assert_eq!(h.core.next_deadline(), Some(h.now + config().connect_timeout));
+    let a = h.advance(config().connect_timeout);
+    let (code, msg) = error_on(&a, w);
+    assert_eq!(code, ErrorCode::Busy);
+    assert!(msg.contains("KV cache full"), "{msg}");
+    assert_eq!(h.core.waiting_opens(), 0);
+    // The running session was never touched.
+    assert_eq!(h.core.active_sessions(), 1);
+    assert_eq!(h.free.load(Ordering::SeqCst), 10);
+}

@@ -1,0 +1,123 @@
+//! Many users at once: 16 greedy streams run concurrently through a 3-stage swarm on loopback (QUIC stage servers,
+//! one `SwarmClient` sharing its connections between the sessions). Every stream gets exactly the tokens it gets
+//! alone in the single-process pipeline, while the stages really batch sessions together (their scheduler reports
+//! batches of several sessions), so a session's output does not depend on who it was batched with.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use shardline_coordinator::{SwarmClient, SwarmClientConfig};
+use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, DType, SamplingParams};
+use shardline_node::generate::{LocalPipeline, Stepper};
+use shardline_node::model::{LayerRange, ModelFiles, ModelId, Shard, ShardOptions};
+use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
+use shardline_node::test_models::{TinyDTypes, TinySpec, write_tiny_gguf};
+
+const N_LAYERS: usize = 6;
+const STREAMS: usize = 16;
+const NEW_TOKENS: usize = 12;
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new(1))
+}
+
+fn tiny_model(dir: &Path) -> (PathBuf, String) {
+    // Quantised like the default model, so the batched matmuls take the tiled multi-row kernels.
+    let dtypes = TinyDTypes::like_llama_cpp(DType::Q4_1);
+    let spec = TinySpec { n_layers: N_LAYERS, context: 512, dtypes, ..TinySpec::default() };
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&spec, &path).unwrap();
+    let files = ModelFiles::open(&path).unwrap();
+    let id = ModelId::of(files.weights().as_ref()).unwrap().to_hex();
+    (path, id)
+}
+
+/// Greedy tokens of the single-process pipeline, one session alone.
+fn solo(pipeline: &LocalPipeline, prompt: &[u32], n: usize) -> Vec<u32> {
+    let g = SamplingParams::GREEDY;
+    let mut s = pipeline.open_session(prompt.len() + n + 1).unwrap();
+    let mut out = vec![s.step_sync(prompt, &g, 0).unwrap().token];
+    while out.len() < n {
+        let t = *out.last().unwrap();
+        out.push(s.step_sync(&[t], &g, 0).unwrap().token);
+    }
+    out
+}
+
+async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr]) -> NodeHandle {
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend(), listen);
+    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    args.bootstrap = bootstrap.to_vec();
+    args.measure_tokens = 4;
+    args.stage.max_sessions = STREAMS;
+    start_node(args).await.unwrap()
+}
+
+/// A distinct prompt per stream, of lengths 4..=19.
+fn prompt(i: usize) -> Vec<u32> {
+    (0..4 + i).map(|j| ((i * 37 + j * 11 + 3) % 280) as u32).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_streams_through_three_stages_each_get_their_solo_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, id) = tiny_model(dir.path());
+    let a = node(&model, LayerRange::new(0, 2), &[]).await;
+    let boot = a.p2p_addrs.clone();
+    let b = node(&model, LayerRange::new(2, 4), &boot).await;
+    let c = node(&model, LayerRange::new(4, 6), &boot).await;
+    let mut cfg = SwarmClientConfig::new(&id, boot.clone());
+    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.prefill_chunk = 5;
+    cfg.discovery.query_interval = Duration::from_millis(300);
+    let client = SwarmClient::join(cfg).await.unwrap();
+    let route = client.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(route.peers(), vec![a.peer_id, b.peer_id, c.peer_id]);
+
+    let files = ModelFiles::open(&model).unwrap();
+    let whole = Shard::load(files.weights().as_ref(), LayerRange::new(0, N_LAYERS), backend(), ShardOptions::default())
+        .unwrap();
+    let pipeline = LocalPipeline::new(vec![Arc::new(whole)]).unwrap();
+    let want: Vec<Vec<u32>> = (0..STREAMS).map(|i| solo(&pipeline, &prompt(i), NEW_TOKENS)).collect();
+
+    let g = SamplingParams::GREEDY;
+    let tasks: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let p = prompt(i);
+                let mut s = client.session(p.len() + NEW_TOKENS + 1, g, 0);
+                let mut out = vec![s.step(&p, &g, 0).await.unwrap().token];
+                while out.len() < NEW_TOKENS {
+                    let t = *out.last().unwrap();
+                    out.push(s.step(&[t], &g, 0).await.unwrap().token);
+                }
+                s.close().await;
+                out
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), want[i], "stream {i} differs from its solo run");
+    }
+    for n in [&a, &b, &c] {
+        let stats = n.server().batch_stats();
+        assert!(stats.peak_sessions > 1, "stage {} never batched two sessions: {stats:?}", n.layers);
+        eprintln!("stage {}: {stats:?}", n.layers);
+    }
+    // Every session was closed: every stage freed its KV cache.
+    for n in [&a, &b, &c] {
+        let s = n.server();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while s.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(s.active_sessions(), 0);
+        assert_eq!(s.shard().free_kv_tokens(), s.shard().kv_capacity_tokens());
+    }
+}
