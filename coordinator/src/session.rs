@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use shardline_kernels::SamplingParams;
+use shardline_node::stage::core::OWNER_KEEP_ALIVE;
 use shardline_node::wire_convert::sampling_to_wire;
 use shardline_proto::pool::ConnectionPool;
 use shardline_proto::wire::{
-    ErrorCode, Frame, Hop, Limits, SessionId, SessionOpen, StageData, TokenResult, WireDType, read_frame, write_frame,
+    ErrorCode, Frame, Hop, Limits, SessionId, SessionKey, SessionOpen, StageData, TokenResult, WireDType, read_frame,
+    write_frame,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -91,15 +93,22 @@ impl Drop for RouteSession {
 }
 
 impl RouteSession {
-    /// Opens the session on every stage, last stage first. `rtt` receives the measured round-trip time per stage.
+    /// Opens the session on every stage, last stage first. `rtt` receives the measured round-trip time per stage;
+    /// `record` gives a node's signed announcement, which the stage before it needs to dial it.
+    ///
+    /// Each stage gets its own random key; the stage before it presents it in `Attach`. The id is not a secret (it is
+    /// logged); the keys are never logged (docs/SECURITY.md, *Stage*).
     pub async fn open(
         pool: &ConnectionPool,
         route: Route,
         params: &SessionParams,
         limits: Limits,
         mut rtt: impl FnMut(PeerId, std::time::Duration),
+        record: impl Fn(&PeerId) -> Option<Arc<[u8]>>,
     ) -> Result<RouteSession, SessionError> {
         let id: SessionId = rand::random();
+        // `rand::random` draws from the thread-local generator, a CSPRNG seeded from the operating system.
+        let keys: Vec<SessionKey> = route.stages.iter().map(|_| SessionKey(rand::random())).collect();
         let n = route.stages.len();
         let layout: Vec<String> = route.stages.iter().map(|s| format!("{}@{}", s.span, s.addr)).collect();
         let (tx, events) = mpsc::channel(256);
@@ -132,15 +141,20 @@ impl RouteSession {
                 wire_dtype: params.wire_dtype,
                 hidden: params.hidden,
                 rest,
+                attach_key: keys[i],
+                next_key: keys.get(i + 1).copied().unwrap_or_default(),
+                next_record: route
+                    .stages
+                    .get(i + 1)
+                    .and_then(|s| record(&s.peer))
+                    .map(|r| r.to_vec())
+                    .unwrap_or_default(),
             };
             write_frame(&mut send, &Frame::Open { session: id, open }).await.map_err(|e| conn_err(e.to_string()))?;
             match read_frame(&mut recv, &limits).await {
                 Ok(Some(Frame::Opened { .. })) => {}
                 Ok(Some(Frame::Error { code, message, .. })) => {
-                    // A stage that could not reach its successor points at the successor.
-                    let blamed =
-                        if code == ErrorCode::Downstream && i + 1 < n { route.stages[i + 1].peer } else { peer };
-                    return Err(SessionError::Stage { peer: blamed, code, message });
+                    return Err(SessionError::Stage { peer: blamed(&route, i, code), code, message });
                 }
                 Ok(other) => return Err(SessionError::Protocol(format!("stage {peer} answered open with {other:?}"))),
                 Err(e) => return Err(conn_err(e.to_string())),
@@ -213,23 +227,39 @@ impl RouteSession {
             return Ok(None);
         }
         let expected = self.position;
-        let Some((i, ev)) = self.events.recv().await else {
+        let Some((i, ev)) = self.next_event().await else {
             return Err(SessionError::Protocol("every stage stream ended".into()));
         };
         let peer = self.route.stages[i].peer;
         match ev {
             StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => Ok(Some(result)),
             StageEvent::Frame(Frame::Error { code, message, .. }) => {
-                // A stage that lost its successor points at the successor.
-                let n = self.route.stages.len();
-                let blamed =
-                    if code == ErrorCode::Downstream && i + 1 < n { self.route.stages[i + 1].peer } else { peer };
-                Err(SessionError::Stage { peer: blamed, code, message })
+                Err(SessionError::Stage { peer: blamed(&self.route, i, code), code, message })
             }
             StageEvent::Frame(other) => {
                 Err(SessionError::Protocol(format!("stage {peer} sent an unexpected {:?} frame", other.kind())))
             }
             StageEvent::Gone(detail) => Err(SessionError::Stage { peer, code: ErrorCode::Other(0), message: detail }),
+        }
+    }
+
+    /// The next frame from any stage. While none comes, every stage gets a `Ping` each [`OWNER_KEEP_ALIVE`], so a
+    /// long step (a long prompt on a slow first stage) never reaches a later stage's idle timeout.
+    async fn next_event(&mut self) -> Option<(usize, StageEvent)> {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + OWNER_KEEP_ALIVE, OWNER_KEEP_ALIVE);
+        loop {
+            tokio::select! {
+                ev = self.events.recv() => return ev,
+                _ = ping.tick() => self.ping().await,
+            }
+        }
+    }
+
+    /// Tells every stage the session is alive (a failed write shows up as the stage's stream ending).
+    pub async fn ping(&mut self) {
+        let id = self.id;
+        for c in &mut self.controls {
+            let _ = write_frame(c, &Frame::Ping { session: id }).await;
         }
     }
 
@@ -240,6 +270,17 @@ impl RouteSession {
             let _ = write_frame(c, &Frame::Close { session: id }).await;
             let _ = c.finish();
         }
+    }
+}
+
+/// Whom an error frame from stage `i` blames: a stage that lost its successor points at the successor, one that got
+/// invalid input points at its predecessor, any other error at the stage itself.
+fn blamed(route: &Route, i: usize, code: ErrorCode) -> PeerId {
+    let n = route.stages.len();
+    match code {
+        ErrorCode::Downstream if i + 1 < n => route.stages[i + 1].peer,
+        ErrorCode::Upstream if i > 0 => route.stages[i - 1].peer,
+        _ => route.stages[i].peer,
     }
 }
 

@@ -17,13 +17,20 @@
 //! - Ordering: chunks must continue the session's positions exactly; a close, the end of an input stream or a
 //!   refused frame takes effect after the chunks before it. A lost stream, a malformed frame, a failed next stage,
 //!   a compute error and the idle timeout end the session at once.
+//! - Security (`docs/SECURITY.md`, *Stage*): `Attach` must present the session's key and the next hop must be vouched
+//!   for by its signed announcement ([`auth`]); every read carries an [`Expect`] so a frame the stream cannot take
+//!   costs its header only; one peer holds at most its [`quota`] of sessions and KV cache; non-finite hidden states are
+//!   refused and blamed on the stage that sent them ([`finite`]).
 
 mod actions;
 mod admission;
+pub mod auth;
 mod batch;
 mod config;
 mod events;
+pub mod finite;
 mod model;
+pub mod quota;
 mod session;
 
 #[cfg(test)]
@@ -37,15 +44,16 @@ use tracing::{debug, warn};
 pub use actions::Action;
 pub use admission::{Admission, Slot};
 pub use batch::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample};
-pub use config::StageConfig;
+pub use config::{OWNER_KEEP_ALIVE, StageConfig};
 pub use events::{Event, StreamId};
 pub use model::{StageCompute, StageModel};
+pub use quota::{Peer, PeerQuotas};
 pub use session::{INPUT_QUEUE, OUTPUT_WINDOW};
 
 use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, StageSession, Upstream};
 
 use crate::wire_convert::sampling_from_wire;
-use shardline_proto::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
+use shardline_proto::wire::{ErrorCode, Expect, Frame, FrameKind, SessionId, SessionOpen, StageData};
 
 /// What a stream is to the core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +70,8 @@ enum Role {
 
 struct StreamState {
     role: Role,
+    /// Who opened it (dialed streams: [`Peer::LOCAL`]; they never own a session).
+    peer: Peer,
     /// A read was asked for and has not been answered.
     reading: bool,
     /// Frames sent on it that the driver has not reported written.
@@ -73,6 +83,7 @@ pub struct StageCore<M: StageModel> {
     model: M,
     config: StageConfig,
     admission: Admission,
+    quotas: PeerQuotas,
     /// Ordered by id so batches are built in a stable order.
     sessions: BTreeMap<SessionId, StageSession<M::Kv>>,
     streams: HashMap<StreamId, StreamState>,
@@ -85,10 +96,12 @@ pub struct StageCore<M: StageModel> {
 impl<M: StageModel> StageCore<M> {
     pub fn new(model: M, config: StageConfig) -> Self {
         let admission = Admission::new(config.max_sessions);
+        let quotas = PeerQuotas::new(config.sessions_per_peer(), config.max_kv_tokens_per_peer.unwrap_or(usize::MAX));
         Self {
             model,
             config,
             admission,
+            quotas,
             sessions: BTreeMap::new(),
             streams: HashMap::new(),
             actions: VecDeque::new(),
@@ -132,8 +145,8 @@ impl<M: StageModel> StageCore<M> {
     /// Takes one event that happened at `now`.
     pub fn handle(&mut self, now: Instant, event: Event<M::Kv>) {
         match event {
-            Event::Accepted { stream } => {
-                self.streams.insert(stream, StreamState { role: Role::Pending, reading: false, unsent: 0 });
+            Event::Accepted { stream, peer } => {
+                self.streams.insert(stream, StreamState { role: Role::Pending, peer, reading: false, unsent: 0 });
                 self.read(stream);
             }
             Event::Frame { stream, frame } => {
@@ -238,11 +251,37 @@ impl<M: StageModel> StageCore<M> {
     }
 
     fn read(&mut self, stream: StreamId) {
-        if let Some(st) = self.streams.get_mut(&stream)
-            && !st.reading
-        {
+        let Some(role) = self.streams.get(&stream).filter(|st| !st.reading).map(|st| st.role) else { return };
+        let expect = self.expect(role);
+        if let Some(st) = self.streams.get_mut(&stream) {
             st.reading = true;
-            self.actions.push_back(Action::Read { stream });
+        }
+        self.actions.push_back(Action::Read { stream, expect });
+    }
+
+    /// What the next frame of a stream in `role` may be, checked on its header before its payload is read: a first
+    /// frame is a small `Open` or `Attach`; a session's inputs name it and fit the positions it has left.
+    fn expect(&self, role: Role) -> Expect {
+        let control = self.config.limits.max_control_payload;
+        let inputs = |id: SessionId, s: &StageSession<M::Kv>, kinds: &[FrameKind]| {
+            let left = (s.open.max_tokens as u64).saturating_sub(s.next_position);
+            let rows = left.min(self.config.limits.max_tokens_per_frame as u64) as usize;
+            let row = if s.open.span.start == 0 { 4 } else { s.open.hidden as usize * s.open.wire_dtype.size() };
+            Expect::kinds(kinds).session(id).max_payload(rows.saturating_mul(row))
+        };
+        match role {
+            Role::Pending => Expect::kinds(&[FrameKind::Open, FrameKind::Attach]).max_payload(control),
+            Role::Control(id) => match self.sessions.get(&id) {
+                Some(s) if s.open.span.start == 0 => {
+                    inputs(id, s, &[FrameKind::Prefill, FrameKind::Decode, FrameKind::Close, FrameKind::Ping])
+                }
+                _ => Expect::kinds(&[FrameKind::Close, FrameKind::Ping]).session(id).max_payload(0),
+            },
+            Role::Upstream(id) => match self.sessions.get(&id) {
+                Some(s) => inputs(id, s, &[FrameKind::Prefill, FrameKind::Decode, FrameKind::Close]),
+                None => Expect::kinds(&[FrameKind::Close]).max_payload(0),
+            },
+            Role::Downstream(_) => Expect::kinds(&[FrameKind::Opened, FrameKind::Error]).max_payload(control),
         }
     }
 
@@ -276,12 +315,14 @@ impl<M: StageModel> StageCore<M> {
     fn first_frame(&mut self, now: Instant, stream: StreamId, frame: Frame) {
         match frame {
             Frame::Open { session, open } => self.open(now, stream, session, open),
-            Frame::Attach { session, dtype, width } => {
-                let Some(s) = self
-                    .sessions
-                    .get_mut(&session)
-                    .filter(|s| matches!(s.phase, Phase::Running) && s.upstream == Upstream::Expected)
-                else {
+            Frame::Attach { session, dtype, width, key } => {
+                // A wrong key is answered exactly like an unknown session, and leaves the session alone: knowing a
+                // session id (it is logged) lets a peer neither join nor end a session.
+                let Some(s) = self.sessions.get_mut(&session).filter(|s| {
+                    matches!(s.phase, Phase::Running)
+                        && s.upstream == Upstream::Expected
+                        && s.open.attach_key.matches(&key)
+                }) else {
                     let f = Failure::new(ErrorCode::UnknownSession, format!("no session {session}"));
                     return self.refuse(stream, session, f);
                 };
@@ -311,6 +352,14 @@ impl<M: StageModel> StageCore<M> {
         if let Err(msg) = self.model.check_open(&open) {
             return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));
         }
+        if let Err(msg) = auth::check_next_hop(self.config.next_hops, &open) {
+            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));
+        }
+        let peer = self.streams.get(&stream).map_or(Peer::LOCAL, |st| st.peer);
+        let lease = match self.quotas.try_take(peer, open.max_tokens as usize) {
+            Ok(l) => l,
+            Err(msg) => return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg)),
+        };
         let Some(slot) = self.admission.try_admit() else {
             let msg = format!("{} sessions running", self.admission.max());
             return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg));
@@ -340,6 +389,7 @@ impl<M: StageModel> StageCore<M> {
             input_closed: false,
             last_active: now,
             _slot: slot,
+            _lease: lease,
         };
         match next {
             None => {
@@ -351,7 +401,9 @@ impl<M: StageModel> StageCore<M> {
                 self.next_dial += 1;
                 entry.downstream = Some(Downstream { stream: dial, addr, link: Link::Dialing });
                 self.sessions.insert(session, entry);
-                self.streams.insert(dial, StreamState { role: Role::Downstream(session), reading: false, unsent: 0 });
+                let state =
+                    StreamState { role: Role::Downstream(session), peer: Peer::LOCAL, reading: false, unsent: 0 };
+                self.streams.insert(dial, state);
                 self.actions.push_back(Action::Dial { stream: dial, addr, fingerprint });
             }
         }
@@ -370,7 +422,8 @@ impl<M: StageModel> StageCore<M> {
         match result {
             Ok(()) => {
                 d.link = Link::Attaching;
-                let attach = Frame::Attach { session, dtype: s.open.wire_dtype, width: s.open.hidden };
+                let attach =
+                    Frame::Attach { session, dtype: s.open.wire_dtype, width: s.open.hidden, key: s.open.next_key };
                 self.send(stream, attach);
                 self.read(stream);
             }
@@ -446,6 +499,11 @@ impl<M: StageModel> StageCore<M> {
             Frame::Prefill { position, last, data, .. } => chunk(s, position, ChunkKind::Prefill { last }, data),
             Frame::Decode { position, data, .. } => chunk(s, position, ChunkKind::Decode, data),
             Frame::Close { .. } => Queued::End(Ok(())),
+            // The owner is alive: the idle timeout counts again from now, nothing is queued.
+            Frame::Ping { .. } => {
+                self.refill_reads(session);
+                return;
+            }
             other => Queued::End(Err(Failure::new(
                 ErrorCode::Malformed,
                 format!("unexpected {} frame", other.kind().name()),
@@ -680,6 +738,16 @@ fn chunk<K>(s: &mut StageSession<K>, position: u64, kind: ChunkKind, data: Stage
     if !fits || data.n_tokens() == 0 {
         let msg = format!("input of the wrong kind or shape for span {span}");
         return Queued::End(Err(Failure::new(ErrorCode::BadRequest, msg)));
+    }
+    if let StageData::Hidden(h) = &data
+        && let Some(i) = finite::first_non_finite(h)
+    {
+        let (row, col) = (i / h.width().max(1), i % h.width().max(1));
+        let msg = format!(
+            "the previous stage sent a non-finite hidden state (position {}, element {col})",
+            position + row as u64
+        );
+        return Queued::End(Err(Failure::new(ErrorCode::Upstream, msg)));
     }
     s.next_position += data.n_tokens() as u64;
     Queued::Chunk(Chunk { position, kind, data })
