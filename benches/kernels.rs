@@ -12,20 +12,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
 
 fn config() -> Criterion {
-    let quick = common::quick();
-    let c = Criterion::default().sample_size(20);
-    if quick {
-        c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(600))
-    } else {
-        c.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
-    }
+    common::config(common::Timing { samples: 20, full_ms: (1000, 3000), quick_ms: (200, 600) })
 }
 
 fn backend() -> CpuBackend {

@@ -31,13 +31,7 @@ use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 const WINDOW: usize = 256;
 
 fn config() -> Criterion {
-    let quick = common::quick();
-    let c = Criterion::default().sample_size(10);
-    if quick {
-        c.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2))
-    } else {
-        c.measurement_time(Duration::from_secs(10))
-    }
+    common::config(common::Timing { samples: 10, full_ms: (3000, 10_000), quick_ms: (500, 2000) })
 }
 
 fn backend(threads: usize) -> Arc<dyn Backend> {

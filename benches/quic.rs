@@ -28,13 +28,7 @@ use tokio::runtime::Runtime;
 const HIDDEN: usize = 576;
 
 fn config() -> Criterion {
-    let quick = common::quick();
-    let c = Criterion::default().sample_size(20);
-    if quick {
-        c.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1))
-    } else {
-        c.measurement_time(Duration::from_secs(4))
-    }
+    common::config(common::Timing { samples: 20, full_ms: (3000, 4000), quick_ms: (300, 1000) })
 }
 
 fn frame(n_tokens: usize) -> Frame {

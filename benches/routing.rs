@@ -29,12 +29,7 @@ use shardline_proto::wire::WireDType;
 const MODEL: &str = "be0c000000000000000000000000000000000000000000000000000000000001";
 
 fn config() -> Criterion {
-    let c = Criterion::default().sample_size(20);
-    if common::quick() {
-        c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(500))
-    } else {
-        c.measurement_time(Duration::from_secs(3))
-    }
+    common::config(common::Timing { samples: 20, full_ms: (3000, 3000), quick_ms: (200, 500) })
 }
 
 /// Layer spans of `n` nodes over `n_layers`: the first four tile the model (so a route always exists), the rest are

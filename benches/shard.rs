@@ -15,13 +15,7 @@ use shardline_node::model::{LayerRange, Shard, ShardInput, ShardOptions};
 use shardline_node::test_models::model_for_tests;
 
 fn config() -> Criterion {
-    let quick = common::quick();
-    let c = Criterion::default().sample_size(10);
-    if quick {
-        c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(1))
-    } else {
-        c.measurement_time(Duration::from_secs(5))
-    }
+    common::config(common::Timing { samples: 10, full_ms: (3000, 5000), quick_ms: (200, 1000) })
 }
 
 fn bench_shard(c: &mut Criterion) {

@@ -7,19 +7,12 @@
 mod common;
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shardline_proto::wire::{Frame, HiddenStates, Limits, StageData, WireDType};
 
 fn config() -> Criterion {
-    let quick = common::quick();
-    let c = Criterion::default().sample_size(20);
-    if quick {
-        c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(500))
-    } else {
-        c.measurement_time(Duration::from_secs(3))
-    }
+    common::config(common::Timing { samples: 20, full_ms: (3000, 3000), quick_ms: (200, 500) })
 }
 
 /// Deterministic hidden-state bytes in `dtype`: `n_tokens × width` values in roughly `-1..1`.

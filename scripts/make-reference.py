@@ -261,8 +261,8 @@ def teacher_forced(llm, tokens: list[int]) -> tuple[dict, np.ndarray]:
     return summary, scores
 
 
-def build(model: Path, n_threads: int) -> dict:
-    import llama_cpp
+def open_llama(model: Path, n_threads: int):
+    """llama.cpp with every position's logits kept, and whether the file asks for a BOS token."""
     from llama_cpp import Llama
 
     llm = Llama(
@@ -275,7 +275,34 @@ def build(model: Path, n_threads: int) -> dict:
         seed=0,
         verbose=False,
     )
-    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    return llm, llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+
+
+def generator_info() -> dict:
+    """Which command, llama-cpp-python version and machine produced a fixture, and when."""
+    import llama_cpp
+
+    return {
+        "command": " ".join(["scripts/make-reference.py"] + sys.argv[1:]),
+        "llama_cpp_python": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def common_settings(n_threads: int, add_bos: bool) -> dict:
+    return {
+        "n_threads": n_threads,
+        "n_ctx": N_CTX,
+        "n_batch": N_BATCH,
+        "add_bos": add_bos,
+        "parse_special": True,
+        "greedy_tokens": GREEDY_TOKENS,
+    }
+
+
+def build(model: Path, n_threads: int) -> dict:
+    llm, add_bos = open_llama(model, n_threads)
     cases = []
     for name, text in PROMPTS:
         prompt_tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
@@ -312,20 +339,10 @@ def build(model: Path, n_threads: int) -> dict:
 
     return {
         "format": "shardline-llamacpp-reference/1",
-        "generator": {
-            "command": " ".join(["scripts/make-reference.py"] + sys.argv[1:]),
-            "llama_cpp_python": llama_cpp.__version__,
-            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        },
+        "generator": generator_info(),
         "model": {"file": MODEL_FILE, "sha256": sha256_file(model), "size": model.stat().st_size},
         "settings": {
-            "n_threads": n_threads,
-            "n_ctx": N_CTX,
-            "n_batch": N_BATCH,
-            "add_bos": add_bos,
-            "parse_special": True,
-            "greedy_tokens": GREEDY_TOKENS,
+            **common_settings(n_threads, add_bos),
             "top_k": TOP_K,
             "logit_decimals": DECIMALS,
             "positions": "row i holds the logits after tokens[0..=i] of prompt_tokens + continuation_tokens; "
@@ -337,20 +354,7 @@ def build(model: Path, n_threads: int) -> dict:
 
 def build_compact(model: Path, preset: str, n_threads: int) -> dict:
     """The compact fixture of one preset file: top-1 id, logit and margin per teacher-forced position."""
-    import llama_cpp
-    from llama_cpp import Llama
-
-    llm = Llama(
-        model_path=str(model),
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        n_ctx=N_CTX,
-        n_batch=N_BATCH,
-        logits_all=True,
-        seed=0,
-        verbose=False,
-    )
-    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    llm, add_bos = open_llama(model, n_threads)
     cases = []
     for name, text in PROMPTS:
         if name not in COMPACT_CASES:
@@ -381,21 +385,11 @@ def build_compact(model: Path, preset: str, n_threads: int) -> dict:
     llm.close()
     return {
         "format": "shardline-llamacpp-reference-compact/1",
-        "generator": {
-            "command": " ".join(["scripts/make-reference.py"] + sys.argv[1:]),
-            "llama_cpp_python": llama_cpp.__version__,
-            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        },
+        "generator": generator_info(),
         "preset": preset,
         "model": {"file": model.name, "sha256": sha256_file(model), "size": model.stat().st_size},
         "settings": {
-            "n_threads": n_threads,
-            "n_ctx": N_CTX,
-            "n_batch": N_BATCH,
-            "add_bos": add_bos,
-            "parse_special": True,
-            "greedy_tokens": GREEDY_TOKENS,
+            **common_settings(n_threads, add_bos),
             "logit_decimals": DECIMALS,
             "positions": "entry i is about the logits after tokens[0..=i] of prompt_tokens + continuation_tokens: "
             "the arg-max token (smaller id on ties), its logit and its margin over the second largest logit",

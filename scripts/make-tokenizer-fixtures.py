@@ -91,33 +91,25 @@ SMOLLM2_STRINGS = [
     "$100.00 + €50,00 = ¥? £!",
 ]
 
+def chat(*turns: tuple[str, str], add_generation_prompt: bool = True) -> dict:
+    """One chat-template case: (role, content) turns and whether the assistant's header is appended."""
+    return {
+        "messages": [{"role": role, "content": content} for role, content in turns],
+        "add_generation_prompt": add_generation_prompt,
+    }
+
+
 SMOLLM2_CHATS = [
-    {"messages": [{"role": "user", "content": "Hi there!"}], "add_generation_prompt": True},
-    {"messages": [{"role": "user", "content": "Hi there!"}], "add_generation_prompt": False},
-    {
-        "messages": [
-            {"role": "system", "content": "You are a terse assistant."},
-            {"role": "user", "content": "What is the capital of France?"},
-        ],
-        "add_generation_prompt": True,
-    },
-    {
-        "messages": [
-            {"role": "system", "content": "Answer in French."},
-            {"role": "user", "content": "Hello"},
-            {"role": "assistant", "content": "Bonjour !"},
-            {"role": "user", "content": "Count to 3:\n1, 2, 3?"},
-        ],
-        "add_generation_prompt": True,
-    },
-    {
-        "messages": [
-            {"role": "user", "content": "Write code"},
-            {"role": "assistant", "content": "```python\nprint('hi')\n```"},
-            {"role": "user", "content": "Thanks 🎉"},
-        ],
-        "add_generation_prompt": True,
-    },
+    chat(("user", "Hi there!")),
+    chat(("user", "Hi there!"), add_generation_prompt=False),
+    chat(("system", "You are a terse assistant."), ("user", "What is the capital of France?")),
+    chat(
+        ("system", "Answer in French."),
+        ("user", "Hello"),
+        ("assistant", "Bonjour !"),
+        ("user", "Count to 3:\n1, 2, 3?"),
+    ),
+    chat(("user", "Write code"), ("assistant", "```python\nprint('hi')\n```"), ("user", "Thanks 🎉")),
 ]
 
 

@@ -43,6 +43,10 @@ pub struct NodeCmd {
     /// KV-cache memory for all sessions of this node, in MiB.
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mib: usize,
+    /// On SIGTERM or Ctrl-C: seconds running sessions may go on (new ones are refused) before the rest are ended
+    /// with an error frame that makes their owners fail over.
+    #[arg(long, default_value_t = 10.0)]
+    pub drain_timeout: f64,
 }
 
 pub fn run(cmd: NodeCmd) -> Result<()> {
@@ -54,6 +58,8 @@ pub fn run(cmd: NodeCmd) -> Result<()> {
     args.bootstrap = cmd.bootstrap;
     args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.key_file = cmd.key_file;
+    args.drain_timeout = std::time::Duration::try_from_secs_f64(cmd.drain_timeout)
+        .map_err(|e| anyhow::anyhow!("--drain-timeout {}: {e}", cmd.drain_timeout))?;
     args.shard = ShardOptions { kv_budget_bytes: cmd.kv_cache_mib << 20, ..ShardOptions::default() };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(run_node(args)).context("running the node")

@@ -49,6 +49,7 @@ use shardline_proto::pool::ConnectionPool;
 use shardline_proto::wire::{Limits, WireDType};
 use tracing::{info, warn};
 
+use crate::deadline::DeadlineConfig;
 use crate::discovery::{Discovery, DiscoveryConfig};
 use crate::queue::QueuePermit;
 use crate::registry::{NodeRegistry, RegistryConfig};
@@ -71,8 +72,10 @@ pub struct SwarmClientConfig {
     pub max_failovers: usize,
     /// How long a session waits in a saturated node's queue.
     pub admit_wait: Duration,
-    /// Longest wait for the token of one step (prefill included) before the step fails.
+    /// Longest wait for the token of one step (prefill included) before the step fails, however alive its stages.
     pub step_timeout: Duration,
+    /// When a late step's silent stage is taken for dead (`deadline.rs`).
+    pub detect: DeadlineConfig,
     pub registry: RegistryConfig,
     pub discovery: DiscoveryConfig,
 }
@@ -90,6 +93,7 @@ impl SwarmClientConfig {
             max_failovers: 3,
             admit_wait: Duration::from_secs(30),
             step_timeout: Duration::from_secs(300),
+            detect: DeadlineConfig::default(),
             registry: RegistryConfig::default(),
             discovery: DiscoveryConfig { query_interval: Duration::from_secs(2), ..DiscoveryConfig::default() },
         }
@@ -254,6 +258,7 @@ impl SwarmSession {
             n_top: self.n_top,
             wire_dtype: c.wire_dtype,
             prefill_chunk: c.prefill_chunk,
+            detect: c.detect,
         };
         let registry = inner.registry.clone();
         let peers = route.peers();

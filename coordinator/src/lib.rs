@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod client;
+pub mod deadline;
 pub mod discovery;
 pub mod queue;
 pub mod registry;

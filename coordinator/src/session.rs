@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::deadline::{self, DeadlineConfig, StepTimes, Watched};
 use crate::routing::Route;
 
 /// What a session needs besides its route.
@@ -32,6 +33,8 @@ pub struct SessionParams {
     pub wire_dtype: WireDType,
     /// Positions per prefill frame: smaller chunks pipeline better across stages, larger ones amortise overhead.
     pub prefill_chunk: usize,
+    /// When a step is late and a silent stage is taken for dead (`deadline.rs`).
+    pub detect: DeadlineConfig,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,6 +85,12 @@ pub struct RouteSession {
     readers: Vec<JoinHandle<()>>,
     position: u64,
     prefill_chunk: usize,
+    /// Each stage's QUIC connection, in route order: watched for silence while a step is late.
+    conns: Vec<quinn::Connection>,
+    times: StepTimes,
+    /// Positions written since the last token, and when the first of them was written.
+    pending: usize,
+    pending_since: std::time::Instant,
 }
 
 impl Drop for RouteSession {
@@ -110,15 +119,21 @@ impl RouteSession {
         // `rand::random` draws from the thread-local generator, a CSPRNG seeded from the operating system.
         let keys: Vec<SessionKey> = route.stages.iter().map(|_| SessionKey(rand::random())).collect();
         let n = route.stages.len();
+        let route_cost_s = route.cost_ms.max(0.0) / 1000.0;
         let layout: Vec<String> = route.stages.iter().map(|s| format!("{}@{}", s.span, s.addr)).collect();
         let (tx, events) = mpsc::channel(256);
         let mut controls: Vec<Option<quinn::SendStream>> = (0..n).map(|_| None).collect();
         let mut readers = Vec::with_capacity(n);
+        let mut conns: Vec<Option<quinn::Connection>> = (0..n).map(|_| None).collect();
         for i in (0..n).rev() {
             let stage = &route.stages[i];
             let peer = stage.peer;
             let conn_err = |detail: String| SessionError::Connect { peer, detail };
-            let conn = pool.get(stage.addr, stage.fingerprint).await.map_err(|e| conn_err(e.to_string()))?;
+            // A node that died since it was registered answers no handshake: bounded, not the QUIC idle timeout.
+            let conn = tokio::time::timeout(params.detect.connect, pool.get(stage.addr, stage.fingerprint))
+                .await
+                .map_err(|_| conn_err(format!("no QUIC handshake within {:?}", params.detect.connect)))?
+                .map_err(|e| conn_err(e.to_string()))?;
             rtt(peer, conn.rtt());
             let (mut send, mut recv) = match conn.open_bi().await {
                 Ok(s) => s,
@@ -151,7 +166,27 @@ impl RouteSession {
                     .unwrap_or_default(),
             };
             write_frame(&mut send, &Frame::Open { session: id, open }).await.map_err(|e| conn_err(e.to_string()))?;
-            match read_frame(&mut recv, &limits).await {
+            // A cached connection to a stage that died since is only found out by its silence.
+            let late_at = std::time::Instant::now() + params.detect.floor;
+            let opened = match deadline::watch(
+                read_frame(&mut recv, &limits),
+                std::slice::from_ref(&conn),
+                late_at,
+                &params.detect,
+            )
+            .await
+            {
+                Watched::Done(r) => r,
+                Watched::Silent { silent, .. } => {
+                    conn.close(0u32.into(), b"silent");
+                    return Err(SessionError::Stage {
+                        peer,
+                        code: ErrorCode::Timeout,
+                        message: format!("no answer to open, silent for {silent:?}"),
+                    });
+                }
+            };
+            match opened {
                 Ok(Some(Frame::Opened { .. })) => {}
                 Ok(Some(Frame::Error { code, message, .. })) => {
                     return Err(SessionError::Stage { peer: blamed(&route, i, code), code, message });
@@ -174,8 +209,11 @@ impl RouteSession {
                 }
             }));
             controls[i] = Some(send);
+            conns[i] = Some(conn);
         }
         let controls = controls.into_iter().map(|c| c.expect("every stage opened")).collect();
+        // Every slot was filled above (any failure returned early).
+        let conns = conns.into_iter().flatten().collect();
         // The stages log under the same session id, so one request can be followed across machines.
         info!(session = id, route = %layout.join(" "), "pipeline session open");
         Ok(RouteSession {
@@ -186,6 +224,10 @@ impl RouteSession {
             readers,
             position: 0,
             prefill_chunk: params.prefill_chunk.max(1),
+            conns,
+            times: StepTimes::new(params.detect, std::time::Duration::from_secs_f64(route_cost_s)),
+            pending: 0,
+            pending_since: std::time::Instant::now(),
         })
     }
 
@@ -221,15 +263,34 @@ impl RouteSession {
             write_frame(&mut self.controls[0], &frame)
                 .await
                 .map_err(|e| SessionError::Connect { peer: first, detail: e.to_string() })?;
+            if self.pending == 0 {
+                self.pending_since = std::time::Instant::now();
+            }
+            self.pending += chunk.len();
             self.position += chunk.len() as u64;
         }
         if !sample {
             return Ok(None);
         }
         let expected = self.position;
-        let Some((i, ev)) = self.next_event().await else {
-            return Err(SessionError::Protocol("every stage stream ended".into()));
+        let late_at = self.times.deadline(self.pending_since, self.pending);
+        let detect = self.times.config();
+        let waiting = next_event(&mut self.events, &mut self.controls, self.id);
+        let (i, ev) = match deadline::watch(waiting, &self.conns, late_at, &detect).await {
+            Watched::Done(Some(ev)) => ev,
+            Watched::Done(None) => return Err(SessionError::Protocol("every stage stream ended".into())),
+            Watched::Silent { stage, silent } => {
+                // Closed, so the pool dials afresh should the node come back.
+                self.conns[stage].close(0u32.into(), b"silent");
+                let peer = self.route.stages[stage].peer;
+                let message = format!("stage silent for {silent:?} during a late step");
+                return Err(SessionError::Stage { peer, code: ErrorCode::Timeout, message });
+            }
         };
+        if matches!(ev, StageEvent::Frame(Frame::Token { .. })) {
+            self.times.record(self.pending, self.pending_since.elapsed());
+            self.pending = 0;
+        }
         let peer = self.route.stages[i].peer;
         match ev {
             StageEvent::Frame(Frame::Token { position, result, .. }) if position == expected => Ok(Some(result)),
@@ -243,24 +304,9 @@ impl RouteSession {
         }
     }
 
-    /// The next frame from any stage. While none comes, every stage gets a `Ping` each [`OWNER_KEEP_ALIVE`], so a
-    /// long step (a long prompt on a slow first stage) never reaches a later stage's idle timeout.
-    async fn next_event(&mut self) -> Option<(usize, StageEvent)> {
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + OWNER_KEEP_ALIVE, OWNER_KEEP_ALIVE);
-        loop {
-            tokio::select! {
-                ev = self.events.recv() => return ev,
-                _ = ping.tick() => self.ping().await,
-            }
-        }
-    }
-
     /// Tells every stage the session is alive (a failed write shows up as the stage's stream ending).
     pub async fn ping(&mut self) {
-        let id = self.id;
-        for c in &mut self.controls {
-            let _ = write_frame(c, &Frame::Ping { session: id }).await;
-        }
+        ping(&mut self.controls, self.id).await;
     }
 
     /// Closes the session on every stage (they free the KV cache).
@@ -270,6 +316,28 @@ impl RouteSession {
             let _ = write_frame(c, &Frame::Close { session: id }).await;
             let _ = c.finish();
         }
+    }
+}
+
+/// The next frame from any stage. While none comes, every stage gets a `Ping` each [`OWNER_KEEP_ALIVE`], so a long
+/// step (a long prompt on a slow first stage) never reaches a later stage's idle timeout.
+async fn next_event(
+    events: &mut mpsc::Receiver<(usize, StageEvent)>,
+    controls: &mut [quinn::SendStream],
+    id: SessionId,
+) -> Option<(usize, StageEvent)> {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + OWNER_KEEP_ALIVE, OWNER_KEEP_ALIVE);
+    loop {
+        tokio::select! {
+            ev = events.recv() => return ev,
+            _ = tick.tick() => ping(controls, id).await,
+        }
+    }
+}
+
+async fn ping(controls: &mut [quinn::SendStream], id: SessionId) {
+    for c in controls {
+        let _ = write_frame(c, &Frame::Ping { session: id }).await;
     }
 }
 

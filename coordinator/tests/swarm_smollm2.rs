@@ -2,17 +2,17 @@
 //! `10..20`, `20..30`, found through the DHT alone, generate greedily exactly the tokens and text of the
 //! single-process engine (the path of `shardline generate`), through the same generation loop.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardline_coordinator::{CoordinatorArgs, SwarmClient, SwarmClientConfig, start_coordinator};
+use shardline_coordinator::{CoordinatorArgs, SwarmClient, start_coordinator};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::engine::{Engine, TextStream, stop_tokens};
 use shardline_node::generate::{self, GenerateParams};
-use shardline_node::model::{LayerRange, ShardOptions};
-use shardline_node::stage::{NodeArgs, start_node};
+use shardline_node::model::ShardOptions;
 use shardline_node::test_models::model_for_tests;
 
 const PROMPTS: [&str; 3] = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 5."];
@@ -38,18 +38,10 @@ async fn three_smollm2_nodes_match_the_single_process_engine() {
         ..GenerateParams::default()
     };
 
-    let coordinator =
-        start_coordinator(CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![])).await.unwrap();
+    let coordinator = start_coordinator(CoordinatorArgs::new(vec![common::any_loopback_tcp()], vec![])).await.unwrap();
     let boot = coordinator.p2p_addrs.clone();
-    let mut nodes = Vec::new();
-    for (a, b) in [(0, 10), (10, 20), (20, 30)] {
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut args = NodeArgs::new(model.clone(), LayerRange::new(a, b), backend(), listen);
-        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-        args.bootstrap = boot.clone();
-        args.measure_tokens = 4;
-        nodes.push(start_node(args).await.unwrap());
-    }
+    let (nodes, _) =
+        common::start_nodes(&model, &[(0, 10), (10, 20), (20, 30)], &boot, 2, |a| a.measure_tokens = 4).await;
     let model_id = nodes[0].model_id.clone();
     // The coordinator registers all three from the DHT alone.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -58,8 +50,7 @@ async fn three_smollm2_nodes_match_the_single_process_engine() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Two owners: a client that joins the swarm on its own, and the coordinator running sessions over its registry.
-    let mut cfg = SwarmClientConfig::new(model_id.clone(), boot.clone());
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let mut cfg = common::client_config(&model_id, &boot);
     cfg.prefill_chunk = 16;
     let joined = SwarmClient::join(cfg).await.unwrap();
     let on_coordinator = coordinator.client(&model_id).unwrap();

@@ -3,16 +3,16 @@
 //! decode tokens/s of a 3-stage loopback pipeline vs the single-process engine on SmolLM2, and the round trip of a
 //! one-token hidden-state frame through our codec vs a bare quinn echo of the same bytes.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardline_coordinator::{SwarmClient, SwarmClientConfig};
+use shardline_coordinator::SwarmClient;
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::generate::Stepper;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
-use shardline_node::stage::{NodeArgs, start_node};
 use shardline_node::test_models::model_for_tests;
 use shardline_proto::tls::{self, StageIdentity};
 use shardline_proto::wire::{Frame, HiddenStates, Limits, StageData, read_frame, write_frame};
@@ -31,22 +31,8 @@ async fn decode_throughput_three_stages_vs_single_process() {
     let shard = Shard::load(w.as_ref(), LayerRange::new(0, 30), backend(), ShardOptions::default()).unwrap();
     let pipeline = shardline_node::generate::LocalPipeline::new(vec![Arc::new(shard)]).unwrap();
 
-    let mut nodes = Vec::new();
-    let mut boot = Vec::new();
-    for (a, b) in [(0, 10), (10, 20), (20, 30)] {
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut args = NodeArgs::new(model.clone(), LayerRange::new(a, b), backend(), listen);
-        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-        args.bootstrap = boot.clone();
-        let n = start_node(args).await.unwrap();
-        if boot.is_empty() {
-            boot = n.p2p_addrs.clone();
-        }
-        nodes.push(n);
-    }
-    let mut cfg = SwarmClientConfig::new(nodes[0].model_id.clone(), boot);
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    let client = SwarmClient::join(cfg).await.unwrap();
+    let (nodes, boot) = common::start_nodes(&model, &[(0, 10), (10, 20), (20, 30)], &[], 2, |_| {}).await;
+    let client = SwarmClient::join(common::client_config(&nodes[0].model_id, &boot)).await.unwrap();
     client.wait_for_coverage(Duration::from_secs(30)).await.unwrap();
 
     // Rounds alternate between the two so that a change of background load hits both alike; the median of the
@@ -180,22 +166,8 @@ async fn per_step_overhead_of_a_three_stage_pipeline() {
     let spec = TinySpec { n_layers: 3, context: 4096, ..TinySpec::default() };
     let model = dir.path().join("tiny.gguf");
     write_tiny_gguf(&spec, &model).unwrap();
-    let mut nodes = Vec::new();
-    let mut boot = Vec::new();
-    for l in 0..3 {
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut args = NodeArgs::new(model.clone(), LayerRange::new(l, l + 1), backend(), listen);
-        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-        args.bootstrap = boot.clone();
-        let n = start_node(args).await.unwrap();
-        if boot.is_empty() {
-            boot = n.p2p_addrs.clone();
-        }
-        nodes.push(n);
-    }
-    let mut cfg = SwarmClientConfig::new(nodes[0].model_id.clone(), boot);
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    let client = SwarmClient::join(cfg).await.unwrap();
+    let (nodes, boot) = common::start_nodes(&model, &[(0, 1), (1, 2), (2, 3)], &[], 2, |_| {}).await;
+    let client = SwarmClient::join(common::client_config(&nodes[0].model_id, &boot)).await.unwrap();
     client.wait_for_coverage(Duration::from_secs(30)).await.unwrap();
     let steps = 2000;
     let mut s = client.session(steps + 8, SamplingParams::GREEDY, 0);

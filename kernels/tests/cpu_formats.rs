@@ -3,7 +3,7 @@
 
 mod cpu_common;
 
-use cpu_common::*;
+use cpu_common::{matmul as run, *};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DType, HostBytes, KernelError, Tensor, quant};
 
@@ -81,13 +81,6 @@ fn upload(be: &CpuBackend, dtype: DType, shape: &[usize], bytes: &[u8]) -> Tenso
     be.upload_weight(dtype, shape, HostBytes::from_vec(bytes.to_vec())).unwrap()
 }
 
-fn run(be: &CpuBackend, w: &Tensor, x: &[f32], t: usize, k: usize, n: usize) -> Vec<f32> {
-    let xt = act(be, &[t, k], x);
-    let mut out = be.alloc(&[t, n]).unwrap();
-    be.matmul(&xt, w, &mut out).unwrap();
-    be.download_f32(&out).unwrap()
-}
-
 /// The matmul of the fixture weights (as gguf-py decodes them) against random activations, in f64. The activations
 /// are quantised to 8 bits per block before the integer dot products (Q8_0/Q8_1 blocks of 32 for the 32-value
 /// formats, Q8_K blocks of 256 for the super-blocks, as llama.cpp does), which moves each by at most half a step,
@@ -130,23 +123,15 @@ fn matmul_matches_an_f64_reference_within_the_activation_quantisation() {
 #[test]
 fn every_simd_level_gives_identical_bits() {
     let mut rng = Rng::new(42);
-    let levels = levels();
     for dtype in all_quantised() {
         let ks: &[usize] = if dtype.is_super_block() { &[256, 768, 1536] } else { &[96, 576] };
         for &k in ks {
             for (n, t) in [(37, 1), (6, 2), (45, 5), (13, 4)] {
                 let wb = file_blocks(&mut rng, dtype, n * k, 0.5);
                 let x = rng.vec(t * k, 3.0);
-                let results: Vec<Vec<u32>> = levels
-                    .iter()
-                    .map(|&l| {
-                        let be = CpuBackend::with_simd(2, l).unwrap();
-                        bits(&run(&be, &upload(&be, dtype, &[n, k], &wb), &x, t, k, n))
-                    })
-                    .collect();
-                for (l, r) in levels.iter().zip(&results) {
-                    assert_eq!(r, &results[0], "{dtype} k={k} n={n} t={t}: {l} differs from {}", levels[0]);
-                }
+                assert_same_bits_on_every_level(&format!("{dtype} k={k} n={n} t={t}"), |be| {
+                    run(be, &upload(be, dtype, &[n, k], &wb), &x, t, k, n)
+                });
             }
         }
     }

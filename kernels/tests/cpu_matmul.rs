@@ -3,16 +3,9 @@
 
 mod cpu_common;
 
-use cpu_common::*;
+use cpu_common::{matmul as run, *};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DType, KernelError};
-
-fn run(be: &CpuBackend, w: &shardline_kernels::Tensor, x: &[f32], t: usize, k: usize, n: usize) -> Vec<f32> {
-    let xt = act(be, &[t, k], x);
-    let mut out = be.alloc(&[t, n]).unwrap();
-    be.matmul(&xt, w, &mut out).unwrap();
-    be.download_f32(&out).unwrap()
-}
 
 /// `Σ_k x[t,k]·w[n,k]` in f64 with the weights as stored, plus `Σ |x·w|` for tolerances.
 fn reference(w: &[f32], x: &[f32], t: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
@@ -100,21 +93,13 @@ fn quantised_weights_match_an_f64_reference_within_the_activation_rounding() {
 #[test]
 fn every_simd_level_gives_identical_bits() {
     let mut rng = Rng::new(3);
-    let levels = levels();
     for dtype in DType::ENCODABLE {
         for (k, n, t) in [(96, 37, 9), (32, 6, 1), (576, 45, 5), (160, 13, 4)] {
             let wv = rng.vec(n * k, 1.0);
             let x = rng.vec(t * k, 4.0);
-            let results: Vec<Vec<u32>> = levels
-                .iter()
-                .map(|&l| {
-                    let be = CpuBackend::with_simd(2, l).unwrap();
-                    bits(&run(&be, &weight(&be, dtype, &[n, k], &wv), &x, t, k, n))
-                })
-                .collect();
-            for (l, r) in levels.iter().zip(&results) {
-                assert_eq!(r, &results[0], "{dtype} k={k} n={n} t={t}: {l} differs from {}", levels[0]);
-            }
+            assert_same_bits_on_every_level(&format!("{dtype} k={k} n={n} t={t}"), |be| {
+                run(be, &weight(be, dtype, &[n, k], &wv), &x, t, k, n)
+            });
         }
     }
 }

@@ -7,6 +7,8 @@
 //! with its own fixture on 95.9% of positions (mean |logit diff| 0.144); shardline (f32 KV cache) agrees on 96.5%
 //! (0.147). Our distance from llama.cpp is the distance of llama.cpp from itself under a different cache dtype.
 
+mod llamacpp_fixture;
+
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -18,24 +20,12 @@ use shardline_node::model::ShardOptions;
 use shardline_node::test_models::model_for_tests;
 
 #[derive(Deserialize)]
-struct Fixture {
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    prompt_tokens: Vec<u32>,
-    continuation_tokens: Vec<u32>,
-    positions: Positions,
-}
-
-#[derive(Deserialize)]
 struct Positions {
     top_ids: Vec<Vec<u32>>,
     top_logits: Vec<Vec<f32>>,
 }
+
+type Fixture = llamacpp_fixture::Fixture<Positions>;
 
 fn fixture() -> Fixture {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llamacpp_smollm2.json");

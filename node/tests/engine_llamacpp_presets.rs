@@ -8,6 +8,8 @@
 //! whose file holds a tensor type this build cannot run yet, is reported as skipped with the reason; with
 //! `SHARDLINE_REQUIRE_PRESETS=1` each of those is a failure instead.
 
+mod llamacpp_fixture;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,25 +38,7 @@ const PRESETS: [&str; 16] = [
     "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS",
 ];
 
-#[derive(Deserialize)]
-struct Fixture {
-    model: FixtureModel,
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct FixtureModel {
-    sha256: String,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    prompt_tokens: Vec<u32>,
-    continuation_tokens: Vec<u32>,
-    positions: Positions,
-}
+type Fixture = llamacpp_fixture::Fixture<Positions>;
 
 #[derive(Deserialize)]
 struct Positions {

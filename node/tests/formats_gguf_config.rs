@@ -2,6 +2,7 @@
 
 use shardline_kernels::{DType, RopeStyle};
 use shardline_node::ModelError;
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::{GgufFile, GgufValue};
 use shardline_node::formats::gguf_writer::GgufWriter;
 use shardline_node::model::{Architecture, ModelConfig};

@@ -2,6 +2,7 @@
 
 use shardline_kernels::DType;
 use shardline_node::ModelError;
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::{GgmlType, GgufFile, GgufWeights};
 use shardline_node::formats::gguf_writer::GgufWriter;
 use shardline_node::test_models::{TinyDTypes, TinySpec, quantize, write_tiny_gguf};

@@ -3,6 +3,7 @@
 
 use shardline_kernels::DType;
 use shardline_node::ModelError;
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::{GgmlType, GgufFile, GgufValue, GgufValueType};
 use shardline_node::formats::gguf_writer::GgufWriter;
 use shardline_node::test_models::{dequantize, quantize};

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use shardline_kernels::{DType, RopeStyle};
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::GgufFile;
 use shardline_node::model::{ModelFiles, ModelId, open_model};
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use shardline_kernels::{DType, Llama3Scaling};
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::GgufFile;
 use shardline_node::model::{ModelFiles, WeightSource};
 use shardline_node::test_models::{

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use serde_json::{Value, json};
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::GgufFile;
 use shardline_node::test_models::model_for_tests;
 use shardline_node::tokenizer::{ChatMessage, GgufVocab, TokenKind, Tokenizer};

@@ -6,6 +6,7 @@
 
 use serde_json::Value;
 use shardline_node::ModelError;
+use shardline_node::formats::MappedFile;
 use shardline_node::formats::gguf::{GgufFile, GgufValue};
 use shardline_node::formats::gguf_writer::GgufWriter;
 use shardline_node::tokenizer::{GgufVocab, TokenKind, Tokenizer};

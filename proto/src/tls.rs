@@ -21,8 +21,10 @@ pub const ALPN: &[u8] = b"shardline/2";
 /// a word (killed, unplugged) is noticed, so it bounds the time before a session fails over; live connections never
 /// reach it because both ends send keep-alives every [`KEEP_ALIVE`].
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
-/// Keep-alive interval: several fit in [`IDLE_TIMEOUT`], so a few lost packets do not close a live connection.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Keep-alive interval: several fit in [`IDLE_TIMEOUT`], so a few lost packets do not close a live connection. Short,
+/// because a session owner takes a stage that has sent nothing for a few intervals during a late step for dead
+/// (`coordinator/src/deadline.rs`); a 40-byte ping every 250 ms per connection is negligible traffic.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -101,3 +101,20 @@ pub const FILE_ONLY: [DType; 7] =
 pub fn all_quantised() -> impl Iterator<Item = DType> {
     DType::ALL.into_iter().filter(|d| d.is_quantized())
 }
+
+/// `x: [t, k]` times the weight `w: [n, k]` on `be`, downloaded.
+pub fn matmul(be: &CpuBackend, w: &Tensor, x: &[f32], t: usize, k: usize, n: usize) -> Vec<f32> {
+    let xt = act(be, &[t, k], x);
+    let mut out = be.alloc(&[t, n]).unwrap();
+    be.matmul(&xt, w, &mut out).unwrap();
+    be.download_f32(&out).unwrap()
+}
+
+/// Runs `f` on a two-thread backend of every SIMD level this CPU has and asserts that all give the same bits.
+pub fn assert_same_bits_on_every_level(what: &str, f: impl Fn(&CpuBackend) -> Vec<f32>) {
+    let levels = levels();
+    let results: Vec<Vec<u32>> = levels.iter().map(|&l| bits(&f(&CpuBackend::with_simd(2, l).unwrap()))).collect();
+    for (l, r) in levels.iter().zip(&results) {
+        assert_eq!(r, &results[0], "{what}: {l} differs from {}", levels[0]);
+    }
+}

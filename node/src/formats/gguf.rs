@@ -12,8 +12,8 @@ use std::sync::Arc;
 use shardline_kernels::{DType, HostBytes};
 
 use crate::error::{ModelError, Result};
+use crate::formats::mapped::MappedFile;
 pub use crate::formats::mapped::SharedBytes;
-use crate::formats::mapped::map_file;
 use crate::model::config::ModelConfig;
 use crate::model::source::{TensorEntry, TensorMeta, WeightSource};
 
@@ -29,7 +29,7 @@ pub const MAX_DIMS: usize = 4;
 const MAX_ARRAY_DEPTH: usize = 8;
 
 /// Type tag of a metadata value, as numbered in the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, num_enum::TryFromPrimitive)]
 #[repr(u32)]
 pub enum GgufValueType {
     U8 = 0,
@@ -48,26 +48,6 @@ pub enum GgufValueType {
 }
 
 impl GgufValueType {
-    pub fn from_u32(v: u32) -> Option<Self> {
-        use GgufValueType::*;
-        Some(match v {
-            0 => U8,
-            1 => I8,
-            2 => U16,
-            3 => I16,
-            4 => U32,
-            5 => I32,
-            6 => F32,
-            7 => Bool,
-            8 => String,
-            9 => Array,
-            10 => U64,
-            11 => I64,
-            12 => F64,
-            _ => return None,
-        })
-    }
-
     /// The fewest bytes one value of this type occupies in the file (a string is at least its 8-byte length, an
     /// array at least its 4-byte element type and 8-byte count). Used to bound counts before allocating.
     pub const fn min_encoded_len(self) -> usize {
@@ -409,18 +389,7 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
-impl GgufFile {
-    /// Maps `path` and parses its header. Tensor data is not read.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::parse(path, map_file(path)?)
-    }
-
-    /// Parses a GGUF image held in memory; `path` only labels errors.
-    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
-        Self::parse(path.as_ref(), Arc::new(bytes))
-    }
-
+impl MappedFile for GgufFile {
     fn parse(path: &Path, bytes: SharedBytes) -> Result<Self> {
         let label = path.display().to_string();
         let buf: &[u8] = (*bytes).as_ref();
@@ -545,7 +514,26 @@ impl GgufFile {
             tensor_index,
         })
     }
+}
 
+/// Each `opt_x, get_x -> T: "what", conversion;` line defines the metadata getter `opt_x` (absent is `None`, a value
+/// of another type a [`ModelError::BadMetadata`] saying it expected "what") and `get_x` (absent is
+/// [`ModelError::MissingMetadata`]).
+macro_rules! typed_getters {
+    ($($(#[$doc:meta])* $opt:ident, $get:ident -> $t:ty: $want:literal, $conv:expr;)*) => {$(
+        $(#[$doc])*
+        pub fn $opt(&self, key: &str) -> Result<Option<$t>> {
+            self.typed(key, $want, $conv)
+        }
+
+        $(#[$doc])*
+        pub fn $get(&self, key: &str) -> Result<$t> {
+            Self::required(key, self.$opt(key))
+        }
+    )*};
+}
+
+impl GgufFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -598,71 +586,18 @@ impl GgufFile {
         v?.ok_or_else(|| ModelError::MissingMetadata(key.to_owned()))
     }
 
-    /// Any integer width holding a value that fits a `u32`.
-    pub fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
-        self.typed(key, "an integer that fits u32", |v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
-    }
-
-    pub fn get_u32(&self, key: &str) -> Result<u32> {
-        Self::required(key, self.opt_u32(key))
-    }
-
-    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
-        self.typed(key, "a non-negative integer", GgufValue::as_u64)
-    }
-
-    pub fn get_u64(&self, key: &str) -> Result<u64> {
-        Self::required(key, self.opt_u64(key))
-    }
-
-    /// A count or size: any integer width holding a non-negative value that fits a `usize`.
-    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        self.typed(key, "a non-negative integer", |v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
-    }
-
-    pub fn get_usize(&self, key: &str) -> Result<usize> {
-        Self::required(key, self.opt_usize(key))
-    }
-
-    pub fn opt_i64(&self, key: &str) -> Result<Option<i64>> {
-        self.typed(key, "an integer", GgufValue::as_i64)
-    }
-
-    pub fn get_i64(&self, key: &str) -> Result<i64> {
-        Self::required(key, self.opt_i64(key))
-    }
-
-    /// A float of either width, or an integer.
-    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
-        self.typed(key, "a number", |v| v.as_f64().map(|x| x as f32))
-    }
-
-    pub fn get_f32(&self, key: &str) -> Result<f32> {
-        Self::required(key, self.opt_f32(key))
-    }
-
-    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        self.typed(key, "a bool", GgufValue::as_bool)
-    }
-
-    pub fn get_bool(&self, key: &str) -> Result<bool> {
-        Self::required(key, self.opt_bool(key))
-    }
-
-    pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
-        self.typed(key, "a string", GgufValue::as_str)
-    }
-
-    pub fn get_str(&self, key: &str) -> Result<&str> {
-        Self::required(key, self.opt_str(key))
-    }
-
-    pub fn opt_array(&self, key: &str) -> Result<Option<&[GgufValue]>> {
-        self.typed(key, "an array", GgufValue::as_array)
-    }
-
-    pub fn get_array(&self, key: &str) -> Result<&[GgufValue]> {
-        Self::required(key, self.opt_array(key))
+    typed_getters! {
+        /// Any integer width holding a value that fits a `u32`.
+        opt_u32, get_u32 -> u32: "an integer that fits u32", |v| v.as_u64().and_then(|x| u32::try_from(x).ok());
+        opt_u64, get_u64 -> u64: "a non-negative integer", GgufValue::as_u64;
+        /// A count or size: any integer width holding a non-negative value that fits a `usize`.
+        opt_usize, get_usize -> usize: "a non-negative integer", |v| v.as_u64().and_then(|x| usize::try_from(x).ok());
+        opt_i64, get_i64 -> i64: "an integer", GgufValue::as_i64;
+        /// A float of either width, or an integer.
+        opt_f32, get_f32 -> f32: "a number", |v| v.as_f64().map(|x| x as f32);
+        opt_bool, get_bool -> bool: "a bool", GgufValue::as_bool;
+        opt_str, get_str -> &str: "a string", GgufValue::as_str;
+        opt_array, get_array -> &[GgufValue]: "an array", GgufValue::as_array;
     }
 
     /// An array of strings (token lists, merges).
@@ -816,8 +751,8 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self, ty: u32, depth: usize, key: &str) -> Result<GgufValue> {
-        let ty = GgufValueType::from_u32(ty)
-            .ok_or_else(|| self.corrupt(format!("metadata {key} has unknown value type {ty}")))?;
+        let ty = GgufValueType::try_from(ty)
+            .map_err(|_| self.corrupt(format!("metadata {key} has unknown value type {ty}")))?;
         Ok(match ty {
             GgufValueType::U8 => GgufValue::U8(u8::from_le_bytes(self.array(key)?)),
             GgufValueType::I8 => GgufValue::I8(i8::from_le_bytes(self.array(key)?)),
@@ -840,8 +775,8 @@ impl<'a> Reader<'a> {
                     return Err(self.corrupt(format!("metadata {key} nests arrays deeper than {MAX_ARRAY_DEPTH}")));
                 }
                 let elem = self.u32(key)?;
-                let elem_ty = GgufValueType::from_u32(elem)
-                    .ok_or_else(|| self.corrupt(format!("metadata {key} has unknown array element type {elem}")))?;
+                let elem_ty = GgufValueType::try_from(elem)
+                    .map_err(|_| self.corrupt(format!("metadata {key} has unknown array element type {elem}")))?;
                 let count = self.u64(key)?;
                 let count = self.bounded_count(count, elem_ty.min_encoded_len(), key)?;
                 let mut items = Vec::with_capacity(count);

@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use shardline_kernels::DType;
 
 use crate::error::{ModelError, Result};
+use crate::formats::mapped::MappedFile;
 use crate::formats::safetensors::SafetensorsFile;
 use crate::model::config::ModelConfig;
 use crate::model::source::{TensorEntry, TensorMeta, WeightSource};
@@ -54,24 +55,25 @@ fn split_layer<'a>(stem: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
 /// The canonical name of a Hugging Face Llama/Qwen tensor name (`model.layers.3.self_attn.q_proj.weight` →
 /// `blk.3.attn_q.weight`); `None` for names shardline does not use (for example `rotary_emb.inv_freq`).
 pub fn hf_to_canonical(name: &str) -> Option<String> {
-    let (stem, suffix) = split_suffix(name)?;
-    if let Some((_, c)) = GLOBAL_NAMES.iter().find(|(h, _)| *h == stem) {
-        return Some(format!("{c}.{suffix}"));
-    }
-    let (i, rest) = split_layer(stem, "model.layers.")?;
-    let (_, c) = LAYER_NAMES.iter().find(|(h, _)| *h == rest)?;
-    Some(format!("blk.{i}.{c}.{suffix}"))
+    translate(name, true)
 }
 
 /// The Hugging Face name of a canonical tensor name; the inverse of [`hf_to_canonical`].
 pub fn canonical_to_hf(name: &str) -> Option<String> {
+    translate(name, false)
+}
+
+/// Translates `name` through the `(hf, canonical)` name tables, from Hugging Face to canonical or back.
+fn translate(name: &str, to_canonical: bool) -> Option<String> {
+    let oriented = |&(h, c): &(&'static str, &'static str)| if to_canonical { (h, c) } else { (c, h) };
+    let (from_layers, to_layers) = if to_canonical { ("model.layers.", "blk") } else { ("blk.", "model.layers") };
     let (stem, suffix) = split_suffix(name)?;
-    if let Some((h, _)) = GLOBAL_NAMES.iter().find(|(_, c)| *c == stem) {
-        return Some(format!("{h}.{suffix}"));
+    if let Some((_, to)) = GLOBAL_NAMES.iter().map(oriented).find(|(from, _)| *from == stem) {
+        return Some(format!("{to}.{suffix}"));
     }
-    let (i, rest) = split_layer(stem, "blk.")?;
-    let (h, _) = LAYER_NAMES.iter().find(|(_, c)| *c == rest)?;
-    Some(format!("model.layers.{i}.{h}.{suffix}"))
+    let (i, rest) = split_layer(stem, from_layers)?;
+    let (_, to) = LAYER_NAMES.iter().map(oriented).find(|(from, _)| *from == rest)?;
+    Some(format!("{to_layers}.{i}.{to}.{suffix}"))
 }
 
 #[derive(Clone, Debug)]

@@ -23,3 +23,21 @@ pub fn map_file(path: &Path) -> Result<SharedBytes> {
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
     Ok(Arc::new(map))
 }
+
+/// A model file format parsed from [`SharedBytes`]: `open` maps a file, `from_bytes` takes an image built in memory
+/// (tests, fuzzing); both only read the header, never tensor data.
+pub trait MappedFile: Sized {
+    /// Parses the header of `bytes`; `path` only labels errors.
+    fn parse(path: &Path, bytes: SharedBytes) -> Result<Self>;
+
+    /// Maps `path` and parses its header.
+    fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        Self::parse(path, map_file(path)?)
+    }
+
+    /// Parses an image held in memory; `path` only labels errors.
+    fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path.as_ref(), Arc::new(bytes))
+    }
+}

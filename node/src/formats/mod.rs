@@ -10,4 +10,5 @@ pub mod safetensors;
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, GgufValueType, GgufWeights};
 pub use gguf_writer::GgufWriter;
 pub use hf::HfWeights;
+pub use mapped::MappedFile;
 pub use safetensors::SafetensorsFile;

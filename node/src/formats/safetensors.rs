@@ -5,13 +5,12 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use ::safetensors::{Dtype, SafeTensors};
 use shardline_kernels::{DType, HostBytes};
 
 use crate::error::{ModelError, Result};
-use crate::formats::mapped::{SharedBytes, map_file};
+use crate::formats::mapped::{MappedFile, SharedBytes};
 
 /// One tensor of a safetensors file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,18 +49,7 @@ impl std::fmt::Debug for SafetensorsFile {
     }
 }
 
-impl SafetensorsFile {
-    /// Maps `path` and parses its header; no tensor data is read.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::parse(path, map_file(path)?)
-    }
-
-    /// Parses a safetensors image held in memory; `path` only labels errors.
-    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<Self> {
-        Self::parse(path.as_ref(), Arc::new(bytes))
-    }
-
+impl MappedFile for SafetensorsFile {
     fn parse(path: &Path, bytes: SharedBytes) -> Result<Self> {
         let buf: &[u8] = (*bytes).as_ref();
         let (header_len, metadata) = SafeTensors::read_metadata(buf)
@@ -78,7 +66,9 @@ impl SafetensorsFile {
             .collect();
         Ok(Self { path: path.to_path_buf(), bytes, tensors })
     }
+}
 
+impl SafetensorsFile {
     pub fn path(&self) -> &Path {
         &self.path
     }

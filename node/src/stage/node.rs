@@ -44,6 +44,9 @@ pub struct NodeArgs {
     /// bit-identical to a whole one).
     pub wire_dtype: Option<WireDType>,
     pub announce: AnnouncerConfig,
+    /// On SIGTERM or Ctrl-C: how long running sessions may go on before they are cut off (docs/RELIABILITY.md,
+    /// "Drain").
+    pub drain_timeout: std::time::Duration,
     /// Positions of the start-up throughput measurement (prefill chunk size; decode uses a quarter of it).
     pub measure_tokens: usize,
 }
@@ -66,6 +69,7 @@ impl NodeArgs {
             wire_dtype: None,
             announce: AnnouncerConfig::default(),
             measure_tokens: 32,
+            drain_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -262,6 +266,7 @@ async fn stop_signal() -> Result<&'static str, NodeError> {
 
 /// Runs a node until Ctrl-C: prints its peer id and full listen multiaddrs (to pass to `--bootstrap`) first.
 pub async fn run_node(args: NodeArgs) -> Result<(), NodeError> {
+    let drain_timeout = args.drain_timeout;
     let node = start_node(args).await?;
     println!("peer id {}", node.peer_id);
     for a in &node.p2p_addrs {
@@ -281,6 +286,10 @@ pub async fn run_node(args: NodeArgs) -> Result<(), NodeError> {
     if let Err(e) = node.withdraw(std::time::Duration::from_secs(3)).await {
         tracing::warn!(error = %e, "the withdrawal may not have reached the swarm; the record expires on its own");
     }
+    info!(sessions = node.server.active_sessions(), limit_ms = drain_timeout.as_millis() as u64, "draining");
+    let cut = node.server.drain(drain_timeout).await;
+    info!(cut, "drained: sessions still running at the deadline were ended with an error frame");
+    println!("drained ({cut} sessions cut off)");
     drop(node);
     Ok(())
 }

@@ -28,6 +28,8 @@ pub struct StageServer {
     addr: SocketAddr,
     accept: JoinHandle<()>,
     core: JoinHandle<()>,
+    /// Into the core's task, for [`StageServer::drain`].
+    tx: UnboundedSender<Msg>,
 }
 
 impl Drop for StageServer {
@@ -78,9 +80,19 @@ impl StageServer {
             next_accepted: 0,
         };
         let core = tokio::spawn(driver.run(rx));
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), tx));
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), tx.clone()));
         info!(%addr, fingerprint = %hex::encode(identity.fingerprint()), "stage server listening");
-        Ok(StageServer { stage, config, admission, endpoint, fingerprint: identity.fingerprint(), addr, accept, core })
+        Ok(StageServer {
+            stage,
+            config,
+            admission,
+            endpoint,
+            fingerprint: identity.fingerprint(),
+            addr,
+            accept,
+            core,
+            tx,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -95,6 +107,28 @@ impl StageServer {
     /// Sessions holding a slot now.
     pub fn active_sessions(&self) -> usize {
         self.admission.active()
+    }
+
+    /// Graceful shutdown (docs/RELIABILITY.md, "Drain"): refuses new sessions at once, waits at most `limit` for the
+    /// running ones to end, then ends the rest with a `Busy` error frame (their owners fail over on it) and waits a
+    /// moment for those frames to leave. Returns the sessions that had to be cut off.
+    pub async fn drain(&self, limit: std::time::Duration) -> usize {
+        let _ = self.tx.send(Msg::Event(Event::Drain));
+        let by = tokio::time::Instant::now() + limit;
+        while self.admission.active() > 0 && tokio::time::Instant::now() < by {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let cut = self.admission.active();
+        if cut > 0 {
+            let _ = self.tx.send(Msg::Event(Event::DrainExpired));
+            let by = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            while self.admission.active() > 0 && tokio::time::Instant::now() < by {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // The error frames are queued on the streams' writer tasks; give them a moment on the wire.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        cut
     }
 
     /// A cheap handle reporting the current load, for announcements.

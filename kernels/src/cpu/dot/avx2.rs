@@ -8,16 +8,10 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::QuantAct;
-use super::{Ctx, Out, Rhs, Weights, drive, prefetch_ahead, tile_set};
+use super::tag::{BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::{Ctx, Out, Rhs, Weights, drive, float_tile_set, prefetch_ahead, tile_set};
 use crate::DType;
 use crate::superblock::IQ4_VALUES;
-
-const Q8_0: u8 = 0;
-const Q4_0: u8 = 1;
-const Q4_1: u8 = 2;
-const Q5_0: u8 = 3;
-const Q5_1: u8 = 4;
-const IQ4_NL: u8 = 5;
 
 /// `acc + Σ u·s` over each group of four bytes (u unsigned, s signed), per i32 lane.
 trait IntDot {
@@ -53,11 +47,7 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
     match x {
         Rhs::Float(x) => {
             let ctx = Ctx { w, x, out };
-            let set = match w.dtype {
-                DType::F16 => tile_set!(float_tile, F16, 1 x 2, 2),
-                DType::BF16 => tile_set!(float_tile, BF16, 1 x 2, 2),
-                _ => tile_set!(float_tile, F32, 1 x 2, 2),
-            };
+            let set = float_tile_set!(w.dtype, 1 x 2, 2);
             // SAFETY: forwarded from the caller.
             unsafe { drive(&ctx, rows, t_rows, set) }
         }
@@ -229,10 +219,6 @@ unsafe fn bytes_from_bits(x: u32) -> __m256i {
         _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1))
     }
 }
-
-const F32: u8 = 0;
-const F16: u8 = 1;
-const BF16: u8 = 2;
 
 /// Loads 8 weights starting at element `i` of a row, converted to f32.
 #[inline(always)]

@@ -17,16 +17,10 @@ use std::ops::Range;
 
 use super::act::QuantAct;
 use super::avx2::fold8;
+use super::tag::{IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K};
 use super::{Ctx, Out, Weights, drive, prefetch_ahead, tile_set};
 use crate::DType;
 use crate::superblock::{IQ4_VALUES, scale_min_k4, scales_iq4_xs, scales_q3_k};
-
-const Q2_K: u8 = 0;
-const Q3_K: u8 = 1;
-const Q4_K: u8 = 2;
-const Q5_K: u8 = 3;
-const Q6_K: u8 = 4;
-const IQ4_XS: u8 = 5;
 
 /// # Safety
 /// See [`super::gemm`]; AVX2, FMA and F16C are required; `a` is in the [`super::act::ActLayout::Super`] layout.

@@ -15,12 +15,9 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::QuantAct;
-use super::{Ctx, Out, Rhs, Weights, drive, prefetch_ahead, tile_set};
+use super::tag::{BF16, F16, F32, Q4_0, Q4_1, Q8_0};
+use super::{Ctx, Out, Rhs, Weights, block_pairs, drive, float_tile_set, prefetch_ahead, tile_set};
 use crate::DType;
-
-const Q8_0: u8 = 0;
-const Q4_0: u8 = 1;
-const Q4_1: u8 = 2;
 
 /// # Safety
 /// See [`super::gemm`]; the CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
@@ -28,11 +25,7 @@ pub(super) unsafe fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Rang
     match x {
         Rhs::Float(x) => {
             let ctx = Ctx { w, x, out };
-            let set = match w.dtype {
-                DType::F16 => tile_set!(float_tile, F16, 2 x 4, 4),
-                DType::BF16 => tile_set!(float_tile, BF16, 2 x 4, 4),
-                _ => tile_set!(float_tile, F32, 2 x 4, 4),
-            };
+            let set = float_tile_set!(w.dtype, 2 x 4, 4);
             // SAFETY: forwarded from the caller.
             unsafe { drive(&ctx, rows, t_rows, set) }
         }
@@ -150,15 +143,7 @@ unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
                 }
             }};
         }
-        let nb = a.nb;
-        let mut b = 0;
-        while b + 2 <= nb {
-            step!(b, true);
-            b += 2;
-        }
-        if b < nb {
-            step!(b, false);
-        }
+        block_pairs!(a.nb, step);
         for r in 0..NR {
             for t in 0..TR {
                 let v = acc[r][t];
@@ -221,15 +206,7 @@ unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
                 }
             }};
         }
-        let nb = a.nb;
-        let mut b = 0;
-        while b + 2 <= nb {
-            step!(b, true);
-            b += 2;
-        }
-        if b < nb {
-            step!(b, false);
-        }
+        block_pairs!(a.nb, step);
         for r in 0..NR {
             for t in 0..TR {
                 let v = acc[r][t];
@@ -238,10 +215,6 @@ unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
         }
     }
 }
-
-const F32: u8 = 0;
-const F16: u8 = 1;
-const BF16: u8 = 2;
 
 /// Loads 16 weights from element `i` of a row as f32, only the elements set in `mask`, zeros elsewhere.
 #[inline(always)]

@@ -203,6 +203,61 @@ pub(crate) fn for_each_tile(
     }
 }
 
+/// Const-generic tags naming the weight format a SIMD tile function is instantiated for (the `DType`'s index),
+/// one list for every SIMD module.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tag {
+    use crate::DType;
+    pub const F32: u8 = DType::F32 as u8;
+    pub const F16: u8 = DType::F16 as u8;
+    pub const BF16: u8 = DType::BF16 as u8;
+    pub const Q8_0: u8 = DType::Q8_0 as u8;
+    pub const Q4_0: u8 = DType::Q4_0 as u8;
+    pub const Q4_1: u8 = DType::Q4_1 as u8;
+    pub const Q5_0: u8 = DType::Q5_0 as u8;
+    pub const Q5_1: u8 = DType::Q5_1 as u8;
+    pub const IQ4_NL: u8 = DType::IQ4_NL as u8;
+    pub const Q2_K: u8 = DType::Q2_K as u8;
+    pub const Q3_K: u8 = DType::Q3_K as u8;
+    pub const Q4_K: u8 = DType::Q4_K as u8;
+    pub const Q5_K: u8 = DType::Q5_K as u8;
+    pub const Q6_K: u8 = DType::Q6_K as u8;
+    pub const IQ4_XS: u8 = DType::IQ4_XS as u8;
+}
+
+/// Runs `$step!(b, full)` over the blocks `0..$nb` two at a time (`full` = both blocks of the pair exist), the
+/// loop of the kernels that take a block pair per 512-bit register.
+#[cfg(target_arch = "x86_64")]
+macro_rules! block_pairs {
+    ($nb:expr, $step:ident) => {{
+        let nb = $nb;
+        let mut b = 0;
+        while b + 2 <= nb {
+            $step!(b, true);
+            b += 2;
+        }
+        if b < nb {
+            $step!(b, false);
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use block_pairs;
+
+/// The tile set of the float weight types (F16, BF16, F32) for tiles `$nt x $tr` and `$n1 x 1`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! float_tile_set {
+    ($dtype:expr, $nt:literal x $tr:literal, $n1:literal) => {
+        match $dtype {
+            $crate::DType::F16 => tile_set!(float_tile, super::tag::F16, $nt x $tr, $n1),
+            $crate::DType::BF16 => tile_set!(float_tile, super::tag::BF16, $nt x $tr, $n1),
+            _ => tile_set!(float_tile, super::tag::F32, $nt x $tr, $n1),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use float_tile_set;
+
 /// The tile shapes and the four tile functions of one kernel, `(Tiles, [TileFn; 4])`, written from one set of
 /// numbers so the shapes the walk uses and the functions it calls cannot disagree:
 /// `tile_set!(kernel, KIND, NT x TR, N1)` instantiates `kernel::<KIND, NT, TR>`, `<KIND, 1, TR>`, `<KIND, N1, 1>`

@@ -36,6 +36,12 @@ pub enum Event<K> {
     Computed(Vec<ComputeResult<K>>),
     /// The batch was lost with its KV handles (the compute thread panicked): its sessions fail with `Compute`.
     ComputeLost { reason: String },
+    /// The node is shutting down (docs/RELIABILITY.md, "Drain"): from now on every open is refused as busy, while
+    /// running sessions go on.
+    Drain,
+    /// The drain deadline passed: every session still held ends with a `Busy` error frame, so its owner fails over
+    /// at once instead of waiting to notice the node is gone.
+    DrainExpired,
     /// Nothing happened but time passed: the driver sends this at [`super::StageCore::next_deadline`].
     Tick,
 }

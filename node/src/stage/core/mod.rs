@@ -91,6 +91,8 @@ pub struct StageCore<M: StageModel> {
     /// A batch is out; the next is built when it comes back.
     computing: bool,
     next_dial: u64,
+    /// Shutting down: opens are refused ([`Event::Drain`]).
+    draining: bool,
 }
 
 impl<M: StageModel> StageCore<M> {
@@ -107,6 +109,7 @@ impl<M: StageModel> StageCore<M> {
             actions: VecDeque::new(),
             computing: false,
             next_dial: 0,
+            draining: false,
         }
     }
 
@@ -238,6 +241,14 @@ impl<M: StageModel> StageCore<M> {
                 }
             }
             Event::Tick => self.tick(now),
+            Event::Drain => self.draining = true,
+            Event::DrainExpired => {
+                self.draining = true;
+                let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+                for id in ids {
+                    self.fail(id, Failure::new(ErrorCode::Busy, "node shutting down: drain deadline passed"));
+                }
+            }
         }
     }
 
@@ -351,6 +362,9 @@ impl<M: StageModel> StageCore<M> {
     fn open(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen) {
         if let Err(msg) = self.model.check_open(&open) {
             return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));
+        }
+        if self.draining {
+            return self.refuse(stream, session, Failure::new(ErrorCode::Busy, "node shutting down: no new sessions"));
         }
         if let Err(msg) = auth::check_next_hop(self.config.next_hops, &open) {
             return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));

@@ -519,4 +519,32 @@ fn every_ready_session_goes_into_one_batch() {
     assert_eq!(next.items.len(), 1);
 }
 
+#[test]
+fn a_draining_stage_refuses_opens_keeps_running_sessions_and_cuts_them_off_at_the_deadline() {
+    let mut h = Harness::new(config());
+    let control = h.open(1);
+    let used = h.kv_in_use();
+    assert!(used > 0);
+    assert!(h.event(Event::Drain).is_empty(), "draining alone touches no session");
+    // A new session is refused as busy; the running one keeps its cache.
+    let s = h.accept();
+    let a = h.frame(s, open(2, LayerRange::new(0, 4), vec![]));
+    assert!(
+        a.iter().any(
+            |x| matches!(x, Action::Send { stream, frame: Frame::Error { code: ErrorCode::Busy, .. } } if *stream == s)
+        ),
+        "{a:?}"
+    );
+    assert_eq!(h.kv_in_use(), used);
+    assert_eq!(h.core.active_sessions(), 1);
+    // The deadline: the running session ends with a busy error frame to its owner and its cache is freed.
+    let a = h.event(Event::DrainExpired);
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Send { stream, frame: Frame::Error { session: 1, code: ErrorCode::Busy, .. } } if *stream == control)),
+        "{a:?}"
+    );
+    assert_eq!(h.kv_in_use(), 0);
+    assert_eq!(h.core.active_sessions(), 0);
+}
+
 mod security;
