@@ -321,9 +321,15 @@ impl SwarmSession {
         };
         let registry = inner.registry.clone();
         let peers = route.peers();
-        let mut pipeline =
-            RouteSession::open(&inner.pool, route, &params, Limits::default(), |p, rtt| registry.record_rtt(&p, rtt))
-                .await?;
+        let mut pipeline = RouteSession::open(
+            &inner.pool,
+            route,
+            &params,
+            Limits::default(),
+            |p, rtt| registry.record_rtt(&p, rtt),
+            |p| registry.signed_record(p),
+        )
+        .await?;
         if !self.history.is_empty() {
             info!(tokens = self.history.len(), "re-prefilling the session history on the new route");
             pipeline.feed(&self.history, false).await?;

@@ -81,6 +81,7 @@ pub fn register_record(
         return Err(DiscoveryReject::WrongModel { expected: expected.to_string(), got: a.model_id });
     }
     let outcome = registry.upsert(a.clone())?;
+    registry.keep_record(&a, record.value.as_slice().into());
     Ok((outcome, a))
 }
 

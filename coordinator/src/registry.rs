@@ -74,6 +74,9 @@ pub struct NodeEntry {
     pub queue: Arc<NodeQueue>,
     pub registered_at: Instant,
     pub last_seen: Instant,
+    /// The signed record the announcement came in (`SignedAnnouncement::to_bytes`), when discovery kept it: an owner
+    /// hands it to the previous stage of a route, which dials this node only on its word (docs/SECURITY.md, *Stage*).
+    pub record: Option<Arc<[u8]>>,
 }
 
 /// Tunables of the registry.
@@ -304,13 +307,31 @@ impl NodeRegistry {
                     .or_insert(ModelClaim { shape, pinned: false, nodes: 0 })
                     .nodes += 1;
                 let queue = NodeQueue::new(a.max_sessions, self.config.max_waiting);
-                inner.nodes.insert(a.peer_id, NodeEntry { announcement: a, queue, registered_at: now, last_seen: now });
+                inner.nodes.insert(
+                    a.peer_id,
+                    NodeEntry { announcement: a, queue, registered_at: now, last_seen: now, record: None },
+                );
                 Upsert::Inserted
             }
         };
         drop(inner);
         self.bump();
         Ok(outcome)
+    }
+
+    /// Keeps `record`, the signed bytes of the announcement `a` just registered, beside the node's entry (only while
+    /// that announcement is the one held).
+    pub fn keep_record(&self, a: &ShardAnnouncement, record: Arc<[u8]>) {
+        if let Some(e) = self.write().nodes.get_mut(&a.peer_id)
+            && e.announcement.issued_at_ms == a.issued_at_ms
+        {
+            e.record = Some(record);
+        }
+    }
+
+    /// The signed record of a registered node's current announcement.
+    pub fn signed_record(&self, peer: &PeerId) -> Option<Arc<[u8]>> {
+        self.read().nodes.get(peer)?.record.clone()
     }
 
     /// Removes a node (its record expired or it was found to be gone).

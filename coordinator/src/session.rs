@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use shardline_kernels::SamplingParams;
+use shardline_node::stage::core::OWNER_KEEP_ALIVE;
 use shardline_node::wire_convert::sampling_to_wire;
 use shardline_proto::pool::ConnectionPool;
 use shardline_proto::wire::{
-    ErrorCode, Frame, Hop, Limits, SessionId, SessionOpen, StageData, TokenResult, WireDType, read_frame, write_frame,
+    ErrorCode, Frame, Hop, Limits, SessionId, SessionKey, SessionOpen, StageData, TokenResult, WireDType, read_frame,
+    write_frame,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -115,15 +117,22 @@ impl Drop for RouteSession {
 }
 
 impl RouteSession {
-    /// Opens the session on every stage, last stage first. `rtt` receives the measured round-trip time per stage.
+    /// Opens the session on every stage, last stage first. `rtt` receives the measured round-trip time per stage;
+    /// `record` gives a node's signed announcement, which the stage before it needs to dial it.
+    ///
+    /// Each stage gets its own random key; the stage before it presents it in `Attach`. The id is not a secret (it is
+    /// logged); the keys are never logged (docs/SECURITY.md, *Stage*).
     pub async fn open(
         pool: &ConnectionPool,
         route: Route,
         params: &SessionParams,
         limits: Limits,
         mut rtt: impl FnMut(PeerId, std::time::Duration),
+        record: impl Fn(&PeerId) -> Option<Arc<[u8]>>,
     ) -> Result<RouteSession, SessionError> {
         let id: SessionId = rand::random();
+        // `rand::random` draws from the thread-local generator, a CSPRNG seeded from the operating system.
+        let keys: Vec<SessionKey> = route.stages.iter().map(|_| SessionKey(rand::random())).collect();
         let n = route.stages.len();
         let route_cost_s = route.cost_ms.max(0.0) / 1000.0;
         let layout: Vec<String> = route.stages.iter().map(|s| format!("{}@{}", s.span, s.addr)).collect();
@@ -162,6 +171,14 @@ impl RouteSession {
                 wire_dtype: params.wire_dtype,
                 hidden: params.hidden,
                 rest,
+                attach_key: keys[i],
+                next_key: keys.get(i + 1).copied().unwrap_or_default(),
+                next_record: route
+                    .stages
+                    .get(i + 1)
+                    .and_then(|s| record(&s.peer))
+                    .map(|r| r.to_vec())
+                    .unwrap_or_default(),
             };
             write_frame(&mut send, &Frame::Open { session: id, open }).await.map_err(|e| conn_err(e.to_string()))?;
             // A cached connection to a stage that died since is only found out by its silence.
@@ -187,9 +204,7 @@ impl RouteSession {
             match opened {
                 Ok(Some(Frame::Opened { .. })) => {}
                 Ok(Some(Frame::Error { code, message, .. })) => {
-                    // A stage that could not reach its successor points at the successor.
-                    let blamed = route.stages[blame::blamed_stage(code, i, n)].peer;
-                    return Err(SessionError::Stage { peer: blamed, code, message });
+                    return Err(SessionError::Stage { peer: blamed(&route, i, code), code, message });
                 }
                 Ok(Some(other)) => {
                     let detail = format!("answered open with {}", other.kind().name());
@@ -287,7 +302,8 @@ impl RouteSession {
         let expected = self.position;
         let late_at = self.times.deadline(self.pending_since, self.pending);
         let detect = self.times.config();
-        let (i, ev) = match deadline::watch(self.events.recv(), &self.conns, late_at, &detect).await {
+        let waiting = next_event(&mut self.events, &mut self.controls, self.id);
+        let (i, ev) = match deadline::watch(waiting, &self.conns, late_at, &detect).await {
             Watched::Done(Some(ev)) => ev,
             Watched::Done(None) => return Err(SessionError::Protocol("every stage stream ended".into())),
             Watched::Silent { stage, silent } => {
@@ -315,9 +331,7 @@ impl RouteSession {
                 }
             }
             StageEvent::Frame(Frame::Error { code, message, .. }) => {
-                // Downstream names the next hop, Upstream the previous one.
-                let blamed = self.route.stages[blame::blamed_stage(code, i, n)].peer;
-                Err(SessionError::Stage { peer: blamed, code, message })
+                Err(SessionError::Stage { peer: blamed(&self.route, i, code), code, message })
             }
             StageEvent::Frame(Frame::Token { position, .. }) => {
                 let detail = format!("token for position {position} from stage {i} of {n}, expected {expected}");
@@ -328,6 +342,11 @@ impl RouteSession {
             }
             StageEvent::Gone(detail) => Err(SessionError::Stage { peer, code: ErrorCode::Other(0), message: detail }),
         }
+    }
+
+    /// Tells every stage the session is alive (a failed write shows up as the stage's stream ending).
+    pub async fn ping(&mut self) {
+        ping(&mut self.controls, self.id).await;
     }
 
     /// Closes the session on every stage (they free the KV cache), and waits (at most [`CLOSE_WAIT`]) until each
@@ -359,6 +378,34 @@ impl RouteSession {
         })
         .await;
     }
+}
+
+/// The next frame from any stage. While none comes, every stage gets a `Ping` each [`OWNER_KEEP_ALIVE`], so a long
+/// step (a long prompt on a slow first stage) never reaches a later stage's idle timeout.
+async fn next_event(
+    events: &mut mpsc::Receiver<(usize, StageEvent)>,
+    controls: &mut [quinn::SendStream],
+    id: SessionId,
+) -> Option<(usize, StageEvent)> {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + OWNER_KEEP_ALIVE, OWNER_KEEP_ALIVE);
+    loop {
+        tokio::select! {
+            ev = events.recv() => return ev,
+            _ = tick.tick() => ping(controls, id).await,
+        }
+    }
+}
+
+async fn ping(controls: &mut [quinn::SendStream], id: SessionId) {
+    for c in controls {
+        let _ = write_frame(c, &Frame::Ping { session: id }).await;
+    }
+}
+
+/// Whom an error frame from stage `i` blames: a stage that lost its successor points at the successor, one that got
+/// invalid input points at its predecessor, any other error at the stage itself.
+fn blamed(route: &Route, i: usize, code: ErrorCode) -> PeerId {
+    route.stages[blame::blamed_stage(code, i, route.stages.len())].peer
 }
 
 /// Shares one pool between sessions.

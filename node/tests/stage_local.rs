@@ -10,7 +10,7 @@ use shardline_kernels::cpu::CpuBackend;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardInput, ShardOptions, ShardOutput};
 use shardline_node::stage::{LocalSwarm, ShardStage, StageConfig};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
-use shardline_proto::wire::{ErrorCode, Frame, Hop, SessionOpen, StageData, WireDType, WireSampling};
+use shardline_proto::wire::{ErrorCode, Frame, Hop, SessionKey, SessionOpen, StageData, WireDType, WireSampling};
 
 const MODEL: &str = "tiny-test-model";
 
@@ -36,6 +36,9 @@ fn open(span: LayerRange, rest: Vec<Hop>) -> SessionOpen {
         wire_dtype: WireDType::F32,
         hidden: 64,
         rest,
+        attach_key: SessionKey::default(),
+        next_key: SessionKey::default(),
+        next_record: Vec::new(),
     }
 }
 

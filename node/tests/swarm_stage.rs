@@ -11,7 +11,8 @@ use shardline_node::stage::{StageConfig, StageServer};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 use shardline_proto::tls;
 use shardline_proto::wire::{
-    ErrorCode, Frame, HEADER_LEN, Limits, SessionOpen, StageData, WireDType, WireSampling, read_frame, write_frame,
+    ErrorCode, Frame, HEADER_LEN, Limits, SessionKey, SessionOpen, StageData, WireDType, WireSampling, read_frame,
+    write_frame,
 };
 
 const MODEL: &str = "tiny-test-model";
@@ -50,6 +51,9 @@ fn open(session: u64) -> Frame {
             wire_dtype: WireDType::F32,
             hidden: 64,
             rest: vec![],
+            attach_key: SessionKey::default(),
+            next_key: SessionKey::default(),
+            next_record: Vec::new(),
         },
     }
 }
@@ -177,7 +181,7 @@ async fn bad_opens_are_refused() {
     too_long.max_tokens = 1_000_000;
     assert_eq!(refused(Frame::Open { session: 21, open: too_long }).await, ErrorCode::BadRequest);
     assert_eq!(
-        refused(Frame::Attach { session: 99, dtype: WireDType::F32, width: 64 }).await,
+        refused(Frame::Attach { session: 99, dtype: WireDType::F32, width: 64, key: SessionKey::default() }).await,
         ErrorCode::UnknownSession
     );
     // Capacity: one session at a time.

@@ -15,8 +15,8 @@ use crate::wire::Fingerprint;
 
 /// Name the client puts in the TLS handshake; the pinned verifier does not depend on it.
 pub const SERVER_NAME: &str = "shardline-stage";
-/// ALPN protocol id of the stage protocol, version 1.
-pub const ALPN: &[u8] = b"shardline/1";
+/// ALPN protocol id of the stage protocol, version 2 (the wire version in every frame header must match).
+pub const ALPN: &[u8] = b"shardline/2";
 /// A QUIC connection that hears nothing from its peer for this long is closed. It is how a stage that vanished without
 /// a word (killed, unplugged) is noticed, so it bounds the time before a session fails over; live connections never
 /// reach it because both ends send keep-alives every [`KEEP_ALIVE`].
@@ -47,11 +47,15 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// Streams a client lets the server open, and (by default) a server lets one client open at once.
+const DEFAULT_STREAMS: u32 = 1024;
+
+/// `streams`: bidirectional streams the peer may have open at once on one connection.
+fn transport(streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_bidi_streams(streams.into());
     Arc::new(t)
 }
 
@@ -77,8 +81,16 @@ impl StageIdentity {
         self.fingerprint
     }
 
-    /// A quinn server configuration presenting this certificate (TLS 1.3, ALPN `shardline/1`).
+    /// A quinn server configuration presenting this certificate (TLS 1.3, ALPN [`ALPN`]), letting a client open up to
+    /// 1,024 streams at once.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        self.server_config_with_streams(DEFAULT_STREAMS)
+    }
+
+    /// As [`Self::server_config`], with at most `streams` streams open at once per connection: a stage sizes it to its
+    /// session slots (one stream per session per connection), so one connection cannot make it hold thousands of
+    /// stream buffers.
+    pub fn server_config_with_streams(&self, streams: u32) -> Result<quinn::ServerConfig, TlsError> {
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
@@ -87,7 +99,7 @@ impl StageIdentity {
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(transport());
+        cfg.transport_config(transport(streams));
         Ok(cfg)
     }
 }
@@ -104,7 +116,7 @@ pub fn client_config(pinned: Fingerprint) -> Result<quinn::ClientConfig, TlsErro
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(DEFAULT_STREAMS));
     Ok(cfg)
 }
 

@@ -44,6 +44,8 @@ fn announcement(key: &Keypair, start: u32, len: u32, n: u64, version: &str) -> S
         decode_tps: (n % 1000) as f32,
         prefill_tps: (n % 5000) as f32,
         active_sessions: (n % 8) as u32,
+        batch_sessions: (n % 5) as u32,
+        queued: (n % 7) as u32,
         software_version: version.to_string(),
         issued_at_ms: now,
         expires_at_ms: now + 60_000,

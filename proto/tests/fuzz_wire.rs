@@ -9,8 +9,8 @@ mod fuzz_common;
 use proptest::prelude::*;
 use shardline_proto::LayerRange;
 use shardline_proto::wire::{
-    ErrorCode, Frame, HEADER_LEN, HiddenStates, Hop, Limits, SessionOpen, StageData, TokenResult, WireDType,
-    WireSampling, read_frame,
+    ErrorCode, Frame, HEADER_LEN, HiddenStates, Hop, Limits, SessionKey, SessionOpen, StageData, TokenResult,
+    WireDType, WireSampling, read_frame,
 };
 
 #[global_allocator]
@@ -62,10 +62,13 @@ fn frame(kind: u8, session: u64, position: u64, n: usize, bytes: &[u8]) -> Frame
                         })
                         .collect()
                 },
+                attach_key: SessionKey([n as u8; 16]),
+                next_key: SessionKey([kind as u8; 16]),
+                next_record: bytes.iter().take(64).copied().collect(),
             },
         },
         1 => Frame::Opened { session },
-        2 => Frame::Attach { session, dtype: DTYPES[n % 3], width: 1 + n as u32 },
+        2 => Frame::Attach { session, dtype: DTYPES[n % 3], width: 1 + n as u32, key: SessionKey([n as u8; 16]) },
         3 => Frame::Prefill { session, position, last: n.is_multiple_of(2), data: tokens() },
         4 => Frame::Prefill { session, position, last: n % 2 == 1, data: hidden(DTYPES[n % 3], 1 + bytes.len() % 4) },
         5 => Frame::Decode { session, position, data: StageData::Tokens(vec![n as u32]) },
@@ -80,6 +83,7 @@ fn frame(kind: u8, session: u64, position: u64, n: usize, bytes: &[u8]) -> Frame
             },
         },
         8 => Frame::Close { session },
+        10 => Frame::Ping { session },
         9 => Frame::Error { session, code: ErrorCode::from_code(n as u16 % 10), message: hex_of(bytes) },
         _ => Frame::Prefill { session, position, last: true, data: StageData::Tokens(vec![n as u32]) },
     }

@@ -3,8 +3,8 @@
 
 use shardline_proto::LayerRange;
 use shardline_proto::wire::{
-    ErrorCode, Frame, FrameKind, HEADER_LEN, HiddenStates, Hop, Limits, SessionOpen, StageData, TokenResult, WireDType,
-    WireError, WireSampling, read_frame, write_frame,
+    ErrorCode, Expect, Frame, FrameKind, HEADER_LEN, HiddenStates, Hop, Limits, SessionKey, SessionOpen, StageData,
+    TokenResult, WireDType, WireError, WireSampling, read_frame, read_frame_expecting, write_frame,
 };
 
 fn open_frame() -> Frame {
@@ -23,6 +23,9 @@ fn open_frame() -> Frame {
                 Hop { layers: LayerRange::new(10, 20), addr: "127.0.0.1:7001".parse().unwrap(), fingerprint: [1; 32] },
                 Hop { layers: LayerRange::new(20, 30), addr: "[::1]:7002".parse().unwrap(), fingerprint: [2; 32] },
             ],
+            attach_key: SessionKey([3; 16]),
+            next_key: SessionKey([4; 16]),
+            next_record: b"a signed record".to_vec(),
         },
     }
 }
@@ -33,7 +36,8 @@ fn all_frames() -> Vec<Frame> {
     vec![
         open_frame(),
         Frame::Opened { session: 1 },
-        Frame::Attach { session: 2, dtype: WireDType::BF16, width: 576 },
+        Frame::Attach { session: 2, dtype: WireDType::BF16, width: 576, key: SessionKey([9; 16]) },
+        Frame::Ping { session: 2 },
         Frame::Prefill { session: 3, position: 0, last: false, data: StageData::Tokens(vec![1, 2, 3, 49151]) },
         Frame::Prefill {
             session: 3,
@@ -62,6 +66,7 @@ fn all_frames() -> Vec<Frame> {
         Frame::Close { session: 6 },
         Frame::Error { session: 7, code: ErrorCode::Busy, message: "KV cache is full: 4 blocks needed, 0 free".into() },
         Frame::Error { session: 7, code: ErrorCode::Other(999), message: String::new() },
+        Frame::Error { session: 8, code: ErrorCode::Upstream, message: "NaN".into() },
     ]
 }
 
@@ -70,7 +75,7 @@ fn every_frame_type_round_trips_through_bytes() {
     let limits = Limits::default();
     let frames = all_frames();
     let kinds: std::collections::HashSet<FrameKind> = frames.iter().map(Frame::kind).collect();
-    assert_eq!(kinds.len(), 8, "the fixture covers every kind");
+    assert_eq!(kinds.len(), 9, "the fixture covers every kind");
     let mut stream = Vec::new();
     for f in &frames {
         let bytes = f.encode();
@@ -158,9 +163,12 @@ fn wrong_magic_version_kind_and_dtype_are_typed_errors() {
     let mut b = good.clone();
     b[0] = b'X';
     assert!(matches!(Frame::decode(&b, &limits), Err(WireError::BadMagic(_))));
-    let mut b = good.clone();
-    b[2] = 2;
-    assert!(matches!(Frame::decode(&b, &limits), Err(WireError::UnsupportedVersion(2))));
+    // Version 1 (no session keys) and any later version are refused.
+    for v in [1, 3] {
+        let mut b = good.clone();
+        b[2] = v;
+        assert!(matches!(Frame::decode(&b, &limits), Err(WireError::UnsupportedVersion(x)) if x == v));
+    }
     let mut b = good.clone();
     b[3] = 0;
     assert!(matches!(Frame::decode(&b, &limits), Err(WireError::UnknownKind(0))));
@@ -270,4 +278,23 @@ fn encode_into_reuses_the_buffer_and_matches_encode() {
     assert_eq!(&out[HEADER_LEN..], &bytes);
     let (back, used) = Frame::decode(&out, &Limits::default()).unwrap();
     assert_eq!((back, used), (f, out.len()));
+}
+
+#[tokio::test]
+async fn a_frame_the_stream_does_not_expect_is_refused_on_its_header() {
+    // A 64 MiB prefill header with no payload behind it: a reader that expects a first frame refuses it at once (had
+    // it read on, it would report the stream truncated).
+    let data = StageData::Tokens(vec![0; 1]);
+    let (mut h, _) = Frame::Prefill { session: 1, position: 0, last: true, data }.parts();
+    h.n_tokens = 8192;
+    h.dtype = shardline_proto::wire::PayloadDType::F32;
+    h.width = 2048;
+    h.payload_len = 8192 * 2048 * 4;
+    let bytes = h.encode();
+    let first = Expect::kinds(&[FrameKind::Open, FrameKind::Attach]).max_payload(64 << 10);
+    let err = read_frame_expecting(&mut &bytes[..], &Limits::default(), &first).await.unwrap_err();
+    assert!(matches!(err, WireError::Malformed { kind: "prefill", .. }), "{err}");
+    // The same header against no expectation reads on and finds the payload missing.
+    let err = read_frame(&mut &bytes[..], &Limits::default()).await.unwrap_err();
+    assert!(matches!(err, WireError::Truncated { .. }), "{err}");
 }

@@ -7,8 +7,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::core::{Action, Event, StageCompute, StageConfig, StageCore, StreamId};
-use shardline_proto::wire::Frame;
+use super::core::auth::HopPolicy;
+use super::core::{Action, Event, Peer, StageCompute, StageConfig, StageCore, StreamId};
+use shardline_proto::wire::{Expect, Frame};
 
 /// A client's end of a stream, returned by [`LocalSwarm::connect`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,8 +27,8 @@ struct Pipe {
     /// Frames written by the peer, not yet read by the core.
     inbox: VecDeque<Frame>,
     peer_finished: bool,
-    /// The core asked for a frame.
-    wants_read: bool,
+    /// The core asked for a frame that passes this check.
+    wants_read: Option<Expect>,
 }
 
 struct Stage<M: StageCompute> {
@@ -61,8 +62,11 @@ impl<M: StageCompute> LocalSwarm<M> {
         Self { stages: Vec::new(), clients: Vec::new(), now: Instant::now() }
     }
 
-    /// Adds a stage reachable at `addr` (no socket is bound; only `Hop`s and [`Self::connect`] use it).
-    pub fn add_stage(&mut self, addr: SocketAddr, model: M, config: StageConfig) {
+    /// Adds a stage reachable at `addr` (no socket is bound; only `Hop`s and [`Self::connect`] use it). Its next hops
+    /// are not checked against announcements ([`HopPolicy::InProcess`]): a dial here reaches another stage of this
+    /// swarm and nothing else. Each client stream counts as its own peer for the quotas.
+    pub fn add_stage(&mut self, addr: SocketAddr, model: M, mut config: StageConfig) {
+        config.next_hops = HopPolicy::InProcess;
         self.stages.push(Stage { addr, core: StageCore::new(model, config), pipes: HashMap::new(), next_accepted: 0 });
     }
 
@@ -145,20 +149,22 @@ impl<M: StageCompute> LocalSwarm<M> {
         let stage = &mut self.stages[i];
         let mut events = Vec::new();
         for (id, pipe) in &mut stage.pipes {
-            if !pipe.wants_read {
-                continue;
-            }
+            let Some(expect) = pipe.wants_read else { continue };
             if let Some(frame) = pipe.inbox.pop_front() {
-                pipe.wants_read = false;
-                events.push(Event::Frame { stream: *id, frame });
+                pipe.wants_read = None;
+                // The same check the QUIC reader makes on the header before it reads a payload.
+                match expect.check(&frame.parts().0) {
+                    Ok(()) => events.push(Event::Frame { stream: *id, frame }),
+                    Err(e) => events.push(Event::Malformed { stream: *id, error: e.to_string() }),
+                }
             } else if pipe.peer_finished {
-                pipe.wants_read = false;
+                pipe.wants_read = None;
                 events.push(Event::Finished { stream: *id });
             }
         }
         // Streams in id order, so runs repeat exactly.
         events.sort_by_key(|e| match e {
-            Event::Frame { stream, .. } | Event::Finished { stream } => *stream,
+            Event::Frame { stream, .. } | Event::Finished { stream } | Event::Malformed { stream, .. } => *stream,
             _ => StreamId::Accepted(u64::MAX),
         });
         let any = !events.is_empty();
@@ -171,9 +177,9 @@ impl<M: StageCompute> LocalSwarm<M> {
     fn act(&mut self, i: usize, action: Action<M::Kv>) {
         let now = self.now;
         match action {
-            Action::Read { stream } => {
+            Action::Read { stream, expect } => {
                 if let Some(p) = self.stages[i].pipes.get_mut(&stream) {
-                    p.wants_read = true;
+                    p.wants_read = Some(expect);
                 }
             }
             Action::Send { stream, frame } => {
@@ -220,7 +226,7 @@ impl<M: StageCompute> LocalSwarm<M> {
                             peer: End::Stage(j, accepted),
                             inbox: VecDeque::new(),
                             peer_finished: false,
-                            wants_read: false,
+                            wants_read: None,
                         };
                         self.stages[i].pipes.insert(stream, pipe);
                         Ok(())
@@ -240,8 +246,12 @@ impl<M: StageCompute> LocalSwarm<M> {
         let stage = &mut self.stages[j];
         let stream = StreamId::Accepted(stage.next_accepted);
         stage.next_accepted += 1;
-        stage.pipes.insert(stream, Pipe { peer, inbox: VecDeque::new(), peer_finished: false, wants_read: false });
-        stage.core.handle(self.now, Event::Accepted { stream });
+        stage.pipes.insert(stream, Pipe { peer, inbox: VecDeque::new(), peer_finished: false, wants_read: None });
+        let peer = match peer {
+            End::Client(c) => Peer::numbered(c as u64),
+            End::Stage(..) => Peer::LOCAL,
+        };
+        stage.core.handle(self.now, Event::Accepted { stream, peer });
         stream
     }
 

@@ -202,7 +202,8 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
     let p2p_addrs = dht.listen_addrs().await?;
     let c = shard.config().clone();
     let probe = server.probe();
-    let max_sessions = args.stage.max_sessions as u32;
+    // What one owner can hold here: its per-peer quota (docs/SECURITY.md, *Stage*), at most the slots.
+    let max_sessions = args.stage.sessions_per_peer() as u32;
     let template = ShardAnnouncement {
         peer_id,
         model_id: model_id.clone(),

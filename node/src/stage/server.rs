@@ -11,12 +11,14 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
-use super::core::{Action, Admission, BatchGauge, BatchStats, Event, StageCompute, StageConfig, StageCore, StreamId};
+use super::core::{
+    Action, Admission, BatchGauge, BatchStats, Event, Peer, StageCompute, StageConfig, StageCore, StreamId,
+};
 use super::shard_stage::ShardStage;
 use crate::model::{Shard, ShardKv};
 use shardline_proto::pool::ConnectionPool;
 use shardline_proto::tls::{StageIdentity, TlsError};
-use shardline_proto::wire::{Fingerprint, Frame, Limits, WireError, read_frame, write_frame};
+use shardline_proto::wire::{Expect, Fingerprint, Frame, Limits, WireError, read_frame_expecting, write_frame};
 
 /// A QUIC server running one shard for many sessions.
 pub struct StageServer {
@@ -50,15 +52,22 @@ pub enum StageError {
 }
 
 impl StageServer {
-    /// Binds the QUIC endpoint with a fresh self-signed certificate and starts accepting sessions.
+    /// Binds the QUIC endpoint with a fresh self-signed certificate and starts accepting sessions. A peer may open as
+    /// many streams on one connection as the stage has session slots, twice over (streams of ended sessions are
+    /// released a round trip later), and, unless the config says otherwise, hold three quarters of the KV cache.
     pub fn start(
         shard: Arc<Shard>,
         model_id: String,
         listen: SocketAddr,
-        config: StageConfig,
+        mut config: StageConfig,
     ) -> Result<StageServer, StageError> {
+        if config.max_kv_tokens_per_peer.is_none() {
+            let cache = shard.kv_capacity_tokens();
+            config.max_kv_tokens_per_peer = Some(cache - cache / 4);
+        }
         let identity = StageIdentity::generate()?;
-        let endpoint = quinn::Endpoint::server(identity.server_config()?, listen)
+        let streams = u32::try_from(config.max_sessions.saturating_mul(2)).unwrap_or(u32::MAX).max(2);
+        let endpoint = quinn::Endpoint::server(identity.server_config_with_streams(streams)?, listen)
             .map_err(|source| StageError::Bind { addr: listen, source })?;
         let addr = endpoint.local_addr().map_err(|source| StageError::Bind { addr: listen, source })?;
         let stage = Arc::new(ShardStage::new(shard, model_id));
@@ -178,7 +187,7 @@ impl LoadProbe {
 
 /// What reaches the task that owns the core.
 enum Msg {
-    Accepted(quinn::SendStream, quinn::RecvStream),
+    Accepted(quinn::SendStream, quinn::RecvStream, Peer),
     Dialed(StreamId, Result<(quinn::SendStream, quinn::RecvStream), String>),
     Event(Event<ShardKv>),
 }
@@ -194,10 +203,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: UnboundedSender<Msg>) {
                     return;
                 }
             };
+            let peer = Peer::of_ip(conn.remote_address().ip());
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
-                        if tx.send(Msg::Accepted(send, recv)).is_err() {
+                        if tx.send(Msg::Accepted(send, recv, peer)).is_err() {
                             return;
                         }
                     }
@@ -213,7 +223,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: UnboundedSender<Msg>) {
 
 /// The driver's side of one stream: read credits to its reader task, frames to its writer task.
 struct StreamIo {
-    credit: UnboundedSender<()>,
+    credit: UnboundedSender<Expect>,
     writes: UnboundedSender<Write>,
     reader: JoinHandle<()>,
 }
@@ -262,11 +272,11 @@ impl Driver {
     fn take(&mut self, msg: Msg) {
         let now = Instant::now();
         let event = match msg {
-            Msg::Accepted(send, recv) => {
+            Msg::Accepted(send, recv, peer) => {
                 let stream = StreamId::Accepted(self.next_accepted);
                 self.next_accepted += 1;
                 self.attach_io(stream, send, recv);
-                Event::Accepted { stream }
+                Event::Accepted { stream, peer }
             }
             Msg::Dialed(stream, Ok((send, recv))) => {
                 self.attach_io(stream, send, recv);
@@ -288,9 +298,9 @@ impl Driver {
 
     async fn act(&mut self, action: Action<ShardKv>) {
         match action {
-            Action::Read { stream } => {
+            Action::Read { stream, expect } => {
                 if let Some(io) = self.streams.get(&stream) {
-                    let _ = io.credit.send(());
+                    let _ = io.credit.send(expect);
                 }
             }
             Action::Send { stream, frame } => {
@@ -343,16 +353,17 @@ impl Driver {
     }
 }
 
-/// Reads one frame per credit and reports it, until the stream ends, fails, or the core stops asking.
+/// Reads one frame per credit and reports it, until the stream ends, fails, or the core stops asking. Each credit says
+/// what the frame may be; a header that breaks it is reported before its payload is read.
 async fn read_stream(
     stream: StreamId,
     mut recv: quinn::RecvStream,
-    mut credits: UnboundedReceiver<()>,
+    mut credits: UnboundedReceiver<Expect>,
     tx: UnboundedSender<Msg>,
     limits: Limits,
 ) {
-    while credits.recv().await.is_some() {
-        let event = match read_frame(&mut recv, &limits).await {
+    while let Some(expect) = credits.recv().await {
+        let event = match read_frame_expecting(&mut recv, &limits, &expect).await {
             Ok(Some(frame)) => Event::Frame { stream, frame },
             Ok(None) => Event::Finished { stream },
             // A reset or a lost connection: the sender went away; nothing malformed arrived.

@@ -14,6 +14,28 @@ pub type SessionId = u64;
 /// SHA-256 of a stage's DER certificate, the value clients pin.
 pub type Fingerprint = [u8; 32];
 
+/// Bytes of a [`SessionKey`].
+pub const KEY_LEN: usize = 16;
+
+/// A per-session, per-stage capability: 128 random bits the owner draws from a cryptographic generator and gives a
+/// stage in `Open`; the previous stage must present it in `Attach`. Session ids are not secrets (they are logged); a
+/// key is, and is never logged.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionKey(pub [u8; KEY_LEN]);
+
+impl SessionKey {
+    /// Compares in time independent of where the keys differ, so a peer cannot find a key byte by byte.
+    pub fn matches(&self, other: &SessionKey) -> bool {
+        self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey(..)")
+    }
+}
+
 /// The element type of hidden states on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WireDType {
@@ -256,6 +278,13 @@ pub struct SessionOpen {
     pub hidden: u32,
     /// The stages after this one, next hop first; empty on the last stage.
     pub rest: Vec<Hop>,
+    /// What the previous stage must present in its `Attach` (ignored on the first stage, which has none).
+    pub attach_key: SessionKey,
+    /// What this stage presents in its `Attach` to the next hop (ignored on the last stage).
+    pub next_key: SessionKey,
+    /// The next hop's signed announcement (the DHT record value, `SignedAnnouncement::to_bytes`): a stage dials only
+    /// an address and certificate that a node of the same model signed for. Empty on the last stage.
+    pub next_record: Vec<u8>,
 }
 
 /// The token the last stage drew, with its log-probability and the most likely alternatives.
@@ -284,8 +313,8 @@ pub enum ErrorCode {
     /// The session was idle for too long.
     Timeout,
     /// The previous stage of the route broke the data stream: closed it (a stage never closes its successor on its
-    /// own), sent a frame that does not parse, or hidden states of the wrong position or shape. The owner blames the
-    /// previous hop, not the stage that reports it.
+    /// own), sent a frame that does not parse, hidden states of the wrong position or shape, or input no honest
+    /// stage produces (non-finite hidden states). The owner blames the previous hop, not the stage that reports it.
     Upstream,
     Other(u16),
 }
@@ -332,11 +361,13 @@ pub enum Frame {
     Opened {
         session: SessionId,
     },
-    /// Stage → next stage (first frame of a data stream): the hidden states of `session` follow on this stream.
+    /// Stage → next stage (first frame of a data stream): the hidden states of `session` follow on this stream. `key`
+    /// is the next stage's [`SessionOpen::attach_key`].
     Attach {
         session: SessionId,
         dtype: WireDType,
         width: u32,
+        key: SessionKey,
     },
     /// Positions `position..position + n` of the prompt; `last` asks the last stage to sample afterwards.
     Prefill {
@@ -366,6 +397,11 @@ pub enum Frame {
         code: ErrorCode,
         message: String,
     },
+    /// Owner → stage (control stream): keep the session although no input is due (long generations, slow clients);
+    /// resets the stage's idle timeout.
+    Ping {
+        session: SessionId,
+    },
 }
 
 impl Frame {
@@ -379,6 +415,7 @@ impl Frame {
             Frame::Token { .. } => FrameKind::Token,
             Frame::Close { .. } => FrameKind::Close,
             Frame::Error { .. } => FrameKind::Error,
+            Frame::Ping { .. } => FrameKind::Ping,
         }
     }
 
@@ -391,7 +428,8 @@ impl Frame {
             | Frame::Decode { session, .. }
             | Frame::Token { session, .. }
             | Frame::Close { session }
-            | Frame::Error { session, .. } => *session,
+            | Frame::Error { session, .. }
+            | Frame::Ping { session } => *session,
         }
     }
 
@@ -414,11 +452,11 @@ impl Frame {
                 h.width = open.hidden;
                 Payload::Owned(encode_open(open))
             }
-            Frame::Opened { .. } | Frame::Close { .. } => Payload::Borrowed(&[]),
-            Frame::Attach { dtype, width, .. } => {
+            Frame::Opened { .. } | Frame::Close { .. } | Frame::Ping { .. } => Payload::Borrowed(&[]),
+            Frame::Attach { dtype, width, key, .. } => {
                 h.dtype = dtype.payload();
                 h.width = *width;
-                Payload::Borrowed(&[])
+                Payload::Borrowed(&key.0)
             }
             Frame::Prefill { position, last, data, .. } => {
                 h.flags = if *last { FLAG_LAST } else { 0 };
@@ -530,6 +568,10 @@ impl Frame {
                 no_shape(&h)?;
                 Frame::Close { session }
             }
+            FrameKind::Ping => {
+                no_shape(&h)?;
+                Frame::Ping { session }
+            }
             FrameKind::Attach => {
                 if h.position != 0 || h.n_tokens != 0 {
                     return Err(malformed(name, "position and n_tokens must be zero"));
@@ -538,7 +580,8 @@ impl Frame {
                 if h.width == 0 || h.width as usize > limits.max_width {
                     return Err(malformed(name, format!("hidden width {} out of range", h.width)));
                 }
-                Frame::Attach { session, dtype, width: h.width }
+                let key = SessionKey(payload.as_bytes().try_into().map_err(|_| malformed(name, "session key length"))?);
+                Frame::Attach { session, dtype, width: h.width, key }
             }
             FrameKind::Prefill | FrameKind::Decode => {
                 let n = h.n_tokens as usize;
@@ -641,6 +684,7 @@ fn encode_open(o: &SessionOpen) -> Vec<u8> {
         encode_addr(&mut w, &hop.addr);
         w.bytes(&hop.fingerprint);
     }
+    w.bytes(&o.attach_key.0).bytes(&o.next_key.0).bytes16(&o.next_record);
     w.finish()
 }
 
@@ -684,6 +728,25 @@ fn decode_open(buf: &[u8], wire_dtype: WireDType, hidden: u32, limits: &Limits) 
     if expect_start != n_layers as usize {
         return Err(malformed("open", format!("route ends at layer {expect_start}, the model has {n_layers}")));
     }
+    let attach_key = SessionKey(r.array::<KEY_LEN>()?);
+    let next_key = SessionKey(r.array::<KEY_LEN>()?);
+    let next_record = r.bytes16()?.to_vec();
+    if rest.is_empty() && !next_record.is_empty() {
+        return Err(malformed("open", "the last stage of a route has no next hop to vouch for"));
+    }
     r.finish()?;
-    Ok(SessionOpen { model_id, n_layers, span, max_tokens, sampling, n_top, wire_dtype, hidden, rest })
+    Ok(SessionOpen {
+        model_id,
+        n_layers,
+        span,
+        max_tokens,
+        sampling,
+        n_top,
+        wire_dtype,
+        hidden,
+        rest,
+        attach_key,
+        next_key,
+        next_record,
+    })
 }

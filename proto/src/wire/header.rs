@@ -3,7 +3,7 @@
 //! | offset | size | field        |
 //! |-------:|-----:|--------------|
 //! | 0      | 2    | magic `"SL"` |
-//! | 2      | 1    | version (1)  |
+//! | 2      | 1    | version (2)  |
 //! | 3      | 1    | kind         |
 //! | 4      | 1    | flags        |
 //! | 5      | 1    | dtype        |
@@ -15,6 +15,7 @@
 //! | 32     | 4    | payload length in bytes |
 
 use super::error::{WireError, WireResult, malformed};
+use super::frame::KEY_LEN;
 use super::limits::Limits;
 use super::{MAGIC, VERSION};
 
@@ -32,6 +33,8 @@ pub enum FrameKind {
     Token = 6,
     Close = 7,
     Error = 8,
+    /// Owner → stage (control stream): the session is alive though no input is due; resets the idle timeout.
+    Ping = 9,
 }
 
 impl FrameKind {
@@ -45,6 +48,7 @@ impl FrameKind {
             6 => FrameKind::Token,
             7 => FrameKind::Close,
             8 => FrameKind::Error,
+            9 => FrameKind::Ping,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -59,6 +63,7 @@ impl FrameKind {
             FrameKind::Token => "token",
             FrameKind::Close => "close",
             FrameKind::Error => "error",
+            FrameKind::Ping => "ping",
         }
     }
 }
@@ -223,7 +228,15 @@ impl Header {
                     });
                 }
             }
-            FrameKind::Opened | FrameKind::Attach | FrameKind::Close => {
+            FrameKind::Attach => {
+                if len != KEY_LEN as u64 {
+                    return Err(malformed(
+                        name,
+                        format!("{len} payload bytes, an attach carries the {KEY_LEN}-byte session key"),
+                    ));
+                }
+            }
+            FrameKind::Opened | FrameKind::Close | FrameKind::Ping => {
                 if len != 0 {
                     return Err(malformed(name, format!("{len} payload bytes on a frame without payload")));
                 }

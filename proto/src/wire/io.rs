@@ -3,6 +3,7 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::error::{WireError, WireResult};
+use super::expect::Expect;
 use super::frame::{AlignedBytes, Frame};
 use super::header::{HEADER_LEN, Header};
 use super::limits::Limits;
@@ -10,6 +11,16 @@ use super::limits::Limits;
 /// Reads the next frame. `Ok(None)` is a clean end of stream between frames; an end inside a frame is `Truncated`.
 /// The header is validated against `limits` before the payload buffer is allocated.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limits: &Limits) -> WireResult<Option<Frame>> {
+    read_frame_expecting(r, limits, &Expect::ANY).await
+}
+
+/// As [`read_frame`], and the header must also pass `expect` (kind, session, payload budget) before a single payload
+/// byte is read or allocated.
+pub async fn read_frame_expecting<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limits: &Limits,
+    expect: &Expect,
+) -> WireResult<Option<Frame>> {
     let mut hb = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -23,6 +34,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limits: &Limits) -> Wir
         got += n;
     }
     let header = Header::decode(&hb, limits)?;
+    expect.check(&header)?;
     let len = header.payload_len as usize;
     let mut payload = AlignedBytes::zeroed(len);
     let buf = payload.as_bytes_mut();

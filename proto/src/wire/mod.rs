@@ -10,22 +10,26 @@ compile_error!("the shardline wire format casts little-endian payloads in place;
 
 pub mod buf;
 pub mod error;
+pub mod expect;
 pub mod frame;
 pub mod header;
 pub mod io;
 pub mod limits;
 
 pub use error::{WireError, WireResult};
+pub use expect::Expect;
 pub use frame::{
-    AlignedBytes, ErrorCode, Fingerprint, Frame, HiddenStates, Hop, SessionId, SessionOpen, StageData, TokenResult,
-    WireDType, WireSampling,
+    AlignedBytes, ErrorCode, Fingerprint, Frame, HiddenStates, Hop, KEY_LEN, SessionId, SessionKey, SessionOpen,
+    StageData, TokenResult, WireDType, WireSampling,
 };
 pub use header::{FrameKind, HEADER_LEN, Header, PayloadDType};
-pub use io::{read_frame, write_frame};
+pub use io::{read_frame, read_frame_expecting, write_frame};
 pub use limits::Limits;
 
 /// First two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"SL";
 
-/// The protocol version this build speaks. A reader rejects frames of any other version.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks. A reader rejects frames of any other version. Version 2 added session
+/// keys (`Open`, `Attach`), the next hop's signed announcement in `Open`, `Ping` and the `Upstream` error code
+/// (`docs/PROTOCOL.md`, *Changes*).
+pub const VERSION: u8 = 2;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use super::batch::ComputeBatch;
 use super::events::StreamId;
-use shardline_proto::wire::{Fingerprint, Frame};
+use shardline_proto::wire::{Expect, Fingerprint, Frame};
 
 /// One request to the driver, taken with [`super::StageCore::poll_action`] and carried out in order.
 #[derive(Debug)]
@@ -12,7 +12,9 @@ pub enum Action<K> {
     /// Read the next frame of `stream` and report it ([`super::Event::Frame`], `Finished`, `Lost` or `Malformed`).
     /// The core asks for one frame at a time and only while the session has room for it, so a peer that sends
     /// faster than the stage computes is held back by the transport's flow control, not by a growing queue here.
-    Read { stream: StreamId },
+    /// The frame's header must pass `expect` (kinds this stream may carry now, its session, the payload the session
+    /// can still take) before its payload is read: a frame that fails it is reported `Malformed`.
+    Read { stream: StreamId, expect: Expect },
     /// Write `frame` on `stream`, after the frames sent before it; report [`super::Event::Sent`] or `SendFailed`.
     Send { stream: StreamId, frame: Frame },
     /// Finish the send side of `stream` once its queued frames are written, and stop reading it. The core forgets

@@ -2,13 +2,25 @@
 
 use std::time::Duration;
 
+use super::auth::HopPolicy;
 use shardline_proto::wire::Limits;
+
+/// How often an owner pings a session that has no input due, well inside the stages' default idle timeout
+/// ([`StageConfig::idle_timeout`]) so that a few late pings never end a live session.
+pub const OWNER_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct StageConfig {
     /// Sessions admitted at once; more get a `Busy` error.
     pub max_sessions: usize,
-    /// A session with no input for this long is ended and its KV cache freed.
+    /// Sessions one peer (source address) may hold at once; `None`: three quarters of `max_sessions` (at least 1), so
+    /// one client can never take every slot (`docs/SECURITY.md`, *Stage*).
+    pub max_sessions_per_peer: Option<usize>,
+    /// KV-cache positions one peer may hold reserved at once; `None`: no bound but the cache itself (the stage server
+    /// sets three quarters of the cache).
+    pub max_kv_tokens_per_peer: Option<usize>,
+    /// A session with no input, no output and no `Ping` for this long is ended and its KV cache freed. Owners ping
+    /// every [`OWNER_KEEP_ALIVE`], so only a vanished or stalled owner reaches it.
     pub idle_timeout: Duration,
     /// How long to wait for the next stage to accept a session.
     pub connect_timeout: Duration,
@@ -20,17 +32,31 @@ pub struct StageConfig {
     /// Opens that may wait for KV-cache blocks when the pool is full (each at most `connect_timeout`); more are
     /// refused `Busy` at once.
     pub max_waiting: usize,
+    /// Which next hops the stage may dial ([`HopPolicy::Signed`] on every networked stage).
+    pub next_hops: HopPolicy,
+}
+
+impl StageConfig {
+    /// Sessions one peer may hold (see [`StageConfig::max_sessions_per_peer`]).
+    pub fn sessions_per_peer(&self) -> usize {
+        self.max_sessions_per_peer
+            .unwrap_or(self.max_sessions - self.max_sessions / 4)
+            .clamp(1, self.max_sessions.max(1))
+    }
 }
 
 impl Default for StageConfig {
     fn default() -> Self {
         Self {
             max_sessions: 16,
-            idle_timeout: Duration::from_secs(300),
+            max_sessions_per_peer: None,
+            max_kv_tokens_per_peer: None,
+            idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             batch_tokens: 128,
             max_waiting: 16,
+            next_hops: HopPolicy::Signed,
         }
     }
 }

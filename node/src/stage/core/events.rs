@@ -1,6 +1,7 @@
 //! What a driver tells the stage core: things that happened on streams, in compute, and on the clock.
 
 use super::batch::ComputeResult;
+use super::quota::Peer;
 use shardline_proto::wire::Frame;
 
 /// Names one bidirectional stream for the core. The driver numbers the streams it accepts; the core numbers the
@@ -15,8 +16,8 @@ pub enum StreamId {
 /// core never reads a clock.
 #[derive(Debug)]
 pub enum Event<K> {
-    /// A peer opened a stream to this stage. The core answers with [`super::Action::Read`] for its first frame.
-    Accepted { stream: StreamId },
+    /// `peer` opened a stream to this stage. The core answers with [`super::Action::Read`] for its first frame.
+    Accepted { stream: StreamId, peer: Peer },
     /// One complete frame was read from `stream`, in answer to a [`super::Action::Read`].
     Frame { stream: StreamId, frame: Frame },
     /// The peer finished its send side cleanly between frames (in answer to a read).

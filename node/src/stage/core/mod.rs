@@ -17,13 +17,20 @@
 //! - Ordering: chunks must continue the session's positions exactly; a close, the end of an input stream or a
 //!   refused frame takes effect after the chunks before it. A lost stream, a malformed frame, a failed next stage,
 //!   a compute error and the idle timeout end the session at once.
+//! - Security (`docs/SECURITY.md`, *Stage*): `Attach` must present the session's key and the next hop must be vouched
+//!   for by its signed announcement ([`auth`]); every read carries an [`Expect`] so a frame the stream cannot take
+//!   costs its header only; one peer holds at most its [`quota`] of sessions and KV cache; non-finite hidden states are
+//!   refused and blamed on the stage that sent them ([`finite`]).
 
 mod actions;
 mod admission;
+pub mod auth;
 mod batch;
 mod config;
 mod events;
+pub mod finite;
 mod model;
+pub mod quota;
 mod schedule;
 mod session;
 
@@ -38,9 +45,10 @@ use tracing::{debug, warn};
 pub use actions::Action;
 pub use admission::{Admission, Slot};
 pub use batch::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample};
-pub use config::StageConfig;
+pub use config::{OWNER_KEEP_ALIVE, StageConfig};
 pub use events::{Event, StreamId};
 pub use model::{StageCompute, StageModel};
+pub use quota::{Peer, PeerLease, PeerQuotas};
 pub use schedule::{BatchGauge, BatchStats};
 pub use session::{INPUT_QUEUE, OUTPUT_WINDOW};
 
@@ -48,13 +56,15 @@ use schedule::Candidate;
 use session::{Chunk, ChunkKind, Downstream, InFlight, Link, Phase, Queued, StageSession, Upstream};
 
 use crate::wire_convert::sampling_from_wire;
-use shardline_proto::wire::{ErrorCode, Frame, SessionId, SessionOpen, StageData};
+use shardline_proto::wire::{ErrorCode, Expect, Frame, FrameKind, SessionId, SessionOpen, StageData};
 
 /// An open waiting for KV-cache blocks.
 struct Parked {
     stream: StreamId,
     session: SessionId,
     open: SessionOpen,
+    /// The peer's quota, held while waiting.
+    lease: PeerLease,
     /// Refused `Busy` if still waiting then.
     deadline: Instant,
 }
@@ -74,6 +84,8 @@ enum Role {
 
 struct StreamState {
     role: Role,
+    /// Who opened it (dialed streams: [`Peer::LOCAL`]; they never own a session).
+    peer: Peer,
     /// A read was asked for and has not been answered.
     reading: bool,
     /// Frames sent on it that the driver has not reported written.
@@ -85,6 +97,7 @@ pub struct StageCore<M: StageModel> {
     model: M,
     config: StageConfig,
     admission: Admission,
+    quotas: PeerQuotas,
     /// Ordered by id so batches are built in a stable order.
     sessions: BTreeMap<SessionId, StageSession<M::Kv>>,
     streams: HashMap<StreamId, StreamState>,
@@ -104,10 +117,12 @@ pub struct StageCore<M: StageModel> {
 impl<M: StageModel> StageCore<M> {
     pub fn new(model: M, config: StageConfig) -> Self {
         let admission = Admission::new(config.max_sessions);
+        let quotas = PeerQuotas::new(config.sessions_per_peer(), config.max_kv_tokens_per_peer.unwrap_or(usize::MAX));
         Self {
             model,
             config,
             admission,
+            quotas,
             sessions: BTreeMap::new(),
             streams: HashMap::new(),
             actions: VecDeque::new(),
@@ -175,8 +190,8 @@ impl<M: StageModel> StageCore<M> {
 
     fn handle_event(&mut self, now: Instant, event: Event<M::Kv>) {
         match event {
-            Event::Accepted { stream } => {
-                self.streams.insert(stream, StreamState { role: Role::Pending, reading: false, unsent: 0 });
+            Event::Accepted { stream, peer } => {
+                self.streams.insert(stream, StreamState { role: Role::Pending, peer, reading: false, unsent: 0 });
                 self.read(stream);
             }
             Event::Frame { stream, frame } => {
@@ -303,11 +318,37 @@ impl<M: StageModel> StageCore<M> {
     }
 
     fn read(&mut self, stream: StreamId) {
-        if let Some(st) = self.streams.get_mut(&stream)
-            && !st.reading
-        {
+        let Some(role) = self.streams.get(&stream).filter(|st| !st.reading).map(|st| st.role) else { return };
+        let expect = self.expect(role);
+        if let Some(st) = self.streams.get_mut(&stream) {
             st.reading = true;
-            self.actions.push_back(Action::Read { stream });
+        }
+        self.actions.push_back(Action::Read { stream, expect });
+    }
+
+    /// What the next frame of a stream in `role` may be, checked on its header before its payload is read: a first
+    /// frame is a small `Open` or `Attach`; a session's inputs name it and fit the positions it has left.
+    fn expect(&self, role: Role) -> Expect {
+        let control = self.config.limits.max_control_payload;
+        let inputs = |id: SessionId, s: &StageSession<M::Kv>, kinds: &[FrameKind]| {
+            let left = (s.open.max_tokens as u64).saturating_sub(s.next_position);
+            let rows = left.min(self.config.limits.max_tokens_per_frame as u64) as usize;
+            let row = if s.open.span.start == 0 { 4 } else { s.open.hidden as usize * s.open.wire_dtype.size() };
+            Expect::kinds(kinds).session(id).max_payload(rows.saturating_mul(row))
+        };
+        match role {
+            Role::Pending => Expect::kinds(&[FrameKind::Open, FrameKind::Attach]).max_payload(control),
+            Role::Control(id) => match self.sessions.get(&id) {
+                Some(s) if s.open.span.start == 0 => {
+                    inputs(id, s, &[FrameKind::Prefill, FrameKind::Decode, FrameKind::Close, FrameKind::Ping])
+                }
+                _ => Expect::kinds(&[FrameKind::Close, FrameKind::Ping]).session(id).max_payload(0),
+            },
+            Role::Upstream(id) => match self.sessions.get(&id) {
+                Some(s) => inputs(id, s, &[FrameKind::Prefill, FrameKind::Decode, FrameKind::Close]),
+                None => Expect::kinds(&[FrameKind::Close]).max_payload(0),
+            },
+            Role::Downstream(_) => Expect::kinds(&[FrameKind::Opened, FrameKind::Error]).max_payload(control),
         }
     }
 
@@ -341,12 +382,14 @@ impl<M: StageModel> StageCore<M> {
     fn first_frame(&mut self, now: Instant, stream: StreamId, frame: Frame) {
         match frame {
             Frame::Open { session, open } => self.open(now, stream, session, open),
-            Frame::Attach { session, dtype, width } => {
-                let Some(s) = self
-                    .sessions
-                    .get_mut(&session)
-                    .filter(|s| matches!(s.phase, Phase::Running) && s.upstream == Upstream::Expected)
-                else {
+            Frame::Attach { session, dtype, width, key } => {
+                // A wrong key is answered exactly like an unknown session, and leaves the session alone: knowing a
+                // session id (it is logged) lets a peer neither join nor end a session.
+                let Some(s) = self.sessions.get_mut(&session).filter(|s| {
+                    matches!(s.phase, Phase::Running)
+                        && s.upstream == Upstream::Expected
+                        && s.open.attach_key.matches(&key)
+                }) else {
                     let f = Failure::new(ErrorCode::UnknownSession, format!("no session {session}"));
                     return self.refuse(stream, session, f);
                 };
@@ -382,9 +425,18 @@ impl<M: StageModel> StageCore<M> {
         if self.sessions.contains_key(&session) || self.parked.iter().any(|p| p.session == session) {
             return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, "session id in use"));
         }
+        if let Err(msg) = auth::check_next_hop(self.config.next_hops, &open) {
+            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));
+        }
+        // A waiting open holds its peer's quota too: one peer cannot fill the wait queue either.
+        let peer = self.streams.get(&stream).map_or(Peer::LOCAL, |st| st.peer);
+        let lease = match self.quotas.try_take(peer, open.max_tokens as usize) {
+            Ok(l) => l,
+            Err(msg) => return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg)),
+        };
         // Opens already waiting for KV cache go first.
         if !self.parked.is_empty() {
-            return self.park(now, stream, session, open, None);
+            return self.park(now, Parked { stream, session, open, lease, deadline: now }, None);
         }
         let Some(slot) = self.admission.try_admit() else {
             let msg = format!("{} sessions running", self.admission.max());
@@ -394,17 +446,18 @@ impl<M: StageModel> StageCore<M> {
             Ok(kv) => kv,
             // Waiting only makes sense while running sessions hold blocks that they will give back.
             Err(f) if f.code == ErrorCode::Busy && !self.sessions.is_empty() => {
-                return self.park(now, stream, session, open, Some(f));
+                return self.park(now, Parked { stream, session, open, lease, deadline: now }, Some(f));
             }
             Err(f) => return self.refuse(stream, session, f),
         };
-        self.start(now, stream, session, open, slot, kv);
+        self.start(now, stream, session, open, slot, kv, lease);
     }
 
     /// Queues an open that finds the KV cache full, until running sessions free enough blocks (or `connect_timeout`
     /// passes); refused `Busy` at once when `max_waiting` opens already wait. A running session is never evicted to
     /// make room: its blocks were reserved whole when it was admitted.
-    fn park(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen, why: Option<Failure>) {
+    fn park(&mut self, now: Instant, mut p: Parked, why: Option<Failure>) {
+        let (stream, session) = (p.stream, p.session);
         if self.parked.len() >= self.config.max_waiting {
             let msg = match why {
                 Some(f) => format!("{}; {} opens already wait for KV cache", f.message, self.parked.len()),
@@ -413,8 +466,8 @@ impl<M: StageModel> StageCore<M> {
             return self.refuse(stream, session, Failure::new(ErrorCode::Busy, msg));
         }
         debug!(session, waiting = self.parked.len() + 1, "KV cache full: the open waits");
-        let deadline = now + self.config.connect_timeout;
-        self.parked.push_back(Parked { stream, session, open, deadline });
+        p.deadline = now + self.config.connect_timeout;
+        self.parked.push_back(p);
     }
 
     /// Admits waiting opens, oldest first, while slots and KV blocks allow; refuses those whose time is up.
@@ -434,7 +487,7 @@ impl<M: StageModel> StageCore<M> {
             match self.model.reserve(p.open.max_tokens as usize) {
                 Ok(kv) => {
                     let Some(p) = self.parked.pop_front() else { break };
-                    self.start(now, p.stream, p.session, p.open, slot, kv);
+                    self.start(now, p.stream, p.session, p.open, slot, kv, p.lease);
                 }
                 Err(f) if f.code == ErrorCode::Busy => break,
                 Err(f) => {
@@ -446,7 +499,17 @@ impl<M: StageModel> StageCore<M> {
     }
 
     /// A session admitted with its slot and KV reservation: into the map, then `Opened` (or a dial of the next stage).
-    fn start(&mut self, now: Instant, stream: StreamId, session: SessionId, open: SessionOpen, slot: Slot, kv: M::Kv) {
+    #[allow(clippy::too_many_arguments)] // the parts of an admitted session, each owned and moved into it
+    fn start(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        session: SessionId,
+        open: SessionOpen,
+        slot: Slot,
+        kv: M::Kv,
+        lease: PeerLease,
+    ) {
         if let Some(st) = self.streams.get_mut(&stream) {
             st.role = Role::Control(session);
         }
@@ -466,6 +529,7 @@ impl<M: StageModel> StageCore<M> {
             last_active: now,
             arrival: self.next_arrival,
             _slot: slot,
+            _lease: lease,
         };
         self.next_arrival += 1;
         match next {
@@ -478,7 +542,9 @@ impl<M: StageModel> StageCore<M> {
                 self.next_dial += 1;
                 entry.downstream = Some(Downstream { stream: dial, addr, link: Link::Dialing });
                 self.sessions.insert(session, entry);
-                self.streams.insert(dial, StreamState { role: Role::Downstream(session), reading: false, unsent: 0 });
+                let state =
+                    StreamState { role: Role::Downstream(session), peer: Peer::LOCAL, reading: false, unsent: 0 };
+                self.streams.insert(dial, state);
                 self.actions.push_back(Action::Dial { stream: dial, addr, fingerprint });
             }
         }
@@ -497,7 +563,8 @@ impl<M: StageModel> StageCore<M> {
         match result {
             Ok(()) => {
                 d.link = Link::Attaching;
-                let attach = Frame::Attach { session, dtype: s.open.wire_dtype, width: s.open.hidden };
+                let attach =
+                    Frame::Attach { session, dtype: s.open.wire_dtype, width: s.open.hidden, key: s.open.next_key };
                 self.send(stream, attach);
                 self.read(stream);
             }
@@ -574,6 +641,11 @@ impl<M: StageModel> StageCore<M> {
             Frame::Prefill { position, last, data, .. } => chunk(s, position, ChunkKind::Prefill { last }, data),
             Frame::Decode { position, data, .. } => chunk(s, position, ChunkKind::Decode, data),
             Frame::Close { .. } => Queued::End(Ok(())),
+            // The owner is alive: the idle timeout counts again from now, nothing is queued.
+            Frame::Ping { .. } => {
+                self.refill_reads(session);
+                return;
+            }
             other => Queued::End(Err(Failure::new(
                 ErrorCode::Malformed,
                 format!("unexpected {} frame", other.kind().name()),
@@ -850,6 +922,16 @@ fn chunk<K>(s: &mut StageSession<K>, position: u64, kind: ChunkKind, data: Stage
     if !fits || data.n_tokens() == 0 {
         let msg = format!("input of the wrong kind or shape for span {span}");
         return Queued::End(Err(Failure::new(ErrorCode::BadRequest, msg)));
+    }
+    if let StageData::Hidden(h) = &data
+        && let Some(i) = finite::first_non_finite(h)
+    {
+        let (row, col) = (i / h.width().max(1), i % h.width().max(1));
+        let msg = format!(
+            "the previous stage sent a non-finite hidden state (position {}, element {col})",
+            position + row as u64
+        );
+        return Queued::End(Err(Failure::new(ErrorCode::Upstream, msg)));
     }
     s.next_position += data.n_tokens() as u64;
     Queued::Chunk(Chunk { position, kind, data })

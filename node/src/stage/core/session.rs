@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::admission::Slot;
 use super::batch::Failure;
 use super::events::StreamId;
+use super::quota::PeerLease;
 use shardline_proto::wire::{SessionOpen, StageData};
 
 /// Input chunks a session holds before compute, at most (frames not yet read stay in the transport).
@@ -99,6 +100,8 @@ pub(super) struct StageSession<K> {
     pub arrival: u64,
     /// Dropped with the entry, after `kv`: gives the admission back.
     pub _slot: Slot,
+    /// The owner's share of its per-peer quota, given back with the entry.
+    pub _lease: PeerLease,
 }
 
 impl<K> StageSession<K> {

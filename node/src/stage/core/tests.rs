@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::model::LayerRange;
-use shardline_proto::wire::{HiddenStates, Hop, TokenResult, WireDType, WireSampling};
+use shardline_proto::wire::{HiddenStates, Hop, SessionKey, TokenResult, WireDType, WireSampling};
 
 const KV_TOKENS: usize = 1000;
 const WIDTH: u32 = 4;
@@ -62,6 +62,8 @@ fn config() -> StageConfig {
         max_sessions: 2,
         idle_timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
+        // These tests name made-up next hops; `tests/security.rs` checks the signed-announcement policy.
+        next_hops: auth::HopPolicy::InProcess,
         ..StageConfig::default()
     }
 }
@@ -80,8 +82,8 @@ impl Harness {
     fn accept(&mut self) -> StreamId {
         let s = StreamId::Accepted(self.next);
         self.next += 1;
-        let a = self.event(Event::Accepted { stream: s });
-        assert!(matches!(a[..], [Action::Read { stream }] if stream == s), "{a:?}");
+        let a = self.event(Event::Accepted { stream: s, peer: Peer::LOCAL });
+        assert!(matches!(a[..], [Action::Read { stream, .. }] if stream == s), "{a:?}");
         s
     }
 
@@ -120,6 +122,9 @@ fn open(session: SessionId, span: LayerRange, rest: Vec<Hop>) -> Frame {
             wire_dtype: WireDType::F32,
             hidden: WIDTH,
             rest,
+            attach_key: SessionKey::default(),
+            next_key: SessionKey::default(),
+            next_record: Vec::new(),
         },
     }
 }
@@ -138,7 +143,7 @@ fn token(t: u32) -> ComputeOutput {
 
 fn assert_opened(a: &[Action<FakeKv>], s: StreamId, session: SessionId) {
     match a {
-        [Action::Send { stream, frame: Frame::Opened { session: got } }, Action::Read { stream: r }]
+        [Action::Send { stream, frame: Frame::Opened { session: got } }, Action::Read { stream: r, .. }]
             if *stream == s && *got == session && *r == s => {}
         other => panic!("expected Opened then a read on {s:?}, got {other:?}"),
     }
@@ -316,8 +321,11 @@ fn a_downstream_that_never_dials_or_attaches_times_out_as_downstream() {
             let a = h.event(Event::Dialed { stream: d, result: Ok(()) });
             match &a[..] {
                 [
-                    Action::Send { stream, frame: Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH } },
-                    Action::Read { stream: r },
+                    Action::Send {
+                        stream,
+                        frame: Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH, .. },
+                    },
+                    Action::Read { stream: r, .. },
                 ] if *stream == d && *r == d => {}
                 other => panic!("{other:?}"),
             }
@@ -349,7 +357,7 @@ fn a_middle_stage_sends_hidden_states_on_and_reports_a_failing_next_stage() {
     let a = h.frame(d, Frame::Opened { session: 1 });
     match &a[..] {
         [
-            Action::Read { stream: r },
+            Action::Read { stream: r, .. },
             Action::Send { stream, frame: Frame::Opened { session: 1 } },
             Action::Read { .. },
         ] if *r == d && *stream == c => {}
@@ -397,19 +405,26 @@ fn attach_checks_the_session_and_the_shape() {
     assert_opened(&h.frame(c, open(1, LayerRange::new(2, 4), vec![])), c, 1);
     let u = h.accept();
     assert_eq!(
-        error_on(&h.frame(u, Frame::Attach { session: 9, dtype: WireDType::F32, width: WIDTH }), u).0,
+        error_on(
+            &h.frame(u, Frame::Attach { session: 9, dtype: WireDType::F32, width: WIDTH, key: SessionKey::default() }),
+            u
+        )
+        .0,
         ErrorCode::UnknownSession
     );
     let u = h.accept();
-    let (code, msg) = error_on(&h.frame(u, Frame::Attach { session: 1, dtype: WireDType::F16, width: WIDTH }), u);
+    let (code, msg) = error_on(
+        &h.frame(u, Frame::Attach { session: 1, dtype: WireDType::F16, width: WIDTH, key: SessionKey::default() }),
+        u,
+    );
     assert_eq!(code, ErrorCode::BadRequest);
     assert!(msg.contains("F16"), "{msg}");
     let u = h.accept();
     let u2 = h.accept();
-    let a = h.frame(u, Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH });
+    let a = h.frame(u, Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH, key: SessionKey::default() });
     assert_opened(&a, u, 1);
     // Only one previous stage per session.
-    let a = h.frame(u2, Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH });
+    let a = h.frame(u2, Frame::Attach { session: 1, dtype: WireDType::F32, width: WIDTH, key: SessionKey::default() });
     assert_eq!(error_on(&a, u2).0, ErrorCode::UnknownSession);
     // Hidden states of the wrong width end the session, and the owner hears that the previous stage sent them.
     let bad = HiddenStates::from_f32(1, 3, &[0.0; 3]).unwrap();
@@ -725,3 +740,5 @@ fn an_open_that_waits_too_long_for_kv_blocks_is_refused_busy() {
     assert_eq!(h.core.active_sessions(), 1);
     assert_eq!(h.free.load(Ordering::SeqCst), 10);
 }
+
+mod security;
