@@ -31,7 +31,7 @@ use shardline_node::generate::Stepper;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
 use shardline_node::stage::{LocalSwarm, NodeArgs, NodeHandle, ShardStage, StageConfig, start_node};
 use shardline_node::test_models::model_for_tests;
-use shardline_proto::wire::{Frame, SessionOpen, StageData, WireDType, WireSampling};
+use shardline_proto::wire::{Frame, SessionKey, SessionOpen, StageData, WireDType, WireSampling};
 
 /// New tokens per stream: the first comes from the prefill, the rest are decode steps.
 const NEW_TOKENS: usize = 64;
@@ -100,6 +100,9 @@ fn engine_run(stage: &Arc<ShardStage>, c: usize, hidden: u32, n_layers: u32, voc
             wire_dtype: WireDType::F32,
             hidden,
             rest: vec![],
+            attach_key: SessionKey::default(),
+            next_key: SessionKey::default(),
+            next_record: Vec::new(),
         };
         swarm.send(*cl, Frame::Open { session: i as u64 + 1, open });
     }

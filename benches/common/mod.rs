@@ -1,4 +1,5 @@
 //! What the benches share: the quick knob and the criterion settings built from it.
+#![allow(dead_code)] // the concurrency bench reports its own figures and uses only the quick knob
 
 use std::time::Duration;
 

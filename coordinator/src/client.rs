@@ -49,8 +49,8 @@ use shardline_proto::pool::ConnectionPool;
 use shardline_proto::wire::{Limits, WireDType};
 use tracing::{info, warn};
 
-use crate::deadline::DeadlineConfig;
 use crate::blame::{self, Fault};
+use crate::deadline::DeadlineConfig;
 use crate::discovery::{Discovery, DiscoveryConfig};
 use crate::queue::QueuePermit;
 use crate::registry::{NodeRegistry, RegistryConfig};

@@ -141,9 +141,16 @@ impl TrustContext {
     }
 
     async fn open(&self, route: Route, params: &SessionParams) -> Result<RouteSession, SessionError> {
-        let registry = self.registry.clone();
-        RouteSession::open(&self.pool, route, params, Limits::default(), move |p, rtt| registry.record_rtt(&p, rtt))
-            .await
+        let (registry, records) = (self.registry.clone(), self.registry.clone());
+        RouteSession::open(
+            &self.pool,
+            route,
+            params,
+            Limits::default(),
+            move |p, rtt| registry.record_rtt(&p, rtt),
+            move |p| records.signed_record(p),
+        )
+        .await
     }
 
     /// Runs a greedy canary: `prompt`, then [`CANARY_STEPS`] decode steps; every decode step is timed.

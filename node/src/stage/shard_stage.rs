@@ -69,7 +69,8 @@ impl ShardStage {
             .map(|i| match &i.input {
                 StageData::Tokens(_) => Ok(None),
                 StageData::Hidden(h) => {
-                    let x = backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(i.wire_dtype), h.as_bytes())?;
+                    let x =
+                        backend.upload_raw(&[h.n_tokens(), h.width()], compute_dtype(i.wire_dtype), h.as_bytes())?;
                     if !tampered {
                         return Ok(Some(x));
                     }

@@ -440,7 +440,11 @@ fn attached(h: &mut Harness, session: SessionId) -> (StreamId, StreamId) {
     let c = h.accept();
     assert_opened(&h.frame(c, open(session, LayerRange::new(2, 4), vec![])), c, session);
     let u = h.accept();
-    assert_opened(&h.frame(u, Frame::Attach { session, dtype: WireDType::F32, width: WIDTH }), u, session);
+    assert_opened(
+        &h.frame(u, Frame::Attach { session, dtype: WireDType::F32, width: WIDTH, key: SessionKey::default() }),
+        u,
+        session,
+    );
     (c, u)
 }
 
