@@ -103,7 +103,7 @@ impl Default for RegistryConfig {
             max_waiting: 16,
             base_ban: Duration::from_secs(2),
             max_ban: Duration::from_secs(300),
-            probation: true,
+            probation: false,
             max_per_address: DEFAULT_MAX_PER_ADDRESS,
             allow_peers: None,
         }

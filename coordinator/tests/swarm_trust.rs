@@ -66,6 +66,7 @@ async fn client(model_id: &str, bootstrap: &[Multiaddr], audit: f64) -> SwarmCli
     cfg.discovery.query_interval = Duration::from_millis(300);
     cfg.probe_interval = Duration::from_millis(200);
     cfg.registry.base_ban = Duration::from_secs(60);
+    cfg.registry.probation = true;
     cfg.audit_fraction = audit;
     SwarmClient::join(cfg).await.unwrap()
 }
