@@ -1,5 +1,6 @@
 //! The llama.cpp reference fixtures written by `scripts/make-reference.py`: the full one (top-k logits at every
 //! position) and the compact per-preset ones (top-1 id, logit and margin) share everything but the positions.
+#![allow(dead_code)] // each test reads its own part
 
 use serde::Deserialize;
 
