@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Proc, coordinator, coordinator_http, spawn, wait_line};
+use common::{Proc, coordinator, coordinator_http, node_args, spawn, wait_line};
 use libp2p::{Multiaddr, PeerId};
 use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmSession};
 use shardline_kernels::SamplingParams;
@@ -18,25 +18,8 @@ use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 
 /// A one-thread CPU node on loopback with a small KV cache and extra arguments; returns it with its peer id.
 fn node_with(model: &str, layers: &str, bootstrap: &str, extra: &[&str]) -> (Proc, PeerId) {
-    let mut args = vec![
-        "node",
-        "--model",
-        model,
-        "--layers",
-        layers,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--listen",
-        "127.0.0.1:0",
-        "--p2p-listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--bootstrap",
-        bootstrap,
-        "--kv-cache-mib",
-        "16",
-    ];
+    let mut args = node_args(model, layers, "127.0.0.1:0", "/ip4/127.0.0.1/tcp/0", bootstrap);
+    args.extend_from_slice(&["--kv-cache-mib", "16"]);
     args.extend_from_slice(extra);
     let (p, rx) = spawn(&args);
     let peer = wait_line(&rx, "peer id", Duration::from_secs(60));

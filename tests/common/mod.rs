@@ -60,23 +60,7 @@ pub fn coordinator() -> (Proc, String) {
 /// A one-thread CPU node serving `layers` of `model` on loopback, joined through `bootstrap`, once it serves;
 /// returns it with its peer id.
 pub fn node(model: &str, layers: &str, p2p_listen: &str, bootstrap: &str) -> (Proc, String) {
-    let (p, rx) = spawn(&[
-        "node",
-        "--model",
-        model,
-        "--layers",
-        layers,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--listen",
-        "127.0.0.1:0",
-        "--p2p-listen",
-        p2p_listen,
-        "--bootstrap",
-        bootstrap,
-    ]);
+    let (p, rx) = spawn(&node_args(model, layers, "127.0.0.1:0", p2p_listen, bootstrap));
     let peer = wait_line(&rx, "peer id", Duration::from_secs(60));
     wait_line(&rx, "serving layers", Duration::from_secs(60));
     (p, peer)
@@ -156,4 +140,32 @@ pub fn coordinator_http(model: &str) -> (Proc, String, String) {
     let addr = wait_line(&rx, "p2p listening on", Duration::from_secs(60));
     let http = wait_line(&rx, "http listening on", Duration::from_secs(60));
     (p, addr, http)
+}
+
+/// The arguments of a one-thread CPU node serving `layers` of `model`, its stage on `listen`, libp2p on `p2p_listen`,
+/// joined through `bootstrap`; tests append their own flags.
+pub fn node_args<'a>(
+    model: &'a str,
+    layers: &'a str,
+    listen: &'a str,
+    p2p_listen: &'a str,
+    bootstrap: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "node",
+        "--model",
+        model,
+        "--layers",
+        layers,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--listen",
+        listen,
+        "--p2p-listen",
+        p2p_listen,
+        "--bootstrap",
+        bootstrap,
+    ]
 }
