@@ -105,7 +105,7 @@ async fn a_stage_killed_at_any_position_in_prefill_or_decode_fails_over_with_ide
     eprintln!("undisturbed: prefill of {} positions {prefill_time:?}, tokens {expected:?}", prompt.len());
 
     let mut report = Vec::new();
-    for pos in 0..spans.len() {
+    for (pos, span) in spans.iter().enumerate() {
         for phase in [Phase::Prefill, Phase::Decode] {
             let mut s = client.session(prompt.len() + n_out + 1, GREEDY, 0);
             // One position first: the route is chosen and known before the long prefill starts.
@@ -156,7 +156,7 @@ async fn a_stage_killed_at_any_position_in_prefill_or_decode_fails_over_with_ide
             let took = recovered_at - killed_at;
             eprintln!(
                 "stage {pos} ({}) killed in {phase:?}: first token after the failover {took:?} after the kill",
-                spans[pos]
+                span
             );
             report.push((pos, phase, took));
             s.close().await;
