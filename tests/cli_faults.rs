@@ -168,23 +168,8 @@ async fn a_stage_killed_at_any_position_in_prefill_or_decode_fails_over_with_ide
     }
 }
 
-/// `method path` with a JSON body on a fresh connection; the status and the raw body (chunked framing included).
 fn http(addr: &str, method: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the API");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.to_string();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
-    (status, body.to_string())
+    common::http(addr, method, path, Some(body), Duration::from_secs(60))
 }
 
 #[test]
