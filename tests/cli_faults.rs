@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Proc, coordinator, coordinator_http, spawn, wait_line};
+use common::{Proc, coordinator, coordinator_http, node_args, spawn, wait_line};
 use libp2p::{Multiaddr, PeerId};
 use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmSession};
 use shardline_kernels::SamplingParams;
@@ -18,25 +18,8 @@ use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 
 /// A one-thread CPU node on loopback with a small KV cache and extra arguments; returns it with its peer id.
 fn node_with(model: &str, layers: &str, bootstrap: &str, extra: &[&str]) -> (Proc, PeerId) {
-    let mut args = vec![
-        "node",
-        "--model",
-        model,
-        "--layers",
-        layers,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--listen",
-        "127.0.0.1:0",
-        "--p2p-listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--bootstrap",
-        bootstrap,
-        "--kv-cache-mib",
-        "16",
-    ];
+    let mut args = node_args(model, layers, "127.0.0.1:0", "/ip4/127.0.0.1/tcp/0", bootstrap);
+    args.extend_from_slice(&["--kv-cache-mib", "16"]);
     args.extend_from_slice(extra);
     let (p, rx) = spawn(&args);
     let peer = wait_line(&rx, "peer id", Duration::from_secs(60));
@@ -122,7 +105,7 @@ async fn a_stage_killed_at_any_position_in_prefill_or_decode_fails_over_with_ide
     eprintln!("undisturbed: prefill of {} positions {prefill_time:?}, tokens {expected:?}", prompt.len());
 
     let mut report = Vec::new();
-    for pos in 0..spans.len() {
+    for (pos, span) in spans.iter().enumerate() {
         for phase in [Phase::Prefill, Phase::Decode] {
             let mut s = client.session(prompt.len() + n_out + 1, GREEDY, 0);
             // One position first: the route is chosen and known before the long prefill starts.
@@ -173,7 +156,7 @@ async fn a_stage_killed_at_any_position_in_prefill_or_decode_fails_over_with_ide
             let took = recovered_at - killed_at;
             eprintln!(
                 "stage {pos} ({}) killed in {phase:?}: first token after the failover {took:?} after the kill",
-                spans[pos]
+                span
             );
             report.push((pos, phase, took));
             s.close().await;
@@ -185,23 +168,8 @@ async fn a_stage_killed_at_any_position_in_prefill_or_decode_fails_over_with_ide
     }
 }
 
-/// `method path` with a JSON body on a fresh connection; the status and the raw body (chunked framing included).
 fn http(addr: &str, method: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the API");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.to_string();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
-    (status, body.to_string())
+    common::http(addr, method, path, Some(body), Duration::from_secs(60))
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Proc, coordinator, spawn, wait_line};
+use common::{Proc, coordinator, node_args, spawn, wait_line};
 use libp2p::{Multiaddr, PeerId};
 use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmSession};
 use shardline_kernels::SamplingParams;
@@ -87,25 +87,8 @@ async fn relay(target: SocketAddr, faults: Arc<Faults>) -> SocketAddr {
 
 /// A one-thread CPU node on loopback; `advertise` replaces its QUIC address in the announcement.
 fn node_at(model: &str, layers: &str, bootstrap: &str, listen: &str, advertise: Option<&str>) -> (Proc, PeerId) {
-    let mut args = vec![
-        "node",
-        "--model",
-        model,
-        "--layers",
-        layers,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--listen",
-        listen,
-        "--p2p-listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--bootstrap",
-        bootstrap,
-        "--kv-cache-mib",
-        "16",
-    ];
+    let mut args = node_args(model, layers, listen, "/ip4/127.0.0.1/tcp/0", bootstrap);
+    args.extend_from_slice(&["--kv-cache-mib", "16"]);
     if let Some(a) = advertise {
         args.extend_from_slice(&["--advertise", a]);
     }

@@ -2,7 +2,7 @@
 //! by line, and a CPU node on loopback.
 #![allow(dead_code)] // each test file uses its own part
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -60,23 +60,7 @@ pub fn coordinator() -> (Proc, String) {
 /// A one-thread CPU node serving `layers` of `model` on loopback, joined through `bootstrap`, once it serves;
 /// returns it with its peer id.
 pub fn node(model: &str, layers: &str, p2p_listen: &str, bootstrap: &str) -> (Proc, String) {
-    let (p, rx) = spawn(&[
-        "node",
-        "--model",
-        model,
-        "--layers",
-        layers,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--listen",
-        "127.0.0.1:0",
-        "--p2p-listen",
-        p2p_listen,
-        "--bootstrap",
-        bootstrap,
-    ]);
+    let (p, rx) = spawn(&node_args(model, layers, "127.0.0.1:0", p2p_listen, bootstrap));
     let peer = wait_line(&rx, "peer id", Duration::from_secs(60));
     wait_line(&rx, "serving layers", Duration::from_secs(60));
     (p, peer)
@@ -156,4 +140,58 @@ pub fn coordinator_http(model: &str) -> (Proc, String, String) {
     let addr = wait_line(&rx, "p2p listening on", Duration::from_secs(60));
     let http = wait_line(&rx, "http listening on", Duration::from_secs(60));
     (p, addr, http)
+}
+
+/// The arguments of a one-thread CPU node serving `layers` of `model`, its stage on `listen`, libp2p on `p2p_listen`,
+/// joined through `bootstrap`; tests append their own flags.
+pub fn node_args<'a>(
+    model: &'a str,
+    layers: &'a str,
+    listen: &'a str,
+    p2p_listen: &'a str,
+    bootstrap: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "node",
+        "--model",
+        model,
+        "--layers",
+        layers,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--listen",
+        listen,
+        "--p2p-listen",
+        p2p_listen,
+        "--bootstrap",
+        bootstrap,
+    ]
+}
+
+/// `method path` with an optional JSON body on a fresh connection, reading the reply for at most `read_timeout`:
+/// the status and the raw body (chunked framing included).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    read_timeout: Duration,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    (status, body.to_string())
 }
