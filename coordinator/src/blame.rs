@@ -44,7 +44,9 @@ pub fn classify(e: &SessionError) -> Fault {
             ErrorCode::Timeout => Fault::Unattributed,
             _ => Fault::Peer(*peer),
         },
-        SessionError::Connect { peer, .. } | SessionError::Violation { peer, .. } => Fault::Peer(*peer),
+        SessionError::Connect { peer, .. }
+        | SessionError::Violation { peer, .. }
+        | SessionError::Silent { peer, .. } => Fault::Peer(*peer),
         SessionError::Timeout(_) => Fault::Unattributed,
         SessionError::Route(RouteError::Uncovered { .. } | RouteError::UnknownModel { .. }) => Fault::Final,
         SessionError::Protocol(_) => Fault::Final,
@@ -130,6 +132,9 @@ mod tests {
             Fault::Peer(p)
         );
         assert_eq!(classify(&SessionError::Connect { peer: p, detail: "refused".into() }), Fault::Peer(p));
+        // The owner's own silence detection names the silent stage (a stage's Timeout frame does not).
+        let silent = SessionError::Silent { peer: p, silent: Duration::from_secs(1), during: "during a late step" };
+        assert_eq!(classify(&silent), Fault::Peer(p));
     }
 
     #[test]

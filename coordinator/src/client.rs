@@ -274,6 +274,8 @@ impl SwarmSession {
         &self.routes
     }
 
+    /// Failures that made this session leave its route (a stage at fault, a silent route, or a running session cut
+    /// off for capacity, such as a draining node); a node found full before the session started on it is not one.
     pub fn failovers(&self) -> usize {
         self.failovers
     }
@@ -364,11 +366,24 @@ impl SwarmSession {
         // Peers that failed in this step (banned too) and nodes found full in it (not banned).
         let mut failed: HashSet<PeerId> = HashSet::new();
         let mut full: HashSet<PeerId> = HashSet::new();
+        // Routes that went silent as a whole with no stage to blame: avoided while another route exists, and
+        // tried again (nobody is banned) when none does.
+        let mut avoid: HashSet<PeerId> = HashSet::new();
         // The failure that made the last peer excluded: what the client hears when no route is left.
         let mut last: Option<SessionError> = None;
         let mut backoff = CAPACITY_BACKOFF;
         loop {
-            let excluded: HashSet<PeerId> = failed.union(&full).copied().collect();
+            let mut excluded: HashSet<PeerId> = failed.union(&full).copied().collect();
+            if !avoid.is_empty() && self.pipeline.is_none() {
+                let around: HashSet<PeerId> = excluded.union(&avoid).copied().collect();
+                let inner = &self.client.inner;
+                if routing::route(&inner.registry, &inner.config.model_id, &around, CoveragePolicy::FailFast)
+                    .await
+                    .is_ok()
+                {
+                    excluded = around;
+                }
+            }
             // Around a full node, plan once and fall back to waiting below rather than waiting for coverage.
             let plan_policy = if full.is_empty() { policy } else { CoveragePolicy::FailFast };
             let attempt = async {
@@ -429,6 +444,10 @@ impl SwarmSession {
                 Fault::Capacity(peer) => {
                     info!(peer = ?peer, error = %e, "node full: routing around it (no ban)");
                     full.extend(peer);
+                    // A running session cut off (a draining node, a KV cache that filled) moves to another route.
+                    if !route_peers.is_empty() {
+                        self.failovers += 1;
+                    }
                 }
                 Fault::Peer(peer) => {
                     warn!(%peer, error = %e, "stage failed: banning it and re-routing");
@@ -437,8 +456,8 @@ impl SwarmSession {
                     self.failovers += 1;
                 }
                 Fault::Unattributed => {
-                    warn!(error = %e, "step failed with no stage to blame: re-routing around the whole route");
-                    failed.extend(route_peers);
+                    warn!(error = %e, "step failed with no stage to blame: re-routing around the whole route where another exists");
+                    avoid.extend(route_peers);
                     self.failovers += 1;
                 }
             }

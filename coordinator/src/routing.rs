@@ -281,8 +281,8 @@ pub fn plan(
 /// Candidates of `model_id` from the registry for user sessions: without banned nodes and, when the registry runs
 /// probation, only nodes whose output a trusted replica confirmed. A node whose RTT was never measured is assumed
 /// as close as the closest measured one (or [`DEFAULT_RTT`]), so new replicas get tried instead of being starved by a
-/// pessimistic guess; a node whose compute was never measured is assumed no faster than the fastest measured node
-/// of the model, whatever it announces.
+/// pessimistic guess; likewise a node whose compute was never measured is assumed exactly as fast as the fastest
+/// measured node of the model, whatever it announces (its announcement counts only while nothing is measured).
 pub fn candidates(registry: &crate::registry::NodeRegistry, model_id: &str) -> Vec<Candidate> {
     let probation = registry.config().probation;
     candidates_where(registry, model_id, |h| !probation || h.standing == crate::trust::Standing::Trusted)
@@ -320,8 +320,10 @@ pub fn candidates_where(
                 c.rtt = assumed;
             }
             if c.ms_per_layer.is_none() {
-                let prior = c.announced_ms_per_layer();
-                c.ms_per_layer = Some(best_measured.map_or(prior, |b| prior.max(b)));
+                // Once anything is measured, an announcement says nothing more: claiming faster is clamped, and a
+                // pessimistic one (a startup benchmark on a loaded machine) must not starve the node of the one
+                // session that measures it.
+                c.ms_per_layer = Some(best_measured.unwrap_or_else(|| c.announced_ms_per_layer()));
             }
             c
         })
@@ -534,6 +536,20 @@ mod tests {
                 }
             }
         }
+        // A replica announcing itself slow (a startup benchmark on a busy machine) is still tried, and measured,
+        // once its peer is measured: it is assumed as fast as the best measured node.
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let measured = announcement(&Keypair::generate_ed25519(), "m", full, 30);
+        let mut modest = announcement(&Keypair::generate_ed25519(), "m", full, 30);
+        modest.decode_tps = 0.5;
+        reg.upsert(measured.clone()).unwrap();
+        reg.upsert(modest.clone()).unwrap();
+        reg.record_layer_time(&measured.peer_id, 0.5);
+        let cands = candidates(&reg, "m");
+        let modest_wins = (0..400u64)
+            .filter(|t| plan("m", &cands, 30, &HashSet::new(), mix64(*t)).unwrap().peers() == vec![modest.peer_id])
+            .count();
+        assert!((120..280).contains(&modest_wins), "the unmeasured replica took {modest_wins} of 400 routes");
         // With nothing measured yet, an absurd announcement is clamped to the plausible bound.
         let mut c = cand(0, 30, 1e30);
         assert_eq!(c.announced_ms_per_layer(), MIN_PLAUSIBLE_MS_PER_LAYER);

@@ -48,6 +48,11 @@ pub enum SessionError {
     Connect { peer: PeerId, detail: String },
     #[error("stage {peer} failed ({code:?}): {message}")]
     Stage { peer: PeerId, code: ErrorCode, message: String },
+    /// The owner's own deadline watch (`deadline.rs`) found the stage's connection silent (no packet, not even an
+    /// acknowledgement of a keep-alive) past the detection limit while a step or an open waited on it: the node is
+    /// taken for dead or cut off. Unlike a stage's `Timeout` error frame, this names its culprit.
+    #[error("stage {peer} silent for {silent:?} {during}: taken for dead")]
+    Silent { peer: PeerId, silent: std::time::Duration, during: &'static str },
     /// The peer sent what the protocol does not allow where it did (a wrong frame kind, a token for the wrong
     /// position, a log-probability that cannot be one).
     #[error("stage {peer} broke the protocol: {detail}")]
@@ -194,11 +199,7 @@ impl RouteSession {
                 Watched::Done(r) => r,
                 Watched::Silent { silent, .. } => {
                     conn.close(0u32.into(), b"silent");
-                    return Err(SessionError::Stage {
-                        peer,
-                        code: ErrorCode::Timeout,
-                        message: format!("no answer to open, silent for {silent:?}"),
-                    });
+                    return Err(SessionError::Silent { peer, silent, during: "with no answer to open" });
                 }
             };
             match opened {
@@ -310,8 +311,7 @@ impl RouteSession {
                 // Closed, so the pool dials afresh should the node come back.
                 self.conns[stage].close(0u32.into(), b"silent");
                 let peer = self.route.stages[stage].peer;
-                let message = format!("stage silent for {silent:?} during a late step");
-                return Err(SessionError::Stage { peer, code: ErrorCode::Timeout, message });
+                return Err(SessionError::Silent { peer, silent, during: "during a late step" });
             }
         };
         if matches!(ev, StageEvent::Frame(Frame::Token { .. })) {

@@ -106,7 +106,9 @@ pub fn record_route_time(registry: &NodeRegistry, route: &Route, elapsed: Durati
     }
     let rtts: Duration = route.stages.iter().filter_map(|s| registry.health(&s.peer).rtt).sum();
     let compute = elapsed.saturating_sub(rtts).as_secs_f64() * 1000.0;
-    let per_layer = compute / n_layers as f64;
+    // Never below the plausible floor: on a tiny model the round trips can exceed the whole step, and a zero would
+    // make a node's cost blind to how many sessions share it (`routing.rs`, `cost_terms`).
+    let per_layer = (compute / n_layers as f64).max(crate::routing::MIN_PLAUSIBLE_MS_PER_LAYER);
     for s in &route.stages {
         registry.record_layer_time(&s.peer, per_layer);
     }

@@ -81,7 +81,7 @@ pub async fn withdraw(dht: &DhtClient, key: &Keypair, mut a: ShardAnnouncement) 
     let mut record = Record::new(node_key(&key.public().to_peer_id()), signed.to_bytes());
     record.publisher = Some(key.public().to_peer_id());
     record.expires = Some(Instant::now() + WITHDRAWAL_TTL);
-    dht.put_record(record).await.map_err(|e| e.to_string())?;
+    dht.put_record_everywhere(record).await.map_err(|e| e.to_string())?;
     debug!("withdrawal published");
     Ok(())
 }

@@ -122,7 +122,7 @@ struct Behaviour {
 
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), DhtError>>),
-    PutRecord(Record, oneshot::Sender<Result<(), DhtError>>),
+    PutRecord(Record, Quorum, oneshot::Sender<Result<(), DhtError>>),
     StartProviding(RecordKey, oneshot::Sender<Result<(), DhtError>>),
     GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
     GetRecord(RecordKey, oneshot::Sender<Vec<Record>>),
@@ -262,7 +262,14 @@ impl DhtClient {
     /// Stores a record locally and at the closest peers (`Quorum::One`). Succeeds when at least one peer took it, or
     /// when no peer is known yet (the record is stored locally and served from here).
     pub async fn put_record(&self, record: Record) -> Result<(), DhtError> {
-        self.ask(|tx| Command::PutRecord(record, tx)).await?
+        self.ask(|tx| Command::PutRecord(record, Quorum::One, tx)).await?
+    }
+
+    /// Stores a record at every one of the closest peers, and resolves once each answered (or the query timed out):
+    /// for a withdrawal, which must replace the node's record everywhere. With `Quorum::One` kad ends the query at
+    /// the first success, and the peers it had not reached yet (beyond its parallelism of 3) never get the record.
+    pub async fn put_record_everywhere(&self, record: Record) -> Result<(), DhtError> {
+        self.ask(|tx| Command::PutRecord(record, Quorum::All, tx)).await?
     }
 
     /// Announces this peer as a provider of `key`.
@@ -416,7 +423,7 @@ impl EventLoop {
                     let _ = tx.send(Err(e));
                 }
             },
-            Command::PutRecord(record, tx) => match self.swarm.behaviour_mut().kad.put_record(record, Quorum::One) {
+            Command::PutRecord(record, quorum, tx) => match self.swarm.behaviour_mut().kad.put_record(record, quorum) {
                 Ok(id) => {
                     self.pending_put.insert(id, tx);
                 }
