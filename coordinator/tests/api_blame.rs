@@ -3,20 +3,20 @@
 //! with `Retry-After` or a wait, never a ban; a stage that breaks the protocol is banned, and failover goes on past
 //! any number of such stages while an untried route exists.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::{api, assert_stages_idle, post, wait_registered};
 use libp2p::{Multiaddr, PeerId};
 use serde_json::{Value, json};
-use shardline_coordinator::api::{self, ApiConfig, ApiState};
-use shardline_coordinator::{CoordinatorArgs, CoordinatorHandle, start_coordinator};
-use shardline_kernels::Backend;
-use shardline_kernels::cpu::CpuBackend;
+use shardline_coordinator::CoordinatorHandle;
+use shardline_coordinator::api::ApiConfig;
 use shardline_node::model::{LayerRange, ShardOptions};
-use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
-use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+use shardline_node::stage::NodeHandle;
+use shardline_node::test_models::TinySpec;
 use shardline_proto::announcement::{ShardAnnouncement, now_ms};
 use shardline_proto::tls::StageIdentity;
 use shardline_proto::wire::{Frame, Limits, TokenResult, read_frame, write_frame};
@@ -24,17 +24,11 @@ use shardline_proto::wire::{Frame, Limits, TokenResult, read_frame, write_frame}
 const N_LAYERS: usize = 6;
 const CONTEXT: usize = 2048;
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend::new(1))
-}
-
 fn tiny_model(dir: &Path) -> PathBuf {
-    let spec = TinySpec { n_layers: N_LAYERS, context: CONTEXT, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    path
+    common::tiny_model(dir, &TinySpec { n_layers: N_LAYERS, context: CONTEXT, ..TinySpec::default() }).0
 }
 
+/// A node of `max_sessions` slots and `kv` bytes of KV cache.
 async fn node_with(
     model: &Path,
     layers: LayerRange,
@@ -42,59 +36,15 @@ async fn node_with(
     max_sessions: usize,
     kv: usize,
 ) -> NodeHandle {
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend(), listen);
-    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    args.bootstrap = bootstrap.to_vec();
-    args.measure_tokens = 4;
-    args.stage.max_sessions = max_sessions;
-    args.shard = ShardOptions { kv_budget_bytes: kv, ..ShardOptions::default() };
-    start_node(args).await.unwrap()
+    common::node_on(model, layers, bootstrap, |a| {
+        a.stage.max_sessions = max_sessions;
+        a.shard = ShardOptions { kv_budget_bytes: kv, ..ShardOptions::default() };
+    })
+    .await
 }
 
 async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr], max_sessions: usize) -> NodeHandle {
     node_with(model, layers, bootstrap, max_sessions, ShardOptions::default().kv_budget_bytes).await
-}
-
-struct Api {
-    coordinator: CoordinatorHandle,
-    base: String,
-    _state: Arc<ApiState>,
-}
-
-async fn api(model: &Path, max_waiting: u32, config: ApiConfig) -> Api {
-    let mut args = CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![]);
-    args.discovery.query_interval = Duration::from_millis(300);
-    args.registry.max_waiting = max_waiting;
-    let coordinator = start_coordinator(args).await.unwrap();
-    let state = ApiState::open(&coordinator, &[model], config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(api::serve(listener, state.clone()));
-    Api { coordinator, base, _state: state }
-}
-
-async fn wait_registered(c: &CoordinatorHandle, nodes: &[&NodeHandle]) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !nodes.iter().all(|n| c.registry.contains(&n.peer_id)) {
-        assert!(tokio::time::Instant::now() < deadline, "coordinator did not register every node");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until every stage holds no session and all its KV cache is free.
-async fn assert_stages_idle(nodes: &[&NodeHandle]) {
-    for n in nodes {
-        let s = n.server();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while (s.active_sessions() > 0 || s.shard().free_kv_tokens() != s.shard().kv_capacity_tokens())
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(s.active_sessions(), 0, "a stage still holds a session");
-        assert_eq!(s.shard().free_kv_tokens(), s.shard().kv_capacity_tokens(), "a stage still holds KV cache");
-    }
 }
 
 fn assert_nobody_banned(c: &CoordinatorHandle, peers: &[PeerId]) {
@@ -102,16 +52,6 @@ fn assert_nobody_banned(c: &CoordinatorHandle, peers: &[PeerId]) {
         let h = c.registry.health(p);
         assert!(h.failures == 0 && h.banned_until.is_none(), "node {p} was blamed: {h:?}");
     }
-}
-
-async fn post(base: &str, path: &str, body: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
 }
 
 /// Checks one finished request: 200 with a whole answer (a stream ends with `[DONE]` and carries no error event),

@@ -3,48 +3,33 @@
 //! runtime (and refused by size first), and a streaming client that stops reading loses its session after the send
 //! timeout, which frees every stage it held.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::Multiaddr;
 use serde_json::json;
-use shardline_coordinator::api::{self, ApiConfig, ApiState};
-use shardline_coordinator::{CoordinatorArgs, CoordinatorHandle, start_coordinator};
-use shardline_kernels::Backend;
-use shardline_kernels::cpu::CpuBackend;
+use shardline_coordinator::api::ApiConfig;
+use shardline_coordinator::{CoordinatorHandle, RegistryConfig};
 use shardline_node::model::LayerRange;
-use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
-use shardline_node::test_models::{TinySpec, model_for_tests, write_tiny_gguf};
+use shardline_node::stage::NodeHandle;
+use shardline_node::test_models::{TinySpec, model_for_tests};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 fn tiny_model(dir: &Path) -> PathBuf {
-    let spec = TinySpec { n_layers: 4, context: 8192, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    path
+    common::tiny_model(dir, &TinySpec { n_layers: 4, context: 8192, ..TinySpec::default() }).0
 }
 
 async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr]) -> NodeHandle {
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(1));
-    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend, "127.0.0.1:0".parse().unwrap());
-    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    args.bootstrap = bootstrap.to_vec();
-    args.measure_tokens = 4;
-    start_node(args).await.unwrap()
+    common::node_on(model, layers, bootstrap, |_| {}).await
 }
 
 async fn api(model: &Path, config: ApiConfig) -> (CoordinatorHandle, SocketAddr) {
-    let mut args = CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![]);
-    args.discovery.query_interval = Duration::from_millis(300);
-    let coordinator = start_coordinator(args).await.unwrap();
-    let state = ApiState::open(&coordinator, &[model], config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(api::serve(listener, state));
-    (coordinator, addr)
+    let api = common::api(model, RegistryConfig::default().max_waiting, config).await;
+    (api.coordinator, api.addr)
 }
 
 /// Time for `GET /health` to answer (any status).

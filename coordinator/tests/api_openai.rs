@@ -4,99 +4,33 @@
 //! status; a client that disconnects mid-stream ends its session and every stage frees its KV cache; missing layers
 //! give 503 naming them; full queues give 429.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::{api, assert_stages_idle, cpu, post, wait_registered};
 use futures::StreamExt;
 use libp2p::Multiaddr;
 use serde_json::{Value, json};
-use shardline_coordinator::api::{self, ApiConfig, ApiState};
-use shardline_coordinator::{CoordinatorArgs, CoordinatorHandle, start_coordinator};
-use shardline_kernels::cpu::CpuBackend;
-use shardline_kernels::{Backend, SamplingParams};
+use shardline_coordinator::api::ApiConfig;
+use shardline_kernels::SamplingParams;
 use shardline_node::engine::{Engine, stop_tokens};
 use shardline_node::generate::GenerateParams;
 use shardline_node::model::{LayerRange, ShardOptions};
-use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
-use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+use shardline_node::stage::NodeHandle;
+use shardline_node::test_models::TinySpec;
 use shardline_node::tokenizer::ChatMessage;
 
 const N_LAYERS: usize = 6;
 const CONTEXT: usize = 2048;
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend::new(1))
-}
-
 fn tiny_model(dir: &Path) -> PathBuf {
-    let spec = TinySpec { n_layers: N_LAYERS, context: CONTEXT, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    path
+    common::tiny_model(dir, &TinySpec { n_layers: N_LAYERS, context: CONTEXT, ..TinySpec::default() }).0
 }
 
 async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr], max_sessions: usize) -> NodeHandle {
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend(), listen);
-    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    args.bootstrap = bootstrap.to_vec();
-    args.measure_tokens = 4;
-    args.stage.max_sessions = max_sessions;
-    start_node(args).await.unwrap()
-}
-
-struct Api {
-    coordinator: CoordinatorHandle,
-    state: Arc<ApiState>,
-    base: String,
-}
-
-/// A coordinator with the API on an ephemeral port, serving `model`; `max_waiting` sessions may queue per node.
-async fn api(model: &Path, max_waiting: u32, config: ApiConfig) -> Api {
-    let mut args = CoordinatorArgs::new(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()], vec![]);
-    args.discovery.query_interval = Duration::from_millis(300);
-    args.registry.max_waiting = max_waiting;
-    let coordinator = start_coordinator(args).await.unwrap();
-    let state = ApiState::open(&coordinator, &[model], config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(api::serve(listener, state.clone()));
-    Api { coordinator, state, base }
-}
-
-async fn wait_registered(c: &CoordinatorHandle, nodes: &[&NodeHandle]) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !nodes.iter().all(|n| c.registry.contains(&n.peer_id)) {
-        assert!(tokio::time::Instant::now() < deadline, "coordinator did not register every node");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until every stage holds no session and all its KV cache is free.
-async fn assert_stages_idle(nodes: &[&NodeHandle]) {
-    for n in nodes {
-        let s = n.server();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while (s.active_sessions() > 0 || s.shard().free_kv_tokens() != s.shard().kv_capacity_tokens())
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(s.active_sessions(), 0, "a stage still holds a session");
-        assert_eq!(s.shard().free_kv_tokens(), s.shard().kv_capacity_tokens(), "a stage still holds KV cache");
-    }
-}
-
-async fn post(base: &str, path: &str, body: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
+    common::node_on(model, layers, bootstrap, |a| a.stage.max_sessions = max_sessions).await
 }
 
 /// Status and JSON body of a request expected to fail; checks the OpenAI error shape.
@@ -142,7 +76,7 @@ async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
     let nodes = [&a, &b, &c];
     wait_registered(&api.coordinator, &nodes).await;
     let base = api.base.as_str();
-    let engine = Engine::load(&model, backend(), &[], ShardOptions::default(), &mut |_, _| {}).unwrap();
+    let engine = Engine::load(&model, cpu(1), &[], ShardOptions::default(), &mut |_, _| {}).unwrap();
     let name = "tiny";
 
     // Health and models: fully covered.

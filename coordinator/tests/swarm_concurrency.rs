@@ -3,59 +3,32 @@
 //! alone in the single-process pipeline, while the stages really batch sessions together (their scheduler reports
 //! batches of several sessions), so a session's output does not depend on who it was batched with.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::{assert_stages_idle, local_pipeline, solo_tokens};
 use libp2p::Multiaddr;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
-use shardline_kernels::cpu::CpuBackend;
-use shardline_kernels::{Backend, DType, SamplingParams};
-use shardline_node::generate::{LocalPipeline, Stepper};
-use shardline_node::model::{LayerRange, ModelFiles, ModelId, Shard, ShardOptions};
-use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
-use shardline_node::test_models::{TinyDTypes, TinySpec, write_tiny_gguf};
+use shardline_kernels::{DType, SamplingParams};
+use shardline_node::generate::Stepper;
+use shardline_node::model::LayerRange;
+use shardline_node::stage::NodeHandle;
+use shardline_node::test_models::{TinyDTypes, TinySpec};
 
 const N_LAYERS: usize = 6;
 const STREAMS: usize = 16;
 const NEW_TOKENS: usize = 12;
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend::new(1))
-}
-
 fn tiny_model(dir: &Path) -> (PathBuf, String) {
     // Quantised like the default model, so the batched matmuls take the tiled multi-row kernels.
     let dtypes = TinyDTypes::like_llama_cpp(DType::Q4_1);
-    let spec = TinySpec { n_layers: N_LAYERS, context: 512, dtypes, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    let files = ModelFiles::open(&path).unwrap();
-    let id = ModelId::of(files.weights().as_ref()).unwrap().to_hex();
-    (path, id)
-}
-
-/// Greedy tokens of the single-process pipeline, one session alone.
-fn solo(pipeline: &LocalPipeline, prompt: &[u32], n: usize) -> Vec<u32> {
-    let g = SamplingParams::GREEDY;
-    let mut s = pipeline.open_session(prompt.len() + n + 1).unwrap();
-    let mut out = vec![s.step_sync(prompt, &g, 0).unwrap().token];
-    while out.len() < n {
-        let t = *out.last().unwrap();
-        out.push(s.step_sync(&[t], &g, 0).unwrap().token);
-    }
-    out
+    common::tiny_model(dir, &TinySpec { n_layers: N_LAYERS, context: 512, dtypes, ..TinySpec::default() })
 }
 
 async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr]) -> NodeHandle {
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend(), listen);
-    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    args.bootstrap = bootstrap.to_vec();
-    args.measure_tokens = 4;
-    args.stage.max_sessions = STREAMS;
-    start_node(args).await.unwrap()
+    common::node_on(model, layers, bootstrap, |a| a.stage.max_sessions = STREAMS).await
 }
 
 /// A distinct prompt per stream, of lengths 4..=19.
@@ -79,11 +52,9 @@ async fn sixteen_concurrent_streams_through_three_stages_each_get_their_solo_tok
     let route = client.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
     assert_eq!(route.peers(), vec![a.peer_id, b.peer_id, c.peer_id]);
 
-    let files = ModelFiles::open(&model).unwrap();
-    let whole = Shard::load(files.weights().as_ref(), LayerRange::new(0, N_LAYERS), backend(), ShardOptions::default())
-        .unwrap();
-    let pipeline = LocalPipeline::new(vec![Arc::new(whole)]).unwrap();
-    let want: Vec<Vec<u32>> = (0..STREAMS).map(|i| solo(&pipeline, &prompt(i), NEW_TOKENS)).collect();
+    let pipeline = local_pipeline(&model, N_LAYERS);
+    let want: Vec<Vec<u32>> =
+        (0..STREAMS).map(|i| solo_tokens(&pipeline, &prompt(i), NEW_TOKENS, SamplingParams::GREEDY)).collect();
 
     let g = SamplingParams::GREEDY;
     let tasks: Vec<_> = (0..STREAMS)
@@ -111,13 +82,5 @@ async fn sixteen_concurrent_streams_through_three_stages_each_get_their_solo_tok
         eprintln!("stage {}: {stats:?}", n.layers);
     }
     // Every session was closed: every stage freed its KV cache.
-    for n in [&a, &b, &c] {
-        let s = n.server();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while s.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(s.active_sessions(), 0);
-        assert_eq!(s.shard().free_kv_tokens(), s.shard().kv_capacity_tokens());
-    }
+    assert_stages_idle(&[&a, &b, &c]).await;
 }

@@ -3,57 +3,33 @@
 //! replicas share load; a stage that dies mid-generation is banned and the session fails over without changing the
 //! output.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::{assert_stages_idle, local_pipeline, solo_tokens};
 use libp2p::Multiaddr;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
-use shardline_kernels::cpu::CpuBackend;
-use shardline_kernels::{Backend, SamplingParams};
-use shardline_node::generate::{LocalPipeline, Stepper};
-use shardline_node::model::{LayerRange, ModelFiles, ModelId, Shard, ShardOptions};
-use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
-use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+use shardline_kernels::SamplingParams;
+use shardline_node::generate::Stepper;
+use shardline_node::model::LayerRange;
+use shardline_node::stage::NodeHandle;
+use shardline_node::test_models::TinySpec;
 
 const N_LAYERS: usize = 6;
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend::new(1))
-}
-
 fn tiny_model(dir: &Path) -> (PathBuf, String) {
-    let spec = TinySpec { n_layers: N_LAYERS, context: 512, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    let files = ModelFiles::open(&path).unwrap();
-    let id = ModelId::of_files(&files).unwrap().to_hex();
-    (path, id)
+    common::tiny_model(dir, &TinySpec { n_layers: N_LAYERS, context: 512, ..TinySpec::default() })
 }
 
 /// Tokens of the single-process pipeline: prompt, then `n` steps of one token each.
 fn reference(model: &Path, prompt: &[u32], n: usize, sampling: SamplingParams) -> Vec<u32> {
-    let files = ModelFiles::open(model).unwrap();
-    let w = files.weights();
-    let shard = Shard::load(w.as_ref(), LayerRange::new(0, N_LAYERS), backend(), ShardOptions::default()).unwrap();
-    let pipeline = LocalPipeline::new(vec![Arc::new(shard)]).unwrap();
-    let mut s = pipeline.open_session(prompt.len() + n + 1).unwrap();
-    let mut out = vec![s.step_sync(prompt, &sampling, 0).unwrap().token];
-    while out.len() < n {
-        let t = *out.last().unwrap();
-        out.push(s.step_sync(&[t], &sampling, 0).unwrap().token);
-    }
-    out
+    solo_tokens(&local_pipeline(model, N_LAYERS), prompt, n, sampling)
 }
 
 async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr]) -> NodeHandle {
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut args = NodeArgs::new(model.to_path_buf(), layers, backend(), listen);
-    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    args.bootstrap = bootstrap.to_vec();
-    args.measure_tokens = 4;
-    start_node(args).await.unwrap()
+    common::node_on(model, layers, bootstrap, |_| {}).await
 }
 
 async fn client(model_id: &str, bootstrap: &[Multiaddr]) -> SwarmClient {
@@ -94,15 +70,7 @@ async fn three_stage_pipeline_matches_the_single_process_engine() {
     let sampled = SamplingParams { temperature: 0.9, top_k: 50, top_p: 0.95, seed: 1234 };
     assert_eq!(swarm_tokens(&cl, &PROMPT, 12, sampled).await, reference(&model, &PROMPT, 12, sampled));
     // Sessions were closed: every stage freed its KV cache.
-    for n in [&a, &b, &c] {
-        let s = n.server();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while s.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(s.active_sessions(), 0);
-        assert_eq!(s.shard().free_kv_tokens(), s.shard().kv_capacity_tokens());
-    }
+    assert_stages_idle(&[&a, &b, &c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,61 +3,38 @@
 //! probation is caught by the sampled checks and the user's output stays that of honest nodes; a sybil announcing
 //! absurd speed takes no session; a node over a tampered copy of the file announces another model.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{local_pipeline, solo_tokens};
 use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use shardline_coordinator::trust::Standing;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
-use shardline_kernels::cpu::CpuBackend;
-use shardline_kernels::{Backend, SamplingParams};
-use shardline_node::generate::{LocalPipeline, Stepper};
-use shardline_node::model::{LayerRange, ModelFiles, ModelId, Shard, ShardOptions};
-use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
-use shardline_node::test_models::{TinySpec, write_tiny_gguf};
+use shardline_kernels::SamplingParams;
+use shardline_node::generate::Stepper;
+use shardline_node::model::LayerRange;
+use shardline_node::stage::NodeHandle;
+use shardline_node::test_models::TinySpec;
 use shardline_proto::announcement::{ShardAnnouncement, now_ms};
 use shardline_proto::wire::WireDType;
 
 const N_LAYERS: usize = 4;
 const PROMPT: [u32; 8] = [1, 40, 41, 42, 100, 200, 7, 9];
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend::new(1))
-}
-
 fn tiny_model(dir: &Path) -> (PathBuf, String) {
-    let spec = TinySpec { n_layers: N_LAYERS, context: 256, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    let id = ModelId::of_files(&ModelFiles::open(&path).unwrap()).unwrap().to_hex();
-    (path, id)
+    common::tiny_model(dir, &TinySpec { n_layers: N_LAYERS, context: 256, ..TinySpec::default() })
 }
 
 /// Tokens of the single-process pipeline: the independent reference.
 fn reference(model: &Path, prompt: &[u32], n: usize, sampling: SamplingParams) -> Vec<u32> {
-    let files = ModelFiles::open(model).unwrap();
-    let w = files.weights();
-    let shard = Shard::load(w.as_ref(), LayerRange::new(0, N_LAYERS), backend(), ShardOptions::default()).unwrap();
-    let pipeline = LocalPipeline::new(vec![Arc::new(shard)]).unwrap();
-    let mut s = pipeline.open_session(prompt.len() + n + 1).unwrap();
-    let mut out = vec![s.step_sync(prompt, &sampling, 0).unwrap().token];
-    while out.len() < n {
-        let t = *out.last().unwrap();
-        out.push(s.step_sync(&[t], &sampling, 0).unwrap().token);
-    }
-    out
+    solo_tokens(&local_pipeline(model, N_LAYERS), prompt, n, sampling)
 }
 
 async fn node(model: &Path, bootstrap: &[Multiaddr]) -> NodeHandle {
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut args = NodeArgs::new(model.to_path_buf(), LayerRange::new(0, N_LAYERS), backend(), listen);
-    args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    args.bootstrap = bootstrap.to_vec();
-    args.measure_tokens = 4;
-    start_node(args).await.unwrap()
+    common::node_on(model, LayerRange::new(0, N_LAYERS), bootstrap, |_| {}).await
 }
 
 async fn client(model_id: &str, bootstrap: &[Multiaddr], audit: f64) -> SwarmClient {

@@ -2,44 +2,25 @@
 //! same greedy tokens as the whole model run directly through `Shard` (an independent path: no core, no wire), frees
 //! the KV cache of both stages on close, and reports a last stage that went away to the owner as `Downstream`.
 
+mod stage_fixture;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use stage_fixture::{MODEL, open_with, shard};
+
 use shardline_kernels::SamplingParams;
-use shardline_kernels::cpu::CpuBackend;
-use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardInput, ShardOptions, ShardOutput};
+use shardline_node::model::{LayerRange, ShardInput, ShardOutput};
 use shardline_node::stage::{LocalSwarm, ShardStage, StageConfig};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
-use shardline_proto::wire::{ErrorCode, Frame, Hop, SessionKey, SessionOpen, StageData, WireDType, WireSampling};
+use shardline_proto::wire::{ErrorCode, Frame, Hop, SessionKey, SessionOpen, StageData};
 
-const MODEL: &str = "tiny-test-model";
-
-fn shard(path: &std::path::Path, layers: LayerRange) -> Arc<Shard> {
-    let files = ModelFiles::open(path).unwrap();
-    Arc::new(
-        Shard::load(files.weights().as_ref(), layers, Arc::new(CpuBackend::new(1)), ShardOptions::default()).unwrap(),
-    )
+fn open(span: LayerRange, rest: Vec<Hop>) -> SessionOpen {
+    open_with(span, rest, SessionKey::default())
 }
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn open(span: LayerRange, rest: Vec<Hop>) -> SessionOpen {
-    SessionOpen {
-        model_id: MODEL.into(),
-        n_layers: 2,
-        span,
-        max_tokens: 64,
-        sampling: WireSampling::GREEDY,
-        n_top: 0,
-        wire_dtype: WireDType::F32,
-        hidden: 64,
-        rest,
-        attach_key: SessionKey::default(),
-        next_key: SessionKey::default(),
-        next_record: Vec::new(),
-    }
 }
 
 /// Greedy tokens of the whole model, straight through `Shard`: the prompt, then each drawn token fed back.

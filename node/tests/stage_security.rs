@@ -4,64 +4,22 @@
 //! hold every slot; pings keep a session alive and silence ends it; non-finite hidden states are blamed on their
 //! sender.
 
-use std::sync::Arc;
+mod stage_fixture;
+
 use std::time::Duration;
 
-use shardline_kernels::cpu::CpuBackend;
-use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
-use shardline_node::stage::{StageConfig, StageServer};
-use shardline_node::test_models::{TinySpec, write_tiny_gguf};
-use shardline_proto::tls;
+use stage_fixture::{WIDTH, connect, connect_from, open_with, server};
+
+use shardline_node::model::LayerRange;
+use shardline_node::stage::StageConfig;
 use shardline_proto::wire::{
-    ErrorCode, Frame, HiddenStates, Hop, Limits, SessionKey, SessionOpen, StageData, WireDType, WireSampling,
-    read_frame, write_frame,
+    ErrorCode, Frame, HiddenStates, Hop, Limits, SessionKey, SessionOpen, StageData, WireDType, read_frame, write_frame,
 };
 
-const MODEL: &str = "tiny-test-model";
-const WIDTH: usize = 64;
 const KEY: SessionKey = SessionKey([0x3c; 16]);
 
-fn server(dir: &std::path::Path, config: StageConfig) -> StageServer {
-    let spec = TinySpec { n_layers: 2, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    let files = ModelFiles::open(&path).unwrap();
-    let shard = Shard::load(
-        files.weights().as_ref(),
-        LayerRange::new(0, 2),
-        Arc::new(CpuBackend::new(1)),
-        ShardOptions::default(),
-    )
-    .unwrap();
-    StageServer::start(Arc::new(shard), MODEL.into(), "127.0.0.1:0".parse().unwrap(), config).unwrap()
-}
-
-/// A connection from `local` (another loopback address is another peer).
-async fn connect_from(s: &StageServer, local: &str) -> quinn::Connection {
-    let mut ep = quinn::Endpoint::client(format!("{local}:0").parse().unwrap()).unwrap();
-    ep.set_default_client_config(tls::client_config(s.fingerprint()).unwrap());
-    ep.connect(s.local_addr(), tls::SERVER_NAME).unwrap().await.unwrap()
-}
-
-async fn connect(s: &StageServer) -> quinn::Connection {
-    connect_from(s, "127.0.0.1").await
-}
-
 fn open(span: LayerRange, rest: Vec<Hop>) -> SessionOpen {
-    SessionOpen {
-        model_id: MODEL.into(),
-        n_layers: 2,
-        span,
-        max_tokens: 64,
-        sampling: WireSampling::GREEDY,
-        n_top: 0,
-        wire_dtype: WireDType::F32,
-        hidden: WIDTH as u32,
-        rest,
-        attach_key: KEY,
-        next_key: SessionKey::default(),
-        next_record: Vec::new(),
-    }
+    open_with(span, rest, KEY)
 }
 
 async fn request(conn: &quinn::Connection, frame: Frame) -> (quinn::SendStream, quinn::RecvStream, Option<Frame>) {

@@ -2,60 +2,22 @@
 //! frame ends only its own stream and session, other sessions carry on; the KV cache is freed on close, on stream
 //! reset and after the idle timeout; bad opens are refused with typed errors.
 
-use std::sync::Arc;
+mod stage_fixture;
+
 use std::time::Duration;
 
-use shardline_kernels::cpu::CpuBackend;
-use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
-use shardline_node::stage::{StageConfig, StageServer};
-use shardline_node::test_models::{TinySpec, write_tiny_gguf};
-use shardline_proto::tls;
+use stage_fixture::{connect, open_with, server};
+
+use shardline_node::model::LayerRange;
+use shardline_node::stage::StageConfig;
 use shardline_proto::wire::{
-    ErrorCode, Frame, HEADER_LEN, Limits, SessionKey, SessionOpen, StageData, WireDType, WireSampling, read_frame,
-    write_frame,
+    ErrorCode, Frame, HEADER_LEN, Limits, SessionKey, StageData, WireDType, read_frame, write_frame,
 };
 
-const MODEL: &str = "tiny-test-model";
-
-fn server(dir: &std::path::Path, config: StageConfig) -> StageServer {
-    let spec = TinySpec { n_layers: 2, ..TinySpec::default() };
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&spec, &path).unwrap();
-    let files = ModelFiles::open(&path).unwrap();
-    let shard = Shard::load(
-        files.weights().as_ref(),
-        LayerRange::new(0, 2),
-        Arc::new(CpuBackend::new(1)),
-        ShardOptions::default(),
-    )
-    .unwrap();
-    StageServer::start(Arc::new(shard), MODEL.into(), "127.0.0.1:0".parse().unwrap(), config).unwrap()
-}
-
-async fn connect(s: &StageServer) -> quinn::Connection {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(tls::client_config(s.fingerprint()).unwrap());
-    ep.connect(s.local_addr(), tls::SERVER_NAME).unwrap().await.unwrap()
-}
-
 fn open(session: u64) -> Frame {
-    Frame::Open {
-        session,
-        open: SessionOpen {
-            model_id: MODEL.into(),
-            n_layers: 2,
-            span: LayerRange::new(0, 2),
-            max_tokens: 64,
-            sampling: WireSampling::GREEDY,
-            n_top: 3,
-            wire_dtype: WireDType::F32,
-            hidden: 64,
-            rest: vec![],
-            attach_key: SessionKey::default(),
-            next_key: SessionKey::default(),
-            next_record: Vec::new(),
-        },
-    }
+    let mut open = open_with(LayerRange::new(0, 2), vec![], SessionKey::default());
+    open.n_top = 3;
+    Frame::Open { session, open }
 }
 
 async fn open_session(conn: &quinn::Connection, session: u64) -> (quinn::SendStream, quinn::RecvStream) {
