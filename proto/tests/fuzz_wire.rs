@@ -63,7 +63,7 @@ fn frame(kind: u8, session: u64, position: u64, n: usize, bytes: &[u8]) -> Frame
                         .collect()
                 },
                 attach_key: SessionKey([n as u8; 16]),
-                next_key: SessionKey([kind as u8; 16]),
+                next_key: SessionKey([kind; 16]),
                 next_record: bytes.iter().take(64).copied().collect(),
             },
         },
