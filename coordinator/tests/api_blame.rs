@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{api, assert_stages_idle, post, wait_registered};
+use common::{api, assert_stages_idle, post, three_stages_behind, wait_registered};
 use libp2p::{Multiaddr, PeerId};
 use serde_json::{Value, json};
 use shardline_coordinator::CoordinatorHandle;
@@ -113,12 +113,8 @@ async fn twenty_eight_streams_on_nodes_admitting_sixteen_end_200_or_429_and_ban_
     let model = tiny_model(dir.path());
     let config = ApiConfig { admit_wait: Duration::from_secs(20), retry_after_secs: 1, ..ApiConfig::default() };
     let api = api(&model, 16, config).await;
-    let boot = api.coordinator.p2p_addrs.clone();
-    let a = node(&model, LayerRange::new(0, 2), &boot, 16).await;
-    let b = node(&model, LayerRange::new(2, 4), &boot, 16).await;
-    let c = node(&model, LayerRange::new(4, 6), &boot, 16).await;
+    let [a, b, c] = three_stages_behind(&api, &model, 16).await;
     let nodes = [&a, &b, &c];
-    wait_registered(&api.coordinator, &nodes).await;
     let base = api.base.clone();
     let mut tasks = Vec::new();
     for i in 0..28u32 {

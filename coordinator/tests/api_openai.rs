@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{api, assert_stages_idle, cpu, post, wait_registered};
+use common::{api, assert_stages_idle, cpu, post, three_stages_behind, wait_registered};
 use futures::StreamExt;
 use libp2p::Multiaddr;
 use serde_json::{Value, json};
@@ -69,12 +69,8 @@ async fn openai_endpoints_match_the_engine_and_free_stages_on_disconnect() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let api = api(&model, 16, ApiConfig::default()).await;
-    let boot = api.coordinator.p2p_addrs.clone();
-    let a = node(&model, LayerRange::new(0, 2), &boot, 16).await;
-    let b = node(&model, LayerRange::new(2, 4), &boot, 16).await;
-    let c = node(&model, LayerRange::new(4, 6), &boot, 16).await;
+    let [a, b, c] = three_stages_behind(&api, &model, 16).await;
     let nodes = [&a, &b, &c];
-    wait_registered(&api.coordinator, &nodes).await;
     let base = api.base.as_str();
     let engine = Engine::load(&model, cpu(1), &[], ShardOptions::default(), &mut |_, _| {}).unwrap();
     let name = "tiny";

@@ -8,11 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{assert_stages_idle, local_pipeline, solo_tokens};
+use common::{assert_stages_idle, local_pipeline, session_tokens, solo_tokens};
 use libp2p::Multiaddr;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::{DType, SamplingParams};
-use shardline_node::generate::Stepper;
 use shardline_node::model::LayerRange;
 use shardline_node::stage::NodeHandle;
 use shardline_node::test_models::{TinyDTypes, TinySpec};
@@ -63,11 +62,7 @@ async fn sixteen_concurrent_streams_through_three_stages_each_get_their_solo_tok
             tokio::spawn(async move {
                 let p = prompt(i);
                 let mut s = client.session(p.len() + NEW_TOKENS + 1, g, 0);
-                let mut out = vec![s.step(&p, &g, 0).await.unwrap().token];
-                while out.len() < NEW_TOKENS {
-                    let t = *out.last().unwrap();
-                    out.push(s.step(&[t], &g, 0).await.unwrap().token);
-                }
+                let out = session_tokens(&mut s, &p, NEW_TOKENS, g).await;
                 s.close().await;
                 out
             })

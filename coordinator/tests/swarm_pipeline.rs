@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{assert_stages_idle, local_pipeline, solo_tokens};
+use common::{assert_stages_idle, local_pipeline, session_tokens, solo_tokens};
 use libp2p::Multiaddr;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::SamplingParams;
@@ -43,11 +43,7 @@ async fn client(model_id: &str, bootstrap: &[Multiaddr]) -> SwarmClient {
 
 async fn swarm_tokens(c: &SwarmClient, prompt: &[u32], n: usize, sampling: SamplingParams) -> Vec<u32> {
     let mut s = c.session(prompt.len() + n + 1, sampling, 2);
-    let mut out = vec![s.step(prompt, &sampling, 0).await.unwrap().token];
-    while out.len() < n {
-        let t = *out.last().unwrap();
-        out.push(s.step(&[t], &sampling, 0).await.unwrap().token);
-    }
+    let out = session_tokens(&mut s, prompt, n, sampling).await;
     s.close().await;
     out
 }

@@ -8,13 +8,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{local_pipeline, solo_tokens};
+use common::{local_pipeline, session_tokens, solo_tokens};
 use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use shardline_coordinator::trust::Standing;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::SamplingParams;
-use shardline_node::generate::Stepper;
 use shardline_node::model::LayerRange;
 use shardline_node::stage::NodeHandle;
 use shardline_node::test_models::TinySpec;
@@ -63,11 +62,7 @@ async fn generate(c: &SwarmClient, n: usize, audit: Option<f64>) -> (Vec<u32>, V
     if let Some(f) = audit {
         s.set_audit(f);
     }
-    let mut out = vec![s.step(&PROMPT, &g, 0).await.unwrap().token];
-    while out.len() < n {
-        let t = *out.last().unwrap();
-        out.push(s.step(&[t], &g, 0).await.unwrap().token);
-    }
+    let out = session_tokens(&mut s, &PROMPT, n, g).await;
     let peers = s.routes().iter().flatten().copied().collect();
     let audited = s.audited_steps();
     s.close().await;

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use shardline_coordinator::api::{self, ApiConfig, ApiState};
-use shardline_coordinator::{CoordinatorArgs, CoordinatorHandle, SwarmClientConfig, start_coordinator};
+use shardline_coordinator::{CoordinatorArgs, CoordinatorHandle, SwarmClientConfig, SwarmSession, start_coordinator};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
-use shardline_node::generate::LocalPipeline;
+use shardline_node::generate::{LocalPipeline, Stepper};
 use shardline_node::model::{LayerRange, ModelFiles, ModelId, Shard, ShardOptions};
 use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
@@ -160,4 +160,26 @@ pub async fn post(base: &str, path: &str, body: &str) -> reqwest::Response {
         .send()
         .await
         .expect("request sent")
+}
+
+/// Three nodes of `max_sessions` slots over layers 0..2, 2..4 and 4..6 of `model`, bootstrapping from `api`'s
+/// coordinator, once it registered all three.
+pub async fn three_stages_behind(api: &Api, model: &Path, max_sessions: usize) -> [NodeHandle; 3] {
+    let boot = api.coordinator.p2p_addrs.clone();
+    let mut nodes = Vec::new();
+    for (a, b) in [(0, 2), (2, 4), (4, 6)] {
+        nodes.push(node_on(model, LayerRange::new(a, b), &boot, |n| n.stage.max_sessions = max_sessions).await);
+    }
+    wait_registered(&api.coordinator, &nodes.iter().collect::<Vec<_>>()).await;
+    nodes.try_into().unwrap_or_else(|_| unreachable!("three nodes started"))
+}
+
+/// `n` tokens of `s` after `prompt`: the prompt's sample, then one token per step.
+pub async fn session_tokens(s: &mut SwarmSession, prompt: &[u32], n: usize, sampling: SamplingParams) -> Vec<u32> {
+    let mut out = vec![s.step(prompt, &sampling, 0).await.expect("step").token];
+    while out.len() < n {
+        let t = *out.last().expect("a token");
+        out.push(s.step(&[t], &sampling, 0).await.expect("step").token);
+    }
+    out
 }
