@@ -24,12 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use shardline_coordinator::{SwarmClient, SwarmClientConfig};
+use shardline_coordinator::SwarmClient;
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::generate::Stepper;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
-use shardline_node::stage::{LocalSwarm, NodeArgs, NodeHandle, ShardStage, StageConfig, start_node};
+use shardline_node::stage::{LocalSwarm, NodeHandle, ShardStage, StageConfig};
 use shardline_node::test_models::model_for_tests;
 use shardline_proto::wire::{Frame, SessionKey, SessionOpen, StageData, WireDType, WireSampling};
 
@@ -146,25 +146,7 @@ fn token(swarm: &mut LocalSwarm<Arc<ShardStage>>, c: shardline_node::stage::loca
 
 /// Three nodes on loopback serving `model` in equal spans, and a client that found them.
 async fn swarm(model: &Path, n_layers: usize, threads: usize, sessions: usize) -> (Vec<NodeHandle>, SwarmClient) {
-    let mut nodes: Vec<NodeHandle> = Vec::new();
-    let mut boot = Vec::new();
-    for span in LayerRange::split_evenly(n_layers, 3) {
-        let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let mut args = NodeArgs::new(model.to_path_buf(), span, backend(threads), listen);
-        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
-        args.bootstrap = boot.clone();
-        args.stage.max_sessions = sessions;
-        let n = start_node(args).await.expect("start node");
-        if boot.is_empty() {
-            boot = n.p2p_addrs.clone();
-        }
-        nodes.push(n);
-    }
-    let mut cfg = SwarmClientConfig::new(nodes[0].model_id.clone(), boot);
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
-    cfg.registry.max_waiting = sessions as u32;
-    let client = SwarmClient::join(cfg).await.expect("join");
-    client.wait_for_coverage(Duration::from_secs(60)).await.expect("coverage");
+    let (nodes, client, _) = common::swarm::loopback_swarm(model, n_layers, 3, threads, Some(sessions)).await;
     (nodes, client)
 }
 

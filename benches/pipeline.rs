@@ -12,18 +12,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use shardline_coordinator::{SwarmClient, SwarmClientConfig, SwarmSession};
+use shardline_coordinator::{SwarmClient, SwarmSession};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::generate::{LocalPipeline, LocalSession, Stepper};
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
-use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
+use shardline_node::stage::NodeHandle;
 use shardline_node::test_models::model_for_tests;
 use shardline_node::test_models::{TinySpec, write_tiny_gguf};
 
@@ -46,23 +45,7 @@ fn prompt(vocab: usize) -> Vec<u32> {
 /// `k` nodes serving `model` in equal spans, found through the DHT by a fresh client. Returns the nodes (they stop
 /// when dropped) and the client.
 async fn swarm(model: &Path, n_layers: usize, k: usize, threads: usize) -> (Vec<NodeHandle>, SwarmClient) {
-    let mut nodes: Vec<NodeHandle> = Vec::new();
-    let mut boot = Vec::new();
-    for span in LayerRange::split_evenly(n_layers, k) {
-        let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let mut args = NodeArgs::new(model.to_path_buf(), span, backend(threads), listen);
-        args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
-        args.bootstrap = boot.clone();
-        let n = start_node(args).await.expect("start node");
-        if boot.is_empty() {
-            boot = n.p2p_addrs.clone();
-        }
-        nodes.push(n);
-    }
-    let mut cfg = SwarmClientConfig::new(nodes[0].model_id.clone(), boot);
-    cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
-    let client = SwarmClient::join(cfg).await.expect("join");
-    let route = client.wait_for_coverage(Duration::from_secs(60)).await.expect("coverage");
+    let (nodes, client, route) = common::swarm::loopback_swarm(model, n_layers, k, threads, None).await;
     assert_eq!(route.stages.len(), k, "one stage per node");
     (nodes, client)
 }

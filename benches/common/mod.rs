@@ -1,6 +1,8 @@
 //! What the benches share: the quick knob and the criterion settings built from it.
 #![allow(dead_code)] // the concurrency bench reports its own figures and uses only the quick knob
 
+pub mod swarm;
+
 use std::time::Duration;
 
 use criterion::Criterion;

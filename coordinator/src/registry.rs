@@ -489,35 +489,12 @@ impl NodeRegistry {
 pub(crate) mod tests {
     use libp2p::identity::Keypair;
     use shardline_proto::LayerRange;
-    use shardline_proto::announcement::now_ms;
-    use shardline_proto::wire::WireDType;
 
     use super::*;
 
     pub(crate) fn announcement(key: &Keypair, model: &str, layers: LayerRange, n_layers: u32) -> ShardAnnouncement {
-        let now = now_ms();
-        ShardAnnouncement {
-            peer_id: key.public().to_peer_id(),
-            model_id: model.into(),
-            n_layers,
-            hidden: 64,
-            layers,
-            has_embeddings: layers.start == 0,
-            has_head: layers.end == n_layers as usize,
-            quic_addr: "127.0.0.1:9".parse().unwrap(),
-            cert_fingerprint: [0; 32],
-            wire_dtype: WireDType::F32,
-            max_sessions: 4,
-            free_kv_tokens: 4096,
-            decode_tps: 100.0,
-            prefill_tps: 1000.0,
-            active_sessions: 0,
-            batch_sessions: 0,
-            queued: 0,
-            software_version: "test".into(),
-            issued_at_ms: now,
-            expires_at_ms: now + 60_000,
-        }
+        let a = ShardAnnouncement::example(key.public().to_peer_id(), model, layers, n_layers);
+        ShardAnnouncement { hidden: 64, quic_addr: "127.0.0.1:9".parse().unwrap(), cert_fingerprint: [0; 32], ..a }
     }
 
     #[test]

@@ -15,9 +15,8 @@ use shardline_coordinator::routing::{self, CoveragePolicy, RouteError};
 use shardline_coordinator::{Discovery, DiscoveryConfig, NodeRegistry, RegistryConfig, register_record};
 use shardline_node::announcer::{Announcer, AnnouncerConfig};
 use shardline_proto::LayerRange;
-use shardline_proto::announcement::{ShardAnnouncement, now_ms};
+use shardline_proto::announcement::ShardAnnouncement;
 use shardline_proto::dht::{DhtClient, DhtConfig, model_key, node_key};
-use shardline_proto::wire::WireDType;
 
 const MODEL: &str = "5eed000000000000000000000000000000000000000000000000000000000001";
 
@@ -30,29 +29,8 @@ fn quic() -> Multiaddr {
 }
 
 fn announcement(key: &Keypair, layers: LayerRange) -> ShardAnnouncement {
-    let now = now_ms();
-    ShardAnnouncement {
-        peer_id: key.public().to_peer_id(),
-        model_id: MODEL.into(),
-        n_layers: 30,
-        hidden: 576,
-        layers,
-        has_embeddings: layers.start == 0,
-        has_head: layers.end == 30,
-        quic_addr: "127.0.0.1:1".parse().unwrap(),
-        cert_fingerprint: [3; 32],
-        wire_dtype: WireDType::F32,
-        max_sessions: 4,
-        free_kv_tokens: 4096,
-        decode_tps: 50.0,
-        prefill_tps: 500.0,
-        active_sessions: 0,
-        batch_sessions: 0,
-        queued: 0,
-        software_version: "test".into(),
-        issued_at_ms: now,
-        expires_at_ms: now + 60_000,
-    }
+    let a = ShardAnnouncement::example(key.public().to_peer_id(), MODEL, layers, 30);
+    ShardAnnouncement { quic_addr: "127.0.0.1:1".parse().unwrap(), cert_fingerprint: [3; 32], decode_tps: 50.0, ..a }
 }
 
 struct Coordinator {

@@ -94,6 +94,35 @@ pub struct ShardAnnouncement {
 }
 
 impl ShardAnnouncement {
+    /// A plausible announcement by `peer_id` of `layers` of the `n_layers`-layer model `model_id` (hidden width 576,
+    /// 4 session slots, 4,096 KV tokens, 100 decode tokens/s, a QUIC address on loopback), issued now and valid for
+    /// 60 s: for tests and examples, which set what matters to them with struct update syntax.
+    pub fn example(peer_id: PeerId, model_id: &str, layers: LayerRange, n_layers: u32) -> Self {
+        let now = now_ms();
+        ShardAnnouncement {
+            peer_id,
+            model_id: model_id.into(),
+            n_layers,
+            hidden: 576,
+            layers,
+            has_embeddings: layers.start == 0,
+            has_head: layers.end == n_layers as usize,
+            quic_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 4500)),
+            cert_fingerprint: [7; 32],
+            wire_dtype: WireDType::F32,
+            max_sessions: 4,
+            free_kv_tokens: 4096,
+            decode_tps: 100.0,
+            prefill_tps: 1000.0,
+            active_sessions: 0,
+            batch_sessions: 0,
+            queued: 0,
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            issued_at_ms: now,
+            expires_at_ms: now + 60_000,
+        }
+    }
+
     /// The exact bytes that are signed.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -300,28 +329,12 @@ mod tests {
     use super::*;
 
     pub(crate) fn sample(key: &Keypair, layers: LayerRange, n_layers: u32) -> ShardAnnouncement {
-        let now = now_ms();
+        let peer = key.public().to_peer_id();
         ShardAnnouncement {
-            peer_id: key.public().to_peer_id(),
-            model_id: "ab".repeat(16),
-            n_layers,
-            hidden: 576,
-            layers,
-            has_embeddings: layers.start == 0,
-            has_head: layers.end == n_layers as usize,
-            quic_addr: "127.0.0.1:4500".parse().unwrap(),
-            cert_fingerprint: [7; 32],
-            wire_dtype: WireDType::F32,
-            max_sessions: 8,
-            free_kv_tokens: 8192,
             decode_tps: 120.5,
-            prefill_tps: 900.0,
             active_sessions: 1,
             batch_sessions: 1,
-            queued: 0,
-            software_version: "0.1.0".into(),
-            issued_at_ms: now,
-            expires_at_ms: now + 60_000,
+            ..ShardAnnouncement::example(peer, &"ab".repeat(16), layers, n_layers)
         }
     }
 

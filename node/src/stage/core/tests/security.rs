@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::stage::core::auth::HopPolicy;
-use shardline_proto::announcement::{ShardAnnouncement, now_ms};
+use shardline_proto::announcement::ShardAnnouncement;
 use shardline_proto::wire::header::FLAG_LAST;
 use shardline_proto::wire::{Header, KEY_LEN, PayloadDType};
 
@@ -83,28 +83,14 @@ fn the_stage_presents_the_next_stage_key_in_its_attach() {
 /// A signed announcement of model "m" (4 layers, width `WIDTH`) for `layers` at `addr` with certificate `cert`.
 fn record(layers: LayerRange, addr: &str, cert: [u8; 32], model: &str) -> Vec<u8> {
     let key = libp2p::identity::Keypair::generate_ed25519();
-    let now = now_ms();
+    let a = ShardAnnouncement::example(key.public().to_peer_id(), model, layers, 4);
     let a = ShardAnnouncement {
-        peer_id: key.public().to_peer_id(),
-        model_id: model.into(),
-        n_layers: 4,
         hidden: WIDTH,
-        layers,
-        has_embeddings: layers.start == 0,
-        has_head: layers.end == 4,
         quic_addr: addr.parse().unwrap(),
         cert_fingerprint: cert,
-        wire_dtype: WireDType::F32,
-        max_sessions: 4,
         free_kv_tokens: 100,
         decode_tps: 10.0,
-        prefill_tps: 100.0,
-        active_sessions: 0,
-        batch_sessions: 0,
-        queued: 0,
-        software_version: "test".into(),
-        issued_at_ms: now,
-        expires_at_ms: now + 60_000,
+        ..a
     };
     a.sign(&key).unwrap().to_bytes()
 }
