@@ -131,6 +131,8 @@ struct Inner {
     pool: Arc<ConnectionPool>,
     /// Checks new nodes of the model (absent when another client of the same registry does, or without probation).
     _prober: Option<crate::trust::Prober>,
+    /// What this client's sessions measured of step times: each new session's first deadlines start from it.
+    step_memory: Arc<crate::deadline::StepMemory>,
 }
 
 /// A member of the swarm that runs sessions. Cheap to clone.
@@ -153,7 +155,15 @@ impl SwarmClient {
         let pool = client_pool()?;
         let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
         Ok(SwarmClient {
-            inner: Arc::new(Inner { config, dht, registry, discovery: Some(discovery), pool, _prober: prober }),
+            inner: Arc::new(Inner {
+                config,
+                dht,
+                registry,
+                discovery: Some(discovery),
+                pool,
+                _prober: prober,
+                step_memory: Default::default(),
+            }),
         })
     }
 
@@ -166,7 +176,10 @@ impl SwarmClient {
     ) -> Result<SwarmClient, ClientError> {
         let pool = client_pool()?;
         let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
-        Ok(SwarmClient { inner: Arc::new(Inner { config, dht, registry, discovery: None, pool, _prober: prober }) })
+        let step_memory = Default::default();
+        Ok(SwarmClient {
+            inner: Arc::new(Inner { config, dht, registry, discovery: None, pool, _prober: prober, step_memory }),
+        })
     }
 
     pub fn registry(&self) -> &Arc<NodeRegistry> {
@@ -320,6 +333,7 @@ impl SwarmSession {
             wire_dtype: c.wire_dtype,
             prefill_chunk: c.prefill_chunk,
             detect: c.detect,
+            step_memory: Some(inner.step_memory.clone()),
         };
         let registry = inner.registry.clone();
         let peers = route.peers();

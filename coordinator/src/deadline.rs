@@ -18,7 +18,10 @@
 //! them against real connections.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Tunables of failure detection.
 #[derive(Clone, Copy, Debug)]
@@ -49,10 +52,21 @@ impl Default for DeadlineConfig {
     }
 }
 
+/// Step times measured by the earlier sessions of one client (seconds per decode step, seconds per prefill
+/// position), shared by its sessions. A new session's first deadlines start from them rather than from the
+/// planner's estimate, which can be ten times too long (a 600-position prefill was given 3.2 s where it took 0.14 s),
+/// so a stage killed during a first prefill is found within about the silence limit. Every route covers the whole
+/// model, so the times carry over between routes: on a slower route the first check only comes sooner, and a stage
+/// is still taken for dead by its silence alone.
+#[derive(Debug, Default)]
+pub struct StepMemory(Mutex<(Option<f64>, Option<f64>)>);
+
 /// Smoothed step times of one route: what "late" means for its next step.
 #[derive(Clone, Debug)]
 pub struct StepTimes {
     config: DeadlineConfig,
+    /// Where the client keeps what its sessions measured.
+    memory: Option<Arc<StepMemory>>,
     /// Seconds per decode step (one position, owner → every stage → owner).
     decode: f64,
     /// Seconds per prefill position (a chunk of `n` costs about `n ×` this, plus one decode step of latency).
@@ -70,7 +84,17 @@ impl StepTimes {
     /// the first check forward: a stage is still declared dead only by its silence.
     pub fn new(config: DeadlineConfig, initial: Duration) -> Self {
         let s = initial.as_secs_f64().max(1e-4);
-        Self { config, decode: s, prefill_per_token: s / 10.0, measured: (false, false) }
+        Self { config, memory: None, decode: s, prefill_per_token: s / 10.0, measured: (false, false) }
+    }
+
+    /// Starts from what the client's earlier sessions measured (where they measured it), and adds this route's
+    /// measurements to `memory`. This route's own first measurement still replaces the estimate.
+    pub fn with_memory(mut self, memory: Arc<StepMemory>) -> Self {
+        let (decode, prefill) = *memory.0.lock();
+        self.decode = decode.unwrap_or(self.decode);
+        self.prefill_per_token = prefill.unwrap_or(self.prefill_per_token);
+        self.memory = Some(memory);
+        self
     }
 
     /// The time one step of `n` positions is expected to take.
@@ -98,6 +122,15 @@ impl StepTimes {
             self.prefill_per_token =
                 if self.measured.1 { self.prefill_per_token + ALPHA * (per - self.prefill_per_token) } else { per };
             self.measured.1 = true;
+        }
+        if let Some(m) = &self.memory {
+            let mut m = m.0.lock();
+            if self.measured.0 {
+                m.0 = Some(self.decode);
+            }
+            if self.measured.1 {
+                m.1 = Some(self.prefill_per_token);
+            }
         }
     }
 
@@ -210,6 +243,26 @@ mod tests {
         // Smoothed, not replaced: one fast step does not shrink the budget to the floor.
         st.record(1, ms(40));
         assert!(near(st.expected(1), ms(160)), "{:?}", st.expected(1));
+    }
+
+    #[test]
+    fn a_new_session_starts_from_the_times_its_client_measured() {
+        let cfg = DeadlineConfig::default();
+        let memory = Arc::new(StepMemory::default());
+        // The planner guessed 26 ms per token: a 600-position prefill would be late only after 6.4 s.
+        let first = StepTimes::new(cfg, ms(26)).with_memory(memory.clone());
+        assert!(first.expected(600) > Duration::from_millis(1500));
+        let mut first = first;
+        first.record(1, ms(2));
+        first.record(600, ms(140));
+        // The next session of the same client expects what the first measured, not the guess.
+        let next = StepTimes::new(cfg, ms(26)).with_memory(memory);
+        let e = next.expected(600);
+        assert!(e > ms(130) && e < ms(150), "{e:?}");
+        assert_eq!(next.expected(1), ms(2));
+        // A decode step is still given at least the floor.
+        let t0 = Instant::now();
+        assert_eq!(next.deadline(t0, 1), t0 + cfg.floor);
     }
 
     #[test]

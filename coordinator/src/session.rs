@@ -3,6 +3,7 @@
 //! successor (which already holds the session) before it reports ready.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use libp2p::PeerId;
 use shardline_kernels::SamplingParams;
@@ -18,7 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::blame;
-use crate::deadline::{self, DeadlineConfig, StepTimes, Watched};
+use crate::deadline::{self, DeadlineConfig, StepMemory, StepTimes, Watched};
 use crate::routing::Route;
 
 /// What a session needs besides its route.
@@ -36,6 +37,8 @@ pub struct SessionParams {
     pub prefill_chunk: usize,
     /// When a step is late and a silent stage is taken for dead (`deadline.rs`).
     pub detect: DeadlineConfig,
+    /// Step times the client's earlier sessions measured, to start this one's deadlines from (`deadline.rs`).
+    pub step_memory: Option<Arc<StepMemory>>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -245,7 +248,10 @@ impl RouteSession {
             position: 0,
             prefill_chunk: params.prefill_chunk.max(1),
             conns,
-            times: StepTimes::new(params.detect, std::time::Duration::from_secs_f64(route_cost_s)),
+            times: match &params.step_memory {
+                Some(m) => StepTimes::new(params.detect, Duration::from_secs_f64(route_cost_s)).with_memory(m.clone()),
+                None => StepTimes::new(params.detect, Duration::from_secs_f64(route_cost_s)),
+            },
             pending: 0,
             pending_since: std::time::Instant::now(),
             last_decode: None,

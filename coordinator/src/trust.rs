@@ -139,6 +139,8 @@ impl TrustContext {
             wire_dtype: self.wire_dtype,
             prefill_chunk: self.prefill_chunk,
             detect: self.detect,
+            // Checks run on nodes not measured yet: their times are not the user sessions' to start from.
+            step_memory: None,
         })
     }
 
