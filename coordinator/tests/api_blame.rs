@@ -211,7 +211,8 @@ async fn four_stages_answering_open_wrongly_are_banned_and_the_request_still_suc
     wait_registered(&api.coordinator, &[&honest]).await;
     let registry = &api.coordinator.registry;
     let real = registry.get(&honest.peer_id).unwrap().announcement;
-    // Four liars claiming the whole model at an absurd speed, so the planner tries them first.
+    // Four liars claiming the whole model, each measured faster than the honest node by earlier sessions (nodes
+    // that behaved, then turned), so the planner tries every one of them first.
     let (addr, fingerprint) = lying_stage().await;
     let mut liars = Vec::new();
     for _ in 0..4 {
@@ -228,8 +229,11 @@ async fn four_stages_answering_open_wrongly_are_banned_and_the_request_still_suc
             ..real.clone()
         };
         registry.upsert(a).unwrap();
+        registry.record_layer_time(&peer, 0.01);
         liars.push(peer);
     }
+    // The honest node was measured slow (a busy machine), so it comes last.
+    registry.record_layer_time(&honest.peer_id, 50.0);
     let body = json!({"model": "tiny", "prompt": "hello there", "max_tokens": 6, "temperature": 0}).to_string();
     let r = post(&api.base, "/v1/completions", &body).await;
     let status = r.status();
@@ -242,7 +246,7 @@ async fn four_stages_answering_open_wrongly_are_banned_and_the_request_still_suc
         // A liar the planner never picked is not blamed; every one that was picked is.
         assert!(h.failures <= 1, "a liar is blamed once per lie: {h:?}");
     }
-    assert_eq!(blamed.len(), 4, "the planner prefers the liars' announced speed, so all four are tried");
+    assert_eq!(blamed.len(), 4, "the planner prefers the liars' measured speed, so all four are tried");
     assert_nobody_banned(&api.coordinator, &[honest.peer_id]);
     assert_stages_idle(&[&honest]).await;
 }

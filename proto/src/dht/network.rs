@@ -14,9 +14,11 @@ use libp2p::kad::{
     self, GetProvidersOk, GetRecordOk, InboundRequest, Mode, QueryId, QueryResult, Quorum, Record, RecordKey,
     StoreInserts,
 };
+use libp2p::core::upgrade;
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::PnetConfig;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, identify, noise, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -72,6 +74,9 @@ pub struct DhtConfig {
     /// A private swarm's membership list (`--allow-peers`, `allow.rs`): connections from other peers are closed at
     /// once. `None` admits every peer.
     pub allow_peers: Option<super::AllowList>,
+    /// A private swarm's pre-shared key (`--swarm-key`, `private.rs`): connections run over TCP behind the key's
+    /// handshake, and no QUIC. `None`: a public swarm over TCP and QUIC.
+    pub swarm_key: Option<super::PreSharedKey>,
 }
 
 impl DhtConfig {
@@ -88,6 +93,7 @@ impl DhtConfig {
             filter: Arc::new(super::filter::AnnouncementFilter),
             bootstrap_patience: Duration::ZERO,
             allow_peers: None,
+            swarm_key: None,
         }
     }
 
@@ -327,25 +333,50 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
         ..Default::default()
     };
     let keypair = config.keypair.clone();
-    let swarm = SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-        .map_err(|e| DhtError::Build(e.to_string()))?
-        .with_quic()
-        .with_behaviour(|key| {
-            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::with_config(peer_id, store_cfg), kad_cfg);
-            // Every shardline peer answers DHT queries, also on loopback or private addresses where kad's automatic
-            // mode detection would leave it a client.
-            kad.set_mode(Some(Mode::Server));
-            let identify = identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-                    .with_agent_version(format!("shardline/{}", env!("CARGO_PKG_VERSION"))),
-            );
-            Behaviour { kad, identify }
-        })
-        .map_err(|e| DhtError::Build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+    let behaviour = move |key: &Keypair| {
+        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::with_config(peer_id, store_cfg), kad_cfg);
+        // Every shardline peer answers DHT queries, also on loopback or private addresses where kad's automatic mode
+        // detection would leave it a client.
+        kad.set_mode(Some(Mode::Server));
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                .with_agent_version(format!("shardline/{}", env!("CARGO_PKG_VERSION"))),
+        );
+        Behaviour { kad, identify }
+    };
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let build = |e: &dyn std::fmt::Display| DhtError::Build(e.to_string());
+    let swarm = match config.swarm_key {
+        None => SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .map_err(|e| build(&e))?
+            .with_quic()
+            .with_behaviour(behaviour)
+            .map_err(|e| build(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        Some(psk) => {
+            if let Some(a) = super::private::non_tcp(config.listen.iter().chain(&config.bootstrap).cloned().collect::<Vec<_>>().as_slice()) {
+                return Err(DhtError::Build(format!("a private swarm (--swarm-key) runs over TCP only: {a}")));
+            }
+            SwarmBuilder::with_existing_identity(keypair)
+                .with_tokio()
+                .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                    let noise = noise::Config::new(key)?;
+                    Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                        .upgrade(upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default()))
+                })
+                .map_err(|e| build(&e))?
+                .with_behaviour(behaviour)
+                .map_err(|e| build(&e))?
+                .with_swarm_config(idle)
+                .build()
+        }
+    };
     Ok(swarm)
 }
 
