@@ -29,6 +29,10 @@ pub struct CoordinatorCmd {
     /// peer are dropped and no other node is registered.
     #[arg(long)]
     pub allow_peers: Option<PathBuf>,
+    /// Private swarm: a libp2p pre-shared key file (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits); only peers
+    /// holding the same key can connect to the DHT. TCP only (QUIC p2p addresses are refused).
+    #[arg(long)]
+    pub swarm_key: Option<PathBuf>,
     /// Model id to look for from the start (others are learned from provider records); repeatable.
     #[arg(long = "model-id")]
     pub model_ids: Vec<String>,
@@ -60,6 +64,7 @@ pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     if let Some(p) = &cmd.allow_peers {
         args.registry.allow_peers = Some(shardline_proto::dht::read_allow_list(p)?);
     }
+    args.swarm_key = cmd.swarm_key.as_deref().map(shardline_proto::dht::read_swarm_key).transpose()?;
     args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
     args.models = cmd.model_ids;
     let api_config = ApiConfig {

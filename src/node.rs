@@ -44,6 +44,10 @@ pub struct NodeCmd {
     /// peer are dropped.
     #[arg(long)]
     pub allow_peers: Option<PathBuf>,
+    /// Private swarm: a libp2p pre-shared key file (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex digits); only peers
+    /// holding the same key can connect to the DHT. TCP only (QUIC p2p addresses are refused).
+    #[arg(long)]
+    pub swarm_key: Option<PathBuf>,
     /// KV-cache memory for all sessions of this node, in MiB.
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mib: usize,
@@ -67,6 +71,7 @@ pub fn run(cmd: NodeCmd) -> Result<()> {
     if let Some(p) = &cmd.allow_peers {
         args.allow_peers = Some(shardline_proto::dht::read_allow_list(p)?);
     }
+    args.swarm_key = cmd.swarm_key.as_deref().map(shardline_proto::dht::read_swarm_key).transpose()?;
     args.shard = ShardOptions { kv_budget_bytes: cmd.kv_cache_mib << 20, ..ShardOptions::default() };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(run_node(args)).context("running the node")

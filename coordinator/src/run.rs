@@ -20,6 +20,8 @@ pub struct CoordinatorArgs {
     pub p2p_listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub key_file: Option<std::path::PathBuf>,
+    /// A private swarm's pre-shared key (`--swarm-key`): the DHT runs over TCP behind it, and no QUIC.
+    pub swarm_key: Option<shardline_proto::dht::PreSharedKey>,
     /// How long to keep dialling unreachable bootstrap peers before failing (`DhtConfig::bootstrap_patience`).
     pub bootstrap_patience: Duration,
     /// Model ids to look for from the start (others are learned from provider records).
@@ -34,6 +36,7 @@ impl CoordinatorArgs {
             p2p_listen,
             bootstrap,
             key_file: None,
+            swarm_key: None,
             bootstrap_patience: Duration::ZERO,
             models: Vec::new(),
             registry: RegistryConfig::default(),
@@ -77,6 +80,7 @@ pub async fn start_coordinator(args: CoordinatorArgs) -> Result<CoordinatorHandl
     };
     let mut dht_config = DhtConfig::for_discovery(keypair, args.p2p_listen.clone(), args.bootstrap.clone());
     dht_config.allow_peers = args.registry.allow_peers.clone();
+    dht_config.swarm_key = args.swarm_key;
     dht_config.bootstrap_patience = args.bootstrap_patience;
     let (dht, events) = DhtClient::start(dht_config).await?;
     let registry = NodeRegistry::new(args.registry.clone());

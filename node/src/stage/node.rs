@@ -40,6 +40,8 @@ pub struct NodeArgs {
     pub key_file: Option<PathBuf>,
     /// A private swarm's membership list (`--allow-peers`): the DHT drops connections from other peers.
     pub allow_peers: Option<shardline_proto::dht::AllowList>,
+    /// A private swarm's pre-shared key (`--swarm-key`): the DHT runs over TCP behind it, and no QUIC.
+    pub swarm_key: Option<shardline_proto::dht::PreSharedKey>,
     pub shard: ShardOptions,
     pub stage: StageConfig,
     /// Hidden-state dtype on the wire; defaults to the backend's activation dtype (f32 on the CPU, so a split run is
@@ -67,6 +69,7 @@ impl NodeArgs {
             bootstrap_patience: std::time::Duration::ZERO,
             key_file: None,
             allow_peers: None,
+            swarm_key: None,
             shard: ShardOptions::default(),
             stage: StageConfig::default(),
             wire_dtype: None,
@@ -198,6 +201,7 @@ pub async fn start_node(args: NodeArgs) -> Result<NodeHandle, NodeError> {
     let mut dht_config = DhtConfig::new(keypair.clone(), args.p2p_listen.clone(), args.bootstrap.clone());
     dht_config.bootstrap_patience = args.bootstrap_patience;
     dht_config.allow_peers = args.allow_peers.clone();
+    dht_config.swarm_key = args.swarm_key;
     let (dht, _events) = DhtClient::start(dht_config).await?;
     let p2p_addrs = dht.listen_addrs().await?;
     let c = shard.config().clone();

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::upgrade;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::kad::{
     self, GetProvidersOk, GetRecordOk, InboundRequest, Mode, QueryId, QueryResult, Quorum, Record, RecordKey,
     StoreInserts,
 };
-use libp2p::core::upgrade;
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::PnetConfig;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -357,7 +357,9 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
             .with_swarm_config(idle)
             .build(),
         Some(psk) => {
-            if let Some(a) = super::private::non_tcp(config.listen.iter().chain(&config.bootstrap).cloned().collect::<Vec<_>>().as_slice()) {
+            if let Some(a) = super::private::non_tcp(
+                config.listen.iter().chain(&config.bootstrap).cloned().collect::<Vec<_>>().as_slice(),
+            ) {
                 return Err(DhtError::Build(format!("a private swarm (--swarm-key) runs over TCP only: {a}")));
             }
             SwarmBuilder::with_existing_identity(keypair)

@@ -50,7 +50,7 @@ mod tests {
         let key = PreSharedKey::new([0x5a; 32]);
         let path = dir.path().join("swarm.key");
         std::fs::write(&path, swarm_key_file(&key)).unwrap();
-        assert_eq!(read_swarm_key(&path).unwrap().fingerprint(), key.fingerprint());
+        assert!(read_swarm_key(&path).unwrap().fingerprint() == key.fingerprint());
         std::fs::write(&path, "/key/swarm/psk/1.0.0/\n/base16/\nnot-hex").unwrap();
         let e = read_swarm_key(&path).unwrap_err().to_string();
         assert!(e.contains("is not a swarm key"), "{e}");
@@ -64,5 +64,41 @@ mod tests {
         let quic: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
         assert_eq!(non_tcp(std::slice::from_ref(&tcp)), None);
         assert_eq!(non_tcp(&[tcp, quic.clone()]), Some(&quic));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_peers_holding_the_swarm_key_can_join() {
+        use libp2p::identity::Keypair;
+
+        use crate::dht::{DhtClient, DhtConfig};
+
+        let tcp: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        let key = PreSharedKey::new([0x11; 32]);
+        let config = |bootstrap: Vec<Multiaddr>, psk: Option<PreSharedKey>| {
+            let mut c = DhtConfig::new(Keypair::generate_ed25519(), vec![tcp.clone()], bootstrap);
+            c.swarm_key = psk;
+            c
+        };
+        let (a, _ea) = DhtClient::start(config(vec![], Some(key))).await.unwrap();
+        let addr = a.listen_addrs().await.unwrap()[0].clone();
+        // A member joins through A, and A routes to it.
+        let (b, _eb) = DhtClient::start(config(vec![addr.clone()], Some(key))).await.unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !a.routing_peers().await.unwrap().contains(&b.peer_id()) {
+            assert!(tokio::time::Instant::now() < deadline, "A never added the member to its routing table");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Without the key, or with another one, the handshake fails and nothing is learned.
+        for psk in [None, Some(PreSharedKey::new([0x22; 32]))] {
+            let outsider = DhtClient::start(config(vec![addr.clone()], psk)).await;
+            assert!(outsider.is_err(), "a peer without the swarm key ({psk:?}) joined");
+        }
+        assert!(!a.routing_peers().await.unwrap().iter().any(|p| *p != b.peer_id()), "an outsider reached A");
+        // QUIC cannot carry the key's handshake: refused up front.
+        let quic: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+        let mut c = DhtConfig::new(Keypair::generate_ed25519(), vec![quic], vec![]);
+        c.swarm_key = Some(key);
+        let Err(e) = DhtClient::start(c).await else { panic!("a QUIC listener in a private swarm") };
+        assert!(e.to_string().contains("TCP only"), "{e}");
     }
 }
