@@ -33,6 +33,10 @@ pub struct CoordinatorCmd {
     /// holding the same key can connect to the DHT. TCP only (QUIC p2p addresses are refused).
     #[arg(long)]
     pub swarm_key: Option<PathBuf>,
+    /// Let new nodes take user sessions before this coordinator's canary sessions checked their output against a
+    /// trusted replica (docs/SECURITY.md, "Trust and routing"). Without it, an unchecked node never sees a prompt.
+    #[arg(long)]
+    pub no_probation: bool,
     /// Model id to look for from the start (others are learned from provider records); repeatable.
     #[arg(long = "model-id")]
     pub model_ids: Vec<String>,
@@ -66,6 +70,7 @@ pub fn run(cmd: CoordinatorCmd) -> Result<()> {
     }
     args.swarm_key = cmd.swarm_key.as_deref().map(shardline_proto::dht::read_swarm_key).transpose()?;
     args.bootstrap_patience = shardline_proto::dht::SERVICE_BOOTSTRAP_PATIENCE;
+    args.registry.probation = !cmd.no_probation;
     args.models = cmd.model_ids;
     let api_config = ApiConfig {
         send_timeout: (cmd.send_timeout_secs > 0).then(|| Duration::from_secs(cmd.send_timeout_secs)),
