@@ -9,11 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{assert_stages_idle, local_pipeline, session_tokens, solo_tokens};
-use libp2p::Multiaddr;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::{DType, SamplingParams};
-use shardline_node::model::LayerRange;
-use shardline_node::stage::NodeHandle;
 use shardline_node::test_models::{TinyDTypes, TinySpec};
 
 const N_LAYERS: usize = 6;
@@ -26,10 +23,6 @@ fn tiny_model(dir: &Path) -> (PathBuf, String) {
     common::tiny_model(dir, &TinySpec { n_layers: N_LAYERS, context: 512, dtypes, ..TinySpec::default() })
 }
 
-async fn node(model: &Path, layers: LayerRange, bootstrap: &[Multiaddr]) -> NodeHandle {
-    common::node_on(model, layers, bootstrap, |a| a.stage.max_sessions = STREAMS).await
-}
-
 /// A distinct prompt per stream, of lengths 4..=19.
 fn prompt(i: usize) -> Vec<u32> {
     (0..4 + i).map(|j| ((i * 37 + j * 11 + 3) % 280) as u32).collect()
@@ -39,10 +32,7 @@ fn prompt(i: usize) -> Vec<u32> {
 async fn sixteen_concurrent_streams_through_three_stages_each_get_their_solo_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let (model, id) = tiny_model(dir.path());
-    let a = node(&model, LayerRange::new(0, 2), &[]).await;
-    let boot = a.p2p_addrs.clone();
-    let b = node(&model, LayerRange::new(2, 4), &boot).await;
-    let c = node(&model, LayerRange::new(4, 6), &boot).await;
+    let ([a, b, c], boot) = common::three_stages(&model, |n| n.stage.max_sessions = STREAMS).await;
     let mut cfg = SwarmClientConfig::new(&id, boot.clone());
     cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     cfg.prefill_chunk = 5;

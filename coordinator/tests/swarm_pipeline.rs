@@ -54,10 +54,7 @@ const PROMPT: [u32; 8] = [1, 40, 41, 42, 100, 200, 7, 9];
 async fn three_stage_pipeline_matches_the_single_process_engine() {
     let dir = tempfile::tempdir().unwrap();
     let (model, id) = tiny_model(dir.path());
-    let a = node(&model, LayerRange::new(0, 2), &[]).await;
-    let boot = a.p2p_addrs.clone();
-    let b = node(&model, LayerRange::new(2, 4), &boot).await;
-    let c = node(&model, LayerRange::new(4, 6), &boot).await;
+    let ([a, b, c], boot) = common::three_stages(&model, |_| {}).await;
     let cl = client(&id, &boot).await;
     let route = cl.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
     assert_eq!(route.peers(), vec![a.peer_id, b.peer_id, c.peer_id]);

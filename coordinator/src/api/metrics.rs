@@ -11,8 +11,12 @@ use std::time::Instant;
 use axum::http::StatusCode;
 use serde::Serialize;
 use shardline_node::generate::{FinishReason, Generation};
+use shardline_proto::announcement::ShardAnnouncement;
 
 use super::error::ApiError;
+
+/// A per-node gauge read from the node's announcement.
+type AnnouncedGauge = fn(&ShardAnnouncement) -> u32;
 use crate::registry::NodeRegistry;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -312,30 +316,23 @@ impl Metrics {
             }
         }
         // What each node last announced of its own scheduler (continuous batching on the stage).
-        out.push_str(
-            "# HELP shardline_node_batch_sessions Sessions in the node's last compute batch, as announced.\n\
-             # TYPE shardline_node_batch_sessions gauge\n",
-        );
         let nodes: Vec<_> = registry.models().iter().flat_map(|m| registry.snapshot(m)).collect();
-        for (e, _) in &nodes {
-            let a = &e.announcement;
-            let _ = writeln!(
-                out,
-                "shardline_node_batch_sessions{{peer=\"{}\",layers=\"{}\"}} {}",
-                a.peer_id, a.layers, a.batch_sessions
-            );
-        }
-        out.push_str(
-            "# HELP shardline_node_stage_queued Input chunks and opens waiting on the node, as announced.\n\
-             # TYPE shardline_node_stage_queued gauge\n",
-        );
-        for (e, _) in &nodes {
-            let a = &e.announcement;
-            let _ = writeln!(
-                out,
-                "shardline_node_stage_queued{{peer=\"{}\",layers=\"{}\"}} {}",
-                a.peer_id, a.layers, a.queued
-            );
+        let per_node: [(&str, &str, AnnouncedGauge); 2] = [
+            ("batch_sessions", "Sessions in the node's last compute batch, as announced.", |a| a.batch_sessions),
+            ("stage_queued", "Input chunks and opens waiting on the node, as announced.", |a| a.queued),
+        ];
+        for (name, help, value) in per_node {
+            let _ = writeln!(out, "# HELP shardline_node_{name} {help}\n# TYPE shardline_node_{name} gauge");
+            for (e, _) in &nodes {
+                let a = &e.announcement;
+                let _ = writeln!(
+                    out,
+                    "shardline_node_{name}{{peer=\"{}\",layers=\"{}\"}} {}",
+                    a.peer_id,
+                    a.layers,
+                    value(a)
+                );
+            }
         }
         out
     }

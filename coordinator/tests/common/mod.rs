@@ -183,3 +183,13 @@ pub async fn session_tokens(s: &mut SwarmSession, prompt: &[u32], n: usize, samp
     }
     out
 }
+
+/// Nodes over layers 0..2, 2..4 and 4..6 of `model` ([`node_on`], adjusted by `tweak`), the later two
+/// bootstrapping from the first; returns them and the first's addresses.
+pub async fn three_stages(model: &Path, tweak: impl Fn(&mut NodeArgs)) -> ([NodeHandle; 3], Vec<Multiaddr>) {
+    let a = node_on(model, LayerRange::new(0, 2), &[], &tweak).await;
+    let boot = a.p2p_addrs.clone();
+    let b = node_on(model, LayerRange::new(2, 4), &boot, &tweak).await;
+    let c = node_on(model, LayerRange::new(4, 6), &boot, &tweak).await;
+    ([a, b, c], boot)
+}
