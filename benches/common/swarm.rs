@@ -12,7 +12,8 @@ use shardline_node::stage::{NodeArgs, NodeHandle, start_node};
 
 /// `k` nodes serving `model` (`n_layers` blocks) in equal spans on loopback, each on a CPU backend of `threads`
 /// threads, and a fresh client that found every layer through the DHT. With `sessions`, each node has that many
-/// session slots and the client queues that many sessions per node. The nodes stop when dropped.
+/// session slots, all of which the one client may hold, and the client queues that many sessions per node. The
+/// nodes stop when dropped.
 pub async fn loopback_swarm(
     model: &Path,
     n_layers: usize,
@@ -29,6 +30,9 @@ pub async fn loopback_swarm(
         args.bootstrap = boot.clone();
         if let Some(s) = sessions {
             args.stage.max_sessions = s;
+            // One owner drives every session here: let it hold all the slots (a stage keeps a quarter of them
+            // from any single peer by default, docs/SECURITY.md, *Stage*).
+            args.stage.max_sessions_per_peer = Some(s);
         }
         let n = start_node(args).await.expect("start node");
         if boot.is_empty() {
