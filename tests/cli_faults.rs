@@ -187,17 +187,7 @@ fn without_a_replica_requests_end_with_a_clear_error_not_a_hang() {
     common::wait_status(&format!("{http_url}/health"), 200, Duration::from_secs(60));
 
     // A long streaming request; the only tail is killed as soon as the first chunk arrives.
-    let chat = serde_json::json!({
-        "model": "tiny", "max_tokens": 900, "temperature": 0, "stream": true, "ignore_eos": true,
-        "messages": [{"role": "user", "content": "hi"}],
-    })
-    .to_string();
-    let (first_tx, first_rx) = std::sync::mpsc::channel();
-    let streaming = {
-        let addr = addr.clone();
-        std::thread::spawn(move || stream_until_end(addr, chat, first_tx))
-    };
-    first_rx.recv_timeout(Duration::from_secs(30)).expect("the stream starts");
+    let streaming = long_stream_started(addr.clone());
     tail.0.kill().unwrap();
     tail.0.wait().unwrap();
     let killed = Instant::now();
@@ -329,6 +319,20 @@ async fn sigterm_drains_a_node_and_a_restart_with_the_same_key_rejoins() {
     assert!(served, "the restarted node took a new session");
 }
 
+/// Starts a long greedy streaming chat (900 tokens) against the API at `addr` on its own thread and returns once its
+/// first event arrived; the thread's result is the body read until the connection ended, and when it ended.
+fn long_stream_started(addr: String) -> std::thread::JoinHandle<(String, Instant)> {
+    let chat = serde_json::json!({
+        "model": "tiny", "max_tokens": 900, "temperature": 0, "stream": true, "ignore_eos": true,
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    .to_string();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let streaming = std::thread::spawn(move || stream_until_end(addr, chat, first_tx));
+    first_rx.recv_timeout(Duration::from_secs(30)).expect("the stream starts");
+    streaming
+}
+
 /// Reads a streaming response until the connection ends (EOF or error); tells `first` when the first event arrived.
 fn stream_until_end(addr: String, body: String, first: std::sync::mpsc::Sender<()>) -> (String, Instant) {
     let mut s = TcpStream::connect(&addr).expect("connect to the API");
@@ -393,15 +397,7 @@ fn a_coordinator_restarted_while_nodes_run_rediscovers_them_and_serves_again() {
     common::wait_status(&format!("{http_url}/health"), 200, Duration::from_secs(60));
 
     // A request in flight when the coordinator dies ends (the connection breaks), it does not hang.
-    let chat = serde_json::json!({
-        "model": "tiny", "max_tokens": 900, "temperature": 0, "stream": true, "ignore_eos": true,
-        "messages": [{"role": "user", "content": "hi"}],
-    })
-    .to_string();
-    let (first_tx, first_rx) = std::sync::mpsc::channel();
-    let addr = http_url.strip_prefix("http://").unwrap().to_string();
-    let streaming = std::thread::spawn(move || stream_until_end(addr, chat, first_tx));
-    first_rx.recv_timeout(Duration::from_secs(30)).expect("the stream starts");
+    let streaming = long_stream_started(http_url.strip_prefix("http://").unwrap().to_string());
     coord.0.kill().unwrap();
     coord.0.wait().unwrap();
     let killed = Instant::now();

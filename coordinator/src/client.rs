@@ -152,19 +152,7 @@ impl SwarmClient {
         let mut dcfg = config.discovery.clone();
         dcfg.models.push(config.model_id.clone());
         let discovery = Discovery::spawn(dht.clone(), events, registry.clone(), dcfg);
-        let pool = client_pool()?;
-        let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
-        Ok(SwarmClient {
-            inner: Arc::new(Inner {
-                config,
-                dht,
-                registry,
-                discovery: Some(discovery),
-                pool,
-                _prober: prober,
-                step_memory: Default::default(),
-            }),
-        })
+        Self::build(config, dht, registry, Some(discovery))
     }
 
     /// A client over a registry someone else keeps current (a coordinator's: see `CoordinatorHandle::client`); it
@@ -174,11 +162,21 @@ impl SwarmClient {
         registry: Arc<NodeRegistry>,
         config: SwarmClientConfig,
     ) -> Result<SwarmClient, ClientError> {
+        Self::build(config, dht, registry, None)
+    }
+
+    /// The client's connection pool and prober over `registry`, kept current by `discovery` or by someone else.
+    fn build(
+        config: SwarmClientConfig,
+        dht: DhtClient,
+        registry: Arc<NodeRegistry>,
+        discovery: Option<Discovery>,
+    ) -> Result<SwarmClient, ClientError> {
         let pool = client_pool()?;
         let prober = Prober::spawn(trust_context(&config, &registry, &pool), config.probe_interval);
         let step_memory = Default::default();
         Ok(SwarmClient {
-            inner: Arc::new(Inner { config, dht, registry, discovery: None, pool, _prober: prober, step_memory }),
+            inner: Arc::new(Inner { config, dht, registry, discovery, pool, _prober: prober, step_memory }),
         })
     }
 

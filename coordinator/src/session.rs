@@ -55,7 +55,7 @@ pub enum SessionError {
     /// acknowledgement of a keep-alive) past the detection limit while a step or an open waited on it: the node is
     /// taken for dead or cut off. Unlike a stage's `Timeout` error frame, this names its culprit.
     #[error("stage {peer} silent for {silent:?} {during}: taken for dead")]
-    Silent { peer: PeerId, silent: std::time::Duration, during: &'static str },
+    Silent { peer: PeerId, silent: Duration, during: &'static str },
     /// The peer sent what the protocol does not allow where it did (a wrong frame kind, a token for the wrong
     /// position, a log-probability that cannot be one).
     #[error("stage {peer} broke the protocol: {detail}")]
@@ -143,6 +143,11 @@ impl RouteSession {
         let keys: Vec<SessionKey> = route.stages.iter().map(|_| SessionKey(rand::random())).collect();
         let n = route.stages.len();
         let route_cost_s = route.cost_ms.max(0.0) / 1000.0;
+        let times = StepTimes::new(params.detect, Duration::from_secs_f64(route_cost_s));
+        let times = match &params.step_memory {
+            Some(m) => times.with_memory(m.clone()),
+            None => times,
+        };
         let layout: Vec<String> = route.stages.iter().map(|s| format!("{}@{}", s.span, s.addr)).collect();
         let (tx, events) = mpsc::channel(256);
         let mut controls: Vec<Option<quinn::SendStream>> = (0..n).map(|_| None).collect();
@@ -248,10 +253,7 @@ impl RouteSession {
             position: 0,
             prefill_chunk: params.prefill_chunk.max(1),
             conns,
-            times: match &params.step_memory {
-                Some(m) => StepTimes::new(params.detect, Duration::from_secs_f64(route_cost_s)).with_memory(m.clone()),
-                None => StepTimes::new(params.detect, Duration::from_secs_f64(route_cost_s)),
-            },
+            times,
             pending: 0,
             pending_since: std::time::Instant::now(),
             last_decode: None,

@@ -63,6 +63,11 @@ impl Server {
         })
     }
 
+    /// Answers of `status` so far.
+    fn seen(&self, status: u16) -> usize {
+        self.seen.lock().unwrap().get(&status).copied().unwrap_or(0)
+    }
+
     /// Sends `body` to one endpoint and checks the answer; the error names the case on failure.
     fn check(&self, chat: bool, body: Vec<u8>) -> Result<(), TestCaseError> {
         let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
@@ -81,13 +86,6 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         eprintln!("answers by status: {:?}", self.seen.lock().map(|s| s.clone()).unwrap_or_default());
-    }
-}
-
-impl Server {
-    /// Answers of `status` so far.
-    fn seen(&self, status: u16) -> usize {
-        self.seen.lock().unwrap().get(&status).copied().unwrap_or(0)
     }
 }
 

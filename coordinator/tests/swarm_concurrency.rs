@@ -32,7 +32,7 @@ fn prompt(i: usize) -> Vec<u32> {
 async fn sixteen_concurrent_streams_through_three_stages_each_get_their_solo_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let (model, id) = tiny_model(dir.path());
-    let ([a, b, c], boot) = common::three_stages(&model, |n| n.stage.max_sessions = STREAMS).await;
+    let ([a, b, c], boot) = common::three_stages(&model, &[], |n| n.stage.max_sessions = STREAMS).await;
     let mut cfg = SwarmClientConfig::new(&id, boot.clone());
     cfg.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     cfg.prefill_chunk = 5;

@@ -54,7 +54,7 @@ const PROMPT: [u32; 8] = [1, 40, 41, 42, 100, 200, 7, 9];
 async fn three_stage_pipeline_matches_the_single_process_engine() {
     let dir = tempfile::tempdir().unwrap();
     let (model, id) = tiny_model(dir.path());
-    let ([a, b, c], boot) = common::three_stages(&model, |_| {}).await;
+    let ([a, b, c], boot) = common::three_stages(&model, &[], |_| {}).await;
     let cl = client(&id, &boot).await;
     let route = cl.wait_for_coverage(Duration::from_secs(20)).await.unwrap();
     assert_eq!(route.peers(), vec![a.peer_id, b.peer_id, c.peer_id]);

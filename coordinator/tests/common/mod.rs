@@ -165,13 +165,10 @@ pub async fn post(base: &str, path: &str, body: &str) -> reqwest::Response {
 /// Three nodes of `max_sessions` slots over layers 0..2, 2..4 and 4..6 of `model`, bootstrapping from `api`'s
 /// coordinator, once it registered all three.
 pub async fn three_stages_behind(api: &Api, model: &Path, max_sessions: usize) -> [NodeHandle; 3] {
-    let boot = api.coordinator.p2p_addrs.clone();
-    let mut nodes = Vec::new();
-    for (a, b) in [(0, 2), (2, 4), (4, 6)] {
-        nodes.push(node_on(model, LayerRange::new(a, b), &boot, |n| n.stage.max_sessions = max_sessions).await);
-    }
+    let boot = &api.coordinator.p2p_addrs;
+    let (nodes, _) = three_stages(model, boot, |n| n.stage.max_sessions = max_sessions).await;
     wait_registered(&api.coordinator, &nodes.iter().collect::<Vec<_>>()).await;
-    nodes.try_into().unwrap_or_else(|_| unreachable!("three nodes started"))
+    nodes
 }
 
 /// `n` tokens of `s` after `prompt`: the prompt's sample, then one token per step.
@@ -184,12 +181,18 @@ pub async fn session_tokens(s: &mut SwarmSession, prompt: &[u32], n: usize, samp
     out
 }
 
-/// Nodes over layers 0..2, 2..4 and 4..6 of `model` ([`node_on`], adjusted by `tweak`), the later two
-/// bootstrapping from the first; returns them and the first's addresses.
-pub async fn three_stages(model: &Path, tweak: impl Fn(&mut NodeArgs)) -> ([NodeHandle; 3], Vec<Multiaddr>) {
-    let a = node_on(model, LayerRange::new(0, 2), &[], &tweak).await;
-    let boot = a.p2p_addrs.clone();
-    let b = node_on(model, LayerRange::new(2, 4), &boot, &tweak).await;
-    let c = node_on(model, LayerRange::new(4, 6), &boot, &tweak).await;
-    ([a, b, c], boot)
+/// Nodes over layers 0..2, 2..4 and 4..6 of `model` (as [`node_on`] makes them, adjusted by `tweak`), bootstrapping from `boot`
+/// (or, when it is empty, the later two from the first); returns them and the addresses they bootstrapped from.
+pub async fn three_stages(
+    model: &Path,
+    boot: &[Multiaddr],
+    tweak: impl Fn(&mut NodeArgs),
+) -> ([NodeHandle; 3], Vec<Multiaddr>) {
+    let spans = [(0, 2), (2, 4), (4, 6)];
+    let (nodes, boot) = start_nodes(model, &spans, boot, 1, |a| {
+        a.measure_tokens = 4;
+        tweak(a)
+    })
+    .await;
+    (nodes.try_into().unwrap_or_else(|_| unreachable!("one node per span")), boot)
 }

@@ -357,9 +357,7 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
             .with_swarm_config(idle)
             .build(),
         Some(psk) => {
-            if let Some(a) = super::private::non_tcp(
-                config.listen.iter().chain(&config.bootstrap).cloned().collect::<Vec<_>>().as_slice(),
-            ) {
+            if let Some(a) = super::private::non_tcp(config.listen.iter().chain(&config.bootstrap)) {
                 return Err(DhtError::Build(format!("a private swarm (--swarm-key) runs over TCP only: {a}")));
             }
             SwarmBuilder::with_existing_identity(keypair)

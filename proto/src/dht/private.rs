@@ -36,8 +36,8 @@ pub fn swarm_key_file(key: &PreSharedKey) -> String {
 }
 
 /// The first of `addrs` a private network cannot use (a QUIC address), if any.
-pub fn non_tcp(addrs: &[Multiaddr]) -> Option<&Multiaddr> {
-    addrs.iter().find(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic | Protocol::Udp(_))))
+pub fn non_tcp<'a>(mut addrs: impl Iterator<Item = &'a Multiaddr>) -> Option<&'a Multiaddr> {
+    addrs.find(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic | Protocol::Udp(_))))
 }
 
 #[cfg(test)]
@@ -62,8 +62,8 @@ mod tests {
     fn quic_addresses_are_named() {
         let tcp: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
         let quic: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
-        assert_eq!(non_tcp(std::slice::from_ref(&tcp)), None);
-        assert_eq!(non_tcp(&[tcp, quic.clone()]), Some(&quic));
+        assert_eq!(non_tcp([&tcp].into_iter()), None);
+        assert_eq!(non_tcp([&tcp, &quic].into_iter()), Some(&quic));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
