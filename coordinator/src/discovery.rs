@@ -19,9 +19,14 @@
 //! stored under its own peer's key, and (for records found through a model's provider list) announcing that model.
 //! Rejects are logged.
 //!
+//! A new identity is counted against the IP address it came from ([`signer_ip`]: the remote address of the signer's
+//! own DHT connection, never the stage address it announces nor the address of a peer relaying its record), and the
+//! registry holds at most `max_per_address` identities per source address (docs/SECURITY.md, *Trust and routing*).
+//!
 //! [`DhtConfig::for_discovery`]: shardline_proto::dht::DhtConfig::for_discovery
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -33,7 +38,7 @@ use libp2p::PeerId;
 use libp2p::kad::Record;
 use shardline_proto::announcement::{ShardAnnouncement, now_ms};
 use shardline_proto::dht::{DhtClient, DhtEvent, check_node_record, model_key, node_key, parse_model_key};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -66,8 +71,84 @@ pub enum DiscoveryReject {
     Registry(#[from] crate::registry::RegistryError),
 }
 
+/// How a record reached us: the peer whose connection delivered it (`None`: our own store) and that connection's
+/// remote IP address.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Delivery {
+    pub peer: Option<PeerId>,
+    pub ip: Option<IpAddr>,
+}
+
+/// How long discovery waits to connect to the signer of a record a third peer delivered.
+pub const SIGNER_DIAL_WAIT: Duration = Duration::from_secs(5);
+/// Relayed records whose signer discovery checks at once; a record beyond these is left to the next discovery round
+/// (which finds its signer again, if it is in the routing table or a provider list).
+const MAX_SIGNER_CHECKS: usize = 16;
+
+/// The IP address a new identity `signer` is counted against: the remote address of the signer's own DHT
+/// connection to us. A record the signer delivered itself gives it at once. A record relayed by another peer (a PUT
+/// of a copy, a lookup answered from someone's store, our own store) counts against the address of our current or
+/// last connection to the signer, and where there was none, discovery connects to the signer (Kademlia knows its
+/// addresses from the routing table or the query) and takes that connection's address; `None` when the signer cannot
+/// be reached within [`SIGNER_DIAL_WAIT`], and the identity is not registered (yet).
+///
+/// The relay's own address is never used: an attacker could otherwise plant records in honest peers' stores and have
+/// its identities counted against (and filling the limit of) those honest peers' addresses, or spread them over as
+/// many addresses as there are honest relays. Relaying itself stays harmless: an honest copy of a record registers
+/// its signer as soon as the signer is reachable, wherever the copy came from.
+pub async fn signer_ip(dht: &DhtClient, signer: PeerId, delivery: Delivery) -> Option<IpAddr> {
+    if delivery.peer == Some(signer) && delivery.ip.is_some() {
+        return delivery.ip;
+    }
+    if let Ok(Some(ip)) = dht.peer_ip(signer).await {
+        return Some(ip);
+    }
+    match tokio::time::timeout(SIGNER_DIAL_WAIT, dht.connect(signer)).await {
+        Ok(Ok(())) => dht.peer_ip(signer).await.ok().flatten(),
+        Ok(Err(e)) => {
+            debug!(%signer, error = %e, "signer of a relayed record unreachable");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Verifies a node record that `delivery` brought and registers (or updates) its node, counting a new node against
+/// its signer's source address ([`signer_ip`]).
+pub async fn register_delivered(
+    dht: &DhtClient,
+    registry: &NodeRegistry,
+    record: &Record,
+    expected_model: Option<&str>,
+    delivery: Delivery,
+) -> Result<(Upsert, ShardAnnouncement), DiscoveryReject> {
+    let (signed, _) = check_node_record(record)?;
+    let signer = signed.announcement.peer_id;
+    // A registered node keeps the source of its registration: an update needs none.
+    let source = if registry.contains(&signer) { None } else { signer_ip(dht, signer, delivery).await };
+    register_verified(registry, record, signed.announcement, expected_model, source)
+}
+
+fn register_verified(
+    registry: &NodeRegistry,
+    record: &Record,
+    a: ShardAnnouncement,
+    expected_model: Option<&str>,
+    source: Option<IpAddr>,
+) -> Result<(Upsert, ShardAnnouncement), DiscoveryReject> {
+    if let Some(expected) = expected_model
+        && a.model_id != expected
+    {
+        return Err(DiscoveryReject::WrongModel { expected: expected.to_string(), got: a.model_id });
+    }
+    let outcome = registry.upsert_from(a.clone(), source)?;
+    registry.keep_record(&a, record.value.as_slice().into());
+    Ok((outcome, a))
+}
+
 /// Verifies a node record and registers (or updates) its node. `expected_model` is the model whose provider list
-/// led to the record, when it came that way.
+/// led to the record, when it came that way. A new node is counted against its stage's address (as
+/// `NodeRegistry::upsert`): for records the caller vouches for; discovery uses [`register_delivered`].
 pub fn register_record(
     registry: &NodeRegistry,
     record: &Record,
@@ -113,12 +194,14 @@ impl Discovery {
             query.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let retry = Arc::new(Mutex::new(HashMap::new()));
+            let signer_checks = Arc::new(Semaphore::new(MAX_SIGNER_CHECKS));
             let mut round: Option<JoinHandle<()>> = None;
             loop {
                 tokio::select! {
                     event = events.recv() => match event {
-                        Some(DhtEvent::RecordStored { source, record }) => {
-                            log_outcome(&source.to_string(), register_record(&registry, &record, None));
+                        Some(DhtEvent::RecordStored { source, source_ip, record }) => {
+                            let delivery = Delivery { peer: Some(source), ip: source_ip };
+                            on_record_stored(&dht, &registry, &signer_checks, record, delivery);
                         }
                         Some(DhtEvent::ProviderAdded { key, provider }) => {
                             if let Some(model) = parse_model_key(&key) {
@@ -171,6 +254,37 @@ impl Discovery {
     }
 }
 
+/// Registers a record a peer stored with us: at once when its signer delivered it or is registered already (no I/O
+/// needed), else on a task that finds the signer's address first, at most [`MAX_SIGNER_CHECKS`] at a time.
+fn on_record_stored(
+    dht: &DhtClient,
+    registry: &Arc<NodeRegistry>,
+    checks: &Arc<Semaphore>,
+    record: Record,
+    delivery: Delivery,
+) {
+    let from = delivery.peer.map_or_else(String::new, |p| p.to_string());
+    let (signed, _) = match check_node_record(&record) {
+        Ok(checked) => checked,
+        Err(e) => return log_outcome(&from, Err(e.into())),
+    };
+    let signer = signed.announcement.peer_id;
+    if delivery.peer == Some(signer) || registry.contains(&signer) {
+        let source = if delivery.peer == Some(signer) { delivery.ip } else { None };
+        return log_outcome(&from, register_verified(registry, &record, signed.announcement, None, source));
+    }
+    let Ok(permit) = checks.clone().try_acquire_owned() else {
+        debug!(%signer, relay = %from, "relayed record left to the next discovery round: signer checks are busy");
+        return;
+    };
+    let (dht, registry) = (dht.clone(), registry.clone());
+    tokio::spawn(async move {
+        let outcome = register_delivered(&dht, &registry, &record, None, delivery).await;
+        drop(permit);
+        log_outcome(&from, outcome);
+    });
+}
+
 fn log_outcome(from: &str, outcome: Result<(Upsert, ShardAnnouncement), DiscoveryReject>) {
     match outcome {
         Ok((Upsert::Inserted, a)) => debug!(peer = %a.peer_id, layers = %a.layers, "registered at discovery"),
@@ -181,10 +295,12 @@ fn log_outcome(from: &str, outcome: Result<(Upsert, ShardAnnouncement), Discover
 
 /// Fetches and registers `peer`'s node record; true when the registry now holds a current announcement of it.
 async fn fetch_node(dht: DhtClient, registry: Arc<NodeRegistry>, peer: PeerId, model: Option<String>) -> bool {
-    match dht.get_record(node_key(&peer)).await {
+    match dht.get_record_from(node_key(&peer)).await {
         Ok(records) => {
-            for r in &records {
-                log_outcome(&peer.to_string(), register_record(&registry, r, model.as_deref()));
+            for f in &records {
+                let delivery = Delivery { peer: f.from, ip: f.from_ip };
+                let outcome = register_delivered(&dht, &registry, &f.record, model.as_deref(), delivery).await;
+                log_outcome(&peer.to_string(), outcome);
             }
         }
         Err(e) => debug!(%peer, error = %e, "node record lookup failed"),

@@ -3,6 +3,7 @@
 //! The route planner reads only this.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -34,6 +35,13 @@ pub enum RegistryError {
     NotAllowed { peer: PeerId },
     #[error("{peer} not registered: {limit} identities with a stage on {ip} are registered already")]
     TooManyFromAddress { peer: PeerId, ip: std::net::IpAddr, limit: usize },
+    /// Per-source limit (docs/SECURITY.md, *Trust and routing*): the identities whose signer's own DHT connection
+    /// came from `ip` fill the limit.
+    #[error("{peer} not registered: {limit} identities from source address {ip} are registered already")]
+    TooManyFromSource { peer: PeerId, ip: std::net::IpAddr, limit: usize },
+    /// A new identity whose source address nobody established (discovery could not reach its signer).
+    #[error("{peer} not registered: the source address of its announcement is unknown")]
+    UnknownSource { peer: PeerId },
 }
 
 /// What an upsert did.
@@ -77,6 +85,9 @@ pub struct NodeEntry {
     /// The signed record the announcement came in (`SignedAnnouncement::to_bytes`), when discovery kept it: an owner
     /// hands it to the previous stage of a route, which dials this node only on its word (docs/SECURITY.md, *Stage*).
     pub record: Option<Arc<[u8]>>,
+    /// The IP address the identity is counted against for [`RegistryConfig::max_per_address`]: the remote address of
+    /// the signer's own DHT connection to us (docs/SECURITY.md, *Trust and routing*), fixed at registration.
+    pub source_ip: IpAddr,
 }
 
 /// Tunables of the registry.
@@ -90,8 +101,9 @@ pub struct RegistryConfig {
     /// User sessions go only to nodes whose output a trusted replica confirmed (docs/SECURITY.md, "Trust and
     /// routing"); new identities are checked with the owner's canary sessions first.
     pub probation: bool,
-    /// Identities that may be registered at once with a stage address on one IP address: a sybil flood from one
-    /// machine fills this and no more ([`DEFAULT_MAX_PER_ADDRESS`]).
+    /// Identities that may be registered at once from one source IP address (the address of the signer's own DHT
+    /// connection, [`NodeRegistry::upsert_from`]), and, separately, with a stage address on one IP address: a sybil
+    /// flood from one machine fills this and no more ([`DEFAULT_MAX_PER_ADDRESS`]).
     pub max_per_address: usize,
     /// A private swarm's membership list (`--allow-peers`): announcements of other peers are refused.
     pub allow_peers: Option<shardline_proto::dht::AllowList>,
@@ -243,7 +255,21 @@ impl NodeRegistry {
     /// one model id must agree on its shape (layer count, hidden width): the pinned shape when the model file is
     /// known, else the shape of the nodes registered now. A withdrawal ([`is_withdrawal`]) newer than the entry held
     /// removes the node.
+    ///
+    /// The identity is counted against its stage's IP address, as if that were where it came from: for
+    /// announcements of nodes the caller runs or knows (in-process swarms, tests, benches). Discovery registers with
+    /// [`NodeRegistry::upsert_from`] and the source address it observed.
     pub fn upsert(&self, a: ShardAnnouncement) -> Result<Upsert, RegistryError> {
+        let stage_ip = a.quic_addr.ip();
+        self.upsert_from(a, Some(stage_ip))
+    }
+
+    /// As [`NodeRegistry::upsert`], counting a new identity against `source_ip`, the IP address its announcement
+    /// came from (for discovery: the remote address of the signer's own DHT connection, docs/SECURITY.md, *Trust and
+    /// routing*). At most [`RegistryConfig::max_per_address`] identities are registered per source address, and as
+    /// many per stage address. `source_ip` matters only when the node is new: `None` then refuses it
+    /// ([`RegistryError::UnknownSource`]); an update keeps the source of the registration.
+    pub fn upsert_from(&self, a: ShardAnnouncement, source_ip: Option<IpAddr>) -> Result<Upsert, RegistryError> {
         let shape = ModelShape { n_layers: a.n_layers, hidden: a.hidden };
         if self.config.allow_peers.as_ref().is_some_and(|l| !l.contains(&a.peer_id)) {
             return Err(RegistryError::NotAllowed { peer: a.peer_id });
@@ -294,13 +320,17 @@ impl NodeRegistry {
                 Upsert::Updated
             }
             None => {
-                let ip = a.quic_addr.ip();
+                let Some(source_ip) = source_ip else { return Err(RegistryError::UnknownSource { peer: a.peer_id }) };
                 let limit = self.config.max_per_address;
+                if inner.nodes.values().filter(|e| e.source_ip == source_ip).count() >= limit {
+                    return Err(RegistryError::TooManyFromSource { peer: a.peer_id, ip: source_ip, limit });
+                }
+                let ip = a.quic_addr.ip();
                 if inner.nodes.values().filter(|e| e.announcement.quic_addr.ip() == ip).count() >= limit {
                     return Err(RegistryError::TooManyFromAddress { peer: a.peer_id, ip, limit });
                 }
                 let model = inner.name(&a.model_id).to_string();
-                info!(peer = %a.peer_id, %model, layers = %a.layers, addr = %a.quic_addr, "node registered");
+                info!(peer = %a.peer_id, %model, layers = %a.layers, addr = %a.quic_addr, source = %source_ip, "node registered");
                 inner
                     .models
                     .entry(a.model_id.clone())
@@ -309,7 +339,7 @@ impl NodeRegistry {
                 let queue = NodeQueue::new(a.max_sessions, self.config.max_waiting);
                 inner.nodes.insert(
                     a.peer_id,
-                    NodeEntry { announcement: a, queue, registered_at: now, last_seen: now, record: None },
+                    NodeEntry { announcement: a, queue, registered_at: now, last_seen: now, record: None, source_ip },
                 );
                 Upsert::Inserted
             }
@@ -600,7 +630,7 @@ pub(crate) mod tests {
         for _ in 0..300 {
             match reg.upsert(announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30)) {
                 Ok(Upsert::Inserted) => registered += 1,
-                Err(RegistryError::TooManyFromAddress { limit, .. }) => {
+                Err(RegistryError::TooManyFromSource { limit, .. }) => {
                     assert_eq!(limit, DEFAULT_MAX_PER_ADDRESS);
                     refused += 1
                 }
@@ -614,6 +644,44 @@ pub(crate) mod tests {
         assert_eq!(reg.upsert(other.clone()).unwrap(), Upsert::Inserted);
         other.issued_at_ms += 1;
         assert_eq!(reg.upsert(other).unwrap(), Upsert::Updated);
+    }
+
+    /// The attack the per-source limit is for: one source announces identities each naming another stage address.
+    /// Counting stage addresses would register all 40; counting the source registers the limit.
+    #[test]
+    fn one_source_announcing_distinct_stage_addresses_registers_a_bounded_number() {
+        let reg = NodeRegistry::new(RegistryConfig::default());
+        let source: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut outcomes = (0, 0);
+        for i in 0..40u8 {
+            let mut a = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+            a.quic_addr = std::net::SocketAddr::new([10, 9, i, 1].into(), 9000);
+            match reg.upsert_from(a, Some(source)) {
+                Ok(Upsert::Inserted) => outcomes.0 += 1,
+                Err(RegistryError::TooManyFromSource { ip, .. }) if ip == source => outcomes.1 += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(outcomes, (DEFAULT_MAX_PER_ADDRESS, 40 - DEFAULT_MAX_PER_ADDRESS));
+        // Many sources naming one stage address are bounded too (identities pointing at one victim host).
+        let mut pointed = 0;
+        for i in 0..40u8 {
+            let mut a = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+            a.quic_addr = "198.51.100.1:9000".parse().unwrap();
+            if reg.upsert_from(a, Some(IpAddr::from([203, 0, 113, i]))).is_ok() {
+                pointed += 1;
+            }
+        }
+        assert_eq!(pointed, DEFAULT_MAX_PER_ADDRESS);
+        // A new identity with no known source is refused; the update of a registered one needs none.
+        let a = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+        assert!(matches!(reg.upsert_from(a, None), Err(RegistryError::UnknownSource { .. })));
+        let mut b = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+        b.quic_addr = "198.51.100.99:9000".parse().unwrap();
+        assert_eq!(reg.upsert_from(b.clone(), Some("198.51.100.99".parse().unwrap())).unwrap(), Upsert::Inserted);
+        b.issued_at_ms += 1;
+        assert_eq!(reg.upsert_from(b.clone(), None).unwrap(), Upsert::Updated);
+        assert_eq!(reg.get(&b.peer_id).unwrap().source_ip, "198.51.100.99".parse::<IpAddr>().unwrap());
     }
 
     #[test]

@@ -45,9 +45,13 @@ async fn coordinator(listen: Vec<Multiaddr>) -> Coordinator {
 }
 
 async fn coordinator_with_key(key: Keypair, listen: Vec<Multiaddr>) -> Coordinator {
-    let (dht, events) = DhtClient::start(DhtConfig::for_discovery(key, listen, vec![])).await.unwrap();
     // Up to 50 nodes on the one loopback address: no per-address limit here.
-    let registry = NodeRegistry::new(RegistryConfig { max_per_address: usize::MAX, ..RegistryConfig::default() });
+    coordinator_with(key, listen, RegistryConfig { max_per_address: usize::MAX, ..RegistryConfig::default() }).await
+}
+
+async fn coordinator_with(key: Keypair, listen: Vec<Multiaddr>, registry: RegistryConfig) -> Coordinator {
+    let (dht, events) = DhtClient::start(DhtConfig::for_discovery(key, listen, vec![])).await.unwrap();
+    let registry = NodeRegistry::new(registry);
     let config = DiscoveryConfig {
         query_interval: Duration::from_millis(300),
         sweep_interval: Duration::from_millis(100),
@@ -234,4 +238,64 @@ async fn fifty_nodes_are_all_registered() {
     let providers = c.dht.get_providers(model_key(MODEL)).await.unwrap_or_default();
     eprintln!("{N} nodes registered in {:?}; the provider query alone finds {}", start.elapsed(), providers.len());
     assert_eq!(c.registry.snapshot(MODEL).len(), N);
+}
+
+/// The sybil flood of issue 12, from one connection: the attacker signs 40 announcements with 40 fresh keys, each
+/// naming another (fake) stage address, and stores them all at the coordinator over its one DHT connection. Counting
+/// the announced stage address registered all 40. Now an identity counts against the address of its signer's own
+/// connection (docs/SECURITY.md, *Trust and routing*): keys that never connected cannot be placed at all, and keys
+/// that do connect, all from one address, register up to the limit. A record relayed for an honest node that is
+/// connected still registers it (relaying is legitimate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_announcing_many_identities_registers_at_most_the_limit() {
+    const LIMIT: usize = shardline_coordinator::registry::DEFAULT_MAX_PER_ADDRESS;
+    let c = coordinator_with(Keypair::generate_ed25519(), vec![tcp()], RegistryConfig::default()).await;
+    let boot = c.addrs[0].clone();
+    let attacker_key = Keypair::generate_ed25519();
+    let (attacker, _events) =
+        DhtClient::start(DhtConfig::new(attacker_key, vec![tcp()], vec![boot.clone()])).await.unwrap();
+    let signed = |key: &Keypair, i: usize| {
+        let mut a = announcement(key, LayerRange::new(0, 30));
+        a.quic_addr = std::net::SocketAddr::new([10, 7, (i / 250) as u8, (i % 250 + 1) as u8].into(), 9000);
+        Record::new(node_key(&key.public().to_peer_id()), a.sign(key).unwrap().to_bytes())
+    };
+
+    // 1. Honest relaying: a node connected to the coordinator, whose record the attacker's peer forwards.
+    let honest = Keypair::generate_ed25519();
+    let (_honest_dht, _e) =
+        DhtClient::start(DhtConfig::new(honest.clone(), vec![tcp()], vec![boot.clone()])).await.unwrap();
+    let honest_peer = honest.public().to_peer_id();
+    attacker.put_record(signed(&honest, 1000)).await.unwrap();
+    wait_for("the relayed record of a connected node registered", Duration::from_secs(10), || {
+        c.registry.contains(&honest_peer)
+    })
+    .await;
+    let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    assert_eq!(c.registry.get(&honest_peer).unwrap().source_ip, loopback, "counted where its signer connects from");
+
+    // 2. Forty identities from the one connection, each with its own stage address.
+    let sybils: Vec<Keypair> = (0..40).map(|_| Keypair::generate_ed25519()).collect();
+    for (i, key) in sybils.iter().enumerate() {
+        attacker.put_record(signed(key, i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(c.registry.len() <= LIMIT, "{} identities registered from one connection", c.registry.len());
+    assert_eq!(c.registry.len(), 1, "keys that never connected are registered: {:?}", c.registry.models());
+
+    // 3. The same machine runs 24 of those keys as peers and each stores its own record: one source address.
+    let mut peers = Vec::new();
+    for (i, key) in sybils.iter().take(24).enumerate() {
+        let (dht, _e) = DhtClient::start(DhtConfig::new(key.clone(), vec![tcp()], vec![boot.clone()])).await.unwrap();
+        dht.put_record(signed(key, 100 + i)).await.unwrap();
+        peers.push(dht);
+    }
+    wait_for("the limit filled", Duration::from_secs(20), || c.registry.len() >= LIMIT).await;
+    // The attacker re-stores all forty over its connection again, now that their keys have connected.
+    for (i, key) in sybils.iter().enumerate() {
+        attacker.put_record(signed(key, 200 + i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.registry.len(), LIMIT, "one source address holds at most the limit");
+    assert!(c.registry.contains(&honest_peer));
+    assert!(c.registry.snapshot(MODEL).iter().all(|(e, _)| e.source_ip == loopback));
 }

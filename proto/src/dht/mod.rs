@@ -10,5 +10,5 @@ pub mod private;
 pub use allow::{AllowList, AllowListError, read_allow_list};
 pub use filter::{AnnouncementFilter, RecordFilter, check_node_record};
 pub use keys::{model_key, node_key, parse_model_key, parse_node_key};
-pub use network::{DhtClient, DhtConfig, DhtError, DhtEvent, SERVICE_BOOTSTRAP_PATIENCE};
+pub use network::{DhtClient, DhtConfig, DhtError, DhtEvent, FoundRecord, SERVICE_BOOTSTRAP_PATIENCE};
 pub use private::{PreSharedKey, SwarmKeyError, read_swarm_key};

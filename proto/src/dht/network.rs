@@ -3,6 +3,7 @@
 //! queries are kept in `pending_*` maps keyed by `QueryId` until kad reports the query finished.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,9 +108,11 @@ impl DhtConfig {
 /// What the event loop tells its owner about inbound traffic (only records that passed the filter).
 #[derive(Clone, Debug)]
 pub enum DhtEvent {
-    /// A peer stored a record with us.
+    /// A peer stored a record with us. `source` is the peer whose connection delivered it (for a node record, the
+    /// announcement's signer, or a peer relaying it), `source_ip` that connection's remote IP address.
     RecordStored {
         source: PeerId,
+        source_ip: Option<IpAddr>,
         record: Record,
     },
     /// A peer announced itself as a provider of `key`.
@@ -119,6 +122,20 @@ pub enum DhtEvent {
     },
     PeerConnected(PeerId),
 }
+
+/// A record a lookup found, with the connection that delivered it.
+#[derive(Clone, Debug)]
+pub struct FoundRecord {
+    pub record: Record,
+    /// The peer that answered with it; `None` when it came from our own store.
+    pub from: Option<PeerId>,
+    /// The remote IP address of our connection to `from`, when known.
+    pub from_ip: Option<IpAddr>,
+}
+
+/// Peers whose last connection's remote IP address the event loop remembers beyond their connection (see
+/// [`DhtClient::peer_ip`]); past this, only connected peers are kept.
+const MAX_REMEMBERED_PEERS: usize = 65_536;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -131,7 +148,9 @@ enum Command {
     PutRecord(Record, Quorum, oneshot::Sender<Result<(), DhtError>>),
     StartProviding(RecordKey, oneshot::Sender<Result<(), DhtError>>),
     GetProviders(RecordKey, oneshot::Sender<HashSet<PeerId>>),
-    GetRecord(RecordKey, oneshot::Sender<Vec<Record>>),
+    GetRecord(RecordKey, oneshot::Sender<Vec<FoundRecord>>),
+    DialPeer(PeerId, oneshot::Sender<Result<(), DhtError>>),
+    PeerIp(PeerId, oneshot::Sender<Option<IpAddr>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     RoutingPeers(oneshot::Sender<Vec<PeerId>>),
@@ -198,6 +217,7 @@ impl DhtClient {
             pending_provide: HashMap::new(),
             pending_providers: HashMap::new(),
             pending_record: HashMap::new(),
+            peer_ips: HashMap::new(),
             bootstrapped: false,
         };
         tokio::spawn(event_loop.run());
@@ -290,7 +310,25 @@ impl DhtClient {
 
     /// Every copy of the record under `key` the query finds (local store included), unfiltered: callers verify.
     pub async fn get_record(&self, key: RecordKey) -> Result<Vec<Record>, DhtError> {
+        Ok(self.get_record_from(key).await?.into_iter().map(|f| f.record).collect())
+    }
+
+    /// As [`DhtClient::get_record`], with the peer (and its address) that delivered each copy.
+    pub async fn get_record_from(&self, key: RecordKey) -> Result<Vec<FoundRecord>, DhtError> {
         self.ask(|tx| Command::GetRecord(key, tx)).await
+    }
+
+    /// The remote IP address of our current connection to `peer`, or of the last one (remembered for up to
+    /// [`MAX_REMEMBERED_PEERS`] peers). The address is what the network showed, not what the peer claims about
+    /// itself (identify's listen addresses are never used).
+    pub async fn peer_ip(&self, peer: PeerId) -> Result<Option<IpAddr>, DhtError> {
+        self.ask(|tx| Command::PeerIp(peer, tx)).await
+    }
+
+    /// Connects to `peer` by its id, at the addresses Kademlia knows for it (routing table, running queries);
+    /// resolves once connected (at once when connected already). The connection authenticates the peer's key.
+    pub async fn connect(&self, peer: PeerId) -> Result<(), DhtError> {
+        self.ask(|tx| Command::DialPeer(peer, tx)).await?
     }
 
     /// Full listen multiaddrs, each ending in `/p2p/<our peer id>`.
@@ -391,7 +429,9 @@ struct EventLoop {
     pending_put: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
     pending_provide: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
     pending_providers: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
-    pending_record: HashMap<QueryId, (Vec<Record>, oneshot::Sender<Vec<Record>>)>,
+    pending_record: HashMap<QueryId, (Vec<FoundRecord>, oneshot::Sender<Vec<FoundRecord>>)>,
+    /// The remote IP address of each peer's latest connection (see [`DhtClient::peer_ip`]).
+    peer_ips: HashMap<PeerId, IpAddr>,
     bootstrapped: bool,
 }
 
@@ -478,6 +518,26 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().kad.get_record(key);
                 self.pending_record.insert(id, (Vec::new(), tx));
             }
+            Command::PeerIp(peer, tx) => {
+                let _ = tx.send(self.peer_ips.get(&peer).copied());
+            }
+            Command::DialPeer(peer, tx) if self.swarm.is_connected(&peer) => {
+                let _ = tx.send(Ok(()));
+            }
+            Command::DialPeer(peer, tx) => {
+                use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+                let opts = DialOpts::peer_id(peer).condition(PeerCondition::Disconnected).build();
+                let id = opts.connection_id();
+                let addr = Multiaddr::empty().with(Protocol::P2p(peer));
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dial.insert(id, (addr, tx));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(DhtError::Dial { addr, detail: dial_error_detail(&e) }));
+                    }
+                }
+            }
             Command::ListenAddrs(tx) => {
                 let me = *self.swarm.local_peer_id();
                 let addrs = self.listen_addrs.iter().map(|a| a.clone().with(Protocol::P2p(me))).collect();
@@ -511,6 +571,9 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
+                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                    self.remember_ip(peer_id, ip);
+                }
                 if endpoint.is_dialer() {
                     // Learned on dialling: bootstrap addresses may come without `/p2p/<id>`.
                     let addr = endpoint.get_remote_address().clone();
@@ -553,7 +616,10 @@ impl EventLoop {
                         warn!(error = ?e, "cannot store an accepted record");
                         return;
                     }
-                    self.emit(DhtEvent::RecordStored { source, record });
+                    // The request arrived on a connection to `source`, so its address is known (recorded when that
+                    // connection was established).
+                    let source_ip = self.peer_ips.get(&source).copied();
+                    self.emit(DhtEvent::RecordStored { source, source_ip, record });
                 }
                 None => debug!(%source, "record not stored"),
             },
@@ -600,7 +666,8 @@ impl EventLoop {
                     if let Some((found, _)) = self.pending_record.get_mut(&id)
                         && let Ok(GetRecordOk::FoundRecord(peer_record)) = res
                     {
-                        found.push(peer_record.record);
+                        let from_ip = peer_record.peer.and_then(|p| self.peer_ips.get(&p).copied());
+                        found.push(FoundRecord { record: peer_record.record, from: peer_record.peer, from_ip });
                     }
                     if finished && let Some((found, tx)) = self.pending_record.remove(&id) {
                         let _ = tx.send(found);
@@ -612,6 +679,15 @@ impl EventLoop {
             kad::Event::RoutingUpdated { peer, .. } => debug!(%peer, "kad routing table updated"),
             _ => {}
         }
+    }
+
+    /// Remembers `ip` as `peer`'s address; past [`MAX_REMEMBERED_PEERS`] peers, forgets those not connected.
+    fn remember_ip(&mut self, peer: PeerId, ip: IpAddr) {
+        if self.peer_ips.len() >= MAX_REMEMBERED_PEERS && !self.peer_ips.contains_key(&peer) {
+            let swarm = &self.swarm;
+            self.peer_ips.retain(|p, _| swarm.is_connected(p));
+        }
+        self.peer_ips.insert(peer, ip);
     }
 
     /// A publication that reached no peer is still a success while we know no peer at all: the record is in our store
@@ -694,6 +770,15 @@ fn probe_port(addr: &Multiaddr) -> Result<(), DhtError> {
         }
     }
     Ok(())
+}
+
+/// The IP address a multiaddr starts with (`/ip4/…` or `/ip6/…`); `None` for other addresses (DNS, memory).
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(a)) => Some(IpAddr::V4(a)),
+        Some(Protocol::Ip6(a)) => Some(IpAddr::V6(a)),
+        _ => None,
+    }
 }
 
 /// The peer id at the end of a multiaddr, if any.
