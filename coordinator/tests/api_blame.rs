@@ -250,3 +250,37 @@ async fn four_stages_answering_open_wrongly_are_banned_and_the_request_still_suc
     assert_nobody_banned(&api.coordinator, &[honest.peer_id]);
     assert_stages_idle(&[&honest]).await;
 }
+
+/// A last stage whose logits are partly NaN (a broken forward, or a node made to produce them) refuses to draw a
+/// token from the finite rest: it fails the session with `Compute`, the owner bans that stage, and the request is
+/// answered by a replica with the same text as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_with_partly_nan_logits_is_banned_and_a_replica_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let api = api(&model, 16, ApiConfig::default()).await;
+    let boot = api.coordinator.p2p_addrs.clone();
+    let bad = node(&model, LayerRange::new(0, 6), &boot, 8).await;
+    let good = node(&model, LayerRange::new(0, 6), &boot, 8).await;
+    wait_registered(&api.coordinator, &[&bad, &good]).await;
+    let registry = &api.coordinator.registry;
+    let body = json!({"model": "tiny", "prompt": "hello there", "max_tokens": 6, "temperature": 0}).to_string();
+    let honest = post(&api.base, "/v1/completions", &body).await;
+    assert_eq!(honest.status(), 200);
+    let honest: Value = honest.json().await.unwrap();
+    assert_nobody_banned(&api.coordinator, &[bad.peer_id, good.peer_id]);
+
+    bad.server().poison_logits(true);
+    // The poisoned node is measured fastest, so the planner tries it first.
+    registry.record_layer_time(&bad.peer_id, 0.001);
+    registry.record_layer_time(&good.peer_id, 50.0);
+    let r = post(&api.base, "/v1/completions", &body).await;
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], honest["choices"][0]["text"], "the replica's text is the honest one");
+    let h = registry.health(&bad.peer_id);
+    assert!(h.failures == 1 && h.banned_until.is_some(), "the stage with NaN logits is blamed: {h:?}");
+    assert_nobody_banned(&api.coordinator, &[good.peer_id]);
+    assert_stages_idle(&[&bad, &good]).await;
+}

@@ -23,6 +23,10 @@ pub enum KernelError {
     Cuda(String),
     #[error("unknown device {0:?}: expected cpu, cuda or cuda:N")]
     UnknownDevice(String),
+    /// A row of logits holds NaN or infinite entries: the forward that produced them went wrong (or a node's weights
+    /// or code were made to), so no token is drawn from them, not even from the finite rest (docs/SECURITY.md).
+    #[error("{nan} NaN and {infinite} infinite logits of {vocab} (the first at token {first}): no token is drawn")]
+    NonFiniteLogits { nan: usize, infinite: usize, vocab: usize, first: usize },
 }
 
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;

@@ -5,7 +5,7 @@ mod cpu_common;
 
 use cpu_common::*;
 use shardline_kernels::cpu::CpuBackend;
-use shardline_kernels::{Backend, SamplingParams, Tensor};
+use shardline_kernels::{Backend, KernelError, SamplingParams, Tensor};
 
 fn logits(be: &CpuBackend, v: &[f32]) -> Tensor {
     be.upload_f32(&[1, v.len()], v).unwrap()
@@ -152,14 +152,28 @@ fn large_vocabularies_sample_valid_tokens_quickly() {
 }
 
 #[test]
-fn nan_logits_never_win_and_bad_parameters_are_errors() {
+fn non_finite_logits_and_bad_parameters_are_errors() {
     let be = CpuBackend::new(1);
+    // Partly NaN or infinite logits are refused (drawing among the finite rest used to hide a broken forward), for
+    // greedy and sampled draws alike, with what was wrong.
+    let nan = |e| matches!(e, KernelError::NonFiniteLogits { nan: 2, infinite: 0, vocab: 4, first: 0 });
     let t = logits(&be, &[f32::NAN, 1.0, f32::NAN, 0.5]);
-    assert_eq!(be.sample(&t, 0, &SamplingParams::GREEDY, 0, 0).unwrap().token, 1);
-    for pos in 0..50 {
-        let tok = be.sample(&t, 0, &params(1.0, 0, 1.0, 1), pos, 0).unwrap().token;
-        assert!(tok == 1 || tok == 3);
+    assert!(be.sample(&t, 0, &SamplingParams::GREEDY, 0, 0).is_err_and(nan));
+    for pos in 0..5 {
+        assert!(be.sample(&t, 0, &params(1.0, 0, 1.0, 1), pos, 0).is_err_and(nan));
     }
+    for (row, first) in [([0.5, f32::INFINITY, 1.0, 0.0], 1), ([0.5, 1.0, 0.0, f32::NEG_INFINITY], 3)] {
+        let e = be.sample(&logits(&be, &row), 0, &params(0.8, 40, 0.9, 3), 0, 2).unwrap_err();
+        assert!(
+            matches!(e, KernelError::NonFiniteLogits { nan: 0, infinite: 1, vocab: 4, first: f } if f == first),
+            "{e}"
+        );
+    }
+    // One bad logit in a large vocabulary is found too.
+    let mut big = (0..49_152).map(|i| (i % 97) as f32 * 0.01).collect::<Vec<f32>>();
+    big[40_001] = f32::NAN;
+    let e = be.sample(&logits(&be, &big), 0, &SamplingParams::GREEDY, 0, 0).unwrap_err();
+    assert!(matches!(e, KernelError::NonFiniteLogits { nan: 1, first: 40_001, .. }), "{e}");
     assert!(be.sample(&logits(&be, &[f32::NAN; 3]), 0, &SamplingParams::GREEDY, 0, 0).is_err());
     let ok = logits(&be, &[0.0, 1.0]);
     assert!(be.sample(&ok, 0, &params(1.0, 0, f32::NAN, 1), 0, 0).is_err(), "NaN top_p");

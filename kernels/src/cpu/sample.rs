@@ -9,12 +9,13 @@ use std::cmp::Ordering;
 use super::math;
 use super::simd::avx2_variant;
 use crate::backend::{Sampled, SamplingParams};
-use crate::error::{Result, shape_err};
+use crate::error::{KernelError, Result, shape_err};
 use crate::rng;
 
 const OP: &str = "sample";
 
-/// Draws a token from one row of logits. NaN logits count as −inf: they are never drawn.
+/// Draws a token from one row of logits. Every logit must be finite ([`KernelError::NonFiniteLogits`] otherwise): a
+/// NaN or infinity means the forward went wrong, and drawing among the finite rest would hide that.
 pub(crate) fn sample(
     avx2: bool,
     logits: &[f32],
@@ -28,6 +29,7 @@ pub(crate) fn sample(
     if params.top_p.is_nan() {
         return Err(shape_err(OP, "top_p is NaN"));
     }
+    check_finite(logits)?;
     let (best, max) = argmax(logits).ok_or_else(|| shape_err(OP, "no finite logit"))?;
     if max == f32::INFINITY {
         return Err(shape_err(OP, "infinite logit"));
@@ -46,6 +48,18 @@ pub(crate) fn sample(
     order.ensure(n_top);
     let top = order.idx[..n_top].iter().map(|&i| (i, logprob(i as usize))).collect();
     Ok(Sampled { token, logprob: logprob(token as usize), top })
+}
+
+/// Refuses a row with any NaN or infinite logit: one pass over the vocabulary (a compare per logit, vectorised),
+/// small beside the LM head's matmul that produced the row; the counting pass runs only on a bad row.
+fn check_finite(logits: &[f32]) -> Result<()> {
+    if logits.iter().all(|l| l.is_finite()) {
+        return Ok(());
+    }
+    let nan = logits.iter().filter(|l| l.is_nan()).count();
+    let infinite = logits.iter().filter(|l| l.is_infinite()).count();
+    let first = logits.iter().position(|l| !l.is_finite()).unwrap_or(0);
+    Err(KernelError::NonFiniteLogits { nan, infinite, vocab: logits.len(), first })
 }
 
 /// First index of the largest logit and that logit; `None` when no logit is above −inf (all −inf or NaN).

@@ -157,6 +157,13 @@ impl StageServer {
         self.stage.tamper_switch().store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Test-only fault injection: from now on the stage's logits are partly NaN before it samples
+    /// (`ShardStage`'s `poisoned` field), or clean again with `false`.
+    #[cfg(feature = "test-support")]
+    pub fn poison_logits(&self, on: bool) {
+        self.stage.poison_switch().store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn config(&self) -> &StageConfig {
         &self.config
     }

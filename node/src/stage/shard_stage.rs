@@ -17,11 +17,19 @@ pub struct ShardStage {
     /// stage then computes as if its weights were tampered with — token ids are shifted by one before the
     /// embedding, hidden states entering it get 0.5 added — so trust checks can be tested against real processes.
     tampered: Arc<AtomicBool>,
+    /// Test-only fault injection (`StageServer::poison_logits`): every third logit of the last stage becomes NaN
+    /// before sampling, as a broken forward or a malicious node's would, so the refusal and its blame can be tested.
+    poisoned: Arc<AtomicBool>,
 }
 
 impl ShardStage {
     pub fn new(shard: Arc<Shard>, model_id: String) -> Self {
-        Self { shard, model_id, tampered: Arc::new(AtomicBool::new(false)) }
+        Self { shard, model_id, tampered: Arc::new(AtomicBool::new(false)), poisoned: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// The logit-poisoning switch (see the field).
+    pub fn poison_switch(&self) -> &Arc<AtomicBool> {
+        &self.poisoned
     }
 
     /// The fault-injection switch (see the field).
@@ -51,6 +59,9 @@ impl ShardStage {
                 ComputeOutput::Hidden(hidden)
             }
             (ShardOutput::Logits(l), Some(Sample { params, n_top })) => {
+                let l = if self.poisoned.load(Ordering::Relaxed) { self.poison(&l)? } else { l };
+                // Non-finite logits are refused by the sampler (`KernelError::NonFiniteLogits`): this stage then
+                // fails the session with `Compute` and the owner blames this stage (docs/SECURITY.md).
                 let s = shard.sample(&l, &params, item.kv.len() as u64, n_top)?;
                 ComputeOutput::Token(TokenResult { token: s.token, logprob: s.logprob, top: s.top })
             }
@@ -58,9 +69,22 @@ impl ShardStage {
         })
     }
 
+    /// The fault injection of [`ShardStage::poison_switch`]: every third logit set to NaN.
+    fn poison(&self, logits: &shardline_kernels::Tensor) -> Result<shardline_kernels::Tensor, ModelError> {
+        let backend = self.shard.backend();
+        let mut host = backend.download_f32(logits)?;
+        host.iter_mut().step_by(3).for_each(|v| *v = f32::NAN);
+        Ok(backend.upload_f32(logits.shape(), &host)?)
+    }
+
     /// Runs items that share one span as one batched forward (`Shard::forward_batch`): one set of matmuls over all
     /// their rows, one attention call. Each session's rows come out as they would alone (see `forward_batch`).
-    fn run_group(&self, items: &mut [ComputeItem<ShardKv>]) -> Result<Vec<ComputeOutput>, ModelError> {
+    /// The outer error is a refused forward (no session's KV cache changed); the inner ones are each item's own
+    /// (a refused draw, say), after its positions were computed, so that item alone fails and is not run again.
+    fn run_group(
+        &self,
+        items: &mut [ComputeItem<ShardKv>],
+    ) -> Result<Vec<Result<ComputeOutput, ModelError>>, ModelError> {
         let Some(span) = items.first().map(|i| i.span) else { return Ok(Vec::new()) };
         let backend = self.shard.backend().clone();
         let tampered = self.tampered.load(Ordering::Relaxed);
@@ -110,13 +134,13 @@ impl ShardStage {
                 .collect();
             self.shard.forward_batch(&mut batch, span)?
         };
-        items.iter().zip(outs).map(|(i, o)| self.output(i, o)).collect()
+        Ok(items.iter().zip(outs).map(|(i, o)| self.output(i, o)).collect())
     }
 
     /// Runs one item alone (after its batch was refused, so each item gets its own error).
     fn run_one(&self, item: &mut ComputeItem<ShardKv>) -> Result<ComputeOutput, ModelError> {
         let mut out = self.run_group(std::slice::from_mut(item))?;
-        out.pop().ok_or_else(|| ModelError::Invalid("no output".into()))
+        out.pop().ok_or_else(|| ModelError::Invalid("no output".into()))?
     }
 }
 
@@ -174,7 +198,7 @@ impl StageCompute for ShardStage {
         let mut results = Vec::new();
         for mut group in groups {
             match self.run_group(&mut group) {
-                Ok(outs) => results.extend(group.into_iter().zip(outs).map(|(i, o)| i.finish(Ok(o)))),
+                Ok(outs) => results.extend(group.into_iter().zip(outs).map(|(i, o)| i.finish(o.map_err(failure)))),
                 Err(e) if group.len() == 1 => {
                     let f = failure(e);
                     results.extend(group.into_iter().map(|i| i.finish(Err(f.clone()))));
