@@ -5,7 +5,8 @@
 //!   stream its `Open` or `Attach` opened, so it is bound to that stream's QUIC connection and needs no key.
 //! - **Next hops**: a stage dials the next hop of an `Open` only when the `Open` carries that hop's signed
 //!   announcement, valid now, of the same model and shape, naming exactly that address and certificate and a shard
-//!   holding the hop's layers. A client cannot make a stage send packets to an address no node signed for.
+//!   holding the hop's layers, and those layers start right where this stage's span ends (the last stage dials
+//!   nobody). A client cannot make a stage send packets to an address no node signed for.
 
 use shardline_proto::announcement::{SignedAnnouncement, now_ms};
 use shardline_proto::wire::SessionOpen;
@@ -31,6 +32,15 @@ pub fn check_next_hop(policy: HopPolicy, open: &SessionOpen) -> Result<(), Strin
 /// The [`HopPolicy::Signed`] check at wall-clock time `now_ms` (Unix milliseconds).
 pub fn verify_next_hop(open: &SessionOpen, now_ms: u64) -> Result<(), String> {
     let Some(hop) = open.rest.first() else { return Ok(()) };
+    // A route is contiguous: the next hop runs the layers right after ours, and the last stage has none (its output
+    // goes to the owner). So an `Open` names at most the one hop its own route needs, never an arbitrary node of
+    // the model.
+    if open.span.end >= open.n_layers as usize {
+        return Err(format!("this stage runs the model's last layers ({}): it has no next hop to dial", open.span));
+    }
+    if hop.layers.start != open.span.end || hop.layers.is_empty() {
+        return Err(format!("next hop runs layers {}, not the ones right after {}", hop.layers, open.span));
+    }
     if open.next_record.is_empty() {
         return Err(format!("next hop {} comes without its signed announcement: not dialing it", hop.addr));
     }

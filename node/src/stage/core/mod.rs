@@ -423,7 +423,13 @@ impl<M: StageModel> StageCore<M> {
             return self.refuse(stream, session, Failure::new(ErrorCode::Busy, "node shutting down: no new sessions"));
         }
         if self.sessions.contains_key(&session) || self.parked.iter().any(|p| p.session == session) {
-            return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, "session id in use"));
+            // Owners draw ids at random (64 bits), so an honest owner never meets its own id here: someone else
+            // opened it first. That may be a stage of the owner's route, which learns the id from its own `Open`
+            // before the owner opens the stages in front of it. `Busy` makes the owner route around this stage
+            // with a fresh id, and blames no one: `BadRequest` would get this honest stage banned
+            // (docs/SECURITY.md, *Stage*).
+            let f = Failure::new(ErrorCode::Busy, "session id in use: opened by another peer");
+            return self.refuse(stream, session, f);
         }
         if let Err(msg) = auth::check_next_hop(self.config.next_hops, &open) {
             return self.refuse(stream, session, Failure::new(ErrorCode::BadRequest, msg));

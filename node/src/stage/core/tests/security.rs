@@ -67,6 +67,23 @@ fn an_outsider_holding_the_session_id_cannot_attach_or_end_the_session() {
     assert_eq!(batch.items.len(), 1);
 }
 
+/// A stage of a route learns the session id from its `Open` before the owner opens the stages in front of it. If it
+/// opens that id on one of them first, the owner's `Open` there meets a taken id: answered `Busy` (the owner routes
+/// around it with a fresh id, nobody banned), not `BadRequest` (which blamed the honest stage).
+#[test]
+fn an_open_for_an_id_another_peer_took_is_busy_not_the_stages_fault() {
+    let mut h = Harness::new(config());
+    let squatter = accept_from(&mut h, Peer::numbered(66));
+    assert_opened(&h.frame(squatter, open(5, LayerRange::new(0, 2), vec![])), squatter, 5);
+    let owner = h.accept();
+    let (code, msg) = error_on(&h.frame(owner, open(5, LayerRange::new(0, 2), vec![])), owner);
+    assert_eq!(code, ErrorCode::Busy, "{msg}");
+    assert!(msg.contains("session id in use"), "{msg}");
+    // The owner's fresh id opens.
+    let owner = h.accept();
+    assert_opened(&h.frame(owner, open(6, LayerRange::new(0, 2), vec![])), owner, 6);
+}
+
 #[test]
 fn the_stage_presents_the_next_stage_key_in_its_attach() {
     let mut h = Harness::new(config());
@@ -115,10 +132,22 @@ fn a_next_hop_is_dialed_only_on_its_signed_announcement() {
         (record(LayerRange::new(3, 4), &addr, hop.fingerprint, "m"), "announces layers"),
         (forged, "does not verify"),
     ];
-    for (i, (rec, why)) in refused.into_iter().enumerate() {
+    // A valid announcement that does not continue this stage's span: a hop for other layers, or any hop after the
+    // model's last layer (the last stage answers the owner and dials nobody).
+    let whole = || record(LayerRange::new(0, 4), &addr, hop.fingerprint, "m");
+    let skewed = [
+        (LayerRange::new(0, 2), LayerRange::new(3, 4), "not the ones right after"),
+        (LayerRange::new(0, 2), LayerRange::new(1, 4), "not the ones right after"),
+        (LayerRange::new(0, 2), LayerRange::new(2, 2), "not the ones right after"),
+        (LayerRange::new(2, 4), LayerRange::new(0, 4), "no next hop"),
+    ];
+    let cases = refused
+        .into_iter()
+        .map(|(rec, why)| (LayerRange::new(0, 2), hop.clone(), rec, why))
+        .chain(skewed.into_iter().map(|(span, layers, why)| (span, Hop { layers, ..hop.clone() }, whole(), why)));
+    for (i, (span, hop, rec, why)) in cases.enumerate() {
         let c = h.accept();
-        let a =
-            h.frame(c, with_open(open(i as u64, LayerRange::new(0, 2), vec![hop.clone()]), |o| o.next_record = rec));
+        let a = h.frame(c, with_open(open(i as u64, span, vec![hop]), |o| o.next_record = rec));
         assert!(!a.iter().any(|x| matches!(x, Action::Dial { .. })), "{why}: dialed anyway: {a:?}");
         let (code, msg) = error_on(&a, c);
         assert_eq!(code, ErrorCode::BadRequest, "{msg}");
