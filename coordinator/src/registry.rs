@@ -20,6 +20,16 @@ use crate::queue::NodeQueue;
 /// loopback), far below a flood of identities.
 pub const DEFAULT_MAX_PER_ADDRESS: usize = 16;
 
+/// The unit one source address stands for in [`RegistryConfig::max_per_address`]: an IPv4 address (also when
+/// written IPv4-mapped in IPv6), or an IPv6 address's /64 prefix, the block one site or machine is commonly given (as
+/// the stage's per-peer quotas group them, docs/PROTOCOL.md *Quotas*).
+pub fn address_group(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
 /// Shape every announcement of one model id must agree on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelShape {
@@ -322,7 +332,8 @@ impl NodeRegistry {
             None => {
                 let Some(source_ip) = source_ip else { return Err(RegistryError::UnknownSource { peer: a.peer_id }) };
                 let limit = self.config.max_per_address;
-                if inner.nodes.values().filter(|e| e.source_ip == source_ip).count() >= limit {
+                let group = address_group(source_ip);
+                if inner.nodes.values().filter(|e| address_group(e.source_ip) == group).count() >= limit {
                     return Err(RegistryError::TooManyFromSource { peer: a.peer_id, ip: source_ip, limit });
                 }
                 let ip = a.quic_addr.ip();
@@ -682,6 +693,18 @@ pub(crate) mod tests {
         b.issued_at_ms += 1;
         assert_eq!(reg.upsert_from(b.clone(), None).unwrap(), Upsert::Updated);
         assert_eq!(reg.get(&b.peer_id).unwrap().source_ip, "198.51.100.99".parse::<IpAddr>().unwrap());
+        // One IPv6 /64 is one source, however many of its addresses the identities come from.
+        let mut v6 = 0;
+        for i in 0..40u16 {
+            let mut a = announcement(&Keypair::generate_ed25519(), "m", LayerRange::new(0, 30), 30);
+            a.quic_addr = std::net::SocketAddr::new([10, 8, i as u8, 1].into(), 9000);
+            let ip: IpAddr = format!("2001:db8:7:1:{i:x}::1").parse().unwrap();
+            if reg.upsert_from(a, Some(ip)).is_ok() {
+                v6 += 1;
+            }
+        }
+        assert_eq!(v6, DEFAULT_MAX_PER_ADDRESS);
+        assert_eq!(address_group("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 
     #[test]
