@@ -8,20 +8,29 @@
 //! The formats that `quant::quantize` cannot write (K-quants, IQ4) get random blocks; shapes whose K is not a
 //! whole number of their 256-value super-blocks are left out.
 //!
+//! - `matmul_level/<dtype>/<level>/<k>x<n>x<t>`: the same matmul on each SIMD level this CPU has (AVX2 and AVX-512
+//!   side by side: the AVX2 row is what an AVX-512 CPU ran before that format had AVX-512 kernels), at T = 1, 4, 16
+//!   and 64 activation rows; throughput in activation rows, so `elem/s` reads as rows per second. Filter with e.g.
+//!   `cargo bench --bench kernels -- matmul_level/Q6_K`.
+//!
 //! Threads: all cores (`SHARDLINE_BENCH_THREADS` overrides). `SHARDLINE_BENCH_QUICK=1` shortens the measurement.
 
 mod common;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
 
 fn config() -> Criterion {
     common::config(common::Timing { samples: 20, full_ms: (1000, 3000), quick_ms: (200, 600) })
 }
 
+fn threads() -> Option<usize> {
+    std::env::var("SHARDLINE_BENCH_THREADS").ok().and_then(|v| v.parse().ok())
+}
+
 fn backend() -> CpuBackend {
-    match std::env::var("SHARDLINE_BENCH_THREADS").ok().and_then(|v| v.parse().ok()) {
+    match threads() {
         Some(threads) => CpuBackend::new(threads),
         None => CpuBackend::default(),
     }
@@ -108,9 +117,42 @@ fn bench_prefill(c: &mut Criterion) {
     group.finish();
 }
 
+/// The formats whose kernels differ between the x86-64 levels, at the SmolLM2 shapes they take in the preset files
+/// (Q5_0 and Q8_0 for the 576-wide matrices, the K-quants for the MLP down projection), against T activation rows.
+fn bench_levels(c: &mut Criterion) {
+    let threads = threads().unwrap_or_else(|| CpuBackend::default().threads());
+    let levels: Vec<SimdLevel> =
+        [SimdLevel::Avx2, SimdLevel::Avx512Vnni].into_iter().filter(|l| l.is_supported()).collect();
+    let mut group = c.benchmark_group("matmul_level");
+    let cases = [
+        (DType::Q4_1, 576, 1536),
+        (DType::Q8_0, 576, 1536),
+        (DType::Q5_0, 576, 1536),
+        (DType::Q4_K, 1536, 576),
+        (DType::Q5_K, 1536, 576),
+        (DType::Q6_K, 1536, 576),
+    ];
+    for (dtype, k, n) in cases {
+        for &level in &levels {
+            let Some(be) = CpuBackend::with_simd(threads, level) else { continue };
+            let w = weight(&be, dtype, n, k);
+            for t in [1, 4, 16, 64] {
+                let x = be.upload_f32(&[t, k], &values(t * k, 3)).expect("upload x");
+                let mut out = be.alloc(&[t, n]).expect("alloc out");
+                group.throughput(Throughput::Elements(t as u64));
+                group.bench_function(
+                    BenchmarkId::new(format!("{}/{level}", dtype.name()), format!("{k}x{n}x{t}")),
+                    |b| b.iter(|| be.matmul(&x, &w, &mut out).expect("matmul")),
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_decode, bench_prefill
+    targets = bench_decode, bench_prefill, bench_levels
 }
 criterion_main!(benches);

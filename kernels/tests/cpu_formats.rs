@@ -126,7 +126,7 @@ fn every_simd_level_gives_identical_bits() {
     for dtype in all_quantised() {
         let ks: &[usize] = if dtype.is_super_block() { &[256, 768, 1536] } else { &[96, 576] };
         for &k in ks {
-            for (n, t) in [(37, 1), (6, 2), (45, 5), (13, 4)] {
+            for (n, t) in [(37, 1), (6, 2), (45, 5), (13, 4), (29, 9), (10, 16)] {
                 let wb = file_blocks(&mut rng, dtype, n * k, 0.5);
                 let x = rng.vec(t * k, 3.0);
                 assert_same_bits_on_every_level(&format!("{dtype} k={k} n={n} t={t}"), |be| {

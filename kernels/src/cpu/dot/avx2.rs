@@ -253,7 +253,9 @@ unsafe fn float_tile<const DT: u8, const NR: usize, const TR: usize>(c: &Ctx<'_,
         for blk in 0..full {
             let i = blk * 32;
             for r in 0..NR {
-                prefetch_ahead(rows[r].add(i * elem));
+                for line in (0..32 * elem).step_by(64) {
+                    prefetch_ahead(rows[r].add(i * elem + line));
+                }
             }
             let wv: [[__m256; 4]; NR] =
                 std::array::from_fn(|r| std::array::from_fn(|j| load8::<DT>(rows[r], i + 8 * j)));

@@ -26,6 +26,8 @@ mod avx2;
 mod avx2_super;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_super;
 mod scalar;
 
 use std::ops::Range;
@@ -111,7 +113,7 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
     let layout = match (level, dtype) {
         _ if dtype.is_super_block() => ActLayout::Super,
         (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::Pair32,
-        (SimdLevel::Avx512Vnni, DType::Q4_0 | DType::Q4_1) => ActLayout::Pair16,
+        (SimdLevel::Avx512Vnni, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => ActLayout::Pair16,
         _ => ActLayout::Natural,
     };
     let bias = match (level, dtype) {
@@ -128,17 +130,19 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
 /// only chooses speed.
 pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
     match dtype {
-        DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => level,
-        // An AVX-512 CPU need not have the VEX-encoded AVX-VNNI: it runs the `vpmaddubsw` kernels.
-        DType::Q5_0
+        DType::F32
+        | DType::F16
+        | DType::BF16
+        | DType::Q8_0
+        | DType::Q4_0
+        | DType::Q4_1
+        | DType::Q5_0
         | DType::Q5_1
-        | DType::IQ4_NL
-        | DType::Q2_K
-        | DType::Q3_K
         | DType::Q4_K
         | DType::Q5_K
-        | DType::Q6_K
-        | DType::IQ4_XS => match level {
+        | DType::Q6_K => level,
+        // An AVX-512 CPU need not have the VEX-encoded AVX-VNNI: it runs the `vpmaddubsw` kernels.
+        DType::IQ4_NL | DType::Q2_K | DType::Q3_K | DType::IQ4_XS => match level {
             SimdLevel::Avx512Vnni => SimdLevel::Avx2,
             other => other,
         },
