@@ -14,17 +14,17 @@ use crate::error::{KernelError, Result};
 /// region), or `None` for plain dtypes. Offsets follow `block_*` of ggml-common.h (`superblock.rs` decodes them).
 pub fn quant_range(dtype: DType) -> Option<std::ops::Range<usize>> {
     Some(match dtype {
-        DType::Q8_0 => 2..34,   // d | qs[32]
-        DType::Q4_0 => 2..18,   // d | qs[16]
-        DType::Q4_1 => 4..20,   // d, m | qs[16]
-        DType::IQ4_NL => 2..18, // d | qs[16]
-        DType::Q5_0 => 6..22,   // d, qh[4] | qs[16]
-        DType::Q5_1 => 8..24,   // d, m, qh[4] | qs[16]
-        DType::Q2_K => 16..80,  // scales[16] | qs[64] | d, dmin
-        DType::Q3_K => 0..96,   // hmask[32], qs[64] | scales[12], d
-        DType::Q4_K => 16..144, // d, dmin, scales[12] | qs[128]
-        DType::Q5_K => 16..176, // d, dmin, scales[12] | qh[32], qs[128]
-        DType::Q6_K => 0..192,  // ql[128], qh[64] | scales[16], d
+        DType::Q8_0 => 2..34,    // d | qs[32]
+        DType::Q4_0 => 2..18,    // d | qs[16]
+        DType::Q4_1 => 4..20,    // d, m | qs[16]
+        DType::IQ4_NL => 2..18,  // d | qs[16]
+        DType::Q5_0 => 6..22,    // d, qh[4] | qs[16]
+        DType::Q5_1 => 8..24,    // d, m, qh[4] | qs[16]
+        DType::Q2_K => 16..80,   // scales[16] | qs[64] | d, dmin
+        DType::Q3_K => 0..96,    // hmask[32], qs[64] | scales[12], d
+        DType::Q4_K => 16..144,  // d, dmin, scales[12] | qs[128]
+        DType::Q5_K => 16..176,  // d, dmin, scales[12] | qh[32], qs[128]
+        DType::Q6_K => 0..192,   // ql[128], qh[64] | scales[16], d
         DType::IQ4_XS => 8..136, // d, scales_h, scales_l[4] | qs[128]
         _ => return None,
     })
