@@ -539,21 +539,18 @@ struct WQ3_K : QDeq<WQ3_K> {
         const u32 high = ((w2 >> (8 * (G & 3))) >> (2 * (G >> 2))) & 3;
         return (int)(low | (high << 4)) - 32;
     }
-    static __device__ __forceinline__ void rest_words(const u8* rest, u32& w0, u32& w1, u32& w2, u32& d) {
-        w0 = ld_nc_u16(rest) | ((u32)ld_nc_u16(rest + 2) << 16);
-        w1 = ld_nc_u16(rest + 4) | ((u32)ld_nc_u16(rest + 6) << 16);
-        w2 = ld_nc_u16(rest + 8) | ((u32)ld_nc_u16(rest + 10) << 16);
-        d = ld_nc_u16(rest + 12);
-    }
     static __device__ __forceinline__ float load1(const u8* qs, const u8* sc, long e) {
         const long b = e / 256;
         const int i = (int)(e % 256), h = i / 128, g = (i % 128) / 32, l = i % 32;
         const u8* blk = qs + b * 96;
         const int low = (int)((ld_nc_u8(blk + 32 + 32 * h + l) >> (2 * g)) & 3);
         const int high = (int)((ld_nc_u8(blk + l) >> (i / 32)) & 1);
-        u32 w0, w1, w2, d;
-        rest_words(sc + b * 14, w0, w1, w2, d);
-        return deq(__fmul_rn(f16_to_f32((u16)d), (float)scale(w0, w1, w2, i / 16)), high ? low : low - 4);
+        // scale(G) from its two bytes (as `scale` reads them from the words)
+        const u8* rest = sc + b * 14;
+        const int G = i / 16;
+        const u32 lowb = ld_nc_u8(rest + (G & 7)), hb = ld_nc_u8(rest + 8 + (G & 3));
+        const int s = (int)(((G < 8 ? lowb : lowb >> 4) & 0xf) | (((hb >> (2 * (G >> 2))) & 3) << 4)) - 32;
+        return deq(__fmul_rn(f16_to_f32(ld_nc_u16(rest + 12)), (float)s), high ? low : low - 4);
     }
     struct Chunk {
         uint4 q, hm;

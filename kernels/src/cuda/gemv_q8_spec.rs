@@ -371,11 +371,12 @@ fn load1(dtype: DType, qs: &[u8], sc: &[u8], e: usize) -> f32 {
             let low = ((qs[blk + 32 + 32 * h + l] >> (2 * g)) & 3) as i32;
             let high = (qs[blk + l] >> (i / 32)) & 1;
             let rest = b * 14;
-            let w0 = u16_at(sc, rest) | (u16_at(sc, rest + 2) << 16);
-            let w1 = u16_at(sc, rest + 4) | (u16_at(sc, rest + 6) << 16);
-            let w2 = u16_at(sc, rest + 8) | (u16_at(sc, rest + 10) << 16);
+            let g16 = i / 16;
+            let (lowb, hb) = (sc[rest + (g16 & 7)] as u32, sc[rest + 8 + (g16 & 3)] as u32);
+            let s =
+                (((if g16 < 8 { lowb } else { lowb >> 4 }) & 0xf) | (((hb >> (2 * (g16 >> 2))) & 3) << 4)) as i32 - 32;
             let d = f16lo(u16_at(sc, rest + 12));
-            mul(mul(d, q3_scale(w0, w1, w2, i / 16) as f32), (if high == 1 { low } else { low - 4 }) as f32)
+            mul(mul(d, s as f32), (if high == 1 { low } else { low - 4 }) as f32)
         }
         _ => unreachable!("{dtype} is not a Q8-activation format"),
     }
