@@ -1,4 +1,5 @@
-// Decode GEMV for the formats of weights_q.cuh (Q5_0, Q5_1, IQ4_NL, Q2_K .. Q6_K, IQ4_XS) on Q8 activations.
+// Decode GEMV for the quantised formats on Q8 activations: those of weights_q.cuh (Q5_0, Q5_1, IQ4_NL, Q2_K .. Q6_K,
+// IQ4_XS) at every T, and Q8_0/Q4_0/Q4_1 at T >= 2 (their one-row GEMV is in gemv.cu).
 //
 // A step first quantises its activation rows once (quantize_q8_*: per 32 values, int8 codes and a float4 meta
 // {d, d * sum q[0..16], d, d * sum q[16..32]}, `d = amax / 127`, round half to even — the CPU's rule in
@@ -159,8 +160,12 @@ __device__ __forceinline__ void gemvq_impl(const u8* __restrict__ qs, const u8* 
 #define GEMVQ(act, A, wname, W)                                                                                      \
     GEMVQ_NT(act, A, wname, W, 1) GEMVQ_NT(act, A, wname, W, 2) GEMVQ_NT(act, A, wname, W, 4)                        \
         GEMVQ_NT(act, A, wname, W, 8) GEMVQ_SPLITK(act, A, wname, W)
+// Q8_0/Q4_0/Q4_1: T >= 2 only (their one-row GEMV stays on 16-bit activations in gemv.cu).
+#define GEMVQ_BATCH(act, A, wname, W)                                                                                \
+    GEMVQ_NT(act, A, wname, W, 2) GEMVQ_NT(act, A, wname, W, 4) GEMVQ_NT(act, A, wname, W, 8)
 #define GEMVQ_ACT(act, A)                                                                                            \
     FOR_EACH_QWEIGHT(GEMVQ, act, A)                                                                                  \
+    GEMVQ_BATCH(act, A, q8_0, GQ8_0) GEMVQ_BATCH(act, A, q4_0, GQ4_0) GEMVQ_BATCH(act, A, q4_1, GQ4_1)               \
     extern "C" __global__ void __launch_bounds__(128) quantize_q8_##act(const u16* x, i8* xq, float4* xm,            \
                                                                         long nblocks) {                              \
         quantize_q8_impl<A>(x, xq, xm, nblocks);                                                                     \

@@ -264,6 +264,55 @@ struct WIQ4_NL : QDeq<WIQ4_NL> {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
+// The GEMV units of Q8_0, Q4_0 and Q4_1 on Q8 activations (their dequantisation for the GEMM and the embedding is
+// WQ8_0 / WQ4_0 / WQ4_1 of weights.cuh; the split layout is the same). Chunk = one block.
+
+struct GQ8_0 {
+    static constexpr int QK = 32, CHUNK = 32, CPB = 1, NA = 2, UD = 2, UQ = 1, MINB4 = 0;
+    struct Chunk {
+        uint4 q0, q1;
+        u32 d;
+    };
+    static __device__ __forceinline__ Chunk load_chunk(const u8* qs, const u8* sc, long row, int c, int, int K) {
+        const long b = row * (K / 32) + c;
+        return Chunk{ld_stream_v4_ordered(qs + b * 32), ld_stream_v4_ordered(qs + b * 32 + 16),
+                     ld_nc_u16_ordered(sc + b * 2)};
+    }
+    static __device__ __forceinline__ float dot(const Chunk& w, const i8* xq, const float4* xm, int c, int) {
+        const uint4 x0 = xq16(xq, c, 0), x1 = xq16(xq, c, 1);
+        const float dx = __uint_as_float(ld_nc_u32(xm + c));
+        const int s = dot16_ss(w.q0.x, w.q0.y, w.q0.z, w.q0.w, x0) + dot16_ss(w.q1.x, w.q1.y, w.q1.z, w.q1.w, x1);
+        return f16lo(w.d) * dx * (float)s;
+    }
+};
+
+// Q4_0 (MIN = false: codes - 8) and Q4_1 (MIN = true: d * code + m).
+template <bool MIN>
+struct GQ4 {
+    static constexpr int QK = 32, CHUNK = 32, CPB = 1, NA = 1, UD = 4, UQ = 2, MINB4 = 0;
+    struct Chunk {
+        uint4 q;
+        u32 dm;  // d (f16), and m (f16) in the high half for Q4_1
+    };
+    static __device__ __forceinline__ Chunk load_chunk(const u8* qs, const u8* sc, long row, int c, int, int K) {
+        const long b = row * (K / 32) + c;
+        return Chunk{ld_stream_v4_ordered(qs + b * 16),
+                     MIN ? ld_nc_u32_ordered(sc + b * 4) : ld_nc_u16_ordered(sc + b * 2)};
+    }
+    static __device__ __forceinline__ float dot(const Chunk& w, const i8* xq, const float4* xm, int c, int) {
+        const uint4 x0 = xq16(xq, c, 0), x1 = xq16(xq, c, 1);
+        const float4 m = xmeta(xm, c);
+        const int s = dot16_us(w.q.x & 0x0f0f0f0fu, w.q.y & 0x0f0f0f0fu, w.q.z & 0x0f0f0f0fu, w.q.w & 0x0f0f0f0fu, x0) +
+                      dot16_us((w.q.x >> 4) & 0x0f0f0f0fu, (w.q.y >> 4) & 0x0f0f0f0fu, (w.q.z >> 4) & 0x0f0f0f0fu,
+                               (w.q.w >> 4) & 0x0f0f0f0fu, x1);
+        if (MIN) return fmaf(f16lo(w.dm) * m.x, (float)s, f16hi(w.dm) * (m.y + m.w));
+        return f16lo(w.dm) * (m.x * (float)s - 8.f * (m.y + m.w));  // codes are stored + 8
+    }
+};
+typedef GQ4<false> GQ4_0;
+typedef GQ4<true> GQ4_1;
+
+// ---------------------------------------------------------------------------------------------------------------
 // Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and minimums packed in 12 bytes (rest: d, dmin, scales[12] =
 // 16 bytes, one aligned vector). Quants: Q4_K qs[128]; Q5_K qh[32], qs[128]. Byte l of qs group j (32 bytes) holds
 // element 64j + l (low nibble, sub-block 2j) and 64j + 32 + l (high nibble, sub-block 2j + 1). Chunk cc (0..7) is

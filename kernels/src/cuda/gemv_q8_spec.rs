@@ -120,7 +120,7 @@ impl Q8Act {
 fn geometry(dtype: DType) -> (usize, usize, usize) {
     // (QK, CHUNK, CPB)
     match dtype {
-        DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => (32, 32, 1),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => (32, 32, 1),
         DType::Q2_K | DType::Q3_K => (256, 64, 4),
         _ => (256, 32, 8),
     }
@@ -277,6 +277,22 @@ fn chunk_dot(dtype: DType, qs: &[u8], sc: &[u8], row: usize, c: usize, k: usize,
             }
             f16lo(d) * v
         }
+        DType::Q8_0 => {
+            let (q0, q1, d) = (v4_at(qs, b * 32), v4_at(qs, b * 32 + 16), f16lo(u16_at(sc, b * 2)));
+            d * x.m[c][0] * (dot16_ss(q0, x.xq16(c, 0)) + dot16_ss(q1, x.xq16(c, 1))) as f32
+        }
+        DType::Q4_0 | DType::Q4_1 => {
+            let q = v4_at(qs, b * 16);
+            let dm = if dtype == DType::Q4_1 { u32_at(sc, b * 4) } else { u16_at(sc, b * 2) };
+            let mm = x.m[c];
+            let s = dot16_us(q.map(|w| w & 0x0f0f_0f0f), x.xq16(c, 0))
+                + dot16_us(q.map(|w| (w >> 4) & 0x0f0f_0f0f), x.xq16(c, 1));
+            if dtype == DType::Q4_1 {
+                (f16lo(dm) * mm[0]).mul_add(s as f32, f16hi(dm) * (mm[1] + mm[3]))
+            } else {
+                f16lo(dm) * (mm[0] * s as f32 - 8.0 * (mm[1] + mm[3]))
+            }
+        }
         _ => unreachable!("{dtype} is not a Q8-activation format"),
     }
 }
@@ -392,8 +408,8 @@ mod tests {
         let bb = dtype.block_bytes();
         let mut v: Vec<u8> = (0..n * bb).map(|i| (mix64(seed ^ i as u64) >> 29) as u8).collect();
         let scales: &[usize] = match dtype {
-            DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
-            DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+            DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
+            DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
             DType::Q2_K => &[80, 82],
             DType::Q3_K => &[108],
             DType::Q6_K => &[208],
@@ -410,7 +426,8 @@ mod tests {
 
     #[test]
     fn dequantisation_mirror_equals_the_cpu_decoders_bit_for_bit() {
-        for dtype in super::super::names::Q8_ACT_WEIGHT_DTYPES {
+        // The formats dequantised by weights_q.cuh (Q8_0/Q4_0/Q4_1 use weights.cuh's, unchanged).
+        for dtype in super::super::names::Q8_ACT_WEIGHT_DTYPES.into_iter().skip(3) {
             let n = 12;
             let ggml = blocks(dtype, n, dtype.block_bytes() as u64);
             let (split, at) = repack::split_blocks(dtype, &ggml).unwrap();

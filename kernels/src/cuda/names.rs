@@ -3,12 +3,16 @@
 
 use crate::DType;
 
-/// Weight dtypes whose GEMV reads 16-bit activations (kernels/cuda/gemv.cu, formats in weights.cuh).
-pub const WEIGHT_DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
-/// Weight dtypes whose GEMV reads Q8-quantised activations with `dp4a` (kernels/cuda/gemv_q8.cu, formats in
-/// weights_q.cuh). With [`WEIGHT_DTYPES`] these are every format a GGUF file may hold that the CPU backend computes
-/// with, so the CUDA backend takes every weight the CPU takes.
-pub const Q8_ACT_WEIGHT_DTYPES: [DType; 9] = [
+/// Plain weight dtypes: their GEMV reads 16-bit activations (kernels/cuda/gemv.cu, formats in weights.cuh).
+pub const WEIGHT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+/// Quantised weight dtypes: their GEMV reads Q8-quantised activations with `dp4a` (kernels/cuda/gemv_q8.cu; GEMV
+/// units of Q8_0/Q4_0/Q4_1 and everything of the other formats in weights_q.cuh). With [`WEIGHT_DTYPES`] these are
+/// every format a GGUF file may hold that the CPU backend computes with, so the CUDA backend takes every weight the
+/// CPU takes.
+pub const Q8_ACT_WEIGHT_DTYPES: [DType; 12] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
     DType::Q5_0,
     DType::Q5_1,
     DType::IQ4_NL,
@@ -25,9 +29,15 @@ pub fn weight_supported(dtype: DType) -> bool {
     WEIGHT_DTYPES.contains(&dtype) || Q8_ACT_WEIGHT_DTYPES.contains(&dtype)
 }
 
-/// The module holding the decode GEMV kernels for weights of `w`.
-pub fn gemv_module(w: DType) -> &'static str {
-    if Q8_ACT_WEIGHT_DTYPES.contains(&w) { "gemv_q8" } else { "gemv" }
+/// Q8_0/Q4_0/Q4_1 keep a one-row GEMV (and its split-K) on 16-bit activations in `gemv.cu`: at T = 1 the extra
+/// activation-quantisation launch costs more than their conversions (docs/CUDA.md, "Quantised GEMV").
+pub fn one_row_on_act(w: DType) -> bool {
+    matches!(w, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+}
+
+/// The module holding the decode GEMV kernel of weights `w` for `tile` activation rows (1 also for split-K).
+pub fn gemv_module(w: DType, tile: usize) -> &'static str {
+    if Q8_ACT_WEIGHT_DTYPES.contains(&w) && !(tile == 1 && one_row_on_act(w)) { "gemv_q8" } else { "gemv" }
 }
 /// Activation dtypes of the CUDA backend.
 pub const ACT_DTYPES: [DType; 2] = [DType::F16, DType::BF16];
@@ -98,8 +108,8 @@ pub fn all() -> Vec<(&'static str, String)> {
         for w in WEIGHT_DTYPES.into_iter().chain(Q8_ACT_WEIGHT_DTYPES) {
             v.push(("embedding", embedding(act, w)));
             v.push(("gemm", gemm(act, w)));
-            v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w), gemv(act, w, t))));
-            v.push((gemv_module(w), gemv_splitk(act, w)));
+            v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv(act, w, t))));
+            v.push((gemv_module(w, 1), gemv_splitk(act, w)));
         }
         v.push(("gemv_q8", quantize_q8(act)));
         for w in plain {

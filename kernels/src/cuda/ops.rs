@@ -472,15 +472,16 @@ impl Backend for CudaBackend {
         let (xp, op) = (self.act_ptr("matmul", x)?, self.act_ptr("matmul", out)?);
         let (qs, sc) = Self::weight_ptrs(w)?;
         let (act, wd) = (self.act, w.dtype());
-        if names::Q8_ACT_WEIGHT_DTYPES.contains(&wd) {
+        if names::Q8_ACT_WEIGHT_DTYPES.contains(&wd) && !(t == 1 && names::one_row_on_act(wd)) {
             return self.matmul_q8(MatmulPtrs { x: xp, qs, sc, out: op }, (t, k, n), wd);
         }
         let chunk = match w.dtype() {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 8,
+            // One row of these (gemv.cu); more rows and the other quantised formats went to matmul_q8 above.
             DType::Q8_0 => 16,
             DType::Q4_0 | DType::Q4_1 => 32,
-            // upload_weight refuses the rest, so no such tensor reaches here.
+            // upload_weight refuses the rest.
             dtype => return Err(KernelError::NotOnCuda { dtype }),
         };
         let (ti, ki, ni) = (i32_arg("matmul", t)?, i32_arg("matmul", k)?, i32_arg("matmul", n)?);
