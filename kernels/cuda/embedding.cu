@@ -3,6 +3,7 @@
 // when `width % 8 == 0`, else single elements. Token ids are checked against the vocabulary on the host.
 #include "common.cuh"
 #include "weights.cuh"
+#include "weights_q.cuh"
 
 template <class A, class W>
 __device__ __forceinline__ void embedding_impl(const u32* __restrict__ ids, const u8* __restrict__ qs,
@@ -26,5 +27,5 @@ __device__ __forceinline__ void embedding_impl(const u32* __restrict__ ids, cons
         const u32* ids, const u8* qs, const u8* sc, u16* out, int width) {                                             \
         embedding_impl<A, W>(ids, qs, sc, out, width);                                                               \
     }
-#define EMBEDDING_ACT(act, A) FOR_EACH_WEIGHT(EMBEDDING, act, A)
+#define EMBEDDING_ACT(act, A) FOR_EACH_WEIGHT(EMBEDDING, act, A) FOR_EACH_QWEIGHT(EMBEDDING, act, A)
 FOR_EACH_ACT(EMBEDDING_ACT)

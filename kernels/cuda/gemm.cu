@@ -6,10 +6,12 @@
 // while the tensor cores work on stage s, stage s^1 is filled. Activation tiles, and weight tiles whose type is the
 // activation type, are copied with cp.async (16 bytes, zero-filled past the edges); other weights (f32, the other
 // 16-bit type, Q8_0, Q4_0, Q4_1) are fetched into registers before the math and dequantised into shared memory after
-// it. Shared rows are padded to 40 elements (80 bytes), which makes every ldmatrix conflict-free.
+// it (the formats of weights_q.cuh element by element, in ggml's float order). Shared rows are padded to 40
+// elements (80 bytes), which makes every ldmatrix conflict-free.
 // Requires K % 8 == 0 (the host falls back to the GEMV kernels otherwise). grid = (ceil(N / 128), ceil(T / 128)).
 #include "common.cuh"
 #include "weights.cuh"
+#include "weights_q.cuh"
 
 #define GEMM_BM 128
 #define GEMM_BN 128
@@ -162,9 +164,12 @@ GEMM(f16, ActF16, f32, WF32, false)
 GEMM(f16, ActF16, q8_0, WQ8_0, false)
 GEMM(f16, ActF16, q4_0, WQ4_0, false)
 GEMM(f16, ActF16, q4_1, WQ4_1, false)
+#define GEMM_Q(act, A, wname, W) GEMM(act, A, wname, W, false)
+FOR_EACH_QWEIGHT(GEMM_Q, f16, ActF16)
 GEMM(bf16, ActBF16, bf16, WBF16, true)
 GEMM(bf16, ActBF16, f16, WF16, false)
 GEMM(bf16, ActBF16, f32, WF32, false)
 GEMM(bf16, ActBF16, q8_0, WQ8_0, false)
 GEMM(bf16, ActBF16, q4_0, WQ4_0, false)
 GEMM(bf16, ActBF16, q4_1, WQ4_1, false)
+FOR_EACH_QWEIGHT(GEMM_Q, bf16, ActBF16)

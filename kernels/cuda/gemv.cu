@@ -1,5 +1,6 @@
 // Decode matrix-vector products: out[t, n] = sum_k x[t, k] * w[n, k] for a few rows t (the sessions of a decode
-// batch) and weights in any format of weights.cuh, dequantised in registers.
+// batch) and plain weights (f32, f16, bf16), or one row of Q8_0/Q4_0/Q4_1, dequantised in registers (the other
+// quantised cases run on Q8 activations in gemv_q8.cu).
 //
 // Launch: block 128 threads = 4 warps; each warp owns GEMV_ROWS = 2 consecutive output rows n and walks K in 16-byte
 // weight chunks (lane-strided, so a warp reads 512 contiguous bytes of each row per chunk step), accumulating every
@@ -173,8 +174,13 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
         gemv_scalar_impl<A, W>(qs, sc, x, out, N, K, T);                                                             \
     }
+// Q8_0/Q4_0/Q4_1 keep their one-row GEMV (and split-K) here, on 16-bit activations: at T = 1 the separate
+// activation-quantisation launch of gemv_q8.cu costs more than their conversions save (docs/CUDA.md, "Quantised
+// GEMV"); T >= 2 runs gemv_q8.cu's dp4a kernels. Every other quantised format is in gemv_q8.cu only.
+#define GEMV_T1(act, A, wname, W) GEMV_NT(act, A, wname, W, 1) GEMV_SPLITK(act, A, wname, W)
 #define GEMV_ACT(act, A)                                                                                             \
-    FOR_EACH_WEIGHT(GEMV, act, A)                                                                                    \
+    GEMV(act, A, f32, WF32) GEMV(act, A, f16, WF16) GEMV(act, A, bf16, WBF16) GEMV_T1(act, A, q8_0, WQ8_0)            \
+        GEMV_T1(act, A, q4_0, WQ4_0) GEMV_T1(act, A, q4_1, WQ4_1)                                                    \
     extern "C" __global__ void __launch_bounds__(256) gemv_reduce_##act(const float* ws, u16* out, long tn,          \
                                                                         int splits) {                                \
         gemv_reduce_impl<A>(ws, out, tn, splits);                                                                    \

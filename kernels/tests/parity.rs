@@ -8,8 +8,10 @@ mod common;
 use common::{Device, Rng, act, assert_close, download, poisoned, weight, weight_bytes};
 use shardline_kernels::{AttnSeq, AttnShape, Backend, DType, RopeConfig, RopeStyle, SamplingParams};
 
-/// Weight dtypes with CUDA kernels; the CUDA backend refuses the other file formats at upload (`NotOnCuda`).
-const CUDA_WEIGHT_DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+/// Every weight dtype: the CUDA backend has kernels for each format the CPU backend computes with. F32/F16/BF16 and
+/// Q8_0/Q4_0/Q4_1 run the GEMV on 16-bit activations; Q5_0 … IQ4_XS quantise the activation rows to int8 blocks of 32
+/// first (kernels/cuda/gemv_q8.cu), as the CPU backend quantises them (Q8_0/Q8_1/Q8_K, kernels/src/cpu/dot/act.rs).
+const CUDA_WEIGHT_DTYPES: [DType; 15] = DType::ALL;
 
 /// Runs `f` on the device under test and on the reference.
 fn both<T>(d: &Device, f: impl Fn(&dyn Backend) -> T) -> (T, T) {
@@ -20,7 +22,11 @@ fn embedding(d: &Device) {
     let mut rng = Rng::new(1);
     let vocab = 37;
     for dtype in CUDA_WEIGHT_DTYPES {
-        let widths: &[usize] = if dtype.is_quantized() { &[96] } else { &[40, 37] };
+        let widths: &[usize] = match dtype.block_elems() {
+            1 => &[40, 37],
+            32 => &[96],
+            _ => &[256, 512],
+        };
         for &width in widths {
             let bytes = weight_bytes(&mut rng, dtype, vocab, width, 1.0);
             let mut ids: Vec<u32> = (0..11).map(|_| rng.below(vocab) as u32).collect();
@@ -92,10 +98,22 @@ fn matmul(d: &Device) {
     for dtype in CUDA_WEIGHT_DTYPES {
         // (T, N, K): decode GEMV tiles 1..8, GEMV with more rows than a tile, and tensor-core GEMM with row, column
         // and K tails; plain weights also with a K that fits no vector width (scalar path).
-        let shapes: &[(usize, usize, usize)] = if dtype.is_quantized() {
-            &[(1, 45, 96), (3, 33, 160), (8, 64, 64), (13, 45, 96), (130, 129, 96)]
-        } else {
-            &[(1, 45, 40), (3, 33, 37), (8, 64, 64), (13, 45, 40), (130, 129, 72), (20, 17, 36)]
+        // Super-block formats: K a multiple of 256, and one-row shapes long enough for split-K (T = 1, few rows).
+        // Tolerance (`d.tol()`, 1e-2 of the largest output): for the formats on Q8 activations both backends round
+        // every activation to 8 bits of its block's maximum (relative error <= 1/254 per value, independent signs),
+        // which moves an output by ~0.3% of its scale — within the 16-bit output rounding budget.
+        let shapes: &[(usize, usize, usize)] = match dtype.block_elems() {
+            1 => &[(1, 45, 40), (3, 33, 37), (8, 64, 64), (13, 45, 40), (130, 129, 72), (20, 17, 36)],
+            32 => &[(1, 45, 96), (3, 33, 160), (8, 64, 64), (5, 9, 96), (13, 45, 96), (130, 129, 96), (1, 24, 8192)],
+            _ => &[
+                (1, 45, 256),
+                (2, 17, 512),
+                (3, 33, 768),
+                (8, 64, 256),
+                (13, 45, 256),
+                (130, 129, 512),
+                (1, 24, 16384),
+            ],
         };
         for &(t, n, k) in shapes {
             let x = d.exact(&rng.vec(t * k, 1.0));

@@ -47,4 +47,6 @@ mod stub;
 pub use stub::{CudaBackend, CudaStorage, NO_DRIVER, probe};
 
 #[cfg(test)]
+mod gemv_q8_spec;
+#[cfg(test)]
 mod sampling_spec;

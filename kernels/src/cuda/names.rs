@@ -3,9 +3,42 @@
 
 use crate::DType;
 
-/// Weight dtypes with an entry point per kernel family that reads weights. The other file formats (Q5_0, Q5_1,
-/// IQ4_NL, the K-quants, IQ4_XS) have no CUDA kernels yet: uploading them is a `KernelError::NotOnCuda`.
-pub const WEIGHT_DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+/// Plain weight dtypes: their GEMV reads 16-bit activations (kernels/cuda/gemv.cu, formats in weights.cuh).
+pub const WEIGHT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+/// Quantised weight dtypes: their GEMV reads Q8-quantised activations with `dp4a` (kernels/cuda/gemv_q8.cu; GEMV
+/// units of Q8_0/Q4_0/Q4_1 and everything of the other formats in weights_q.cuh). With [`WEIGHT_DTYPES`] these are
+/// every format a GGUF file may hold that the CPU backend computes with, so the CUDA backend takes every weight the
+/// CPU takes.
+pub const Q8_ACT_WEIGHT_DTYPES: [DType; 12] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::IQ4_NL,
+    DType::Q2_K,
+    DType::Q3_K,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
+    DType::IQ4_XS,
+];
+
+/// Whether the CUDA backend has kernels for weights of `dtype`.
+pub fn weight_supported(dtype: DType) -> bool {
+    WEIGHT_DTYPES.contains(&dtype) || Q8_ACT_WEIGHT_DTYPES.contains(&dtype)
+}
+
+/// Q8_0/Q4_0/Q4_1 keep a one-row GEMV (and its split-K) on 16-bit activations in `gemv.cu`: at T = 1 the extra
+/// activation-quantisation launch costs more than their conversions (docs/CUDA.md, "Quantised GEMV").
+pub fn one_row_on_act(w: DType) -> bool {
+    matches!(w, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+}
+
+/// The module holding the decode GEMV kernel of weights `w` for `tile` activation rows (1 also for split-K).
+pub fn gemv_module(w: DType, tile: usize) -> &'static str {
+    if Q8_ACT_WEIGHT_DTYPES.contains(&w) && !(tile == 1 && one_row_on_act(w)) { "gemv_q8" } else { "gemv" }
+}
 /// Activation dtypes of the CUDA backend.
 pub const ACT_DTYPES: [DType; 2] = [DType::F16, DType::BF16];
 /// Decode GEMV row-tile sizes (activation rows sharing one pass over the weights).
@@ -47,6 +80,10 @@ pub fn gemv_reduce(act: DType) -> String {
 pub fn gemv_scalar(act: DType, w: DType) -> String {
     format!("gemv_scalar_{act}_{w}")
 }
+/// Quantises activation rows to int8 blocks of 32 with a float4 meta, for the `gemv_q8` kernels.
+pub fn quantize_q8(act: DType) -> String {
+    format!("quantize_q8_{act}")
+}
 pub fn gemm(act: DType, w: DType) -> String {
     format!("gemm_{act}_{w}")
 }
@@ -68,12 +105,13 @@ pub fn all() -> Vec<(&'static str, String)> {
     let mut v = vec![("kv_cache", KV_STORE.to_string())];
     let plain = [DType::F32, DType::F16, DType::BF16];
     for act in ACT_DTYPES {
-        for w in WEIGHT_DTYPES {
+        for w in WEIGHT_DTYPES.into_iter().chain(Q8_ACT_WEIGHT_DTYPES) {
             v.push(("embedding", embedding(act, w)));
             v.push(("gemm", gemm(act, w)));
-            v.extend(GEMV_TILES.iter().map(|&t| ("gemv", gemv(act, w, t))));
-            v.push(("gemv", gemv_splitk(act, w)));
+            v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv(act, w, t))));
+            v.push((gemv_module(w, 1), gemv_splitk(act, w)));
         }
+        v.push(("gemv_q8", quantize_q8(act)));
         for w in plain {
             v.push(("norm", rms_norm(act, w)));
             v.push(("norm", add_rms_norm(act, w)));

@@ -308,7 +308,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_weight(&self, dtype: DType, shape: &[usize], bytes: HostBytes) -> Result<Tensor> {
-        if !names::WEIGHT_DTYPES.contains(&dtype) {
+        if !names::weight_supported(dtype) {
             return Err(KernelError::NotOnCuda { dtype });
         }
         let elems = elems_of("upload_weight", shape)?;
@@ -472,12 +472,16 @@ impl Backend for CudaBackend {
         let (xp, op) = (self.act_ptr("matmul", x)?, self.act_ptr("matmul", out)?);
         let (qs, sc) = Self::weight_ptrs(w)?;
         let (act, wd) = (self.act, w.dtype());
+        if names::Q8_ACT_WEIGHT_DTYPES.contains(&wd) && !(t == 1 && names::one_row_on_act(wd)) {
+            return self.matmul_q8(MatmulPtrs { x: xp, qs, sc, out: op }, (t, k, n), wd);
+        }
         let chunk = match w.dtype() {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 8,
+            // One row of these (gemv.cu); more rows and the other quantised formats went to matmul_q8 above.
             DType::Q8_0 => 16,
             DType::Q4_0 | DType::Q4_1 => 32,
-            // upload_weight refuses the rest, so no such tensor reaches here.
+            // upload_weight refuses the rest.
             dtype => return Err(KernelError::NotOnCuda { dtype }),
         };
         let (ti, ki, ni) = (i32_arg("matmul", t)?, i32_arg("matmul", k)?, i32_arg("matmul", n)?);
@@ -719,4 +723,70 @@ fn check_norm(x: &Tensor, weight: &Tensor, out: &Tensor) -> Result<()> {
         return Err(KernelError::UnsupportedDType { op: "rms_norm weight", dtype: weight.dtype() });
     }
     Ok(())
+}
+
+/// Device addresses of one matmul's operands.
+struct MatmulPtrs {
+    x: u64,
+    qs: u64,
+    sc: u64,
+    out: u64,
+}
+
+impl CudaBackend {
+    /// `matmul` for the formats whose GEMV reads Q8 activations (`names::Q8_ACT_WEIGHT_DTYPES`,
+    /// kernels/cuda/gemv_q8.cu): T <= 8 quantises the activation rows once (int8 per value, a 16-byte meta per
+    /// 32 values, in the scratch buffer) and runs the dp4a GEMV (split-K for one row and a short output, as
+    /// `matmul` does); longer T runs the tensor-core GEMM on weights dequantised into shared memory.
+    fn matmul_q8(&self, p: MatmulPtrs, (t, k, n): (usize, usize, usize), wd: DType) -> Result<()> {
+        let op = "matmul";
+        if !k.is_multiple_of(wd.block_elems()) {
+            return Err(shape_err(op, format!("rows of {k} {wd} values are not whole blocks of {}", wd.block_elems())));
+        }
+        let (ti, ki, ni) = (i32_arg(op, t)?, i32_arg(op, k)?, i32_arg(op, n)?);
+        let act = self.act;
+        let mut ex = self.exec()?;
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
+        if t > 8 {
+            let grid = (n.div_ceil(128) as u32, t.div_ceil(128) as u32, 1);
+            let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(p.x), Arg::Ptr(p.out), ti, ni, ki];
+            return self.launch(&mut ex, "gemm", &names::gemm(act, wd), grid, 256, &args);
+        }
+        // Scratch: [t * k int8 codes][t * k / 32 metas of 16 bytes][split-K partial sums].
+        let chunk = if matches!(wd, DType::Q2_K | DType::Q3_K) { 64 } else { 32 };
+        let (splits, cps) = split_k(n, k / chunk, self.info.multiprocessors as usize);
+        let splits = if t == 1 { splits } else { 1 };
+        let nblocks = t * k / 32;
+        let meta_at = (t * k).next_multiple_of(16);
+        let ws_at = meta_at + nblocks * 16;
+        let bytes = ws_at + if splits > 1 { splits * n * 4 } else { 0 };
+        let base = self.scratch(&mut ex, bytes)?;
+        let (xq, xm, ws) = (base, base + meta_at as u64, base + ws_at as u64);
+        let args = [Arg::Ptr(p.x), Arg::Ptr(xq), Arg::Ptr(xm), Arg::I64(nblocks as i64)];
+        let grid = (nblocks.div_ceil(128) as u32, 1, 1);
+        self.launch(&mut ex, "gemv_q8", &names::quantize_q8(act), grid, 128, &args)?;
+        if splits > 1 {
+            let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, splits as u32);
+            let args = [
+                Arg::Ptr(p.qs),
+                Arg::Ptr(p.sc),
+                Arg::Ptr(xq),
+                Arg::Ptr(xm),
+                Arg::Ptr(ws),
+                ni,
+                ki,
+                ti,
+                i32_arg(op, cps)?,
+            ];
+            self.launch(&mut ex, "gemv_q8", &names::gemv_splitk(act, wd), grid, 128, &args)?;
+            let args = [Arg::Ptr(ws), Arg::Ptr(p.out), Arg::I64(n as i64), Arg::I32(splits as i32)];
+            return self.launch(&mut ex, "gemv", &names::gemv_reduce(act), (n.div_ceil(256) as u32, 1, 1), 256, &args);
+        }
+        let nt = t.next_power_of_two().min(8);
+        let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, t.div_ceil(nt) as u32, 1);
+        let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(xq), Arg::Ptr(xm), Arg::Ptr(p.out), ni, ki, ti];
+        self.launch(&mut ex, "gemv_q8", &names::gemv(act, wd, nt), grid, 128, &args)
+    }
 }

@@ -1,0 +1,173 @@
+// Decode GEMV for the quantised formats on Q8 activations: those of weights_q.cuh (Q5_0, Q5_1, IQ4_NL, Q2_K .. Q6_K,
+// IQ4_XS) at every T, and Q8_0/Q4_0/Q4_1 at T >= 2 (their one-row GEMV is in gemv.cu).
+//
+// A step first quantises its activation rows once (quantize_q8_*: per 32 values, int8 codes and a float4 meta
+// {d, d * sum q[0..16], d, d * sum q[16..32]}, `d = amax / 127`, round half to even — the CPU's rule in
+// kernels/src/cpu/dot/act.rs), so the GEMV multiplies integer weight codes with int8 activations by `dp4a` and
+// applies the scales once per 16-32 weights; the sums give the minimums / code offsets (`- 32`, `- dmin * min`)
+// without touching the weights again. No weight is converted to float and the activations are converted once per
+// step, not once per pair of rows (docs/CUDA.md, "Quantised GEMV").
+//
+// Launch geometry and pipelining are those of gemv.cu: block 128 = 4 warps x 2 rows, lanes stride the row's
+// chunks (a chunk is CHUNK weights: one 16-byte quant vector, two for Q5_K/Q6_K/Q3_K whose high bits live apart),
+// the loads of the next group of U chunk steps are issued before the arithmetic of the current one (asm volatile
+// loads, results used only in the next iteration), activation rows past T clamped to T - 1. U is chosen so that a
+// lane has 8 (NT <= 2) or 4 (NT >= 4) 16-byte weight loads in flight. grid = (ceil(N / 8), ceil(T / NT)); split-K
+// (gemvq_splitk_*, NT = 1) writes f32 partial sums that gemv.cu's gemv_reduce_* adds in split order.
+#include "common.cuh"
+#include "weights_q.cuh"
+
+#define GEMVQ_WARPS 4
+#define GEMVQ_ROWS 2
+
+// x: [rows][32 * nblocks / rows] activations, as `nblocks` consecutive 32-blocks; one thread per block.
+template <class A>
+__device__ __forceinline__ void quantize_q8_impl(const u16* __restrict__ x, i8* __restrict__ xq, float4* __restrict__ xm,
+                                                 long nblocks) {
+    const long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= nblocks) return;
+    float v[32];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) unpack8<A>(ld_nc_v4(x + b * 32 + 8 * i), v + 8 * i);
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    const float d = amax / 127.f;
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    u32 w[8];
+    int s0 = 0, s1 = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        u32 word = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int q = max(-127, min(127, __float2int_rn(v[4 * i + j] * id)));
+            word |= ((u32)q & 0xffu) << (8 * j);
+            if (i < 4)
+                s0 += q;
+            else
+                s1 += q;
+        }
+        w[i] = word;
+    }
+    *(uint4*)(xq + b * 32) = make_uint4(w[0], w[1], w[2], w[3]);
+    *(uint4*)(xq + b * 32 + 16) = make_uint4(w[4], w[5], w[6], w[7]);
+    xm[b] = make_float4(d, d * (float)s0, d, d * (float)s1);
+}
+
+// Chunk steps per pipelined group (weights_q.cuh: W::UD at NT <= 2, W::UQ beyond), and the launch bound's
+// minimum blocks per SM (0: none).
+template <class W, int NT>
+struct GemvqUnroll {
+    static constexpr int U = NT <= 2 ? W::UD : W::UQ;
+    static constexpr int MINB = NT >= 4 ? W::MINB4 : 0;
+};
+
+template <class W, int NT>
+__device__ __forceinline__ void gemvq_step(const typename W::Chunk& w0, const typename W::Chunk& w1,
+                                           const i8* __restrict__ xq, const float4* __restrict__ xm, int c, int cc,
+                                           int t0, int T, int K, float* acc0, float* acc1) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const int row = min(t0 + t, T - 1);  // rows past T repeat the last one; their sums are never stored
+        const i8* xr = xq + (long)row * K;
+        const float4* mr = xm + (long)row * (K / 32);
+        acc0[t] += W::dot(w0, xr, mr, c, cc);
+        acc1[t] += W::dot(w1, xr, mr, c, cc);
+    }
+}
+
+template <class A, class W, int NT, bool SPLIT>
+__device__ __forceinline__ void gemvq_impl(const u8* __restrict__ qs, const u8* __restrict__ sc,
+                                           const i8* __restrict__ xq, const float4* __restrict__ xm,
+                                           u16* __restrict__ out, float* __restrict__ ws, int N, int K, int T, int cps) {
+    constexpr int U = GemvqUnroll<W, NT>::U;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n0 = (blockIdx.x * GEMVQ_WARPS + warp) * GEMVQ_ROWS;
+    const int t0 = blockIdx.y * NT;
+    if (n0 >= N) return;  // whole warps leave; no block-wide barrier
+    const int nt = min(NT, T - t0);
+    const bool has1 = n0 + 1 < N;
+    const long row0 = n0, row1 = has1 ? n0 + 1 : n0;
+    const int lo = SPLIT ? (int)blockIdx.z * cps : 0;  // a multiple of 32 * U, so of CPB
+    const int chunks = SPLIT ? min(K / W::CHUNK, lo + cps) : K / W::CHUNK;
+    float acc0[NT], acc1[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
+    int c = lo + lane;
+    const int cc = c % W::CPB;  // the same on every step of this lane
+    typename W::Chunk n0w[U], n1w[U];
+    bool more = c + 32 * (U - 1) < chunks;
+    if (more) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            n0w[u] = W::load_chunk(qs, sc, row0, c + 32 * u, cc, K);
+            n1w[u] = W::load_chunk(qs, sc, row1, c + 32 * u, cc, K);
+        }
+    }
+    while (more) {
+        typename W::Chunk w0[U], w1[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) w0[u] = n0w[u], w1[u] = n1w[u];
+        const int cn = c + 32 * U;
+        more = cn + 32 * (U - 1) < chunks;
+        if (more) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                n0w[u] = W::load_chunk(qs, sc, row0, cn + 32 * u, cc, K);
+                n1w[u] = W::load_chunk(qs, sc, row1, cn + 32 * u, cc, K);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) gemvq_step<W, NT>(w0[u], w1[u], xq, xm, c + 32 * u, cc, t0, T, K, acc0, acc1);
+        c = cn;
+    }
+#pragma unroll 1
+    for (; c < chunks; c += 32) {
+        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, cc, K);
+        const typename W::Chunk w1 = W::load_chunk(qs, sc, row1, c, cc, K);
+        gemvq_step<W, NT>(w0, w1, xq, xm, c, cc, t0, T, K, acc0, acc1);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const float s0 = warp_sum(acc0[t]);
+        const float s1 = warp_sum(acc1[t]);
+        if (lane == 0 && t < nt) {
+            if (SPLIT) {
+                float* o = ws + ((long)blockIdx.z * T + t0 + t) * N + n0;
+                o[0] = s0;
+                if (has1) o[1] = s1;
+            } else {
+                u16* o = out + (long)(t0 + t) * N + n0;
+                o[0] = A::from_f32(s0);
+                if (has1) o[1] = A::from_f32(s1);
+            }
+        }
+    }
+}
+
+#define GEMVQ_NT(act, A, wname, W, NT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMVQ_WARPS * 32, (GemvqUnroll<W, NT>::MINB))                     \
+        gemv_##act##_##wname##_t##NT(                                                                             \
+        const u8* qs, const u8* sc, const i8* xq, const float4* xm, u16* out, int N, int K, int T) {                  \
+        gemvq_impl<A, W, NT, false>(qs, sc, xq, xm, out, nullptr, N, K, T, 0);                                       \
+    }
+#define GEMVQ_SPLITK(act, A, wname, W)                                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMVQ_WARPS * 32) gemv_splitk_##act##_##wname(                       \
+        const u8* qs, const u8* sc, const i8* xq, const float4* xm, float* ws, int N, int K, int T, int cps) {        \
+        gemvq_impl<A, W, 1, true>(qs, sc, xq, xm, nullptr, ws, N, K, T, cps);                                        \
+    }
+#define GEMVQ(act, A, wname, W)                                                                                      \
+    GEMVQ_NT(act, A, wname, W, 1) GEMVQ_NT(act, A, wname, W, 2) GEMVQ_NT(act, A, wname, W, 4)                        \
+        GEMVQ_NT(act, A, wname, W, 8) GEMVQ_SPLITK(act, A, wname, W)
+// Q8_0/Q4_0/Q4_1: T >= 2 only (their one-row GEMV stays on 16-bit activations in gemv.cu).
+#define GEMVQ_BATCH(act, A, wname, W)                                                                                \
+    GEMVQ_NT(act, A, wname, W, 2) GEMVQ_NT(act, A, wname, W, 4) GEMVQ_NT(act, A, wname, W, 8)
+#define GEMVQ_ACT(act, A)                                                                                            \
+    FOR_EACH_QWEIGHT(GEMVQ, act, A)                                                                                  \
+    GEMVQ_BATCH(act, A, q8_0, GQ8_0) GEMVQ_BATCH(act, A, q4_0, GQ4_0) GEMVQ_BATCH(act, A, q4_1, GQ4_1)               \
+    extern "C" __global__ void __launch_bounds__(128) quantize_q8_##act(const u16* x, i8* xq, float4* xm,            \
+                                                                        long nblocks) {                              \
+        quantize_q8_impl<A>(x, xq, xm, nblocks);                                                                     \
+    }
+FOR_EACH_ACT(GEMVQ_ACT)
