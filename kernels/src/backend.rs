@@ -237,4 +237,24 @@ pub trait Backend: Send + Sync + fmt::Debug {
         position: u64,
         n_top: usize,
     ) -> Result<Sampled>;
+
+    /// Runs one decode step as the CUDA graph of `key` (its batch-size bucket and layer span) where the backend has
+    /// graphs, eagerly otherwise (kernels/src/step_graph.rs has the policy). `step` drives this backend through the
+    /// trait; it may run twice for one step (a replay that no longer matches, then a capture), so it must reset
+    /// any host state it changes first. Tensors allocated inside it belong to the graph: read them before the next
+    /// step of the same key.
+    fn graph_step(
+        &self,
+        key: Option<crate::step_graph::GraphKey>,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<crate::step_graph::StepRun> {
+        let _ = key;
+        step()?;
+        Ok(crate::step_graph::StepRun::Eager)
+    }
+
+    /// Whether [`Backend::graph_step`] replays graphs (so padding a decode batch to its bucket pays off).
+    fn has_graphs(&self) -> bool {
+        false
+    }
 }

@@ -87,6 +87,8 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     pub(crate) exec: Mutex<Exec>,
+    /// Decode-step graphs per batch-size bucket (`Backend::graph_step`, kernels/src/step_graph.rs).
+    pub(crate) step_graphs: Mutex<crate::step_graph::StepGraphs<super::graph::DecodeGraph>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -153,6 +155,7 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             exec: Mutex::new(Exec { ring, scratch: None, mode: Mode::Eager, sample_io: None, step_thread: None }),
+            step_graphs: Mutex::new(crate::step_graph::StepGraphs::new()),
         }))
     }
 

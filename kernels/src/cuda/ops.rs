@@ -706,6 +706,18 @@ impl Backend for CudaBackend {
     ) -> Result<Sampled> {
         super::sampling::sample(self, logits, row, params, position, n_top)
     }
+
+    fn graph_step(
+        &self,
+        key: Option<crate::step_graph::GraphKey>,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<crate::step_graph::StepRun> {
+        self.step_graphs.lock().run(self, key, step)
+    }
+
+    fn has_graphs(&self) -> bool {
+        true
+    }
 }
 
 fn check_norm(x: &Tensor, weight: &Tensor, out: &Tensor) -> Result<()> {

@@ -16,6 +16,8 @@ use crate::model::kv_cache::{BlockAllocator, BlockReservation, KvPool};
 use crate::model::{ModelConfig, WeightSource};
 use shardline_proto::LayerRange;
 
+mod graph_step;
+
 /// Tunables of a loaded shard.
 #[derive(Clone, Debug)]
 pub struct ShardOptions {
@@ -32,6 +34,7 @@ impl Default for ShardOptions {
 }
 
 /// What a shard consumes: token ids (first stage only) or the hidden states of the previous stage `[T, hidden]`.
+#[derive(Clone, Copy)]
 pub enum ShardInput<'a> {
     Tokens(&'a [u32]),
     Hidden(&'a Tensor),
@@ -123,6 +126,8 @@ pub struct Shard {
     kv: Mutex<KvPool>,
     allocator: Arc<Mutex<BlockAllocator>>,
     block_tokens: usize,
+    /// Padding sessions of the decode step's CUDA graphs (`graph_step.rs`).
+    steps: graph_step::DecodeSteps,
 }
 
 impl std::fmt::Debug for Shard {
@@ -253,6 +258,7 @@ impl Shard {
             kv: Mutex::new(kv),
             allocator,
             block_tokens,
+            steps: graph_step::DecodeSteps::default(),
         })
     }
 
