@@ -65,6 +65,7 @@ fn padded_decode_steps_equal_each_session_alone_on_the_cpu() {
     let sessions = 9;
     let mut batched = prefilled(&stepped, sessions, vocab);
     let mut solo = prefilled(&alone, sessions, vocab);
+    let free = stepped.free_kv_tokens();
     // Batch sizes across buckets 1, 2, 4, 8, 16 (9 sessions: the last ones decode more often).
     for (step, n) in [1usize, 3, 5, 2, 9, 4, 7, 1, 8, 6].into_iter().enumerate() {
         let chosen: Vec<usize> = (0..n).map(|j| (sessions - n + j + step) % sessions).collect();
@@ -100,6 +101,8 @@ fn padded_decode_steps_equal_each_session_alone_on_the_cpu() {
             batched[i].1 = t.token;
         }
     }
+    // The padding sessions (one KV block each) were opened once, as many as the largest padding: 16 - 9 = 7.
+    assert_eq!(free - stepped.free_kv_tokens(), 7 * 16, "pads opened");
     // A prefill chunk is not a decode step: it runs unpadded and leaves the last key as it was.
     let last = stepped.last_graph_step();
     let prompt = [1u32, 2, 3];
