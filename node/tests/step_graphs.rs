@@ -112,6 +112,64 @@ fn padded_decode_steps_equal_each_session_alone_on_the_cpu() {
     assert_eq!(stepped.last_graph_step(), last);
 }
 
+/// A stage fed hidden states (the second half of the model): padded decode steps through the per-slot input
+/// tensors give each session bit-for-bit the logits it gets alone.
+#[test]
+fn padded_hidden_state_steps_equal_each_session_alone_on_the_cpu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tiny_model(&dir);
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(1));
+    let n_layers = files.config().n_layers;
+    let opts = ShardOptions { kv_budget_bytes: 16 << 20, block_tokens: 16 };
+    let load = |a: usize, b: usize| {
+        Shard::load(files.weights().as_ref(), LayerRange::new(a, b), backend.clone(), opts.clone()).expect("shard")
+    };
+    let (front, back, back_alone) = (load(0, 1), load(1, n_layers), load(1, n_layers));
+    back.force_step_graphs(true);
+    let sessions = 5;
+    let mut kv: Vec<(ShardKv, ShardKv, ShardKv)> = (0..sessions)
+        .map(|_| {
+            (
+                front.open_session(16).expect("f"),
+                back.open_session(16).expect("b"),
+                back_alone.open_session(16).expect("a"),
+            )
+        })
+        .collect();
+    for (step, n) in [3usize, 5, 1, 2, 4].into_iter().enumerate() {
+        let chosen: Vec<usize> = (0..n).map(|j| (j + step) % sessions).collect();
+        // Front half eagerly, one session at a time (its output is the same as batched, tested in shard_batch.rs).
+        let hidden: Vec<Tensor> = chosen
+            .iter()
+            .map(|&i| {
+                let t = [((i * 13 + step * 7) % 50) as u32];
+                match front.forward(&mut kv[i].0, ShardInput::Tokens(&t)).expect("front") {
+                    ShardOutput::Hidden(h) => h,
+                    ShardOutput::Logits(_) => panic!("front half ends before the head"),
+                }
+            })
+            .collect();
+        let outs = {
+            let mut mine: Vec<Option<&mut (ShardKv, ShardKv, ShardKv)>> = kv.iter_mut().map(Some).collect();
+            let mut items: Vec<BatchItem<'_>> = chosen
+                .iter()
+                .zip(&hidden)
+                .map(|(&i, h)| {
+                    let s = mine[i].take().expect("each session once per step");
+                    BatchItem { kv: &mut s.1, input: ShardInput::Hidden(h), head: HeadRows::Last }
+                })
+                .collect();
+            back.forward_batch_stepped(&mut items, back.layers()).expect("stepped decode")
+        };
+        assert_eq!(back.last_graph_step().map(|(k, _)| k.bucket), bucket(n), "step {step}");
+        for ((&i, out), h) in chosen.iter().zip(outs).zip(&hidden) {
+            let want = logits(back_alone.forward(&mut kv[i].2, ShardInput::Hidden(h)).expect("alone"));
+            assert_eq!(bits(backend.as_ref(), &logits(out)), bits(backend.as_ref(), &want), "step {step}, session {i}");
+            assert_eq!(kv[i].1.len(), kv[i].2.len());
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn graph_replay_equals_eager_on_cuda() {
