@@ -132,6 +132,44 @@ fn rope(d: &Device) {
     }
 }
 
+/// The fused rope(q) + rope(k) + kv_store (one kernel on CUDA) against the three ops on the CPU: q and k rotated in
+/// place, the rotated k and the v rows in their slots, every other slot untouched; GQA (3 query heads, 1 KV head),
+/// both pair styles, a partial rotary dimension (the rest of each key head copied as it is).
+fn rope_kv_store(d: &Device) {
+    let mut rng = Rng::new(13);
+    let (t, heads, kv_heads, head_dim, n_slots) = (5, 3, 1, 64, 40);
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        for rotary_dim in [64, 32] {
+            let cfg = RopeConfig { head_dim, rotary_dim, theta: 10_000.0, style, llama3: None, linear_factor: 1.0 };
+            let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+            let q = d.exact(&rng.vec(t * qw, 1.0));
+            let k = d.exact(&rng.vec(t * kw, 1.0));
+            let v = d.exact(&rng.vec(t * kw, 1.0));
+            let k_init = d.exact(&rng.vec(n_slots * kw, 1.0));
+            let v_init = d.exact(&rng.vec(n_slots * kw, 1.0));
+            let positions: Vec<u32> = (0..t).map(|_| rng.below(5000) as u32).collect();
+            let slots = rng.distinct(t, n_slots);
+            let (got, want) = both(d, |b| {
+                let table = b.rope_table(&cfg.inv_freq()).expect("rope table");
+                let (mut qt, mut kt, vt) = (act(b, &[t, qw], &q), act(b, &[t, kw], &k), act(b, &[t, kw], &v));
+                let (mut kc, mut vc) = (act(b, &[n_slots, kw], &k_init), act(b, &[n_slots, kw], &v_init));
+                let caches = (&mut kc, &mut vc);
+                b.rope_kv_store(&mut qt, &mut kt, &vt, &positions, (heads, kv_heads), &table, &cfg, caches, &slots)
+                    .expect("rope_kv_store");
+                [download(b, &qt), download(b, &kt), download(b, &kc), download(b, &vc)]
+            });
+            for (name, (g, w)) in ["q", "k", "k_cache", "v_cache"].iter().zip(got.iter().zip(&want)) {
+                assert_close(
+                    &format!("{}: rope_kv_store {name} {style:?} rotary {rotary_dim}", d.label),
+                    g,
+                    w,
+                    d.tol(),
+                );
+            }
+        }
+    }
+}
+
 fn swiglu_and_add(d: &Device) {
     let mut rng = Rng::new(6);
     for shape in [[3usize, 347], [8, 16], [1, 5]] {
@@ -350,6 +388,7 @@ device_tests!(
     add_rms_norm,
     matmul,
     rope,
+    rope_kv_store,
     swiglu_and_add,
     add_bias,
     copy_rows,

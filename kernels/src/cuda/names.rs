@@ -59,6 +59,10 @@ pub fn attn_combine(act: DType) -> String {
 pub fn attn_prefill(act: DType, head_dim: usize) -> String {
     format!("attn_prefill_{act}_d{head_dim}")
 }
+/// RoPE on q and k plus the KV-cache store, fused (kernels/cuda/rope.cu).
+pub fn rope_kv_store(act: DType) -> String {
+    format!("rope_kv_store_{act}")
+}
 /// The sampler's two passes (kernels/cuda/sampling.cu): the grid-wide histogram of the row, then the one-block pick.
 pub fn sample_hist(act: DType) -> String {
     format!("sample_hist_{act}")
@@ -86,6 +90,7 @@ pub fn all() -> Vec<(&'static str, String)> {
         }
         v.push(("gemv", gemv_reduce(act)));
         v.push(("rope", rope(act)));
+        v.push(("rope", rope_kv_store(act)));
         v.push(("elementwise", swiglu(act)));
         v.push(("elementwise", add(act)));
         v.push(("attention", attn_decode(act)));

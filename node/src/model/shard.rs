@@ -459,8 +459,12 @@ impl Shard {
         let mut qk_scratch = None;
         let mut kv = self.kv.lock();
         let (lo, hi) = (span.start - self.layers.start, span.end - self.layers.start);
-        for (blk, (k_cache, v_cache)) in self.blocks[lo..hi].iter().zip(kv.layers[lo..hi].iter_mut()) {
-            b.rms_norm(&x, &blk.attn_norm, c.rms_eps, &mut h)?;
+        let blocks = &self.blocks[lo..hi];
+        // The first block's attention norm; every later one is fused with the residual add before it (below).
+        if let Some(first) = blocks.first() {
+            b.rms_norm(&x, &first.attn_norm, c.rms_eps, &mut h)?;
+        }
+        for (i, (blk, (k_cache, v_cache))) in blocks.iter().zip(kv.layers[lo..hi].iter_mut()).enumerate() {
             blk.wq.forward(b, &h, &mut q)?;
             blk.wk.forward(b, &h, &mut k)?;
             blk.wv.forward(b, &h, &mut v)?;
@@ -473,9 +477,10 @@ impl Shard {
                     head_rms_norm(b, &mut k, k_scratch, c.n_kv_heads, k_norm, c.rms_eps)?;
                 }
             }
-            b.rope(&mut q, &positions, c.n_heads, &self.inv_freq, &c.rope)?;
-            b.rope(&mut k, &positions, c.n_kv_heads, &self.inv_freq, &c.rope)?;
-            b.kv_store(k_cache, v_cache, &k, &v, &slots)?;
+            // rope(q), rope(k), kv_store: one kernel on CUDA (docs/CUDA.md, "Fusion").
+            let heads = (c.n_heads, c.n_kv_heads);
+            let caches = (&mut *k_cache, &mut *v_cache);
+            b.rope_kv_store(&mut q, &mut k, &v, &positions, heads, &self.inv_freq, &c.rope, caches, &slots)?;
             b.attention(&q, k_cache, v_cache, &seqs, &shape, &mut att)?;
             b.matmul(&att, &blk.wo, &mut o)?;
             b.add_rms_norm(&mut x, &o, &blk.ffn_norm, c.rms_eps, &mut h)?;
@@ -483,7 +488,11 @@ impl Shard {
             b.matmul(&h, &blk.w_up, &mut up)?;
             b.swiglu(&gate, &up, &mut act)?;
             b.matmul(&act, &blk.w_down, &mut o)?;
-            b.add(&mut x, &o)?;
+            match blocks.get(i + 1) {
+                // The residual add and the next block's attention norm in one kernel (the same values).
+                Some(next) => b.add_rms_norm(&mut x, &o, &next.attn_norm, c.rms_eps, &mut h)?,
+                None => b.add(&mut x, &o)?,
+            }
         }
         drop(kv);
         drop(seqs);
