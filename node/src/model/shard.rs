@@ -307,6 +307,8 @@ impl Shard {
 
     /// Runs the shard on `T` new positions of a session, appending them to its KV cache. The last stage returns the
     /// logits of the last position only.
+    /// On the CUDA backend a one-token step is replayed as a graph (`forward_batch_stepped`): read its output before
+    /// the shard's next one-token step.
     pub fn forward(&self, s: &mut ShardKv, input: ShardInput<'_>) -> Result<ShardOutput> {
         self.forward_inner(s, input, self.layers, false)
     }
@@ -339,7 +341,9 @@ impl Shard {
     ) -> Result<ShardOutput> {
         let head = if all_logits { HeadRows::All } else { HeadRows::Last };
         let mut items = [BatchItem { kv: s, input, head }];
-        let mut out = self.forward_batch(&mut items, span)?;
+        // A one-token decode step runs as the backend's CUDA graph for batches of one (graph_step.rs); on the CUDA
+        // backend its outputs then live in the graph's buffers until this shard's next decode step.
+        let mut out = self.forward_batch_stepped(&mut items, span)?;
         out.pop().ok_or_else(|| ModelError::Invalid("a batch of one gave no output".into()))
     }
 
