@@ -145,11 +145,16 @@ impl<G> StepGraphs<G> {
         let graph = match runner.capture(step) {
             Ok(g) => g,
             Err(_) => {
-                // Something in the step cannot be captured; nothing ran. This key runs eagerly from now on.
-                if let Some(e) = self.entries.get_mut(&key) {
+                // Nothing ran. If the step succeeds eagerly, something in it cannot be captured: this key runs
+                // eagerly from now on. If it fails eagerly too, the failure is the step's own (a bad batch), not
+                // the capture's, and the key keeps its graphs.
+                let eager = step();
+                if eager.is_ok()
+                    && let Some(e) = self.entries.get_mut(&key)
+                {
                     e.never = true;
                 }
-                step()?;
+                eager?;
                 return Ok(StepRun::Eager);
             }
         };
@@ -282,12 +287,19 @@ mod tests {
     }
 
     #[test]
-    fn errors_of_the_step_are_returned() {
+    fn errors_of_the_step_are_returned_and_do_not_turn_graphs_off() {
         let r = Recorder::default();
         let mut g = StepGraphs::new();
         let mut fail = || -> Result<()> { Err(KernelError::Cuda("boom".into())) };
+        let mut ok = || -> Result<()> { Ok(()) };
         assert!(g.run(&r, key(1), &mut fail).is_err());
         assert!(g.run(&r, None, &mut fail).is_err());
+        // A failing step where a capture would come (a bad batch): the error comes back, the key still captures.
+        assert!(g.run(&r, key(1), &mut fail).is_err());
+        assert_eq!(g.run(&r, key(1), &mut ok).expect("good step"), StepRun::Captured);
+        // A failing step where a replay would come: the error comes back and the graph stays.
+        assert!(g.run(&r, key(1), &mut fail).is_err());
+        assert_eq!(g.run(&r, key(1), &mut ok).expect("good step"), StepRun::Replayed);
     }
 
     #[test]
