@@ -170,7 +170,6 @@ fn padded_hidden_state_steps_equal_each_session_alone_on_the_cpu() {
     }
 }
 
-#[cfg(feature = "cuda")]
 #[test]
 fn graph_replay_equals_eager_on_cuda() {
     use shardline_kernels::DType;
