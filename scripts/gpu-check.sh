@@ -33,12 +33,12 @@ stage() {
     local json
     json=$(mktemp)
     cargo test --release -p shardline-kernels -p shardline-node --features shardline-kernels/cuda \
-        --test parity --test nvrtc_compile --test cuda_shard_parity --no-run --message-format=json >"$json"
+        --test parity --test nvrtc_compile --test cuda_shard_parity --test step_graphs --no-run --message-format=json >"$json"
     cargo bench -p shardline-kernels --bench cuda_roofline --features cuda --no-run --message-format=json >>"$json"
     python3 - "$json" "$STAGE/bin" <<'EOF'
 import json, shutil, subprocess, sys
 src, dst = sys.argv[1], sys.argv[2]
-want = {"parity", "nvrtc_compile", "cuda_shard_parity", "cuda_roofline"}
+want = {"parity", "nvrtc_compile", "cuda_shard_parity", "step_graphs", "cuda_roofline"}
 found = {}
 for line in open(src):
     try:
@@ -193,6 +193,7 @@ run() {
     }
     step "kernel parity" parity.log "$unpacked/bin/parity" --test-threads=4 --nocapture
     step "shard parity" shard_parity.log "$unpacked/bin/cuda_shard_parity" --nocapture
+    step "graph steps" step_graphs.log "$unpacked/bin/step_graphs" --nocapture
     step "roofline bench" roofline.log "$unpacked/bin/cuda_roofline" --bench
     if [ "${DRY_RUN:-0}" != 1 ] && command -v python3 >/dev/null; then
         step "torch ceilings" torch.log python3 - <<'EOF'

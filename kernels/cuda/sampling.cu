@@ -1,21 +1,31 @@
-// Sampling on the device: one block of 1024 threads reads one row of logits and writes back only the chosen token,
-// its log-probability and the n_top most likely tokens with theirs (a few hundred bytes instead of the vocabulary).
+// Sampling on the device: two kernels read one row of 16-bit logits and write back only the chosen token, its
+// log-probability and the n_top most likely tokens with theirs (a few hundred bytes instead of the vocabulary).
 //
-// Semantics (shared with the host model in kernels/src/cuda/sampling.rs):
-// - Rank: tokens by logit descending, ties by lower id first. Greedy (temperature <= 0) takes rank 0.
+// Semantics (shared with the host model in kernels/src/cuda/sampling_spec.rs and the CPU backend):
+// - Rank: tokens by logit descending, ties by lower id first; NaN counts as -inf, -0 as +0. Greedy (temperature
+//   <= 0) takes rank 0.
 // - Otherwise, with w_i = exp((x_i - x_max) / temperature): keep the first top_k ranks (all when 0); of those keep
-//   the shortest rank prefix whose w-mass reaches top_p of the kept mass (all when top_p >= 1); draw
-//   u = uniform(seed, position) (kernels/src/rng.rs, recomputed here bit for bit) and take the first token of the
-//   prefix, in rank order, at which the running w-mass exceeds u times the prefix mass.
+//   the shortest rank prefix whose w-mass reaches top_p of the kept mass (all when top_p >= 1, one token when
+//   top_p <= 0); draw u = uniform(seed, position) (kernels/src/rng.rs, recomputed here bit for bit) and take the
+//   first token of the prefix, in rank order, at which the running w-mass exceeds u times the prefix mass.
 // - logprob and the top list are under the unmodified distribution (temperature 1, whole vocabulary).
 //
-// No sort: the greedy token is a block-wide maximum of rank keys, and every other cut is found by a radix descent over the 64-bit rank key (order-preserving logit bits << 32 | ~id),
-// 8 bits per pass, with 256-bin histograms of either token counts or masses. Masses are fixed-point integers
-// (w * 2^40, summed in u64), so every sum and hence every choice is bit-identical from run to run.
+// How: a 16-bit logit has at most 65536 values, so one pass over the row that counts tokens per value (a
+// histogram indexed by the order-preserving 16-bit key) holds everything a cut needs: every token of one value has
+// the same weight, so the running mass in rank order is a walk over the histogram from the top, and within a bin the
+// tokens are ranked by id. `sample_hist_*` is that pass, spread over many blocks (16-byte loads, warp-aggregated
+// atomics, integer counts: the result is the same on every run). `sample_pick_*` is one block: it walks the
+// histogram (each thread owns 64 consecutive bins; a cut is a block-wide prefix sum over the threads' totals, then
+// a warp-wide one over the 64 bins of the thread that holds it), then reads the row once more to turn (bin, index
+// within the bin) into token ids. Masses are fixed-point integers (w * 2^40, summed in u64), so every choice is
+// exact and bit-identical from run to run. It leaves the histogram zeroed for the next row.
 #include "common.cuh"
 
-#define SAMPLE_THREADS 1024
+#define SAMPLE_PICK_THREADS 1024
+#define SAMPLE_HIST_THREADS 256
 #define SAMPLE_MAX_TOP 256
+#define SAMPLE_BINS 65536
+#define SAMPLE_BINS_PER_THREAD (SAMPLE_BINS / SAMPLE_PICK_THREADS)
 
 __device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -29,215 +39,423 @@ __device__ __forceinline__ float uniform01(u64 seed, u64 position) {
     return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
 
-// Logit bits mapped so that unsigned order is float order; -0 ranks as +0 (the two are equal logits, so a tie
-// between them goes to the lower id, as on the CPU).
-__device__ __forceinline__ u32 order_key(float x) {
-    const u32 b = x == 0.f ? 0u : __float_as_uint(x);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+// Bits of +inf in each 16-bit format (a magnitude above it is a NaN).
+__device__ __forceinline__ u32 inf_bits(ActF16) { return 0x7c00u; }
+__device__ __forceinline__ u32 inf_bits(ActBF16) { return 0x7f80u; }
+
+// The 16-bit logit mapped so that unsigned order is float order: NaN ranks as -inf and -0 as +0 (equal logits, so
+// a tie between them goes to the lower id, as on the CPU). Never 0 (that is a NaN pattern, mapped away).
+template <class A>
+__device__ __forceinline__ u32 key16(u32 h) {
+    if ((h & 0x7fffu) > inf_bits(A())) h = 0x8000u | inf_bits(A());
+    if (h == 0x8000u) h = 0u;
+    return (h & 0x8000u) ? (~h & 0xffffu) : (h | 0x8000u);
 }
 
-// Larger key = better rank.
-__device__ __forceinline__ u64 rank_key(float x, u32 id) { return ((u64)order_key(x) << 32) | (u64)(~id); }
+// The logit of a key (inverse of key16).
+template <class A>
+__device__ __forceinline__ float key_value(u32 k) {
+    const u32 h = (k & 0x8000u) ? (k & 0x7fffu) : (~k & 0xffffu);
+    return A::to_f32((u16)h);
+}
 
-struct SampleShared {
-    u64 hist[256];
-    u64 prefix, above;
-    u64 top[SAMPLE_MAX_TOP];
-    u32 n_top_found;
-    float red[32];
-    u64 red64[32];
+// Fixed-point mass of a logit, w = exp((x - x_max) * inv_t) in (0, 1] times 2^40 (sampling_spec.rs `mass`).
+__device__ __forceinline__ u64 mass(float x, float x_max, float inv_t) {
+    return (u64)(expf((x - x_max) * inv_t) * 1099511627776.0f);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pass 1: the histogram of keys and the largest key. `state` = [65536 bin counts][largest key], zero on entry.
+
+// Adds one to bin `key` for every valid lane; lanes with the same key add once (most logits share a few values near
+// the bulk of the distribution and would otherwise queue on one counter). All 32 lanes must call it.
+__device__ __forceinline__ void hist_add(u32* hist, u32 key, bool valid) {
+    const u32 k = valid ? key : 0xffffffffu;
+    const unsigned group = __match_any_sync(FULL_MASK, k);
+    if (valid && (int)(threadIdx.x & 31) == __ffs(group) - 1) atomicAdd(&hist[key], (u32)__popc(group));
+}
+
+template <class A>
+__device__ void hist_impl(const u16* __restrict__ row, int V, u32* __restrict__ state) {
+    const int lane = threadIdx.x & 31;
+    // Elements before the first 16-byte boundary (the row starts at row * V * 2 bytes) and after the last whole
+    // vector are read one by one by the first warp; the rest as 8 logits per 16-byte load.
+    const int head = min(V, (int)(((16u - ((u32)(size_t)row & 15u)) & 15u) >> 1));
+    const int nvec = (V - head) >> 3;
+    const int tail = head + 8 * nvec;
+    const u16* vec = row + head;
+    u32 best = 0;
+    const int stride = gridDim.x * blockDim.x;
+    // Warp-uniform trip count, so every lane reaches the warp-wide match in hist_add.
+    for (int base = blockIdx.x * blockDim.x + threadIdx.x - lane; base < nvec; base += stride) {
+        const int v = base + lane;
+        const bool ok = v < nvec;
+        const uint4 q = ok ? ld_nc_v4(vec + 8 * v) : make_uint4(0u, 0u, 0u, 0u);
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const u32 k = key16<A>((w[j >> 1] >> (16 * (j & 1))) & 0xffffu);
+            hist_add(state, k, ok);
+            best = ok && k > best ? k : best;
+        }
+    }
+    if (blockIdx.x == 0 && threadIdx.x < 32) {  // at most 7 + 7 scalar elements
+        const int i = lane < head ? lane : tail + (lane - head);
+        const bool ok = lane < head || (i >= tail && i < V);
+        const u32 k = ok ? key16<A>(ld_nc_u16(row + i)) : 0u;
+        hist_add(state, k, ok);
+        best = k > best ? k : best;
+    }
+    best = __reduce_max_sync(FULL_MASK, best);
+    if (lane == 0 && best) atomicMax(&state[SAMPLE_BINS], best);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pass 2: one block walks the histogram and reads the row once more for the ids.
+
+// Which tokens of a bin count: all of bins above `bin`, the first `count` (by id) of `bin`, none below.
+struct Limit {
+    u32 bin, count;
 };
 
-// Fixed-point mass of a token, w = exp((x - x_max) * inv_t) in (0, 1].
-__device__ __forceinline__ u64 mass(float x, float x_max, float inv_t) {
-    return (u64)(__expf((x - x_max) * inv_t) * 1099511627776.0f);  // 2^40
+struct PickShared {
+    u64 warp64[32];
+    float red[32];
+    int found_t;
+    u64 found_above;
+    u32 res_bin;
+    u64 res_above;
+    u32 warp32a[32], warp32b[32];
+    u32 n_top_found;
+    u64 top[SAMPLE_MAX_TOP];
+    u32 token;
+};
+
+// Thread t holds bins hi(t) - 63 .. hi(t); rank order is descending bin, so thread 0 holds the best ones.
+__device__ __forceinline__ int hi_bin(int t) { return SAMPLE_BINS - 1 - SAMPLE_BINS_PER_THREAD * t; }
+
+__device__ __forceinline__ u32 kept(u32 bin, u32 c, Limit lim) {
+    return bin > lim.bin ? c : (bin == lim.bin ? min(c, lim.count) : 0u);
 }
 
-// NaN logits never win: they count as -inf (as on the CPU).
+// Weight of a bin in a cut over counts (by_mass false) or masses of the kept tokens.
 template <class A>
-__device__ __forceinline__ float logit(const u16* row, int i) {
-    const float x = A::to_f32(row[i]);
-    return x != x ? -f32_inf() : x;
+__device__ __forceinline__ u64 bin_weight(u32 bin, u32 c, bool by_mass, Limit lim, float x_max, float inv_t) {
+    if (c == 0) return 0;
+    if (!by_mass) return c;
+    const u32 n = kept(bin, c, lim);
+    return n ? (u64)n * mass(key_value<A>(bin), x_max, inv_t) : 0ull;
 }
 
-// Sum over the block of a per-thread u64 (every thread gets it).
-__device__ __forceinline__ u64 block_sum_u64(u64 v, SampleShared& sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+// This thread's total weight over its 64 bins (16 16-byte loads, four at a time in flight).
+template <class A>
+__device__ u64 thread_weight(const u32* hist, bool by_mass, Limit lim, float x_max, float inv_t) {
+    const int lo = hi_bin((int)threadIdx.x) - (SAMPLE_BINS_PER_THREAD - 1);
+    u64 total = 0;
+    for (int g = 0; g < SAMPLE_BINS_PER_THREAD; g += 16) {
+        uint4 q[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) q[j] = ld_global_v4(hist + lo + g + 4 * j);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 c[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) total += bin_weight<A>((u32)(lo + g + 4 * j + e), c[e], by_mass, lim, x_max, inv_t);
+        }
+    }
+    return total;
+}
+
+// One read of this thread's bins for everything that needs no cut: Σ count · exp(x − x_max) (temperature 1, whole
+// vocabulary, in bin order), the token count, and when `masses` the total mass at temperature 1/inv_t.
+template <class A>
+__device__ float thread_first_pass(const u32* hist, float x_max, bool masses, float inv_t, u64& count, u64& mass_all) {
+    const int lo = hi_bin((int)threadIdx.x) - (SAMPLE_BINS_PER_THREAD - 1);
+    float s = 0.f;
+    u64 n = 0, m = 0;
+    for (int g = 0; g < SAMPLE_BINS_PER_THREAD; g += 16) {
+        uint4 q[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) q[j] = ld_global_v4(hist + lo + g + 4 * j);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 c[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (c[e]) {
+                    const float x = key_value<A>((u32)(lo + g + 4 * j + e));
+                    s += (float)c[e] * expf(x - x_max);
+                    n += c[e];
+                    if (masses) m += (u64)c[e] * mass(x, x_max, inv_t);
+                }
+        }
+    }
+    count = n;
+    mass_all = m;
+    return s;
+}
+
+__device__ __forceinline__ u64 warp_incl_scan_u64(u64 v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 n = __shfl_up_sync(FULL_MASK, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
+__device__ __forceinline__ u64 block_sum_u64(u64 v, PickShared& sh) {
+    v = warp_incl_scan_u64(v);
     __syncthreads();
-    if ((threadIdx.x & 31) == 0) sh.red64[threadIdx.x >> 5] = v;
+    if ((threadIdx.x & 31) == 31) sh.warp64[threadIdx.x >> 5] = v;
     __syncthreads();
     u64 t = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += sh.red64[w];
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += sh.warp64[w];
     return t;
 }
 
-// Among tokens with rank key >= cut, the key of the token at which the running weight (rank order; weight 1 per
-// token, or its mass) first exceeds `target`, i.e. above <= target < above + weight. `target` must be below the
-// total weight of the set. Counts are aggregated per warp (lanes with the same bin add once), since most logits
-// share the top key bits and would otherwise serialise on a few shared-memory counters.
+// Bin and weight above it at which the running weight in rank order first exceeds `target`:
+// above <= target < above + weight(bin). `w` is this thread's total; `target` is clamped below the block's total
+// (which the callers guarantee already; the clamp keeps a rounding surprise from walking off the end).
 template <class A>
-__device__ u64 descend(const u16* row, int V, u64 cut, bool by_mass, float x_max, float inv_t, u64 target,
-                       SampleShared& sh) {
-    const int lane = threadIdx.x & 31;
-    u64 prefix = 0, above = 0;
-    for (int pass = 0; pass < 8; ++pass) {
-        const int shift = 56 - 8 * pass;
-        const u64 hi_mask = pass == 0 ? 0ull : (~0ull << (64 - 8 * pass));
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) sh.hist[b] = 0;
-        __syncthreads();
-        // Warp-uniform trip count, so every lane reaches the warp-wide match below.
-        for (int base = threadIdx.x - lane; base < V; base += blockDim.x) {
-            const int i = base + lane;
-            int bin = -1;
-            float x = 0.f;
-            if (i < V) {
-                x = logit<A>(row, i);
-                const u64 c = rank_key(x, (u32)i);
-                if (c >= cut && (c & hi_mask) == prefix) bin = (int)((c >> shift) & 255);
-            }
-            if (by_mass) {
-                if (bin >= 0) atomicAdd(&sh.hist[bin], mass(x, x_max, inv_t));
-            } else {
-                const unsigned group = __match_any_sync(FULL_MASK, bin);
-                if (bin >= 0 && lane == __ffs(group) - 1) atomicAdd(&sh.hist[bin], (u64)__popc(group));
-            }
+__device__ void find_bin(const u32* hist, u64 w, u64 target, bool by_mass, Limit lim, float x_max, float inv_t,
+                         PickShared& sh, u32& bin_out, u64& above_out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const u64 incl = warp_incl_scan_u64(w);
+    __syncthreads();
+    if (lane == 31) sh.warp64[warp] = incl;
+    if (threadIdx.x == 0) {
+        sh.found_t = -1;
+        sh.found_above = 0;
+    }
+    __syncthreads();
+    u64 before = 0, total = 0;
+    for (int i = 0; i < nwarps; ++i) {
+        if (i < warp) before += sh.warp64[i];
+        total += sh.warp64[i];
+    }
+    if (total == 0) total = 1;
+    if (target >= total) target = total - 1;
+    const u64 excl = before + incl - w;
+    if (w > 0 && excl <= target && target < excl + w) {
+        sh.found_t = (int)threadIdx.x;
+        sh.found_above = excl;
+    }
+    __syncthreads();
+    const int t = sh.found_t < 0 ? 0 : sh.found_t;
+    const u64 above = sh.found_above;
+    // The 64 bins of thread t, two per lane in rank order, scanned by warp 0.
+    if (warp == 0) {
+        const u32 b0 = (u32)(hi_bin(t) - 2 * lane), b1 = b0 - 1;
+        const u64 w0 = bin_weight<A>(b0, hist[b0], by_mass, lim, x_max, inv_t);
+        const u64 w1 = bin_weight<A>(b1, hist[b1], by_mass, lim, x_max, inv_t);
+        const u64 in = warp_incl_scan_u64(w0 + w1);
+        const u64 ex = above + in - w0 - w1;
+        u32 bin = 0xffffffffu;
+        u64 at = 0;
+        if (w0 > 0 && ex <= target && target < ex + w0) {
+            bin = b0;
+            at = ex;
+        } else if (w1 > 0 && ex + w0 <= target && target < ex + w0 + w1) {
+            bin = b1;
+            at = ex + w0;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int chosen = -1, last = -1;
-            for (int b = 255; b >= 0; --b) {
-                if (sh.hist[b] == 0) continue;
-                last = b;
-                if (above + sh.hist[b] > target) {
-                    chosen = b;
-                    break;
-                }
-                above += sh.hist[b];
-            }
-            if (chosen < 0) chosen = last;  // only if target was not below the total (rounding): the last token
-            sh.prefix = prefix | ((u64)(chosen < 0 ? 0 : chosen) << shift);
-            sh.above = above;
+        const unsigned hit = __ballot_sync(FULL_MASK, bin != 0xffffffffu);
+        const int src = hit ? __ffs(hit) - 1 : 0;
+        bin = __shfl_sync(FULL_MASK, bin, src);
+        at = __shfl_sync(FULL_MASK, at, src);
+        if (lane == 0) {
+            sh.res_bin = hit ? bin : (u32)hi_bin(t);
+            sh.res_above = hit ? at : above;
         }
-        __syncthreads();
-        prefix = sh.prefix;
-        above = sh.above;
-        __syncthreads();
-    }
-    return prefix;
-}
-
-// The best rank key of the row (the greedy token): one pass, a block-wide maximum.
-template <class A>
-__device__ u64 best_key(const u16* row, int V, SampleShared& sh) {
-    u64 best = 0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const u64 c = rank_key(logit<A>(row, i), (u32)i);
-        best = c > best ? c : best;
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        const u64 other = __shfl_xor_sync(FULL_MASK, best, o);
-        best = other > best ? other : best;
     }
     __syncthreads();
-    if ((threadIdx.x & 31) == 0) sh.red64[threadIdx.x >> 5] = best;
+    bin_out = sh.res_bin;
+    above_out = sh.res_above;
     __syncthreads();
-    u64 m = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = sh.red64[w] > m ? sh.red64[w] : m;
-    __syncthreads();
-    return m;
 }
 
-template <class A>
-__device__ u64 total_mass(const u16* row, int V, u64 cut, float x_max, float inv_t, SampleShared& sh) {
-    u64 t = 0;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float x = logit<A>(row, i);
-        if (rank_key(x, (u32)i) >= cut) t += mass(x, x_max, inv_t);
+// Exclusive prefix over the block (thread order) of two u32 counts.
+__device__ __forceinline__ void block_excl2(u32 a, u32 b, PickShared& sh, u32& ea, u32& eb) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 ia = a, ib = b;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 na = __shfl_up_sync(FULL_MASK, ia, o), nb = __shfl_up_sync(FULL_MASK, ib, o);
+        if (lane >= o) {
+            ia += na;
+            ib += nb;
+        }
     }
-    return block_sum_u64(t, sh);
+    __syncthreads();
+    if (lane == 31) {
+        sh.warp32a[warp] = ia;
+        sh.warp32b[warp] = ib;
+    }
+    __syncthreads();
+    u32 pa = 0, pb = 0;
+    for (int i = 0; i < warp; ++i) {
+        pa += sh.warp32a[i];
+        pb += sh.warp32b[i];
+    }
+    ea = pa + ia - a;
+    eb = pb + ib - b;
+    __syncthreads();
 }
 
-// out[0] = token (0xffffffff when the row has no finite maximum, out[1] then holds it), out[1] = logprob bits, out[2 + 2j] = j-th top token, out[3 + 2j] = its logprob bits.
+// Calls f(id, key) for every element of row[s0..s1), as whole 16-byte vectors when the row is aligned.
+template <class A, class F>
+__device__ __forceinline__ void walk_segment(const u16* __restrict__ row, int s0, int s1, bool aligned, F& f) {
+    int i = s0;
+    if (aligned)
+        for (; i + 8 <= s1; i += 8) {
+            const uint4 q = ld_nc_v4(row + i);
+            const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) f(i + j, key16<A>((w[j >> 1] >> (16 * (j & 1))) & 0xffffu));
+        }
+    for (; i < s1; ++i) f(i, key16<A>(ld_nc_u16(row + i)));
+}
+
+// First read of a segment: how many of its tokens fall in the chosen bin and in the top list's last bin (0: none).
+struct CountPass {
+    u32 chosen_bin, top_bin, n_chosen, n_topbin;
+    __device__ __forceinline__ void operator()(int, u32 k) {
+        n_chosen += k == chosen_bin;
+        n_topbin += k == top_bin;
+    }
+};
+
+// Second read, knowing the rank within its bin of the segment's first token of each: the chosen token (index
+// `chosen_j` of its bin), and the top list (every token above its last bin, and the first `top_r` of that bin).
+struct ListPass {
+    u32 chosen_bin, chosen_j, top_bin, top_r, r_chosen, r_topbin;
+    PickShared* sh;
+    __device__ __forceinline__ void operator()(int i, u32 k) {
+        if (k == chosen_bin) {
+            if (r_chosen == chosen_j) sh->token = (u32)i;
+            ++r_chosen;
+        }
+        bool in_top = top_bin != 0u && k > top_bin;
+        if (top_bin != 0u && k == top_bin) {
+            in_top = r_topbin < top_r;
+            ++r_topbin;
+        }
+        if (in_top) {
+            const u32 at = atomicAdd(&sh->n_top_found, 1u);
+            if (at < SAMPLE_MAX_TOP) sh->top[at] = ((u64)k << 32) | (u64)(~(u32)i);
+        }
+    }
+};
+
+// out[0] = token (0xffffffff when the row has no finite maximum, out[1] then holds it), out[1] = logprob bits,
+// out[2 + 2j] = j-th top token, out[3 + 2j] = its logprob bits.
 template <class A>
-__device__ void sample_impl(const u16* __restrict__ row, int V, float temperature, int top_k, float top_p, u64 seed,
-                            u64 position, int n_top, u32* __restrict__ out) {
-    __shared__ SampleShared sh;
-    // Log-sum-exp at temperature 1 (fixed reduction order).
-    float m = -f32_inf();
-    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, logit<A>(row, i));
-    const float x_max = block_max(m, sh.red);
-    if (x_max == f32_inf() || x_max == -f32_inf()) {  // no finite logit, or an infinite one: the host reports it
+__device__ void pick_impl(const u16* __restrict__ row, int V, float temperature, int top_k, float top_p, u64 seed,
+                          u64 position, int n_top, u32* __restrict__ state, u32* __restrict__ out) {
+    __shared__ PickShared sh;
+    const u32* hist = state;
+    const u32 max_key = state[SAMPLE_BINS];
+    const float x_max = key_value<A>(max_key);
+    const bool ok = !(x_max == f32_inf() || x_max == -f32_inf());  // else no finite logit, or an infinite one
+    const Limit all = {0u, 0xffffffffu};
+
+    u32 chosen_bin = max_key, chosen_j = 0, top_bin = 0, top_r = 0;
+    float lse = 0.f;
+    const int nt = min(min(n_top, SAMPLE_MAX_TOP), V);
+    if (ok) {
+        const bool sampled = temperature > 0.f, cut_k = sampled && top_k > 0 && top_k < V;
+        const float inv_t = sampled ? 1.f / temperature : 1.f;
+        u64 counts, masses;
+        lse = x_max + logf(block_sum(thread_first_pass<A>(hist, x_max, sampled && !cut_k, inv_t, counts, masses), sh.red));
+        if (sampled) {
+            Limit lim = all;
+            u32 bin;
+            u64 above;
+            if (cut_k) {
+                find_bin<A>(hist, counts, (u64)(top_k - 1), false, all, x_max, inv_t, sh, bin, above);
+                lim = {bin, (u32)((u64)top_k - above)};
+                masses = thread_weight<A>(hist, true, lim, x_max, inv_t);
+            }
+            if (top_p < 1.f) {
+                const u64 z = block_sum_u64(masses, sh);
+                const double want = ceil((double)fmaxf(top_p, 0.f) * (double)z);
+                const u64 target = want < 1.0 ? 0ull : min((u64)want - 1ull, z - 1ull);
+                find_bin<A>(hist, masses, target, true, lim, x_max, inv_t, sh, bin, above);
+                const u64 w = mass(key_value<A>(bin), x_max, inv_t);
+                lim = {bin, (u32)((target - above) / w + 1)};
+                masses = thread_weight<A>(hist, true, lim, x_max, inv_t);
+            }
+            const u64 z = block_sum_u64(masses, sh);
+            const double u = (double)uniform01(seed, position);
+            const u64 target = min((u64)floor(u * (double)z), z - 1ull);
+            find_bin<A>(hist, masses, target, true, lim, x_max, inv_t, sh, bin, above);
+            chosen_bin = bin;
+            chosen_j = (u32)((target - above) / mass(key_value<A>(bin), x_max, inv_t));
+        }
+        if (nt > 0) {
+            u64 above;
+            find_bin<A>(hist, counts, (u64)(nt - 1), false, all, x_max, 1.f, sh, top_bin, above);
+            top_r = (u32)((u64)nt - above);
+        }
+    }
+    // Every read of the histogram is done: leave it zeroed for the next row.
+    __syncthreads();
+    {
+        const int lo = hi_bin((int)threadIdx.x) - (SAMPLE_BINS_PER_THREAD - 1);
+        for (int g = 0; g < SAMPLE_BINS_PER_THREAD; g += 4)
+            *reinterpret_cast<uint4*>(state + lo + g) = make_uint4(0u, 0u, 0u, 0u);
+        if (threadIdx.x == 0) state[SAMPLE_BINS] = 0u;
+    }
+    if (!ok) {
         if (threadIdx.x == 0) {
             out[0] = 0xffffffffu;
             out[1] = __float_as_uint(x_max);
         }
         return;
     }
-    float s = 0.f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(logit<A>(row, i) - x_max);
-    const float lse = x_max + logf(block_sum(s, sh.red));
 
-    u64 chosen;
-    if (!(temperature > 0.f)) {
-        chosen = best_key<A>(row, V, sh);
-    } else {
-        const float inv_t = 1.f / temperature;
-        u64 cut = 0;
-        if (top_k > 0 && top_k < V) cut = descend<A>(row, V, 0, false, x_max, inv_t, (u64)(top_k - 1), sh);
-        if (top_p < 1.f) {
-            const u64 z = total_mass<A>(row, V, cut, x_max, inv_t, sh);
-            const double want = ceil((double)fmaxf(top_p, 0.f) * (double)z);
-            const u64 target = want < 1.0 ? 0ull : min((u64)want - 1ull, z - 1ull);
-            cut = descend<A>(row, V, cut, true, x_max, inv_t, target, sh);
-        }
-        const u64 z = total_mass<A>(row, V, cut, x_max, inv_t, sh);
-        const double u = (double)uniform01(seed, position);
-        const u64 target = min((u64)floor(u * (double)z), z - 1ull);
-        chosen = descend<A>(row, V, cut, true, x_max, inv_t, target, sh);
-    }
-    const u32 token = ~(u32)(chosen & 0xffffffffull);
+    // The ids: thread t reads a contiguous segment of the row (whole 16-byte vectors when the row is aligned),
+    // counts the tokens of the chosen bin and of the top list's last bin, and after a block-wide prefix of those
+    // counts knows the rank within the bin of each one it holds.
+    const int seg = ((V + (int)blockDim.x - 1) / (int)blockDim.x + 7) & ~7;
+    const int s0 = min(V, seg * (int)threadIdx.x), s1 = min(V, s0 + seg);
+    const bool aligned = (((size_t)row) & 15u) == 0;
+    CountPass count = {chosen_bin, nt > 0 ? top_bin : 0u, 0u, 0u};
+    walk_segment<A>(row, s0, s1, aligned, count);
+    ListPass list = {chosen_bin, chosen_j, nt > 0 ? top_bin : 0u, top_r, 0u, 0u, &sh};
+    block_excl2(count.n_chosen, count.n_topbin, sh, list.r_chosen, list.r_topbin);
     if (threadIdx.x == 0) {
-        out[0] = token;
-        out[1] = __float_as_uint(logit<A>(row, (int)token) - lse);
+        sh.n_top_found = 0;
+        sh.token = 0;
     }
-
-    const int nt = min(min(n_top, SAMPLE_MAX_TOP), V);
-    if (nt > 0) {
-        const u64 cut = nt == 1 ? best_key<A>(row, V, sh) : descend<A>(row, V, 0, false, x_max, 1.f, (u64)(nt - 1), sh);
-        if (threadIdx.x == 0) sh.n_top_found = 0;
-        __syncthreads();
-        for (int i = threadIdx.x; i < V; i += blockDim.x) {
-            const u64 c = rank_key(logit<A>(row, i), (u32)i);
-            if (c >= cut) {
-                const u32 at = atomicAdd(&sh.n_top_found, 1u);
-                if (at < SAMPLE_MAX_TOP) sh.top[at] = c;
-            }
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            const int n = min((int)sh.n_top_found, nt);
-            for (int a = 1; a < n; ++a) {  // insertion sort, descending: at most 256 entries
-                const u64 v = sh.top[a];
-                int b = a - 1;
-                while (b >= 0 && sh.top[b] < v) {
-                    sh.top[b + 1] = sh.top[b];
-                    --b;
-                }
-                sh.top[b + 1] = v;
-            }
-            for (int j = 0; j < n; ++j) {
-                const u32 id = ~(u32)(sh.top[j] & 0xffffffffull);
-                out[2 + 2 * j] = id;
-                out[3 + 2 * j] = __float_as_uint(logit<A>(row, (int)id) - lse);
-            }
-        }
+    __syncthreads();
+    walk_segment<A>(row, s0, s1, aligned, list);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        out[0] = sh.token;
+        out[1] = __float_as_uint(key_value<A>(chosen_bin) - lse);
+    }
+    // The top list in rank order: an entry's place is the number of entries ranked above it (keys are distinct).
+    const int n = min((int)sh.n_top_found, nt);
+    if ((int)threadIdx.x < n) {
+        const u64 mine = sh.top[threadIdx.x];
+        int place = 0;
+        for (int j = 0; j < n; ++j) place += sh.top[j] > mine;
+        out[2 + 2 * place] = ~(u32)(mine & 0xffffffffull);
+        out[3 + 2 * place] = __float_as_uint(key_value<A>((u32)(mine >> 32)) - lse);
     }
 }
 
 #define SAMPLE(act, A)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)                                                       \
-        sample_##act(const u16* row, int V, float temperature, int top_k, float top_p, u64 seed, u64 position,       \
-                     int n_top, u32* out) {                                                                          \
-        sample_impl<A>(row, V, temperature, top_k, top_p, seed, position, n_top, out);                               \
+    extern "C" __global__ void __launch_bounds__(SAMPLE_HIST_THREADS)                                                  \
+        sample_hist_##act(const u16* row, int V, u32* state) {                                                       \
+        hist_impl<A>(row, V, state);                                                                                 \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(SAMPLE_PICK_THREADS)                                                  \
+        sample_pick_##act(const u16* row, int V, float temperature, int top_k, float top_p, u64 seed,               \
+                          u64 position, int n_top, u32* state, u32* out) {                                           \
+        pick_impl<A>(row, V, temperature, top_k, top_p, seed, position, n_top, state, out);                          \
     }
 FOR_EACH_ACT(SAMPLE)

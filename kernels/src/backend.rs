@@ -216,6 +216,27 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn kv_store(&self, k_cache: &mut Tensor, v_cache: &mut Tensor, k: &Tensor, v: &Tensor, slots: &[u32])
     -> Result<()>;
 
+    /// [`Backend::rope`] on `q` (`n_heads`) and `k` (`n_kv_heads`), then [`Backend::kv_store`] of `k` and `v`: the
+    /// three ops of a block between the K/V projections and attention. The CUDA backend runs them as one kernel
+    /// (docs/CUDA.md, "Fusion"); every backend's result is that of the three ops in that order.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_store(
+        &self,
+        q: &mut Tensor,
+        k: &mut Tensor,
+        v: &Tensor,
+        positions: &[u32],
+        heads: (usize, usize),
+        inv_freq: &Tensor,
+        cfg: &RopeConfig,
+        caches: (&mut Tensor, &mut Tensor),
+        slots: &[u32],
+    ) -> Result<()> {
+        self.rope(q, positions, heads.0, inv_freq, cfg)?;
+        self.rope(k, positions, heads.1, inv_freq, cfg)?;
+        self.kv_store(caches.0, caches.1, k, v, slots)
+    }
+
     /// Causal grouped-query attention of `q: [rows, n_heads * head_dim]` over the paged KV cache, for one or many
     /// sequences at once; `out` has the shape of `q`. The current rows' keys/values must already be stored.
     fn attention(
@@ -237,4 +258,24 @@ pub trait Backend: Send + Sync + fmt::Debug {
         position: u64,
         n_top: usize,
     ) -> Result<Sampled>;
+
+    /// Runs one decode step as the CUDA graph of `key` (its batch-size bucket and layer span) where the backend has
+    /// graphs, eagerly otherwise (kernels/src/step_graph.rs has the policy). `step` drives this backend through the
+    /// trait; it may run twice for one step (a replay that no longer matches, then a capture), so it must reset
+    /// any host state it changes first. Tensors allocated inside it belong to the graph: read them before the next
+    /// step of the same key.
+    fn graph_step(
+        &self,
+        key: Option<crate::step_graph::GraphKey>,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<crate::step_graph::StepRun> {
+        let _ = key;
+        step()?;
+        Ok(crate::step_graph::StepRun::Eager)
+    }
+
+    /// Whether [`Backend::graph_step`] replays graphs (so padding a decode batch to its bucket pays off).
+    fn has_graphs(&self) -> bool {
+        false
+    }
 }

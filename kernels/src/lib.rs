@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod error;
 pub mod quant;
 pub mod rng;
+pub mod step_graph;
 pub mod superblock;
 pub mod tensor;
 

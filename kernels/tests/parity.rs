@@ -150,6 +150,44 @@ fn rope(d: &Device) {
     }
 }
 
+/// The fused rope(q) + rope(k) + kv_store (one kernel on CUDA) against the three ops on the CPU: q and k rotated in
+/// place, the rotated k and the v rows in their slots, every other slot untouched; GQA (3 query heads, 1 KV head),
+/// both pair styles, a partial rotary dimension (the rest of each key head copied as it is).
+fn rope_kv_store(d: &Device) {
+    let mut rng = Rng::new(13);
+    let (t, heads, kv_heads, head_dim, n_slots) = (5, 3, 1, 64, 40);
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        for rotary_dim in [64, 32] {
+            let cfg = RopeConfig { head_dim, rotary_dim, theta: 10_000.0, style, llama3: None, linear_factor: 1.0 };
+            let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+            let q = d.exact(&rng.vec(t * qw, 1.0));
+            let k = d.exact(&rng.vec(t * kw, 1.0));
+            let v = d.exact(&rng.vec(t * kw, 1.0));
+            let k_init = d.exact(&rng.vec(n_slots * kw, 1.0));
+            let v_init = d.exact(&rng.vec(n_slots * kw, 1.0));
+            let positions: Vec<u32> = (0..t).map(|_| rng.below(5000) as u32).collect();
+            let slots = rng.distinct(t, n_slots);
+            let (got, want) = both(d, |b| {
+                let table = b.rope_table(&cfg.inv_freq()).expect("rope table");
+                let (mut qt, mut kt, vt) = (act(b, &[t, qw], &q), act(b, &[t, kw], &k), act(b, &[t, kw], &v));
+                let (mut kc, mut vc) = (act(b, &[n_slots, kw], &k_init), act(b, &[n_slots, kw], &v_init));
+                let caches = (&mut kc, &mut vc);
+                b.rope_kv_store(&mut qt, &mut kt, &vt, &positions, (heads, kv_heads), &table, &cfg, caches, &slots)
+                    .expect("rope_kv_store");
+                [download(b, &qt), download(b, &kt), download(b, &kc), download(b, &vc)]
+            });
+            for (name, (g, w)) in ["q", "k", "k_cache", "v_cache"].iter().zip(got.iter().zip(&want)) {
+                assert_close(
+                    &format!("{}: rope_kv_store {name} {style:?} rotary {rotary_dim}", d.label),
+                    g,
+                    w,
+                    d.tol(),
+                );
+            }
+        }
+    }
+}
+
 fn swiglu_and_add(d: &Device) {
     let mut rng = Rng::new(6);
     for shape in [[3usize, 347], [8, 16], [1, 5]] {
@@ -295,42 +333,50 @@ fn attention_prefill(d: &Device) {
 
 fn sample(d: &Device) {
     let mut rng = Rng::new(11);
-    let vocab = 1003;
     let params = [
         SamplingParams::GREEDY,
         SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 },
         SamplingParams { temperature: 0.7, top_k: 40, top_p: 1.0, seed: 4 },
         SamplingParams { temperature: 0.9, top_k: 0, top_p: 0.9, seed: 5 },
         SamplingParams { temperature: 1.3, top_k: 7, top_p: 0.5, seed: 6 },
+        SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.0, seed: 7 },
     ];
-    for coarse in [false, true] {
-        let mut logits = rng.vec(2 * vocab, 6.0);
-        if coarse {
-            // Many exact ties: ranks break them by the lower token id.
-            logits.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0 + 0.25);
-        }
-        let logits = d.exact(&logits);
-        for p in &params {
-            for position in [0u64, 9, 1 << 33] {
-                let (got, want) = both(d, |b| {
-                    let l = act(b, &[2, vocab], &logits);
-                    b.sample(&l, 1, p, position, 5).expect("sample")
-                });
-                let what = format!("{}: sample {p:?} at {position}, coarse {coarse}", d.label);
-                assert_eq!(got.token, want.token, "{what}: token");
-                assert_eq!(
-                    got.top.iter().map(|t| t.0).collect::<Vec<_>>(),
-                    want.top.iter().map(|t| t.0).collect::<Vec<_>>(),
-                    "{what}: top ids"
-                );
-                assert!(
-                    (got.logprob - want.logprob).abs() <= 1e-3,
-                    "{what}: logprob {} vs {}",
-                    got.logprob,
-                    want.logprob
-                );
-                for (g, w) in got.top.iter().zip(&want.top) {
-                    assert!((g.1 - w.1).abs() <= 1e-3, "{what}: top logprob {} vs {}", g.1, w.1);
+    // 1003: row 1 starts 2006 bytes in, so the kernels' unaligned (scalar) path; 128,256: Llama 3's vocabulary.
+    for vocab in [1003usize, 128_256] {
+        for (coarse, nan) in [(false, false), (true, false), (true, true)] {
+            let mut logits = rng.vec(2 * vocab, 6.0);
+            if coarse {
+                // Many exact ties: ranks break them by the lower token id.
+                logits.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0 + 0.25);
+            }
+            if nan {
+                // NaN counts as -inf on both backends (never drawn, ranked last).
+                logits.iter_mut().step_by(7).for_each(|v| *v = f32::NAN);
+            }
+            let logits = d.exact(&logits);
+            for p in &params {
+                for (position, n_top) in [(0u64, 5usize), (9, 0), (1 << 33, 256)] {
+                    let (got, want) = both(d, |b| {
+                        let l = act(b, &[2, vocab], &logits);
+                        b.sample(&l, 1, p, position, n_top).expect("sample")
+                    });
+                    let what = format!("{}: vocab {vocab}, sample {p:?} at {position}, coarse {coarse}", d.label);
+                    assert_eq!(got.token, want.token, "{what}: token");
+                    assert_eq!(
+                        got.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                        want.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                        "{what}: top ids"
+                    );
+                    assert!(
+                        (got.logprob - want.logprob).abs() <= 1e-3,
+                        "{what}: logprob {} vs {}",
+                        got.logprob,
+                        want.logprob
+                    );
+                    for (g, w) in got.top.iter().zip(&want.top) {
+                        let same = (g.1 - w.1).abs() <= 1e-3 || (g.1 == w.1);
+                        assert!(same, "{what}: top logprob {} vs {}", g.1, w.1);
+                    }
                 }
             }
         }
@@ -360,6 +406,7 @@ device_tests!(
     add_rms_norm,
     matmul,
     rope,
+    rope_kv_store,
     swiglu_and_add,
     add_bias,
     copy_rows,

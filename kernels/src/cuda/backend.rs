@@ -87,6 +87,8 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     pub(crate) exec: Mutex<Exec>,
+    /// Decode-step graphs per batch-size bucket (`Backend::graph_step`, kernels/src/step_graph.rs).
+    pub(crate) step_graphs: Mutex<crate::step_graph::StepGraphs<super::graph::DecodeGraph>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -153,6 +155,7 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             exec: Mutex::new(Exec { ring, scratch: None, mode: Mode::Eager, sample_io: None, step_thread: None }),
+            step_graphs: Mutex::new(crate::step_graph::StepGraphs::new()),
         }))
     }
 
@@ -229,17 +232,28 @@ impl CudaBackend {
         Ok(f)
     }
 
-    /// Locks the per-backend state, refusing ops from a second thread while a step is captured or replayed.
+    /// Locks the per-backend state. While another thread captures or replays a step (the node's decode steps are
+    /// graphs, `Backend::graph_step`), an op of this thread waits for that step to end: enqueued during a capture it
+    /// would become part of the other thread's graph. Waits at most `STEP_WAIT` before failing.
     pub(crate) fn exec(&self) -> Result<MutexGuard<'_, Exec>> {
-        let guard = self.exec.lock();
-        if let Some(owner) = guard.step_thread
-            && owner != std::thread::current().id()
-        {
-            return Err(KernelError::Cuda(
-                "another thread is capturing or replaying a CUDA graph step on this device".into(),
-            ));
+        const STEP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+        let started = std::time::Instant::now();
+        loop {
+            let guard = self.exec.lock();
+            match guard.step_thread {
+                Some(owner) if owner != std::thread::current().id() => {
+                    drop(guard);
+                    if started.elapsed() > STEP_WAIT {
+                        return Err(KernelError::Cuda(
+                            "another thread has been capturing or replaying a CUDA graph step on this device for 5 s"
+                                .into(),
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+                _ => return Ok(guard),
+            }
         }
-        Ok(guard)
     }
 
     /// Copies small host data to the device in stream order and returns its device address (see `staging.rs`).

@@ -25,6 +25,7 @@ use super::stage_plan::{GRAPH_STAGING_BYTES, StagePlan};
 use super::staging::StageArea;
 use super::storage::{RawDeviceBuf, cuda_err};
 use crate::error::{KernelError, Result};
+use crate::step_graph::GraphRunner;
 
 pub(crate) enum Mode {
     Eager,
@@ -169,6 +170,15 @@ impl CudaBackend {
         graph: &mut DecodeGraph,
         step: impl FnOnce() -> std::result::Result<R, E>,
     ) -> std::result::Result<R, E> {
+        self.try_replay_step(graph, step)?.ok_or_else(|| diverged().into())
+    }
+
+    /// As [`CudaBackend::replay_step`], but a step that differs from the capture gives `Ok(None)` (nothing ran).
+    pub fn try_replay_step<R, E: From<KernelError>>(
+        &self,
+        graph: &mut DecodeGraph,
+        step: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<Option<R>, E> {
         // The previous launch must have consumed the staging area before it is rewritten.
         graph.done.synchronize().map_err(cuda_err)?;
         if let Some(rec) = graph.rec.as_mut() {
@@ -179,12 +189,31 @@ impl CudaBackend {
         let rec = self.leave().ok_or_else(|| KernelError::Cuda("replay state lost".into()))?;
         let same = rec.signature == graph.signature && rec.next == rec.bufs.len();
         graph.rec = Some(rec);
-        let out = out?;
+        let out = match out {
+            Ok(o) => o,
+            // An op that refused to replay (a buffer of another size, a staging placement it cannot reuse) is a
+            // step that differs from the capture, not a failure of the step.
+            Err(_) if !same => return Ok(None),
+            Err(e) => return Err(e),
+        };
         if !same {
-            return Err(diverged().into());
+            return Ok(None);
         }
         graph.exec.launch().map_err(cuda_err)?;
         graph.done.record(&self.stream).map_err(cuda_err)?;
-        Ok(out)
+        Ok(Some(out))
+    }
+}
+
+/// Graphs per batch-size bucket (kernels/src/step_graph.rs) on this backend's capture and replay.
+impl GraphRunner for CudaBackend {
+    type Graph = DecodeGraph;
+
+    fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<DecodeGraph> {
+        self.capture_step(step).map(|((), g)| g)
+    }
+
+    fn replay(&self, graph: &mut DecodeGraph, step: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        Ok(self.try_replay_step(graph, step)?.is_some())
     }
 }

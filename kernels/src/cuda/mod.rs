@@ -19,6 +19,8 @@ pub mod repack;
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
+mod fused;
+#[cfg(feature = "cuda")]
 mod graph;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;

@@ -96,8 +96,16 @@ pub fn attn_combine(act: DType) -> String {
 pub fn attn_prefill(act: DType, head_dim: usize) -> String {
     format!("attn_prefill_{act}_d{head_dim}")
 }
-pub fn sample(act: DType) -> String {
-    format!("sample_{act}")
+/// RoPE on q and k plus the KV-cache store, fused (kernels/cuda/rope.cu).
+pub fn rope_kv_store(act: DType) -> String {
+    format!("rope_kv_store_{act}")
+}
+/// The sampler's two passes (kernels/cuda/sampling.cu): the grid-wide histogram of the row, then the one-block pick.
+pub fn sample_hist(act: DType) -> String {
+    format!("sample_hist_{act}")
+}
+pub fn sample_pick(act: DType) -> String {
+    format!("sample_pick_{act}")
 }
 
 /// Every (module, entry point) the host may launch.
@@ -120,12 +128,14 @@ pub fn all() -> Vec<(&'static str, String)> {
         }
         v.push(("gemv", gemv_reduce(act)));
         v.push(("rope", rope(act)));
+        v.push(("rope", rope_kv_store(act)));
         v.push(("elementwise", swiglu(act)));
         v.push(("elementwise", add(act)));
         v.push(("attention", attn_decode(act)));
         v.push(("attention", attn_combine(act)));
         v.extend(PREFILL_HEAD_DIMS.iter().map(|&d| ("attention", attn_prefill(act, d))));
-        v.push(("sampling", sample(act)));
+        v.push(("sampling", sample_hist(act)));
+        v.push(("sampling", sample_pick(act)));
     }
     v
 }

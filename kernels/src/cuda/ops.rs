@@ -710,6 +710,33 @@ impl Backend for CudaBackend {
     ) -> Result<Sampled> {
         super::sampling::sample(self, logits, row, params, position, n_top)
     }
+
+    fn rope_kv_store(
+        &self,
+        q: &mut Tensor,
+        k: &mut Tensor,
+        v: &Tensor,
+        positions: &[u32],
+        heads: (usize, usize),
+        inv_freq: &Tensor,
+        cfg: &RopeConfig,
+        caches: (&mut Tensor, &mut Tensor),
+        slots: &[u32],
+    ) -> Result<()> {
+        super::fused::rope_kv_store(self, q, k, v, positions, heads, inv_freq, cfg, caches, slots)
+    }
+
+    fn graph_step(
+        &self,
+        key: Option<crate::step_graph::GraphKey>,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<crate::step_graph::StepRun> {
+        self.step_graphs.lock().run(self, key, step)
+    }
+
+    fn has_graphs(&self) -> bool {
+        true
+    }
 }
 
 fn check_norm(x: &Tensor, weight: &Tensor, out: &Tensor) -> Result<()> {

@@ -1,5 +1,6 @@
-//! Host side of device sampling (kernels/cuda/sampling.cu): one launch per drawn token; only the token, its
-//! log-probability and the top list come back (through a small page-locked buffer).
+//! Host side of device sampling (kernels/cuda/sampling.cu): two launches per drawn token (a grid-wide histogram of
+//! the row's 16-bit logits, then one block that picks from it); only the token, its log-probability and the top list
+//! come back (through a small page-locked buffer).
 
 use super::backend::{Arg, CudaBackend, cuda_storage, i32_arg};
 use super::staging::PinnedBuf;
@@ -11,13 +12,30 @@ use crate::tensor::Tensor;
 /// Most top log-probabilities one draw can return (`SAMPLE_MAX_TOP` in sampling.cu).
 pub const MAX_TOP: usize = 256;
 
-/// Device result buffer and its page-locked host mirror: `[token, logprob, (id, logprob) x MAX_TOP]` as u32 words.
+/// Device result buffer and its page-locked host mirror: `[token, logprob, (id, logprob) x MAX_TOP]` as u32 words;
+/// and the histogram the two kernels share (zeroed once here; the pick kernel leaves it zeroed after each row).
 pub(crate) struct SampleIo {
     dev: RawDeviceBuf,
     host: PinnedBuf,
+    state: RawDeviceBuf,
 }
 
 const IO_BYTES: usize = (2 + 2 * MAX_TOP) * 4;
+
+/// `[65536 counts, one per 16-bit logit value][largest key]` as u32 words, padded to 16 bytes (`SAMPLE_BINS`).
+const STATE_BYTES: usize = (65_536 + 4) * 4;
+
+/// Threads per block of `sample_hist_*` (`SAMPLE_HIST_THREADS`); each reads 8 logits per 16-byte load.
+const HIST_THREADS: usize = 256;
+
+/// Largest vocabulary: a bin's mass (count × 2⁴⁰) and the row's total mass must fit in u64 (sampling.cu).
+pub const MAX_VOCAB: usize = 1 << 23;
+
+/// Blocks of `sample_hist_*` for a row of `vocab` logits: one 16-byte load per thread, at most 8 blocks per SM
+/// (grid-stride beyond).
+pub(crate) fn hist_blocks(vocab: usize, multiprocessors: usize) -> u32 {
+    vocab.div_ceil(8 * HIST_THREADS).clamp(1, 8 * multiprocessors.max(1)) as u32
+}
 
 pub(crate) fn sample(
     b: &CudaBackend,
@@ -30,6 +48,9 @@ pub(crate) fn sample(
     let vocab = logits.cols();
     if row >= logits.rows() || vocab == 0 {
         return Err(shape_err("sample", format!("row {row} of logits {:?}", logits.shape())));
+    }
+    if vocab > MAX_VOCAB {
+        return Err(shape_err("sample", format!("vocabulary of {vocab} (the CUDA sampler takes up to {MAX_VOCAB})")));
     }
     if n_top > MAX_TOP {
         return Err(shape_err("sample", format!("{n_top} top log-probabilities (the CUDA sampler returns {MAX_TOP})")));
@@ -48,18 +69,37 @@ pub(crate) fn sample(
     let mut ex = b.exec()?;
     b.require_eager(&ex, "sample")?;
     if ex.sample_io.is_none() {
+        let state = RawDeviceBuf::new(&b.ctx, STATE_BYTES)?;
+        // A raw driver call: the context must be current on this thread (RawDeviceBuf::new bound it).
+        // SAFETY: `state` is a live allocation of STATE_BYTES bytes; the memset is ordered before every kernel that
+        // reads it because all of them run on this stream.
+        unsafe { cudarc::driver::result::memset_d8_async(state.ptr(), 0, STATE_BYTES, b.stream.cu_stream()) }
+            .map_err(cuda_err)?;
         ex.sample_io = Some(SampleIo {
             dev: RawDeviceBuf::new(&b.ctx, IO_BYTES)?,
             host: PinnedBuf::new(&b.ctx, IO_BYTES, false)?,
+            state,
         });
     }
-    let dev =
-        ex.sample_io.as_ref().map(|io| io.dev.ptr()).ok_or_else(|| KernelError::Cuda("sampler buffer lost".into()))?;
+    let (dev, state) = ex
+        .sample_io
+        .as_ref()
+        .map(|io| (io.dev.ptr(), io.state.ptr()))
+        .ok_or_else(|| KernelError::Cuda("sampler buffer lost".into()))?;
     let top_k = i32::try_from(params.top_k).unwrap_or(i32::MAX);
+
     b.launch(
         &mut ex,
         "sampling",
-        &super::names::sample(b.act),
+        &super::names::sample_hist(b.act),
+        (hist_blocks(vocab, b.info.multiprocessors as usize), 1, 1),
+        HIST_THREADS as u32,
+        &[Arg::Ptr(row_ptr), i32_arg("sample", vocab)?, Arg::Ptr(state)],
+    )?;
+    b.launch(
+        &mut ex,
+        "sampling",
+        &super::names::sample_pick(b.act),
         (1, 1, 1),
         1024,
         &[
@@ -71,6 +111,7 @@ pub(crate) fn sample(
             Arg::U64(params.seed),
             Arg::U64(position),
             Arg::I32(n_top as i32),
+            Arg::Ptr(state),
             Arg::Ptr(dev),
         ],
     )?;

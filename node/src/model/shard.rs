@@ -16,6 +16,8 @@ use crate::model::kv_cache::{BlockAllocator, BlockReservation, KvPool};
 use crate::model::{ModelConfig, WeightSource};
 use shardline_proto::LayerRange;
 
+mod graph_step;
+
 /// Tunables of a loaded shard.
 #[derive(Clone, Debug)]
 pub struct ShardOptions {
@@ -32,6 +34,7 @@ impl Default for ShardOptions {
 }
 
 /// What a shard consumes: token ids (first stage only) or the hidden states of the previous stage `[T, hidden]`.
+#[derive(Clone, Copy)]
 pub enum ShardInput<'a> {
     Tokens(&'a [u32]),
     Hidden(&'a Tensor),
@@ -123,6 +126,8 @@ pub struct Shard {
     kv: Mutex<KvPool>,
     allocator: Arc<Mutex<BlockAllocator>>,
     block_tokens: usize,
+    /// Padding sessions of the decode step's CUDA graphs (`graph_step.rs`).
+    steps: graph_step::DecodeSteps,
 }
 
 impl std::fmt::Debug for Shard {
@@ -253,6 +258,7 @@ impl Shard {
             kv: Mutex::new(kv),
             allocator,
             block_tokens,
+            steps: graph_step::DecodeSteps::default(),
         })
     }
 
@@ -301,6 +307,8 @@ impl Shard {
 
     /// Runs the shard on `T` new positions of a session, appending them to its KV cache. The last stage returns the
     /// logits of the last position only.
+    /// On the CUDA backend a one-token step is replayed as a graph (`forward_batch_stepped`): read its output before
+    /// the shard's next one-token step.
     pub fn forward(&self, s: &mut ShardKv, input: ShardInput<'_>) -> Result<ShardOutput> {
         self.forward_inner(s, input, self.layers, false)
     }
@@ -333,7 +341,9 @@ impl Shard {
     ) -> Result<ShardOutput> {
         let head = if all_logits { HeadRows::All } else { HeadRows::Last };
         let mut items = [BatchItem { kv: s, input, head }];
-        let mut out = self.forward_batch(&mut items, span)?;
+        // A one-token decode step runs as the backend's CUDA graph for batches of one (graph_step.rs); on the CUDA
+        // backend its outputs then live in the graph's buffers until this shard's next decode step.
+        let mut out = self.forward_batch_stepped(&mut items, span)?;
         out.pop().ok_or_else(|| ModelError::Invalid("a batch of one gave no output".into()))
     }
 
@@ -453,8 +463,12 @@ impl Shard {
         let mut qk_scratch = None;
         let mut kv = self.kv.lock();
         let (lo, hi) = (span.start - self.layers.start, span.end - self.layers.start);
-        for (blk, (k_cache, v_cache)) in self.blocks[lo..hi].iter().zip(kv.layers[lo..hi].iter_mut()) {
-            b.rms_norm(&x, &blk.attn_norm, c.rms_eps, &mut h)?;
+        let blocks = &self.blocks[lo..hi];
+        // The first block's attention norm; every later one is fused with the residual add before it (below).
+        if let Some(first) = blocks.first() {
+            b.rms_norm(&x, &first.attn_norm, c.rms_eps, &mut h)?;
+        }
+        for (i, (blk, (k_cache, v_cache))) in blocks.iter().zip(kv.layers[lo..hi].iter_mut()).enumerate() {
             blk.wq.forward(b, &h, &mut q)?;
             blk.wk.forward(b, &h, &mut k)?;
             blk.wv.forward(b, &h, &mut v)?;
@@ -467,9 +481,10 @@ impl Shard {
                     head_rms_norm(b, &mut k, k_scratch, c.n_kv_heads, k_norm, c.rms_eps)?;
                 }
             }
-            b.rope(&mut q, &positions, c.n_heads, &self.inv_freq, &c.rope)?;
-            b.rope(&mut k, &positions, c.n_kv_heads, &self.inv_freq, &c.rope)?;
-            b.kv_store(k_cache, v_cache, &k, &v, &slots)?;
+            // rope(q), rope(k), kv_store: one kernel on CUDA (docs/CUDA.md, "Fusion").
+            let heads = (c.n_heads, c.n_kv_heads);
+            let caches = (&mut *k_cache, &mut *v_cache);
+            b.rope_kv_store(&mut q, &mut k, &v, &positions, heads, &self.inv_freq, &c.rope, caches, &slots)?;
             b.attention(&q, k_cache, v_cache, &seqs, &shape, &mut att)?;
             b.matmul(&att, &blk.wo, &mut o)?;
             b.add_rms_norm(&mut x, &o, &blk.ffn_norm, c.rms_eps, &mut h)?;
@@ -477,7 +492,11 @@ impl Shard {
             b.matmul(&h, &blk.w_up, &mut up)?;
             b.swiglu(&gate, &up, &mut act)?;
             b.matmul(&act, &blk.w_down, &mut o)?;
-            b.add(&mut x, &o)?;
+            match blocks.get(i + 1) {
+                // The residual add and the next block's attention norm in one kernel (the same values).
+                Some(next) => b.add_rms_norm(&mut x, &o, &next.attn_norm, c.rms_eps, &mut h)?,
+                None => b.add(&mut x, &o)?,
+            }
         }
         drop(kv);
         drop(seqs);

@@ -132,7 +132,8 @@ impl ShardStage {
                     BatchItem { kv, input, head }
                 })
                 .collect();
-            self.shard.forward_batch(&mut batch, span)?
+            // Decode batches go through the backend's CUDA graph per batch-size bucket (model/shard/graph_step.rs).
+            self.shard.forward_batch_stepped(&mut batch, span)?
         };
         Ok(items.iter().zip(outs).map(|(i, o)| self.output(i, o)).collect())
     }
