@@ -14,9 +14,11 @@
 //
 // Prefill (flash-attention 2 on tensor cores), D = 64 or 128:
 //   attn_prefill: grid (ceil(max rows / 64), n_heads, n_seqs), block 128 = 4 warps x 16 query rows. K/V tiles of
-//                 BKV positions (64 for D = 64, 32 for D = 128) are gathered through the block table with cp.async;
-//                 S = Q K^T and O += P V run as mma.sync m16n8k16; P is rounded to the activation type for the
-//                 second product. Tiles wholly after the last query position of the block are skipped.
+//                 BKV positions (64 for D = 64, 32 for D = 128) are gathered through the block table with cp.async
+//                 into two stages: tile t + 1 is in flight while tile t is computed (the Q tile is staged in the
+//                 second stage's space before the first prefetch); S = Q K^T and O += P V run as mma.sync m16n8k16;
+//                 P is rounded to the activation type for the second product. Tiles wholly after the last query
+//                 position of the block are skipped.
 //   seq_info[4s..4s+4] = (first row, rows, position of the first row, block-table offset).
 #include "common.cuh"
 
@@ -262,10 +264,13 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
                                                   const u32* __restrict__ tables, u16* __restrict__ out, int n_heads,
                                                   int n_kv, int bt, float scale) {
     constexpr int BQ = 64, ST = D + 8, CPR = D / 8;
-    __shared__ __align__(16) u16 sQ[BQ * ST];
-    __shared__ __align__(16) u16 sK[BKV * ST];
-    __shared__ __align__(16) u16 sV[BKV * ST];
-    __shared__ u32 sslot[BKV];
+    // Two stages of (K tile, V tile); the Q tile is staged in stage 1's space, which is free until the first
+    // prefetch (issued after every warp holds its Q fragments in registers).
+    constexpr int TILE = BKV * ST, QS = BQ * ST;
+    constexpr int SMEM = 4 * TILE > 2 * TILE + QS ? 4 * TILE : 2 * TILE + QS;
+    __shared__ __align__(16) u16 smem[SMEM];
+    __shared__ u32 sslot[2][BKV];
+    u16* const sQ = smem + 2 * TILE;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     const int s = blockIdx.z, h = blockIdx.y;
     const int row_start = (int)seq_info[4 * s], n_rows = (int)seq_info[4 * s + 1];
@@ -274,6 +279,21 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
     if (q0 >= n_rows) return;
     const int kvh = h / (n_heads / n_kv);
     const long qw = (long)n_heads * D, kvw = (long)n_kv * D;
+    const int kv_end = pos0 + min(q0 + BQ, n_rows);  // one past the last visible key of this block
+    // Slot of key p (0 past the visible keys: such rows are zero-filled and masked).
+    auto slot_of = [&](int p) -> u32 { return p < kv_end ? tables[toff + p / bt] * (u32)bt + (u32)(p % bt) : 0u; };
+    // cp.async of the K and V rows of the tile starting at key j0 into stage `st`, from the slots in sslot[st].
+    auto issue_tile = [&](int j0, int st) {
+        u16* sK = smem + st * 2 * TILE;
+        u16* sV = sK + TILE;
+        for (int id = tid; id < BKV * CPR; id += ATT_THREADS) {
+            const int rr = id / CPR, cc = id % CPR;
+            const bool ok = j0 + rr < kv_end;
+            const long off = ok ? (long)sslot[st][rr] * kvw + (long)kvh * D + cc * 8 : 0;
+            cp_async16(smem_addr(&sK[rr * ST + cc * 8]), kc + off, ok);
+            cp_async16(smem_addr(&sV[rr * ST + cc * 8]), vc + off, ok);
+        }
+    };
 
     for (int id = tid; id < BQ * CPR; id += ATT_THREADS) {
         const int rr = id / CPR, cc = id % CPR;
@@ -281,6 +301,12 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
         const u16* src = q + (ok ? (long)(row_start + q0 + rr) * qw + (long)h * D + cc * 8 : 0);
         cp_async16(smem_addr(&sQ[rr * ST + cc * 8]), src, ok);
     }
+    if (tid < BKV) {
+        sslot[0][tid] = slot_of(tid);
+        sslot[1][tid] = slot_of(BKV + tid);
+    }
+    __syncthreads();
+    issue_tile(0, 0);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -290,31 +316,26 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
         const int row = warp * 16 + (lane & 15), col = ks * 16 + (lane >> 4) * 8;
         ldmatrix_x4(smem_addr(&sQ[row * ST + col]), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
     }
+    __syncthreads();  // every warp holds its Q fragments: stage 1 may be overwritten
 
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mrow[2] = {-f32_inf(), -f32_inf()}, lrow[2] = {0.f, 0.f};
-    const int kv_end = pos0 + min(q0 + BQ, n_rows);  // one past the last visible key of this block
-    const int qpos0 = pos0 + q0 + warp * 16 + g;     // position of row g; row g + 8 is 8 further
-    const float sl2 = scale * 1.4426950408889634f;   // scores in log2 units, so exp2 can be used
+    const int qpos0 = pos0 + q0 + warp * 16 + g;    // position of row g; row g + 8 is 8 further
+    const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units, so exp2 can be used
 
-    for (int j0 = 0; j0 < kv_end; j0 += BKV) {
-        if (tid < BKV) {
-            const int p = j0 + tid;
-            sslot[tid] = p < kv_end ? tables[toff + p / bt] * (u32)bt + (u32)(p % bt) : 0u;
-        }
+    // Tile t is computed from stage t % 2 while tile t + 1 is copied into the other stage. Iteration t: issue tile
+    // t + 1 (its slots were written in iteration t - 1), wait for tile t, compute it, then write the slots of tile
+    // t + 2 into sslot[t % 2] (read from the table during the compute) for the next iteration's issue.
+    for (int j0 = 0, st = 0; j0 < kv_end; j0 += BKV, st ^= 1) {
+        if (j0 + BKV < kv_end) issue_tile(j0 + BKV, st ^ 1);
+        cp_async_commit();  // possibly empty, so that "all but the newest group" is always tile t
+        cp_async_wait<1>();
         __syncthreads();
-        for (int id = tid; id < BKV * CPR; id += ATT_THREADS) {
-            const int rr = id / CPR, cc = id % CPR;
-            const bool ok = j0 + rr < kv_end;
-            const long off = ok ? (long)sslot[rr] * kvw + (long)kvh * D + cc * 8 : 0;
-            cp_async16(smem_addr(&sK[rr * ST + cc * 8]), kc + off, ok);
-            cp_async16(smem_addr(&sV[rr * ST + cc * 8]), vc + off, ok);
-        }
-        cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
+        const u32 next_slot = tid < BKV ? slot_of(j0 + 2 * BKV + tid) : 0u;
+        const u16* sK = smem + st * 2 * TILE;
+        const u16* sV = sK + TILE;
 
         float sacc[BKV / 8][4];
 #pragma unroll
@@ -385,7 +406,8 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
                 mma_16816<A>(o[2 * dj + 1], pa, b + 2);
             }
         }
-        __syncthreads();  // the next tile overwrites sK, sV and sslot
+        if (tid < BKV) sslot[st][tid] = next_slot;  // stage st's slots were read when tile t was issued
+        __syncthreads();  // stage st is free for tile t + 2, and its slots are visible
     }
 
 #pragma unroll
