@@ -6,16 +6,19 @@
 //   attn_decode:  grid (n_splits, n_kv_heads * ceil(G / 8), rows), block 128. A block takes one query row, one KV
 //                 head, up to 8 of its query heads and one split of 64 key positions; it writes the split's
 //                 unnormalised output, max and sum (f32) to a workspace. Splits past the row's context return.
-//   attn_combine: grid (n_heads, rows), block 128. Merges the splits of one (row, head) into the output.
+//   attn_combine: grid (n_heads, rows, ceil(D / 32)), block 128. Merges the splits of one (row, head) into 32
+//                 dimensions of the output, 16 splits at a time in parallel, in a fixed order.
 //   row_info[2r] = number of visible keys (position + 1), row_info[2r + 1] = offset of the row's block table in
 //   `tables`. Because splits beyond the context simply return, a launch sized for a maximum context serves every
 //   shorter one, which keeps the decode step replayable as a CUDA graph.
 //
 // Prefill (flash-attention 2 on tensor cores), D = 64 or 128:
 //   attn_prefill: grid (ceil(max rows / 64), n_heads, n_seqs), block 128 = 4 warps x 16 query rows. K/V tiles of
-//                 BKV positions (64 for D = 64, 32 for D = 128) are gathered through the block table with cp.async;
-//                 S = Q K^T and O += P V run as mma.sync m16n8k16; P is rounded to the activation type for the
-//                 second product. Tiles wholly after the last query position of the block are skipped.
+//                 BKV positions (64 for D = 64, 32 for D = 128) are gathered through the block table with cp.async
+//                 into two stages: tile t + 1 is in flight while tile t is computed (the Q tile is staged in the
+//                 second stage's space before the first prefetch); S = Q K^T and O += P V run as mma.sync m16n8k16;
+//                 P is rounded to the activation type for the second product. Tiles wholly after the last query
+//                 position of the block are skipped.
 //   seq_info[4s..4s+4] = (first row, rows, position of the first row, block-table offset).
 #include "common.cuh"
 
@@ -23,6 +26,11 @@
 #define ATT_THREADS 128
 #define ATT_GB 8
 #define ATT_DMAX 256
+#define ATT_U 8  // K (then V) rows a decode thread loads back to back before it uses them
+#define ATT_CMB_COLS 8     // combine: float4 columns per block (32 dimensions)
+#define ATT_CMB_ROWS 16    // combine: split rows per block, ATT_THREADS / ATT_CMB_COLS
+#define ATT_CMB_TILE 1024  // combine: splits whose weights sit in shared memory at once
+#define ATT_CMB_U 8        // combine: 16-byte loads a thread issues before it adds them
 
 template <class A>
 __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, const u16* __restrict__ kc,
@@ -57,31 +65,65 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
     }
     __syncthreads();
 
-    // Scores: TPK threads per key (power of two covering D / 8 chunks of 8), KPP keys per pass.
+    // Scores: TPK threads per key (power of two covering D / 8 chunks of 8), KPP keys per pass. A thread issues the
+    // K loads of ATT_U passes back to back (ordered asm, so the compiler cannot sink each next to its use) and only
+    // then computes, so one DRAM round trip serves up to ATT_U * KPP keys (all 64 of a split when D <= 128). Lanes
+    // past the last chunk (sub >= chunks, when D / 8 is not a power of two) load chunk 0 and contribute 0; keys past
+    // the split's end in the last pass load the last key and are not stored. The arithmetic per score (8 fused
+    // multiply-adds in order, then the xor tree over the TPK lanes) is the same as one key per pass.
     const int chunks = D / 8;
     int tpk = 1;
     while (tpk < chunks) tpk <<= 1;
     const int kpp = ATT_THREADS / tpk, sub = tid % tpk, kq = tid / tpk;
-    for (int j0 = 0; j0 < nk; j0 += kpp) {
-        const int j = j0 + kq;
-        const bool valid = j < nk && sub < chunks;
-        float kf[8];
-        if (valid) {
-            unpack8<A>(ld_nc_v4(kc + (long)sslot[j] * kvw + (long)kvh * D + sub * 8), kf);
-        } else {
+    const bool sub_ok = sub < chunks;
+    const int csub = sub_ok ? sub : 0;
+    const u16* kbase = kc + (long)kvh * D + csub * 8;
+    float qr[ATT_GB][8];  // this lane's 8 query values of each head, read once from shared memory
 #pragma unroll
-            for (int i = 0; i < 8; ++i) kf[i] = 0.f;
+    for (int g = 0; g < ATT_GB; ++g)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qr[g][i] = g < gb ? sq[g * D + csub * 8 + i] : 0.f;
+    for (int j0 = 0; j0 < nk; j0 += ATT_U * kpp) {
+        uint4 kr[ATT_U];
+#pragma unroll
+        for (int u = 0; u < ATT_U; ++u) {
+            if (j0 + u * kpp < nk) {  // the same for the whole block
+                const int j = min(j0 + u * kpp + kq, nk - 1);
+                kr[u] = ld_stream_v4_ordered(kbase + (long)sslot[j] * kvw);
+            }
         }
 #pragma unroll
-        for (int g = 0; g < ATT_GB; ++g) {
-            if (g >= gb) break;
-            float dot = 0.f;
-            if (valid) {
+        for (int u = 0; u < ATT_U; ++u) {
+            if (j0 + u * kpp >= nk) break;
+            const int j = j0 + u * kpp + kq;
+            float kf[8];
+            unpack8<A>(kr[u], kf);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) dot = fmaf(sq[g * D + sub * 8 + i], kf[i], dot);
+            for (int g = 0; g < ATT_GB; ++g) {
+                if (g >= gb) break;
+                float dot = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) dot = fmaf(qr[g][i], kf[i], dot);
+                if (!sub_ok) dot = 0.f;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1)
+                    if (o < tpk) dot += __shfl_xor_sync(FULL_MASK, dot, o);
+                if (sub == 0 && j < nk) ss[g][j] = dot * scale;
             }
-            for (int o = tpk >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL_MASK, dot, o);
-            if (sub == 0 && j < nk) ss[g][j] = dot * scale;
+        }
+    }
+
+    // Output: thread = (part, chunk of 8 dims); parts stride over the keys, then a fixed-order sum over parts. The
+    // first ATT_U V rows of a thread are loaded before the softmax's barriers, so they travel while it runs; later
+    // batches (D > 128) are loaded at the end of the previous one.
+    const int np = ATT_THREADS / chunks, c = tid % chunks, part = tid / chunks;
+    const u16* vbase = vc + (long)kvh * D + c * 8;
+    uint4 vr[ATT_U];
+    if (part < np) {
+#pragma unroll
+        for (int u = 0; u < ATT_U; ++u) {
+            const int j = part + u * np;
+            if (j < nk) vr[u] = ld_stream_v4_ordered(vbase + (long)sslot[j] * kvw);
         }
     }
     __syncthreads();
@@ -104,23 +146,31 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
     }
     __syncthreads();
 
-    // Output: thread = (part, chunk of 8 dims); parts stride over the keys, then a fixed-order sum over parts.
-    const int np = ATT_THREADS / chunks, c = tid % chunks, part = tid / chunks;
     float acc[ATT_GB][8];
 #pragma unroll
     for (int g = 0; g < ATT_GB; ++g)
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
     if (part < np) {
-        for (int j = part; j < nk; j += np) {
-            float vf[8];
-            unpack8<A>(ld_nc_v4(vc + (long)sslot[j] * kvw + (long)kvh * D + c * 8), vf);
+        for (int j0 = part; j0 < nk; j0 += ATT_U * np) {
 #pragma unroll
-            for (int g = 0; g < ATT_GB; ++g) {
-                if (g >= gb) break;
-                const float p = ss[g][j];
+            for (int u = 0; u < ATT_U; ++u) {
+                const int j = j0 + u * np;
+                if (j >= nk) break;
+                float vf[8];
+                unpack8<A>(vr[u], vf);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+                for (int g = 0; g < ATT_GB; ++g) {
+                    if (g >= gb) break;
+                    const float p = ss[g][j];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < ATT_U; ++u) {
+                const int j = j0 + (ATT_U + u) * np;
+                if (j < nk) vr[u] = ld_stream_v4_ordered(vbase + (long)sslot[j] * kvw);
             }
         }
     }
@@ -143,24 +193,68 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
     }
 }
 
+// Combine: a block merges the splits of one (row, head) for 32 of its dimensions (grid z = ceil(D / 32)): thread =
+// (split row 0..15, float4 column 0..7). The weights e^(m_s - M) of up to ATT_CMB_TILE splits are computed once into
+// shared memory; each thread then walks splits srow, srow + 16, ... issuing ATT_CMB_U 16-byte loads before it adds
+// them, and the 16 split rows are summed in a fixed order at the end, so the result is the same on every run.
 template <class A>
 __device__ __forceinline__ void attn_combine_impl(const float* __restrict__ part_o, const float* __restrict__ part_ml,
                                                   const u32* __restrict__ row_info, u16* __restrict__ out,
                                                   int n_heads, int D, int n_splits) {
-    const int h = blockIdx.x, r = blockIdx.y;
+    __shared__ float sw[ATT_CMB_TILE];
+    __shared__ float red[ATT_CMB_ROWS][ATT_CMB_COLS * 4];
+    __shared__ float scratch[32];
+    const int h = blockIdx.x, r = blockIdx.y, d0 = blockIdx.z * ATT_CMB_COLS * 4;
     const int n_ctx = (int)row_info[2 * r];
-    if (n_ctx == 0) return;  // a row of no sequence: left as it is
+    if (n_ctx == 0 || d0 >= D) return;  // a row of no sequence: left as it is
+    const int tid = threadIdx.x, col = tid % ATT_CMB_COLS, srow = tid / ATT_CMB_COLS;
     const int ns = (n_ctx + ATT_SPLIT - 1) / ATT_SPLIT;
     const long base = ((long)r * n_heads + h) * n_splits;
     float m = -f32_inf();
-    for (int s = 0; s < ns; ++s) m = fmaxf(m, part_ml[(base + s) * 2]);
-    float den = 0.f;
-    for (int s = 0; s < ns; ++s) den += __expf(part_ml[(base + s) * 2] - m) * part_ml[(base + s) * 2 + 1];
-    const float inv = 1.f / den;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int s = tid; s < ns; s += ATT_THREADS) m = fmaxf(m, part_ml[(base + s) * 2]);
+    m = block_max(m, scratch);
+    const int dc = d0 + col * 4;  // D % 8 == 0, so a column is wholly inside D or wholly outside
+    const float* po = part_o + base * D + dc;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;
+    for (int t0 = 0; t0 < ns; t0 += ATT_CMB_TILE) {
+        const int tn = min(ATT_CMB_TILE, ns - t0);
+        __syncthreads();  // the previous tile's weights are used up
+        for (int i = tid; i < tn; i += ATT_THREADS) {
+            const float w = __expf(part_ml[(base + t0 + i) * 2] - m);
+            sw[i] = w;
+            den += w * part_ml[(base + t0 + i) * 2 + 1];
+        }
+        __syncthreads();
+        if (dc < D) {
+            for (int i0 = srow; i0 < tn; i0 += ATT_CMB_U * ATT_CMB_ROWS) {
+                uint4 v[ATT_CMB_U];
+#pragma unroll
+                for (int u = 0; u < ATT_CMB_U; ++u) {
+                    const int i = i0 + u * ATT_CMB_ROWS;
+                    if (i < tn) v[u] = ld_stream_v4_ordered(po + (long)(t0 + i) * D);
+                }
+#pragma unroll
+                for (int u = 0; u < ATT_CMB_U; ++u) {
+                    const int i = i0 + u * ATT_CMB_ROWS;
+                    if (i >= tn) break;
+                    const float w = sw[i];
+                    acc[0] = fmaf(w, __uint_as_float(v[u].x), acc[0]);
+                    acc[1] = fmaf(w, __uint_as_float(v[u].y), acc[1]);
+                    acc[2] = fmaf(w, __uint_as_float(v[u].z), acc[2]);
+                    acc[3] = fmaf(w, __uint_as_float(v[u].w), acc[3]);
+                }
+            }
+        }
+    }
+    den = block_sum(den, scratch);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) red[srow][col * 4 + k] = acc[k];
+    __syncthreads();
+    const int d = d0 + tid;
+    if (tid < ATT_CMB_COLS * 4 && d < D) {
         float num = 0.f;
-        for (int s = 0; s < ns; ++s) num += __expf(part_ml[(base + s) * 2] - m) * part_o[(base + s) * D + d];
-        out[((long)r * n_heads + h) * D + d] = A::from_f32(num * inv);
+        for (int rr = 0; rr < ATT_CMB_ROWS; ++rr) num += red[rr][tid];
+        out[((long)r * n_heads + h) * D + d] = A::from_f32(num * (1.f / den));
     }
 }
 
@@ -170,10 +264,13 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
                                                   const u32* __restrict__ tables, u16* __restrict__ out, int n_heads,
                                                   int n_kv, int bt, float scale) {
     constexpr int BQ = 64, ST = D + 8, CPR = D / 8;
-    __shared__ __align__(16) u16 sQ[BQ * ST];
-    __shared__ __align__(16) u16 sK[BKV * ST];
-    __shared__ __align__(16) u16 sV[BKV * ST];
-    __shared__ u32 sslot[BKV];
+    // Two stages of (K tile, V tile); the Q tile is staged in stage 1's space, which is free until the first
+    // prefetch (issued after every warp holds its Q fragments in registers).
+    constexpr int TILE = BKV * ST, QS = BQ * ST;
+    constexpr int SMEM = 4 * TILE > 2 * TILE + QS ? 4 * TILE : 2 * TILE + QS;
+    __shared__ __align__(16) u16 smem[SMEM];
+    __shared__ u32 sslot[2][BKV];
+    u16* const sQ = smem + 2 * TILE;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     const int s = blockIdx.z, h = blockIdx.y;
     const int row_start = (int)seq_info[4 * s], n_rows = (int)seq_info[4 * s + 1];
@@ -182,6 +279,21 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
     if (q0 >= n_rows) return;
     const int kvh = h / (n_heads / n_kv);
     const long qw = (long)n_heads * D, kvw = (long)n_kv * D;
+    const int kv_end = pos0 + min(q0 + BQ, n_rows);  // one past the last visible key of this block
+    // Slot of key p (0 past the visible keys: such rows are zero-filled and masked).
+    auto slot_of = [&](int p) -> u32 { return p < kv_end ? tables[toff + p / bt] * (u32)bt + (u32)(p % bt) : 0u; };
+    // cp.async of the K and V rows of the tile starting at key j0 into stage `st`, from the slots in sslot[st].
+    auto issue_tile = [&](int j0, int st) {
+        u16* sK = smem + st * 2 * TILE;
+        u16* sV = sK + TILE;
+        for (int id = tid; id < BKV * CPR; id += ATT_THREADS) {
+            const int rr = id / CPR, cc = id % CPR;
+            const bool ok = j0 + rr < kv_end;
+            const long off = ok ? (long)sslot[st][rr] * kvw + (long)kvh * D + cc * 8 : 0;
+            cp_async16(smem_addr(&sK[rr * ST + cc * 8]), kc + off, ok);
+            cp_async16(smem_addr(&sV[rr * ST + cc * 8]), vc + off, ok);
+        }
+    };
 
     for (int id = tid; id < BQ * CPR; id += ATT_THREADS) {
         const int rr = id / CPR, cc = id % CPR;
@@ -189,6 +301,12 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
         const u16* src = q + (ok ? (long)(row_start + q0 + rr) * qw + (long)h * D + cc * 8 : 0);
         cp_async16(smem_addr(&sQ[rr * ST + cc * 8]), src, ok);
     }
+    if (tid < BKV) {
+        sslot[0][tid] = slot_of(tid);
+        sslot[1][tid] = slot_of(BKV + tid);
+    }
+    __syncthreads();
+    issue_tile(0, 0);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -198,31 +316,26 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
         const int row = warp * 16 + (lane & 15), col = ks * 16 + (lane >> 4) * 8;
         ldmatrix_x4(smem_addr(&sQ[row * ST + col]), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
     }
+    __syncthreads();  // every warp holds its Q fragments: stage 1 may be overwritten
 
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float mrow[2] = {-f32_inf(), -f32_inf()}, lrow[2] = {0.f, 0.f};
-    const int kv_end = pos0 + min(q0 + BQ, n_rows);  // one past the last visible key of this block
-    const int qpos0 = pos0 + q0 + warp * 16 + g;     // position of row g; row g + 8 is 8 further
-    const float sl2 = scale * 1.4426950408889634f;   // scores in log2 units, so exp2 can be used
+    const int qpos0 = pos0 + q0 + warp * 16 + g;    // position of row g; row g + 8 is 8 further
+    const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units, so exp2 can be used
 
-    for (int j0 = 0; j0 < kv_end; j0 += BKV) {
-        if (tid < BKV) {
-            const int p = j0 + tid;
-            sslot[tid] = p < kv_end ? tables[toff + p / bt] * (u32)bt + (u32)(p % bt) : 0u;
-        }
+    // Tile t is computed from stage t % 2 while tile t + 1 is copied into the other stage. Iteration t: issue tile
+    // t + 1 (its slots were written in iteration t - 1), wait for tile t, compute it, then write the slots of tile
+    // t + 2 into sslot[t % 2] (read from the table during the compute) for the next iteration's issue.
+    for (int j0 = 0, st = 0; j0 < kv_end; j0 += BKV, st ^= 1) {
+        if (j0 + BKV < kv_end) issue_tile(j0 + BKV, st ^ 1);
+        cp_async_commit();  // possibly empty, so that "all but the newest group" is always tile t
+        cp_async_wait<1>();
         __syncthreads();
-        for (int id = tid; id < BKV * CPR; id += ATT_THREADS) {
-            const int rr = id / CPR, cc = id % CPR;
-            const bool ok = j0 + rr < kv_end;
-            const long off = ok ? (long)sslot[rr] * kvw + (long)kvh * D + cc * 8 : 0;
-            cp_async16(smem_addr(&sK[rr * ST + cc * 8]), kc + off, ok);
-            cp_async16(smem_addr(&sV[rr * ST + cc * 8]), vc + off, ok);
-        }
-        cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
+        const u32 next_slot = tid < BKV ? slot_of(j0 + 2 * BKV + tid) : 0u;
+        const u16* sK = smem + st * 2 * TILE;
+        const u16* sV = sK + TILE;
 
         float sacc[BKV / 8][4];
 #pragma unroll
@@ -293,7 +406,8 @@ __device__ __forceinline__ void attn_prefill_impl(const u16* __restrict__ q, con
                 mma_16816<A>(o[2 * dj + 1], pa, b + 2);
             }
         }
-        __syncthreads();  // the next tile overwrites sK, sV and sslot
+        if (tid < BKV) sslot[st][tid] = next_slot;  // stage st's slots were read when tile t was issued
+        __syncthreads();  // stage st is free for tile t + 2, and its slots are visible
     }
 
 #pragma unroll

@@ -319,6 +319,13 @@ fn attention_decode(d: &Device) {
     attention_case(d, &mut rng, &[(1, 0), (1, 69), (1, 200)], 6, 2, 64, 16);
     attention_case(d, &mut rng, &[(1, 130), (1, 5)], 8, 8, 128, 16);
     attention_case(d, &mut rng, &[(1, 77)], 9, 1, 64, 5);
+    // Head sizes whose K/V passes take more than one batch of loads (256), or leave lanes idle (40).
+    attention_case(d, &mut rng, &[(1, 150), (1, 63)], 4, 2, 256, 16);
+    attention_case(d, &mut rng, &[(1, 100)], 4, 2, 40, 16);
+    // Many splits: the combine walks 16 split rows per block (3000 keys: 47 splits), and more than one tile of
+    // 1024 split weights (70,000 keys: 1094 splits).
+    attention_case(d, &mut rng, &[(1, 3000), (1, 700)], 8, 2, 128, 16);
+    attention_case(d, &mut rng, &[(1, 70_000)], 2, 1, 64, 16);
 }
 
 fn attention_prefill(d: &Device) {
@@ -327,6 +334,9 @@ fn attention_prefill(d: &Device) {
     attention_case(d, &mut rng, &[(37, 0), (93, 50)], 6, 2, 64, 16);
     attention_case(d, &mut rng, &[(70, 0), (1, 40)], 4, 2, 128, 16);
     attention_case(d, &mut rng, &[(65, 3)], 9, 3, 64, 7);
+    // Many K/V tiles through the two cp.async stages (330 keys: 11 tiles of 32; 270 keys: 5 tiles of 64).
+    attention_case(d, &mut rng, &[(130, 200)], 4, 1, 128, 16);
+    attention_case(d, &mut rng, &[(70, 200)], 4, 2, 64, 16);
     // A head size without a tensor-core kernel (per-row fallback).
     attention_case(d, &mut rng, &[(21, 0), (9, 30)], 4, 2, 40, 5);
 }

@@ -16,6 +16,8 @@ use crate::tensor::{HostBytes, Tensor};
 const ATTN_WORKSPACE_BYTES: usize = 256 << 20;
 /// Keys per flash-decoding split (`ATT_SPLIT` in attention.cu).
 const ATTN_SPLIT: usize = 64;
+/// Head dimensions one `attn_combine` block merges (`ATT_CMB_COLS * 4` in attention.cu): grid z = ⌈D / 32⌉.
+const ATTN_COMBINE_DIMS: usize = 32;
 /// Largest grid y/z dimension.
 const GRID_YZ: usize = 65_535;
 
@@ -219,7 +221,7 @@ impl CudaBackend {
                 &mut ex,
                 "attention",
                 &names::attn_combine(self.act),
-                (shape.n_heads as u32, n as u32, 1),
+                (shape.n_heads as u32, n as u32, d.div_ceil(ATTN_COMBINE_DIMS) as u32),
                 128,
                 &[
                     Arg::Ptr(part_o),
