@@ -1,9 +1,12 @@
 //! Loopback swarm on the real default model: a coordinator and three nodes serving SmolLM2-135M layers `0..10`,
 //! `10..20`, `20..30`, found through the DHT alone, generate greedily exactly the tokens and text of the
-//! single-process engine (the path of `shardline generate`), through the same generation loop.
+//! single-process engine (the path of `shardline generate`), through the same generation loop. The same holds on
+//! the file people download most, the Q4_K_M quantisation (Q4_K and Q6_K super-blocks beside their fallback types),
+//! made by `scripts/make-presets`.
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +16,7 @@ use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::engine::{Engine, TextStream, stop_tokens};
 use shardline_node::generate::{self, GenerateParams};
 use shardline_node::model::ShardOptions;
-use shardline_node::test_models::model_for_tests;
+use shardline_node::test_models::{model_for_tests, preset_for_tests};
 
 const PROMPTS: [&str; 3] = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 5."];
 
@@ -24,6 +27,19 @@ fn backend() -> Arc<dyn Backend> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_smollm2_nodes_match_the_single_process_engine() {
     let Some(model) = model_for_tests("three_smollm2_nodes_match_the_single_process_engine") else { return };
+    three_nodes_match_the_engine(model).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_q4_k_m_file_match_the_single_process_engine() {
+    let test = "three_nodes_on_a_q4_k_m_file_match_the_single_process_engine";
+    let Some(model) = preset_for_tests(test, "Q4_K_M") else { return };
+    three_nodes_match_the_engine(model).await;
+}
+
+/// Three nodes serving `0..10`, `10..20`, `20..30` of `model`, found through the DHT, give the engine's tokens and
+/// text for every prompt, from a client that joined the swarm and from the coordinator.
+async fn three_nodes_match_the_engine(model: PathBuf) {
     let m = model.clone();
     let engine = tokio::task::spawn_blocking(move || {
         Engine::load(&m, backend(), &[], ShardOptions::default(), &mut |_, _| {}).unwrap()

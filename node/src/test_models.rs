@@ -690,6 +690,37 @@ pub fn model_for_tests(test: &str) -> Option<std::path::PathBuf> {
     }
 }
 
+/// The llama.cpp quantisation presets `scripts/make-presets` makes from the default model, in its order.
+pub const PRESETS: [&str; 16] = [
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q4_1", "Q5_0",
+    "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS",
+];
+
+/// Where `scripts/make-presets` writes the default model quantised with `preset`.
+pub fn preset_path(preset: &str) -> std::path::PathBuf {
+    crate::default_model::cache_dir().join("presets").join(format!("SmolLM2-135M-Instruct.{preset}.gguf"))
+}
+
+/// Whether `SHARDLINE_REQUIRE_PRESETS` makes a missing `preset` a failure: `1` requires every preset, a list
+/// (`Q4_K_M,Q6_K`, commas or spaces) requires those.
+pub fn preset_required(preset: &str) -> bool {
+    std::env::var("SHARDLINE_REQUIRE_PRESETS")
+        .is_ok_and(|v| v.trim() == "1" || v.split([',', ' ']).any(|p| p.trim().eq_ignore_ascii_case(preset)))
+}
+
+/// The preset file if `scripts/make-presets` made it; otherwise prints that `test` was skipped and why, or panics
+/// when the preset is required (`SHARDLINE_REQUIRE_PRESETS`).
+pub fn preset_for_tests(test: &str, preset: &str) -> Option<std::path::PathBuf> {
+    let path = preset_path(preset);
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!("{} is absent; `scripts/make-presets --presets {preset}` makes it", path.display());
+    assert!(!preset_required(preset), "{test}: SHARDLINE_REQUIRE_PRESETS names {preset} but {why}");
+    eprintln!("skipped {test} on {preset}: {why}");
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,20 +6,21 @@
 //!
 //! The preset files are generated (about 1.5 GB together), not committed. A preset whose file or fixture is absent, or
 //! whose file holds a tensor type this build cannot run yet, is reported as skipped with the reason; with
-//! `SHARDLINE_REQUIRE_PRESETS=1` each of those is a failure instead.
+//! `SHARDLINE_REQUIRE_PRESETS=1` each of those is a failure instead (or with a list, `SHARDLINE_REQUIRE_PRESETS=Q4_K_M,Q6_K`,
+//! for the presets it names; CI makes and requires a few).
 
 mod llamacpp_fixture;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use shardline_kernels::Backend;
 use shardline_kernels::cpu::CpuBackend;
-use shardline_node::default_model::cache_dir;
 use shardline_node::engine::Engine;
 use shardline_node::model::ShardOptions;
+use shardline_node::test_models::{PRESETS, preset_path, preset_required};
 
 /// The target for teacher-forced top-1 agreement, printed against.
 const TARGET_AGREEMENT: f64 = 0.95;
@@ -33,11 +34,6 @@ const MIN_AGREEMENT: f64 = 0.94;
 /// is larger is a failure whatever the overall rate.
 const NEAR_TIE: f32 = 1.0;
 
-const PRESETS: [&str; 16] = [
-    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q4_1", "Q5_0",
-    "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS",
-];
-
 type Fixture = llamacpp_fixture::Fixture<Positions>;
 
 #[derive(Deserialize)]
@@ -47,18 +43,10 @@ struct Positions {
     top1_margins: Vec<f32>,
 }
 
-fn required() -> bool {
-    std::env::var("SHARDLINE_REQUIRE_PRESETS").is_ok_and(|v| v == "1")
-}
-
-/// Prints why a preset is not compared, or fails when presets are required.
+/// Prints why a preset is not compared, or fails when the preset is required.
 fn skip(preset: &str, why: impl std::fmt::Display) {
-    assert!(!required(), "{preset}: SHARDLINE_REQUIRE_PRESETS=1 but {why}");
+    assert!(!preset_required(preset), "{preset}: SHARDLINE_REQUIRE_PRESETS names it but {why}");
     eprintln!("skipped preset {preset}: {why}");
-}
-
-fn preset_path(preset: &str) -> PathBuf {
-    cache_dir().join("presets").join(format!("SmolLM2-135M-Instruct.{preset}.gguf"))
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {
