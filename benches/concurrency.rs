@@ -11,6 +11,9 @@
 //!
 //! `SHARDLINE_CONCURRENCY_REPORT=1` skips criterion and prints one JSON line per (side, C) instead, with the
 //! inter-token gaps (median, p99, max) — what `scripts/concurrency` reads to put the figures beside llama.cpp's.
+//! `SHARDLINE_CONCURRENCY_REPORT=fairness` runs the issue's fairness case instead (8 streams decoding, a 1,500-token
+//! prompt arriving among them; `SHARDLINE_FAIRNESS_PROMPT` and `SHARDLINE_FAIRNESS_BUDGETS=128,32` change the prompt
+//! length and the token budgets tried) and prints the decoders' gaps with and without the prompt.
 //! `SHARDLINE_CONCURRENCY_LEVELS=1,4` picks the levels, `SHARDLINE_CONCURRENCY_THREADS` the compute threads of the
 //! single process (default 2) and `SHARDLINE_CONCURRENCY_STAGE_THREADS` those of each stage (default 1: three
 //! stages share the two cores). `SHARDLINE_BENCH_QUICK=1` runs C = 1 and 4 only. Needs the default model; without it
@@ -29,6 +32,7 @@ use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, SamplingParams};
 use shardline_node::generate::Stepper;
 use shardline_node::model::{LayerRange, ModelFiles, Shard, ShardOptions};
+use shardline_node::stage::local::ClientStream;
 use shardline_node::stage::{LocalSwarm, NodeHandle, ShardStage, StageConfig};
 use shardline_node::test_models::model_for_tests;
 use shardline_proto::wire::{Frame, SessionKey, SessionOpen, StageData, WireDType, WireSampling};
@@ -136,6 +140,240 @@ fn engine_run(stage: &Arc<ShardStage>, c: usize, hidden: u32, n_layers: u32, voc
     Run { tokens: c * (NEW_TOKENS - 1), elapsed, gaps }
 }
 
+/// Decoders in the fairness run, and the steps they decode before the long prompt arrives.
+const FAIR_DECODERS: usize = 8;
+const FAIR_ARRIVAL: usize = 8;
+
+/// The issue's fairness case on the single-process engine: [`FAIR_DECODERS`] greedy streams decode
+/// [`NEW_TOKENS`] tokens each, driven one scheduler step at a time (`LocalSwarm::step`, every decoder answering its
+/// token at once, as `shardline generate --prompts-file` runs); with `long`, a prompt of that many tokens arrives
+/// after [`FAIR_ARRIVAL`] steps. `budget` is the stage's token budget per step (`StageConfig::batch_tokens`).
+/// Returns the decoders' run (their gaps) and the long prompt's time to its first token.
+fn fairness_run(s: &Setup, long: Option<usize>, budget: usize) -> (Run, Option<Duration>) {
+    let addr = SocketAddr::from(ENGINE_ADDR);
+    let mut swarm = LocalSwarm::new();
+    let config = StageConfig { max_sessions: FAIR_DECODERS + 1, batch_tokens: budget, ..StageConfig::default() };
+    swarm.add_stage(addr, s.stage.clone(), config);
+    let n = FAIR_DECODERS + usize::from(long.is_some());
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|i| match (i, long) {
+            (i, Some(len)) if i == FAIR_DECODERS => (0..len).map(|j| ((7 + j * 31_337) % s.vocab) as u32).collect(),
+            _ => prompt(i, s.vocab),
+        })
+        .collect();
+    let clients: Vec<_> = (0..n).map(|_| swarm.connect(addr).expect("the engine's stage")).collect();
+    for (i, (cl, p)) in clients.iter().zip(&prompts).enumerate() {
+        let open = open_frame(s, p.len() + NEW_TOKENS + 1);
+        swarm.send(*cl, Frame::Open { session: i as u64 + 1, open });
+    }
+    swarm.run();
+    for (i, (cl, p)) in clients.iter().zip(&prompts).enumerate().take(FAIR_DECODERS) {
+        assert_eq!(swarm.recv(*cl), Some(Frame::Opened { session: i as u64 + 1 }));
+        let data = StageData::Tokens(p.clone());
+        swarm.send(*cl, Frame::Prefill { session: i as u64 + 1, position: 0, last: true, data });
+    }
+    swarm.run();
+    let mut next: Vec<(u64, u32)> = clients[..FAIR_DECODERS].iter().map(|cl| token(&mut swarm, *cl)).collect();
+    let mut stamps: Vec<Vec<Instant>> = vec![vec![Instant::now()]; FAIR_DECODERS];
+    let start = Instant::now();
+    let mut long_sent = None;
+    let mut ttft = None;
+    let mut steps = 0;
+    while stamps.iter().any(|st| st.len() < NEW_TOKENS) || (long_sent.is_some() && ttft.is_none()) {
+        for (i, cl) in clients[..FAIR_DECODERS].iter().enumerate() {
+            if stamps[i].len() < NEW_TOKENS {
+                let (pos, t) = next[i];
+                swarm.send(
+                    *cl,
+                    Frame::Decode { session: i as u64 + 1, position: pos, data: StageData::Tokens(vec![t]) },
+                );
+            }
+        }
+        if steps == FAIR_ARRIVAL && long.is_some() {
+            let cl = clients[FAIR_DECODERS];
+            assert_eq!(swarm.recv(cl), Some(Frame::Opened { session: FAIR_DECODERS as u64 + 1 }));
+            let data = StageData::Tokens(prompts[FAIR_DECODERS].clone());
+            swarm.send(cl, Frame::Prefill { session: FAIR_DECODERS as u64 + 1, position: 0, last: true, data });
+            long_sent = Some(Instant::now());
+        }
+        assert!(swarm.step(), "a step with work computed nothing");
+        steps += 1;
+        let now = Instant::now();
+        for (i, cl) in clients[..FAIR_DECODERS].iter().enumerate() {
+            if stamps[i].len() < NEW_TOKENS {
+                next[i] = token(&mut swarm, *cl);
+                stamps[i].push(now);
+            }
+        }
+        if let (Some(sent), Some(cl)) = (long_sent, clients.get(FAIR_DECODERS))
+            && ttft.is_none()
+            && let Some(Frame::Token { .. }) = swarm.recv(*cl)
+        {
+            ttft = Some(now - sent);
+        }
+    }
+    let end = stamps.iter().filter_map(|st| st.last().copied()).max().unwrap_or(start);
+    let gaps = stamps.iter().flat_map(|st| st.windows(2).map(|w| w[1] - w[0])).collect();
+    for (i, cl) in clients.iter().enumerate() {
+        swarm.send(*cl, Frame::Close { session: i as u64 + 1 });
+    }
+    swarm.run();
+    (Run { tokens: FAIR_DECODERS * (NEW_TOKENS - 1), elapsed: end - start, gaps }, ttft)
+}
+
+/// An `Open` of the whole model for a stream of `max_tokens` positions.
+fn open_frame(s: &Setup, max_tokens: usize) -> SessionOpen {
+    SessionOpen {
+        model_id: "bench".into(),
+        n_layers: s.n_layers as u32,
+        span: LayerRange::new(0, s.n_layers),
+        max_tokens: max_tokens as u32,
+        sampling: WireSampling::GREEDY,
+        n_top: 0,
+        wire_dtype: WireDType::F32,
+        hidden: s.hidden,
+        rest: vec![],
+        attach_key: SessionKey::default(),
+        next_key: SessionKey::default(),
+        next_record: Vec::new(),
+    }
+}
+
+/// The fairness case side by side: the decoders alone, then with the long prompt, at each token budget.
+fn report_fairness(s: &Setup) {
+    let long = env_usize("SHARDLINE_FAIRNESS_PROMPT", 1500);
+    let budgets: Vec<usize> = match std::env::var("SHARDLINE_FAIRNESS_BUDGETS") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) => vec![128, 32],
+    };
+    for budget in budgets {
+        for with in [None, Some(long)] {
+            let (run, ttft) = fairness_run(s, with, budget);
+            let (p50, p99, max) = run.gap_ms();
+            println!(
+                "{{\"side\":\"fairness\",\"decoders\":{FAIR_DECODERS},\"long_prompt\":{},\"budget\":{budget},\
+                 \"threads\":{},\"decode_tok_s\":{:.2},\"gap_p50_ms\":{p50:.2},\"gap_p99_ms\":{p99:.2},\
+                 \"gap_max_ms\":{max:.2},\"max_over_median\":{:.2},\"long_ttft_ms\":{}}}",
+                with.unwrap_or(0),
+                s.threads,
+                run.tok_s(),
+                max / p50.max(1e-9),
+                ttft.map_or("null".to_string(), |d| format!("{:.1}", d.as_secs_f64() * 1e3)),
+            );
+        }
+    }
+}
+
+/// `(VmRSS, RssAnon, RssFile)` of this process in MiB, from /proc/self/status (Linux; zeros elsewhere).
+fn rss_mib() -> (f64, f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+}
+
+/// Resident MiB of the mappings of `path` (the model file), from /proc/self/smaps.
+fn mapped_rss_mib(path: &Path) -> f64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let name = path.to_string_lossy();
+    let mut inside = false;
+    let mut kb = 0.0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.ends_with(name.as_ref());
+            continue;
+        }
+        if inside && let Some(rest) = line.strip_prefix("Rss:") {
+            kb += rest.trim().trim_end_matches("kB").trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    kb / 1024.0
+}
+
+/// Memory at many streams and over a long run, on the engine (one stage core over the whole model, in memory):
+/// 1. `streams` sessions prefill and decode [`NEW_TOKENS`] tokens together; RSS is broken down into the model file's
+///    resident mapping (the weights: the CPU backend computes straight from the mapped file), the KV cache (pool
+///    reserved = virtual; used = positions held × bytes per position) and the rest of the anonymous memory
+///    (activations, scratch, per-session buffers, the allocator's slack);
+/// 2. `steps` scheduler steps with `streams` sessions that join and leave (each generates [`NEW_TOKENS`] tokens,
+///    closes, and a new session with another prompt takes its place), printing RSS every `every` steps.
+fn report_memory(s: &Setup, streams: usize, steps: usize, every: usize) {
+    let addr = SocketAddr::from(ENGINE_ADDR);
+    let (rss0, anon0, _) = rss_mib();
+    let shard = s.stage.shard();
+    let kv_per_pos =
+        2.0 * shard.layers().len() as f64 * (shard.config().n_kv_heads * shard.config().head_dim) as f64 * 4.0;
+    let pool_mib = shard.kv_capacity_tokens() as f64 * kv_per_pos / 1048576.0;
+    println!(
+        "{{\"phase\":\"loaded\",\"rss_mib\":{rss0:.1},\"anon_mib\":{anon0:.1},\"weights_mapped_mib\":{:.1},\
+         \"kv_pool_reserved_mib\":{pool_mib:.1},\"kv_bytes_per_position\":{kv_per_pos}}}",
+        mapped_rss_mib(&s.model)
+    );
+    let mut swarm = LocalSwarm::new();
+    let config = StageConfig { max_sessions: streams * 2, ..StageConfig::default() };
+    swarm.add_stage(addr, s.stage.clone(), config);
+    let mut next_id = 0u64;
+    // (client, session id, next position, next token, tokens drawn)
+    let mut live: Vec<(ClientStream, u64, u64, u32, usize)> = Vec::new();
+    let mut open = |swarm: &mut LocalSwarm<Arc<ShardStage>>, k: u64| {
+        next_id += 1;
+        let p = prompt(k as usize, s.vocab);
+        let cl = swarm.connect(addr).expect("the engine's stage");
+        swarm.send(cl, Frame::Open { session: next_id, open: open_frame(s, p.len() + NEW_TOKENS + 1) });
+        let data = StageData::Tokens(p.clone());
+        swarm.send(cl, Frame::Prefill { session: next_id, position: 0, last: true, data });
+        (cl, next_id, p.len() as u64, 0u32, 0usize)
+    };
+    for k in 0..streams {
+        live.push(open(&mut swarm, k as u64));
+    }
+    let mut step = 0;
+    let mut opened = streams as u64;
+    let start = Instant::now();
+    while step < steps {
+        swarm.run();
+        step += 1;
+        let mut positions = 0;
+        for slot in live.iter_mut() {
+            let (cl, id, _, _, drawn) = *slot;
+            while let Some(f) = swarm.recv(cl) {
+                if let Frame::Token { position, result, .. } = f {
+                    *slot = (cl, id, position, result.token, drawn + 1);
+                }
+            }
+            positions += slot.2 as usize;
+        }
+        if step == NEW_TOKENS / 2 || step % every == 0 {
+            let (rss, anon, file) = rss_mib();
+            let kv_used = positions as f64 * kv_per_pos / 1048576.0;
+            println!(
+                "{{\"phase\":\"run\",\"streams\":{streams},\"step\":{step},\"sessions_opened\":{opened},\
+                 \"rss_mib\":{rss:.1},\"anon_mib\":{anon:.1},\"file_mib\":{file:.1},\"weights_mapped_mib\":{:.1},\
+                 \"kv_used_mib\":{kv_used:.1},\"anon_minus_kv_used_mib\":{:.1},\"secs\":{:.1}}}",
+                mapped_rss_mib(&s.model),
+                anon - kv_used,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        for slot in live.iter_mut() {
+            let (cl, id, pos, t, drawn) = *slot;
+            if drawn >= NEW_TOKENS {
+                swarm.send(cl, Frame::Close { session: id });
+                *slot = open(&mut swarm, opened);
+                opened += 1;
+            } else {
+                swarm.send(cl, Frame::Decode { session: id, position: pos, data: StageData::Tokens(vec![t]) });
+            }
+        }
+    }
+}
+
 /// The position and token of the `Token` frame waiting for a client.
 fn token(swarm: &mut LocalSwarm<Arc<ShardStage>>, c: shardline_node::stage::local::ClientStream) -> (u64, u32) {
     match swarm.recv(c) {
@@ -241,8 +479,21 @@ fn report(s: &Setup) {
     let (nodes, client) = rt.block_on(swarm(&s.model, s.n_layers, s.stage_threads, max));
     for &c in &levels {
         rt.block_on(swarm_run(&client, c.min(4), s.vocab));
+        let before: Vec<_> = nodes.iter().map(|n| n.server().probe().batch_stats()).collect();
         let run = rt.block_on(swarm_run(&client, c, s.vocab));
         print_run("swarm3", c, s.stage_threads, &run);
+        // How the sessions were batched on each stage during the run (prefill included): mean sessions per batch.
+        let per_stage: Vec<String> = nodes
+            .iter()
+            .zip(&before)
+            .map(|(n, b)| {
+                let a = n.server().probe().batch_stats();
+                let batches = a.batches - b.batches;
+                let sessions = (a.total_sessions - b.total_sessions) as f64 / batches.max(1) as f64;
+                format!("{{\"batches\":{batches},\"mean_sessions\":{sessions:.2}}}")
+            })
+            .collect();
+        println!("{{\"side\":\"swarm3_batches\",\"c\":{c},\"stages\":[{}]}}", per_stage.join(","));
     }
     drop(client);
     drop(nodes);
@@ -282,6 +533,15 @@ fn main() {
     let Some(s) = setup() else { return };
     if std::env::var("SHARDLINE_CONCURRENCY_REPORT").is_ok_and(|v| v == "1") {
         report(&s);
+        return;
+    }
+    if std::env::var("SHARDLINE_CONCURRENCY_REPORT").is_ok_and(|v| v == "memory") {
+        let streams = env_usize("SHARDLINE_SOAK_STREAMS", 64);
+        report_memory(&s, streams, env_usize("SHARDLINE_SOAK_STEPS", 10_000), env_usize("SHARDLINE_SOAK_EVERY", 500));
+        return;
+    }
+    if std::env::var("SHARDLINE_CONCURRENCY_REPORT").is_ok_and(|v| v == "fairness") {
+        report_fairness(&s);
         return;
     }
     let mut c = Criterion::default().configure_from_args();

@@ -302,7 +302,7 @@ mod tests {
         let cli = parse_with(text, &["shardline", "generate", "--max-tokens", "9"]).unwrap();
         assert_eq!(cli.log_format, crate::logging::LogFormat::Json);
         let Sub::Generate(g) = cli.command else { panic!("not generate") };
-        assert_eq!(g.prompt, "from the file");
+        assert_eq!(g.prompt.as_deref(), Some("from the file"));
         assert_eq!(g.max_tokens, 9);
         assert_eq!(g.temperature, 0.5);
         assert!(g.json);
@@ -312,7 +312,7 @@ mod tests {
         let cli = parse_with(text, &["shardline", "--log-format", "text", "generate", "--prompt=cli"]).unwrap();
         assert_eq!(cli.log_format, crate::logging::LogFormat::Text);
         let Sub::Generate(g) = cli.command else { panic!("not generate") };
-        assert_eq!(g.prompt, "cli");
+        assert_eq!(g.prompt.as_deref(), Some("cli"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use shardline_coordinator::routing::CoveragePolicy;
 use shardline_coordinator::{SwarmClient, SwarmClientConfig};
 use shardline_kernels::cpu::CpuBackend;
 use shardline_kernels::{Backend, DeviceKind, SamplingParams};
+use shardline_node::batched;
 use shardline_node::engine::{Engine, TextStream, encode_prompt, load_tokenizer, stop_tokens};
 use shardline_node::generate::{self, GenerateParams, Generation};
 use shardline_node::model::{LayerRange, ModelFiles, ModelId, ShardOptions};
@@ -24,8 +25,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt text.
+    #[arg(long, required_unless_present = "prompts_file", conflicts_with = "prompts_file")]
+    pub prompt: Option<String>,
+    /// Generate from every line of this file (blank lines skipped), batched together: the generations run at once
+    /// through one continuous-batching scheduler, each producing the tokens it produces alone. Prints one result per
+    /// prompt, in file order (with `--json`: one JSON object per line).
     #[arg(long)]
-    pub prompt: String,
+    pub prompts_file: Option<PathBuf>,
+    /// With `--prompts-file`: most generations running at once (the others start as these finish); lowered to what
+    /// the KV cache holds.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub parallel: u64,
     /// Render the prompt as a user message of the model's chat template.
     #[arg(long, overrides_with = "no_chat")]
     pub chat: bool,
@@ -78,6 +88,9 @@ pub struct GenerateArgs {
 
 #[derive(Serialize)]
 struct JsonOutput<'a> {
+    /// The prompt's line among the non-blank lines of `--prompts-file` (absent for `--prompt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
     prompt_tokens: &'a [u32],
     tokens: &'a [u32],
     text: &'a str,
@@ -136,9 +149,14 @@ fn text_sink(json: bool) -> impl FnMut(&str) -> bool + Send + 'static {
 }
 
 fn report(generation: &Generation, json: bool) -> Result<()> {
+    report_one(generation, json, None)
+}
+
+fn report_one(generation: &Generation, json: bool, index: Option<usize>) -> Result<()> {
     let mut o = std::io::stdout().lock();
     if json {
         let out = JsonOutput {
+            index,
             prompt_tokens: &generation.prompt_tokens,
             tokens: &generation.tokens,
             text: &generation.text,
@@ -174,22 +192,67 @@ pub fn model_name(path: &std::path::Path) -> String {
     shardline_node::model::display_name(path)
 }
 
+/// The prompt texts: `--prompt`, or the non-blank lines of `--prompts-file`.
+fn prompt_texts(args: &GenerateArgs) -> Result<Vec<String>> {
+    match (&args.prompt, &args.prompts_file) {
+        (Some(p), _) => Ok(vec![p.clone()]),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let prompts: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+            if prompts.is_empty() {
+                bail!("{} holds no prompt (one per line)", path.display());
+            }
+            Ok(prompts)
+        }
+        (None, None) => bail!("give --prompt or --prompts-file"),
+    }
+}
+
+/// Prints each prompt's generation in order (a header line before each in text mode); fails naming the prompts
+/// that failed, after printing the others.
+fn report_many(results: Vec<Result<Generation, shardline_node::ModelError>>, json: bool) -> Result<()> {
+    let mut failed = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(g) => {
+                if !json {
+                    println!("--- prompt {i} ---");
+                    print!("{}", g.text);
+                }
+                report_one(&g, json, Some(i))?;
+            }
+            Err(e) => {
+                eprintln!("prompt {i}: {e:#}");
+                failed.push(i);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} of the prompts failed (lines {failed:?} of the non-blank lines)", failed.len());
+    }
+    Ok(())
+}
+
 /// `--max-tokens 0`: the prompt is read (tokenised) and nothing is generated; no weights are loaded.
 fn run_empty(args: &GenerateArgs) -> Result<()> {
     let path = resolve_model(args.model.clone())?;
     let files = ModelFiles::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let tokenizer = load_tokenizer(&files)?;
-    let prompt = encode_prompt(&tokenizer, &args.prompt, args.chat)?;
-    let generation = Generation {
-        prompt_tokens: prompt,
-        tokens: Vec::new(),
-        samples: Vec::new(),
-        text: String::new(),
-        finish: generate::FinishReason::Length,
-        prefill_secs: 0.0,
-        decode_secs: 0.0,
-    };
-    report(&generation, args.json)
+    let many = args.prompts_file.is_some();
+    for (i, text) in prompt_texts(args)?.iter().enumerate() {
+        let prompt = encode_prompt(&tokenizer, text, args.chat)?;
+        let generation = Generation {
+            prompt_tokens: prompt,
+            tokens: Vec::new(),
+            samples: Vec::new(),
+            text: String::new(),
+            finish: generate::FinishReason::Length,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+        };
+        report_one(&generation, args.json, many.then_some(i))?;
+    }
+    Ok(())
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -198,8 +261,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return run_empty(&args);
     }
     if !args.swarm.is_empty() {
+        if args.prompts_file.is_some() {
+            bail!("--prompts-file runs in this process only (not with --swarm)");
+        }
         return run_swarm(args);
     }
+    let texts = prompt_texts(&args)?;
     let path = resolve_model(args.model.clone())?;
     let backend = select_backend(args.device.as_deref(), args.threads)?;
     let bar = ProgressBar::new(0).with_style(
@@ -214,8 +281,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     .with_context(|| format!("loading {}", path.display()))?;
     bar.finish_and_clear();
 
-    let prompt = engine.prompt_tokens(&args.prompt, args.chat)?;
     let params = generate_params(&args, engine.tokenizer());
+    if args.prompts_file.is_some() {
+        let prompts = texts.iter().map(|t| engine.prompt_tokens(t, args.chat)).collect::<Result<Vec<_>, _>>()?;
+        let start = std::time::Instant::now();
+        let out = batched::generate_many(&engine, &prompts, &params, args.parallel as usize)?;
+        let secs = start.elapsed().as_secs_f64();
+        let generated: usize = out.results.iter().flatten().map(|g| g.tokens.len()).sum();
+        eprintln!(
+            "[{} prompts, {} at once: {generated} tokens generated in {secs:.2} s ({:.1} tok/s over all); {} batched \
+             forwards, up to {} sessions in one]",
+            prompts.len(),
+            out.parallel,
+            generated as f64 / secs.max(1e-9),
+            out.batches,
+            out.peak_batch
+        );
+        return report_many(out.results, args.json);
+    }
+    let prompt = engine.prompt_tokens(&texts[0], args.chat)?;
     let generation = engine.generate(&prompt, &params, &mut text_sink(args.json))?;
     report(&generation, args.json)
 }
@@ -227,7 +311,7 @@ fn run_swarm(args: GenerateArgs) -> Result<()> {
     let files = ModelFiles::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let tokenizer = Arc::new(load_tokenizer(&files)?);
     let model_id = ModelId::of_files(&files)?.to_hex();
-    let prompt = encode_prompt(&tokenizer, &args.prompt, args.chat)?;
+    let prompt = encode_prompt(&tokenizer, &prompt_texts(&args)?[0], args.chat)?;
     let context = files.config().context_length;
     if prompt.len() + args.max_tokens > context {
         bail!(

@@ -1,6 +1,7 @@
 //! shardline node: model formats, tokenizer, and the shard forward pass.
 
 pub mod announcer;
+pub mod batched;
 pub mod default_model;
 pub mod engine;
 pub mod error;

@@ -143,6 +143,32 @@ impl<M: StageCompute> LocalSwarm<M> {
         }
     }
 
+    /// One scheduler step: delivers frames and carries out actions until all stages are idle, as [`Self::run`], but
+    /// each stage computes at most one batch. What that batch produces is delivered (hidden states to the next
+    /// stage, which may compute its own batch in the same step; tokens to the clients), and the batch after it is
+    /// left for the next call, so that a client that answers each token at once (an owner sending its next decode)
+    /// is in that batch. Returns whether any stage computed.
+    pub fn step(&mut self) -> bool {
+        let mut computed = vec![false; self.stages.len()];
+        loop {
+            let mut busy = false;
+            for (i, done) in computed.iter_mut().enumerate() {
+                busy |= self.deliver(i);
+                loop {
+                    let core = &mut self.stages[i].core;
+                    let action = if *done { core.poll_queued() } else { core.poll_action() };
+                    let Some(action) = action else { break };
+                    busy = true;
+                    *done |= matches!(action, Action::Compute(_));
+                    self.act(i, action);
+                }
+            }
+            if !busy {
+                return computed.contains(&true);
+            }
+        }
+    }
+
     /// Answers the reads stage `i` asked for with what its peers wrote.
     fn deliver(&mut self, i: usize) -> bool {
         let now = self.now;

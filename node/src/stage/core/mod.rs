@@ -167,6 +167,13 @@ impl<M: StageModel> StageCore<M> {
         self.actions.pop_front()
     }
 
+    /// The next queued action, without building a batch when none is queued: a driver that runs one batch per
+    /// step (`LocalSwarm::step`) takes the rest of a step's actions with this, so the next batch is built only
+    /// once the inputs that the step's outputs bring back have arrived.
+    pub fn poll_queued(&mut self) -> Option<Action<M::Kv>> {
+        self.actions.pop_front()
+    }
+
     /// When the driver must send [`Event::Tick`] (a session's idle or connect timeout), if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
         let parked = self.parked.front().map(|p| p.deadline);

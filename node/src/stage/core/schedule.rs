@@ -104,6 +104,8 @@ struct GaugeInner {
     batches: AtomicUsize,
     peak: AtomicUsize,
     opens: AtomicUsize,
+    total_rows: AtomicUsize,
+    total_sessions: AtomicUsize,
 }
 
 /// A reading of [`BatchGauge`].
@@ -121,6 +123,11 @@ pub struct BatchStats {
     pub peak_sessions: usize,
     /// Opens waiting for KV-cache blocks now.
     pub waiting_opens: usize,
+    /// Rows over every batch since the stage started (with `batches`: the mean batch size in rows).
+    pub total_rows: usize,
+    /// Session chunks over every batch since the stage started (with `batches`: the mean sessions per batch, which
+    /// shows whether sessions stay together or drift apart into smaller batches).
+    pub total_sessions: usize,
 }
 
 impl BatchGauge {
@@ -133,6 +140,8 @@ impl BatchGauge {
             batches: i.batches.load(Ordering::Relaxed),
             peak_sessions: i.peak.load(Ordering::Relaxed),
             waiting_opens: i.opens.load(Ordering::Relaxed),
+            total_rows: i.total_rows.load(Ordering::Relaxed),
+            total_sessions: i.total_sessions.load(Ordering::Relaxed),
         }
     }
 
@@ -143,6 +152,8 @@ impl BatchGauge {
         i.waiting.store(queued, Ordering::Relaxed);
         i.batches.fetch_add(1, Ordering::Relaxed);
         i.peak.fetch_max(sessions, Ordering::Relaxed);
+        i.total_rows.fetch_add(rows, Ordering::Relaxed);
+        i.total_sessions.fetch_add(sessions, Ordering::Relaxed);
     }
 
     pub(super) fn set_waiting_opens(&self, n: usize) {

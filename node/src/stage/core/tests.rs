@@ -15,6 +15,8 @@ const WIDTH: u32 = 4;
 /// A model of 4 layers whose KV pool is a counter of free positions.
 struct Fake {
     free: Arc<AtomicUsize>,
+    /// Most positions one session may open with.
+    max_open: u32,
 }
 
 #[derive(Debug)]
@@ -36,7 +38,7 @@ impl StageModel for Fake {
         if open.model_id != "m" {
             return Err(format!("not model {}", open.model_id));
         }
-        if open.max_tokens == 0 || open.max_tokens > 100 {
+        if open.max_tokens == 0 || open.max_tokens > self.max_open {
             return Err("max_tokens".into());
         }
         Ok(())
@@ -70,8 +72,14 @@ fn config() -> StageConfig {
 
 impl Harness {
     fn new(config: StageConfig) -> Self {
-        let free = Arc::new(AtomicUsize::new(KV_TOKENS));
-        Self { core: StageCore::new(Fake { free: free.clone() }, config), free, now: Instant::now(), next: 0 }
+        Self::with_pool(config, KV_TOKENS, 100)
+    }
+
+    /// A harness whose pool holds `kv_tokens` positions and whose model takes opens of up to `max_open`.
+    fn with_pool(config: StageConfig, kv_tokens: usize, max_open: u32) -> Self {
+        let free = Arc::new(AtomicUsize::new(kv_tokens));
+        let fake = Fake { free: free.clone(), max_open };
+        Self { core: StageCore::new(fake, config), free, now: Instant::now(), next: 0 }
     }
 
     fn event(&mut self, e: Event<FakeKv>) -> Vec<Action<FakeKv>> {
@@ -695,6 +703,76 @@ fn a_middle_stage_forwards_a_cut_prompt_as_consecutive_prefill_frames() {
         a.extend(more);
     }
     assert_eq!(sent, vec![(0, false, 8), (8, false, 8), (16, true, 4)]);
+}
+
+/// The fairness case, scripted: 8 sessions decode, one token per step each, answering every token at once
+/// (as the in-process driver's step does: `LocalSwarm::step`); a 1,500-token prompt arrives among them. Every step
+/// carries all 8 decode rows and at most the rest of the token budget from the prompt, so each decoder waits one
+/// step between tokens, however long the prompt: the prompt is cut into ⌈1500 / (budget − 8)⌉ chunks with a decode
+/// row of every decoder beside each.
+#[test]
+fn decoders_get_a_step_between_the_chunks_of_a_long_prompt() {
+    const DECODERS: u64 = 8;
+    const LONG: usize = 1500;
+    let budget = 128;
+    let mut h = Harness::with_pool(StageConfig { max_sessions: 16, batch_tokens: budget, ..config() }, 4000, 2000);
+    let decoders: Vec<(SessionId, StreamId)> = (1..=DECODERS).map(|s| (s, h.open(s))).collect();
+    for &(s, stream) in &decoders {
+        prefilled(&mut h, stream, s, &[1, 2]);
+    }
+    let long = h.accept();
+    let Frame::Open { open: mut o, .. } = open(100, LayerRange::new(0, 4), vec![]) else { unreachable!() };
+    o.max_tokens = LONG as u32 + 1;
+    assert_opened(&h.frame(long, Frame::Open { session: 100, open: o }), long, 100);
+    // The decoders' next inputs and the whole prompt, in one frame, arrive before the driver polls.
+    let mut position = 2;
+    for &(s, stream) in &decoders {
+        h.core.handle(h.now, Event::Frame { stream, frame: decode(s, position, 5) });
+    }
+    h.core.handle(h.now, Event::Frame { stream: long, frame: prefill(100, 0, &[7; LONG]) });
+    let mut prompt_done = 0;
+    let mut steps = 0;
+    let mut actions: Vec<Action<FakeKv>> = std::iter::from_fn(|| h.core.poll_action()).collect();
+    while prompt_done < LONG {
+        let batch = take_batch(actions);
+        steps += 1;
+        let rows = shape(&batch);
+        // Every decoder, first, one row at its next position; then the next piece of the prompt, cut to the budget.
+        let decode_rows: Vec<_> = decoders.iter().map(|&(s, _)| (s, position, 1, true)).collect();
+        assert_eq!(rows[..DECODERS as usize], decode_rows[..], "step {steps}");
+        let piece = (budget - DECODERS as usize).min(LONG - prompt_done);
+        let last = prompt_done + piece == LONG;
+        assert_eq!(rows[DECODERS as usize..], [(100, prompt_done as u64, piece, last)], "step {steps}");
+        assert!(batch.rows() <= budget);
+        prompt_done += piece;
+        // The step's outputs go out (without building the next batch), every decoder answers its token at once.
+        h.core.handle(h.now, done(batch, |i| if i.sample.is_some() { token(3) } else { ComputeOutput::Nothing }));
+        let sent: Vec<Action<FakeKv>> = std::iter::from_fn(|| h.core.poll_queued()).collect();
+        let tokens: Vec<(SessionId, u64)> = sent
+            .iter()
+            .filter_map(|x| match x {
+                Action::Send { frame: Frame::Token { session, position, .. }, .. } => Some((*session, *position)),
+                _ => None,
+            })
+            .collect();
+        position += 1;
+        let mut expected: Vec<(SessionId, u64)> = decoders.iter().map(|&(s, _)| (s, position)).collect();
+        if last {
+            expected.push((100, LONG as u64));
+        }
+        assert_eq!(tokens, expected, "step {steps}: every decoder got its token");
+        assert!(!sent.iter().any(|x| matches!(x, Action::Compute(_))));
+        for &(s, stream) in &decoders {
+            h.core.handle(h.now, Event::Sent { stream });
+            h.core.handle(h.now, Event::Frame { stream, frame: decode(s, position, 5) });
+        }
+        h.core.handle(h.now, Event::Sent { stream: long });
+        actions = std::iter::from_fn(|| h.core.poll_action()).collect();
+    }
+    assert_eq!(steps, LONG.div_ceil(budget - DECODERS as usize), "the prompt took one chunk per step");
+    // After the prompt, the decoders' next step is theirs alone.
+    let batch = take_batch(actions);
+    assert_eq!(batch.rows(), DECODERS as usize);
 }
 
 // ---- admission by free KV blocks ----
