@@ -2,8 +2,9 @@
 // log-probability and the n_top most likely tokens with theirs (a few hundred bytes instead of the vocabulary).
 //
 // Semantics (shared with the host model in kernels/src/cuda/sampling_spec.rs and the CPU backend):
-// - Rank: tokens by logit descending, ties by lower id first; NaN counts as -inf, -0 as +0. Greedy (temperature
-//   <= 0) takes rank 0.
+// - Every logit must be finite: a row holding a NaN or an infinity is refused (no token is drawn, not even from the
+//   finite rest; the histogram pass counts them, docs/SECURITY.md), as the CPU backend refuses it.
+// - Rank: tokens by logit descending, ties by lower id first; -0 as +0. Greedy (temperature <= 0) takes rank 0.
 // - Otherwise, with w_i = exp((x_i - x_max) / temperature): keep the first top_k ranks (all when 0); of those keep
 //   the shortest rank prefix whose w-mass reaches top_p of the kept mass (all when top_p >= 1, one token when
 //   top_p <= 0); draw u = uniform(seed, position) (kernels/src/rng.rs, recomputed here bit for bit) and take the
@@ -26,6 +27,10 @@
 #define SAMPLE_MAX_TOP 256
 #define SAMPLE_BINS 65536
 #define SAMPLE_BINS_PER_THREAD (SAMPLE_BINS / SAMPLE_PICK_THREADS)
+// Words of `state` after the bins: [largest key][non-finite logits][NaN logits][~(first non-finite index)].
+#define SAMPLE_NONFINITE (SAMPLE_BINS + 1)
+#define SAMPLE_NAN (SAMPLE_BINS + 2)
+#define SAMPLE_FIRST_BAD (SAMPLE_BINS + 3)
 
 __device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -65,7 +70,34 @@ __device__ __forceinline__ u64 mass(float x, float x_max, float inv_t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Pass 1: the histogram of keys and the largest key. `state` = [65536 bin counts][largest key], zero on entry.
+// Pass 1: the histogram of keys, the largest key and the non-finite logits. `state` = [65536 bin counts][largest
+// key][non-finite count][NaN count][~first non-finite index], zero on entry.
+
+// Counts a raw 16-bit logit `h` at index `i` if it is an infinity or a NaN (exponent all ones).
+template <class A>
+struct BadCount {
+    u32 bad = 0, nan = 0, first_inv = 0;
+    __device__ __forceinline__ void add(u32 h, int i, bool valid) {
+        const u32 mag = h & 0x7fffu;
+        if (valid && mag >= inf_bits(A())) {
+            ++bad;
+            nan += mag > inf_bits(A()) ? 1u : 0u;
+            first_inv = max(first_inv, ~(u32)i);
+        }
+    }
+    // Warp-wide sums, added to `state` by lane 0 only when something was found. All 32 lanes must call it.
+    __device__ __forceinline__ void flush(u32* state) const {
+        const u32 b = __reduce_add_sync(FULL_MASK, bad);
+        if (b == 0u) return;
+        const u32 n = __reduce_add_sync(FULL_MASK, nan);
+        const u32 f = __reduce_max_sync(FULL_MASK, first_inv);
+        if ((threadIdx.x & 31) == 0) {
+            atomicAdd(&state[SAMPLE_NONFINITE], b);
+            if (n) atomicAdd(&state[SAMPLE_NAN], n);
+            atomicMax(&state[SAMPLE_FIRST_BAD], f);
+        }
+    }
+};
 
 // Adds one to bin `key` for every valid lane; lanes with the same key add once (most logits share a few values near
 // the bulk of the distribution and would otherwise queue on one counter). All 32 lanes must call it.
@@ -85,6 +117,7 @@ __device__ void hist_impl(const u16* __restrict__ row, int V, u32* __restrict__ 
     const int tail = head + 8 * nvec;
     const u16* vec = row + head;
     u32 best = 0;
+    BadCount<A> bad;
     const int stride = gridDim.x * blockDim.x;
     // Warp-uniform trip count, so every lane reaches the warp-wide match in hist_add.
     for (int base = blockIdx.x * blockDim.x + threadIdx.x - lane; base < nvec; base += stride) {
@@ -94,7 +127,9 @@ __device__ void hist_impl(const u16* __restrict__ row, int V, u32* __restrict__ 
         const u32 w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const u32 k = key16<A>((w[j >> 1] >> (16 * (j & 1))) & 0xffffu);
+            const u32 h = (w[j >> 1] >> (16 * (j & 1))) & 0xffffu;
+            const u32 k = key16<A>(h);
+            bad.add(h, head + 8 * v + j, ok);
             hist_add(state, k, ok);
             best = ok && k > best ? k : best;
         }
@@ -102,12 +137,15 @@ __device__ void hist_impl(const u16* __restrict__ row, int V, u32* __restrict__ 
     if (blockIdx.x == 0 && threadIdx.x < 32) {  // at most 7 + 7 scalar elements
         const int i = lane < head ? lane : tail + (lane - head);
         const bool ok = lane < head || (i >= tail && i < V);
-        const u32 k = ok ? key16<A>(ld_nc_u16(row + i)) : 0u;
+        const u32 h = ok ? (u32)ld_nc_u16(row + i) : 0u;
+        const u32 k = ok ? key16<A>(h) : 0u;
+        bad.add(h, i, ok);
         hist_add(state, k, ok);
         best = k > best ? k : best;
     }
     best = __reduce_max_sync(FULL_MASK, best);
     if (lane == 0 && best) atomicMax(&state[SAMPLE_BINS], best);
+    bad.flush(state);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -349,7 +387,8 @@ struct ListPass {
     }
 };
 
-// out[0] = token (0xffffffff when the row has no finite maximum, out[1] then holds it), out[1] = logprob bits,
+// out[0] = token (0xffffffff when the row is refused: out[1] then holds the largest logit, out[2] the number of
+// non-finite logits, out[3] of NaNs, out[4] ~ the first non-finite index), out[1] = logprob bits,
 // out[2 + 2j] = j-th top token, out[3 + 2j] = its logprob bits.
 template <class A>
 __device__ void pick_impl(const u16* __restrict__ row, int V, float temperature, int top_k, float top_p, u64 seed,
@@ -358,7 +397,9 @@ __device__ void pick_impl(const u16* __restrict__ row, int V, float temperature,
     const u32* hist = state;
     const u32 max_key = state[SAMPLE_BINS];
     const float x_max = key_value<A>(max_key);
-    const bool ok = !(x_max == f32_inf() || x_max == -f32_inf());  // else no finite logit, or an infinite one
+    const u32 n_bad = state[SAMPLE_NONFINITE], n_nan = state[SAMPLE_NAN], first_bad = state[SAMPLE_FIRST_BAD];
+    // Refused: a NaN or infinite logit, or no finite one.
+    const bool ok = n_bad == 0u && !(x_max == f32_inf() || x_max == -f32_inf());
     const Limit all = {0u, 0xffffffffu};
 
     u32 chosen_bin = max_key, chosen_j = 0, top_bin = 0, top_r = 0;
@@ -406,12 +447,20 @@ __device__ void pick_impl(const u16* __restrict__ row, int V, float temperature,
         const int lo = hi_bin((int)threadIdx.x) - (SAMPLE_BINS_PER_THREAD - 1);
         for (int g = 0; g < SAMPLE_BINS_PER_THREAD; g += 4)
             *reinterpret_cast<uint4*>(state + lo + g) = make_uint4(0u, 0u, 0u, 0u);
-        if (threadIdx.x == 0) state[SAMPLE_BINS] = 0u;
+        if (threadIdx.x == 0) {
+            state[SAMPLE_BINS] = 0u;
+            state[SAMPLE_NONFINITE] = 0u;
+            state[SAMPLE_NAN] = 0u;
+            state[SAMPLE_FIRST_BAD] = 0u;
+        }
     }
     if (!ok) {
         if (threadIdx.x == 0) {
             out[0] = 0xffffffffu;
             out[1] = __float_as_uint(x_max);
+            out[2] = n_bad;
+            out[3] = n_nan;
+            out[4] = first_bad;
         }
         return;
     }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Device, Rng, act, assert_close, download, poisoned, weight, weight_bytes};
-use shardline_kernels::{AttnSeq, AttnShape, Backend, DType, RopeConfig, RopeStyle, SamplingParams};
+use shardline_kernels::{AttnSeq, AttnShape, Backend, DType, KernelError, RopeConfig, RopeStyle, SamplingParams};
 
 /// Every weight dtype: the CUDA backend has kernels for each format the CPU backend computes with. F32/F16/BF16 and
 /// Q8_0/Q4_0/Q4_1 run the GEMV on 16-bit activations; Q5_0 … IQ4_XS quantise the activation rows to int8 blocks of 32
@@ -360,10 +360,24 @@ fn sample(d: &Device) {
                 logits.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0 + 0.25);
             }
             if nan {
-                // NaN counts as -inf on both backends (never drawn, ranked last).
+                // A NaN (or an infinity) anywhere in the row: both backends refuse to draw, naming how many.
                 logits.iter_mut().step_by(7).for_each(|v| *v = f32::NAN);
+                logits[vocab + 3] = f32::INFINITY;
             }
             let logits = d.exact(&logits);
+            if nan {
+                let (got, want) = both(d, |b| {
+                    let l = act(b, &[2, vocab], &logits);
+                    match b.sample(&l, 1, &params[1], 0, 5) {
+                        Err(KernelError::NonFiniteLogits { nan, infinite, vocab, first }) => {
+                            (nan, infinite, vocab, first)
+                        }
+                        other => panic!("{}: a row with NaN logits gave {other:?}", d.label),
+                    }
+                });
+                assert_eq!(got, want, "{}: vocab {vocab}, the refused row's counts", d.label);
+                continue;
+            }
             for p in &params {
                 for (position, n_top) in [(0u64, 5usize), (9, 0), (1 << 33, 256)] {
                     let (got, want) = both(d, |b| {

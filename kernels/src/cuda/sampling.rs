@@ -22,7 +22,8 @@ pub(crate) struct SampleIo {
 
 const IO_BYTES: usize = (2 + 2 * MAX_TOP) * 4;
 
-/// `[65536 counts, one per 16-bit logit value][largest key]` as u32 words, padded to 16 bytes (`SAMPLE_BINS`).
+/// `[65536 counts, one per 16-bit logit value][largest key][non-finite count][NaN count][~first non-finite index]`
+/// as u32 words (`SAMPLE_BINS`, `SAMPLE_NONFINITE` … in sampling.cu).
 const STATE_BYTES: usize = (65_536 + 4) * 4;
 
 /// Threads per block of `sample_hist_*` (`SAMPLE_HIST_THREADS`); each reads 8 logits per 16-byte load.
@@ -117,7 +118,8 @@ pub(crate) fn sample(
     )?;
     let io = ex.sample_io.as_mut().ok_or_else(|| KernelError::Cuda("sampler buffer lost".into()))?;
     let n_top = n_top.min(vocab);
-    let words = 2 + 2 * n_top;
+    // A refused row's answer takes 5 words (sampling.cu, `pick_impl`).
+    let words = (2 + 2 * n_top).max(5);
     let host = io.host.as_mut_slice(0, words * 4);
     // A raw driver call: the context must be current on this thread.
     b.ctx.bind_to_thread().map_err(cuda_err)?;
@@ -128,6 +130,16 @@ pub(crate) fn sample(
     let bytes = io.host.read(0, words * 4);
     let w: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     if w[0] == u32::MAX {
+        if w[2] > 0 {
+            // NaN or infinite logits: refused as on the CPU (kernels/src/cpu/sample.rs), whatever the finite rest.
+            let (bad, nan) = (w[2] as usize, w[3] as usize);
+            return Err(KernelError::NonFiniteLogits {
+                nan,
+                infinite: bad.saturating_sub(nan),
+                vocab,
+                first: !w[4] as usize,
+            });
+        }
         let max = f32::from_bits(w[1]);
         return Err(shape_err("sample", if max > 0.0 { "infinite logit" } else { "no finite logit" }));
     }

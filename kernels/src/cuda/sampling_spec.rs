@@ -1,7 +1,8 @@
 //! Test-only: the sampling semantics of kernels/cuda/sampling.cu written twice in Rust, once plainly (sort the
 //! vocabulary, cut, walk) and once the way the kernels compute it (a histogram of the 16-bit logits, cuts found by
 //! a prefix over 1024 groups of 64 bins and then within the group, ids by rank within a bin, fixed-point masses, no
-//! sort), and checked against each other on random 16-bit logits with many ties, NaN and infinities. The kernels
+//! sort), and checked against each other on random 16-bit logits with many ties; rows holding a NaN or an infinity
+//! are refused by both (and by the CPU backend). The kernels
 //! mirror `by_histogram` step by step; their agreement with the CPU backend is checked on a GPU by tests/parity.rs.
 
 use crate::backend::SamplingParams;
@@ -141,6 +142,10 @@ fn find_bin(hist: &[u32], target: u64, by_mass: bool, lim: Limit, x_max: f32, in
 
 /// The kernels `sample_hist` + `sample_pick`, on the host: (token, top ids), or `None` without a finite maximum.
 fn by_histogram(h: &[u16], p: &SamplingParams, position: u64, n_top: usize) -> Option<(u32, Vec<u32>)> {
+    // A NaN or an infinity anywhere refuses the row (the histogram pass counts them; `pick_impl` answers with them).
+    if h.iter().any(|&b| b & 0x7fff >= 0x7c00) {
+        return None;
+    }
     let keys: Vec<u32> = h.iter().map(|&b| key16(b)).collect();
     let mut hist = vec![0u32; BINS];
     keys.iter().for_each(|&k| hist[k as usize] += 1);
@@ -245,8 +250,14 @@ fn histogram_sampling_equals_sort_and_walk() {
                 for position in [0u64, 17, 1 << 40] {
                     let n_top = [0, 1, 5, 8, 256][trial % 5];
                     let got = by_histogram(&h, p, position, n_top);
-                    if x.iter().all(|v| v.is_nan() || *v == f32::NEG_INFINITY) {
-                        assert_eq!(got, None, "vocab {v}, trial {trial}: no finite logit");
+                    if x.iter().any(|v| !v.is_finite()) {
+                        // Refused by the kernels and by the CPU backend alike, whatever the finite rest.
+                        assert_eq!(got, None, "vocab {v}, trial {trial}: a non-finite logit");
+                        let cpu = crate::cpu::sample::sample(false, &x, p, position, n_top);
+                        assert!(
+                            matches!(cpu, Err(crate::error::KernelError::NonFiniteLogits { .. })),
+                            "CPU: vocab {v}, trial {trial}: {cpu:?}"
+                        );
                         continue;
                     }
                     let want = by_sorting(&x, p, position, n_top.min(256));
