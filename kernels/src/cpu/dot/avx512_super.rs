@@ -69,35 +69,26 @@ struct Unpacked {
     mins: __m256i,
 }
 
-/// Lane `z` of register `c` holds values `64c + 4z .. 64c + 4z + 4`: 16-value group `4c + z / 4`.
-static GROUP_OF_LANE: [[u32; 16]; 4] = {
+/// For each i32 lane `z` of register `c` (values `64c + 4z .. 64c + 4z + 4`), the index of its `group`-value group.
+const fn group_of_lanes(group: usize) -> [[u32; 16]; 4] {
     let mut t = [[0u32; 16]; 4];
     let mut c = 0;
     while c < 4 {
         let mut z = 0;
         while z < 16 {
-            t[c][z] = (4 * c + z / 4) as u32;
+            t[c][z] = ((64 * c + 4 * z) / group) as u32;
             z += 1;
         }
         c += 1;
     }
     t
-};
+}
+
+/// Lane `z` of register `c` lies in 16-value group `4c + z / 4`.
+static GROUP_OF_LANE: [[u32; 16]; 4] = group_of_lanes(16);
 
 /// Lane `z` of register `c` lies in 32-value sub-block `2c + z / 8`.
-static SUB_OF_LANE: [[u32; 16]; 4] = {
-    let mut t = [[0u32; 16]; 4];
-    let mut c = 0;
-    while c < 4 {
-        let mut z = 0;
-        while z < 16 {
-            t[c][z] = (2 * c + z / 8) as u32;
-            z += 1;
-        }
-        c += 1;
-    }
-    t
-};
+static SUB_OF_LANE: [[u32; 16]; 4] = group_of_lanes(32);
 
 /// Unpacks the super-block at `blk`.
 ///
