@@ -23,6 +23,7 @@
 // row, one element per lane and step.
 #include "common.cuh"
 #include "weights.cuh"
+#include "gemv_loop.cuh"
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2
@@ -74,59 +75,14 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* _
     float acc0[NT], acc1[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
-    int c = lo + lane;
-    // Software-pipelined main loop over whole groups of U steps: `n0w`/`n1w` hold the next group's chunks.
-    typename W::Chunk n0w[U], n1w[U];
-    bool more = c + 32 * (U - 1) < chunks;
-    if (more) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            n0w[u] = W::load_chunk(qs, sc, row0, c + 32 * u, K);
-            n1w[u] = W::load_chunk(qs1, sc1, row1, c + 32 * u, K);
-        }
-    }
-    while (more) {
-        typename W::Chunk w0[U], w1[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) w0[u] = n0w[u], w1[u] = n1w[u];
-        const int cn = c + 32 * U;
-        more = cn + 32 * (U - 1) < chunks;
-        if (more) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                n0w[u] = W::load_chunk(qs, sc, row0, cn + 32 * u, K);
-                n1w[u] = W::load_chunk(qs1, sc1, row1, cn + 32 * u, K);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) gemv_step<A, W, NT>(w0[u], w1[u], x, c + 32 * u, t0, T, K, acc0, acc1);
-        c = cn;
-    }
-    // Remainder: fewer than U steps left for this lane.
-#pragma unroll 1
-    for (; c < chunks; c += 32) {
-        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, K);
-        const typename W::Chunk w1 = W::load_chunk(qs1, sc1, row1, c, K);
-        gemv_step<A, W, NT>(w0, w1, x, c, t0, T, K, acc0, acc1);
-    }
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        const float s0 = warp_sum(acc0[t]);
-        const float s1 = warp_sum(acc1[t]);
-        if (lane == 0 && t < nt) {
-            if (GLU) {
-                out[(long)(t0 + t) * N + n0] = swiglu_of_sums<A>(s0, s1);
-            } else if (SPLIT) {
-                float* o = ws + ((long)blockIdx.z * T + t0 + t) * N + n0;
-                o[0] = s0;
-                if (has1) o[1] = s1;
-            } else {
-                u16* o = out + (long)(t0 + t) * N + n0;
-                o[0] = A::from_f32(s0);
-                if (has1) o[1] = A::from_f32(s1);
-            }
-        }
-    }
+    const int c = lo + lane;
+    gemv_walk<U, typename W::Chunk>(
+        c, chunks, [&](int ci) { return W::load_chunk(qs, sc, row0, ci, K); },
+        [&](int ci) { return W::load_chunk(qs1, sc1, row1, ci, K); },
+        [&](const typename W::Chunk& w0, const typename W::Chunk& w1, int cs) {
+            gemv_step<A, W, NT>(w0, w1, x, cs, t0, T, K, acc0, acc1);
+        });
+    gemv_store<A, NT, SPLIT, GLU>(acc0, acc1, lane, nt, t0, T, N, n0, has1, out, ws);
 }
 
 // out[i] = sum over z of ws[z][i] for the TN = T * N outputs, in order z = 0 .. splits - 1. Grid-stride, block 256.

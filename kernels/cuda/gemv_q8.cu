@@ -16,6 +16,7 @@
 // (gemvq_splitk_*, NT = 1) writes f32 partial sums that gemv.cu's gemv_reduce_* adds in split order.
 #include "common.cuh"
 #include "weights_q.cuh"
+#include "gemv_loop.cuh"
 
 #define GEMVQ_WARPS 4
 #define GEMVQ_ROWS 2
@@ -98,58 +99,15 @@ __device__ __forceinline__ void gemvq_impl(const u8* __restrict__ qs, const u8* 
     float acc0[NT], acc1[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
-    int c = lo + lane;
+    const int c = lo + lane;
     const int cc = c % W::CPB;  // the same on every step of this lane
-    typename W::Chunk n0w[U], n1w[U];
-    bool more = c + 32 * (U - 1) < chunks;
-    if (more) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            n0w[u] = W::load_chunk(qs, sc, row0, c + 32 * u, cc, K);
-            n1w[u] = W::load_chunk(qs1, sc1, row1, c + 32 * u, cc, K);
-        }
-    }
-    while (more) {
-        typename W::Chunk w0[U], w1[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) w0[u] = n0w[u], w1[u] = n1w[u];
-        const int cn = c + 32 * U;
-        more = cn + 32 * (U - 1) < chunks;
-        if (more) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                n0w[u] = W::load_chunk(qs, sc, row0, cn + 32 * u, cc, K);
-                n1w[u] = W::load_chunk(qs1, sc1, row1, cn + 32 * u, cc, K);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) gemvq_step<W, NT>(w0[u], w1[u], xq, xm, c + 32 * u, cc, t0, T, K, acc0, acc1);
-        c = cn;
-    }
-#pragma unroll 1
-    for (; c < chunks; c += 32) {
-        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, cc, K);
-        const typename W::Chunk w1 = W::load_chunk(qs1, sc1, row1, c, cc, K);
-        gemvq_step<W, NT>(w0, w1, xq, xm, c, cc, t0, T, K, acc0, acc1);
-    }
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        const float s0 = warp_sum(acc0[t]);
-        const float s1 = warp_sum(acc1[t]);
-        if (lane == 0 && t < nt) {
-            if (GLU) {
-                out[(long)(t0 + t) * N + n0] = swiglu_of_sums<A>(s0, s1);
-            } else if (SPLIT) {
-                float* o = ws + ((long)blockIdx.z * T + t0 + t) * N + n0;
-                o[0] = s0;
-                if (has1) o[1] = s1;
-            } else {
-                u16* o = out + (long)(t0 + t) * N + n0;
-                o[0] = A::from_f32(s0);
-                if (has1) o[1] = A::from_f32(s1);
-            }
-        }
-    }
+    gemv_walk<U, typename W::Chunk>(
+        c, chunks, [&](int ci) { return W::load_chunk(qs, sc, row0, ci, cc, K); },
+        [&](int ci) { return W::load_chunk(qs1, sc1, row1, ci, cc, K); },
+        [&](const typename W::Chunk& w0, const typename W::Chunk& w1, int cs) {
+            gemvq_step<W, NT>(w0, w1, xq, xm, cs, cc, t0, T, K, acc0, acc1);
+        });
+    gemv_store<A, NT, SPLIT, GLU>(acc0, acc1, lane, nt, t0, T, N, n0, has1, out, ws);
 }
 
 #define GEMVQ_NT(act, A, wname, W, NT)                                                                               \
