@@ -217,18 +217,14 @@ fn decode_step(cuda: &Arc<CudaBackend>, copy_bw: f64, rows: &mut Vec<Row>) {
         let seqs = [AttnSeq { rows: 0..1, pos0: ctx, block_table: &table }];
         for (kc, vc) in caches.iter_mut() {
             b.rms_norm(&x, &attn_norm, 1e-5, &mut hb)?;
-            b.matmul(&hb, &wq, &mut q)?;
-            b.matmul(&hb, &wk, &mut k)?;
-            b.matmul(&hb, &wv, &mut v)?;
+            b.matmul_many(&hb, &mut [(&wq, &mut q), (&wk, &mut k), (&wv, &mut v)])?;
             b.rope(&mut q, &[pos], heads, &inv_freq, &cfg)?;
             b.rope(&mut k, &[pos], kv_heads, &inv_freq, &cfg)?;
             b.kv_store(kc, vc, &k, &v, &[pos])?;
             b.attention(&q, kc, vc, &seqs, &shape, &mut att)?;
             b.matmul(&att, &wo, &mut o)?;
             b.add_rms_norm(&mut x, &o, &ffn_norm, 1e-5, &mut hb)?;
-            b.matmul(&hb, &wg, &mut gate)?;
-            b.matmul(&hb, &wu, &mut up)?;
-            b.swiglu(&gate, &up, &mut act)?;
+            b.matmul_swiglu(&hb, (&wg, &wu), (&mut gate, &mut up), &mut act)?;
             b.matmul(&act, &wd, &mut o)?;
             b.add(&mut x, &o)?;
         }

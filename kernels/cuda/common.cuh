@@ -261,5 +261,16 @@ __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) 
     }
 }
 
+// SwiGLU's gate activation (swiglu_* in elementwise.cu and the gemv_swiglu_* epilogues use this one definition, so
+// the fused and the separate kernels round the same f32 values alike).
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// The SwiGLU output of one element from the f32 sums of its gate and up rows, each first rounded to the activation
+// type: exactly what the gate and up GEMVs would store and swiglu_* would compute from them.
+template <class A>
+__device__ __forceinline__ u16 swiglu_of_sums(float gate, float up) {
+    return A::from_f32(silu(A::to_f32(A::from_f32(gate))) * A::to_f32(A::from_f32(up)));
+}
+
 // Both activation types, for one `extern "C"` entry point per type.
 #define FOR_EACH_ACT(M) M(f16, ActF16) M(bf16, ActBF16)

@@ -5,8 +5,6 @@
 #include "common.cuh"
 #include "weights.cuh"
 
-__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
-
 template <class A>
 __device__ __forceinline__ void swiglu_impl(const u16* __restrict__ gate, const u16* __restrict__ up,
                                             u16* __restrict__ out, long n) {

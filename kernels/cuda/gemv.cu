@@ -7,6 +7,8 @@
 // activation row t of its tile in f32; then one warp reduction per (n, t). grid = (ceil(N / 8), ceil(T / NT)); NT in
 // {1, 2, 4, 8} is the number of activation rows that share one pass over the weights (several sessions per launch).
 // The weights are read once per launch (per NT rows); the activations (a few KiB) are re-read from L1/L2.
+// gemv_swiglu_*: the same kernel over the gate and up matrices at once (a warp's rows are gate row n and up row n),
+// storing silu(gate) * up; grid = (ceil(N / 4), ceil(T / NT)).
 //
 // Loads in flight (docs/CUDA.md, "GEMV"): a decode GEMV has too few warps per SM to hide DRAM latency with one
 // 16-byte load per lane, so the main loop is software-pipelined over groups of U = GemvUnroll<NT>::U chunk steps:
@@ -21,6 +23,7 @@
 // row, one element per lane and step.
 #include "common.cuh"
 #include "weights.cuh"
+#include "gemv_loop.cuh"
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2
@@ -49,74 +52,37 @@ __device__ __forceinline__ void gemv_step(const typename W::Chunk& w0, const typ
 // SPLIT: split-K (gemv_splitk_*): block z covers chunks [z * cps, (z + 1) * cps) of every row and writes its f32
 // partial sums to ws[z][t][n]; gemv_reduce_* adds the splits in order z = 0, 1, ... (deterministic). Used when the
 // output is too short to put enough warps on every SM (docs/CUDA.md, "GEMV").
-template <class A, class W, int NT, bool SPLIT>
+//
+// GLU (gemv_swiglu_*, docs/CUDA.md "Fusion"): the warp's two rows are row n of the gate weights (qs, sc) and row n
+// of the up weights (qs1, sc1), and it stores out[t, n] = silu(gate) * up, both sums rounded to the activation type
+// first: the bits the gate GEMV, the up GEMV and swiglu_* would give, in one launch (a row's sum does not depend on
+// which of a warp's two rows it is). A block covers GEMV_WARPS outputs; otherwise (qs1, sc1) = (qs, sc).
+template <class A, class W, int NT, bool SPLIT, bool GLU = false>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ qs, const u8* __restrict__ sc,
+                                          const u8* __restrict__ qs1, const u8* __restrict__ sc1,
                                           const u16* __restrict__ x, u16* __restrict__ out, float* __restrict__ ws,
                                           int N, int K, int T, int cps) {
     constexpr int U = GemvUnroll<NT>::U;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    const int n0 = GLU ? blockIdx.x * GEMV_WARPS + warp : (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     const int t0 = blockIdx.y * NT;
     if (n0 >= N) return;  // whole warps leave; the kernel has no block-wide barrier
     const int nt = min(NT, T - t0);
     const bool has1 = n0 + 1 < N;
-    const long row0 = n0, row1 = has1 ? n0 + 1 : n0;
+    const long row0 = n0, row1 = GLU ? n0 : has1 ? n0 + 1 : n0;
     const int lo = SPLIT ? (int)blockIdx.z * cps : 0;
     const int chunks = SPLIT ? min(K / W::CHUNK, lo + cps) : K / W::CHUNK;  // end of this block's chunk range
     float acc0[NT], acc1[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
-    int c = lo + lane;
-    // Software-pipelined main loop over whole groups of U steps: `n0w`/`n1w` hold the next group's chunks.
-    typename W::Chunk n0w[U], n1w[U];
-    bool more = c + 32 * (U - 1) < chunks;
-    if (more) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            n0w[u] = W::load_chunk(qs, sc, row0, c + 32 * u, K);
-            n1w[u] = W::load_chunk(qs, sc, row1, c + 32 * u, K);
-        }
-    }
-    while (more) {
-        typename W::Chunk w0[U], w1[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) w0[u] = n0w[u], w1[u] = n1w[u];
-        const int cn = c + 32 * U;
-        more = cn + 32 * (U - 1) < chunks;
-        if (more) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                n0w[u] = W::load_chunk(qs, sc, row0, cn + 32 * u, K);
-                n1w[u] = W::load_chunk(qs, sc, row1, cn + 32 * u, K);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) gemv_step<A, W, NT>(w0[u], w1[u], x, c + 32 * u, t0, T, K, acc0, acc1);
-        c = cn;
-    }
-    // Remainder: fewer than U steps left for this lane.
-#pragma unroll 1
-    for (; c < chunks; c += 32) {
-        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, K);
-        const typename W::Chunk w1 = W::load_chunk(qs, sc, row1, c, K);
-        gemv_step<A, W, NT>(w0, w1, x, c, t0, T, K, acc0, acc1);
-    }
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        const float s0 = warp_sum(acc0[t]);
-        const float s1 = warp_sum(acc1[t]);
-        if (lane == 0 && t < nt) {
-            if (SPLIT) {
-                float* o = ws + ((long)blockIdx.z * T + t0 + t) * N + n0;
-                o[0] = s0;
-                if (has1) o[1] = s1;
-            } else {
-                u16* o = out + (long)(t0 + t) * N + n0;
-                o[0] = A::from_f32(s0);
-                if (has1) o[1] = A::from_f32(s1);
-            }
-        }
-    }
+    const int c = lo + lane;
+    gemv_walk<U, typename W::Chunk>(
+        c, chunks, [&](int ci) { return W::load_chunk(qs, sc, row0, ci, K); },
+        [&](int ci) { return W::load_chunk(qs1, sc1, row1, ci, K); },
+        [&](const typename W::Chunk& w0, const typename W::Chunk& w1, int cs) {
+            gemv_step<A, W, NT>(w0, w1, x, cs, t0, T, K, acc0, acc1);
+        });
+    gemv_store<A, NT, SPLIT, GLU>(acc0, acc1, lane, nt, t0, T, N, n0, has1, out, ws);
 }
 
 // out[i] = sum over z of ws[z][i] for the TN = T * N outputs, in order z = 0 .. splits - 1. Grid-stride, block 256.
@@ -158,17 +124,25 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
 #define GEMV_NT(act, A, wname, W, NT)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##act##_##wname##_t##NT(                       \
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
-        gemv_impl<A, W, NT, false>(qs, sc, x, out, nullptr, N, K, T, 0);                                             \
+        gemv_impl<A, W, NT, false>(qs, sc, qs, sc, x, out, nullptr, N, K, T, 0);                                             \
+    }
+// gate|up GEMV with the SwiGLU epilogue: out[t, n] = silu(x[t] . gate[n]) * (x[t] . up[n]); grid (ceil(N / 4), ceil(T / NT)).
+#define GEMV_SWIGLU_NT(act, A, wname, W, NT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_swiglu_##act##_##wname##_t##NT(                \
+        const u8* qg, const u8* sg, const u8* qu, const u8* su, const u16* x, u16* out, int N, int K, int T) {          \
+        gemv_impl<A, W, NT, false, true>(qg, sg, qu, su, x, out, nullptr, N, K, T, 0);                               \
     }
 // Split-K at NT = 1 only (one decode row: the case whose short outputs leave SMs idle).
 #define GEMV_SPLITK(act, A, wname, W)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_splitk_##act##_##wname(                        \
         const u8* qs, const u8* sc, const u16* x, float* ws, int N, int K, int T, int cps) {                         \
-        gemv_impl<A, W, 1, true>(qs, sc, x, nullptr, ws, N, K, T, cps);                                              \
+        gemv_impl<A, W, 1, true>(qs, sc, qs, sc, x, nullptr, ws, N, K, T, cps);                                              \
     }
 #define GEMV(act, A, wname, W)                                                                                       \
     GEMV_NT(act, A, wname, W, 1) GEMV_NT(act, A, wname, W, 2) GEMV_NT(act, A, wname, W, 4)                           \
-        GEMV_NT(act, A, wname, W, 8) GEMV_SPLITK(act, A, wname, W)
+        GEMV_NT(act, A, wname, W, 8) GEMV_SPLITK(act, A, wname, W) GEMV_SWIGLU_NT(act, A, wname, W, 1)                \
+            GEMV_SWIGLU_NT(act, A, wname, W, 2) GEMV_SWIGLU_NT(act, A, wname, W, 4)                                  \
+                GEMV_SWIGLU_NT(act, A, wname, W, 8)
 #define GEMV_SCALAR(act, A, wname, W)                                                                                \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar_##act##_##wname(                        \
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
@@ -177,7 +151,8 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
 // Q8_0/Q4_0/Q4_1 keep their one-row GEMV (and split-K) here, on 16-bit activations: at T = 1 the separate
 // activation-quantisation launch of gemv_q8.cu costs more than their conversions save (docs/CUDA.md, "Quantised
 // GEMV"); T >= 2 runs gemv_q8.cu's dp4a kernels. Every other quantised format is in gemv_q8.cu only.
-#define GEMV_T1(act, A, wname, W) GEMV_NT(act, A, wname, W, 1) GEMV_SPLITK(act, A, wname, W)
+#define GEMV_T1(act, A, wname, W)                                                                                    \
+    GEMV_NT(act, A, wname, W, 1) GEMV_SPLITK(act, A, wname, W) GEMV_SWIGLU_NT(act, A, wname, W, 1)
 #define GEMV_ACT(act, A)                                                                                             \
     GEMV(act, A, f32, WF32) GEMV(act, A, f16, WF16) GEMV(act, A, bf16, WBF16) GEMV_T1(act, A, q8_0, WQ8_0)            \
         GEMV_T1(act, A, q4_0, WQ4_0) GEMV_T1(act, A, q4_1, WQ4_1)                                                    \

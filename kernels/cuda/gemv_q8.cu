@@ -16,6 +16,7 @@
 // (gemvq_splitk_*, NT = 1) writes f32 partial sums that gemv.cu's gemv_reduce_* adds in split order.
 #include "common.cuh"
 #include "weights_q.cuh"
+#include "gemv_loop.cuh"
 
 #define GEMVQ_WARPS 4
 #define GEMVQ_ROWS 2
@@ -77,92 +78,66 @@ __device__ __forceinline__ void gemvq_step(const typename W::Chunk& w0, const ty
     }
 }
 
-template <class A, class W, int NT, bool SPLIT>
+// GLU (gemv_swiglu_*): row n of the gate weights (qs, sc) and row n of the up weights (qs1, sc1) in one warp, which
+// stores silu(gate) * up from the two sums rounded to the activation type (as gemv.cu's GLU variant; docs/CUDA.md,
+// "Fusion"). Otherwise (qs1, sc1) = (qs, sc).
+template <class A, class W, int NT, bool SPLIT, bool GLU = false>
 __device__ __forceinline__ void gemvq_impl(const u8* __restrict__ qs, const u8* __restrict__ sc,
+                                           const u8* __restrict__ qs1, const u8* __restrict__ sc1,
                                            const i8* __restrict__ xq, const float4* __restrict__ xm,
                                            u16* __restrict__ out, float* __restrict__ ws, int N, int K, int T, int cps) {
     constexpr int U = GemvqUnroll<W, NT>::U;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * GEMVQ_WARPS + warp) * GEMVQ_ROWS;
+    const int n0 = GLU ? blockIdx.x * GEMVQ_WARPS + warp : (blockIdx.x * GEMVQ_WARPS + warp) * GEMVQ_ROWS;
     const int t0 = blockIdx.y * NT;
     if (n0 >= N) return;  // whole warps leave; no block-wide barrier
     const int nt = min(NT, T - t0);
     const bool has1 = n0 + 1 < N;
-    const long row0 = n0, row1 = has1 ? n0 + 1 : n0;
+    const long row0 = n0, row1 = GLU ? n0 : has1 ? n0 + 1 : n0;
     const int lo = SPLIT ? (int)blockIdx.z * cps : 0;  // a multiple of 32 * U, so of CPB
     const int chunks = SPLIT ? min(K / W::CHUNK, lo + cps) : K / W::CHUNK;
     float acc0[NT], acc1[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = 0.f;
-    int c = lo + lane;
+    const int c = lo + lane;
     const int cc = c % W::CPB;  // the same on every step of this lane
-    typename W::Chunk n0w[U], n1w[U];
-    bool more = c + 32 * (U - 1) < chunks;
-    if (more) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            n0w[u] = W::load_chunk(qs, sc, row0, c + 32 * u, cc, K);
-            n1w[u] = W::load_chunk(qs, sc, row1, c + 32 * u, cc, K);
-        }
-    }
-    while (more) {
-        typename W::Chunk w0[U], w1[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) w0[u] = n0w[u], w1[u] = n1w[u];
-        const int cn = c + 32 * U;
-        more = cn + 32 * (U - 1) < chunks;
-        if (more) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                n0w[u] = W::load_chunk(qs, sc, row0, cn + 32 * u, cc, K);
-                n1w[u] = W::load_chunk(qs, sc, row1, cn + 32 * u, cc, K);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) gemvq_step<W, NT>(w0[u], w1[u], xq, xm, c + 32 * u, cc, t0, T, K, acc0, acc1);
-        c = cn;
-    }
-#pragma unroll 1
-    for (; c < chunks; c += 32) {
-        const typename W::Chunk w0 = W::load_chunk(qs, sc, row0, c, cc, K);
-        const typename W::Chunk w1 = W::load_chunk(qs, sc, row1, c, cc, K);
-        gemvq_step<W, NT>(w0, w1, xq, xm, c, cc, t0, T, K, acc0, acc1);
-    }
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        const float s0 = warp_sum(acc0[t]);
-        const float s1 = warp_sum(acc1[t]);
-        if (lane == 0 && t < nt) {
-            if (SPLIT) {
-                float* o = ws + ((long)blockIdx.z * T + t0 + t) * N + n0;
-                o[0] = s0;
-                if (has1) o[1] = s1;
-            } else {
-                u16* o = out + (long)(t0 + t) * N + n0;
-                o[0] = A::from_f32(s0);
-                if (has1) o[1] = A::from_f32(s1);
-            }
-        }
-    }
+    gemv_walk<U, typename W::Chunk>(
+        c, chunks, [&](int ci) { return W::load_chunk(qs, sc, row0, ci, cc, K); },
+        [&](int ci) { return W::load_chunk(qs1, sc1, row1, ci, cc, K); },
+        [&](const typename W::Chunk& w0, const typename W::Chunk& w1, int cs) {
+            gemvq_step<W, NT>(w0, w1, xq, xm, cs, cc, t0, T, K, acc0, acc1);
+        });
+    gemv_store<A, NT, SPLIT, GLU>(acc0, acc1, lane, nt, t0, T, N, n0, has1, out, ws);
 }
 
 #define GEMVQ_NT(act, A, wname, W, NT)                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMVQ_WARPS * 32, (GemvqUnroll<W, NT>::MINB))                     \
         gemv_##act##_##wname##_t##NT(                                                                             \
         const u8* qs, const u8* sc, const i8* xq, const float4* xm, u16* out, int N, int K, int T) {                  \
-        gemvq_impl<A, W, NT, false>(qs, sc, xq, xm, out, nullptr, N, K, T, 0);                                       \
+        gemvq_impl<A, W, NT, false>(qs, sc, qs, sc, xq, xm, out, nullptr, N, K, T, 0);                                       \
+    }
+// gate|up GEMV with the SwiGLU epilogue (one output row per warp): grid (ceil(N / 4), ceil(T / NT)).
+#define GEMVQ_SWIGLU_NT(act, A, wname, W, NT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMVQ_WARPS * 32, (GemvqUnroll<W, NT>::MINB))                     \
+        gemv_swiglu_##act##_##wname##_t##NT(const u8* qg, const u8* sg, const u8* qu, const u8* su, const i8* xq,     \
+                                            const float4* xm, u16* out, int N, int K, int T) {                        \
+        gemvq_impl<A, W, NT, false, true>(qg, sg, qu, su, xq, xm, out, nullptr, N, K, T, 0);                         \
     }
 #define GEMVQ_SPLITK(act, A, wname, W)                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMVQ_WARPS * 32) gemv_splitk_##act##_##wname(                       \
         const u8* qs, const u8* sc, const i8* xq, const float4* xm, float* ws, int N, int K, int T, int cps) {        \
-        gemvq_impl<A, W, 1, true>(qs, sc, xq, xm, nullptr, ws, N, K, T, cps);                                        \
+        gemvq_impl<A, W, 1, true>(qs, sc, qs, sc, xq, xm, nullptr, ws, N, K, T, cps);                                        \
     }
 #define GEMVQ(act, A, wname, W)                                                                                      \
     GEMVQ_NT(act, A, wname, W, 1) GEMVQ_NT(act, A, wname, W, 2) GEMVQ_NT(act, A, wname, W, 4)                        \
-        GEMVQ_NT(act, A, wname, W, 8) GEMVQ_SPLITK(act, A, wname, W)
+        GEMVQ_NT(act, A, wname, W, 8) GEMVQ_SPLITK(act, A, wname, W) GEMVQ_SWIGLU_NT(act, A, wname, W, 1)             \
+            GEMVQ_SWIGLU_NT(act, A, wname, W, 2) GEMVQ_SWIGLU_NT(act, A, wname, W, 4)                                \
+                GEMVQ_SWIGLU_NT(act, A, wname, W, 8)
 // Q8_0/Q4_0/Q4_1: T >= 2 only (their one-row GEMV stays on 16-bit activations in gemv.cu).
 #define GEMVQ_BATCH(act, A, wname, W)                                                                                \
-    GEMVQ_NT(act, A, wname, W, 2) GEMVQ_NT(act, A, wname, W, 4) GEMVQ_NT(act, A, wname, W, 8)
+    GEMVQ_NT(act, A, wname, W, 2) GEMVQ_NT(act, A, wname, W, 4) GEMVQ_NT(act, A, wname, W, 8)                        \
+        GEMVQ_SWIGLU_NT(act, A, wname, W, 2) GEMVQ_SWIGLU_NT(act, A, wname, W, 4)                                    \
+            GEMVQ_SWIGLU_NT(act, A, wname, W, 8)
 #define GEMVQ_ACT(act, A)                                                                                            \
     FOR_EACH_QWEIGHT(GEMVQ, act, A)                                                                                  \
     GEMVQ_BATCH(act, A, q8_0, GQ8_0) GEMVQ_BATCH(act, A, q4_0, GQ4_0) GEMVQ_BATCH(act, A, q4_1, GQ4_1)               \

@@ -185,11 +185,11 @@ __device__ __forceinline__ u64 bin_weight(u32 bin, u32 c, bool by_mass, Limit li
     return n ? (u64)n * mass(key_value<A>(bin), x_max, inv_t) : 0ull;
 }
 
-// This thread's total weight over its 64 bins (16 16-byte loads, four at a time in flight).
-template <class A>
-__device__ u64 thread_weight(const u32* hist, bool by_mass, Limit lim, float x_max, float inv_t) {
+// Walks this thread's 64 bins in bin order (16 16-byte loads, four at a time in flight), calling f(bin, count) for
+// each: the one walk of the histogram that thread_weight and thread_first_pass share.
+template <class F>
+__device__ __forceinline__ void for_each_bin(const u32* hist, F&& f) {
     const int lo = hi_bin((int)threadIdx.x) - (SAMPLE_BINS_PER_THREAD - 1);
-    u64 total = 0;
     for (int g = 0; g < SAMPLE_BINS_PER_THREAD; g += 16) {
         uint4 q[4];
 #pragma unroll
@@ -198,9 +198,16 @@ __device__ u64 thread_weight(const u32* hist, bool by_mass, Limit lim, float x_m
         for (int j = 0; j < 4; ++j) {
             const u32 c[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) total += bin_weight<A>((u32)(lo + g + 4 * j + e), c[e], by_mass, lim, x_max, inv_t);
+            for (int e = 0; e < 4; ++e) f((u32)(lo + g + 4 * j + e), c[e]);
         }
     }
+}
+
+// This thread's total weight over its 64 bins.
+template <class A>
+__device__ u64 thread_weight(const u32* hist, bool by_mass, Limit lim, float x_max, float inv_t) {
+    u64 total = 0;
+    for_each_bin(hist, [&](u32 bin, u32 c) { total += bin_weight<A>(bin, c, by_mass, lim, x_max, inv_t); });
     return total;
 }
 
@@ -208,26 +215,16 @@ __device__ u64 thread_weight(const u32* hist, bool by_mass, Limit lim, float x_m
 // vocabulary, in bin order), the token count, and when `masses` the total mass at temperature 1/inv_t.
 template <class A>
 __device__ float thread_first_pass(const u32* hist, float x_max, bool masses, float inv_t, u64& count, u64& mass_all) {
-    const int lo = hi_bin((int)threadIdx.x) - (SAMPLE_BINS_PER_THREAD - 1);
     float s = 0.f;
     u64 n = 0, m = 0;
-    for (int g = 0; g < SAMPLE_BINS_PER_THREAD; g += 16) {
-        uint4 q[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) q[j] = ld_global_v4(hist + lo + g + 4 * j);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const u32 c[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                if (c[e]) {
-                    const float x = key_value<A>((u32)(lo + g + 4 * j + e));
-                    s += (float)c[e] * expf(x - x_max);
-                    n += c[e];
-                    if (masses) m += (u64)c[e] * mass(x, x_max, inv_t);
-                }
+    for_each_bin(hist, [&](u32 bin, u32 c) {
+        if (c) {
+            const float x = key_value<A>(bin);
+            s += (float)c * expf(x - x_max);
+            n += c;
+            if (masses) m += (u64)c * mass(x, x_max, inv_t);
         }
-    }
+    });
     count = n;
     mass_all = m;
     return s;

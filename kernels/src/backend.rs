@@ -183,6 +183,32 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `out[t, n] = Σ_k x[t, k] · w[n, k]` for weights of any dtype; `x: [T, K]`, `w: [N, K]`, `out: [T, N]`.
     fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()>;
 
+    /// `outs[i] = x · wᵢᵀ` for several weights applied to the same input (a block's q/k/v projections). Every
+    /// backend's result is that of [`Backend::matmul`] per pair, in order; the CUDA backend quantises `x` to Q8 once
+    /// for all of them rather than once per GEMV (docs/CUDA.md, "Quantised GEMV").
+    fn matmul_many(&self, x: &Tensor, outs: &mut [(&Tensor, &mut Tensor)]) -> Result<()> {
+        for (w, out) in outs.iter_mut() {
+            self.matmul(x, w, out)?;
+        }
+        Ok(())
+    }
+
+    /// `out = silu(x · w_gateᵀ) ⊙ (x · w_upᵀ)`: the gate and up projections of a feed-forward block and its
+    /// SwiGLU. Every backend's result is that of `matmul` into `gate`, `matmul` into `up` and [`Backend::swiglu`]
+    /// (`gate` and `up`, `[T, N]`, are scratch the default uses and a fused kernel may leave untouched). The CUDA
+    /// backend runs one GEMV over both weights that stores the product (docs/CUDA.md, "Fusion").
+    fn matmul_swiglu(
+        &self,
+        x: &Tensor,
+        (w_gate, w_up): (&Tensor, &Tensor),
+        (gate, up): (&mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        self.matmul(x, w_gate, gate)?;
+        self.matmul(x, w_up, up)?;
+        self.swiglu(gate, up, out)
+    }
+
     /// Rotates `x: [T, n_heads * head_dim]` in place; row `t` is at position `positions[t]`; the angle of pair `i`
     /// is `positions[t] · inv_freq[i]` (computed in f32). `inv_freq` comes from [`Backend::rope_table`].
     fn rope(

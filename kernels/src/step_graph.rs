@@ -57,7 +57,8 @@ pub trait GraphRunner {
 pub const MAX_MISSES: u32 = 3;
 /// Eager steps of a key after [`MAX_MISSES`] recaptures in a row.
 pub const BACKOFF_STEPS: u32 = 64;
-/// Graphs kept at most (each owns its activation buffers and a 1 MiB staging area); the least recently used goes.
+/// Graphs kept at most (each owns its activation buffers and a staging area: 1 MiB on the device, 2 x 1 MiB
+/// page-locked); the least recently used goes.
 pub const MAX_GRAPHS: usize = 16;
 
 struct Entry<G> {

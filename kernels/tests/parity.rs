@@ -130,6 +130,94 @@ fn matmul(d: &Device) {
     }
 }
 
+/// `a` and `b` hold the same bits (no NaN).
+fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(!x.is_nan() && x.to_bits() == y.to_bits(), "{what}: element {i}: {x} vs {y}");
+    }
+}
+
+/// `matmul_swiglu` (CUDA: one gate|up GEMV storing silu(gate) * up, `gemv_swiglu_*`, for T <= 8 and unsplit
+/// shapes; the three ops otherwise): against the CPU within the tolerance, and on the same backend bit for bit
+/// against `matmul`, `matmul`, `swiglu`. Shapes cover every route: GEMV tiles 1..8, K that fits no vector width
+/// (scalar path), a one-row shape long enough for split-K, and T > 8 (GEMM).
+fn matmul_swiglu(d: &Device) {
+    let mut rng = Rng::new(21);
+    for dtype in CUDA_WEIGHT_DTYPES {
+        let shapes: &[(usize, usize, usize)] = match dtype.block_elems() {
+            1 => &[(1, 45, 40), (2, 33, 64), (3, 9, 64), (8, 64, 64), (5, 9, 37), (13, 20, 40), (1, 24, 8192)],
+            32 => &[(1, 45, 96), (2, 33, 160), (5, 9, 96), (8, 64, 64), (13, 20, 96), (1, 24, 8192)],
+            _ => &[(1, 45, 256), (2, 17, 512), (4, 9, 256), (8, 64, 256), (13, 20, 256), (1, 24, 16384)],
+        };
+        for &(t, n, k) in shapes {
+            let x = d.exact(&rng.vec(t * k, 1.0));
+            let scale = 1.0 / (k as f32).sqrt();
+            let (gb, ub) = (weight_bytes(&mut rng, dtype, n, k, scale), weight_bytes(&mut rng, dtype, n, k, scale));
+            let (got, want) = both(d, |b| {
+                let xt = act(b, &[t, k], &x);
+                let (wg, wu) = (weight(b, dtype, &[n, k], &gb), weight(b, dtype, &[n, k], &ub));
+                let (mut g, mut u, mut fused) = (poisoned(b, &[t, n]), poisoned(b, &[t, n]), poisoned(b, &[t, n]));
+                b.matmul_swiglu(&xt, (&wg, &wu), (&mut g, &mut u), &mut fused).expect("matmul_swiglu");
+                let mut sep = poisoned(b, &[t, n]);
+                b.matmul(&xt, &wg, &mut g).expect("gate");
+                b.matmul(&xt, &wu, &mut u).expect("up");
+                b.swiglu(&g, &u, &mut sep).expect("swiglu");
+                (download(b, &fused), download(b, &sep))
+            });
+            let what = format!("{}: matmul_swiglu {dtype} T={t} N={n} K={k}", d.label);
+            assert_same_bits(&format!("{what} (fused vs separate ops)"), &got.0, &got.1);
+            assert_close(&what, &got.0, &want.0, d.tol());
+        }
+    }
+}
+
+/// `matmul_many` (CUDA: one activation quantisation shared by the GEMVs on Q8 activations): against the CPU within
+/// the tolerance, and bit for bit against one `matmul` per pair on the same backend; q/k/v-like output widths, a
+/// third weight of another format (Q8_0, whose one-row GEMV reads 16-bit activations), split-K at T = 1, T > 8.
+fn matmul_many(d: &Device) {
+    let mut rng = Rng::new(22);
+    for dtype in CUDA_WEIGHT_DTYPES {
+        // K a multiple of every format's block; 16384 at T = 1 with 24 rows splits K for every format.
+        let shapes: &[(usize, [usize; 3], usize)] = &[
+            (1, [45, 17, 17], 256),
+            (3, [33, 8, 8], 512),
+            (8, [64, 16, 16], 256),
+            (13, [20, 9, 9], 256),
+            (1, [24, 24, 24], 16384),
+        ];
+        for &(t, ns, k) in shapes {
+            let dtypes = [dtype, dtype, DType::Q8_0];
+            let x = d.exact(&rng.vec(t * k, 1.0));
+            let wbs: Vec<Vec<u8>> =
+                (0..3).map(|i| weight_bytes(&mut rng, dtypes[i], ns[i], k, 1.0 / (k as f32).sqrt())).collect();
+            let (got, want) = both(d, |b| {
+                let xt = act(b, &[t, k], &x);
+                let ws: Vec<_> = (0..3).map(|i| weight(b, dtypes[i], &[ns[i], k], &wbs[i])).collect();
+                let mut outs: Vec<_> = ns.iter().map(|&n| poisoned(b, &[t, n])).collect();
+                {
+                    let [o0, o1, o2] = &mut outs[..] else { unreachable!() };
+                    b.matmul_many(&xt, &mut [(&ws[0], o0), (&ws[1], o1), (&ws[2], o2)]).expect("matmul_many");
+                }
+                let many: Vec<Vec<f32>> = outs.iter().map(|o| download(b, o)).collect();
+                let one: Vec<Vec<f32>> = (0..3)
+                    .map(|i| {
+                        let mut o = poisoned(b, &[t, ns[i]]);
+                        b.matmul(&xt, &ws[i], &mut o).expect("matmul");
+                        download(b, &o)
+                    })
+                    .collect();
+                (many, one)
+            });
+            for i in 0..3 {
+                let what = format!("{}: matmul_many {} (of {dtype}) T={t} N={} K={k}", d.label, dtypes[i], ns[i]);
+                assert_same_bits(&format!("{what} (vs matmul)"), &got.0[i], &got.1[i]);
+                assert_close(&what, &got.0[i], &want.0[i], d.tol());
+            }
+        }
+    }
+}
+
 fn rope(d: &Device) {
     let mut rng = Rng::new(5);
     let (t, heads, head_dim) = (5, 3, 64);
@@ -429,6 +517,8 @@ device_tests!(
     rms_norm,
     add_rms_norm,
     matmul,
+    matmul_swiglu,
+    matmul_many,
     rope,
     rope_kv_store,
     swiglu_and_add,

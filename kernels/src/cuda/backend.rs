@@ -266,19 +266,9 @@ impl CudaBackend {
             }
             // A captured step stages each distinct argument once (kernels/src/cuda/stage_plan.rs); the placement is
             // signed, so a replay reuses regions exactly where the capture did or is not launched.
-            Mode::Capture(rec) => {
-                let placed = rec.plan.place(bytes)?;
-                rec.sign(&[0x5354_4147]);
-                rec.sign(&placed.signature(bytes.len()));
-                match placed {
-                    Placement::New(at) => {
-                        rec.area.write(at, bytes);
-                        rec.area.upload(&self.stream, at, bytes.len())
-                    }
-                    Placement::Reused(at) => Ok(rec.area.device_addr(at)),
-                }
-            }
-            Mode::Replay(rec) => {
+            // Neither captures a copy: the bytes go to the graph's host half, and one copy of all of them precedes
+            // each launch of the graph (kernels/src/cuda/graph.rs).
+            Mode::Capture(rec) | Mode::Replay(rec) => {
                 let placed = rec.plan.place(bytes)?;
                 rec.sign(&[0x5354_4147]);
                 rec.sign(&placed.signature(bytes.len()));

@@ -6,11 +6,14 @@
 //! and keeps the result as a [`DecodeGraph`]. [`CudaBackend::replay_step`] runs the same code again in *replay*
 //! mode: no kernel is launched; every op only writes its small host arguments (token ids, positions, KV slots, block
 //! tables) into the graph's page-locked staging area, at the same offsets as during capture, and adds its launch
-//! (kernel, grid, arguments) to a signature. If the signature equals the captured one, the whole step is launched as
-//! one graph; otherwise nothing ran and the caller runs the step eagerly or captures a new graph.
+//! (kernel, grid, arguments) to a signature. If the signature equals the captured one, the step is launched as one
+//! copy of the staged bytes and the graph; otherwise nothing ran and the caller runs the step eagerly or captures a
+//! new graph.
 //!
-//! What is captured: every kernel and device copy of the step, and the host-to-device copies of the staged
-//! arguments (they read the staging area when the graph runs). Activation tensors allocated inside the step belong
+//! What is captured: every kernel and device copy of the step. The staged arguments are not copied inside the
+//! graph: its kernels read the graph's device staging area, which one host-to-device copy of the bytes the step
+//! staged fills before each launch. The host side is double-buffered (`stage_plan::DoubleStage`), so writing the
+//! next step's arguments never waits for the previous launch. Activation tensors allocated inside the step belong
 //! to the graph (the same buffers on every replay), so a replayed step's outputs are valid until the next replay of
 //! the same graph. Not allowed inside a step: uploads and downloads of tensors, `synchronize` and `sample` (they
 //! need the host); sample after the step. The signature changes, and a new capture is needed, when the batch shape
@@ -18,11 +21,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaEvent, CudaGraph, sys};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaStream, result, sys};
 
 use super::backend::CudaBackend;
-use super::stage_plan::{GRAPH_STAGING_BYTES, StagePlan};
-use super::staging::StageArea;
+use super::stage_plan::{DoubleStage, GRAPH_STAGING_BYTES, StageOps, StagePlan};
+use super::staging::PinnedBuf;
 use super::storage::{RawDeviceBuf, cuda_err};
 use crate::error::{KernelError, Result};
 use crate::step_graph::GraphRunner;
@@ -33,9 +36,92 @@ pub(crate) enum Mode {
     Replay(Recording),
 }
 
+/// A graph's staging area: two page-locked host halves (written alternately by successive steps) and the device
+/// area the graph's kernels read, filled by one copy before each launch.
+pub(crate) struct GraphArea {
+    hosts: [PinnedBuf; 2],
+    dev: RawDeviceBuf,
+    /// Recorded after the copy from each half.
+    copied: [CudaEvent; 2],
+    stage: DoubleStage,
+    /// The half this step writes.
+    half: usize,
+}
+
+/// [`StageOps`] on the device: the copy from a host half and the graph launch, on the backend's stream.
+struct DeviceOps<'a> {
+    hosts: &'a [PinnedBuf; 2],
+    dev: u64,
+    copied: &'a [CudaEvent; 2],
+    stream: &'a CudaStream,
+    exec: Option<&'a CudaGraph>,
+}
+
+impl StageOps for DeviceOps<'_> {
+    fn wait_copy(&mut self, half: usize) -> Result<()> {
+        self.copied[half].synchronize().map_err(cuda_err)
+    }
+
+    fn copy(&mut self, half: usize, len: usize) -> Result<()> {
+        if len > 0 {
+            let src = self.hosts[half].read(0, len);
+            // A raw driver call: the stream's context must be current on this thread.
+            self.stream.context().bind_to_thread().map_err(cuda_err)?;
+            // SAFETY: `src` is page-locked memory of this graph, not rewritten before the event recorded below has
+            // completed (DoubleStage waits for it); `dev` is the device area of the same capacity (len <= capacity,
+            // the plan's bound).
+            unsafe { result::memcpy_htod_async(self.dev, src, self.stream.cu_stream()) }.map_err(cuda_err)?;
+        }
+        self.copied[half].record(self.stream).map_err(cuda_err)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let exec = self.exec.ok_or_else(|| KernelError::Cuda("no graph to launch".into()))?;
+        exec.launch().map_err(cuda_err)
+    }
+}
+
+impl GraphArea {
+    fn new(backend: &CudaBackend) -> Result<Self> {
+        let pinned = || PinnedBuf::new(&backend.ctx, GRAPH_STAGING_BYTES, true);
+        let event = || backend.ctx.new_event(None).map_err(cuda_err);
+        Ok(Self {
+            hosts: [pinned()?, pinned()?],
+            dev: RawDeviceBuf::new(&backend.ctx, GRAPH_STAGING_BYTES)?,
+            copied: [event()?, event()?],
+            stage: DoubleStage::new(),
+            half: 0,
+        })
+    }
+
+    /// Writes a staged argument at `offset` of this step's host half.
+    pub(crate) fn write(&mut self, offset: usize, bytes: &[u8]) {
+        self.hosts[self.half].write(offset, bytes);
+    }
+
+    /// The device address the graph's kernels read for `offset`.
+    pub(crate) fn device_addr(&self, offset: usize) -> u64 {
+        self.dev.ptr() + offset as u64
+    }
+
+    /// Picks the half the next step writes (waiting only for the copy queued from it two launches ago).
+    fn begin(&mut self, stream: &CudaStream) -> Result<()> {
+        let mut ops = DeviceOps { hosts: &self.hosts, dev: self.dev.ptr(), copied: &self.copied, stream, exec: None };
+        self.half = self.stage.begin(&mut ops)?;
+        Ok(())
+    }
+
+    /// One copy of the `used` bytes this step staged, then the graph.
+    fn launch(&mut self, stream: &CudaStream, exec: &CudaGraph, used: usize) -> Result<()> {
+        let mut ops =
+            DeviceOps { hosts: &self.hosts, dev: self.dev.ptr(), copied: &self.copied, stream, exec: Some(exec) };
+        self.stage.launch(&mut ops, used)
+    }
+}
+
 /// What a captured step owns and how it was launched.
 pub(crate) struct Recording {
-    pub(crate) area: StageArea,
+    pub(crate) area: GraphArea,
     /// Where each staged argument of the step goes; one copy per distinct argument (kernels/src/cuda/stage_plan.rs).
     pub(crate) plan: StagePlan,
     pub(crate) bufs: Vec<Arc<RawDeviceBuf>>,
@@ -46,7 +132,7 @@ pub(crate) struct Recording {
 impl Recording {
     fn new(backend: &CudaBackend) -> Result<Self> {
         Ok(Self {
-            area: StageArea::new(&backend.ctx, GRAPH_STAGING_BYTES, false)?,
+            area: GraphArea::new(backend)?,
             plan: StagePlan::new(GRAPH_STAGING_BYTES),
             bufs: Vec::new(),
             next: 0,
@@ -75,7 +161,6 @@ impl Recording {
     }
 
     fn rewind(&mut self) {
-        self.area.rewind();
         self.plan.rewind();
         self.next = 0;
         self.signature.clear();
@@ -92,7 +177,7 @@ pub struct DecodeGraph {
     /// `None` only while a replay is running.
     rec: Option<Recording>,
     signature: Vec<u64>,
-    /// Recorded after each launch: the staging area may be rewritten only once the previous launch finished.
+    /// Recorded after each launch: the graph's buffers are freed only once its last launch finished.
     done: CudaEvent,
 }
 
@@ -157,8 +242,11 @@ impl CudaBackend {
             graph.map_err(cuda_err)?.ok_or_else(|| KernelError::Cuda("the captured step launched nothing".into()))?;
         let done = self.ctx.new_event(None).map_err(cuda_err)?;
         let signature = rec.signature.clone();
-        let graph = DecodeGraph { exec, rec: Some(rec), signature, done };
-        graph.exec.launch().map_err(cuda_err)?;
+        let mut graph = DecodeGraph { exec, rec: Some(rec), signature, done };
+        if let Some(rec) = graph.rec.as_mut() {
+            let used = rec.plan.used();
+            rec.area.launch(&self.stream, &graph.exec, used)?;
+        }
         graph.done.record(&self.stream).map_err(cuda_err)?;
         Ok((out, graph))
     }
@@ -179,10 +267,10 @@ impl CudaBackend {
         graph: &mut DecodeGraph,
         step: impl FnOnce() -> std::result::Result<R, E>,
     ) -> std::result::Result<Option<R>, E> {
-        // The previous launch must have consumed the staging area before it is rewritten.
-        graph.done.synchronize().map_err(cuda_err)?;
+        // The other host half than the previous launch's: no wait for that launch (stage_plan::DoubleStage).
         if let Some(rec) = graph.rec.as_mut() {
             rec.rewind();
+            rec.area.begin(&self.stream)?;
         }
         self.enter(&mut graph.rec, false)?;
         let out = step();
@@ -199,7 +287,10 @@ impl CudaBackend {
         if !same {
             return Ok(None);
         }
-        graph.exec.launch().map_err(cuda_err)?;
+        if let Some(rec) = graph.rec.as_mut() {
+            let used = rec.plan.used();
+            rec.area.launch(&self.stream, &graph.exec, used)?;
+        }
         graph.done.record(&self.stream).map_err(cuda_err)?;
         Ok(Some(out))
     }

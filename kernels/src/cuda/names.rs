@@ -71,6 +71,11 @@ pub const KV_STORE: &str = "kv_store_b16";
 pub fn gemv(act: DType, w: DType, tile: usize) -> String {
     format!("gemv_{act}_{w}_t{tile}")
 }
+/// The gate|up GEMV whose epilogue stores `silu(gate) * up` (kernels/cuda/gemv.cu, gemv_q8.cu; module as
+/// [`gemv_module`]).
+pub fn gemv_swiglu(act: DType, w: DType, tile: usize) -> String {
+    format!("gemv_swiglu_{act}_{w}_t{tile}")
+}
 pub fn gemv_splitk(act: DType, w: DType) -> String {
     format!("gemv_splitk_{act}_{w}")
 }
@@ -117,6 +122,7 @@ pub fn all() -> Vec<(&'static str, String)> {
             v.push(("embedding", embedding(act, w)));
             v.push(("gemm", gemm(act, w)));
             v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv(act, w, t))));
+            v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv_swiglu(act, w, t))));
             v.push((gemv_module(w, 1), gemv_splitk(act, w)));
         }
         v.push(("gemv_q8", quantize_q8(act)));

@@ -713,6 +713,20 @@ impl Backend for CudaBackend {
         super::sampling::sample(self, logits, row, params, position, n_top)
     }
 
+    fn matmul_many(&self, x: &Tensor, outs: &mut [(&Tensor, &mut Tensor)]) -> Result<()> {
+        self.matmul_many_impl(x, outs)
+    }
+
+    fn matmul_swiglu(
+        &self,
+        x: &Tensor,
+        weights: (&Tensor, &Tensor),
+        scratch: (&mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        self.matmul_swiglu_impl(x, weights, scratch, out)
+    }
+
     fn rope_kv_store(
         &self,
         q: &mut Tensor,
@@ -762,7 +776,71 @@ struct MatmulPtrs {
     out: u64,
 }
 
+/// Outputs of one `gemv_swiglu_*` block (`GEMV_WARPS` in gemv.cu / `GEMVQ_WARPS` in gemv_q8.cu: one output per warp).
+const GLU_OUTPUTS_PER_BLOCK: usize = 4;
+
+/// Whether a decode GEMV of `t` rows over weights `wd` reads Q8 activations (`quantize_q8_*` + gemv_q8.cu).
+fn on_q8(t: usize, wd: DType) -> bool {
+    names::Q8_ACT_WEIGHT_DTYPES.contains(&wd) && (1..=8).contains(&t) && !(t == 1 && names::one_row_on_act(wd))
+}
+
+/// The 16-byte chunk of gemv.cu's GEMV for weights `wd` (elements per lane step), for the formats it runs.
+fn act_chunk(wd: DType) -> Option<usize> {
+    match wd {
+        DType::F32 => Some(4),
+        DType::F16 | DType::BF16 => Some(8),
+        DType::Q8_0 => Some(16),
+        DType::Q4_0 | DType::Q4_1 => Some(32),
+        _ => None,
+    }
+}
+
+/// The chunk of gemv_q8.cu's GEMV for weights `wd` (two 16-byte vectors for Q2_K/Q3_K).
+fn q8_chunk(wd: DType) -> usize {
+    if matches!(wd, DType::Q2_K | DType::Q3_K) { 64 } else { 32 }
+}
+
+/// Where a step's Q8 activations live in the scratch buffer: `[t * k int8 codes][t * k / 32 metas of 16 bytes]`,
+/// then the split-K partial sums.
+#[derive(Clone, Copy)]
+struct Q8Act {
+    xq: u64,
+    xm: u64,
+    ws: u64,
+}
+
+/// Bytes of the codes and metas of `t` rows of `k` activations (the split-K workspace starts there).
+fn q8_bytes(t: usize, k: usize) -> (usize, usize) {
+    let meta_at = (t * k).next_multiple_of(16);
+    (meta_at, meta_at + t * k / 32 * 16)
+}
+
 impl CudaBackend {
+    /// Takes a scratch buffer of the Q8 layout plus `ws_bytes` of split-K workspace and quantises `x` (`t` rows of
+    /// `k`, a multiple of 32) into it: one `quantize_q8_*` launch.
+    fn quantize_q8(
+        &self,
+        ex: &mut super::backend::Exec,
+        x: u64,
+        (t, k): (usize, usize),
+        ws_bytes: usize,
+    ) -> Result<Q8Act> {
+        let (meta_at, ws_at) = q8_bytes(t, k);
+        let base = self.scratch(ex, ws_at + ws_bytes)?;
+        let q = Q8Act { xq: base, xm: base + meta_at as u64, ws: base + ws_at as u64 };
+        let nblocks = t * k / 32;
+        let args = [Arg::Ptr(x), Arg::Ptr(q.xq), Arg::Ptr(q.xm), Arg::I64(nblocks as i64)];
+        let grid = (nblocks.div_ceil(128) as u32, 1, 1);
+        self.launch(ex, "gemv_q8", &names::quantize_q8(self.act), grid, 128, &args)?;
+        Ok(q)
+    }
+
+    /// Split-K plan of a Q8-activation GEMV: `(splits, chunks per split)`, one split unless `t` is 1.
+    fn q8_splits(&self, (t, k, n): (usize, usize, usize), wd: DType) -> (usize, usize) {
+        let (splits, cps) = split_k(n, k / q8_chunk(wd), self.info.multiprocessors as usize);
+        if t == 1 { (splits, cps) } else { (1, cps) }
+    }
+
     /// `matmul` for the formats whose GEMV reads Q8 activations (`names::Q8_ACT_WEIGHT_DTYPES`,
     /// kernels/cuda/gemv_q8.cu): T <= 8 quantises the activation rows once (int8 per value, a 16-byte meta per
     /// 32 values, in the scratch buffer) and runs the dp4a GEMV (split-K for one row and a short output, as
@@ -783,39 +861,154 @@ impl CudaBackend {
             let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(p.x), Arg::Ptr(p.out), ti, ni, ki];
             return self.launch(&mut ex, "gemm", &names::gemm(act, wd), grid, 256, &args);
         }
-        // Scratch: [t * k int8 codes][t * k / 32 metas of 16 bytes][split-K partial sums].
-        let chunk = if matches!(wd, DType::Q2_K | DType::Q3_K) { 64 } else { 32 };
-        let (splits, cps) = split_k(n, k / chunk, self.info.multiprocessors as usize);
-        let splits = if t == 1 { splits } else { 1 };
-        let nblocks = t * k / 32;
-        let meta_at = (t * k).next_multiple_of(16);
-        let ws_at = meta_at + nblocks * 16;
-        let bytes = ws_at + if splits > 1 { splits * n * 4 } else { 0 };
-        let base = self.scratch(&mut ex, bytes)?;
-        let (xq, xm, ws) = (base, base + meta_at as u64, base + ws_at as u64);
-        let args = [Arg::Ptr(p.x), Arg::Ptr(xq), Arg::Ptr(xm), Arg::I64(nblocks as i64)];
-        let grid = (nblocks.div_ceil(128) as u32, 1, 1);
-        self.launch(&mut ex, "gemv_q8", &names::quantize_q8(act), grid, 128, &args)?;
+        let (splits, _) = self.q8_splits((t, k, n), wd);
+        let q = self.quantize_q8(&mut ex, p.x, (t, k), if splits > 1 { splits * n * 4 } else { 0 })?;
+        self.gemv_q8(&mut ex, &p, (t, k, n), wd, q)
+    }
+
+    /// The dp4a GEMV of `p` on activations already quantised into `q` (whose workspace holds this GEMV's split-K
+    /// partial sums, if it splits).
+    fn gemv_q8(
+        &self,
+        ex: &mut super::backend::Exec,
+        p: &MatmulPtrs,
+        (t, k, n): (usize, usize, usize),
+        wd: DType,
+        q: Q8Act,
+    ) -> Result<()> {
+        let op = "matmul";
+        let (ti, ki, ni) = (i32_arg(op, t)?, i32_arg(op, k)?, i32_arg(op, n)?);
+        let act = self.act;
+        let (splits, cps) = self.q8_splits((t, k, n), wd);
         if splits > 1 {
             let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, splits as u32);
             let args = [
                 Arg::Ptr(p.qs),
                 Arg::Ptr(p.sc),
-                Arg::Ptr(xq),
-                Arg::Ptr(xm),
-                Arg::Ptr(ws),
+                Arg::Ptr(q.xq),
+                Arg::Ptr(q.xm),
+                Arg::Ptr(q.ws),
                 ni,
                 ki,
                 ti,
                 i32_arg(op, cps)?,
             ];
-            self.launch(&mut ex, "gemv_q8", &names::gemv_splitk(act, wd), grid, 128, &args)?;
-            let args = [Arg::Ptr(ws), Arg::Ptr(p.out), Arg::I64(n as i64), Arg::I32(splits as i32)];
-            return self.launch(&mut ex, "gemv", &names::gemv_reduce(act), (n.div_ceil(256) as u32, 1, 1), 256, &args);
+            self.launch(ex, "gemv_q8", &names::gemv_splitk(act, wd), grid, 128, &args)?;
+            let args = [Arg::Ptr(q.ws), Arg::Ptr(p.out), Arg::I64(n as i64), Arg::I32(splits as i32)];
+            return self.launch(ex, "gemv", &names::gemv_reduce(act), (n.div_ceil(256) as u32, 1, 1), 256, &args);
         }
         let nt = t.next_power_of_two().min(8);
         let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, t.div_ceil(nt) as u32, 1);
-        let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(xq), Arg::Ptr(xm), Arg::Ptr(p.out), ni, ki, ti];
-        self.launch(&mut ex, "gemv_q8", &names::gemv(act, wd, nt), grid, 128, &args)
+        let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(q.xq), Arg::Ptr(q.xm), Arg::Ptr(p.out), ni, ki, ti];
+        self.launch(ex, "gemv_q8", &names::gemv(act, wd, nt), grid, 128, &args)
+    }
+
+    /// `Backend::matmul_many`: the pairs whose GEMV reads Q8 activations share one quantisation of `x` (when two
+    /// or more do); the others run as `matmul`. Results are those of `matmul` per pair: the codes and metas one
+    /// `quantize_q8` launch writes are the ones each GEMV's own launch would write.
+    pub(crate) fn matmul_many_impl(&self, x: &Tensor, outs: &mut [(&Tensor, &mut Tensor)]) -> Result<()> {
+        let op = "matmul";
+        let (t, k) = (x.rows(), x.cols());
+        let shared = |w: &Tensor| on_q8(t, w.dtype()) && k.is_multiple_of(w.dtype().block_elems());
+        if outs.iter().filter(|(w, _)| shared(w)).count() < 2 {
+            for (w, out) in outs.iter_mut() {
+                self.matmul(x, w, out)?;
+            }
+            return Ok(());
+        }
+        let xp = self.act_ptr(op, x)?;
+        let mut group = Vec::with_capacity(outs.len());
+        let mut ws_bytes = 0;
+        for (w, out) in outs.iter_mut() {
+            if !shared(w) {
+                self.matmul(x, w, out)?;
+                continue;
+            }
+            let n = w.rows();
+            if w.cols() != k || out.rows() != t || out.cols() != n {
+                return Err(shape_err(op, format!("x {:?} · w {:?}ᵀ into {:?}", x.shape(), w.shape(), out.shape())));
+            }
+            let (qs, sc) = Self::weight_ptrs(w)?;
+            let p = MatmulPtrs { x: xp, qs, sc, out: self.act_ptr(op, out)? };
+            let (splits, _) = self.q8_splits((t, k, n), w.dtype());
+            if splits > 1 {
+                ws_bytes = ws_bytes.max(splits * n * 4);
+            }
+            group.push((p, n, w.dtype()));
+        }
+        let mut ex = self.exec()?;
+        if group.iter().all(|&(_, n, _)| n == 0) {
+            return Ok(());
+        }
+        let q = self.quantize_q8(&mut ex, xp, (t, k), ws_bytes)?;
+        for (p, n, wd) in &group {
+            if *n > 0 {
+                self.gemv_q8(&mut ex, p, (t, k, *n), *wd, q)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `Backend::matmul_swiglu`: one `gemv_swiglu_*` launch (after the activations' quantisation for the formats on
+    /// Q8 activations) when T <= 8, both weights have one dtype and shape, and the separate GEMVs would run one
+    /// unsplit kernel each; then the result is bit for bit that of the separate GEMVs and `swiglu_*` (the fused
+    /// kernel sums each row as they do and rounds gate and up to the activation type before SwiGLU). Anything else
+    /// runs the three ops.
+    pub(crate) fn matmul_swiglu_impl(
+        &self,
+        x: &Tensor,
+        (wg, wu): (&Tensor, &Tensor),
+        (gate, up): (&mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let op = "matmul_swiglu";
+        let (t, k, n) = (x.rows(), x.cols(), wg.rows());
+        let wd = wg.dtype();
+        let sms = self.info.multiprocessors as usize;
+        let fused = if wu.dtype() != wd || wu.shape() != wg.shape() || wg.cols() != k || !(1..=8).contains(&t) {
+            None
+        } else if on_q8(t, wd) {
+            let whole = k.is_multiple_of(wd.block_elems());
+            (whole && (t > 1 || split_k(n, k / q8_chunk(wd), sms).0 == 1)).then_some(true)
+        } else {
+            act_chunk(wd).filter(|&c| k.is_multiple_of(c) && (t > 1 || split_k(n, k / c, sms).0 == 1)).map(|_| false)
+        };
+        let Some(q8) = fused else {
+            self.matmul(x, wg, gate)?;
+            self.matmul(x, wu, up)?;
+            return self.swiglu(gate, up, out);
+        };
+        if out.rows() != t || out.cols() != n {
+            return Err(shape_err(op, format!("x {:?} · w {:?}ᵀ into {:?}", x.shape(), wg.shape(), out.shape())));
+        }
+        let (xp, op_) = (self.act_ptr(op, x)?, self.act_ptr(op, out)?);
+        let ((qg, sg), (qu, su)) = (Self::weight_ptrs(wg)?, Self::weight_ptrs(wu)?);
+        let (ti, ki, ni) = (i32_arg(op, t)?, i32_arg(op, k)?, i32_arg(op, n)?);
+        let act = self.act;
+        let nt = t.next_power_of_two().min(8);
+        let grid = (n.div_ceil(GLU_OUTPUTS_PER_BLOCK) as u32, t.div_ceil(nt) as u32, 1);
+        let name = names::gemv_swiglu(act, wd, nt);
+        let mut ex = self.exec()?;
+        if n == 0 {
+            return Ok(());
+        }
+        if q8 {
+            let q = self.quantize_q8(&mut ex, xp, (t, k), 0)?;
+            let args = [
+                Arg::Ptr(qg),
+                Arg::Ptr(sg),
+                Arg::Ptr(qu),
+                Arg::Ptr(su),
+                Arg::Ptr(q.xq),
+                Arg::Ptr(q.xm),
+                Arg::Ptr(op_),
+                ni,
+                ki,
+                ti,
+            ];
+            return self.launch(&mut ex, "gemv_q8", &name, grid, 128, &args);
+        }
+        let args = [Arg::Ptr(qg), Arg::Ptr(sg), Arg::Ptr(qu), Arg::Ptr(su), Arg::Ptr(xp), Arg::Ptr(op_), ni, ki, ti];
+        self.launch(&mut ex, "gemv", &name, grid, 128, &args)
     }
 }

@@ -79,8 +79,7 @@ impl StagePlan {
         self.shadow.clear();
     }
 
-    /// Bytes of the area this step uses so far (aligned).
-    #[cfg(test)]
+    /// Bytes of the area this step uses so far (aligned): what one copy must move before the graph runs.
     pub(crate) fn used(&self) -> usize {
         self.head
     }
@@ -113,6 +112,55 @@ impl StagePlan {
             self.regions.push(Region { hash, offset: at, len: bytes.len() });
         }
         Ok(Placement::New(at))
+    }
+}
+
+/// What launching a captured step does on the device, in stream order (implemented by the CUDA backend's graph,
+/// and by a recorder in the tests).
+pub(crate) trait StageOps {
+    /// Waits until the copy last queued from host half `half` has read it.
+    fn wait_copy(&mut self, half: usize) -> Result<()>;
+    /// Queues one copy of the first `len` bytes of host half `half` into the graph's device area (in stream order
+    /// after the previous launch of the graph, which read that area) and marks the copy's completion.
+    fn copy(&mut self, half: usize, len: usize) -> Result<()>;
+    /// Launches the graph.
+    fn launch(&mut self) -> Result<()>;
+}
+
+/// The double-buffered host side of a graph's staging area. A step writes its arguments into one page-locked half;
+/// its launch is one copy of the bytes used from that half into the graph's device area followed by the graph,
+/// whose kernels read only the device area (the graph holds no copy node). The next step writes the other half, so
+/// the host never waits for the previous launch: it waits only, before rewriting a half, for the copy queued from it
+/// two launches earlier, which ran before that launch's graph.
+pub(crate) struct DoubleStage {
+    cur: usize,
+    pending: [bool; 2],
+}
+
+impl DoubleStage {
+    pub(crate) fn new() -> Self {
+        Self { cur: 0, pending: [false; 2] }
+    }
+
+    /// The half the next step writes, once no queued copy reads it any more.
+    pub(crate) fn begin(&mut self, ops: &mut dyn StageOps) -> Result<usize> {
+        let h = self.cur;
+        if self.pending[h] {
+            ops.wait_copy(h)?;
+            self.pending[h] = false;
+        }
+        Ok(h)
+    }
+
+    /// Launches the step written into the current half: one copy of its `used` bytes, then the graph; the next
+    /// step writes the other half. (A replay that did not match calls nothing: its half is simply rewritten.)
+    pub(crate) fn launch(&mut self, ops: &mut dyn StageOps, used: usize) -> Result<()> {
+        let h = self.cur;
+        ops.copy(h, used)?;
+        self.pending[h] = true;
+        ops.launch()?;
+        self.cur ^= 1;
+        Ok(())
     }
 }
 
@@ -203,6 +251,84 @@ mod tests {
             [&a, &b, &[9u32, 9, 9]].iter().map(|v| plan.place(bytes(&v[..])).expect("replay").signature(12)).collect();
         assert_ne!(replayed, captured);
         assert_eq!(replayed[..2], captured[..2]);
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum Op {
+        Wait(usize),
+        Copy(usize, usize),
+        Launch,
+    }
+
+    #[derive(Default)]
+    struct Recorder(Vec<Op>);
+
+    impl StageOps for Recorder {
+        fn wait_copy(&mut self, half: usize) -> Result<()> {
+            self.0.push(Op::Wait(half));
+            Ok(())
+        }
+        fn copy(&mut self, half: usize, len: usize) -> Result<()> {
+            self.0.push(Op::Copy(half, len));
+            Ok(())
+        }
+        fn launch(&mut self) -> Result<()> {
+            self.0.push(Op::Launch);
+            Ok(())
+        }
+    }
+
+    /// One step as graph.rs runs it: take a half, place (and write) the step's arguments, and launch if it matched.
+    fn step(
+        stage: &mut DoubleStage,
+        plan: &mut StagePlan,
+        ops: &mut Recorder,
+        args: &[Vec<u32>],
+        matched: bool,
+    ) -> usize {
+        let half = stage.begin(ops).expect("begin");
+        plan.rewind();
+        run(plan, args).expect("fits");
+        if matched {
+            stage.launch(ops, plan.used()).expect("launch");
+        }
+        half
+    }
+
+    #[test]
+    fn a_replay_is_one_staging_copy_and_the_graph_launch_and_never_waits_for_the_previous_launch() {
+        let (mut stage, mut plan, mut ops) =
+            (DoubleStage::new(), StagePlan::new(GRAPH_STAGING_BYTES), Recorder::default());
+        // The capture's launch, then replays of the following steps of a 32-layer, 4-session batch.
+        let mut halves = Vec::new();
+        for s in 0..6 {
+            ops.0.clear();
+            halves.push(step(&mut stage, &mut plan, &mut ops, &decode_step(32, 4, 4096, 16, s), true));
+            let used = plan.used();
+            assert!(used > 0 && used < 40 * 1024, "{used} bytes");
+            let want = if s < 2 {
+                vec![Op::Copy(halves[s as usize], used), Op::Launch]
+            } else {
+                // Only the copy from this half two launches ago is waited for (it ran before that launch's graph).
+                vec![Op::Wait(halves[s as usize]), Op::Copy(halves[s as usize], used), Op::Launch]
+            };
+            assert_eq!(ops.0, want, "step {s}");
+        }
+        // The halves alternate, so the host writes step n + 1 while step n's copy may still be queued.
+        assert_eq!(halves, [0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn a_replay_that_does_not_match_launches_nothing_and_its_half_is_rewritten() {
+        let (mut stage, mut plan, mut ops) =
+            (DoubleStage::new(), StagePlan::new(GRAPH_STAGING_BYTES), Recorder::default());
+        assert_eq!(step(&mut stage, &mut plan, &mut ops, &decode_step(2, 2, 256, 16, 0), true), 0);
+        ops.0.clear();
+        // Not launched: no copy, no launch, and the next step writes the same half again.
+        assert_eq!(step(&mut stage, &mut plan, &mut ops, &decode_step(2, 3, 256, 16, 1), false), 1);
+        assert!(ops.0.is_empty(), "{:?}", ops.0);
+        assert_eq!(step(&mut stage, &mut plan, &mut ops, &decode_step(2, 2, 256, 16, 1), true), 1);
+        assert_eq!(ops.0, [Op::Copy(1, plan.used()), Op::Launch]);
     }
 
     #[test]

@@ -120,21 +120,10 @@ impl StageArea {
             let src = self.host.read(offset, len);
             // A raw driver call: the stream's context must be current on this thread.
             stream.context().bind_to_thread().map_err(cuda_err)?;
-            // SAFETY: `src` is page-locked memory that stays allocated and unmodified until the copy completed (a
-            // ring wraps only after synchronising the stream; a graph area is rewritten only between launches);
-            // `dst` is inside the device mirror of the same size.
+            // SAFETY: `src` is page-locked memory that stays allocated and unmodified until the copy completed (the
+            // ring wraps only after synchronising the stream); `dst` is inside the device mirror of the same size.
             unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream()) }.map_err(cuda_err)?;
         }
         Ok(dst)
-    }
-
-    /// Device address of `offset`.
-    pub(crate) fn device_addr(&self, offset: usize) -> u64 {
-        self.dev.ptr() + offset as u64
-    }
-
-    /// Starts handing out from the front again (a graph area, before each replay).
-    pub(crate) fn rewind(&mut self) {
-        self.head = 0;
     }
 }

@@ -54,16 +54,6 @@ struct Linear {
     bias: Option<Tensor>,
 }
 
-impl Linear {
-    fn forward(&self, b: &dyn Backend, x: &Tensor, out: &mut Tensor) -> Result<()> {
-        b.matmul(x, &self.weight, out)?;
-        if let Some(bias) = &self.bias {
-            b.add_bias(out, bias)?;
-        }
-        Ok(())
-    }
-}
-
 /// One transformer block; the optional parts are those its [`BlockLayout`](crate::model::BlockLayout) names.
 struct Block {
     attn_norm: Tensor,
@@ -469,9 +459,13 @@ impl Shard {
             b.rms_norm(&x, &first.attn_norm, c.rms_eps, &mut h)?;
         }
         for (i, (blk, (k_cache, v_cache))) in blocks.iter().zip(kv.layers[lo..hi].iter_mut()).enumerate() {
-            blk.wq.forward(b, &h, &mut q)?;
-            blk.wk.forward(b, &h, &mut k)?;
-            blk.wv.forward(b, &h, &mut v)?;
+            // q, k, v read the same normalised rows: one activation quantisation for the three on CUDA.
+            b.matmul_many(&h, &mut [(&blk.wq.weight, &mut q), (&blk.wk.weight, &mut k), (&blk.wv.weight, &mut v)])?;
+            for (lin, out) in [(&blk.wq, &mut q), (&blk.wk, &mut k), (&blk.wv, &mut v)] {
+                if let Some(bias) = &lin.bias {
+                    b.add_bias(out, bias)?;
+                }
+            }
             if let Some((q_norm, k_norm)) = &blk.qk_norm {
                 if qk_scratch.is_none() {
                     qk_scratch = Some((b.alloc(&[t, q_w])?, b.alloc(&[t, kv_w])?));
@@ -488,9 +482,8 @@ impl Shard {
             b.attention(&q, k_cache, v_cache, &seqs, &shape, &mut att)?;
             b.matmul(&att, &blk.wo, &mut o)?;
             b.add_rms_norm(&mut x, &o, &blk.ffn_norm, c.rms_eps, &mut h)?;
-            b.matmul(&h, &blk.w_gate, &mut gate)?;
-            b.matmul(&h, &blk.w_up, &mut up)?;
-            b.swiglu(&gate, &up, &mut act)?;
+            // gate, up and SwiGLU: one GEMV on CUDA (docs/CUDA.md, "Fusion").
+            b.matmul_swiglu(&h, (&blk.w_gate, &blk.w_up), (&mut gate, &mut up), &mut act)?;
             b.matmul(&act, &blk.w_down, &mut o)?;
             match blocks.get(i + 1) {
                 // The residual add and the next block's attention norm in one kernel (the same values).
