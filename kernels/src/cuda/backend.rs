@@ -305,6 +305,22 @@ impl CudaBackend {
         block: u32,
         args: &[Arg],
     ) -> Result<()> {
+        self.launch_smem(ex, module, name, grid, block, 0, args)
+    }
+
+    /// `launch` with `smem` bytes of dynamic shared memory (the GEMM's pipeline stages); above the default 48 KiB
+    /// the function's limit is raised first (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_smem(
+        &self,
+        ex: &mut Exec,
+        module: &'static str,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -314,7 +330,7 @@ impl CudaBackend {
         let func = self.function(module, name)?;
         let sig = |rec: &mut Recording| {
             rec.sign_str(name);
-            rec.sign(&[grid.0 as u64, grid.1 as u64, grid.2 as u64, block as u64]);
+            rec.sign(&[grid.0 as u64, grid.1 as u64, grid.2 as u64, block as u64 | (smem as u64) << 32]);
             for a in args {
                 rec.sign(&[a.bits()]);
             }
@@ -327,7 +343,16 @@ impl CudaBackend {
             Mode::Capture(rec) => sig(rec),
             Mode::Eager => {}
         }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        if smem > 48 * 1024 {
+            // A raw driver call on the function: the context must be current on this thread.
+            self.ctx.bind_to_thread().map_err(cuda_err)?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| KernelError::Cuda(format!("{name}: {smem} bytes of shared memory: {e}")))?;
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         let mut b = self.stream.launch_builder(&func);
         for a in args {
             match a {
