@@ -424,4 +424,67 @@ mod tests {
         assert_eq!(FillMode::of(DType::F16, DType::Q4_K), FillMode::DeqLate);
         assert_eq!(FillMode::of(DType::F16, DType::F32), FillMode::Deq);
     }
+
+    /// Why GEMM_SCALED (issue 16, "Parity details"), on the host in f32: bf16 activations, Q8_0 weights, one output
+    /// row. Decode (`gemv.cu`, T = 1): each lane sums `d · Σ₁₆ x·q` over its 16-element chunks (chunk c, c + 32, …),
+    /// then a butterfly over the 32 lanes. Prefill now: per 32-block `acc += d · Σ₃₂ x·q` (the two k16 `mma` of a
+    /// k-tile summed, then scaled), split sums added in order. Prefill before: `Σ x · bf16(d·q)`, every weight rounded.
+    /// Rounded to bf16, the new prefill equals decode on nearly every output and is never more than one unit in
+    /// the last place away; the old one differed on most.
+    #[test]
+    fn scaled_prefill_rounds_like_decode() {
+        use half::bf16;
+        let (n, k) = (512usize, 4096usize);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let x: Vec<f32> =
+            (0..k).map(|_| bf16::from_f32((next() % 2001) as f32 / 1000.0 - 1.0).to_f32()).collect::<Vec<_>>();
+        let (mut same_new, mut same_old, mut worst_new) = (0, 0, 0f32);
+        for _ in 0..n {
+            let q: Vec<i8> = (0..k).map(|_| (next() % 255) as i64 as i8).map(|v| v.wrapping_sub(127)).collect();
+            let d: Vec<f32> =
+                (0..k / 32).map(|_| half::f16::from_f32((1 + next() % 1000) as f32 * 1e-5).to_f32()).collect();
+            // decode: lanes over 16-element chunks, then a xor butterfly
+            let mut lanes = [0f32; 32];
+            for (c, lane) in (0..k / 16).map(|c| (c, c % 32)) {
+                let s = (0..16).fold(0f32, |s, j| s + x[16 * c + j] * q[16 * c + j] as f32);
+                lanes[lane] += d[c / 2] * s;
+            }
+            let mut width = 16;
+            while width > 0 {
+                let prev = lanes;
+                for (l, v) in lanes.iter_mut().enumerate() {
+                    *v = prev[l] + prev[l ^ width];
+                }
+                width /= 2;
+            }
+            let decode = bf16::from_f32(lanes[0]);
+            // prefill now: per block d * (sum of two k16 halves)
+            let mut acc = 0f32;
+            for b in 0..k / 32 {
+                let half =
+                    |h: usize| (0..16).fold(0f32, |s, j| s + x[32 * b + 16 * h + j] * q[32 * b + 16 * h + j] as f32);
+                acc += d[b] * (half(0) + half(1));
+            }
+            let new = bf16::from_f32(acc);
+            // prefill before: each weight rounded to bf16
+            let old =
+                bf16::from_f32((0..k).fold(0f32, |s, i| s + x[i] * bf16::from_f32(d[i / 32] * q[i] as f32).to_f32()));
+            same_new += (new == decode) as usize;
+            same_old += (old == decode) as usize;
+            let ulp = (bf16::from_bits(decode.to_bits() + 1).to_f32() - decode.to_f32()).abs();
+            worst_new = worst_new.max((new.to_f32() - decode.to_f32()).abs() / ulp);
+        }
+        assert!(worst_new <= 1.0, "prefill {worst_new} ulp from decode");
+        assert!(same_new * 100 >= n * 95, "only {same_new} of {n} outputs equal (scaled after the mma)");
+        assert!(
+            same_old * 100 <= n * 80,
+            "{same_old} of {n} equal with rounded weights: the test cannot tell them apart"
+        );
+    }
 }
