@@ -86,6 +86,9 @@ pub struct CudaBackend {
     nvrtc_arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Dynamic shared memory each function has been allowed (`launch_smem`), so the limit is raised once per
+    /// function, on its first launch, not on every one (nor inside a graph capture once it ran eagerly).
+    smem_allowed: Mutex<HashMap<String, u32>>,
     pub(crate) exec: Mutex<Exec>,
     /// Decode-step graphs per batch-size bucket (`Backend::graph_step`, kernels/src/step_graph.rs).
     pub(crate) step_graphs: Mutex<crate::step_graph::StepGraphs<super::graph::DecodeGraph>>,
@@ -154,6 +157,7 @@ impl CudaBackend {
             nvrtc_arch,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            smem_allowed: Mutex::new(HashMap::new()),
             exec: Mutex::new(Exec { ring, scratch: None, mode: Mode::Eager, sample_io: None, step_thread: None }),
             step_graphs: Mutex::new(crate::step_graph::StepGraphs::new()),
         }))
@@ -344,13 +348,17 @@ impl CudaBackend {
             Mode::Eager => {}
         }
         if smem > 48 * 1024 {
-            // A raw driver call on the function: the context must be current on this thread.
-            self.ctx.bind_to_thread().map_err(cuda_err)?;
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| KernelError::Cuda(format!("{name}: {smem} bytes of shared memory: {e}")))?;
+            let mut allowed = self.smem_allowed.lock();
+            if allowed.get(name).is_none_or(|&a| a < smem) {
+                // A raw driver call on the function: the context must be current on this thread.
+                self.ctx.bind_to_thread().map_err(cuda_err)?;
+                func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(|e| KernelError::Cuda(format!("{name}: {smem} bytes of shared memory: {e}")))?;
+                allowed.insert(name.to_string(), smem);
+            }
         }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         let mut b = self.stream.launch_builder(&func);
