@@ -12,10 +12,9 @@
 //
 // How the weight tile is filled (MODE):
 //   GEMM_DIRECT  weights of the activation type: cp.async, like the activation tile (16 bytes, zero-filled past edges);
-//   GEMM_DEQ     f32, the other 16-bit type and the weights_q.cuh formats: dequantised in f32 (ggml's float order)
-//                and rounded to the activation type into the stage of tile kt + 3 after the math of tile kt; f32 and
-//                16-bit weights are fetched to registers before that math (loads in flight during it), the
-//                weights_q.cuh formats after it (GemmHold: held, their decoding would spill);
+//   GEMM_DEQ     f32, the other 16-bit type and the weights_q.cuh formats: fetched to registers before the math of
+//                tile kt (loads in flight during it), dequantised in f32 (ggml's float order) and rounded to the
+//                activation type into the stage of tile kt + 3 after it;
 //   GEMM_SCALED  Q8_0, Q4_0, Q4_1 (blocks of 32 = one k-tile): the shared tile holds the integer codes (int8, q - 8,
 //                the nibble q: exact in f16 and bf16) and the block's scale d (and Q4_1's m) per row; for each
 //                (mi, ni) the k-tile's two mma steps go to a fresh 4-register sum t, and acc += d * t in f32; Q4_1
@@ -76,35 +75,34 @@ struct Codes<WQ4_1> {
     static __device__ __forceinline__ float m(const WQ4_1::Raw8& r) { return f16_to_f32((u16)(r.dm >> 16)); }
 };
 
-// Whether GEMM_DEQ holds the raw weights of the next tile in registers across the math (loads in flight during
-// it), or fetches them after the math. The weights_q.cuh formats (eight `load1` per 8 weights, 8 f32 per chunk and
-// the decoding's temporaries) spill when held: they are fetched late, their latency exposed (docs/CUDA.md, "Open").
+// The weights_q.cuh formats (eight `load1` per 8 weights, 8 f32 per chunk and the decoding's temporaries) take the
+// narrow warp tile: with 64 x 64 tiles their held loads spilled.
 template <class W>
-struct GemmHold {
-    static constexpr bool value = true;
+struct GemmNarrow {
+    static constexpr bool value = false;
 };
-#define GEMM_LATE(W)                                                                                                 \
+#define GEMM_NARROW(W)                                                                                               \
     template <>                                                                                                      \
-    struct GemmHold<W> {                                                                                             \
-        static constexpr bool value = false;                                                                         \
+    struct GemmNarrow<W> {                                                                                           \
+        static constexpr bool value = true;                                                                          \
     };
-GEMM_LATE(WQ5_0)
-GEMM_LATE(WQ5_1)
-GEMM_LATE(WIQ4_NL)
-GEMM_LATE(WQ2_K)
-GEMM_LATE(WQ3_K)
-GEMM_LATE(WQ4_K)
-GEMM_LATE(WQ5_K)
-GEMM_LATE(WQ6_K)
-GEMM_LATE(WIQ4_XS)
+GEMM_NARROW(WQ5_0)
+GEMM_NARROW(WQ5_1)
+GEMM_NARROW(WIQ4_NL)
+GEMM_NARROW(WQ2_K)
+GEMM_NARROW(WQ3_K)
+GEMM_NARROW(WQ4_K)
+GEMM_NARROW(WQ5_K)
+GEMM_NARROW(WQ6_K)
+GEMM_NARROW(WIQ4_XS)
 
 // Columns of a warp tile: 64 (8 mma n-tiles, 128 accumulators) for the weights of the activation type and the plain
 // weights converted in the fill; 32 (64 accumulators) for GEMM_SCALED, whose per-k-tile sums and scales need the
-// registers, and for the late-fetched formats (GemmHold false), whose decoding does. A block is 4 warps wide, so its
+// registers, and for the weights_q.cuh formats (GemmNarrow), whose decoding does. A block is 4 warps wide, so its
 // weight tile has GEMM_BN(NI) = 4 x 8 NI rows (256 or 128).
 template <int MODE, class W>
 struct GemmNI {
-    static constexpr int value = (MODE == GEMM_DIRECT || (MODE == GEMM_DEQ && GemmHold<W>::value)) ? 8 : 4;
+    static constexpr int value = (MODE == GEMM_DIRECT || (MODE == GEMM_DEQ && !GemmNarrow<W>::value)) ? 8 : 4;
 };
 #define GEMM_BN(NI) (32 * (NI))
 
@@ -220,7 +218,7 @@ __device__ __forceinline__ void gemm_impl(const u8* __restrict__ qs, const u8* _
             load_a(snx, nx);
             if constexpr (MODE == GEMM_DIRECT)
                 load_b_async(snx, nx);
-            else if constexpr (GemmHold<W>::value)
+            else
                 fetch_b(nx);
         }
         cp_async_commit();
@@ -302,10 +300,7 @@ __device__ __forceinline__ void gemm_impl(const u8* __restrict__ qs, const u8* _
             }
         }
         if constexpr (MODE != GEMM_DIRECT) {
-            if (more) {
-                if constexpr (!GemmHold<W>::value) fetch_b(nx);
-                store_b(snx);
-            }
+            if (more) store_b(snx);
         }
     }
     cp_async_wait<0>();

@@ -3,7 +3,7 @@
 //! SMs. Pure host logic, so its tests (and the mirror of the kernel's index arithmetic below) run without a GPU.
 //!
 //! A block computes a `bm × bn` output tile (`bm` = 128 with 8 warps, or 64 with 4 warps for T ≤ 64; `bn` = 256
-//! with 64 × 64 warp tiles, or 128 with 64 × 32 warp tiles for the scaled and late-fetched formats) in k-tiles of
+//! with 64 × 64 warp tiles, or 128 with 64 × 32 warp tiles for the scaled and the weights_q.cuh formats) in k-tiles of
 //! 32. When the output tiles alone give fewer blocks than the device has SMs, K is split into `splits` contiguous
 //! ranges of `kts` k-tiles; block z writes f32 partial sums to `ws[z][t][n]` and `gemv_reduce_*` adds them in the
 //! order z = 0, 1, … (deterministic: the result depends on the plan only, not on the order in which blocks run).
@@ -25,15 +25,15 @@ pub(crate) const MAX_SPLITS: usize = 16;
 /// Pipeline stages (`GEMM_STAGES`).
 pub(crate) const GEMM_STAGES: usize = 4;
 
-/// How the kernel fills its weight tile (`GEMM_DIRECT`, `GEMM_DEQ`, `GEMM_SCALED` and `GemmHold` in gemm.cu).
+/// How the kernel fills its weight tile (`GEMM_DIRECT`, `GEMM_DEQ`, `GEMM_SCALED` and `GemmNarrow` in gemm.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FillMode {
     /// Weights of the activation type, copied with `cp.async`.
     Direct,
     /// F32 or the other 16-bit type: fetched to registers before the math, converted into the tile after it.
     Deq,
-    /// The weights_q.cuh formats: fetched and dequantised after the math (`GemmHold` false).
-    DeqLate,
+    /// The weights_q.cuh formats: as `Deq`, with 64 × 32 warp tiles (`GemmNarrow`).
+    DeqNarrow,
     /// Q8_0, Q4_0, Q4_1: integer codes in the tile, the block scale (and Q4_1's minimum) applied in f32 after the
     /// `mma`.
     Scaled,
@@ -45,7 +45,7 @@ impl FillMode {
             w if w == act => FillMode::Direct,
             DType::F32 | DType::F16 | DType::BF16 => FillMode::Deq,
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => FillMode::Scaled,
-            _ => FillMode::DeqLate,
+            _ => FillMode::DeqNarrow,
         }
     }
 
@@ -53,7 +53,7 @@ impl FillMode {
     pub(crate) fn bn(self) -> usize {
         match self {
             FillMode::Direct | FillMode::Deq => 256,
-            FillMode::DeqLate | FillMode::Scaled => 128,
+            FillMode::DeqNarrow | FillMode::Scaled => 128,
         }
     }
 }
@@ -140,7 +140,7 @@ mod tests {
         let src = gemm_source();
         for needle in [
             "#define GEMM_BN(NI) (32 * (NI))".to_string(),
-            "(MODE == GEMM_DIRECT || (MODE == GEMM_DEQ && GemmHold<W>::value)) ? 8 : 4;".to_string(),
+            "(MODE == GEMM_DIRECT || (MODE == GEMM_DEQ && !GemmNarrow<W>::value)) ? 8 : 4;".to_string(),
             format!("#define GEMM_BK {GEMM_BK}"),
             format!("#define GEMM_STAGES {GEMM_STAGES}"),
             "return (u32)(r * 64 + ((c ^ ((r >> 1) & 3)) << 4));".to_string(),
@@ -411,7 +411,7 @@ mod tests {
     #[test]
     fn shared_memory_fits_every_sm80_to_sm90_card() {
         // sm_86 / sm_89 allow 99 KiB (101,376 bytes) of dynamic shared memory per block, sm_80 163 KiB, sm_90 227 KiB.
-        for mode in [FillMode::Direct, FillMode::Deq, FillMode::DeqLate, FillMode::Scaled] {
+        for mode in [FillMode::Direct, FillMode::Deq, FillMode::DeqNarrow, FillMode::Scaled] {
             for bm in [64, 128] {
                 assert!(smem_bytes(bm, mode) <= 101_376, "{mode:?} bm {bm}: {}", smem_bytes(bm, mode));
             }
@@ -421,7 +421,7 @@ mod tests {
         assert_eq!(FillMode::of(DType::F16, DType::F16), FillMode::Direct);
         assert_eq!(FillMode::of(DType::BF16, DType::F16), FillMode::Deq);
         assert_eq!(FillMode::of(DType::BF16, DType::Q8_0), FillMode::Scaled);
-        assert_eq!(FillMode::of(DType::F16, DType::Q4_K), FillMode::DeqLate);
+        assert_eq!(FillMode::of(DType::F16, DType::Q4_K), FillMode::DeqNarrow);
         assert_eq!(FillMode::of(DType::F16, DType::F32), FillMode::Deq);
     }
 
