@@ -86,6 +86,9 @@ pub struct CudaBackend {
     nvrtc_arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Dynamic shared memory each function has been allowed (`launch_smem`), so the limit is raised once per
+    /// function, on its first launch, not on every one (nor inside a graph capture once it ran eagerly).
+    smem_allowed: Mutex<HashMap<String, u32>>,
     pub(crate) exec: Mutex<Exec>,
     /// Decode-step graphs per batch-size bucket (`Backend::graph_step`, kernels/src/step_graph.rs).
     pub(crate) step_graphs: Mutex<crate::step_graph::StepGraphs<super::graph::DecodeGraph>>,
@@ -154,6 +157,7 @@ impl CudaBackend {
             nvrtc_arch,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            smem_allowed: Mutex::new(HashMap::new()),
             exec: Mutex::new(Exec { ring, scratch: None, mode: Mode::Eager, sample_io: None, step_thread: None }),
             step_graphs: Mutex::new(crate::step_graph::StepGraphs::new()),
         }))
@@ -295,6 +299,22 @@ impl CudaBackend {
         block: u32,
         args: &[Arg],
     ) -> Result<()> {
+        self.launch_smem(ex, module, name, grid, block, 0, args)
+    }
+
+    /// `launch` with `smem` bytes of dynamic shared memory (the GEMM's pipeline stages); above the default 48 KiB
+    /// the function's limit is raised first (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_smem(
+        &self,
+        ex: &mut Exec,
+        module: &'static str,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -304,7 +324,7 @@ impl CudaBackend {
         let func = self.function(module, name)?;
         let sig = |rec: &mut Recording| {
             rec.sign_str(name);
-            rec.sign(&[grid.0 as u64, grid.1 as u64, grid.2 as u64, block as u64]);
+            rec.sign(&[grid.0 as u64, grid.1 as u64, grid.2 as u64, block as u64 | (smem as u64) << 32]);
             for a in args {
                 rec.sign(&[a.bits()]);
             }
@@ -317,7 +337,20 @@ impl CudaBackend {
             Mode::Capture(rec) => sig(rec),
             Mode::Eager => {}
         }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        if smem > 48 * 1024 {
+            let mut allowed = self.smem_allowed.lock();
+            if allowed.get(name).is_none_or(|&a| a < smem) {
+                // A raw driver call on the function: the context must be current on this thread.
+                self.ctx.bind_to_thread().map_err(cuda_err)?;
+                func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(|e| KernelError::Cuda(format!("{name}: {smem} bytes of shared memory: {e}")))?;
+                allowed.insert(name.to_string(), smem);
+            }
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         let mut b = self.stream.launch_builder(&func);
         for a in args {
             match a {

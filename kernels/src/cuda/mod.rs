@@ -11,6 +11,7 @@
 //!
 //! Design notes, launch shapes and what is graph-captured: docs/CUDA.md.
 
+mod gemm_plan;
 mod gemv_plan;
 pub mod modules;
 pub mod names;

@@ -92,6 +92,10 @@ pub fn quantize_q8(act: DType) -> String {
 pub fn gemm(act: DType, w: DType) -> String {
     format!("gemm_{act}_{w}")
 }
+/// The 64-row GEMM variant for T <= 64 (kernels/cuda/gemm.cu).
+pub fn gemm_small(act: DType, w: DType) -> String {
+    format!("gemm_small_{act}_{w}")
+}
 pub fn attn_decode(act: DType) -> String {
     format!("attn_decode_{act}")
 }
@@ -121,6 +125,7 @@ pub fn all() -> Vec<(&'static str, String)> {
         for w in WEIGHT_DTYPES.into_iter().chain(Q8_ACT_WEIGHT_DTYPES) {
             v.push(("embedding", embedding(act, w)));
             v.push(("gemm", gemm(act, w)));
+            v.push(("gemm", gemm_small(act, w)));
             v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv(act, w, t))));
             v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv_swiglu(act, w, t))));
             v.push((gemv_module(w, 1), gemv_splitk(act, w)));

@@ -3,7 +3,8 @@
 
 use half::{bf16, f16};
 
-use super::backend::{Arg, CudaBackend, cuda_storage, i32_arg};
+use super::backend::{Arg, CudaBackend, Exec, cuda_storage, i32_arg};
+use super::gemm_plan;
 use super::gemv_plan::{GEMV_ROWS_PER_BLOCK, split_k};
 use super::storage::{CudaStorage, Layout, cuda_err};
 use super::{names, repack};
@@ -519,9 +520,7 @@ impl Backend for CudaBackend {
             let grid = (n.div_ceil(8) as u32, t.div_ceil(nt) as u32, 1);
             return self.launch(&mut ex, "gemv", &names::gemv(act, wd, nt), grid, 128, &gemv_args);
         }
-        let grid = (n.div_ceil(128) as u32, t.div_ceil(128) as u32, 1);
-        let args = [Arg::Ptr(qs), Arg::Ptr(sc), Arg::Ptr(xp), Arg::Ptr(op), ti, ni, ki];
-        self.launch(&mut ex, "gemm", &names::gemm(act, wd), grid, 256, &args)
+        self.gemm(&mut ex, MatmulPtrs { x: xp, qs, sc, out: op }, (t, k, n), wd)
     }
 
     fn rope(
@@ -841,6 +840,35 @@ impl CudaBackend {
         if t == 1 { (splits, cps) } else { (1, cps) }
     }
 
+    /// The tensor-core GEMM for T > 8 (kernels/cuda/gemm.cu): the variant, split-K and shared memory of
+    /// `gemm_plan::plan`; a split writes f32 partial sums to the scratch buffer and `gemv_reduce_*` adds them in
+    /// split order. Requires K % 8 == 0 (and whole 32-blocks for the quantised formats, checked by the callers).
+    fn gemm(&self, ex: &mut Exec, p: MatmulPtrs, (t, k, n): (usize, usize, usize), wd: DType) -> Result<()> {
+        let op = "matmul";
+        let act = self.act;
+        let plan = gemm_plan::plan(t, n, k, self.info.multiprocessors as usize, gemm_plan::FillMode::of(act, wd));
+        let ws = if plan.splits > 1 { self.scratch(ex, plan.workspace_bytes(t, n))? } else { 0 };
+        let args = [
+            Arg::Ptr(p.qs),
+            Arg::Ptr(p.sc),
+            Arg::Ptr(p.x),
+            Arg::Ptr(p.out),
+            Arg::Ptr(ws),
+            i32_arg(op, t)?,
+            i32_arg(op, n)?,
+            i32_arg(op, k)?,
+            i32_arg(op, plan.kts)?,
+        ];
+        let name = if plan.small { names::gemm_small(act, wd) } else { names::gemm(act, wd) };
+        self.launch_smem(ex, "gemm", &name, plan.grid, plan.threads, plan.smem, &args)?;
+        if plan.splits > 1 {
+            let args = [Arg::Ptr(ws), Arg::Ptr(p.out), Arg::I64((t * n) as i64), Arg::I32(plan.splits as i32)];
+            let grid = ((t * n).div_ceil(256).min(65_535 * 4) as u32, 1, 1);
+            self.launch(ex, "gemv", &names::gemv_reduce(act), grid, 256, &args)?;
+        }
+        Ok(())
+    }
+
     /// `matmul` for the formats whose GEMV reads Q8 activations (`names::Q8_ACT_WEIGHT_DTYPES`,
     /// kernels/cuda/gemv_q8.cu): T <= 8 quantises the activation rows once (int8 per value, a 16-byte meta per
     /// 32 values, in the scratch buffer) and runs the dp4a GEMV (split-K for one row and a short output, as
@@ -857,9 +885,7 @@ impl CudaBackend {
             return Ok(());
         }
         if t > 8 {
-            let grid = (n.div_ceil(128) as u32, t.div_ceil(128) as u32, 1);
-            let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(p.x), Arg::Ptr(p.out), ti, ni, ki];
-            return self.launch(&mut ex, "gemm", &names::gemm(act, wd), grid, 256, &args);
+            return self.gemm(&mut ex, p, (t, k, n), wd);
         }
         let (splits, _) = self.q8_splits((t, k, n), wd);
         let q = self.quantize_q8(&mut ex, p.x, (t, k), if splits > 1 { splits * n * 4 } else { 0 })?;
