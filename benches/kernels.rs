@@ -131,6 +131,9 @@ fn bench_levels(c: &mut Criterion) {
         (DType::Q4_K, 1536, 576),
         (DType::Q5_K, 1536, 576),
         (DType::Q6_K, 1536, 576),
+        (DType::Q2_K, 1536, 576),
+        (DType::Q3_K, 1536, 576),
+        (DType::IQ4_XS, 1536, 576),
     ];
     for (dtype, k, n) in cases {
         for &level in &levels {

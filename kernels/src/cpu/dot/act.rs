@@ -35,6 +35,9 @@ pub(crate) struct ActPlan {
     /// Lane-sum factor `c` of [`QuantAct::bias`], if the kernel needs the table.
     pub bias: Option<i32>,
     pub avx2: bool,
+    /// [`ActLayout::Super`] only: also fill the wide tables ([`QuantAct::q16`], [`QuantAct::d_t`],
+    /// [`QuantAct::bs_t`]) of the AVX-512 multi-row kernels.
+    pub wide: bool,
 }
 
 /// Quantised activation rows. `d`, `s` and the per-block tables have `blocks` entries per row, where `blocks` is the
@@ -63,7 +66,19 @@ pub(crate) struct QuantAct {
     pub spat: Vec<f32>,
     /// [`ActLayout::Super`] only: the sum of each 16-value group, 16 per super-block (ggml `block_q8_K::bsums`).
     pub bsums: Vec<i16>,
+    /// [`ActLayout::Super`] with the wide tables: the values of `qs` widened to i16 (same order), for `vpdpwssd`
+    /// against weights widened and pre-scaled to i16.
+    pub q16: Vec<i16>,
+    /// Wide tables: the scale of super-block `b` of row `t` at `b · rows + t` (activation rows side by side), plus
+    /// [`WIDE_PAD`] zeros so that a kernel may load 8 rows from any `t`.
+    pub d_t: Vec<f32>,
+    /// Wide tables: the group sums of super-block `b` of row `t` in pairs, `bsums[2p] | bsums[2p + 1] << 16` as one
+    /// i32 at `(8b + p) · rows + t`, plus [`WIDE_PAD`] zeros.
+    pub bs_t: Vec<i32>,
 }
+
+/// Zeros after the transposed wide tables, so that 8 activation rows can be loaded from any row.
+pub(crate) const WIDE_PAD: usize = 8;
 
 /// 1.5 · 2^23: adding it rounds any |v| < 2^22 to an integer (ties to even); subtracting it again leaves that integer.
 const MAGIC: f32 = 12_582_912.0;
@@ -160,7 +175,7 @@ pub(crate) const fn pair_lane(layout: ActLayout, odd: usize, lane: usize) -> usi
 #[cfg(test)]
 pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) -> QuantAct {
     let mut act = QuantAct::default();
-    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false });
+    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false, wide: layout == ActLayout::Super });
     act
 }
 
@@ -174,14 +189,14 @@ impl QuantAct {
     /// Quantises `rows` rows of `k` values (`k % 32 == 0`) from `x` (row-major) into this table as `plan` says,
     /// reusing its buffers.
     pub(crate) fn fill(&mut self, x: &[f32], rows: usize, k: usize, plan: ActPlan) {
+        if plan.layout == ActLayout::Super {
+            self.fill_super(x, rows, k, plan.wide);
+            return;
+        }
         self.fill_impl(plan.avx2, x, rows, k, plan.layout, plan.bias);
     }
 
     fn fill_impl(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) {
-        if layout == ActLayout::Super {
-            self.fill_super(x, rows, k);
-            return;
-        }
         let nb = k / QK;
         let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
         let pairs = blocks / 2;
@@ -276,7 +291,7 @@ fn quantize_super(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
 
 impl QuantAct {
     /// [`ActLayout::Super`]: `k % 256 == 0`.
-    fn fill_super(&mut self, x: &[f32], rows: usize, k: usize) {
+    fn fill_super(&mut self, x: &[f32], rows: usize, k: usize, wide: bool) {
         let nb = k / QK_K;
         self.layout = ActLayout::Super;
         self.rows = rows;
@@ -289,6 +304,9 @@ impl QuantAct {
             v.clear();
         }
         self.bias.clear();
+        self.q16.clear();
+        self.d_t.clear();
+        self.bs_t.clear();
         for r in 0..rows {
             for b in 0..nb {
                 let blk = r * nb + b;
@@ -298,6 +316,22 @@ impl QuantAct {
                     q,
                     &mut self.bsums[blk * 16..blk * 16 + 16],
                 );
+            }
+        }
+        // A single row never takes a wide tile.
+        if wide && rows >= 2 {
+            self.q16.extend(self.qs.iter().map(|&v| v as i8 as i16));
+            zeroed(&mut self.d_t, nb * rows + WIDE_PAD);
+            zeroed(&mut self.bs_t, nb * 8 * rows + WIDE_PAD);
+            for r in 0..rows {
+                for b in 0..nb {
+                    let blk = r * nb + b;
+                    self.d_t[b * rows + r] = self.d[blk];
+                    for p in 0..8 {
+                        let (lo, hi) = (self.bsums[blk * 16 + 2 * p], self.bsums[blk * 16 + 2 * p + 1]);
+                        self.bs_t[(8 * b + p) * rows + r] = (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32;
+                    }
+                }
             }
         }
     }
@@ -314,6 +348,16 @@ impl QuantAct {
     pub(crate) fn super_values(&self, r: usize, b: usize) -> &[i8] {
         let blk = r * self.blocks + b;
         bytemuck::cast_slice(&self.qs[blk * QK_K..(blk + 1) * QK_K])
+    }
+
+    /// Whether the wide tables are filled for at least `t_rows` rows.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
+    pub(crate) fn wide_ready(&self, t_rows: usize) -> bool {
+        self.layout == ActLayout::Super
+            && self.rows >= t_rows
+            && self.q16.len() == self.qs.len()
+            && self.d_t.len() == self.nb * self.rows + WIDE_PAD
+            && self.bs_t.len() == 8 * self.nb * self.rows + WIDE_PAD
     }
 
     /// The 16 group sums of super-block `b` of row `r` ([`ActLayout::Super`]).
