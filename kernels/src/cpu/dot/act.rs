@@ -190,7 +190,7 @@ impl QuantAct {
     /// reusing its buffers.
     pub(crate) fn fill(&mut self, x: &[f32], rows: usize, k: usize, plan: ActPlan) {
         if plan.layout == ActLayout::Super {
-            self.fill_super(x, rows, k, plan.wide);
+            self.fill_super(plan.avx2, x, rows, k, plan.wide);
             return;
         }
         self.fill_impl(plan.avx2, x, rows, k, plan.layout, plan.bias);
@@ -289,9 +289,84 @@ fn quantize_super(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
     1.0 / iscale
 }
 
+/// [`quantize_super`] with AVX2 (the same values: the largest magnitude and its first position are exact, and
+/// multiply, add, subtract and the conversion of an integral value are the same IEEE operations; NaN becomes 0).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_super_avx2(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(x.len() == QK_K && q.len() == QK_K && bsums.len() == 16);
+    // SAFETY: `x` holds 256 values and `q` 256 bytes (asserted); the loads and stores stay inside them.
+    unsafe {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut m = _mm256_setzero_ps();
+        for c in 0..QK_K / 8 {
+            // max_ps returns its second operand when the first is NaN, so NaN never enters, as in the scalar loop.
+            m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x.as_ptr().add(8 * c)), abs), m);
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0.0f32, |a, &l| if l > a { l } else { a });
+        if amax == 0.0 {
+            q.fill(0);
+            bsums.fill(0);
+            return 0.0;
+        }
+        // The first value of that magnitude (the scalar loop keeps the first on ties).
+        let target = _mm256_set1_ps(amax);
+        let mut max = 0.0f32;
+        for c in 0..QK_K / 8 {
+            let v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_and_ps(v, abs), target));
+            if hit != 0 {
+                max = x[8 * c + hit.trailing_zeros() as usize];
+                break;
+            }
+        }
+        let iscale = -127.0 / max;
+        let is = _mm256_set1_ps(iscale);
+        let magic = _mm256_set1_ps(MAGIC);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        for b in 0..QK_K / 32 {
+            let qi: [__m256i; 4] = std::array::from_fn(|c| {
+                let v = _mm256_loadu_ps(x.as_ptr().add(32 * b + 8 * c));
+                let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v, is), magic), magic);
+                let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r)); // NaN → 0
+                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+            });
+            for g in 0..2 {
+                let s = _mm256_add_epi32(qi[2 * g], qi[2 * g + 1]);
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+                bsums[2 * b + g] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2))) as i16;
+            }
+            // Packing interleaves 128-bit lanes; the final permutation restores element order.
+            let p8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+            let ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr().add(32 * b).cast(), ordered);
+        }
+        1.0 / iscale
+    }
+}
+
+/// Quantises a super-block with the fastest available code.
+#[inline(always)]
+fn quantize_super_fast(avx2: bool, x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller detected AVX2.
+        return unsafe { quantize_super_avx2(x, q, bsums) };
+    }
+    let _ = avx2;
+    quantize_super(x, q, bsums)
+}
+
 impl QuantAct {
     /// [`ActLayout::Super`]: `k % 256 == 0`.
-    fn fill_super(&mut self, x: &[f32], rows: usize, k: usize, wide: bool) {
+    fn fill_super(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, wide: bool) {
         let nb = k / QK_K;
         self.layout = ActLayout::Super;
         self.rows = rows;
@@ -311,7 +386,8 @@ impl QuantAct {
             for b in 0..nb {
                 let blk = r * nb + b;
                 let q: &mut [i8] = bytemuck::cast_slice_mut(&mut self.qs[blk * QK_K..(blk + 1) * QK_K]);
-                self.d[blk] = quantize_super(
+                self.d[blk] = quantize_super_fast(
+                    avx2,
                     &x[r * k + b * QK_K..r * k + (b + 1) * QK_K],
                     q,
                     &mut self.bsums[blk * 16..blk * 16 + 16],
@@ -475,6 +551,41 @@ mod tests {
             let rb = unsafe { quantize_block_avx2(x, &mut b) };
             assert_eq!(a, b, "{x:?}");
             assert_eq!((ra.0.to_bits(), ra.1), (rb.0.to_bits(), rb.1), "{x:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_super_block_quantiser_matches_the_scalar_one() {
+        if !is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = Vec::new();
+        for seed in 0..100u64 {
+            blocks
+                .push((0..QK_K).map(|i| (crate::rng::uniform(seed, i as u64) - 0.5) * (seed as f32 + 0.01)).collect());
+        }
+        let mut special = vec![0.25f32; QK_K];
+        special[..8].copy_from_slice(&[f32::NAN, -2.5, 127.0, -127.0, 0.0, -0.0, 1.5, f32::NAN]);
+        special[200] = 127.0; // a tie with an earlier value of the largest magnitude
+        blocks.push(special.clone());
+        special[100] = f32::NEG_INFINITY;
+        blocks.push(special);
+        blocks.push(vec![0.0; QK_K]);
+        blocks.push(vec![f32::NAN; QK_K]);
+        let mut late = vec![0.0f32; QK_K];
+        late[255] = -3.0;
+        late[17] = 3.0;
+        blocks.push(late);
+        blocks.push((0..QK_K).map(|i| i as f32 - 128.0).collect());
+        for x in &blocks {
+            let (mut qa, mut qb) = ([0i8; QK_K], [0i8; QK_K]);
+            let (mut sa, mut sb) = ([0i16; 16], [0i16; 16]);
+            let da = quantize_super(x, &mut qa, &mut sa);
+            // SAFETY: AVX2 was detected above.
+            let db = unsafe { quantize_super_avx2(x, &mut qb, &mut sb) };
+            assert_eq!((qa, sa, da.to_bits()), (qb, sb, db.to_bits()), "{x:?}");
         }
     }
 

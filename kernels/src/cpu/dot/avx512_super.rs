@@ -129,6 +129,7 @@ unsafe fn scale_min_words(p: *const u8) -> (u64, u64) {
 }
 
 /// One weight super-block unpacked for the integer loop.
+#[derive(Clone, Copy)]
 struct Unpacked {
     /// Unsigned codes (before Q6_K's offset) of the value pairs `64c..64c + 64`.
     codes: [__m512i; 4],
@@ -263,13 +264,18 @@ unsafe fn super_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'
         let zero = _mm512_setzero_si512();
         let thirty_two = _mm512_set1_epi8(32);
         for b in 0..a.nb {
-            let u: [Unpacked; NR] = std::array::from_fn(|r| {
+            // A loop rather than `array::from_fn`: LLVM may leave the closure of the latter out of line, and
+            // the decoded registers then pass through memory.
+            let mut u = [unpack::<KIND>(rows[0].add(b * bs)); NR];
+            for r in 0..NR {
                 let blk = rows[r].add(b * bs);
                 for line in (0..bs).step_by(64) {
                     prefetch_ahead(blk.add(line));
                 }
-                unpack::<KIND>(blk)
-            });
+                if r > 0 {
+                    u[r] = unpack::<KIND>(blk);
+                }
+            }
             for t in 0..TR {
                 let aq = a.super_ptr(t0 + t, b);
                 let av: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(aq.add(64 * i).cast()));
@@ -356,6 +362,7 @@ static IQ4_I16: [i16; 32] = {
 };
 
 /// One weight super-block widened for `vpdpwssd`.
+#[derive(Clone, Copy)]
 struct Wide {
     /// `scale · code` (offsets applied) of the values `32j..32j + 32`, as i16 in element order.
     w: [__m512i; 8],
@@ -539,13 +546,18 @@ unsafe fn wide_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_
         let (even, odd) = (_mm512_loadu_si512(EVEN.as_ptr().cast()), _mm512_loadu_si512(ODD.as_ptr().cast()));
         for b in 0..nb {
             let da8 = _mm256_loadu_ps(a.d_t.as_ptr().add(b * t_all + t0));
-            let u: [Wide; NR] = std::array::from_fn(|r| {
+            // A loop rather than `array::from_fn`: LLVM may leave the closure of the latter out of line, and
+            // the decoded registers then pass through memory.
+            let mut u = [widen::<KIND>(rows[0].add(b * bs)); NR];
+            for r in 0..NR {
                 let blk = rows[r].add(b * bs);
                 for line in (0..bs).step_by(64) {
                     prefetch_ahead(blk.add(line));
                 }
-                widen::<KIND>(blk)
-            });
+                if r > 0 {
+                    u[r] = widen::<KIND>(blk);
+                }
+            }
             let aq: [*const i16; TR] = std::array::from_fn(|t| a.q16.as_ptr().add(((t0 + t) * nb + b) * 256));
             let mut acc = [[zero; TR]; NR];
             for t in 0..TR {
