@@ -3,22 +3,21 @@
 //! Two kernels compute the same exact integer lane sums of the scalar definition (`scalar::dot_super`), followed by
 //! the same single fused multiply-add per lane and super-block and the same minimum term:
 //!
-//! - **Wide** (Q2_K, Q3_K, IQ4_XS; tiles of 2, 4 or 8 activation rows, a single row going to the AVX2 kernel): a
-//!   weight super-block is decoded once per tile into eight 512-bit registers of i16 `scale · code` (offsets
-//!   applied; at most 127 · 32 in magnitude, IQ4_XS), in element order; each activation row has its values widened
-//!   to i16 once per matmul ([`QuantAct::q16`]), and `vpdpwssd` adds each value pair into i32 lane `j` of its
-//!   32-value chunk, all eight chunks into one register. Lane `l` of the definition is lanes `2l` and `2l + 1`; two
-//!   activation rows' registers are folded into one with two `vpermt2d` and an add, converted, and multiplied by
-//!   `d_w · d_a` of each row in one fused multiply-add. The minimum term of Q2_K, `Σ min · bsum` over the 16
-//!   groups, is eight `vpdpwssd` over the group-sum pairs of 8 activation rows side by side ([`QuantAct::bs_t`]), so
-//!   its `fma(dmin · d_a, m, macc)` runs for 8 rows at once. Largest lane value: `4064 · 127 · 2 · 8` ≪ 2^31.
-//! - **Narrow** (Q4_K, Q5_K, Q6_K, every row count): a weight super-block is unpacked once per tile into four
-//!   registers of u8 codes (register `c` holds the 32-value chunks `2c` and `2c + 1`) and four of i32 group scales;
-//!   `vpdpbusd` gives each i32 lane the exact sum of its four code · activation products, `vpmulld` scales it, and
-//!   the two chunks' lanes `l` and `l + 8` are added. Q6_K's offset of −32 enters through the accumulator:
-//!   `vpdpbusd(−32 · Σ a, code, a)` over each lane's four values. The largest lane value, `|127 · 32 · 127| · 4 · 8`
-//!   before the two halves meet, is far inside i32. (A wide kernel for these three formats, decoding them the same
-//!   way, measured no faster: see [`is_wide`].)
+//! - **Wide** (tiles of 2, 4 or 8 activation rows: prefill): a weight super-block is decoded once per tile into eight
+//!   512-bit registers of i16 `scale · code` (offsets applied; at most 4096 in magnitude: 32 · 128 for Q6_K, 127 · 32
+//!   for IQ4_XS), in element order; each activation row has its values widened to i16 once per matmul
+//!   ([`QuantAct::q16`]), and `vpdpwssd` adds each value pair into i32 lane `j` of its 32-value chunk, all eight
+//!   chunks into one register. Lane `l` of the definition is lanes `2l` and `2l + 1`; two activation rows' registers
+//!   are folded into one with two `vpermt2d` and an add, converted, and multiplied by `d_w · d_a` of each row in one
+//!   fused multiply-add. The minimum term (Q2_K, Q4_K, Q5_K), `Σ min · bsum` over the 16 groups, is eight `vpdpwssd`
+//!   over the group-sum pairs of 8 activation rows side by side ([`QuantAct::bs_t`]), so its
+//!   `fma(dmin · d_a, m, macc)` runs for 8 rows at once. Largest lane value: `4096 · 127 · 2 · 8` ≪ 2^31.
+//! - **Narrow** (one activation row of Q4_K, Q5_K, Q6_K: the decode step; Q2_K, Q3_K and IQ4_XS take the AVX2
+//!   kernel there): a weight super-block is unpacked into four registers of u8 codes (register `c` holds the
+//!   32-value chunks `2c` and `2c + 1`) and four of i32 group scales; `vpdpbusd` gives each i32 lane the exact sum of
+//!   its four code · activation products, `vpmulld` scales it, and the two chunks' lanes `l` and `l + 8` are added.
+//!   Q6_K's offset of −32 enters through the accumulator: `vpdpbusd(−32 · Σ a, code, a)` over each lane's four
+//!   values. The largest lane value, `|127 · 32 · 127| · 4 · 8` before the two halves meet, is far inside i32.
 // Register tiles and lanes are fixed-size arrays indexed by row, activation row and lane; index loops
 // mirror the definitions in `super` most directly.
 #![allow(clippy::needless_range_loop)]
@@ -28,7 +27,7 @@ use std::ops::Range;
 
 use super::act::QuantAct;
 use super::tag::{IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K};
-use super::{Ctx, Out, TileFn, Weights, drive, fold8, prefetch_ahead, tile_set};
+use super::{Ctx, Out, TileFn, Weights, fold8, prefetch_ahead};
 use crate::DType;
 use crate::superblock::{IQ4_VALUES, scales_iq4_xs, scales_q3_k};
 
@@ -39,49 +38,31 @@ const L2_WEIGHT_BYTES: usize = 256 * 1024;
 /// leftover row.
 type Shape<'a> = (usize, usize, TileFn<&'a QuantAct>, TileFn<&'a QuantAct>);
 
-/// The tile shapes of a wide format, widest activation tile first; the last, one activation row, is the AVX2
-/// kernel's (`vpmaddubsw`), which streams a single row faster than the widening does.
+/// The tile shapes of a format, widest activation tile first; the last, one activation row (the decode step), is
+/// the narrow kernel's (Q4_K, Q5_K, Q6_K) or the AVX2 kernel's (`vpmaddubsw`; Q2_K, Q3_K, IQ4_XS), which stream a
+/// single row faster than the widening does.
 macro_rules! shapes {
-    ($k:expr) => {
+    ($k:expr, $($one:ident)::+) => {
         [
             (8, 1, wide_tile::<{ $k }, 1, 8> as TileFn<_>, wide_tile::<{ $k }, 1, 8> as TileFn<_>),
             (4, 1, wide_tile::<{ $k }, 1, 4> as TileFn<_>, wide_tile::<{ $k }, 1, 4> as TileFn<_>),
             (2, 2, wide_tile::<{ $k }, 2, 2> as TileFn<_>, wide_tile::<{ $k }, 1, 2> as TileFn<_>),
-            (
-                1,
-                2,
-                super::avx2_super::super_tile::<{ $k }, 2, 1> as TileFn<_>,
-                super::avx2_super::super_tile::<{ $k }, 1, 1> as TileFn<_>,
-            ),
+            (1, 2, $($one)::+::<{ $k }, 2, 1> as TileFn<_>, $($one)::+::<{ $k }, 1, 1> as TileFn<_>),
         ]
     };
 }
 
-/// Whether the wide kernel serves `dtype` (and the activations need the wide tables): Q2_K, Q3_K and IQ4_XS. For
-/// Q4_K, Q5_K and Q6_K the narrow kernel measured faster at every row count on the project machine (Intel Xeon,
-/// AVX-512 VNNI: 2.95 vs 3.35 ms of CPU per 1536 × 576 × 128 Q6_K matmul, equal for Q4_K and Q5_K).
-pub(crate) const fn is_wide(dtype: DType) -> bool {
-    matches!(dtype, DType::Q2_K | DType::Q3_K | DType::IQ4_XS)
-}
-
 /// # Safety
 /// See [`super::gemm`]; AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C are required; `w.dtype` is a super-block format
-/// and `a` is in the [`super::act::ActLayout::Super`] layout, with the wide tables for [`is_wide`] formats.
+/// and `a` is in the [`super::act::ActLayout::Super`] layout with the wide tables.
 pub(super) unsafe fn gemm(w: &Weights<'_>, a: &QuantAct, t_rows: usize, rows: Range<usize>, out: Out) {
     let shapes: [Shape<'_>; 4] = match w.dtype {
-        DType::Q2_K => shapes!(Q2_K),
-        DType::Q3_K => shapes!(Q3_K),
-        DType::IQ4_XS => shapes!(IQ4_XS),
-        dtype => {
-            let ctx = Ctx { w, x: a, out };
-            let set = match dtype {
-                DType::Q4_K => tile_set!(super_tile, Q4_K, 2 x 4, 2),
-                DType::Q5_K => tile_set!(super_tile, Q5_K, 2 x 4, 2),
-                _ => tile_set!(super_tile, Q6_K, 2 x 4, 2),
-            };
-            // SAFETY: forwarded from the caller.
-            return unsafe { drive(&ctx, rows, t_rows, set) };
-        }
+        DType::Q2_K => shapes!(Q2_K, super::avx2_super::super_tile),
+        DType::Q3_K => shapes!(Q3_K, super::avx2_super::super_tile),
+        DType::Q4_K => shapes!(Q4_K, super_tile),
+        DType::Q5_K => shapes!(Q5_K, super_tile),
+        DType::Q6_K => shapes!(Q6_K, super_tile),
+        _ => shapes!(IQ4_XS, super::avx2_super::super_tile),
     };
     debug_assert!(t_rows < 2 || a.wide_ready(t_rows));
     let ctx = Ctx { w, x: a, out };
@@ -382,6 +363,7 @@ unsafe fn widen<const KIND: u8>(blk: *const u8) -> Wide {
     unsafe {
         let zero = _mm512_setzero_si512();
         let mut u = Wide { w: [zero; 8], d: 0.0, dmin: 0.0, mpairs: [0; 8] };
+        let low4 = _mm512_set1_epi16(0x0f);
         let low2 = _mm512_set1_epi16(3);
         let one = _mm512_set1_epi16(1);
         // 32 bytes widened to 32 i16.
@@ -391,6 +373,48 @@ unsafe fn widen<const KIND: u8>(blk: *const u8) -> Wide {
             _mm512_permutexvar_epi16(_mm512_loadu_si512(GROUP_OF_I16[j].as_ptr().cast()), _mm512_castsi256_si512(sc16))
         };
         match KIND {
+            Q4_K | Q5_K => {
+                u.d = f16_at(blk);
+                u.dmin = f16_at(blk.add(2));
+                let (sc, m) = scale_min_words(blk.add(4));
+                for j in 0..8 {
+                    let mj = ((m >> (8 * j)) & 0xff) as i32;
+                    u.mpairs[j] = mj | (mj << 16);
+                }
+                let qs = blk.add(if KIND == Q5_K { 48 } else { 16 });
+                let mut qh = if KIND == Q5_K { wide(blk.add(16)) } else { zero };
+                for c in 0..4 {
+                    let q = wide(qs.add(32 * c));
+                    let mut codes = [_mm512_and_si512(q, low4), _mm512_srli_epi16::<4>(q)];
+                    for (h, code) in codes.iter_mut().enumerate() {
+                        if KIND == Q5_K {
+                            // Fifth bit of value 32j + i: bit j of qh[i].
+                            *code = _mm512_or_si512(*code, _mm512_slli_epi16::<4>(_mm512_and_si512(qh, one)));
+                            qh = _mm512_srli_epi16::<1>(qh);
+                        }
+                        let j = 2 * c + h;
+                        u.w[j] = _mm512_mullo_epi16(*code, _mm512_set1_epi16(((sc >> (8 * j)) & 0xff) as i16));
+                    }
+                }
+            }
+            Q6_K => {
+                u.d = f16_at(blk.add(208));
+                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192).cast()));
+                let thirty_two = _mm512_set1_epi16(32);
+                for h in 0..2 {
+                    // Values 128h + 32r + i: nibble r / 2 of ql[64h + 32(r % 2) + i], bits 2r, 2r+1 of qh[32h + i].
+                    let ql = [wide(blk.add(64 * h)), wide(blk.add(64 * h + 32))];
+                    let mut qh = wide(blk.add(128 + 32 * h));
+                    for r in 0..4 {
+                        let low = if r < 2 { _mm512_and_si512(ql[r], low4) } else { _mm512_srli_epi16::<4>(ql[r - 2]) };
+                        let high = _mm512_slli_epi16::<4>(_mm512_and_si512(qh, low2));
+                        qh = _mm512_srli_epi16::<2>(qh);
+                        let code = _mm512_sub_epi16(_mm512_or_si512(low, high), thirty_two);
+                        let j = 4 * h + r;
+                        u.w[j] = _mm512_mullo_epi16(code, two_scales(sc16, j));
+                    }
+                }
+            }
             Q3_K => {
                 u.d = f16_at(blk.add(108));
                 let sc = scales_q3_k(std::slice::from_raw_parts(blk.add(96), 12));
@@ -531,6 +555,9 @@ unsafe fn wide_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_
     let (bs, with_mins) = match KIND {
         Q2_K => (84, true),
         Q3_K => (110, false),
+        Q4_K => (144, true),
+        Q5_K => (176, true),
+        Q6_K => (210, false),
         _ => (136, false),
     };
     let pairs = TR.div_ceil(2);

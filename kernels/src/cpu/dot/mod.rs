@@ -126,10 +126,7 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
         (SimdLevel::Avx512Vnni, DType::Q8_0 | DType::IQ4_NL) => Some(-128),
         _ => None,
     };
-    #[cfg(target_arch = "x86_64")]
-    let wide = level == SimdLevel::Avx512Vnni && avx512_super::is_wide(dtype);
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
+    let wide = level == SimdLevel::Avx512Vnni && dtype.is_super_block();
     ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2, wide }
 }
 
