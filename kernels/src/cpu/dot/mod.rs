@@ -130,9 +130,9 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
     ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2, wide }
 }
 
-/// The level whose kernels serve `dtype` on a CPU of `level`: formats without AVX-512 kernels use the AVX2 ones
-/// (an AVX-512 CPU has AVX2), formats without SIMD kernels the scalar ones. Every level gives the same bits, so this
-/// only chooses speed.
+/// The level whose kernels serve `dtype` on a CPU of `level`. Every format has kernels at every x86-64 level today;
+/// a format without kernels at some level would be sent to a lower one here (an AVX-512 CPU has AVX2). Every level
+/// gives the same bits, so this only chooses speed.
 pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
     match dtype {
         DType::F32
