@@ -118,7 +118,8 @@ fn bench_prefill(c: &mut Criterion) {
 }
 
 /// The formats whose kernels differ between the x86-64 levels, at the SmolLM2 shapes they take in the preset files
-/// (Q5_0 and Q8_0 for the 576-wide matrices, the K-quants for the MLP down projection), against T activation rows.
+/// (Q5_0, Q8_0 and IQ4_NL for the 576-wide matrices, the super-blocks for the MLP down projection), against T
+/// activation rows.
 fn bench_levels(c: &mut Criterion) {
     let threads = threads().unwrap_or_else(|| CpuBackend::default().threads());
     let levels: Vec<SimdLevel> =
@@ -128,9 +129,13 @@ fn bench_levels(c: &mut Criterion) {
         (DType::Q4_1, 576, 1536),
         (DType::Q8_0, 576, 1536),
         (DType::Q5_0, 576, 1536),
+        (DType::IQ4_NL, 576, 1536),
         (DType::Q4_K, 1536, 576),
         (DType::Q5_K, 1536, 576),
         (DType::Q6_K, 1536, 576),
+        (DType::Q2_K, 1536, 576),
+        (DType::Q3_K, 1536, 576),
+        (DType::IQ4_XS, 1536, 576),
     ];
     for (dtype, k, n) in cases {
         for &level in &levels {

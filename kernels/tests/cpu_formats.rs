@@ -137,6 +137,32 @@ fn every_simd_level_gives_identical_bits() {
     }
 }
 
+/// The AVX-512 kernels of the file formats (the super-blocks: tiles of 8, 4, 2 and 1 activation rows, of 1 or 2
+/// weight rows; IQ4_NL: 2 × 4, 1 × 4, 4 × 1 and block pairs with a missing odd block): every row count from 1 to 20
+/// (each mix of tile shapes and tails), odd weight-row counts, random blocks and blocks of one repeated byte (the
+/// largest codes and scales of either sign, the smallest) give the same bits on every level.
+#[test]
+fn file_format_tiles_give_identical_bits_for_every_row_count() {
+    let mut rng = Rng::new(45);
+    for dtype in all_quantised().filter(|d| d.is_super_block() || *d == DType::IQ4_NL) {
+        let shapes = if dtype.is_super_block() { [(256, 7), (768, 37)] } else { [(96, 7), (576, 37)] };
+        for (k, n) in shapes {
+            let mut weights = vec![("random", file_blocks(&mut rng, dtype, n * k, 0.5))];
+            for (name, byte) in [("0x00", 0x00u8), ("0xff", 0xff), ("0x80", 0x80), ("0x7f", 0x7f)] {
+                weights.push((name, uniform_blocks(byte, dtype, n * k, 0.5)));
+            }
+            for t in 1..=20 {
+                let x = rng.vec(t * k, 3.0);
+                for (name, wb) in &weights {
+                    assert_same_bits_on_every_level(&format!("{dtype} {name} k={k} n={n} t={t}"), |be| {
+                        run(be, &upload(be, dtype, &[n, k], wb), &x, t, k, n)
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn thread_count_and_row_batching_do_not_change_bits() {
     let mut rng = Rng::new(43);

@@ -93,6 +93,11 @@ pub fn file_blocks(rng: &mut Rng, dtype: DType, elems: usize, scale: f32) -> Vec
     shared::file_blocks(|| rng.next_u64(), dtype, elems, scale)
 }
 
+/// Blocks of `dtype` whose bytes are all `byte`, except the f16 super-scales (set as in [`file_blocks`]).
+pub fn uniform_blocks(byte: u8, dtype: DType, elems: usize, scale: f32) -> Vec<u8> {
+    shared::file_blocks(|| u64::from(byte) * 0x0101_0101_0101_0101, dtype, elems, scale)
+}
+
 /// The formats read from files only (no quantiser here).
 pub const FILE_ONLY: [DType; 7] =
     [DType::IQ4_NL, DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_XS];

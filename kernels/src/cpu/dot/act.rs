@@ -35,6 +35,9 @@ pub(crate) struct ActPlan {
     /// Lane-sum factor `c` of [`QuantAct::bias`], if the kernel needs the table.
     pub bias: Option<i32>,
     pub avx2: bool,
+    /// [`ActLayout::Super`] only: also fill the wide tables ([`QuantAct::q16`], [`QuantAct::d_t`],
+    /// [`QuantAct::bs_t`]) of the AVX-512 multi-row kernels.
+    pub wide: bool,
 }
 
 /// Quantised activation rows. `d`, `s` and the per-block tables have `blocks` entries per row, where `blocks` is the
@@ -63,7 +66,19 @@ pub(crate) struct QuantAct {
     pub spat: Vec<f32>,
     /// [`ActLayout::Super`] only: the sum of each 16-value group, 16 per super-block (ggml `block_q8_K::bsums`).
     pub bsums: Vec<i16>,
+    /// [`ActLayout::Super`] with the wide tables: the values of `qs` widened to i16 (same order), for `vpdpwssd`
+    /// against weights widened and pre-scaled to i16.
+    pub q16: Vec<i16>,
+    /// Wide tables: the scale of super-block `b` of row `t` at `b · rows + t` (activation rows side by side), plus
+    /// [`WIDE_PAD`] zeros so that a kernel may load 8 rows from any `t`.
+    pub d_t: Vec<f32>,
+    /// Wide tables: the group sums of super-block `b` of row `t` in pairs, `bsums[2p] | bsums[2p + 1] << 16` as one
+    /// i32 at `(8b + p) · rows + t`, plus [`WIDE_PAD`] zeros.
+    pub bs_t: Vec<i32>,
 }
+
+/// Zeros after the transposed wide tables, so that 8 activation rows can be loaded from any row.
+pub(crate) const WIDE_PAD: usize = 8;
 
 /// 1.5 · 2^23: adding it rounds any |v| < 2^22 to an integer (ties to even); subtracting it again leaves that integer.
 const MAGIC: f32 = 12_582_912.0;
@@ -160,7 +175,7 @@ pub(crate) const fn pair_lane(layout: ActLayout, odd: usize, lane: usize) -> usi
 #[cfg(test)]
 pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) -> QuantAct {
     let mut act = QuantAct::default();
-    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false });
+    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false, wide: layout == ActLayout::Super });
     act
 }
 
@@ -174,14 +189,14 @@ impl QuantAct {
     /// Quantises `rows` rows of `k` values (`k % 32 == 0`) from `x` (row-major) into this table as `plan` says,
     /// reusing its buffers.
     pub(crate) fn fill(&mut self, x: &[f32], rows: usize, k: usize, plan: ActPlan) {
+        if plan.layout == ActLayout::Super {
+            self.fill_super(plan.avx2, x, rows, k, plan.wide);
+            return;
+        }
         self.fill_impl(plan.avx2, x, rows, k, plan.layout, plan.bias);
     }
 
     fn fill_impl(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) {
-        if layout == ActLayout::Super {
-            self.fill_super(x, rows, k);
-            return;
-        }
         let nb = k / QK;
         let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
         let pairs = blocks / 2;
@@ -274,9 +289,84 @@ fn quantize_super(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
     1.0 / iscale
 }
 
+/// [`quantize_super`] with AVX2 (the same values: the largest magnitude and its first position are exact, and
+/// multiply, add, subtract and the conversion of an integral value are the same IEEE operations; NaN becomes 0).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_super_avx2(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(x.len() == QK_K && q.len() == QK_K && bsums.len() == 16);
+    // SAFETY: `x` holds 256 values and `q` 256 bytes (asserted); the loads and stores stay inside them.
+    unsafe {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let mut m = _mm256_setzero_ps();
+        for c in 0..QK_K / 8 {
+            // max_ps returns its second operand when the first is NaN, so NaN never enters, as in the scalar loop.
+            m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x.as_ptr().add(8 * c)), abs), m);
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0.0f32, |a, &l| if l > a { l } else { a });
+        if amax == 0.0 {
+            q.fill(0);
+            bsums.fill(0);
+            return 0.0;
+        }
+        // The first value of that magnitude (the scalar loop keeps the first on ties).
+        let target = _mm256_set1_ps(amax);
+        let mut max = 0.0f32;
+        for c in 0..QK_K / 8 {
+            let v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_and_ps(v, abs), target));
+            if hit != 0 {
+                max = x[8 * c + hit.trailing_zeros() as usize];
+                break;
+            }
+        }
+        let iscale = -127.0 / max;
+        let is = _mm256_set1_ps(iscale);
+        let magic = _mm256_set1_ps(MAGIC);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        for b in 0..QK_K / 32 {
+            let qi: [__m256i; 4] = std::array::from_fn(|c| {
+                let v = _mm256_loadu_ps(x.as_ptr().add(32 * b + 8 * c));
+                let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v, is), magic), magic);
+                let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r)); // NaN → 0
+                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+            });
+            for g in 0..2 {
+                let s = _mm256_add_epi32(qi[2 * g], qi[2 * g + 1]);
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+                bsums[2 * b + g] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2))) as i16;
+            }
+            // Packing interleaves 128-bit lanes; the final permutation restores element order.
+            let p8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+            let ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr().add(32 * b).cast(), ordered);
+        }
+        1.0 / iscale
+    }
+}
+
+/// Quantises a super-block with the fastest available code.
+#[inline(always)]
+fn quantize_super_fast(avx2: bool, x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller detected AVX2.
+        return unsafe { quantize_super_avx2(x, q, bsums) };
+    }
+    let _ = avx2;
+    quantize_super(x, q, bsums)
+}
+
 impl QuantAct {
     /// [`ActLayout::Super`]: `k % 256 == 0`.
-    fn fill_super(&mut self, x: &[f32], rows: usize, k: usize) {
+    fn fill_super(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, wide: bool) {
         let nb = k / QK_K;
         self.layout = ActLayout::Super;
         self.rows = rows;
@@ -289,15 +379,35 @@ impl QuantAct {
             v.clear();
         }
         self.bias.clear();
+        self.q16.clear();
+        self.d_t.clear();
+        self.bs_t.clear();
         for r in 0..rows {
             for b in 0..nb {
                 let blk = r * nb + b;
                 let q: &mut [i8] = bytemuck::cast_slice_mut(&mut self.qs[blk * QK_K..(blk + 1) * QK_K]);
-                self.d[blk] = quantize_super(
+                self.d[blk] = quantize_super_fast(
+                    avx2,
                     &x[r * k + b * QK_K..r * k + (b + 1) * QK_K],
                     q,
                     &mut self.bsums[blk * 16..blk * 16 + 16],
                 );
+            }
+        }
+        // A single row never takes a wide tile.
+        if wide && rows >= 2 {
+            self.q16.extend(self.qs.iter().map(|&v| v as i8 as i16));
+            zeroed(&mut self.d_t, nb * rows + WIDE_PAD);
+            zeroed(&mut self.bs_t, nb * 8 * rows + WIDE_PAD);
+            for r in 0..rows {
+                for b in 0..nb {
+                    let blk = r * nb + b;
+                    self.d_t[b * rows + r] = self.d[blk];
+                    for p in 0..8 {
+                        let (lo, hi) = (self.bsums[blk * 16 + 2 * p], self.bsums[blk * 16 + 2 * p + 1]);
+                        self.bs_t[(8 * b + p) * rows + r] = (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32;
+                    }
+                }
             }
         }
     }
@@ -314,6 +424,16 @@ impl QuantAct {
     pub(crate) fn super_values(&self, r: usize, b: usize) -> &[i8] {
         let blk = r * self.blocks + b;
         bytemuck::cast_slice(&self.qs[blk * QK_K..(blk + 1) * QK_K])
+    }
+
+    /// Whether the wide tables are filled for at least `t_rows` rows.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
+    pub(crate) fn wide_ready(&self, t_rows: usize) -> bool {
+        self.layout == ActLayout::Super
+            && self.rows >= t_rows
+            && self.q16.len() == self.qs.len()
+            && self.d_t.len() == self.nb * self.rows + WIDE_PAD
+            && self.bs_t.len() == 8 * self.nb * self.rows + WIDE_PAD
     }
 
     /// The 16 group sums of super-block `b` of row `r` ([`ActLayout::Super`]).
@@ -431,6 +551,41 @@ mod tests {
             let rb = unsafe { quantize_block_avx2(x, &mut b) };
             assert_eq!(a, b, "{x:?}");
             assert_eq!((ra.0.to_bits(), ra.1), (rb.0.to_bits(), rb.1), "{x:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_super_block_quantiser_matches_the_scalar_one() {
+        if !is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = Vec::new();
+        for seed in 0..100u64 {
+            blocks
+                .push((0..QK_K).map(|i| (crate::rng::uniform(seed, i as u64) - 0.5) * (seed as f32 + 0.01)).collect());
+        }
+        let mut special = vec![0.25f32; QK_K];
+        special[..8].copy_from_slice(&[f32::NAN, -2.5, 127.0, -127.0, 0.0, -0.0, 1.5, f32::NAN]);
+        special[200] = 127.0; // a tie with an earlier value of the largest magnitude
+        blocks.push(special.clone());
+        special[100] = f32::NEG_INFINITY;
+        blocks.push(special);
+        blocks.push(vec![0.0; QK_K]);
+        blocks.push(vec![f32::NAN; QK_K]);
+        let mut late = vec![0.0f32; QK_K];
+        late[255] = -3.0;
+        late[17] = 3.0;
+        blocks.push(late);
+        blocks.push((0..QK_K).map(|i| i as f32 - 128.0).collect());
+        for x in &blocks {
+            let (mut qa, mut qb) = ([0i8; QK_K], [0i8; QK_K]);
+            let (mut sa, mut sb) = ([0i16; 16], [0i16; 16]);
+            let da = quantize_super(x, &mut qa, &mut sa);
+            // SAFETY: AVX2 was detected above.
+            let db = unsafe { quantize_super_avx2(x, &mut qb, &mut sb) };
+            assert_eq!((qa, sa, da.to_bits()), (qb, sb, db.to_bits()), "{x:?}");
         }
     }
 

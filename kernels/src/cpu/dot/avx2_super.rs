@@ -183,7 +183,11 @@ unsafe fn unpack<const KIND: u8>(blk: *const u8) -> Unpacked {
 /// # Safety
 /// AVX2/FMA/F16C must be available; rows `n..n+NR` and `t0..t0+TR` must be in range.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn super_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+pub(super) unsafe fn super_tile<const KIND: u8, const NR: usize, const TR: usize>(
+    c: &Ctx<'_, &QuantAct>,
+    n: usize,
+    t0: usize,
+) {
     let a = c.x;
     let (bs, offset, with_mins) = match KIND {
         Q2_K => (84, 0, true),

@@ -27,6 +27,8 @@ mod avx2_super;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod avx512_nl;
+#[cfg(target_arch = "x86_64")]
 mod avx512_super;
 mod scalar;
 
@@ -113,21 +115,24 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
     let layout = match (level, dtype) {
         _ if dtype.is_super_block() => ActLayout::Super,
         (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::Pair32,
-        (SimdLevel::Avx512Vnni, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => ActLayout::Pair16,
+        (SimdLevel::Avx512Vnni, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL) => {
+            ActLayout::Pair16
+        }
         _ => ActLayout::Natural,
     };
     let bias = match (level, dtype) {
         (_, DType::Q4_0) => Some(-8),
         (_, DType::Q5_0) => Some(-16),
-        (SimdLevel::Avx512Vnni, DType::Q8_0) => Some(-128),
+        (SimdLevel::Avx512Vnni, DType::Q8_0 | DType::IQ4_NL) => Some(-128),
         _ => None,
     };
-    ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2 }
+    let wide = level == SimdLevel::Avx512Vnni && dtype.is_super_block();
+    ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2, wide }
 }
 
-/// The level whose kernels serve `dtype` on a CPU of `level`: formats without AVX-512 kernels use the AVX2 ones
-/// (an AVX-512 CPU has AVX2), formats without SIMD kernels the scalar ones. Every level gives the same bits, so this
-/// only chooses speed.
+/// The level whose kernels serve `dtype` on a CPU of `level`. Every format has kernels at every x86-64 level today;
+/// a format without kernels at some level would be sent to a lower one here (an AVX-512 CPU has AVX2). Every level
+/// gives the same bits, so this only chooses speed.
 pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
     match dtype {
         DType::F32
@@ -138,14 +143,13 @@ pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
         | DType::Q4_1
         | DType::Q5_0
         | DType::Q5_1
+        | DType::Q2_K
+        | DType::Q3_K
         | DType::Q4_K
         | DType::Q5_K
-        | DType::Q6_K => level,
-        // An AVX-512 CPU need not have the VEX-encoded AVX-VNNI: it runs the `vpmaddubsw` kernels.
-        DType::IQ4_NL | DType::Q2_K | DType::Q3_K | DType::IQ4_XS => match level {
-            SimdLevel::Avx512Vnni => SimdLevel::Avx2,
-            other => other,
-        },
+        | DType::Q6_K
+        | DType::IQ4_XS
+        | DType::IQ4_NL => level,
     }
 }
 
@@ -329,10 +333,14 @@ pub(crate) unsafe fn gemm(level: SimdLevel, w: &Weights<'_>, x: Rhs<'_>, t_rows:
             unsafe { avx2::gemm(level == SimdLevel::AvxVnni, w, x, t_rows, rows, out) }
         }
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => {
+        SimdLevel::Avx512Vnni => match x {
+            // SAFETY: as above; the super-block formats' activations are in the `Super` layout (`act_plan`).
+            Rhs::Quant(a) if w.dtype.is_super_block() => unsafe { avx512_super::gemm(w, a, t_rows, rows, out) },
+            // SAFETY: as above; IQ4_NL's activations are in the Pair16 layout with the −128 lane table (`act_plan`).
+            Rhs::Quant(a) if w.dtype == DType::IQ4_NL => unsafe { avx512_nl::gemm(w, a, t_rows, rows, out) },
             // SAFETY: as above.
-            unsafe { avx512::gemm(w, x, t_rows, rows, out) }
-        }
+            _ => unsafe { avx512::gemm(w, x, t_rows, rows, out) },
+        },
         #[cfg(not(target_arch = "x86_64"))]
         _ => scalar::gemm(w, x, t_rows, rows, out),
     }
