@@ -112,8 +112,7 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
     let level = kernel_level(level, dtype);
     let layout = match (level, dtype) {
         _ if dtype.is_super_block() => ActLayout::Super,
-        (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::Pair32,
-        (SimdLevel::Avx512Vnni, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => ActLayout::Pair16,
+        (SimdLevel::Avx512Vnni, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => ActLayout::Pair,
         _ => ActLayout::Natural,
     };
     let bias = match (level, dtype) {
@@ -175,7 +174,7 @@ pub(crate) fn prefetch_ahead(p: *const u8) {
 }
 
 /// Bytes of weight rows worked on together so they stay in L2 while every activation row passes over them.
-const L2_WEIGHT_BYTES: usize = 256 * 1024;
+pub(crate) const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
 /// Walks the outputs `rows × 0..t_rows` tile by tile, calling `tile(n, nr, t, tr)` with `(nr, tr)` one of
 /// `(nr_t, tr)`, `(1, tr)`, `(nr_1, 1)`, `(1, 1)`.
