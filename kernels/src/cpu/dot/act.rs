@@ -30,7 +30,7 @@ impl ActLayout {
 
 /// How a kernel wants its activations: layout, lane-sum table, and whether the AVX2 quantiser may be used (the same
 /// values either way; the scalar level keeps to portable code).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ActPlan {
     pub layout: ActLayout,
     /// Lane-sum factor `c` of [`QuantAct::bias`], if the kernel needs the table.

@@ -242,6 +242,40 @@ unsafe fn fold_pair(v: __m512) -> f32 {
     }
 }
 
+/// `[x0 + x1, x2 + x3, y0 + y1, y2 + y3]` in each 128-bit block (`x`, `y` that block of the two inputs).
+#[inline(always)]
+unsafe fn pair_sums(x: __m512, y: __m512) -> __m512 {
+    // SAFETY: AVX-512 F is available in the calling kernels.
+    unsafe { _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(x, y), _mm512_shuffle_ps::<0b11_01_11_01>(x, y)) }
+}
+
+/// Where [`fold16`] leaves the result of accumulator `t`: lane `4k + 2h + j` holds `t = 8h + 2k + j`.
+const FOLD16_LANE: [usize; 16] = [0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15];
+
+/// [`fold_pair`] of 16 accumulators at once, each result the same operations on the same values (lane `z = 2l + h`
+/// holds `acc[h][l]`): `v8[l] = v[2l] + v[2l+1]`, `u[i] = v8[i] + v8[i+4]`, `w[j] = u[j] + u[j+2]`, `w[0] + w[1]`,
+/// the additions of 16 outputs side by side in 15 shuffle-add pairs instead of a shuffle chain per output. Result
+/// `t` is in lane [`FOLD16_LANE`]`[t]`.
+#[inline(always)]
+unsafe fn fold16(a: [__m512; 16]) -> __m512 {
+    // SAFETY: AVX-512 F is available in the calling kernels.
+    unsafe {
+        // Block k of s[j]: [v8[2k], v8[2k+1]] of a[2j], then of a[2j+1].
+        let s: [__m512; 8] = std::array::from_fn(|j| pair_sums(a[2 * j], a[2 * j + 1]));
+        // Blocks of u[m]: [u0, u1] of a[4m], a[4m+1]; [u2, u3] of them; the same for a[4m+2], a[4m+3].
+        let u: [__m512; 4] = std::array::from_fn(|m| {
+            let (x, y) = (s[2 * m], s[2 * m + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y))
+        });
+        // Block k of w[q]: [w0, w1] of a[8q + 2k], then of a[8q + 2k + 1].
+        let w: [__m512; 2] = std::array::from_fn(|q| {
+            let (x, y) = (u[2 * q], u[2 * q + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
+        });
+        pair_sums(w[0], w[1])
+    }
+}
+
 /// `m[0] + m[1]` from `[_, m_0, _, m_1]`.
 #[inline(always)]
 unsafe fn min_sum(m: __m128) -> f32 {
@@ -435,18 +469,12 @@ unsafe fn multi_row<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: 
         }
         block_pairs!(a.nb, step);
         let real = (a.rows - t0).min(TR);
-        let mut m = Lines([0.0; 32]);
-        if with_min(KIND) {
-            for j in 0..vecs {
-                _mm512_store_ps(m.0.as_mut_ptr().add(16 * j), macc[j]);
-            }
-        }
+        let res = fold16(std::array::from_fn(|t| if t < TR { acc[t] } else { _mm512_setzero_ps() }));
+        let res = if with_min(KIND) { _mm512_add_ps(res, pair_sums(macc[0], macc[1])) } else { res };
+        let mut o = Lines([0.0; 32]);
+        _mm512_store_ps(o.0.as_mut_ptr(), res);
         for t in 0..real {
-            let mut res = fold_pair(acc[t]);
-            if with_min(KIND) {
-                res += m.0[2 * t] + m.0[2 * t + 1];
-            }
-            c.out.put(t0 + t, n, res);
+            c.out.put(t0 + t, n, o.0[FOLD16_LANE[t]]);
         }
     }
 }
