@@ -174,6 +174,34 @@ fn every_batch_size_gives_each_row_its_alone_bits() {
     }
 }
 
+/// A matmul reuses the quantised activations of the previous one on the same thread when the input bits and the
+/// plan are the same (Q, K and V of a block): results are those of a fresh backend, whether the input repeats,
+/// changes in one value, or goes to a weight of another format or width.
+#[test]
+fn consecutive_matmuls_reuse_only_identical_inputs() {
+    let mut rng = Rng::new(9);
+    let (k, t) = (160, 5);
+    let x = rng.vec(t * k, 1.0);
+    let mut x2 = x.clone();
+    x2[3 * k + 7] = 40.0;
+    let be = CpuBackend::new(1);
+    let weights: Vec<(DType, usize, Vec<f32>)> =
+        [(DType::Q4_1, 9), (DType::Q4_1, 4), (DType::Q8_0, 9), (DType::Q4_0, 3)]
+            .into_iter()
+            .map(|(d, n)| (d, n, rng.vec(n * k, 1.0)))
+            .collect();
+    for (dtype, n, wv) in &weights {
+        for input in [&x, &x, &x2, &x, &x2, &x2] {
+            let got = run(&be, &weight(&be, *dtype, &[*n, k], wv), input, t, k, *n);
+            let fresh = CpuBackend::new(1);
+            let want = std::thread::scope(|s| {
+                s.spawn(|| run(&fresh, &weight(&fresh, *dtype, &[*n, k], wv), input, t, k, *n)).join().unwrap()
+            });
+            assert_eq!(bits(&got), bits(&want), "{dtype} n={n}");
+        }
+    }
+}
+
 #[test]
 fn unaligned_weight_bytes_give_the_same_bits() {
     let mut rng = Rng::new(5);
