@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use super::CpuBackend;
 use super::access::{act, act_mut, check_2d, weight_bytes};
-use super::dot::act::QuantAct;
+use super::dot::act::{ActPlan, QuantAct};
 use super::dot::{Out, Rhs, Weights, act_plan, gemm};
 use super::parallel::split_range;
 use crate::error::{KernelError, Result, shape_err};
@@ -23,9 +23,19 @@ const SERIAL_WORK: usize = 32 * 1024;
 /// Tasks per thread: enough to even out uneven progress, few enough to keep the per-task cost negligible.
 const TASKS_PER_THREAD: usize = 4;
 
+/// The calling thread's quantised activations, and what they were made from.
+#[derive(Default)]
+struct ActCache {
+    act: QuantAct,
+    /// The input rows (as bits), `k` and plan of `act`; `None` after a failed or float matmul.
+    key: Option<(Vec<u32>, usize, ActPlan)>,
+}
+
 thread_local! {
-    /// Quantised activations of the calling thread's current matmul; the buffers are reused across calls.
-    static ACT: RefCell<QuantAct> = RefCell::new(QuantAct::default());
+    /// Quantised activations of the calling thread's last matmul; the buffers are reused across calls, and so are
+    /// the values when the next matmul has the same input and plan (the Q, K and V projections of a block, the
+    /// gate and up projections: quantising is a pure function of the input bits, so reusing it changes nothing).
+    static ACT: RefCell<ActCache> = RefCell::new(ActCache::default());
 }
 
 pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -69,9 +79,17 @@ pub(crate) fn matmul(be: &CpuBackend, x: &Tensor, w: &Tensor, out: &mut Tensor) 
         _ if dtype.is_quantized() => {
             let plan = act_plan(level, dtype);
             // The quantised activations live in a buffer of the calling thread, reused from call to call.
-            ACT.with_borrow_mut(|act| {
-                act.fill(xs, t_rows, k, plan);
-                run(Rhs::Quant(act));
+            ACT.with_borrow_mut(|cache| {
+                let bits: &[u32] = bytemuck::cast_slice(xs);
+                let same = matches!(&cache.key, Some((b, kk, p)) if *kk == k && *p == plan && b[..] == *bits);
+                if !same {
+                    cache.act.fill(xs, t_rows, k, plan);
+                    let mut key = cache.key.take().map(|(b, _, _)| b).unwrap_or_default();
+                    key.clear();
+                    key.extend_from_slice(bits);
+                    cache.key = Some((key, k, plan));
+                }
+                run(Rhs::Quant(&cache.act));
             });
         }
         _ => run(Rhs::Float(xs)),

@@ -15,7 +15,7 @@ pub enum SimdLevel {
     Avx2,
     /// AVX2 with the 256-bit VEX `vpdpbusd` of AVX-VNNI.
     AvxVnni,
-    /// AVX-512 (F, BW, VL) with 512-bit `vpdpbusd` of AVX512-VNNI.
+    /// AVX-512 (F, BW, VL) with 512-bit `vpdpbusd` of AVX512-VNNI (and BMI2, which every such CPU has).
     Avx512Vnni,
 }
 
@@ -45,6 +45,7 @@ impl SimdLevel {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("bmi2")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,

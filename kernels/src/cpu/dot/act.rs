@@ -11,11 +11,12 @@ pub(crate) enum ActLayout {
     /// Block after block, 32 signed values in element order (scalar and AVX2 kernels).
     #[default]
     Natural,
-    /// Blocks in pairs `(2j, 2j+1)`, 64 signed values ordered as `[e0..16, o0..16, e16..32, o16..32]`: the order in
-    /// which an AVX-512 kernel unpacks the nibbles of two 4-bit weight blocks.
-    Pair16,
-    /// Blocks in pairs `(2j, 2j+1)`, each in element order: the order of two Q8_0 weight blocks in one register.
-    Pair32,
+    /// Blocks in pairs `(2j, 2j+1)` with the 4-value lanes of the two blocks interleaved: i32 lane `z = 2l + h` of
+    /// the pair's 64 bytes holds lane `l` (values `4l..4l+4`) of block `h` (0 even, 1 odd). It is the order in which
+    /// the AVX-512 kernels unpack the nibbles of two 4-bit weight blocks (the low nibbles of both blocks' code dwords
+    /// interleaved, then the high ones) and interleave the dwords of two Q8_0 blocks; the block parity alternates
+    /// from lane to lane, so one 64-bit broadcast `[x_e, x_o]` carries a per-block value to every lane.
+    Pair,
     /// 256-value super-blocks quantised as llama.cpp's Q8_K (for the K-quants and IQ4_XS): one f32 scale per
     /// super-block, values in element order, and the sum of each 16-value group in [`QuantAct::bsums`].
     Super,
@@ -23,13 +24,13 @@ pub(crate) enum ActLayout {
 
 impl ActLayout {
     fn paired(self) -> bool {
-        matches!(self, ActLayout::Pair16 | ActLayout::Pair32)
+        self == ActLayout::Pair
     }
 }
 
 /// How a kernel wants its activations: layout, lane-sum table, and whether the AVX2 quantiser may be used (the same
 /// values either way; the scalar level keeps to portable code).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ActPlan {
     pub layout: ActLayout,
     /// Lane-sum factor `c` of [`QuantAct::bias`], if the kernel needs the table.
@@ -40,18 +41,26 @@ pub(crate) struct ActPlan {
     pub wide: bool,
 }
 
+/// Activation rows of the [`ActLayout::Pair`] tables are stored rounded up to a multiple of this, so a multi-row
+/// kernel tile may read up to this many rows from any multiple of it (the extra rows are all zeros).
+pub(crate) const ROW_PAD: usize = 16;
+
 /// Quantised activation rows. `d`, `s` and the per-block tables have `blocks` entries per row, where `blocks` is the
 /// block count rounded up to even for the paired layouts (the extra block is all zeros).
 #[derive(Debug, Default)]
 pub(crate) struct QuantAct {
     pub layout: ActLayout,
     pub rows: usize,
+    /// Rows in storage: `rows`, or for the paired layout with more than one row `rows` rounded up to [`ROW_PAD`]
+    /// (zero rows: every value, scale and sum 0).
+    pub rows_pad: usize,
     /// Blocks per row holding data (`K / 32`).
     pub nb: usize,
     /// Blocks per row in storage (`nb`, or `nb` rounded up to even when paired).
     pub blocks: usize,
-    /// `rows × blocks × 32` quantised values.
-    pub qs: Vec<u8>,
+    /// `rows × blocks × 32` quantised values, starting on a 64-byte boundary (so a pair or a super-block row never
+    /// straddles cache lines: a 512-bit load across two lines costs two).
+    pub qs: AlignedBytes,
     /// Scale of each block: `x ≈ d · q`.
     pub d: Vec<f32>,
     /// `d · Σ q` of each block: the activation side of the `m` term of Q4_1.
@@ -60,10 +69,15 @@ pub(crate) struct QuantAct {
     /// with offset weights: `Σ (w + o)·a + bias = Σ w·a` for `c = −o` (Q4_0 stores `w + 8`; AVX-512 Q8_0 computes
     /// with `w + 128`, which `vpdpbusd` needs unsigned).
     pub bias: Vec<i32>,
-    /// Paired layouts only: each pair's scales spread over the 16 i32 lanes of a 512-bit dot product.
+    /// Paired layout only: each pair's scales over the 16 i32 lanes of a 512-bit dot product, `[d_e, d_o] × 8`.
     pub dpat: Vec<f32>,
-    /// [`ActLayout::Pair16`] only: `[0, s_e, 0, s_o]` of each pair, lined up with the `[d, m, d, m]` of weights.
+    /// Paired layout only: `[0, s_e, 0, s_o]` of each pair, lined up with the `[d, m, d, m]` of Q4_1/Q5_1 weights.
     pub spat: Vec<f32>,
+    /// Paired layout only: `[d_e, d_o]` of pair `p` of row `t` at `(p · rows_pad + t) · 2`: the scales of
+    /// consecutive rows side by side, for the multi-row kernels.
+    pub dt: Vec<f32>,
+    /// Paired layout only: `[s_e, s_o]` (the `s` of the two blocks) in the order of `dt`.
+    pub st: Vec<f32>,
     /// [`ActLayout::Super`] only: the sum of each 16-value group, 16 per super-block (ggml `block_q8_K::bsums`).
     pub bsums: Vec<i16>,
     /// [`ActLayout::Super`] with the wide tables: the values of `qs` widened to i16 (same order), for `vpdpwssd`
@@ -79,6 +93,42 @@ pub(crate) struct QuantAct {
 
 /// Zeros after the transposed wide tables, so that 8 activation rows can be loaded from any row.
 pub(crate) const WIDE_PAD: usize = 8;
+
+/// One cache line.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A byte buffer that starts on a 64-byte boundary; it derefs to its bytes.
+#[derive(Debug, Default)]
+pub(crate) struct AlignedBytes {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    /// Makes the buffer `n` zero bytes long, keeping its allocation.
+    fn zeroed(&mut self, n: usize) {
+        self.lines.clear();
+        self.lines.resize(n.div_ceil(64), Line([0; 64]));
+        self.len = n;
+    }
+}
+
+impl std::ops::Deref for AlignedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `lines` holds at least `len` initialised bytes (`Line` is 64 bytes without padding).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and the borrow is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
 
 /// 1.5 · 2^23: adding it rounds any |v| < 2^22 to an integer (ties to even); subtracting it again leaves that integer.
 const MAGIC: f32 = 12_582_912.0;
@@ -161,13 +211,10 @@ fn quantize_block_fast(avx2: bool, x: &[f32], q: &mut [i8; QK]) -> (f32, i32) {
     quantize_block(x, q)
 }
 
-/// Position of lane `lane` of the even (`odd = 0`) or odd block inside a pair's 16 i32 lanes.
+/// Position of lane `lane` of the even (`odd = 0`) or odd block inside a pair's 16 i32 lanes ([`ActLayout::Pair`]).
 #[inline]
-pub(crate) const fn pair_lane(layout: ActLayout, odd: usize, lane: usize) -> usize {
-    match layout {
-        ActLayout::Pair16 => odd * 4 + (lane % 4) + 8 * (lane / 4),
-        _ => odd * 8 + lane,
-    }
+pub(crate) const fn pair_lane(odd: usize, lane: usize) -> usize {
+    2 * lane + odd
 }
 
 /// Quantises `rows` rows of `k` values (`k % 32 == 0`) from `x` (row-major); `bias` is the lane-sum factor `c` of
@@ -200,16 +247,21 @@ impl QuantAct {
         let nb = k / QK;
         let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
         let pairs = blocks / 2;
+        let rows_pad = if layout.paired() && rows > 1 { rows.next_multiple_of(ROW_PAD) } else { rows };
         self.layout = layout;
         self.rows = rows;
+        self.rows_pad = rows_pad;
         self.nb = nb;
         self.blocks = blocks;
-        zeroed(&mut self.qs, rows * blocks * QK);
-        zeroed(&mut self.d, rows * blocks);
-        zeroed(&mut self.s, rows * blocks);
-        zeroed(&mut self.bias, if bias.is_some() { rows * blocks * 8 } else { 0 });
-        zeroed(&mut self.dpat, if layout.paired() { rows * pairs * 16 } else { 0 });
-        zeroed(&mut self.spat, if layout == ActLayout::Pair16 { rows * pairs * 4 } else { 0 });
+        self.qs.zeroed(rows_pad * blocks * QK);
+        zeroed(&mut self.d, rows_pad * blocks);
+        zeroed(&mut self.s, rows_pad * blocks);
+        zeroed(&mut self.bias, if bias.is_some() { rows_pad * blocks * 8 } else { 0 });
+        let paired = if layout.paired() { rows_pad * pairs } else { 0 };
+        zeroed(&mut self.dpat, paired * 16);
+        zeroed(&mut self.spat, paired * 4);
+        zeroed(&mut self.dt, paired * 2);
+        zeroed(&mut self.st, paired * 2);
         let mut q = [0i8; QK];
         for r in 0..rows {
             for b in 0..nb {
@@ -220,16 +272,17 @@ impl QuantAct {
                 let odd = b % 2;
                 let pair_base = (blk - odd) * QK;
                 match layout {
-                    ActLayout::Natural | ActLayout::Pair32 | ActLayout::Super => {
+                    ActLayout::Natural | ActLayout::Super => {
                         for (o, &v) in self.qs[blk * QK..(blk + 1) * QK].iter_mut().zip(&q) {
                             *o = v as u8;
                         }
                     }
-                    ActLayout::Pair16 => {
+                    ActLayout::Pair => {
                         let pair = &mut self.qs[pair_base..pair_base + 2 * QK];
-                        for j in 0..16 {
-                            pair[odd * 16 + j] = q[j] as u8;
-                            pair[32 + odd * 16 + j] = q[16 + j] as u8;
+                        let bytes: &[u8; QK] = bytemuck::cast_ref(&q);
+                        for lane in 0..8 {
+                            let z = pair_lane(odd, lane);
+                            pair[4 * z..4 * z + 4].copy_from_slice(&bytes[4 * lane..4 * lane + 4]);
                         }
                     }
                 }
@@ -238,7 +291,7 @@ impl QuantAct {
                         let lane_sum: i32 = q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum();
                         let idx = match layout {
                             ActLayout::Natural => blk * 8 + lane,
-                            _ => (blk - odd) * 8 + pair_lane(layout, odd, lane),
+                            _ => (blk - odd) * 8 + pair_lane(odd, lane),
                         };
                         self.bias[idx] = c * lane_sum;
                     }
@@ -249,14 +302,15 @@ impl QuantAct {
                     let (e, o) = (r * blocks + 2 * p, r * blocks + 2 * p + 1);
                     let pat = &mut self.dpat[(r * pairs + p) * 16..(r * pairs + p + 1) * 16];
                     let (de, dd) = (self.d[e], self.d[o]);
-                    if layout == ActLayout::Pair16 {
-                        pat.copy_from_slice(&[de, de, de, de, dd, dd, dd, dd, de, de, de, de, dd, dd, dd, dd]);
-                        let sp = &mut self.spat[(r * pairs + p) * 4..(r * pairs + p + 1) * 4];
-                        sp[1] = self.s[e];
-                        sp[3] = self.s[o];
-                    } else {
-                        pat.copy_from_slice(&[de, de, de, de, de, de, de, de, dd, dd, dd, dd, dd, dd, dd, dd]);
+                    for (i, v) in pat.iter_mut().enumerate() {
+                        *v = if i % 2 == 0 { de } else { dd };
                     }
+                    let sp = &mut self.spat[(r * pairs + p) * 4..(r * pairs + p + 1) * 4];
+                    sp[1] = self.s[e];
+                    sp[3] = self.s[o];
+                    let at = (p * rows_pad + r) * 2;
+                    self.dt[at..at + 2].copy_from_slice(&[de, dd]);
+                    self.st[at..at + 2].copy_from_slice(&[self.s[e], self.s[o]]);
                 }
             }
         }
@@ -370,12 +424,13 @@ impl QuantAct {
         let nb = k / QK_K;
         self.layout = ActLayout::Super;
         self.rows = rows;
+        self.rows_pad = rows;
         self.nb = nb;
         self.blocks = nb;
-        zeroed(&mut self.qs, rows * nb * QK_K);
+        self.qs.zeroed(rows * nb * QK_K);
         zeroed(&mut self.d, rows * nb);
         zeroed(&mut self.bsums, rows * nb * 16);
-        for v in [&mut self.s, &mut self.dpat, &mut self.spat] {
+        for v in [&mut self.s, &mut self.dpat, &mut self.spat, &mut self.dt, &mut self.st] {
             v.clear();
         }
         self.bias.clear();
@@ -449,7 +504,7 @@ impl QuantAct {
     /// Start of block `b` of row `r` (for paired layouts, `b` even is the start of the pair).
     #[inline(always)]
     pub(crate) fn qs_ptr(&self, r: usize, b: usize) -> *const u8 {
-        debug_assert!(r < self.rows && b < self.blocks);
+        debug_assert!(r < self.rows_pad && b < self.blocks);
         self.qs.as_ptr().wrapping_add((r * self.blocks + b) * QK)
     }
 
@@ -481,22 +536,36 @@ impl QuantAct {
         self.spat.as_ptr().wrapping_add((r * self.blocks + b) * 2)
     }
 
+    /// `[d_e, d_o]` of row `r`, then of rows `r + 1, …`, for the pair starting at even block `b`.
+    #[inline(always)]
+    pub(crate) fn dt_ptr(&self, r: usize, b: usize) -> *const f32 {
+        self.dt.as_ptr().wrapping_add((b / 2 * self.rows_pad + r) * 2)
+    }
+
+    /// `[s_e, s_o]` of row `r`, then of rows `r + 1, …`, for the pair starting at even block `b`.
+    #[inline(always)]
+    pub(crate) fn st_ptr(&self, r: usize, b: usize) -> *const f32 {
+        self.st.as_ptr().wrapping_add((b / 2 * self.rows_pad + r) * 2)
+    }
+
     /// The 32 signed values of block `b` of row `r` in element order, whatever the layout.
     pub(crate) fn block_values(&self, r: usize, b: usize) -> [i8; QK] {
         let mut q = [0i8; QK];
         let blk = r * self.blocks + b;
         match self.layout {
-            ActLayout::Natural | ActLayout::Pair32 | ActLayout::Super => {
+            ActLayout::Natural | ActLayout::Super => {
                 for (o, &v) in q.iter_mut().zip(&self.qs[blk * QK..(blk + 1) * QK]) {
                     *o = v as i8;
                 }
             }
-            ActLayout::Pair16 => {
+            ActLayout::Pair => {
                 let odd = b % 2;
                 let pair = &self.qs[(blk - odd) * QK..(blk - odd + 2) * QK];
-                for j in 0..16 {
-                    q[j] = pair[odd * 16 + j] as i8;
-                    q[16 + j] = pair[32 + odd * 16 + j] as i8;
+                for lane in 0..8 {
+                    let z = pair_lane(odd, lane);
+                    for j in 0..4 {
+                        q[4 * lane + j] = pair[4 * z + j] as i8;
+                    }
                 }
             }
         }
@@ -513,7 +582,7 @@ mod tests {
         let k = 96;
         let x: Vec<f32> = (0..2 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
         let nat = quantize_rows(&x, 2, k, ActLayout::Natural, Some(-8));
-        for layout in [ActLayout::Pair16, ActLayout::Pair32] {
+        for layout in [ActLayout::Pair] {
             let other = quantize_rows(&x, 2, k, layout, Some(-8));
             assert_eq!(other.blocks, 4);
             for r in 0..2 {

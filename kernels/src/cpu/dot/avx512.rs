@@ -1,11 +1,12 @@
 //! AVX-512 kernels (F, BW, VL, VNNI): two 32-value blocks per 512-bit register, `vpdpbusd` for the integer dot
 //! products. Lanes are arranged so that the arithmetic is exactly the canonical one of [`super`]:
 //!
-//! - 4-bit weights: the nibbles of blocks `e = 2j` and `o = 2j+1` unpack to `[e0..16, o0..16, e16..32, o16..32]`
-//!   ([`super::act::ActLayout::Pair16`]); i32 lane `z` holds lane `l` of block parity `h` with
-//!   `z = 4h + l % 4 + 8 (l / 4)`.
-//! - Q8_0: blocks side by side, `z = 8h + l` ([`super::act::ActLayout::Pair32`]); `vpdpbusd` multiplies unsigned by
-//!   signed bytes, so it computes `Σ (w + 128)·a − 128·Σ a` with the lane sums of `a` from the activation table.
+//! - Quantised weights: i32 lane `z = 2l + h` of a block pair holds lane `l` of block parity `h`
+//!   ([`super::act::ActLayout::Pair`]): for 4-bit weights the low nibbles of the two blocks' code dwords
+//!   interleaved, then the high ones; for Q8_0 the two blocks' dwords interleaved. `vpdpbusd` multiplies unsigned by
+//!   signed bytes, so Q8_0 computes `Σ (w + 128)·a − 128·Σ a` with the lane sums of `a` from the activation table.
+//!   Since the parity alternates from lane to lane, `[x_e, x_o]` broadcast as one 64-bit value gives every lane its
+//!   block's scale: the multi-row kernel ([`multi_row`]) takes each activation row's scale products that way.
 //! - Float weights: two registers cover lanes `0..16` and `16..32` of the 32 accumulators.
 // Register tiles and lanes are fixed-size arrays indexed by row, activation row and lane; index loops
 // mirror the definitions in `super` most directly.
@@ -16,8 +17,11 @@ use std::ops::Range;
 
 use super::act::QuantAct;
 use super::tag::{BF16, F16, F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
-use super::{Ctx, Out, Rhs, Weights, block_pairs, drive, float_tile_set, prefetch_ahead, tile_set};
+use super::{
+    Ctx, L2_WEIGHT_BYTES, Out, Rhs, TileFn, Weights, block_pairs, drive, float_tile_set, prefetch_ahead, tile_set,
+};
 use crate::DType;
+use crate::quant::QK;
 
 /// # Safety
 /// See [`super::gemm`]; the CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
@@ -31,19 +35,19 @@ pub(super) unsafe fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Rang
         }
         Rhs::Quant(a) => {
             let ctx = Ctx { w, x: a, out };
-            let set = match w.dtype {
-                DType::Q8_0 => tile_set!(q8_tile, Q8_0, 2 x 4, 4),
-                DType::Q4_0 => tile_set!(q4_tile, Q4_0, 2 x 4, 4),
-                DType::Q5_0 => tile_set!(q4_tile, Q5_0, 2 x 4, 4),
-                DType::Q5_1 => tile_set!(q4_tile, Q5_1, 2 x 4, 4),
+            let kernels = match w.dtype {
+                DType::Q8_0 => QuantKernels::of::<Q8_0>(),
+                DType::Q4_0 => QuantKernels::of::<Q4_0>(),
+                DType::Q5_0 => QuantKernels::of::<Q5_0>(),
+                DType::Q5_1 => QuantKernels::of::<Q5_1>(),
                 DType::Q4_K | DType::Q5_K | DType::Q6_K => {
                     // SAFETY: forwarded from the caller (the super-block formats have their own module).
                     return unsafe { super::avx512_super::gemm(w, a, t_rows, rows, out) };
                 }
-                _ => tile_set!(q4_tile, Q4_1, 2 x 4, 4),
+                _ => QuantKernels::of::<Q4_1>(),
             };
             // SAFETY: forwarded from the caller.
-            unsafe { drive(&ctx, rows, t_rows, set) }
+            unsafe { drive_quant(&ctx, rows, t_rows, &kernels) }
         }
     }
 }
@@ -72,137 +76,330 @@ unsafe fn high256(v: __m512) -> __m256 {
     unsafe { _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))) }
 }
 
-/// Word indices gathering the codes of a Q4_0 block pair (9 words per block) as `[e, o, e, o]`.
+/// Word indices gathering the code dwords of a Q4_0 block pair (9 words per block: scale, 8 of codes) interleaved,
+/// `[e0, o0, e1, o1, …]` (a dword is two words), twice: the low nibbles come from the first half, the high ones
+/// from the second.
 static Q4_0_CODES: [u16; 32] =
-    [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17];
-/// Word indices spreading the two Q4_0 scales over the Pair16 lanes (`[e×4, o×4, e×4, o×4]`).
+    [1, 2, 10, 11, 3, 4, 12, 13, 5, 6, 14, 15, 7, 8, 16, 17, 1, 2, 10, 11, 3, 4, 12, 13, 5, 6, 14, 15, 7, 8, 16, 17];
+/// Word indices of the two Q4_0 scales as `[e, o] × 8` (the first 16 words are used).
 static Q4_0_SCALES: [u16; 32] =
-    [0, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    [0, 9, 0, 9, 0, 9, 0, 9, 0, 9, 0, 9, 0, 9, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 /// The same for Q5_0 (11 words per block: scale, 2 of fifth bits, 8 of codes).
 static Q5_0_CODES: [u16; 32] =
-    [3, 4, 5, 6, 7, 8, 9, 10, 14, 15, 16, 17, 18, 19, 20, 21, 3, 4, 5, 6, 7, 8, 9, 10, 14, 15, 16, 17, 18, 19, 20, 21];
+    [3, 4, 14, 15, 5, 6, 16, 17, 7, 8, 18, 19, 9, 10, 20, 21, 3, 4, 14, 15, 5, 6, 16, 17, 7, 8, 18, 19, 9, 10, 20, 21];
 static Q5_0_SCALES: [u16; 32] =
-    [0, 0, 0, 0, 11, 11, 11, 11, 0, 0, 0, 0, 11, 11, 11, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    [0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
-/// Byte mask of the Pair16 bytes whose fifth bit is set, from the 32 fifth bits `he`, `ho` of blocks `e` and `o`
-/// (bit `j` belongs to element `j`): bytes `[e0..16, o0..16, e16..32, o16..32]`.
+/// Byte mask of the [`ActLayout::Pair`](super::act::ActLayout::Pair) bytes whose fifth bit is set, from the 32
+/// fifth bits `he`, `ho` of blocks `e` and `o` (bit `j` belongs to element `j`): byte `4(2l + h) + j` holds element
+/// `4l + j` of block `h`, so the bits of the two blocks alternate in groups of four.
 #[inline(always)]
-fn fifth_bits(he: u32, ho: u32) -> u64 {
-    let (he, ho) = (he as u64, ho as u64);
-    (he & 0xffff) | (ho & 0xffff) << 16 | (he >> 16) << 32 | (ho >> 16) << 48
+unsafe fn fifth_bits(he: u32, ho: u32) -> u64 {
+    // SAFETY: BMI2 is available in the calling kernels.
+    unsafe { _pdep_u64(he as u64, 0x0f0f_0f0f_0f0f_0f0f) | _pdep_u64(ho as u64, 0xf0f0_f0f0_f0f0_f0f0) }
 }
 
-/// 4- and 5-bit weights (Q4_0, Q4_1, Q5_0, Q5_1): `NR` weight rows from `n` times `TR` activation rows from `t0`, a
-/// block pair at a time. The fifth bit of Q5_0/Q5_1 is added to the nibbles under a byte mask; Q5_0's offset of 16
-/// (like Q4_0's 8) comes back through the activations' lane-sum table.
-///
-/// # Safety
-/// The CPU features of [`gemm`]; rows `n..n+NR` and `t0..t0+TR` in range; activations in the Pair16 layout.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
-    let a = c.x;
-    let bs = match KIND {
+/// Bytes of one block of the 32-value formats with AVX-512 kernels.
+const fn block_bytes(kind: u8) -> usize {
+    match kind {
+        Q8_0 => 34,
         Q4_0 => 18,
         Q4_1 => 20,
         Q5_0 => 22,
         _ => 24,
-    };
-    let with_min = KIND == Q4_1 || KIND == Q5_1;
-    let fifth = KIND == Q5_0 || KIND == Q5_1;
-    // SAFETY: weight blocks `b < nb` of rows `n + r` and activation pairs of rows `t0 + t` are inside the buffers the
-    // matmul checked; the missing odd block of a pair is never loaded (zeros stand in for it).
+    }
+}
+
+/// Whether the format carries a minimum per block (the `m` term).
+const fn with_min(kind: u8) -> bool {
+    kind == Q4_1 || kind == Q5_1
+}
+
+/// Whether the kernel starts each dot product from the activations' lane-sum table (the weight codes carry an
+/// offset: Q4_0's 8, Q5_0's 16, Q8_0's 128 added for `vpdpbusd`).
+const fn with_bias(kind: u8) -> bool {
+    !with_min(kind)
+}
+
+/// One weight block pair unpacked: codes as unsigned bytes in the [`ActLayout::Pair`](super::act::ActLayout::Pair)
+/// order, the two block scales as `[d_e, d_o] × 8`, and (Q4_1, Q5_1) `[d_e, m_e, d_o, m_o]`.
+struct Pair {
+    codes: __m512i,
+    d: __m512,
+    dm: __m128,
+}
+
+/// Unpacks the block pair starting at block `b` of `row` (`full`: the odd block exists; otherwise it reads as zero
+/// codes and scales — for Q8_0, codes 128, which the zero activations of the missing block cancel).
+///
+/// # Safety
+/// The CPU features of [`gemm`]; blocks `b` (and `b + 1` when `full`) inside the row.
+#[inline(always)]
+unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
+    let bs = block_bytes(KIND);
+    // SAFETY: the loads touch only the bytes of the pair's existing blocks (masked or sized to them).
     unsafe {
-        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let be = row.add(b * bs);
+        if KIND == Q8_0 {
+            // A pair is 68 bytes: one prefetch per pair would skip one line in 17.
+            prefetch_ahead(be);
+            prefetch_ahead(be.add(64));
+            let we = _mm512_castsi256_si512(_mm256_loadu_si256(be.add(2).cast()));
+            let (wo, ho) = if full {
+                (
+                    _mm512_castsi256_si512(_mm256_loadu_si256(be.add(bs + 2).cast())),
+                    be.add(bs).cast::<u16>().read_unaligned() as i32,
+                )
+            } else {
+                (_mm512_setzero_si512(), 0)
+            };
+            let he = be.cast::<u16>().read_unaligned() as i32;
+            let inter = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            // w + 128 as unsigned bytes
+            let codes = _mm512_xor_si512(_mm512_permutex2var_epi32(we, inter, wo), _mm512_set1_epi8(-128));
+            let h = _mm_cvtph_ps(_mm_cvtsi32_si128(he | (ho << 16)));
+            let d = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(h)));
+            return Pair { codes, d, dm: _mm_setzero_ps() };
+        }
+        prefetch_ahead(be);
         let nibbles = _mm512_set1_epi8(0x0f);
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
         // Shift counts per 16-bit word: the low half keeps the low nibbles, the high half gets the high ones.
         let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
-        // Q4_1 blocks are 5 dwords (header, 4 of codes): codes of e = dwords 1..5, of o = dwords 6..10; Q5_1 blocks
-        // are 6 (header, fifth bits, 4 of codes).
-        let (codes41, headers41) = if KIND == Q5_1 {
-            (
-                _mm512_setr_epi32(2, 3, 4, 5, 8, 9, 10, 11, 2, 3, 4, 5, 8, 9, 10, 11),
-                _mm512_setr_epi32(0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6),
-            )
+        let (mut codes, d, dm) = if with_min(KIND) {
+            // Q4_1 blocks are 5 dwords (header, 4 of codes), Q5_1 blocks 6 (header, fifth bits, 4 of codes). One
+            // masked load takes both blocks (only the even block's bytes when the odd one is missing).
+            let (idx, hdr) = if KIND == Q5_1 {
+                (
+                    _mm512_setr_epi32(2, 8, 3, 9, 4, 10, 5, 11, 2, 8, 3, 9, 4, 10, 5, 11),
+                    _mm512_setr_epi32(0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6),
+                )
+            } else {
+                (
+                    _mm512_setr_epi32(1, 6, 2, 7, 3, 8, 4, 9, 1, 6, 2, 7, 3, 8, 4, 9),
+                    _mm512_setr_epi32(0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5),
+                )
+            };
+            let m: u16 = if KIND == Q5_1 { 0xfff } else { 0x3ff };
+            let raw = _mm512_maskz_loadu_epi32(if full { m } else { m >> (bs / 4) }, be.cast());
+            let codes = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi32(idx, raw), shift), nibbles);
+            // [d_e, m_e, d_o, m_o]
+            let dm = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi32(hdr, raw)));
+            let d = permute_ps(
+                _mm512_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2),
+                _mm512_castps128_ps512(dm),
+            );
+            (codes, d, dm)
         } else {
-            (
-                _mm512_setr_epi32(1, 2, 3, 4, 6, 7, 8, 9, 1, 2, 3, 4, 6, 7, 8, 9),
-                _mm512_setr_epi32(0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5),
-            )
+            let (idx, sc) = if KIND == Q5_0 {
+                (_mm512_loadu_si512(Q5_0_CODES.as_ptr().cast()), _mm512_loadu_si512(Q5_0_SCALES.as_ptr().cast()))
+            } else {
+                (_mm512_loadu_si512(Q4_0_CODES.as_ptr().cast()), _mm512_loadu_si512(Q4_0_SCALES.as_ptr().cast()))
+            };
+            let m: u32 = if KIND == Q5_0 { 0x3f_ffff } else { 0x3ffff };
+            let raw = _mm512_maskz_loadu_epi16(if full { m } else { m >> (bs / 2) }, be.cast());
+            let codes = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi16(idx, raw), shift), nibbles);
+            let d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(sc, raw)));
+            (codes, d, _mm_setzero_ps())
         };
-        // Q4_0 blocks are 9 words (scale, 8 of codes): codes of e = words 1..9, of o = words 10..18.
-        let (codes40, scales40) = if KIND == Q5_0 {
-            (_mm512_loadu_si512(Q5_0_CODES.as_ptr().cast()), _mm512_loadu_si512(Q5_0_SCALES.as_ptr().cast()))
-        } else {
-            (_mm512_loadu_si512(Q4_0_CODES.as_ptr().cast()), _mm512_loadu_si512(Q4_0_SCALES.as_ptr().cast()))
-        };
-        let sixteen = _mm512_set1_epi8(0x10);
+        if KIND == Q5_0 || KIND == Q5_1 {
+            let at = if KIND == Q5_0 { 2 } else { 4 };
+            let he = be.add(at).cast::<u32>().read_unaligned();
+            let ho = if full { be.add(bs + at).cast::<u32>().read_unaligned() } else { 0 };
+            codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(fifth_bits(he, ho), _mm512_set1_epi8(0x10)));
+        }
+        Pair { codes, d, dm }
+    }
+}
+
+/// `vpermps`: lane `i` of the result is lane `idx[i]` of `v`. As assembly, because the compiler otherwise lowers the
+/// `[x_0, x_2] × 8` patterns of [`unpack`] to two shuffles, a second uop on the shuffle port per weight row and pair
+/// (measured: the single-row Q4_1 kernel 7% slower).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn permute_ps(idx: __m512i, v: __m512) -> __m512 {
+    let out: __m512;
+    // SAFETY: register-only; AVX-512 F is available in the calling kernels.
+    unsafe {
+        std::arch::asm!(
+            "vpermps {o:z}, {i:z}, {v:z}",
+            o = lateout(zmm_reg) out,
+            i = in(zmm_reg) idx,
+            v = in(zmm_reg) v,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    out
+}
+
+/// The canonical fold of an accumulator in the pair lane order (lane `2l + h` holds `acc[h][l]`):
+/// `fold8(acc[0] + acc[1])`.
+#[inline(always)]
+unsafe fn fold_pair(v: __m512) -> f32 {
+    // SAFETY: AVX-512 F is available in the calling kernels.
+    unsafe {
+        let eo = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15), v);
+        fold8(_mm256_add_ps(_mm512_castps512_ps256(eo), high256(eo)))
+    }
+}
+
+/// `[x0 + x1, x2 + x3, y0 + y1, y2 + y3]` in each 128-bit block (`x`, `y` that block of the two inputs).
+#[inline(always)]
+unsafe fn pair_sums(x: __m512, y: __m512) -> __m512 {
+    // SAFETY: AVX-512 F is available in the calling kernels.
+    unsafe { _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(x, y), _mm512_shuffle_ps::<0b11_01_11_01>(x, y)) }
+}
+
+/// Where [`fold16`] leaves the result of accumulator `t`: lane `4k + 2h + j` holds `t = 8h + 2k + j`.
+const FOLD16_LANE: [usize; 16] = [0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15];
+
+/// [`fold_pair`] of 16 accumulators at once, each result the same operations on the same values (lane `z = 2l + h`
+/// holds `acc[h][l]`): `v8[l] = v[2l] + v[2l+1]`, `u[i] = v8[i] + v8[i+4]`, `w[j] = u[j] + u[j+2]`, `w[0] + w[1]`,
+/// the additions of 16 outputs side by side in 15 shuffle-add pairs instead of a shuffle chain per output. Result
+/// `t` is in lane [`FOLD16_LANE`]`[t]`.
+#[inline(always)]
+unsafe fn fold16(a: [__m512; 16]) -> __m512 {
+    // SAFETY: AVX-512 F is available in the calling kernels.
+    unsafe {
+        // Block k of s[j]: [v8[2k], v8[2k+1]] of a[2j], then of a[2j+1].
+        let s: [__m512; 8] = std::array::from_fn(|j| pair_sums(a[2 * j], a[2 * j + 1]));
+        // Blocks of u[m]: [u0, u1] of a[4m], a[4m+1]; [u2, u3] of them; the same for a[4m+2], a[4m+3].
+        let u: [__m512; 4] = std::array::from_fn(|m| {
+            let (x, y) = (s[2 * m], s[2 * m + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y))
+        });
+        // Block k of w[q]: [w0, w1] of a[8q + 2k], then of a[8q + 2k + 1].
+        let w: [__m512; 2] = std::array::from_fn(|q| {
+            let (x, y) = (u[2 * q], u[2 * q + 1]);
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
+        });
+        pair_sums(w[0], w[1])
+    }
+}
+
+/// `m[0] + m[1]` from `[_, m_0, _, m_1]`.
+#[inline(always)]
+unsafe fn min_sum(m: __m128) -> f32 {
+    // SAFETY: SSE3 is available in the calling kernels.
+    unsafe {
+        let m = _mm_movehdup_ps(m);
+        _mm_cvtss_f32(_mm_add_ss(m, _mm_movehl_ps(m, m)))
+    }
+}
+
+/// The single-row and multi-row kernels of one 32-value format.
+struct QuantKernels<'a> {
+    /// One activation row: 4 weight rows, 1 weight row.
+    one: [TileFn<&'a QuantAct>; 2],
+    /// Four activation rows: 2 weight rows, 1 weight row.
+    four: [TileFn<&'a QuantAct>; 2],
+    /// One weight row against 16 and 8 activation rows.
+    multi: [TileFn<&'a QuantAct>; 2],
+}
+
+impl<'a> QuantKernels<'a> {
+    fn of<const KIND: u8>() -> Self {
+        QuantKernels {
+            one: [small_tile::<KIND, 4, 1> as TileFn<_>, small_tile::<KIND, 1, 1> as TileFn<_>],
+            four: [small_tile::<KIND, 2, 4> as TileFn<_>, small_tile::<KIND, 1, 4> as TileFn<_>],
+            multi: [multi_row::<KIND, 16> as TileFn<_>, multi_row::<KIND, 8> as TileFn<_>],
+        }
+    }
+}
+
+/// Walks the outputs `rows × 0..t_rows`: a group of weight rows that stays in L2, and over it the activation rows
+/// in tiles of 16 (when at least 12 are left) or 8 (at least 5) with [`multi_row`], 4 (at least 2) or 1 with
+/// [`small_tile`]. A tile may reach past the last activation row into the zero rows of [`QuantAct::rows_pad`] (its
+/// starting row is a multiple of 4 and it never crosses a multiple of 16); it writes only the real rows.
+///
+/// # Safety
+/// As [`drive`]: the CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract.
+unsafe fn drive_quant<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_rows: usize, k: &QuantKernels<'a>) {
+    let group = (L2_WEIGHT_BYTES / ctx.w.row_bytes.max(1)).max(4);
+    let mut g0 = rows.start;
+    while g0 < rows.end {
+        let g1 = (g0 + group).min(rows.end);
+        let mut t = 0;
+        while t < t_rows {
+            let left = t_rows - t;
+            if left <= 4 {
+                // One row: 4 weight rows a tile; two to four rows: a tile of 2 weight rows times 4 activation rows.
+                let (set, nr, tr) = if left == 1 { (&k.one, 4, 1) } else { (&k.four, 2, 4) };
+                let mut n = g0;
+                while n + nr <= g1 {
+                    // SAFETY: rows n..n+nr are inside the output, activation rows t..t+tr inside `rows_pad` (caller,
+                    // and see above).
+                    unsafe { (set[0])(ctx, n, t) };
+                    n += nr;
+                }
+                while n < g1 {
+                    // SAFETY: as above.
+                    unsafe { (set[1])(ctx, n, t) };
+                    n += 1;
+                }
+                t += tr.min(left);
+                continue;
+            }
+            let (f, tr) = if left >= 12 { (k.multi[0], 16) } else { (k.multi[1], 8) };
+            for n in g0..g1 {
+                // SAFETY: row n is inside the output; the tile reads activation rows t..t+tr, inside `rows_pad`
+                // since t is a multiple of 4 and the tile does not cross a multiple of 16 (see above).
+                unsafe { f(ctx, n, t) };
+            }
+            t += tr.min(left);
+        }
+        g0 = g1;
+    }
+}
+
+/// 32-value quantised weights: `NR` weight rows from `n` times `TR` activation rows from `t0`, a block pair at a
+/// time; per (weight row, activation row, pair), one `vpdpbusd` gives the exact lane sums of both blocks, then one
+/// multiply of the scales and one fused multiply-add (and for Q4_1/Q5_1 one 128-bit fused multiply-add of the `m`
+/// term). The tile for one activation row, and for a few (`TR = 4`, reaching into the zero padding rows when fewer
+/// are left; only real rows are written).
+///
+/// # Safety
+/// The CPU features of [`gemm`]; rows `n..n+NR` in range; activation rows `t0..t0+TR` inside `rows_pad`;
+/// activations in the Pair layout.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+unsafe fn small_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+    let a = c.x;
+    // SAFETY: weight blocks `b < nb` of rows `n + r` and the activation pairs of rows `t0 + t` are inside the buffers
+    // the matmul checked; the missing odd block of a pair is never loaded.
+    unsafe {
+        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
         let mut acc = [[_mm512_setzero_ps(); TR]; NR];
         let mut macc = [[_mm_setzero_ps(); TR]; NR];
         macro_rules! step {
             ($b:expr, $full:expr) => {{
                 let b = $b;
-                let mut wz = [_mm512_setzero_si512(); NR];
-                let mut wd = [_mm512_setzero_ps(); NR];
-                let mut wh = [_mm_setzero_ps(); NR];
-                for r in 0..NR {
-                    let be = rows[r].add(b * bs);
-                    prefetch_ahead(be);
-                    // One masked load takes both blocks (40 or 36 bytes; only the even block's bytes when the odd
-                    // one is missing, which then reads as zeros), permutes bring codes and scales into place.
-                    if with_min {
-                        let m = if KIND == Q5_1 { 0xfff } else { 0x3ff };
-                        let raw = _mm512_maskz_loadu_epi32(if $full { m } else { m >> (bs / 4) }, be.cast());
-                        let codes = _mm512_permutexvar_epi32(codes41, raw);
-                        wz[r] = _mm512_and_si512(_mm512_srlv_epi16(codes, shift), nibbles);
-                        // [d_e, m_e, d_o, m_o]
-                        wh[r] = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi32(headers41, raw)));
-                        wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(wh[r]));
-                    } else {
-                        let m = if KIND == Q5_0 { 0x3f_ffff } else { 0x3ffff };
-                        let raw = _mm512_maskz_loadu_epi16(if $full { m } else { m >> (bs / 2) }, be.cast());
-                        let codes = _mm512_permutexvar_epi16(codes40, raw);
-                        wz[r] = _mm512_and_si512(_mm512_srlv_epi16(codes, shift), nibbles);
-                        let d = _mm512_castsi512_si256(_mm512_permutexvar_epi16(scales40, raw));
-                        wd[r] = _mm512_cvtph_ps(d);
-                    }
-                    if fifth {
-                        let at = if KIND == Q5_0 { 2 } else { 4 };
-                        let he = be.add(at).cast::<u32>().read_unaligned();
-                        let ho = if $full { be.add(bs + at).cast::<u32>().read_unaligned() } else { 0 };
-                        wz[r] = _mm512_or_si512(wz[r], _mm512_maskz_mov_epi8(fifth_bits(he, ho), sixteen));
-                    }
-                }
+                let w: [Pair; NR] = std::array::from_fn(|r| unpack::<KIND>(rows[r], b, $full));
                 for t in 0..TR {
                     let av = _mm512_loadu_si512(a.qs_ptr(t0 + t, b).cast());
-                    let init = if KIND == Q4_0 || KIND == Q5_0 {
+                    let init = if with_bias(KIND) {
                         _mm512_loadu_si512(a.bias_ptr(t0 + t, b).cast())
                     } else {
                         _mm512_setzero_si512()
                     };
                     let da = _mm512_loadu_ps(a.dpat_ptr(t0 + t, b));
-                    let sa = if with_min { _mm_loadu_ps(a.spat_ptr(t0 + t, b)) } else { _mm_setzero_ps() };
+                    let sa = if with_min(KIND) { _mm_loadu_ps(a.spat_ptr(t0 + t, b)) } else { _mm_setzero_ps() };
                     for r in 0..NR {
-                        let p = _mm512_dpbusd_epi32(init, wz[r], av);
-                        let sc = _mm512_mul_ps(wd[r], da);
+                        let p = _mm512_dpbusd_epi32(init, w[r].codes, av);
+                        let sc = _mm512_mul_ps(w[r].d, da);
                         acc[r][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r][t]);
-                        if with_min {
-                            macc[r][t] = _mm_fmadd_ps(wh[r], sa, macc[r][t]);
+                        if with_min(KIND) {
+                            macc[r][t] = _mm_fmadd_ps(w[r].dm, sa, macc[r][t]);
                         }
                     }
                 }
             }};
         }
         block_pairs!(a.nb, step);
+        let real = (a.rows - t0).min(TR);
         for r in 0..NR {
-            for t in 0..TR {
-                let v = acc[r][t];
-                let c01 = _mm_add_ps(_mm512_extractf32x4_ps::<0>(v), _mm512_extractf32x4_ps::<1>(v));
-                let c23 = _mm_add_ps(_mm512_extractf32x4_ps::<2>(v), _mm512_extractf32x4_ps::<3>(v));
-                let mut res = fold4(_mm_add_ps(c01, c23));
-                if with_min {
-                    let m = _mm_movehdup_ps(macc[r][t]);
-                    res += _mm_cvtss_f32(_mm_add_ss(m, _mm_movehl_ps(m, m)));
+            for t in 0..real {
+                let mut res = fold_pair(acc[r][t]);
+                if with_min(KIND) {
+                    res += min_sum(macc[r][t]);
                 }
                 c.out.put(t0 + t, n + r, res);
             }
@@ -210,61 +407,135 @@ unsafe fn q4_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, 
     }
 }
 
-/// Q8_0 weights: `NR` weight rows from `n` times `TR` activation rows from `t0`, a block pair at a time.
+/// 64 bytes aligned, for the per-tile scale products.
+#[repr(C, align(64))]
+struct Lines([f32; 32]);
+
+/// 32-value quantised weights: weight row `n` against the `TR` activation rows from `t0` (a multiple of 4), a block
+/// pair at a time. The pair is unpacked once for all `TR` rows; its two weight scales are multiplied by the
+/// activation scales of 8 rows at once (`[d_e, d_o]` of consecutive rows lie side by side in [`QuantAct::dt`]) into
+/// a small table, from which each row's dot product takes its `[d_e·d_a, d_o·d_a]` with one 64-bit broadcast load
+/// (the block parity alternates from lane to lane); the `m` term of Q4_1/Q5_1 is likewise one fused multiply-add
+/// per 8 rows, lanes `(row, parity)`. So each (row, pair) costs one `vpdpbusd`, one conversion and one fused
+/// multiply-add, each output the same operations in the same order as every other kernel.
 ///
 /// # Safety
-/// As [`q4_tile`], with activations in the Pair32 layout and their `−128 · Σ a` lane table.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q8_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+/// The CPU features of [`gemm`]; row `n` in range; activation rows `t0..t0+TR` inside `rows_pad` (rows past
+/// `a.rows` are read, not written); activations in the Pair layout.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+unsafe fn multi_row<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
     let a = c.x;
-    const BS: usize = 34;
-    // SAFETY: as in `q4_tile`.
+    let vecs = TR.div_ceil(8);
+    // SAFETY: weight blocks `b < nb` of row `n` and the activation pairs of rows `t0..t0+TR` (and the scale tables
+    // of rows `t0..t0 + 8·vecs`, inside `rows_pad` as `t0 + 16` is) are inside the buffers the matmul checked.
     unsafe {
-        let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let flip = _mm512_set1_epi8(-128);
-        let mut acc = [[_mm512_setzero_ps(); TR]; NR];
+        let row = c.w.row_ptr(n);
+        let mut acc = [_mm512_setzero_ps(); TR];
+        let mut macc = [_mm512_setzero_ps(); 2];
+        let mut sc = Lines([0.0; 32]);
+        // Activation rows are `stride` bytes (and bias rows `stride / 4` i32) apart; pointers advance row by row,
+        // which keeps the address arithmetic out of vector registers.
+        let stride = a.blocks * QK;
+        let (qs0, bias0) = (a.qs_ptr(t0, 0), a.bias_ptr(t0, 0));
         macro_rules! step {
             ($b:expr, $full:expr) => {{
                 let b = $b;
-                let mut wz = [_mm512_setzero_si512(); NR];
-                let mut wd = [_mm512_setzero_ps(); NR];
-                for r in 0..NR {
-                    let be = rows[r].add(b * BS);
-                    // A pair is 68 bytes: one prefetch per pair would skip one line in 17.
-                    prefetch_ahead(be);
-                    prefetch_ahead(be.add(64));
-                    let we = _mm256_loadu_si256(be.add(2).cast());
-                    let (wo, ho) = if $full {
-                        (_mm256_loadu_si256(be.add(BS + 2).cast()), be.add(BS).cast::<u16>().read_unaligned() as i32)
-                    } else {
-                        (_mm256_setzero_si256(), 0)
-                    };
-                    let he = be.cast::<u16>().read_unaligned() as i32;
-                    // w + 128 as unsigned bytes (a missing odd block becomes 128s against zero activations)
-                    wz[r] = _mm512_xor_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(we), wo), flip);
-                    let h = _mm_cvtph_ps(_mm_cvtsi32_si128(he | (ho << 16)));
-                    wd[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(h));
-                }
-                for t in 0..TR {
-                    let av = _mm512_loadu_si512(a.qs_ptr(t0 + t, b).cast());
-                    let init = _mm512_loadu_si512(a.bias_ptr(t0 + t, b).cast());
-                    let da = _mm512_loadu_ps(a.dpat_ptr(t0 + t, b));
-                    for r in 0..NR {
-                        let p = _mm512_dpbusd_epi32(init, wz[r], av);
-                        let sc = _mm512_mul_ps(wd[r], da);
-                        acc[r][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r][t]);
+                let w = unpack::<KIND>(row, b, $full);
+                let (dt, st) = (a.dt_ptr(t0, b), a.st_ptr(t0, b));
+                for j in 0..vecs {
+                    let prod = _mm512_mul_ps(w.d, _mm512_loadu_ps(dt.add(16 * j)));
+                    _mm512_store_ps(sc.0.as_mut_ptr().add(16 * j), prod);
+                    if with_min(KIND) {
+                        let mw = permute_ps(
+                            _mm512_setr_epi32(1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3),
+                            _mm512_castps128_ps512(w.dm),
+                        );
+                        macc[j] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(st.add(16 * j)), macc[j]);
                     }
+                }
+                let mut q = qs0.add(b * QK);
+                let mut bias = bias0.add(b * 8);
+                for t in 0..TR {
+                    let s = sc.0.as_ptr().add(2 * t);
+                    if with_bias(KIND) {
+                        row_step_bias(&mut acc[t], w.codes, q, bias, s);
+                    } else {
+                        row_step(&mut acc[t], w.codes, q, s);
+                    }
+                    q = q.add(stride);
+                    bias = bias.add(stride / 4);
                 }
             }};
         }
         block_pairs!(a.nb, step);
-        for r in 0..NR {
-            for t in 0..TR {
-                let v = acc[r][t];
-                c.out.put(t0 + t, n + r, fold8(_mm256_add_ps(_mm512_castps512_ps256(v), high256(v))));
-            }
+        let real = (a.rows - t0).min(TR);
+        let res = fold16(std::array::from_fn(|t| if t < TR { acc[t] } else { _mm512_setzero_ps() }));
+        let res = if with_min(KIND) { _mm512_add_ps(res, pair_sums(macc[0], macc[1])) } else { res };
+        let mut o = Lines([0.0; 32]);
+        _mm512_store_ps(o.0.as_mut_ptr(), res);
+        for t in 0..real {
+            c.out.put(t0 + t, n, o.0[FOLD16_LANE[t]]);
         }
+    }
+}
+
+/// One activation row of [`multi_row`]: `acc = fma([s[0], s[1]] × 8, cvt(vpdpbusd(0, codes, q[0..64])), acc)`.
+///
+/// Written as assembly so that the compiler keeps the 64-bit broadcast a load and the row's steps together: left to
+/// itself it forwards the scale table's store into register shuffles (which compete with the arithmetic for the
+/// vector ports while the load ports are idle) and hoists all rows' dot products ahead of the multiply-adds, running
+/// out of registers.
+///
+/// # Safety
+/// `q` points at 64 readable bytes and `s` at two floats; the CPU supports AVX-512 F and VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn row_step(acc: &mut __m512, codes: __m512i, q: *const u8, s: *const f32) {
+    let (_p, _s): (__m512i, __m512);
+    // SAFETY: the caller's contract; the block only reads those bytes and writes its register operands.
+    unsafe {
+        std::arch::asm!(
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp}]",
+            "vfmadd231ps {acc:z}, {s:z}, {p:z}",
+            p = out(zmm_reg) _p,
+            s = out(zmm_reg) _s,
+            w = in(zmm_reg) codes,
+            q = in(reg) q,
+            sp = in(reg) s,
+            acc = inout(zmm_reg) *acc,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+    }
+}
+
+/// [`row_step`] with the dot product started from the 16 lane sums at `bias` instead of 0.
+///
+/// # Safety
+/// As [`row_step`], and `bias` points at 64 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn row_step_bias(acc: &mut __m512, codes: __m512i, q: *const u8, bias: *const i32, s: *const f32) {
+    let (_p, _s): (__m512i, __m512);
+    // SAFETY: as in `row_step`.
+    unsafe {
+        std::arch::asm!(
+            "vmovdqu64 {p:z}, zmmword ptr [{b}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp}]",
+            "vfmadd231ps {acc:z}, {s:z}, {p:z}",
+            p = out(zmm_reg) _p,
+            s = out(zmm_reg) _s,
+            w = in(zmm_reg) codes,
+            q = in(reg) q,
+            b = in(reg) bias,
+            sp = in(reg) s,
+            acc = inout(zmm_reg) *acc,
+            options(pure, readonly, nostack, preserves_flags)
+        );
     }
 }
 

@@ -27,8 +27,6 @@ mod avx2_super;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
-mod avx512_nl;
-#[cfg(target_arch = "x86_64")]
 mod avx512_super;
 mod scalar;
 
@@ -114,16 +112,13 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
     let level = kernel_level(level, dtype);
     let layout = match (level, dtype) {
         _ if dtype.is_super_block() => ActLayout::Super,
-        (SimdLevel::Avx512Vnni, DType::Q8_0) => ActLayout::Pair32,
-        (SimdLevel::Avx512Vnni, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL) => {
-            ActLayout::Pair16
-        }
+        (SimdLevel::Avx512Vnni, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => ActLayout::Pair,
         _ => ActLayout::Natural,
     };
     let bias = match (level, dtype) {
         (_, DType::Q4_0) => Some(-8),
         (_, DType::Q5_0) => Some(-16),
-        (SimdLevel::Avx512Vnni, DType::Q8_0 | DType::IQ4_NL) => Some(-128),
+        (SimdLevel::Avx512Vnni, DType::Q8_0) => Some(-128),
         _ => None,
     };
     let wide = level == SimdLevel::Avx512Vnni && dtype.is_super_block();
@@ -148,8 +143,13 @@ pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
         | DType::Q4_K
         | DType::Q5_K
         | DType::Q6_K
-        | DType::IQ4_XS
-        | DType::IQ4_NL => level,
+        | DType::IQ4_XS => level,
+        // IQ4_NL has no AVX-512 kernel on the paired activation layout yet: an AVX-512 CPU runs its `vpmaddubsw`
+        // kernel (an AVX-512 CPU need not have the VEX-encoded AVX-VNNI).
+        DType::IQ4_NL => match level {
+            SimdLevel::Avx512Vnni => SimdLevel::Avx2,
+            other => other,
+        },
     }
 }
 
@@ -179,7 +179,7 @@ pub(crate) fn prefetch_ahead(p: *const u8) {
 }
 
 /// Bytes of weight rows worked on together so they stay in L2 while every activation row passes over them.
-const L2_WEIGHT_BYTES: usize = 256 * 1024;
+pub(crate) const L2_WEIGHT_BYTES: usize = 256 * 1024;
 
 /// Walks the outputs `rows × 0..t_rows` tile by tile, calling `tile(n, nr, t, tr)` with `(nr, tr)` one of
 /// `(nr_t, tr)`, `(1, tr)`, `(nr_1, 1)`, `(1, 1)`.
@@ -336,8 +336,6 @@ pub(crate) unsafe fn gemm(level: SimdLevel, w: &Weights<'_>, x: Rhs<'_>, t_rows:
         SimdLevel::Avx512Vnni => match x {
             // SAFETY: as above; the super-block formats' activations are in the `Super` layout (`act_plan`).
             Rhs::Quant(a) if w.dtype.is_super_block() => unsafe { avx512_super::gemm(w, a, t_rows, rows, out) },
-            // SAFETY: as above; IQ4_NL's activations are in the Pair16 layout with the −128 lane table (`act_plan`).
-            Rhs::Quant(a) if w.dtype == DType::IQ4_NL => unsafe { avx512_nl::gemm(w, a, t_rows, rows, out) },
             // SAFETY: as above.
             _ => unsafe { avx512::gemm(w, x, t_rows, rows, out) },
         },

@@ -1,0 +1,76 @@
+//! CPU matmul of the SmolLM2-135M decode shapes at 1 to 16 activation rows, timed in **thread CPU time** (one
+//! compute thread, the minimum over many calls), so that an A/B of kernel code stays readable on a shared, loaded
+//! machine where wall-clock figures are not: a thread that waits for a core does not accumulate CPU time. (It still
+//! shares caches and memory bandwidth with whatever else runs, and the clock may differ; compare builds back to back.)
+//!
+//! Each line: weight format and shape `n × k`, activation rows `t`, microseconds per call, and nanoseconds per
+//! (weight row, activation row, 64-value block pair). Two cases per shape: `hot` repeats one input, so the quantised
+//! activations are reused between calls (the kernel alone, weights in L2 when they fit); `fresh` changes the input
+//! every call (kernel plus activation quantisation, as between the layers of a forward).
+//!
+//! `cargo bench -p shardline-kernels --bench cpu_gemm` (`SHARDLINE_GEMM_REPS=200` sets the calls per case).
+
+use shardline_kernels::cpu::{CpuBackend, SimdLevel};
+use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
+
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+
+unsafe extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU time of the calling thread, in seconds (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu() -> f64 {
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+
+fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
+    let v: Vec<f32> = (0..(n * k) as u64).map(|i| rng::uniform(7, i) * 2.0 - 1.0).collect();
+    let bytes = quant::quantize(dtype, &v).expect("quantise");
+    be.upload_weight(dtype, &[n, k], HostBytes::from_vec(bytes)).expect("upload")
+}
+
+fn main() {
+    let reps: usize = std::env::var("SHARDLINE_GEMM_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    // One compute thread: the calling thread does all the work, so its CPU time is the call's.
+    let be = CpuBackend::with_simd(1, SimdLevel::detect()).expect("backend");
+    println!("level {}, {} calls per case, thread CPU time (min)", SimdLevel::detect(), reps);
+    let shapes =
+        [(DType::Q4_1, 576, 576), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 1536), (DType::Q8_0, 2048, 576)];
+    for (dtype, n, k) in shapes {
+        let w = weight(&be, dtype, n, k);
+        for t in [1usize, 4, 8, 16] {
+            let inputs: Vec<Tensor> = (0..2u64)
+                .map(|s| {
+                    let x: Vec<f32> = (0..(t * k) as u64).map(|i| rng::uniform(11 + s, i) * 2.0 - 1.0).collect();
+                    be.upload_f32(&[t, k], &x).expect("input")
+                })
+                .collect();
+            let mut out = be.alloc(&[t, n]).expect("output");
+            for (case, alternate) in [("hot", false), ("fresh", true)] {
+                let mut best = f64::MAX;
+                for i in 0..reps {
+                    let x = &inputs[if alternate { i % 2 } else { 0 }];
+                    let t0 = thread_cpu();
+                    be.matmul(x, &w, &mut out).expect("matmul");
+                    best = best.min(thread_cpu() - t0);
+                }
+                let units = (n * t * k.div_ceil(64)) as f64;
+                println!(
+                    "{dtype} {n}x{k} t={t:<2} {case:<5} {:9.1} us  {:.3} ns per (row, act row, pair)",
+                    best * 1e6,
+                    best * 1e9 / units
+                );
+            }
+        }
+    }
+}
