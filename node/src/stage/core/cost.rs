@@ -166,10 +166,12 @@ fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(col, pivot);
-        for r in col + 1..n {
-            let f = a[r][col] / a[col][col];
-            for c in col..=n {
-                a[r][c] -= f * a[col][c];
+        let (top, below) = a.split_at_mut(col + 1);
+        let p = &top[col];
+        for row in below {
+            let f = row[col] / p[col];
+            for (x, y) in row[col..].iter_mut().zip(&p[col..]) {
+                *x -= f * y;
             }
         }
     }
