@@ -12,8 +12,9 @@
 //! `SHARDLINE_CONCURRENCY_REPORT=1` skips criterion and prints one JSON line per (side, C) instead, with the
 //! inter-token gaps (median, p99, max) — what `scripts/concurrency` reads to put the figures beside llama.cpp's.
 //! `SHARDLINE_CONCURRENCY_REPORT=fairness` runs the issue's fairness case instead (8 streams decoding, a 1,500-token
-//! prompt arriving among them; `SHARDLINE_FAIRNESS_PROMPT` and `SHARDLINE_FAIRNESS_BUDGETS=128,32` change the prompt
-//! length and the token budgets tried) and prints the decoders' gaps with and without the prompt.
+//! prompt arriving among them; `SHARDLINE_FAIRNESS_PROMPT`, `SHARDLINE_FAIRNESS_BUDGETS=128,32` and
+//! `SHARDLINE_FAIRNESS_STRETCH=3,0` change the prompt length, the token budgets and the step stretches tried, 0 being
+//! the fixed budget alone) and prints the decoders' gaps with and without the prompt.
 //! `SHARDLINE_CONCURRENCY_LEVELS=1,4` picks the levels, `SHARDLINE_CONCURRENCY_THREADS` the compute threads of the
 //! single process (default 2) and `SHARDLINE_CONCURRENCY_STAGE_THREADS` those of each stage (default 1: three
 //! stages share the two cores). `SHARDLINE_BENCH_QUICK=1` runs C = 1 and 4 only. Needs the default model; without it
@@ -89,6 +90,7 @@ impl Run {
 fn engine_run(stage: &Arc<ShardStage>, c: usize, hidden: u32, n_layers: u32, vocab: usize) -> Run {
     let addr = SocketAddr::from(ENGINE_ADDR);
     let mut swarm = LocalSwarm::new();
+    swarm.time_compute(true);
     let config = StageConfig { max_sessions: c, ..StageConfig::default() };
     swarm.add_stage(addr, stage.clone(), config);
     let prompts: Vec<Vec<u32>> = (0..c).map(|i| prompt(i, vocab)).collect();
@@ -147,12 +149,21 @@ const FAIR_ARRIVAL: usize = 8;
 /// The issue's fairness case on the single-process engine: [`FAIR_DECODERS`] greedy streams decode
 /// [`NEW_TOKENS`] tokens each, driven one scheduler step at a time (`LocalSwarm::step`, every decoder answering its
 /// token at once, as `shardline generate --prompts-file` runs); with `long`, a prompt of that many tokens arrives
-/// after [`FAIR_ARRIVAL`] steps. `budget` is the stage's token budget per step (`StageConfig::batch_tokens`).
+/// after [`FAIR_ARRIVAL`] steps. `budget` is the stage's token budget per step (`StageConfig::batch_tokens`);
+/// `stretch`, when given, bounds a step beside decoders to that many decode steps by the stage's learned step cost
+/// (`StageConfig::max_step_stretch`, compute timed as the engine does); `None` leaves the compute untimed, so the
+/// stage plans by the fixed budget alone (the scheduler before the cost model).
 /// Returns the decoders' run (their gaps) and the long prompt's time to its first token.
-fn fairness_run(s: &Setup, long: Option<usize>, budget: usize) -> (Run, Option<Duration>) {
+fn fairness_run(s: &Setup, long: Option<usize>, budget: usize, stretch: Option<f64>) -> (Run, Option<Duration>) {
     let addr = SocketAddr::from(ENGINE_ADDR);
     let mut swarm = LocalSwarm::new();
-    let config = StageConfig { max_sessions: FAIR_DECODERS + 1, batch_tokens: budget, ..StageConfig::default() };
+    swarm.time_compute(stretch.is_some());
+    let config = StageConfig {
+        max_sessions: FAIR_DECODERS + 1,
+        batch_tokens: budget,
+        max_step_stretch: stretch.unwrap_or(StageConfig::default().max_step_stretch),
+        ..StageConfig::default()
+    };
     swarm.add_stage(addr, s.stage.clone(), config);
     let n = FAIR_DECODERS + usize::from(long.is_some());
     let prompts: Vec<Vec<u32>> = (0..n)
@@ -239,27 +250,37 @@ fn open_frame(s: &Setup, max_tokens: usize) -> SessionOpen {
     }
 }
 
-/// The fairness case side by side: the decoders alone, then with the long prompt, at each token budget.
+/// The fairness case side by side: the decoders alone, then with the long prompt, at each token budget and step
+/// stretch (`SHARDLINE_FAIRNESS_STRETCH=3,0`: 0 is the fixed budget alone, untimed).
 fn report_fairness(s: &Setup) {
     let long = env_usize("SHARDLINE_FAIRNESS_PROMPT", 1500);
-    let budgets: Vec<usize> = match std::env::var("SHARDLINE_FAIRNESS_BUDGETS") {
-        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
-        Err(_) => vec![128, 32],
+    let list = |name: &str, default: &str| -> Vec<f64> {
+        std::env::var(name)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect()
     };
-    for budget in budgets {
-        for with in [None, Some(long)] {
-            let (run, ttft) = fairness_run(s, with, budget);
-            let (p50, p99, max) = run.gap_ms();
-            println!(
-                "{{\"side\":\"fairness\",\"decoders\":{FAIR_DECODERS},\"long_prompt\":{},\"budget\":{budget},\
-                 \"threads\":{},\"decode_tok_s\":{:.2},\"gap_p50_ms\":{p50:.2},\"gap_p99_ms\":{p99:.2},\
-                 \"gap_max_ms\":{max:.2},\"max_over_median\":{:.2},\"long_ttft_ms\":{}}}",
-                with.unwrap_or(0),
-                s.threads,
-                run.tok_s(),
-                max / p50.max(1e-9),
-                ttft.map_or("null".to_string(), |d| format!("{:.1}", d.as_secs_f64() * 1e3)),
-            );
+    let budgets = list("SHARDLINE_FAIRNESS_BUDGETS", "128");
+    let stretches = list("SHARDLINE_FAIRNESS_STRETCH", "3,0");
+    for budget in budgets.into_iter().map(|b| b as usize) {
+        for &stretch in &stretches {
+            let stretch = (stretch > 0.0).then_some(stretch);
+            for with in [None, Some(long)] {
+                let (run, ttft) = fairness_run(s, with, budget, stretch);
+                let (p50, p99, max) = run.gap_ms();
+                println!(
+                    "{{\"side\":\"fairness\",\"decoders\":{FAIR_DECODERS},\"long_prompt\":{},\"budget\":{budget},\
+                     \"stretch\":{},\"threads\":{},\"decode_tok_s\":{:.2},\"gap_p50_ms\":{p50:.2},\
+                     \"gap_p99_ms\":{p99:.2},\"gap_max_ms\":{max:.2},\"max_over_median\":{:.2},\"long_ttft_ms\":{}}}",
+                    with.unwrap_or(0),
+                    stretch.map_or("null".to_string(), |x| format!("{x}")),
+                    s.threads,
+                    run.tok_s(),
+                    max / p50.max(1e-9),
+                    ttft.map_or("null".to_string(), |d| format!("{:.1}", d.as_secs_f64() * 1e3)),
+                );
+            }
         }
     }
 }

@@ -334,6 +334,8 @@ pub fn generate_many(
         ..StageConfig::default()
     };
     let mut swarm = LocalSwarm::new();
+    // Each stage learns its step cost, so a long prompt beside decoding generations is cut to keep their steps short.
+    swarm.time_compute(true);
     let mut stages = Vec::with_capacity(shards.len());
     for (i, shard) in shards.iter().enumerate() {
         let addr = SocketAddr::from(([127, 0, 0, 1], 1 + i as u16));

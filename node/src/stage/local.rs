@@ -1,7 +1,8 @@
 //! The in-process driver: several stage cores wired together in memory, with clients that speak frames to them. No
 //! sockets, no tasks, no clock: streams are queues, compute runs inline on the caller's thread, and time moves only
 //! when [`LocalSwarm::advance`] says so. Tests and benches run whole pipelines through the same core as the QUIC
-//! server, deterministically.
+//! server, deterministically. The one exception is opt-in: [`LocalSwarm::time_compute`] measures each compute batch
+//! with the real clock for the stages' step-cost model (the engine's batched generation does).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -49,6 +50,8 @@ pub struct LocalSwarm<M: StageCompute> {
     stages: Vec<Stage<M>>,
     clients: Vec<Client>,
     now: Instant,
+    /// Measure each compute batch with the real clock and report it ([`Self::time_compute`]).
+    time_compute: bool,
 }
 
 impl<M: StageCompute> Default for LocalSwarm<M> {
@@ -59,14 +62,25 @@ impl<M: StageCompute> Default for LocalSwarm<M> {
 
 impl<M: StageCompute> LocalSwarm<M> {
     pub fn new() -> Self {
-        Self { stages: Vec::new(), clients: Vec::new(), now: Instant::now() }
+        Self { stages: Vec::new(), clients: Vec::new(), now: Instant::now(), time_compute: false }
+    }
+
+    /// Whether each compute batch is timed with the real clock and its time reported to its stage
+    /// ([`Event::ComputeTime`]), so that the scheduler bounds the steps that carry decode rows by what steps really
+    /// cost (`stage/core/schedule.rs`). Off by default: a run then depends on nothing but its inputs, and each stage
+    /// plans by its fixed token budget. The engine's batched generation turns it on.
+    pub fn time_compute(&mut self, on: bool) {
+        self.time_compute = on;
     }
 
     /// Adds a stage reachable at `addr` (no socket is bound; only `Hop`s and [`Self::connect`] use it). Its next hops
     /// are not checked against announcements ([`HopPolicy::InProcess`]): a dial here reaches another stage of this
-    /// swarm and nothing else. Each client stream counts as its own peer for the quotas.
+    /// swarm and nothing else, and it never holds a batch back for inputs on their way (`gather_wait` is zero). Each
+    /// client stream counts as its own peer for the quotas.
     pub fn add_stage(&mut self, addr: SocketAddr, model: M, mut config: StageConfig) {
         config.next_hops = HopPolicy::InProcess;
+        // Every input of a step is delivered before the stage polls, and time stands still: nothing to wait for.
+        config.gather_wait = Duration::ZERO;
         self.stages.push(Stage { addr, core: StageCore::new(model, config), pipes: HashMap::new(), next_accepted: 0 });
     }
 
@@ -261,8 +275,12 @@ impl<M: StageCompute> LocalSwarm<M> {
                 self.stages[i].core.handle(now, Event::Dialed { stream, result });
             }
             Action::Compute(batch) => {
+                let started = self.time_compute.then(Instant::now);
                 let results = self.stages[i].core.model().compute(batch);
                 self.stages[i].core.handle(now, Event::Computed(results));
+                if let Some(started) = started {
+                    self.stages[i].core.handle(now, Event::ComputeTime(started.elapsed()));
+                }
             }
         }
     }

@@ -338,7 +338,12 @@ impl Driver {
             }
             Action::Compute(batch) => {
                 let stage = self.core.model().clone();
-                let run = move || stage.compute(batch);
+                // Timed on the compute thread: the scheduler learns each step's cost from it (`Event::ComputeTime`).
+                let run = move || {
+                    let started = Instant::now();
+                    let results = stage.compute(batch);
+                    (results, started.elapsed())
+                };
                 // On a multi-threaded runtime the batch runs on this worker thread (its other tasks move to other
                 // workers): no hand-off to the blocking pool and back on every decode step of every stage.
                 let results = if tokio::runtime::Handle::current().runtime_flavor()
@@ -354,7 +359,10 @@ impl Driver {
                         }
                     }
                 };
-                self.core.handle(Instant::now(), Event::Computed(results));
+                let (results, took) = results;
+                let now = Instant::now();
+                self.core.handle(now, Event::Computed(results));
+                self.core.handle(now, Event::ComputeTime(took));
             }
         }
     }

@@ -29,6 +29,15 @@ pub struct StageConfig {
     /// chunked-prefill budget. A long prompt delays the sessions decoding beside it by at most this many rows of
     /// compute per step; larger values prefill faster and stall decoders longer (see `core::schedule`).
     pub batch_tokens: usize,
+    /// When decode rows are in a step, its prompt rows are cut so that the step's predicted time (learned from the
+    /// measured steps) is at most this many times that of the decode rows alone: the decoders' longest wait between
+    /// two tokens while a long prompt prefills, in decode steps. Larger values prefill faster beside decoders.
+    pub max_step_stretch: f64,
+    /// The longest a stage holds its next batch back for decode steps on their way to it, of sessions that were
+    /// batched with a session whose decode is ready (a quarter of the last step's time, at most this; zero: never).
+    /// Keeps sessions that travel the pipeline together in one batch instead of splitting on the transport's jitter
+    /// (`StageCore::gather`). The in-process driver sets it to zero: it delivers a step's inputs before polling.
+    pub gather_wait: Duration,
     /// Opens that may wait for KV-cache blocks when the pool is full (each at most `connect_timeout`); more are
     /// refused `Busy` at once.
     pub max_waiting: usize,
@@ -55,6 +64,8 @@ impl Default for StageConfig {
             connect_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             batch_tokens: 128,
+            max_step_stretch: 3.0,
+            gather_wait: Duration::from_millis(2),
             max_waiting: 16,
             next_hops: HopPolicy::Signed,
         }

@@ -1,5 +1,7 @@
 //! What a driver tells the stage core: things that happened on streams, in compute, and on the clock.
 
+use std::time::Duration;
+
 use super::batch::ComputeResult;
 use super::quota::Peer;
 use shardline_proto::wire::Frame;
@@ -34,6 +36,10 @@ pub enum Event<K> {
     SendFailed { stream: StreamId, reason: String },
     /// The batch of a [`super::Action::Compute`] ran; every item comes back, KV handle included.
     Computed(Vec<ComputeResult<K>>),
+    /// How long the batch that came back in the last [`Event::Computed`] took to compute, as the driver measured it
+    /// (sent right after it). The scheduler learns what a step costs from these (`schedule`, `cost`); a driver that
+    /// never sends them gets the fixed token budget.
+    ComputeTime(Duration),
     /// The batch was lost with its KV handles (the compute thread panicked): its sessions fail with `Compute`.
     ComputeLost { reason: String },
     /// The node is shutting down (docs/RELIABILITY.md, "Drain"): from now on every open is refused as busy, while

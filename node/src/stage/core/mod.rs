@@ -27,6 +27,7 @@ mod admission;
 pub mod auth;
 mod batch;
 mod config;
+mod cost;
 mod events;
 pub mod finite;
 mod model;
@@ -37,8 +38,8 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
@@ -46,6 +47,7 @@ pub use actions::Action;
 pub use admission::{Admission, Slot};
 pub use batch::{ComputeBatch, ComputeItem, ComputeOutput, ComputeResult, Failure, Sample};
 pub use config::{OWNER_KEEP_ALIVE, StageConfig};
+pub use cost::{StepCost, StepShape};
 pub use events::{Event, StreamId};
 pub use model::{StageCompute, StageModel};
 pub use quota::{Peer, PeerLease, PeerQuotas};
@@ -112,6 +114,19 @@ pub struct StageCore<M: StageModel> {
     /// Opens waiting for KV-cache blocks, oldest first (at most `config.max_waiting`).
     parked: VecDeque<Parked>,
     gauge: BatchGauge,
+    /// What a step costs on this stage, learned from the compute times the driver reports.
+    cost: StepCost,
+    /// The shape of the batch out, then of the batch that came back last, until its time is reported.
+    out_shape: Option<StepShape>,
+    timed_shape: Option<StepShape>,
+    /// Batches built so far: the number of the last one is each of its sessions' cohort.
+    batches: u64,
+    /// The last compute time reported: the gather window is a fraction of it.
+    last_step: Option<Duration>,
+    /// Holding the next batch back until then for sessions of a ready session's cohort ([`StageCore::gather`]).
+    hold_until: Option<Instant>,
+    /// The time of the last event: when a hold started.
+    now: Option<Instant>,
 }
 
 impl<M: StageModel> StageCore<M> {
@@ -132,7 +147,19 @@ impl<M: StageModel> StageCore<M> {
             next_arrival: 0,
             parked: VecDeque::new(),
             gauge: BatchGauge::default(),
+            cost: StepCost::default(),
+            out_shape: None,
+            timed_shape: None,
+            batches: 0,
+            last_step: None,
+            hold_until: None,
+            now: None,
         }
+    }
+
+    /// The step-time model the scheduler plans by (see `schedule`).
+    pub fn step_cost(&self) -> &StepCost {
+        &self.cost
     }
 
     /// What the scheduler did last (batch size, queue depth), readable from other threads.
@@ -161,10 +188,84 @@ impl<M: StageModel> StageCore<M> {
     /// The next action, in order. When none is left and no batch is out, builds a batch of every session's next
     /// ready chunk — so a driver that feeds all pending events before polling gets them batched together.
     pub fn poll_action(&mut self) -> Option<Action<M::Kv>> {
-        if self.actions.is_empty() && !self.computing {
+        if self.actions.is_empty() && !self.computing && !self.gather() {
             self.build_batch();
         }
         self.actions.pop_front()
+    }
+
+    /// Whether to hold the next batch back a moment: sessions that decoded in the same batch as a session whose next
+    /// decode is ready here have theirs on the way (they left this stage together, went round the rest of the
+    /// pipeline together, and only the transport's jitter put the first ahead). Building at once would split them:
+    /// the ready ones now, the rest a step later, each group reading the weights again for the rest of the
+    /// generation. So the stage waits for them, at most a quarter of its last step's time and never more than
+    /// [`StageConfig::gather_wait`]; it builds at once when every one of them is here, when no decode is ready (a
+    /// prompt does not wait), when a session's cohort is itself alone (a lone session never waits), when the ready
+    /// rows fill the budget, and when no step time was reported (in process, every input of a step is delivered
+    /// before the stage polls: `LocalSwarm` turns the wait off).
+    fn gather(&mut self) -> bool {
+        let Some(now) = self.now else { return false };
+        if let Some(until) = self.hold_until {
+            if now < until && self.missing_cohort() > 0 {
+                return true;
+            }
+            self.hold_until = None;
+            return false;
+        }
+        let wait = match self.last_step {
+            Some(step) => (step / 4).min(self.config.gather_wait),
+            None => return false,
+        };
+        if wait.is_zero() || self.missing_cohort() == 0 {
+            return false;
+        }
+        let ready_rows: usize = self
+            .sessions
+            .values()
+            .filter(|s| self.is_candidate(s))
+            .filter_map(|s| match s.queue.front() {
+                Some(Queued::Chunk(c)) => Some(c.data.n_tokens()),
+                _ => None,
+            })
+            .sum();
+        if ready_rows >= self.config.batch_tokens {
+            return false;
+        }
+        self.hold_until = Some(now + wait);
+        true
+    }
+
+    /// Sessions of the cohort of a session with a decode ready (the same last batch) whose own decode has not
+    /// arrived yet, though nothing else holds them back.
+    fn missing_cohort(&self) -> usize {
+        let cohorts: HashSet<u64> = self
+            .sessions
+            .values()
+            .filter(|s| self.is_candidate(s) && s.awaits_decode)
+            .filter(|s| matches!(s.queue.front(), Some(Queued::Chunk(c)) if matches!(c.kind, ChunkKind::Decode)))
+            .map(|s| s.cohort)
+            .collect();
+        if cohorts.is_empty() {
+            return 0;
+        }
+        self.sessions
+            .values()
+            .filter(|s| {
+                matches!(s.phase, Phase::Running)
+                    && s.awaits_decode
+                    && cohorts.contains(&s.cohort)
+                    && s.queue.is_empty()
+                    && s.in_flight.is_none()
+                    && s.kv.is_some()
+                    && !s.input_closed
+                    && self.unsent(s.output_stream()) < OUTPUT_WINDOW
+            })
+            .count()
+    }
+
+    /// Whether a session can go into the next batch now.
+    fn is_candidate(&self, s: &StageSession<M::Kv>) -> bool {
+        matches!(s.phase, Phase::Running) && s.has_ready_chunk() && self.unsent(s.output_stream()) < OUTPUT_WINDOW
     }
 
     /// The next queued action, without building a batch when none is queued: a driver that runs one batch per
@@ -174,10 +275,11 @@ impl<M: StageModel> StageCore<M> {
         self.actions.pop_front()
     }
 
-    /// When the driver must send [`Event::Tick`] (a session's idle or connect timeout), if ever.
+    /// When the driver must send [`Event::Tick`] (a session's idle or connect timeout, the end of a gather window),
+    /// if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
         let parked = self.parked.front().map(|p| p.deadline);
-        self.sessions.values().filter_map(|s| self.deadline(s)).chain(parked).min()
+        self.sessions.values().filter_map(|s| self.deadline(s)).chain(parked).chain(self.hold_until).min()
     }
 
     /// Opens waiting for KV-cache blocks to be freed.
@@ -187,6 +289,7 @@ impl<M: StageModel> StageCore<M> {
 
     /// Takes one event that happened at `now`.
     pub fn handle(&mut self, now: Instant, event: Event<M::Kv>) {
+        self.now = Some(now);
         self.handle_event(now, event);
         // Any event may have freed KV-cache blocks (a session ended) or run out a waiting open's time.
         if !self.parked.is_empty() {
@@ -285,12 +388,20 @@ impl<M: StageModel> StageCore<M> {
             },
             Event::Computed(results) => {
                 self.computing = false;
+                self.timed_shape = self.out_shape.take();
                 for r in results {
                     self.computed(now, r);
                 }
             }
+            Event::ComputeTime(took) => {
+                self.last_step = Some(took);
+                if let Some(shape) = self.timed_shape.take() {
+                    self.cost.observe(&shape, took);
+                }
+            }
             Event::ComputeLost { reason } => {
                 self.computing = false;
+                self.out_shape = None;
                 let lost: Vec<SessionId> =
                     self.sessions.iter().filter(|(_, s)| s.in_flight.is_some()).map(|(id, _)| *id).collect();
                 for id in lost {
@@ -541,6 +652,8 @@ impl<M: StageModel> StageCore<M> {
             input_closed: false,
             last_active: now,
             arrival: self.next_arrival,
+            cohort: 0,
+            awaits_decode: false,
             _slot: slot,
             _lease: lease,
         };
@@ -723,29 +836,32 @@ impl<M: StageModel> StageCore<M> {
 
     // ---- compute ----
 
-    /// The next batch, as [`schedule::plan`] picks it from every session with a chunk ready (and room for its
-    /// output): all decode rows, then prefill chunks up to the token budget, the last one cut if it does not fit.
+    /// The next batch, as [`schedule::plan_with`] picks it from every session with a chunk ready (and room for its
+    /// output): all decode rows, then prefill chunks up to the token budget (beside decode rows, up to what keeps the
+    /// step within `max_step_stretch` of a decode-only step by the learned step cost), the last one cut if it does not
+    /// fit.
     fn build_batch(&mut self) {
+        self.hold_until = None;
         let candidates: Vec<Candidate> = self
             .sessions
             .iter()
-            .filter(|(_, s)| {
-                matches!(s.phase, Phase::Running)
-                    && s.has_ready_chunk()
-                    && self.unsent(s.output_stream()) < OUTPUT_WINDOW
-            })
+            .filter(|(_, s)| self.is_candidate(s))
             .filter_map(|(id, s)| match s.queue.front() {
                 Some(Queued::Chunk(c)) => Some(Candidate {
                     session: *id,
                     decode: matches!(c.kind, ChunkKind::Decode),
                     rows: c.data.n_tokens(),
+                    start: c.position,
                     arrival: s.arrival,
                 }),
                 _ => None,
             })
             .collect();
         let mut items = Vec::new();
-        for pick in schedule::plan(&candidates, self.config.batch_tokens) {
+        let mut shape = StepShape::default();
+        let cohort = self.batches + 1;
+        let cost = Some((&self.cost, self.config.max_step_stretch));
+        for pick in schedule::plan_with(&candidates, self.config.batch_tokens, cost) {
             let Some(s) = self.sessions.get_mut(&pick.session) else { continue };
             let (Some(Queued::Chunk(mut c)), Some(kv)) = (s.queue.pop_front(), s.kv.take()) else { continue };
             if let ChunkKind::Prefill { last } = c.kind
@@ -769,6 +885,9 @@ impl<M: StageModel> StageCore<M> {
                 _ => Some(Sample { params: sampling_from_wire(&s.open.sampling), n_top: s.open.n_top as usize }),
             };
             s.in_flight = Some(InFlight { position: c.position, n, kind: c.kind });
+            s.cohort = cohort;
+            s.awaits_decode = matches!(c.kind, ChunkKind::Decode | ChunkKind::Prefill { last: true });
+            shape.add(c.position, c.data.n_tokens());
             items.push(ComputeItem {
                 session: pick.session,
                 start: c.position,
@@ -785,6 +904,8 @@ impl<M: StageModel> StageCore<M> {
             let queued =
                 self.sessions.values().map(|s| s.queue.iter().filter(|q| matches!(q, Queued::Chunk(_))).count()).sum();
             self.gauge.record(batch.items.len(), batch.rows(), queued);
+            self.out_shape = Some(shape);
+            self.batches = cohort;
             self.computing = true;
             self.actions.push_back(Action::Compute(batch));
         }

@@ -98,6 +98,11 @@ pub(super) struct StageSession<K> {
     pub last_active: Instant,
     /// Admission order on this stage (lower is older): the scheduler serves older prompts first.
     pub arrival: u64,
+    /// The batch this session was last computed in (0: none yet): its cohort, which the stage waits for a moment
+    /// when part of it is ready (`StageCore::gather`).
+    pub cohort: u64,
+    /// Its last chunk drew a token or carried a decode: its next input is a decode step.
+    pub awaits_decode: bool,
     /// Dropped with the entry, after `kv`: gives the admission back.
     pub _slot: Slot,
     /// The owner's share of its per-peer quota, given back with the entry.

@@ -775,6 +775,206 @@ fn decoders_get_a_step_between_the_chunks_of_a_long_prompt() {
     assert_eq!(batch.rows(), DECODERS as usize);
 }
 
+/// The same case with the step times reported (`Event::ComputeTime`), scripted from a machine where a step costs
+/// 4 ms + 1 ms a row + 2 µs per attended (query, key) pair — a CPU, where a prompt row costs as much as a decode row.
+/// The stage learns that cost and holds every step that carries decode rows to at most `max_step_stretch` (3) times
+/// the decode rows alone; the first such step is the probe of `min_prefill` rows it learns a row's cost from. The
+/// chunks grow smaller as the prompt goes deeper (its attention costs more), every decoder still gets a token every
+/// step, and once the decoders have left, the rest of the prompt goes at the whole budget.
+#[test]
+fn with_step_times_a_prompt_beside_decoders_is_cut_to_keep_their_steps_short() {
+    const DECODERS: u64 = 8;
+    const LONG: usize = 1500;
+    const DECODE_STEPS: u64 = 40;
+    let budget = 128;
+    let truth = |b: &ComputeBatch<FakeKv>| {
+        let shape = b.items.iter().fold(StepShape::default(), |s, i| s.with(i.start, i.n_positions()));
+        Duration::from_secs_f64(4e-3 + 1e-3 * shape.rows as f64 + 2e-6 * shape.attended)
+    };
+    let config = StageConfig { max_sessions: 16, batch_tokens: budget, max_step_stretch: 3.0, ..config() };
+    let mut h = Harness::with_pool(config, 4000, 2000);
+    let decoders: Vec<(SessionId, StreamId)> = (1..=DECODERS).map(|s| (s, h.open(s))).collect();
+    for &(s, stream) in &decoders {
+        prefilled(&mut h, stream, s, &[1, 2]);
+    }
+    let long = h.accept();
+    let Frame::Open { open: mut o, .. } = open(100, LayerRange::new(0, 4), vec![]) else { unreachable!() };
+    o.max_tokens = LONG as u32 + 1;
+    assert_opened(&h.frame(long, Frame::Open { session: 100, open: o }), long, 100);
+    let mut position = 2;
+    let mut prompt_done = 0;
+    let mut chunks = Vec::new();
+    let mut step = 0;
+    let mut first_token_step = None;
+    loop {
+        let decoding = step < DECODE_STEPS;
+        if decoding {
+            for &(s, stream) in &decoders {
+                h.core.handle(h.now, Event::Frame { stream, frame: decode(s, position, 5) });
+            }
+        }
+        // The prompt arrives, whole, after 5 decode-only steps.
+        if step == 5 {
+            h.core.handle(h.now, Event::Frame { stream: long, frame: prefill(100, 0, &[7; LONG]) });
+        }
+        let actions: Vec<Action<FakeKv>> = std::iter::from_fn(|| h.core.poll_action()).collect();
+        if !actions.iter().any(|a| matches!(a, Action::Compute(_))) {
+            break;
+        }
+        let batch = take_batch(actions);
+        let rows = shape(&batch);
+        let decode_rows = rows.iter().filter(|r| r.0 != 100).count();
+        let prompt_rows: usize = rows.iter().filter(|r| r.0 == 100).map(|r| r.2).sum();
+        assert_eq!(decode_rows, if decoding { DECODERS as usize } else { 0 }, "step {step}: every decoder");
+        let took = truth(&batch);
+        if decoding && prompt_rows > 0 {
+            chunks.push(prompt_rows);
+            // The step against the decode rows alone, by the true cost.
+            let alone = Duration::from_secs_f64(4e-3 + 1e-3 * 8.0 + 2e-6 * 8.0 * (position + 1) as f64);
+            if chunks.len() == 1 {
+                assert_eq!(prompt_rows, schedule::min_prefill(budget), "the first chunk is the probe");
+            } else {
+                assert!(took <= alone.mul_f64(3.0 * 1.001), "step {step}: {took:?} against {alone:?} alone");
+                assert!(took > alone.mul_f64(2.5), "step {step}: {prompt_rows} rows leave the bound unused");
+            }
+        }
+        if !decoding {
+            assert_eq!(prompt_rows, (LONG - prompt_done).min(budget), "step {step}: no decoder, the whole budget");
+        }
+        prompt_done += prompt_rows;
+        h.core.handle(h.now, done(batch, |i| if i.sample.is_some() { token(3) } else { ComputeOutput::Nothing }));
+        h.core.handle(h.now, Event::ComputeTime(took));
+        let sent: Vec<Action<FakeKv>> = std::iter::from_fn(|| h.core.poll_queued()).collect();
+        for a in &sent {
+            if let Action::Send { stream, frame: Frame::Token { session, .. } } = a {
+                h.core.handle(h.now, Event::Sent { stream: *stream });
+                if *session == 100 {
+                    first_token_step = Some(step);
+                }
+            }
+        }
+        if decoding {
+            position += 1;
+        }
+        step += 1;
+    }
+    assert_eq!(prompt_done, LONG);
+    assert!(first_token_step.is_some(), "the prompt got its token");
+    // Deeper chunks attend more positions: the last chunks beside decoders are smaller than the first capped ones.
+    assert!(chunks.len() > 10, "{chunks:?}");
+    assert!(chunks[chunks.len() - 1] < chunks[1], "{chunks:?}");
+    assert!(h.core.step_cost().ready());
+}
+
+// ---- gathering a cohort ----
+
+/// Sessions `ids`, opened and prefilled one by one, then decoded once together in one batch whose time is reported as
+/// `step`: they form one cohort, and their decode outputs are written. Returns their streams and next position.
+fn cohort(h: &mut Harness, ids: &[SessionId], step: Duration) -> (Vec<StreamId>, u64) {
+    let streams: Vec<StreamId> = ids.iter().map(|&s| h.open(s)).collect();
+    for (&s, &stream) in ids.iter().zip(&streams) {
+        prefilled(h, stream, s, &[1, 2]);
+    }
+    for (&s, &stream) in ids.iter().zip(&streams) {
+        h.core.handle(h.now, Event::Frame { stream, frame: decode(s, 2, 5) });
+    }
+    let batch = take_batch(std::iter::from_fn(|| h.core.poll_action()).collect());
+    assert_eq!(batch.items.len(), ids.len(), "one batch of the whole cohort");
+    h.core.handle(h.now, done(batch, |_| token(3)));
+    h.core.handle(h.now, Event::ComputeTime(step));
+    for &stream in &streams {
+        h.event(Event::Sent { stream });
+    }
+    (streams, 3)
+}
+
+#[test]
+fn a_stage_waits_a_moment_for_the_rest_of_a_cohort_and_no_longer() {
+    let step = Duration::from_millis(4);
+    let mut h = Harness::new(StageConfig { max_sessions: 4, gather_wait: Duration::from_millis(2), ..config() });
+    let (streams, pos) = cohort(&mut h, &[1, 2, 3], step);
+    // Session 1's next decode arrives first: the stage holds the batch for a quarter of the last step.
+    let a = h.frame(streams[0], decode(1, pos, 5));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    assert_eq!(h.core.next_deadline(), Some(h.now + step / 4));
+    // Session 2's arrives within the window: still one missing, still holding.
+    h.now += Duration::from_micros(300);
+    let a = h.frame(streams[1], decode(2, pos, 5));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    // The last one arrives: the batch leaves at once, whole.
+    h.now += Duration::from_micros(300);
+    let batch = take_batch(h.frame(streams[2], decode(3, pos, 5)));
+    assert_eq!(shape(&batch).iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+    h.core.handle(h.now, done(batch, |_| token(3)));
+    h.core.handle(h.now, Event::ComputeTime(Duration::from_millis(40)));
+    for &stream in &streams {
+        h.event(Event::Sent { stream });
+    }
+    // Next round, session 3 never comes: the wait ends at its bound (the cap, 2 ms: a quarter of 40 ms is more), and
+    // the two that came go.
+    let pos = pos + 1;
+    h.frame(streams[0], decode(1, pos, 5));
+    let a = h.frame(streams[1], decode(2, pos, 5));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    assert_eq!(h.core.next_deadline(), Some(h.now + Duration::from_millis(2)));
+    let a = h.advance(Duration::from_micros(1999));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    let batch = take_batch(h.advance(Duration::from_micros(1)));
+    assert_eq!(shape(&batch).iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+    // The deadline is the sessions' idle timeout again.
+    assert!(h.core.next_deadline().is_none_or(|d| d > h.now + Duration::from_secs(1)));
+}
+
+#[test]
+fn a_lone_session_a_prompt_and_a_full_batch_never_wait() {
+    let step = Duration::from_millis(4);
+    let mut h = Harness::new(StageConfig { max_sessions: 8, batch_tokens: 2, ..config() });
+    // A cohort of one: its decode goes at once.
+    let (solo, pos) = cohort(&mut h, &[1], step);
+    let batch = take_batch(h.frame(solo[0], decode(1, pos, 5)));
+    assert_eq!(batch.items.len(), 1);
+    h.core.handle(h.now, done(batch, |_| token(3)));
+    h.core.handle(h.now, Event::ComputeTime(step));
+    h.event(Event::Sent { stream: solo[0] });
+    // Sessions 2 and 3 decode together (a cohort); a prompt arrives while neither's next decode is here: a prompt
+    // waits for no one.
+    let (pair, pos2) = cohort(&mut h, &[2, 3], step);
+    let s4 = h.open(4);
+    let batch = take_batch(h.frame(s4, prefill(4, 0, &[1, 2])));
+    assert_eq!(shape(&batch), [(4, 0, 2, true)], "the prompt goes at once");
+    h.core.handle(h.now, done(batch, |_| token(3)));
+    h.core.handle(h.now, Event::ComputeTime(step));
+    h.event(Event::Sent { stream: s4 });
+    // Session 2's decode and session 1's (another cohort, alone) together fill the budget: no wait for session 3.
+    h.core.handle(h.now, Event::Frame { stream: pair[0], frame: decode(2, pos2, 5) });
+    let batch = take_batch(h.frame(solo[0], decode(1, pos + 1, 5)));
+    assert_eq!(shape(&batch).iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+}
+
+#[test]
+fn without_step_times_or_with_no_window_nothing_waits() {
+    // No time reported (a driver that does not measure compute): the cohort's first decode goes at once.
+    let mut h = Harness::new(StageConfig { max_sessions: 4, ..config() });
+    let streams: Vec<StreamId> = [1, 2].iter().map(|&s| h.open(s)).collect();
+    for (s, &stream) in [1, 2].into_iter().zip(&streams) {
+        prefilled(&mut h, stream, s, &[1, 2]);
+    }
+    for (s, &stream) in [1, 2].into_iter().zip(&streams) {
+        h.core.handle(h.now, Event::Frame { stream, frame: decode(s, 2, 5) });
+    }
+    let batch = take_batch(std::iter::from_fn(|| h.core.poll_action()).collect());
+    assert_eq!(batch.items.len(), 2);
+    h.core.handle(h.now, done(batch, |_| token(3)));
+    for &stream in &streams {
+        h.event(Event::Sent { stream });
+    }
+    assert_eq!(take_batch(h.frame(streams[0], decode(1, 3, 5))).items.len(), 1);
+    // A zero window: the same with times reported.
+    let mut h = Harness::new(StageConfig { max_sessions: 4, gather_wait: Duration::ZERO, ..config() });
+    let (streams, pos) = cohort(&mut h, &[1, 2], Duration::from_millis(4));
+    assert_eq!(take_batch(h.frame(streams[0], decode(1, pos, 5))).items.len(), 1);
+}
+
 // ---- admission by free KV blocks ----
 
 #[test]
