@@ -16,10 +16,14 @@ Usage:
   scripts/make-reference.py --preset Q4_K_M       # compact fixture of one preset file (scripts/make-presets)
   scripts/make-reference.py --all-presets         # compact fixtures of every preset file that exists
 
-A compact fixture (node/tests/fixtures/llamacpp_presets/<PRESET>.json, about 14 KB) keeps, for the prompts other
-than `long`, the prompt tokens, the greedy continuation and, at every teacher-forced position, only llama.cpp's top-1
-token, its logit and its margin over the top-2 logit, plus llama.cpp's own noise floor. The preset files are read from
+A compact fixture (node/tests/fixtures/llamacpp_presets/<PRESET>.json, about 120 KB) keeps, for every prompt of
+PROMPTS and EXTRA_PROMPTS (19 prompts, about 4,200 teacher-forced positions), the prompt tokens, the greedy continuation
+and, at every teacher-forced position, only llama.cpp's top-1 token, its logit and its margin over the top-2 logit,
+plus (unless --no-self-consistency) llama.cpp's own noise floor. The preset files are read from
 $SHARDLINE_CACHE/presets (default ~/.cache/shardline/presets), where scripts/make-presets writes them.
+
+  scripts/make-reference.py --all-presets --preset-out /tmp/p --check-cases node/tests/fixtures/llamacpp_presets
+      writes into /tmp/p and fails unless every case of the stored fixtures is regenerated identically
 
 The model is taken from --model, else $SHARDLINE_MODEL, else the cache path that scripts/fetch-model.sh fills.
 """
@@ -44,7 +48,8 @@ PRESETS = [
     "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS",
 ]
-# Prompts of the compact fixtures (the 634-token `long` one is left out to keep them small).
+# The first prompts of the compact fixtures, in this order (the fixtures made before EXTRA_PROMPTS held these four
+# only; `--check-cases` compares a regenerated case with a stored one of the same name).
 COMPACT_CASES = ["english", "code", "chat", "numbers_multilingual"]
 
 N_THREADS = 2
@@ -138,6 +143,237 @@ PROMPTS = [
             "Guten Morgen! Wie viel kosten die Birnen?\n"
             "東京の天気は晴れです。\n"
             "Count from 1 to 20: 1, 2, 3,"
+        ),
+    ),
+]
+
+
+# Prompts only the compact per-preset fixtures use, on top of PROMPTS: more and more varied text (prose of several
+# kinds, code in several languages, structured data, multi-turn chat, lists and tables, other languages and scripts),
+# so the agreement statistic rests on a few thousand teacher-forced positions rather than a few hundred.
+EXTRA_PROMPTS = [
+    (
+        "recipe_markdown",
+        (
+            "# Lentil soup for four\n\n"
+            "## Ingredients\n\n"
+            "- 250 g red lentils, rinsed\n"
+            "- 1 large onion, finely chopped\n"
+            "- 2 carrots, diced\n"
+            "- 3 cloves of garlic\n"
+            "- 1 tsp ground cumin and 1/2 tsp smoked paprika\n"
+            "- 1.2 litres of vegetable stock\n"
+            "- juice of half a lemon\n\n"
+            "## Method\n\n"
+            "1. Warm two tablespoons of olive oil in a heavy pot and soften the onion for about eight minutes.\n"
+            "2. Add the carrots, garlic and spices and stir for another two minutes, until fragrant.\n"
+            "3. Pour in the lentils and the stock, bring to a boil, then lower the heat and simmer for 25 minutes.\n"
+            "4. Blend half of the soup, stir it back in and season with salt, pepper and the lemon juice.\n\n"
+            "Serve with warm bread. The soup keeps for three days in the fridge and"
+        ),
+    ),
+    (
+        "python_code",
+        (
+            "import csv\n"
+            "from collections import defaultdict\n"
+            "from dataclasses import dataclass\n\n\n"
+            "@dataclass\n"
+            "class Sale:\n"
+            "    region: str\n"
+            "    product: str\n"
+            "    units: int\n"
+            "    price: float\n\n"
+            "    @property\n"
+            "    def revenue(self) -> float:\n"
+            "        return self.units * self.price\n\n\n"
+            "def load_sales(path: str) -> list[Sale]:\n"
+            '    """Reads a CSV file with the columns region, product, units and price."""\n'
+            "    with open(path, newline=\"\") as f:\n"
+            "        reader = csv.DictReader(f)\n"
+            "        return [Sale(r[\"region\"], r[\"product\"], int(r[\"units\"]), float(r[\"price\"])) for r in reader]\n\n\n"
+            "def revenue_by_region(sales: list[Sale]) -> dict[str, float]:\n"
+            "    totals: dict[str, float] = defaultdict(float)\n"
+            "    for sale in sales:\n"
+            "        totals[sale.region] +="
+        ),
+    ),
+    (
+        "chat_multi_turn",
+        (
+            "<|im_start|>system\nYou are a patient maths tutor. Explain each step briefly.<|im_end|>\n"
+            "<|im_start|>user\nWhat is 15% of 80?<|im_end|>\n"
+            "<|im_start|>assistant\nTo find 15% of 80, write 15% as 0.15 and multiply: 0.15 × 80 = 12. "
+            "So 15% of 80 is 12.<|im_end|>\n"
+            "<|im_start|>user\nAnd if a jacket costs 80 dollars and is 15% off, what do I pay?<|im_end|>\n"
+            "<|im_start|>assistant\nThe discount is the 12 dollars we just found. Subtract it from the price: "
+            "80 − 12 = 68. You pay 68 dollars.<|im_end|>\n"
+            "<|im_start|>user\nHow would I do that in one step?<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ),
+    ),
+    (
+        "science_prose",
+        (
+            "Plate tectonics describes the outer shell of the Earth as a set of rigid plates that move slowly over a "
+            "hotter, softer layer of the mantle. The plates travel a few centimetres each year, roughly as fast as "
+            "fingernails grow. Where two plates pull apart, as along the middle of the Atlantic Ocean, molten rock "
+            "rises to fill the gap and forms new crust. Where they collide, one plate may sink beneath the other, "
+            "producing deep ocean trenches, chains of volcanoes and powerful earthquakes. The theory explains why "
+            "the coastlines of South America and Africa fit together like pieces of a puzzle, why the same fossils "
+            "are found on continents separated by oceans, and why mountain ranges such as the Himalayas are still "
+            "rising today. Before the 1960s, most geologists believed that the continents"
+        ),
+    ),
+    (
+        "json_config",
+        (
+            "{\n"
+            '  "name": "weather-station",\n'
+            '  "version": "2.4.1",\n'
+            '  "sensors": [\n'
+            '    {"id": "temp-01", "kind": "temperature", "unit": "celsius", "interval_s": 60},\n'
+            '    {"id": "hum-01", "kind": "humidity", "unit": "percent", "interval_s": 60},\n'
+            '    {"id": "wind-01", "kind": "wind_speed", "unit": "m/s", "interval_s": 10}\n'
+            "  ],\n"
+            '  "upload": {\n'
+            '    "endpoint": "https://example.org/api/v1/readings",\n'
+            '    "batch_size": 50,\n'
+            '    "retry": {"max_attempts": 5, "backoff_ms": 250}\n'
+            "  },\n"
+            '  "location": {"latitude": 46.2044, "longitude": 6.1432, "altitude_m": 375},\n'
+            '  "enabled":'
+        ),
+    ),
+    (
+        "dialogue_story",
+        (
+            "\"You're late again,\" said Mara, without looking up from the map spread across the kitchen table.\n"
+            "\"The bridge was closed,\" Tom replied. He hung his wet coat on the hook by the door. \"I had to go round "
+            "by the mill, and the road there is nothing but mud.\"\n"
+            "\"Then we'll leave at dawn instead.\" She traced a line with her finger. \"If we follow the river as far "
+            "as the old quarry, we can cross the hills before noon.\"\n"
+            "\"And if it rains?\"\n"
+            "\"Then we get wet.\" For the first time she looked at him, and he saw that she was smiling. \"You didn't "
+            "think this would be easy, did you?\"\n"
+            "Tom sat down opposite her and studied the map. The route was longer than he had expected, and"
+        ),
+    ),
+    (
+        "spanish_italian",
+        (
+            "La biblioteca del pueblo abre todos los días de nueve a ocho, excepto los domingos. Además de libros, "
+            "ofrece talleres de lectura para niños, cursos de informática para mayores y un pequeño club de ajedrez "
+            "que se reúne los jueves por la tarde. Este año el ayuntamiento ha aprobado una ampliación: una sala "
+            "nueva con ventanales hacia la plaza y veinte puestos de estudio.\n\n"
+            "Il mercato del sabato si tiene in piazza dalle sette a mezzogiorno. I contadini della valle portano "
+            "formaggi, miele, verdure di stagione e pane cotto nel forno a legna. In autunno arrivano anche le "
+            "castagne e i funghi, e la piazza si riempie di gente che"
+        ),
+    ),
+    (
+        "sql_shell",
+        (
+            "-- Monthly active customers and their average order value, last twelve months.\n"
+            "SELECT date_trunc('month', o.created_at) AS month,\n"
+            "       count(DISTINCT o.customer_id)      AS active_customers,\n"
+            "       round(avg(o.total_cents) / 100.0, 2) AS avg_order_eur\n"
+            "FROM orders o\n"
+            "JOIN customers c ON c.id = o.customer_id\n"
+            "WHERE o.status = 'paid'\n"
+            "  AND o.created_at >= now() - interval '12 months'\n"
+            "  AND c.country IN ('FR', 'DE', 'ES')\n"
+            "GROUP BY 1\n"
+            "ORDER BY 1;\n\n"
+            "# Back up the database and keep the last seven dumps.\n"
+            "pg_dump --format=custom --file=\"backup-$(date +%F).dump\" shop\n"
+            "ls -1t backup-*.dump | tail -n +8 | xargs -r rm --\n"
+            "echo \"backup done at $(date)\" >>"
+        ),
+    ),
+    (
+        "email_formal",
+        (
+            "Subject: Rescheduling of the quarterly review\n\n"
+            "Dear Ms. Okafor,\n\n"
+            "Thank you for your message of 14 October. Unfortunately, two members of the audit team will be "
+            "travelling during the week of the 21st, so we would like to propose moving the quarterly review to "
+            "Tuesday, 29 October, at 10:00. The meeting will take place in conference room B on the third floor, "
+            "and a video link will be available for colleagues joining from the Lyon office.\n\n"
+            "Please find attached the draft agenda and the updated figures for the third quarter. If the new date "
+            "does not suit you, let me know and I will"
+        ),
+    ),
+    (
+        "russian_chinese",
+        (
+            "Москва — столица России и крупнейший город страны. Через центр города протекает река Москва, а на её "
+            "берегу стоит Кремль. Зимой температура часто опускается ниже нуля, и люди катаются на коньках в парках.\n"
+            "北京是中国的首都，有三千多年的历史。故宫、天坛和长城每年吸引数百万游客。春天的北京常常刮风，秋天是最好的季节。\n"
+            "서울은 한국의 수도이며 한강이 도시를 가로질러 흐른다.\n"
+            "The three passages above describe"
+        ),
+    ),
+    (
+        "javascript_html",
+        (
+            "<!doctype html>\n"
+            "<html lang=\"en\">\n"
+            "<head><meta charset=\"utf-8\"><title>Counter</title></head>\n"
+            "<body>\n"
+            "  <button id=\"dec\">-</button>\n"
+            "  <span id=\"value\">0</span>\n"
+            "  <button id=\"inc\">+</button>\n"
+            "  <script>\n"
+            "    const value = document.getElementById('value');\n"
+            "    let count = Number(localStorage.getItem('count') ?? 0);\n"
+            "    const render = () => {\n"
+            "      value.textContent = String(count);\n"
+            "      localStorage.setItem('count', count);\n"
+            "    };\n"
+            "    document.getElementById('inc').addEventListener('click', () => { count += 1; render(); });\n"
+            "    document.getElementById('dec').addEventListener('click', () => {"
+        ),
+    ),
+    (
+        "table_and_list",
+        (
+            "| Planet  | Distance from the Sun (AU) | Moons | Day length (hours) |\n"
+            "|---------|----------------------------|-------|--------------------|\n"
+            "| Mercury | 0.39                       | 0     | 4222.6             |\n"
+            "| Venus   | 0.72                       | 0     | 2802.0             |\n"
+            "| Earth   | 1.00                       | 1     | 24.0               |\n"
+            "| Mars    | 1.52                       | 2     | 24.7               |\n"
+            "| Jupiter | 5.20                       | 95    | 9.9                |\n\n"
+            "Key points:\n"
+            "* The inner planets are small and rocky.\n"
+            "* The outer planets are gas or ice giants with many moons.\n"
+            "* A day on Venus is longer than its year.\n"
+            "* Mars has two small moons, Phobos and"
+        ),
+    ),
+    (
+        "chat_code_answer",
+        (
+            "<|im_start|>user\nHow do I reverse a string in Python?<|im_end|>\n"
+            "<|im_start|>assistant\nUse slicing with a step of -1:\n\n"
+            "```python\ntext = \"hello\"\nreversed_text = text[::-1]\nprint(reversed_text)  # olleh\n```\n\n"
+            "Slicing returns a new string, because strings in Python are immutable.<|im_end|>\n"
+            "<|im_start|>user\nAnd a list? Can I reverse it in place?<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ),
+    ),
+    (
+        "poem_and_history",
+        (
+            "The tide comes in across the sand,\n"
+            "and writes its name in foam and light;\n"
+            "it takes the castles children planned\n"
+            "and leaves the shore all smooth by night.\n\n"
+            "In 1869 the Suez Canal opened, linking the Mediterranean Sea with the Red Sea and shortening the voyage "
+            "from Europe to India by about 7,000 kilometres. Its construction took ten years and employed tens of "
+            "thousands of workers. The canal has no locks, because the two seas lie at almost the same level, and "
+            "today around fifty ships pass through it"
         ),
     ),
 ]
@@ -352,13 +588,11 @@ def build(model: Path, n_threads: int) -> dict:
     }
 
 
-def build_compact(model: Path, preset: str, n_threads: int) -> dict:
+def build_compact(model: Path, preset: str, n_threads: int, with_self_consistency: bool = True) -> dict:
     """The compact fixture of one preset file: top-1 id, logit and margin per teacher-forced position."""
     llm, add_bos = open_llama(model, n_threads)
     cases = []
-    for name, text in PROMPTS:
-        if name not in COMPACT_CASES:
-            continue
+    for name, text in compact_prompts():
         prompt_tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         continuation, _ = greedy(llm, prompt_tokens)
         all_tokens = prompt_tokens + continuation
@@ -371,20 +605,23 @@ def build_compact(model: Path, preset: str, n_threads: int) -> dict:
             top1.append(int(order[0]))
             logits.append(round(float(row[order[0]]), DECIMALS))
             margins.append(round(float(row[order[0]] - row[order[1]]), DECIMALS))
-        cases.append(
-            {
-                "name": name,
-                "prompt": text,
-                "prompt_tokens": prompt_tokens,
-                "continuation_tokens": continuation,
-                "llamacpp_self_consistency": self_consistency(llm, all_tokens, scores),
-                "positions": {"top1_ids": top1, "top1_logits": logits, "top1_margins": margins},
-            }
-        )
+        case = {
+            "name": name,
+            "prompt": text,
+            "prompt_tokens": prompt_tokens,
+            "continuation_tokens": continuation,
+        }
+        if with_self_consistency:
+            sc = self_consistency(llm, all_tokens, scores)
+            # The count too, so agreement can be pooled over cases exactly.
+            sc["top1_agreeing_positions"] = round(sc["top1_agreement"] * len(all_tokens))
+            case["llamacpp_self_consistency"] = sc
+        case["positions"] = {"top1_ids": top1, "top1_logits": logits, "top1_margins": margins}
+        cases.append(case)
         print(f"{preset} {name}: {len(prompt_tokens)} prompt tokens, {continuation_preview_of(llm, continuation, prompt_tokens)}", file=sys.stderr)
     llm.close()
     return {
-        "format": "shardline-llamacpp-reference-compact/1",
+        "format": "shardline-llamacpp-reference-compact/2",
         "generator": generator_info(),
         "preset": preset,
         "model": {"file": model.name, "sha256": sha256_file(model), "size": model.stat().st_size},
@@ -398,13 +635,50 @@ def build_compact(model: Path, preset: str, n_threads: int) -> dict:
     }
 
 
+def compact_prompts() -> list[tuple[str, str]]:
+    """The prompts of a compact fixture: COMPACT_CASES, then `long`, then EXTRA_PROMPTS."""
+    by_name = dict(PROMPTS)
+    rest = [(n, t) for n, t in PROMPTS if n not in COMPACT_CASES]
+    return [(n, by_name[n]) for n in COMPACT_CASES] + rest + EXTRA_PROMPTS
+
+
 def continuation_preview_of(llm, continuation: list[int], prompt_tokens: list[int]) -> str:
     text = llm.detokenize(continuation, prev_tokens=prompt_tokens, special=True).decode("utf-8", errors="replace")
     return json.dumps(text[:60], ensure_ascii=False)
 
 
-def write_presets(presets: list[str], n_threads: int, require: bool) -> int:
-    PRESET_OUT.mkdir(parents=True, exist_ok=True)
+def check_cases(new: dict, old_path: Path) -> bool:
+    """Whether every case of the stored compact fixture `old_path` is regenerated identically (same name; the fields
+    both have are compared, so a fixture made before a field was added still checks)."""
+    if not old_path.is_file():
+        print(f"  no stored fixture at {old_path} to check against", file=sys.stderr)
+        return True
+    old = json.loads(old_path.read_text(encoding="utf-8"))
+    if old["model"] != new["model"]:
+        print(f"  {old_path}: other model file ({old['model']['sha256']} vs {new['model']['sha256']})", file=sys.stderr)
+        return False
+    by_name = {c["name"]: c for c in new["cases"]}
+    ok = True
+    for case in old["cases"]:
+        mine = by_name.get(case["name"])
+        # A field left out of this run (llamacpp_self_consistency with --no-self-consistency) is not compared.
+        keys = [k for k in case if mine is not None and k in mine]
+        same = mine is not None and "positions" in keys and all(mine[k] == case[k] for k in keys)
+        left = sorted(set(case) - set(keys))
+        print(
+            f"  case {case['name']}: {'identical' if same else 'DIFFERS'} to {old_path}"
+            + (f" (not compared: {', '.join(left)})" if left else ""),
+            file=sys.stderr,
+        )
+        ok &= same
+    return ok
+
+
+def write_presets(
+    presets: list[str], n_threads: int, require: bool, out_dir: Path, check_dir: Path | None, self_cons: bool
+) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
     for preset in presets:
         model = preset_path(preset)
         if not model.is_file():
@@ -413,9 +687,16 @@ def write_presets(presets: list[str], n_threads: int, require: bool) -> int:
                 return 2
             print(f"skipped {preset}: {model} is missing (scripts/make-presets makes it)", file=sys.stderr)
             continue
-        out = PRESET_OUT / f"{preset}.json"
-        out.write_text(dumps(build_compact(model, preset, n_threads)) + "\n", encoding="utf-8")
-        print(f"wrote {out} ({out.stat().st_size} bytes)", file=sys.stderr)
+        data = build_compact(model, preset, n_threads, self_cons)
+        if check_dir is not None and not check_cases(data, check_dir / f"{preset}.json"):
+            failed.append(preset)
+        out = out_dir / f"{preset}.json"
+        out.write_text(dumps(data) + "\n", encoding="utf-8")
+        n = sum(len(c["positions"]["top1_ids"]) for c in data["cases"])
+        print(f"wrote {out} ({out.stat().st_size} bytes, {n} positions)", file=sys.stderr)
+    if failed:
+        print(f"regenerated cases differ from the stored ones for {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -458,10 +739,29 @@ def main() -> int:
     parser.add_argument("--check", type=Path, default=None, help="compare against this fixture instead of writing")
     parser.add_argument("--preset", choices=PRESETS, action="append", help="write the compact fixture of a preset")
     parser.add_argument("--all-presets", action="store_true", help="compact fixtures of every preset file present")
+    parser.add_argument("--preset-out", type=Path, default=PRESET_OUT, help="folder of the compact fixtures written")
+    parser.add_argument(
+        "--check-cases",
+        type=Path,
+        default=None,
+        help="folder of stored compact fixtures: fail unless each of their cases is regenerated identically",
+    )
+    parser.add_argument(
+        "--no-self-consistency",
+        action="store_true",
+        help="compact fixtures without llama.cpp's token-by-token evaluation (faster)",
+    )
     args = parser.parse_args()
 
     if args.preset or args.all_presets:
-        return write_presets(args.preset or PRESETS, args.threads, require=bool(args.preset))
+        return write_presets(
+            args.preset or PRESETS,
+            args.threads,
+            require=bool(args.preset),
+            out_dir=args.preset_out,
+            check_dir=args.check_cases,
+            self_cons=not args.no_self_consistency,
+        )
 
     model = args.model or default_model_path()
     if not model.is_file():

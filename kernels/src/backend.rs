@@ -161,6 +161,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// A new activation tensor of `act_dtype`; contents are unspecified until written.
     fn alloc(&self, shape: &[usize]) -> Result<Tensor>;
 
+    /// dtype of the KV cache: `act_dtype` unless the backend was configured otherwise (the CPU backend may keep an
+    /// f16 cache while computing in f32, `CpuBackend::with_kv_dtype`).
+    fn kv_dtype(&self) -> DType {
+        self.act_dtype()
+    }
+
+    /// A new KV-cache tensor of `kv_dtype`, the only kind [`Backend::kv_store`] and [`Backend::attention`] take as
+    /// caches besides activation tensors.
+    fn alloc_kv(&self, shape: &[usize]) -> Result<Tensor> {
+        self.alloc(shape)
+    }
+
     /// Waits for every queued op.
     fn synchronize(&self) -> Result<()>;
 

@@ -56,6 +56,8 @@ impl std::fmt::Debug for HostBytes {
 pub enum Storage {
     /// Activations and caches computed on the host (always f32 on the CPU backend).
     CpuF32(Vec<f32>),
+    /// A KV cache kept in f16 on the host (`CpuBackend::with_kv_dtype`).
+    CpuF16(Vec<half::f16>),
     /// Weights in their file dtype, borrowed from the model file or owned.
     CpuBytes(HostBytes),
     Cuda(crate::cuda::CudaStorage),
@@ -64,7 +66,7 @@ pub enum Storage {
 impl Storage {
     pub fn location(&self) -> &'static str {
         match self {
-            Storage::CpuF32(_) | Storage::CpuBytes(_) => "cpu",
+            Storage::CpuF32(_) | Storage::CpuF16(_) | Storage::CpuBytes(_) => "cpu",
             Storage::Cuda(_) => "cuda",
         }
     }
@@ -99,6 +101,12 @@ impl Tensor {
                     return Err(KernelError::UnsupportedDType { op: "CpuF32 storage", dtype });
                 }
                 v.len() * 4
+            }
+            Storage::CpuF16(v) => {
+                if dtype != DType::F16 {
+                    return Err(KernelError::UnsupportedDType { op: "CpuF16 storage", dtype });
+                }
+                v.len() * 2
             }
             Storage::CpuBytes(b) => b.len(),
             Storage::Cuda(c) => c.byte_len(),

@@ -217,6 +217,7 @@ fn kv_store_writes_slots_and_refuses_bad_ones_without_writing() {
 }
 
 /// A paged cache filled for several sequences, with each sequence's blocks scattered over the pool.
+#[derive(Clone)]
 struct PagedCase {
     shape: AttnShape,
     k: Vec<f32>,
@@ -337,6 +338,89 @@ fn attention_matches_f64_over_a_paged_cache_with_several_sequences() {
             }
         }
     }
+}
+
+/// An f16 KV cache (`CpuBackend::with_kv_dtype`): keys and values stored rounded to f16, the query and the softmax
+/// weights rounded to f16 as llama.cpp does; against f64 attention over the rounded keys, values and query, and
+/// bit-identical over thread counts, SIMD levels and whatever else is in the call.
+#[test]
+fn attention_over_an_f16_cache_rounds_like_llama_cpp_and_is_deterministic() {
+    use shardline_kernels::cpu::SimdLevel;
+    let r16 = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    let mut rng = Rng::new(29);
+    for (shape, lens, q_rows) in [
+        (gqa_shape(9, 3, 64, 16), vec![40usize, 7, 100], [3usize, 7, 1]),
+        (gqa_shape(6, 1, 16, 32), vec![300, 33, 64], [64, 2, 1]),
+        (gqa_shape(9, 3, 64, 16), vec![1000, 513, 257], [1, 1, 2]),
+    ] {
+        let case = PagedCase::new(&mut rng, shape, &lens, 120);
+        let kvw = shape.n_kv_heads * shape.head_dim;
+        let width = shape.n_heads * shape.head_dim;
+        let total: usize = q_rows.iter().sum();
+        let q = rng.vec(total * width, 1.0);
+        let mut seqs = Vec::new();
+        let mut start = 0;
+        for (s, (&len, &n)) in lens.iter().zip(&q_rows).enumerate() {
+            seqs.push(AttnSeq { rows: start..start + n, pos0: len - n, block_table: &case.tables[s] });
+            start += n;
+        }
+        // The f64 reference sees what the f16 cache holds and the rounded query.
+        let rounded = PagedCase { k: r16(&case.k), v: r16(&case.v), ..case.clone() };
+        let q16 = r16(&q);
+        let mut first: Option<Vec<u32>> = None;
+        for level in SimdLevel::ALL {
+            for threads in [1, 2, 3] {
+                let Some(be) = CpuBackend::with_simd(threads, level) else { continue };
+                let be = be.with_kv_dtype(DType::F16).unwrap();
+                assert_eq!(be.kv_dtype(), DType::F16);
+                let mut kc = be.alloc_kv(&[case.n_slots, kvw]).unwrap();
+                let mut vc = be.alloc_kv(&[case.n_slots, kvw]).unwrap();
+                assert_eq!((kc.dtype(), kc.byte_len()), (DType::F16, case.n_slots * kvw * 2));
+                let slots: Vec<u32> = (0..case.n_slots as u32).collect();
+                let (k, v) = case.caches(&be);
+                be.kv_store(&mut kc, &mut vc, &k, &v, &slots).unwrap();
+                assert_eq!(bits(&be.download_f32(&kc).unwrap()), bits(&rounded.k), "stored keys are the f16 values");
+                let mut out = be.alloc(&[total, width]).unwrap();
+                be.attention(&act(&be, &[total, width], &q), &kc, &vc, &seqs, &shape, &mut out).unwrap();
+                let got = be.download_f32(&out).unwrap();
+                match &first {
+                    None => {
+                        for (s, seq) in seqs.iter().enumerate() {
+                            for (i, row) in seq.rows.clone().enumerate() {
+                                let want = rounded.reference(&q16[row * width..(row + 1) * width], s, seq.pos0 + i);
+                                // Each weight is rounded to f16 (relative error at most 2^-11) before the value
+                                // sum: the output moves by at most 2^-11 · max |v| = 4.9e-4 (values within ±1).
+                                assert_close(
+                                    "attention f16",
+                                    &got[row * width..(row + 1) * width],
+                                    &want,
+                                    Tol::Elem { abs: 5e-4, rel: 1e-5 },
+                                );
+                            }
+                        }
+                        first = Some(bits(&got));
+                    }
+                    Some(f) => assert_eq!(f, &bits(&got), "{level:?}, {threads} threads"),
+                }
+                for (s, seq) in seqs.iter().enumerate() {
+                    let n = seq.rows.len();
+                    let q_alone = &q[seq.rows.start * width..seq.rows.end * width];
+                    let alone = [AttnSeq { rows: 0..n, pos0: seq.pos0, block_table: &case.tables[s] }];
+                    let mut out1 = be.alloc(&[n, width]).unwrap();
+                    be.attention(&act(&be, &[n, width], q_alone), &kc, &vc, &alone, &shape, &mut out1).unwrap();
+                    assert_eq!(
+                        bits(&be.download_f32(&out1).unwrap()),
+                        bits(&got[seq.rows.start * width..seq.rows.end * width]),
+                        "sequence {s} alone"
+                    );
+                }
+                // An f32 cache is not an f16 one: mixing them is refused, not misread.
+                let (k32, _) = case.caches(&be);
+                assert!(be.attention(&act(&be, &[total, width], &q), &k32, &vc, &seqs, &shape, &mut out).is_err());
+            }
+        }
+    }
+    assert!(CpuBackend::new(1).with_kv_dtype(DType::Q8_0).is_err(), "only f32 and f16 caches");
 }
 
 #[test]

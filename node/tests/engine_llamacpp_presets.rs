@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use shardline_kernels::Backend;
 use shardline_kernels::cpu::CpuBackend;
+use shardline_kernels::{Backend, DType};
 use shardline_node::engine::Engine;
 use shardline_node::model::ShardOptions;
 use shardline_node::test_models::{PRESETS, preset_path, preset_required};
@@ -35,6 +35,58 @@ const MIN_AGREEMENT: f64 = 0.94;
 const NEAR_TIE: f32 = 1.0;
 
 type Fixture = llamacpp_fixture::Fixture<Positions>;
+
+/// llama.cpp's token-by-token evaluation of a case against its one-pass evaluation (`scripts/make-reference.py`).
+#[derive(Deserialize)]
+struct SelfConsistency {
+    top1_agreement: f64,
+}
+
+#[derive(Deserialize)]
+struct SelfCase {
+    positions: Positions,
+    llamacpp_self_consistency: Option<SelfConsistency>,
+}
+
+#[derive(Deserialize)]
+struct SelfFixture {
+    cases: Vec<SelfCase>,
+}
+
+/// The Wilson score interval (95%, z = 1.96) of `k` successes in `n` trials.
+fn wilson(k: usize, n: usize) -> (f64, f64) {
+    const Z: f64 = 1.959_964;
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let denom = 1.0 + Z * Z / n;
+    let centre = (p + Z * Z / (2.0 * n)) / denom;
+    let half = Z * (p * (1.0 - p) / n + Z * Z / (4.0 * n * n)).sqrt() / denom;
+    (centre - half, centre + half)
+}
+
+/// The KV-cache dtypes to measure with: `SHARDLINE_KV_DTYPES=f32,f16` (a list), else the CPU backend's default.
+fn kv_dtypes() -> Vec<Option<DType>> {
+    match std::env::var("SHARDLINE_KV_DTYPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|d| match d.trim() {
+                "f32" => Some(DType::F32),
+                "f16" => Some(DType::F16),
+                other => panic!("SHARDLINE_KV_DTYPES: unknown dtype {other:?} (f32 or f16)"),
+            })
+            .collect(),
+        Err(_) => vec![None],
+    }
+}
+
+#[test]
+fn wilson_interval_matches_known_values() {
+    // 95/100: the interval is about 0.888-0.978 (standard tables).
+    let (lo, hi) = wilson(95, 100);
+    assert!((lo - 0.8883).abs() < 1e-3 && (hi - 0.9785).abs() < 1e-3, "{lo} {hi}");
+    let (lo, hi) = wilson(0, 10);
+    assert!(lo.abs() < 1e-12 && (hi - 0.2775).abs() < 1e-3, "{lo} {hi}");
+}
 
 #[derive(Deserialize)]
 struct Positions {
@@ -56,7 +108,7 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
 #[test]
 fn presets_agree_with_llama_cpp() {
     let mut compared = 0;
-    for preset in PRESETS {
+    'presets: for preset in PRESETS {
         let fixture_path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/llamacpp_presets/{preset}.json"));
         let Ok(text) = std::fs::read_to_string(&fixture_path) else {
@@ -80,53 +132,85 @@ fn presets_agree_with_llama_cpp() {
             }
             Err(e) => panic!("{preset}: reading {}: {e}", model.display()),
         }
-        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(2));
-        let engine = match Engine::load(&model, backend.clone(), &[], ShardOptions::default(), &mut |_, _| {}) {
-            Ok(e) => e,
-            Err(e) => {
-                skip(preset, format!("this build cannot load it: {e}"));
-                continue;
-            }
-        };
-        let (mut agree, mut total, mut diff_sum) = (0usize, 0usize, 0.0f64);
-        // The largest llama.cpp top-1/top-2 margin at a position where our top-1 differs.
-        let mut worst_margin = 0.0f32;
-        for case in &fx.cases {
-            let ours = engine.tokenizer().encode(&case.prompt, true).unwrap();
-            assert_eq!(ours, case.prompt_tokens, "{preset} {}: prompt tokens differ", case.name);
-            let tokens: Vec<u32> = case.prompt_tokens.iter().chain(&case.continuation_tokens).copied().collect();
-            let mut session = engine.pipeline().open_session(tokens.len()).unwrap();
-            let logits = backend.download_f32(&session.forward(&tokens, true).unwrap()).unwrap();
-            let vocab = logits.len() / tokens.len();
-            assert_eq!(case.positions.top1_ids.len(), tokens.len());
-            let p = &case.positions;
-            for (i, ((&id, &logit), &margin)) in p.top1_ids.iter().zip(&p.top1_logits).zip(&p.top1_margins).enumerate()
-            {
-                let row = &logits[i * vocab..(i + 1) * vocab];
-                let ours = row.iter().enumerate().fold(0, |b, (j, &v)| if v > row[b] { j } else { b });
-                if ours as u32 == id {
-                    agree += 1;
-                } else {
-                    worst_margin = worst_margin.max(margin);
-                }
-                diff_sum += f64::from((row[id as usize] - logit).abs());
-                total += 1;
+        // llama.cpp's agreement with itself, pooled over the cases (token-by-token against batched).
+        let own: SelfFixture = serde_json::from_str(&text).expect("fixture parses");
+        let (mut self_agree, mut self_total) = (0.0f64, 0usize);
+        for case in &own.cases {
+            if let Some(sc) = &case.llamacpp_self_consistency {
+                let n = case.positions.top1_ids.len();
+                self_agree += (sc.top1_agreement * n as f64).round();
+                self_total += n;
             }
         }
-        let rate = agree as f64 / total as f64;
-        println!(
-            "{preset:>7}: top-1 agreement {agree}/{total} = {:.1}%, mean |top-1 logit diff| {:.3}, largest llama.cpp \
-             margin where top-1 differs {worst_margin:.3}",
-            100.0 * rate,
-            diff_sum / total as f64
-        );
-        assert!(
-            worst_margin <= NEAR_TIE,
-            "{preset}: top-1 differs where llama.cpp's margin is {worst_margin}, over the near-tie bound {NEAR_TIE}"
-        );
-        assert!(rate >= MIN_AGREEMENT, "{preset}: top-1 agreement {rate:.4} below {MIN_AGREEMENT}");
-        if rate < TARGET_AGREEMENT {
-            println!("{preset:>7}: below the {TARGET_AGREEMENT} target (all differences at near-ties)");
+        for kv_dtype in kv_dtypes() {
+            let mut cpu = CpuBackend::new(2);
+            if let Some(d) = kv_dtype {
+                cpu = cpu.with_kv_dtype(d).expect("f32 and f16 KV caches exist");
+            }
+            let kv_name = cpu.kv_dtype();
+            let backend: Arc<dyn Backend> = Arc::new(cpu);
+            let engine = match Engine::load(&model, backend.clone(), &[], ShardOptions::default(), &mut |_, _| {}) {
+                Ok(e) => e,
+                Err(e) => {
+                    skip(preset, format!("this build cannot load it: {e}"));
+                    continue 'presets;
+                }
+            };
+            let (mut agree, mut total, mut diff_sum) = (0usize, 0usize, 0.0f64);
+            // The largest llama.cpp top-1/top-2 margin at a position where our top-1 differs.
+            let mut worst_margin = 0.0f32;
+            // Where that is: case, position, llama.cpp's top-1 and ours.
+            let mut worst_at = String::new();
+            for case in &fx.cases {
+                let ours = engine.tokenizer().encode(&case.prompt, true).unwrap();
+                assert_eq!(ours, case.prompt_tokens, "{preset} {}: prompt tokens differ", case.name);
+                let tokens: Vec<u32> = case.prompt_tokens.iter().chain(&case.continuation_tokens).copied().collect();
+                let mut session = engine.pipeline().open_session(tokens.len()).unwrap();
+                let logits = backend.download_f32(&session.forward(&tokens, true).unwrap()).unwrap();
+                let vocab = logits.len() / tokens.len();
+                assert_eq!(case.positions.top1_ids.len(), tokens.len());
+                let p = &case.positions;
+                for (i, ((&id, &logit), &margin)) in
+                    p.top1_ids.iter().zip(&p.top1_logits).zip(&p.top1_margins).enumerate()
+                {
+                    let row = &logits[i * vocab..(i + 1) * vocab];
+                    let ours = row.iter().enumerate().fold(0, |b, (j, &v)| if v > row[b] { j } else { b });
+                    if ours as u32 == id {
+                        agree += 1;
+                    } else if margin > worst_margin {
+                        worst_margin = margin;
+                        worst_at =
+                            format!("{} position {i} of {}: llama.cpp {id}, ours {ours}", case.name, tokens.len());
+                    }
+                    diff_sum += f64::from((row[id as usize] - logit).abs());
+                    total += 1;
+                }
+            }
+            let rate = agree as f64 / total as f64;
+            let (lo, hi) = wilson(agree, total);
+            let itself = if self_total > 0 {
+                format!("{:.1}% over {self_total} positions", 100.0 * self_agree / self_total as f64)
+            } else {
+                "not recorded".into()
+            };
+            println!(
+                "{preset:>7} (KV {kv_name}): top-1 agreement {agree}/{total} = {:.1}% (95% CI {:.1}-{:.1}%), mean |top-1 \
+                 logit diff| {:.3}, largest llama.cpp margin where top-1 differs {worst_margin:.3}, llama.cpp vs itself \
+                 {itself}",
+                100.0 * rate,
+                100.0 * lo,
+                100.0 * hi,
+                diff_sum / total as f64
+            );
+            assert!(
+                worst_margin <= NEAR_TIE,
+                "{preset}: top-1 differs where llama.cpp's margin is {worst_margin} ({worst_at}), over the near-tie bound \
+                 {NEAR_TIE}"
+            );
+            assert!(rate >= MIN_AGREEMENT, "{preset}: top-1 agreement {rate:.4} below {MIN_AGREEMENT}");
+            if rate < TARGET_AGREEMENT {
+                println!("{preset:>7}: below the {TARGET_AGREEMENT} target (all differences at near-ties)");
+            }
         }
         compared += 1;
     }

@@ -85,11 +85,11 @@ fn bits(b: &dyn Backend, t: &Tensor) -> Vec<u32> {
     b.download_f32(t).unwrap().into_iter().map(f32::to_bits).collect()
 }
 
-fn shards(path: &Path, threads: usize) -> (Shard, Shard) {
+fn shards(path: &Path, threads: usize, kv: DType) -> (Shard, Shard) {
     let files = ModelFiles::open(path).unwrap();
     let n = files.config().n_layers;
     let m = n / 2;
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(threads));
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(threads).with_kv_dtype(kv).unwrap());
     let w = files.weights();
     let opts = ShardOptions { kv_budget_bytes: 64 << 20, block_tokens: 16 };
     let front = Shard::load(w.as_ref(), LayerRange::new(0, m), backend.clone(), opts.clone()).unwrap();
@@ -187,7 +187,11 @@ fn scripts(others: usize, vocab: u32, decode: usize) -> Vec<Script> {
 }
 
 fn check_model(path: &Path, threads: usize, decode: usize) {
-    let (front, back) = shards(path, threads);
+    check_model_kv(path, threads, decode, DType::F32);
+}
+
+fn check_model_kv(path: &Path, threads: usize, decode: usize, kv: DType) {
+    let (front, back) = shards(path, threads, kv);
     let vocab = front.config().vocab as u32;
     for others in [1, 3, 15] {
         let scripts = scripts(others, vocab.min(300), decode);
@@ -239,12 +243,50 @@ fn smollm2_gives_each_session_its_solo_bits_in_any_batch() {
     check_model(&path, 2, 4);
 }
 
+/// With an f16 KV cache (`CpuBackend::with_kv_dtype`) too: batch-size independence, and a session run alone gives
+/// the same bits on 1 and 3 threads; the cache really is f16 (half the bytes per token of an f32 one).
+fn check_f16_kv(path: &Path, decode: usize) {
+    check_model_kv(path, 2, decode, DType::F16);
+    let vocab = {
+        let (front, _) = shards(path, 1, DType::F16);
+        front.config().vocab as u32
+    };
+    let script = &scripts(1, vocab.min(300), decode)[0];
+    let (f1, b1) = shards(path, 1, DType::F16);
+    let (f3, b3) = shards(path, 3, DType::F16);
+    assert_eq!(alone(&f1, &b1, script), alone(&f3, &b3, script), "f16 KV cache: 1 and 3 threads differ");
+    let (f32_front, _) = shards(path, 1, DType::F32);
+    // The same byte budget holds twice the tokens (the block count is rounded down in each case).
+    let (c16, c32) = (f1.kv_capacity_tokens(), f32_front.kv_capacity_tokens());
+    assert!(c16 >= 2 * c32 && c16 < 2 * c32 + 32, "f16 cache: {c16} tokens, f32: {c32}");
+}
+
+#[test]
+fn tiny_models_with_an_f16_kv_cache_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, spec) in [
+        ("llama q4_1", tiny(Architecture::Llama, TinyDTypes::like_llama_cpp(DType::Q4_1))),
+        ("qwen3 f16", tiny(Architecture::Qwen3, TinyDTypes::all(DType::F16))),
+    ] {
+        let path = dir.path().join(format!("{}.gguf", name.replace(' ', "-")));
+        write_tiny_gguf(&spec, &path).unwrap();
+        eprintln!("{name}");
+        check_f16_kv(&path, 6);
+    }
+}
+
+#[test]
+fn smollm2_with_an_f16_kv_cache_is_deterministic() {
+    let Some(path) = model_for_tests("smollm2_with_an_f16_kv_cache_is_deterministic") else { return };
+    check_f16_kv(&path, 4);
+}
+
 #[test]
 fn a_bad_item_fails_the_batch_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&tiny(Architecture::Llama, TinyDTypes::all(DType::F32)), &path).unwrap();
-    let (front, _) = shards(&path, 1);
+    let (front, _) = shards(&path, 1, DType::F32);
     let mut a = front.open_session(8).unwrap();
     let mut b = front.open_session(8).unwrap();
     let too_long = vec![1u32; 20];

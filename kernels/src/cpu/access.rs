@@ -2,6 +2,8 @@
 
 use std::borrow::Cow;
 
+use half::f16;
+
 use crate::error::{KernelError, Result, shape_err};
 use crate::tensor::{Storage, Tensor};
 use crate::{DType, quant};
@@ -17,7 +19,42 @@ pub(crate) fn act<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a [f32]> {
     match t.storage() {
         Storage::CpuF32(v) => Ok(v),
         Storage::CpuBytes(_) => Err(shape_err(op, format!("expected an f32 activation, got a {} weight", t.dtype()))),
+        Storage::CpuF16(_) => Err(shape_err(op, "expected an f32 activation, got an f16 KV cache")),
         Storage::Cuda(_) => Err(wrong_device(t)),
+    }
+}
+
+/// The rows of a KV cache, in the dtype the backend keeps them in (f32 or f16).
+pub(crate) enum KvRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+/// The mutable rows of a KV cache.
+pub(crate) enum KvMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+/// A KV cache tensor (`Storage::CpuF32` or `Storage::CpuF16`).
+pub(crate) fn kv<'a>(op: &'static str, t: &'a Tensor) -> Result<KvRef<'a>> {
+    match t.storage() {
+        Storage::CpuF32(v) => Ok(KvRef::F32(v)),
+        Storage::CpuF16(v) => Ok(KvRef::F16(v)),
+        Storage::CpuBytes(_) => Err(shape_err(op, format!("expected a KV cache, got a {} weight", t.dtype()))),
+        Storage::Cuda(_) => Err(wrong_device(t)),
+    }
+}
+
+/// A KV cache tensor, mutable.
+pub(crate) fn kv_mut<'a>(op: &'static str, t: &'a mut Tensor) -> Result<KvMut<'a>> {
+    let dtype = t.dtype();
+    let location = t.storage().location();
+    match t.storage_mut() {
+        Storage::CpuF32(v) => Ok(KvMut::F32(v)),
+        Storage::CpuF16(v) => Ok(KvMut::F16(v)),
+        Storage::CpuBytes(_) => Err(shape_err(op, format!("cannot write into a {dtype} weight tensor"))),
+        Storage::Cuda(_) => Err(KernelError::WrongDevice { backend: BACKEND, found: location }),
     }
 }
 
@@ -27,6 +64,7 @@ pub(crate) fn act_mut<'a>(op: &'static str, t: &'a mut Tensor) -> Result<&'a mut
     let location = t.storage().location();
     match t.storage_mut() {
         Storage::CpuF32(v) => Ok(v),
+        Storage::CpuF16(_) => Err(shape_err(op, "expected an f32 activation, got an f16 KV cache")),
         Storage::CpuBytes(_) => Err(shape_err(op, format!("cannot write into a {dtype} weight tensor"))),
         Storage::Cuda(_) => Err(KernelError::WrongDevice { backend: BACKEND, found: location }),
     }
@@ -37,6 +75,7 @@ pub(crate) fn weight_bytes(t: &Tensor) -> Result<&[u8]> {
     match t.storage() {
         Storage::CpuBytes(b) => Ok(b.as_slice()),
         Storage::CpuF32(v) => Ok(bytemuck::cast_slice(v)),
+        Storage::CpuF16(v) => Ok(bytemuck::cast_slice(v)),
         Storage::Cuda(_) => Err(wrong_device(t)),
     }
 }

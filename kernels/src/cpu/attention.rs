@@ -10,10 +10,13 @@
 //! The chunks of a row depend only on its position, and every value is computed by the same sequence of operations
 //! whichever thread runs it and whatever else is in the call, so a sequence batched with others gives exactly the
 //! result it gives alone.
+//!
+//! The cache holds f32 or f16 ([`KvElem`]); with f16 the query and the softmax weights are rounded to f16 too, as
+//! llama.cpp does with its f16 KV cache (`kv_cache.rs`).
 
+use super::kv_cache::KvElem;
 use super::math;
 use super::parallel::Exec;
-use super::simd::avx2_variant;
 use crate::backend::{AttnSeq, AttnShape};
 use crate::error::{KernelError, Result, shape_err};
 
@@ -85,11 +88,11 @@ fn plan(q_rows: usize, n_slots: usize, seqs: &[AttnSeq<'_>], s: &AttnShape) -> R
 
 /// Computes the attention; `q`/`out` are `[q_rows, n_heads · head_dim]`, the caches `[n_slots, n_kv · head_dim]`.
 /// Rows that belong to no sequence are left as they are.
-pub(crate) fn attention(
+pub(crate) fn attention<E: KvElem>(
     ex: Exec<'_>,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     seqs: &[AttnSeq<'_>],
     s: &AttnShape,
     out: &mut [f32],
@@ -135,9 +138,9 @@ pub(crate) fn attention(
         }
     }
     ex.pool.run_each(groups, |batch| {
-        let mut scores = Vec::new();
+        let mut scratch = Scratch::default();
         for (it, c, part) in batch {
-            chunk_part(ex.avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, c, &mut scores, part);
+            chunk_part::<E>(ex.avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, c, &mut scratch, part);
         }
     });
     // Merge the chunks of each (row, KV head) into the output, in chunk order.
@@ -176,35 +179,68 @@ fn merge(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
     }
 }
 
-avx2_variant! {
-    /// Chunk `c` of the `group` query heads that share KV head `it.kv_head`, for one row.
-    fn chunk_part(
-        q: &[f32],
-        k_cache: &[f32],
-        v_cache: &[f32],
-        seq: &AttnSeq<'_>,
-        s: &AttnShape,
-        it: Item,
-        c: usize,
-        scores: &mut Vec<f32>,
-        part: &mut [f32],
-    ) => chunk_part_body
+/// Per-thread buffers of [`chunk_part`]: the scores of a chunk, and the query group and one key row as f32 when the
+/// cache is f16.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    q: Vec<f32>,
+    row: Vec<f32>,
 }
 
-/// Scores of every query head of the group against each key of the chunk (each key row read once for the group),
-/// then per head the max, the exponentials (max subtracted, f32) and their 8-lane sum, and the weighted sum of the
-/// value rows, written as `[max, sum, values…]` per head.
-#[inline(always)]
+/// [`chunk_part_body`] compiled for AVX2 when `avx2` is set (same results).
 #[allow(clippy::too_many_arguments)]
-fn chunk_part_body(
+fn chunk_part<E: KvElem>(
+    avx2: bool,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     seq: &AttnSeq<'_>,
     s: &AttnShape,
     it: Item,
     c: usize,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
+    part: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn wide<E: KvElem>(
+            q: &[f32],
+            k_cache: &[E],
+            v_cache: &[E],
+            seq: &AttnSeq<'_>,
+            s: &AttnShape,
+            it: Item,
+            c: usize,
+            scratch: &mut Scratch,
+            part: &mut [f32],
+        ) {
+            chunk_part_body(q, k_cache, v_cache, seq, s, it, c, scratch, part)
+        }
+        // SAFETY: callers set `avx2` only when the CPU supports AVX2.
+        return unsafe { wide(q, k_cache, v_cache, seq, s, it, c, scratch, part) };
+    }
+    let _ = avx2;
+    chunk_part_body(q, k_cache, v_cache, seq, s, it, c, scratch, part)
+}
+
+/// Scores of every query head of the group against each key of the chunk (each key row read once for the group),
+/// then per head the max, the exponentials (max subtracted, f32) and their 8-lane sum, and the weighted sum of the
+/// value rows, written as `[max, sum, values…]` per head. With an f16 cache the query enters `K·q` rounded to f16 and
+/// each exponential enters the value sum rounded to f16 (their sum is taken unrounded), as in llama.cpp.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn chunk_part_body<E: KvElem>(
+    q: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
+    seq: &AttnSeq<'_>,
+    s: &AttnShape,
+    it: Item,
+    c: usize,
+    scratch: &mut Scratch,
     part: &mut [f32],
 ) {
     let (hd, bt) = (s.head_dim, s.block_tokens);
@@ -215,12 +251,18 @@ fn chunk_part_body(
     let n = p1 - p0;
     let slot = |p: usize| seq.block_table[p / bt] as usize * bt + p % bt;
     let kv_off = it.kv_head * hd;
-    let q_group = &q[it.row * width + it.kv_head * group * hd..][..group * hd];
+    let Scratch { scores, q: q_buf, row } = scratch;
+    let mut q_group = &q[it.row * width + it.kv_head * group * hd..][..group * hd];
+    if !E::IS_F32 {
+        q_buf.clear();
+        q_buf.extend(q_group.iter().map(|&x| E::round(x)));
+        q_group = q_buf;
+    }
     scores.clear();
     scores.resize(group * n, 0.0);
     for p in p0..p1 {
         let k0 = slot(p) * kv_width + kv_off;
-        let krow = &k_cache[k0..k0 + hd];
+        let krow = E::row_f32(&k_cache[k0..k0 + hd], row);
         for (h, qh) in q_group.chunks_exact(hd).enumerate() {
             scores[h * n + p - p0] = math::dot8(qh, krow) * s.scale;
         }
@@ -235,9 +277,9 @@ fn chunk_part_body(
     }
     for p in p0..p1 {
         let v0 = slot(p) * kv_width + kv_off;
-        let vrow = &v_cache[v0..v0 + hd];
+        let vrow = E::row_f32(&v_cache[v0..v0 + hd], row);
         for (h, o) in part.chunks_exact_mut(hd + 2).enumerate() {
-            let e = scores[h * n + p - p0];
+            let e = E::round(scores[h * n + p - p0]);
             for (ov, &vv) in o[2..].iter_mut().zip(vrow) {
                 *ov += e * vv;
             }

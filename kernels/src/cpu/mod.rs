@@ -25,7 +25,7 @@ use crate::backend::{AttnSeq, AttnShape, Backend, DeviceKind, RopeConfig, Sample
 use crate::error::{KernelError, Result, shape_err};
 use crate::tensor::{HostBytes, Storage, Tensor};
 use crate::{DType, quant};
-use access::{act, act_mut, check_2d, weight_bytes, weight_f32};
+use access::{KvMut, KvRef, act, act_mut, check_2d, kv, kv_mut, weight_bytes, weight_f32};
 use parallel::Pool;
 
 /// The CPU backend. Cheap to share (`&self` everywhere); each call uses the backend's threads.
@@ -34,6 +34,8 @@ pub struct CpuBackend {
     pool: Pool,
     simd: SimdLevel,
     cpu_name: String,
+    /// f32 (default) or f16 ([`CpuBackend::with_kv_dtype`]).
+    kv_dtype: DType,
 }
 
 impl CpuBackend {
@@ -55,7 +57,20 @@ impl CpuBackend {
             tracing::warn!(error = %e, threads, "cannot start CPU worker threads, computing on the caller only");
             Pool::single()
         });
-        Self { pool, simd, cpu_name: cpu_name() }
+        Self { pool, simd, cpu_name: cpu_name(), kv_dtype: DType::F32 }
+    }
+
+    /// The same backend with its KV cache kept in `dtype`: f32 (the default) or f16, which halves the cache and
+    /// rounds keys, values, the query (for `K·q`) and the softmax weights (for the product with `V`) to f16, as
+    /// llama.cpp's CPU path does with its default f16 cache (docs/REFERENCE.md). Other dtypes are refused.
+    pub fn with_kv_dtype(mut self, dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 | DType::F16 => {
+                self.kv_dtype = dtype;
+                Ok(self)
+            }
+            _ => Err(KernelError::UnsupportedDType { op: "CPU KV cache", dtype }),
+        }
     }
 
     /// Compute threads, the caller included.
@@ -121,7 +136,10 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu: {} ({} threads, {})", self.cpu_name, self.threads(), self.simd)
+        match self.kv_dtype {
+            DType::F32 => format!("cpu: {} ({} threads, {})", self.cpu_name, self.threads(), self.simd),
+            kv => format!("cpu: {} ({} threads, {}, {kv} KV cache)", self.cpu_name, self.threads(), self.simd),
+        }
     }
 
     fn act_dtype(&self) -> DType {
@@ -165,6 +183,19 @@ impl Backend for CpuBackend {
 
     fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
         f32_tensor(shape, vec![0.0; elems("alloc", shape)?])
+    }
+
+    fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    fn alloc_kv(&self, shape: &[usize]) -> Result<Tensor> {
+        match self.kv_dtype {
+            DType::F16 => {
+                Tensor::new(DType::F16, shape, Storage::CpuF16(vec![half::f16::ZERO; elems("alloc_kv", shape)?]))
+            }
+            _ => self.alloc(shape),
+        }
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -299,7 +330,11 @@ impl Backend for CpuBackend {
         check_2d(OP, "k", k, Some(slots.len()), Some(width))?;
         check_2d(OP, "v", v, Some(slots.len()), Some(width))?;
         let (ks, vs) = (act(OP, k)?, act(OP, v)?);
-        kv_cache::store(act_mut(OP, k_cache)?, act_mut(OP, v_cache)?, ks, vs, slots, width)
+        match (kv_mut(OP, k_cache)?, kv_mut(OP, v_cache)?) {
+            (KvMut::F32(kc), KvMut::F32(vc)) => kv_cache::store(kc, vc, ks, vs, slots, width),
+            (KvMut::F16(kc), KvMut::F16(vc)) => kv_cache::store(kc, vc, ks, vs, slots, width),
+            _ => Err(shape_err(OP, "the K and V caches differ in dtype")),
+        }
     }
 
     fn attention(
@@ -316,8 +351,16 @@ impl Backend for CpuBackend {
         check_2d(OP, "out", out, Some(rows), Some(shape.n_heads * shape.head_dim))?;
         let (n_slots, _) = check_2d(OP, "k_cache", k_cache, None, Some(shape.n_kv_heads * shape.head_dim))?;
         check_2d(OP, "v_cache", v_cache, Some(n_slots), Some(shape.n_kv_heads * shape.head_dim))?;
-        let (qs, ks, vs) = (act(OP, q)?, act(OP, k_cache)?, act(OP, v_cache)?);
-        attention::attention(self.exec(), qs, ks, vs, seqs, shape, act_mut(OP, out)?)
+        let qs = act(OP, q)?;
+        match (kv(OP, k_cache)?, kv(OP, v_cache)?) {
+            (KvRef::F32(ks), KvRef::F32(vs)) => {
+                attention::attention(self.exec(), qs, ks, vs, seqs, shape, act_mut(OP, out)?)
+            }
+            (KvRef::F16(ks), KvRef::F16(vs)) => {
+                attention::attention(self.exec(), qs, ks, vs, seqs, shape, act_mut(OP, out)?)
+            }
+            _ => Err(shape_err(OP, "the K and V caches differ in dtype")),
+        }
     }
 
     fn sample(

@@ -48,12 +48,12 @@ impl KvPool {
         block_tokens: usize,
         budget_bytes: usize,
     ) -> Result<(Self, Arc<Mutex<BlockAllocator>>)> {
-        let elem = backend.act_dtype().block_bytes();
+        let elem = backend.kv_dtype().block_bytes();
         let per_block = 2 * n_layers * block_tokens * kv_width * elem;
         let n_blocks = (budget_bytes / per_block.max(1)).max(1);
         let slots = n_blocks * block_tokens;
         let layers = (0..n_layers)
-            .map(|_| Ok((backend.alloc(&[slots, kv_width])?, backend.alloc(&[slots, kv_width])?)))
+            .map(|_| Ok((backend.alloc_kv(&[slots, kv_width])?, backend.alloc_kv(&[slots, kv_width])?)))
             .collect::<Result<Vec<_>>>()?;
         Ok((Self { block_tokens, n_blocks, layers }, Arc::new(Mutex::new(BlockAllocator::new(n_blocks)))))
     }
