@@ -123,6 +123,7 @@ const fn with_bias(kind: u8) -> bool {
 
 /// One weight block pair unpacked: codes as unsigned bytes in the [`ActLayout::Pair`](super::act::ActLayout::Pair)
 /// order, the two block scales as `[d_e, d_o] × 8`, and (Q4_1, Q5_1) `[d_e, m_e, d_o, m_o]`.
+#[derive(Clone, Copy)]
 struct Pair {
     codes: __m512i,
     d: __m512,
@@ -261,17 +262,26 @@ unsafe fn fold16(a: [__m512; 16]) -> __m512 {
     // SAFETY: AVX-512 F is available in the calling kernels.
     unsafe {
         // Block k of s[j]: [v8[2k], v8[2k+1]] of a[2j], then of a[2j+1].
-        let s: [__m512; 8] = std::array::from_fn(|j| pair_sums(a[2 * j], a[2 * j + 1]));
+        // Loops, not `array::from_fn`: an intrinsic inside a closure (which lacks the caller's target features)
+        // is not inlined, and the engine's build then called `_mm512_shuffle_ps` out of line.
+        let mut s = [_mm512_setzero_ps(); 8];
+        for j in 0..8 {
+            s[j] = pair_sums(a[2 * j], a[2 * j + 1]);
+        }
         // Blocks of u[m]: [u0, u1] of a[4m], a[4m+1]; [u2, u3] of them; the same for a[4m+2], a[4m+3].
-        let u: [__m512; 4] = std::array::from_fn(|m| {
+        let mut u = [_mm512_setzero_ps(); 4];
+        for m in 0..4 {
             let (x, y) = (s[2 * m], s[2 * m + 1]);
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y))
-        });
+            u[m] =
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y));
+        }
         // Block k of w[q]: [w0, w1] of a[8q + 2k], then of a[8q + 2k + 1].
-        let w: [__m512; 2] = std::array::from_fn(|q| {
+        let mut w = [_mm512_setzero_ps(); 2];
+        for q in 0..2 {
             let (x, y) = (u[2 * q], u[2 * q + 1]);
-            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
-        });
+            w[q] =
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y));
+        }
         pair_sums(w[0], w[1])
     }
 }
@@ -372,7 +382,10 @@ unsafe fn small_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'
         macro_rules! step {
             ($b:expr, $full:expr) => {{
                 let b = $b;
-                let w: [Pair; NR] = std::array::from_fn(|r| unpack::<KIND>(rows[r], b, $full));
+                let mut w = [Pair { codes: _mm512_setzero_si512(), d: _mm512_setzero_ps(), dm: _mm_setzero_ps() }; NR];
+                for r in 0..NR {
+                    w[r] = unpack::<KIND>(rows[r], b, $full);
+                }
                 for t in 0..TR {
                     let av = _mm512_loadu_si512(a.qs_ptr(t0 + t, b).cast());
                     let init = if with_bias(KIND) {
@@ -469,7 +482,9 @@ unsafe fn multi_row<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: 
         }
         block_pairs!(a.nb, step);
         let real = (a.rows - t0).min(TR);
-        let res = fold16(std::array::from_fn(|t| if t < TR { acc[t] } else { _mm512_setzero_ps() }));
+        let mut all = [_mm512_setzero_ps(); 16];
+        all[..TR].copy_from_slice(&acc);
+        let res = fold16(all);
         let res = if with_min(KIND) { _mm512_add_ps(res, pair_sums(macc[0], macc[1])) } else { res };
         let mut o = Lines([0.0; 32]);
         _mm512_store_ps(o.0.as_mut_ptr(), res);
