@@ -878,8 +878,10 @@ impl CudaBackend {
         if !k.is_multiple_of(wd.block_elems()) {
             return Err(shape_err(op, format!("rows of {k} {wd} values are not whole blocks of {}", wd.block_elems())));
         }
-        let (ti, ki, ni) = (i32_arg(op, t)?, i32_arg(op, k)?, i32_arg(op, n)?);
-        let act = self.act;
+        // The sizes must fit the kernels' 32-bit arguments.
+        for v in [t, k, n] {
+            i32_arg(op, v)?;
+        }
         let mut ex = self.exec()?;
         if t == 0 || n == 0 {
             return Ok(());
