@@ -91,6 +91,10 @@ impl SessionError {
 /// left to its idle timeout.
 pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a failed write to a stage waits for the error frame that says why the stage stopped reading
+/// ([`RouteSession::write_failed`]).
+pub const WRITE_FAILURE_GRACE: Duration = Duration::from_millis(200);
+
 enum StageEvent {
     Frame(Frame),
     /// The control stream ended or broke.
@@ -296,9 +300,9 @@ impl RouteSession {
             } else {
                 Frame::Prefill { session: self.id, position: self.position, last, data }
             };
-            write_frame(&mut self.controls[0], &frame)
-                .await
-                .map_err(|e| SessionError::Connect { peer: first, detail: e.to_string() })?;
+            if let Err(e) = write_frame(&mut self.controls[0], &frame).await {
+                return Err(self.write_failed(first, e.to_string()).await);
+            }
             if self.pending == 0 {
                 self.pending_since = std::time::Instant::now();
             }
@@ -349,6 +353,25 @@ impl RouteSession {
                 Err(SessionError::Violation { peer, detail: format!("unexpected {} frame", other.kind().name()) })
             }
             StageEvent::Gone(detail) => Err(SessionError::Stage { peer, code: ErrorCode::Other(0), message: detail }),
+        }
+    }
+
+    /// The error for a failed write of input to the first stage. A stage stops reading a session it has ended, and
+    /// the frame that says why — a `Downstream` naming its next hop, say, when the stage after it died — may already
+    /// be on its way: it names the party at fault, where the failed write alone would blame the first stage. So the
+    /// events of [`WRITE_FAILURE_GRACE`] are read first, and only without an error frame among them is the first
+    /// stage blamed.
+    async fn write_failed(&mut self, first: PeerId, detail: String) -> SessionError {
+        let until = tokio::time::Instant::now() + WRITE_FAILURE_GRACE;
+        loop {
+            let waiting = next_event(&mut self.events, &mut self.controls, self.id);
+            match tokio::time::timeout_at(until, waiting).await {
+                Ok(Some((i, StageEvent::Frame(Frame::Error { code, message, .. })))) => {
+                    return SessionError::Stage { peer: blamed(&self.route, i, code), code, message };
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return SessionError::Connect { peer: first, detail },
+            }
         }
     }
 
