@@ -8,6 +8,10 @@
 //! whose file holds a tensor type this build cannot run yet, is reported as skipped with the reason; with
 //! `SHARDLINE_REQUIRE_PRESETS=1` each of those is a failure instead (or with a list, `SHARDLINE_REQUIRE_PRESETS=Q4_K_M,Q6_K`,
 //! for the presets it names; CI makes and requires a few).
+//!
+//! `SHARDLINE_PRESET_ONLY=Q2_K,Q4_0` compares only the presets listed, `SHARDLINE_KV_DTYPES=f32,f16` measures each
+//! with those CPU KV caches, and `SHARDLINE_AGREE_DUMP=FILE` appends a line per position for diagnosis
+//! (`docs/REFERENCE.md`).
 
 mod llamacpp_fixture;
 
@@ -33,6 +37,50 @@ const MIN_AGREEMENT: f64 = 0.94;
 /// the Q4_0/Q4_1/Q8_0 presets is 0.50 (mean |top-1 logit difference| 0.15-0.16). A difference where llama.cpp's margin
 /// is larger is a failure whatever the overall rate.
 const NEAR_TIE: f32 = 1.0;
+
+/// Positions where a difference above [`NEAR_TIE`] is explained and accepted: (preset, case, position, why). Each is
+/// a position whose result depends chaotically on rounding, shown with an independent float64 forward of the same
+/// quantised weights (`docs/REFERENCE.md`, "An ill-conditioned position"). They still count in the agreement rate.
+const ILL_CONDITIONED: &[(&str, &str, usize, &str)] = &[
+    (
+        "Q4_0",
+        "javascript_html",
+        6,
+        "a near-tie in exact arithmetic: the f64 forward's margin of 107 over 198 is 0.13; with rounding it ranges from \
+         -0.4 (ours, f32 KV) through 1.0-1.3 (llama.cpp) to 1.4 (ours, f16 KV)",
+    ),
+    (
+        "Q4_0",
+        "javascript_html",
+        7,
+        "the logits after `<!doctype html>\\n` hang on the sign of one FFN gate in layer 11 (a 20-fold cancellation); \
+         an f64 forward gives our token 44 without activation rounding and llama.cpp's 198 with its Q8_0 and f16 \
+         rounding, and our own f16 KV cache gives 198 too (margin 4.5)",
+    ),
+];
+
+/// `SHARDLINE_PRESET_ONLY=Q2_K,Q4_0`: compare only these presets (all by default).
+fn preset_selected(preset: &str) -> bool {
+    match std::env::var("SHARDLINE_PRESET_ONLY") {
+        Ok(list) => list.split(',').any(|p| p.trim() == preset),
+        Err(_) => true,
+    }
+}
+
+/// The top two entries of a logit row: (id, logit) of the largest (smaller id on ties) and of the second.
+fn top2(row: &[f32]) -> ((usize, f32), (usize, f32)) {
+    let mut best = (0, f32::NEG_INFINITY);
+    let mut second = (0, f32::NEG_INFINITY);
+    for (j, &v) in row.iter().enumerate() {
+        if v > best.1 {
+            second = best;
+            best = (j, v);
+        } else if v > second.1 {
+            second = (j, v);
+        }
+    }
+    (best, second)
+}
 
 type Fixture = llamacpp_fixture::Fixture<Positions>;
 
@@ -108,7 +156,22 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
 #[test]
 fn presets_agree_with_llama_cpp() {
     let mut compared = 0;
+    // `SHARDLINE_AGREE_DUMP=FILE`: one tab-separated line per compared position (for diagnosis; appended).
+    let mut dump = std::env::var_os("SHARDLINE_AGREE_DUMP").map(|path| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("dump file opens");
+        writeln!(
+            f,
+            "preset\tkv\tcase\tposition\tllama_top1\tllama_logit\tllama_margin\tours_top1\tours_logit\tours_margin\tours_logit_of_llama_top1"
+        )
+        .unwrap();
+        f
+    });
     'presets: for preset in PRESETS {
+        if !preset_selected(preset) {
+            eprintln!("preset {preset} not compared: SHARDLINE_PRESET_ONLY leaves it out");
+            continue;
+        }
         let fixture_path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/llamacpp_presets/{preset}.json"));
         let Ok(text) = std::fs::read_to_string(&fixture_path) else {
@@ -174,9 +237,27 @@ fn presets_agree_with_llama_cpp() {
                     p.top1_ids.iter().zip(&p.top1_logits).zip(&p.top1_margins).enumerate()
                 {
                     let row = &logits[i * vocab..(i + 1) * vocab];
-                    let ours = row.iter().enumerate().fold(0, |b, (j, &v)| if v > row[b] { j } else { b });
+                    let ((ours, ours_logit), (_, second)) = top2(row);
+                    if let Some(f) = dump.as_mut() {
+                        use std::io::Write;
+                        writeln!(
+                            f,
+                            "{preset}\t{kv_name}\t{}\t{i}\t{id}\t{logit}\t{margin}\t{ours}\t{ours_logit}\t{}\t{}",
+                            case.name,
+                            ours_logit - second,
+                            row[id as usize]
+                        )
+                        .unwrap();
+                    }
+                    let accepted =
+                        ILL_CONDITIONED.iter().find(|(p, c, at, _)| *p == preset && *c == case.name && *at == i);
                     if ours as u32 == id {
                         agree += 1;
+                    } else if let Some((_, _, _, why)) = accepted {
+                        println!(
+                            "{preset:>7}: {} position {i} differs (llama.cpp {id}, margin {margin}; ours {ours}), accepted: {why}",
+                            case.name
+                        );
                     } else if margin > worst_margin {
                         worst_margin = margin;
                         worst_at =
