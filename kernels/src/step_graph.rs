@@ -3,7 +3,9 @@
 //! when a shape keeps changing (docs/CUDA.md, "CUDA graphs per batch bucket").
 //!
 //! This is host-side policy only, written against [`GraphRunner`] so it is tested on the CPU with a runner that
-//! records what it was asked to do; the CUDA backend implements the runner with `capture_step` / `replay_step`.
+//! records what it was asked to do; the CUDA backend implements the runner with `capture_step_with` and, for a step
+//! given with its [`StepInputs`], `replay_direct` (the step is not run), else `try_replay_step` (the step runs in
+//! replay mode).
 
 use std::collections::HashMap;
 

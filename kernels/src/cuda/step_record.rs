@@ -727,8 +727,9 @@ mod tests {
 }
 
 /// Host cost of one replay, for docs/CUDA.md: run under callgrind (`--toggle-collect='*direct_once*'` or
-/// `'*walked_once*'`) it gives the instructions of a direct replay and of the walked model's replay of a 32-layer
-/// step of 8 sessions with 2k-token reservations (128 blocks each). Ignored: it asserts nothing a test above does not.
+/// `'*walked_once*'`) it gives the instructions of 100 direct replays and of 100 replays of the walked model of a
+/// 32-layer step of 8 sessions with 2k-token reservations (128 blocks each; `SHARDLINE_REPLAY_COST=1`: one session,
+/// 30 layers). Ignored: it asserts nothing a test above does not.
 #[cfg(test)]
 mod cost {
     use super::super::stage_plan::GRAPH_STAGING_BYTES;
@@ -750,10 +751,14 @@ mod cost {
     #[test]
     #[ignore]
     fn host_cost_of_a_replay() {
-        let shard = FakeShard::new(32);
-        let blocks = [128; 8];
-        let base: Vec<u32> = (0..8).map(|i| i * 128).collect();
-        let lens = |s: usize| -> Vec<usize> { (0..8).map(|i| 1000 + 10 * i + s).collect() };
+        // `SHARDLINE_REPLAY_COST=1`: one session on 30 layers (SmolLM2's shape), else 8 sessions on 32 layers.
+        let (sessions, layers) =
+            if std::env::var("SHARDLINE_REPLAY_COST").is_ok_and(|v| v == "1") { (1, 30) } else { (8, 32) };
+        let shard = FakeShard::new(layers);
+        let blocks = vec![128; sessions];
+        let base: Vec<u32> = (0..sessions as u32).map(|i| i * 128).collect();
+        // Contexts of 1101 to 1271 keys: 32 attention splits throughout (a replay past 2048 keys would not match).
+        let lens = |s: usize| -> Vec<usize> { (0..sessions).map(|i| 1100 + 10 * i + s).collect() };
         let cap = Batch::new(true, &lens(0), &blocks, &base);
         let (mut rec, _, plan) = capture(&shard, &cap);
         let plan = plan.expect("direct");
