@@ -301,13 +301,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// graphs, eagerly otherwise (kernels/src/step_graph.rs has the policy). `step` drives this backend through the
     /// trait; it may run twice for one step (a replay that no longer matches, then a capture), so it must reset
     /// any host state it changes first. Tensors allocated inside it belong to the graph: read them before the next
-    /// step of the same key.
+    /// step of the same key. With `inputs` (the step's per-step inputs, [`crate::step_graph::StepInputs`]) a replay
+    /// may write the step's staged arguments from them and launch the graph without running `step` at all
+    /// ([`crate::step_graph::StepRun::ReplayedDirect`]): the caller then advances its own host state (KV lengths)
+    /// and reads the outputs the step produced when it was captured, which the replay rewrote in place.
     fn graph_step(
         &self,
         key: Option<crate::step_graph::GraphKey>,
+        inputs: Option<&crate::step_graph::StepInputs<'_>>,
         step: &mut dyn FnMut() -> Result<()>,
     ) -> Result<crate::step_graph::StepRun> {
-        let _ = key;
+        let _ = (key, inputs);
         step()?;
         Ok(crate::step_graph::StepRun::Eager)
     }

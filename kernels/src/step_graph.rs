@@ -3,10 +3,13 @@
 //! when a shape keeps changing (docs/CUDA.md, "CUDA graphs per batch bucket").
 //!
 //! This is host-side policy only, written against [`GraphRunner`] so it is tested on the CPU with a runner that
-//! records what it was asked to do; the CUDA backend implements the runner with `capture_step` / `replay_step`.
+//! records what it was asked to do; the CUDA backend implements the runner with `capture_step_with` and, for a step
+//! given with its [`StepInputs`], `replay_direct` (the step is not run), else `try_replay_step` (the step runs in
+//! replay mode).
 
 use std::collections::HashMap;
 
+use crate::backend::AttnSeq;
 use crate::error::Result;
 
 /// Batch sizes (decode rows) that get a graph; a batch runs padded to the smallest bucket that holds it.
@@ -34,23 +37,64 @@ pub enum StepRun {
     Eager,
     /// Captured into a new graph (and run).
     Captured,
-    /// The key's graph was replayed.
+    /// The key's graph was replayed by running the step in replay mode (every op staged its arguments and signed
+    /// its launch): the host walked every layer.
     Replayed,
+    /// The key's graph was replayed from the step's [`StepInputs`] alone: its staged arguments were written from
+    /// them and the step was not run (no backend op was called).
+    ReplayedDirect,
     /// The replay did not match the captured step (e.g. a longer context needs more attention splits, or a batch's
     /// block tables changed length), so the step was captured again.
     Recaptured,
 }
 
+/// A decode step's per-step inputs: everything the arguments a graph backend stages for the step are derived from
+/// (docs/CUDA.md, "CUDA graphs per batch bucket"). The step must hand the backend's ops exactly these: `ids` to the
+/// embedding, `positions` to RoPE, `slots` to the KV store and `seqs` to attention, in every layer. A capture checks
+/// that every argument the step staged is one of these (in the backend's encoding); a replay then writes the staged
+/// bytes from them directly, without running the step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInputs<'a> {
+    /// Token ids of the embedding, one per row (a first stage); `None` for a step fed hidden states.
+    pub ids: Option<&'a [u32]>,
+    /// Position of each row.
+    pub positions: &'a [u32],
+    /// KV-cache slot of each row.
+    pub slots: &'a [u32],
+    /// The attention's sequences (rows, first position, block table).
+    pub seqs: &'a [AttnSeq<'a>],
+    /// Whatever else the step's launches depend on that its [`GraphKey`] does not fix (the caller's word, e.g.
+    /// which rows go through the LM head): a direct replay needs the tag of the capture.
+    pub tag: u64,
+}
+
+/// How a replay went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// The step differs from the capture: nothing ran (the caller runs it eagerly or captures again).
+    Missed,
+    /// The step ran in replay mode (every op staged and signed) and the graph was launched.
+    Walked,
+    /// The staged arguments were written from the step's inputs and the graph was launched; the step did not run.
+    Direct,
+}
+
 /// A backend that can capture a step into a graph and replay it. `step` runs the step's ops through the backend; it
 /// may be called twice for one step (a replay that did not match, then a capture), so it must reset any host
-/// state it changes before it runs.
+/// state it changes before it runs. `inputs`, where given, are the step's [`StepInputs`]: a graph captured with them
+/// is replayed from them without running `step`.
 pub trait GraphRunner {
     type Graph;
     /// Runs `step` while capturing it and returns the graph; the step's work has run when this returns.
-    fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
-    /// Runs `step` in replay mode; `Ok(true)` when it matched the capture and the graph was launched, `Ok(false)`
-    /// when it did not (nothing ran).
-    fn replay(&self, graph: &mut Self::Graph, step: &mut dyn FnMut() -> Result<()>) -> Result<bool>;
+    fn capture(&self, inputs: Option<&StepInputs<'_>>, step: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+    /// Replays the graph for this step: directly from `inputs` where the graph allows it, else by running `step` in
+    /// replay mode. [`Replay::Missed`] when the step differs from the capture (nothing ran).
+    fn replay(
+        &self,
+        graph: &mut Self::Graph,
+        inputs: Option<&StepInputs<'_>>,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Replay>;
 }
 
 /// Replays that did not match, in a row, before a key runs eagerly for [`BACKOFF_STEPS`] steps.
@@ -103,6 +147,7 @@ impl<G> StepGraphs<G> {
         &mut self,
         runner: &R,
         key: Option<GraphKey>,
+        inputs: Option<&StepInputs<'_>>,
         step: &mut dyn FnMut() -> Result<()>,
     ) -> Result<StepRun> {
         let Some(key) = key else {
@@ -127,9 +172,16 @@ impl<G> StepGraphs<G> {
             return Ok(StepRun::Eager);
         }
         if let Some(g) = e.graph.as_mut() {
-            if runner.replay(g, step)? {
-                e.misses = 0;
-                return Ok(StepRun::Replayed);
+            match runner.replay(g, inputs, step)? {
+                Replay::Walked => {
+                    e.misses = 0;
+                    return Ok(StepRun::Replayed);
+                }
+                Replay::Direct => {
+                    e.misses = 0;
+                    return Ok(StepRun::ReplayedDirect);
+                }
+                Replay::Missed => {}
             }
             e.misses += 1;
             e.graph = None;
@@ -143,7 +195,7 @@ impl<G> StepGraphs<G> {
         }
         let recapture = e.misses > 0;
         self.evict_for_one_more(key);
-        let graph = match runner.capture(step) {
+        let graph = match runner.capture(inputs, step) {
             Ok(g) => g,
             Err(_) => {
                 // Nothing ran. If the step succeeds eagerly, something in it cannot be captured: this key runs
@@ -200,7 +252,7 @@ mod tests {
 
     impl GraphRunner for Recorder {
         type Graph = u64;
-        fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<u64> {
+        fn capture(&self, _: Option<&StepInputs<'_>>, step: &mut dyn FnMut() -> Result<()>) -> Result<u64> {
             if self.capture_fails {
                 return Err(KernelError::Cuda("not capturable".into()));
             }
@@ -208,11 +260,28 @@ mod tests {
             self.log.borrow_mut().push("capture");
             Ok(*self.signature.borrow())
         }
-        fn replay(&self, g: &mut u64, step: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
-            step()?;
+        fn replay(
+            &self,
+            g: &mut u64,
+            inputs: Option<&StepInputs<'_>>,
+            step: &mut dyn FnMut() -> Result<()>,
+        ) -> Result<Replay> {
+            // A graph backend replays from the inputs without running the step where it can.
+            let direct = inputs.is_some();
+            if !direct {
+                step()?;
+            }
             let same = *g == *self.signature.borrow();
-            self.log.borrow_mut().push(if same { "replay" } else { "diverged" });
-            Ok(same)
+            self.log.borrow_mut().push(match (same, direct) {
+                (false, _) => "diverged",
+                (true, false) => "replay",
+                (true, true) => "direct",
+            });
+            Ok(match (same, direct) {
+                (false, _) => Replay::Missed,
+                (true, false) => Replay::Walked,
+                (true, true) => Replay::Direct,
+            })
         }
     }
 
@@ -239,7 +308,7 @@ mod tests {
         };
         let got: Vec<StepRun> = [key(4), key(4), key(4), key(8), key(8), key(4), None]
             .into_iter()
-            .map(|k| g.run(&r, k, &mut step).expect("step"))
+            .map(|k| g.run(&r, k, None, &mut step).expect("step"))
             .collect();
         use StepRun::*;
         assert_eq!(got, [Eager, Captured, Replayed, Eager, Captured, Replayed, Eager]);
@@ -250,22 +319,46 @@ mod tests {
     }
 
     #[test]
+    fn with_step_inputs_a_replay_does_not_run_the_step_and_a_miss_captures_again() {
+        let r = Recorder::default();
+        let mut g = StepGraphs::new();
+        let mut runs = 0;
+        let mut step = || -> Result<()> {
+            runs += 1;
+            Ok(())
+        };
+        let inputs = StepInputs { ids: None, positions: &[3], slots: &[3], seqs: &[], tag: 0 };
+        use StepRun::*;
+        let mut got = Vec::new();
+        for s in 0..5 {
+            if s == 3 {
+                *r.signature.borrow_mut() = 7;
+            }
+            got.push(g.run(&r, key(1), Some(&inputs), &mut step).expect("step"));
+        }
+        assert_eq!(got, [Eager, Captured, ReplayedDirect, Recaptured, ReplayedDirect]);
+        // Only the eager step and the two captures ran the step.
+        assert_eq!(runs, 3);
+        assert_eq!(*r.log.borrow(), ["capture", "direct", "diverged", "capture", "direct"]);
+    }
+
+    #[test]
     fn a_changed_step_is_recaptured_and_a_key_that_keeps_changing_backs_off() {
         let r = Recorder::default();
         let mut g = StepGraphs::new();
         let mut step = || -> Result<()> { Ok(()) };
         use StepRun::*;
-        assert_eq!(g.run(&r, key(2), &mut step).expect("1"), Eager);
-        assert_eq!(g.run(&r, key(2), &mut step).expect("2"), Captured);
+        assert_eq!(g.run(&r, key(2), None, &mut step).expect("1"), Eager);
+        assert_eq!(g.run(&r, key(2), None, &mut step).expect("2"), Captured);
         // A block table grew / the context needs more attention splits: the signature changes once.
         *r.signature.borrow_mut() = 1;
-        assert_eq!(g.run(&r, key(2), &mut step).expect("3"), Recaptured);
-        assert_eq!(g.run(&r, key(2), &mut step).expect("4"), Replayed);
+        assert_eq!(g.run(&r, key(2), None, &mut step).expect("3"), Recaptured);
+        assert_eq!(g.run(&r, key(2), None, &mut step).expect("4"), Replayed);
         // Now it changes every step: two more recaptures, then eager for BACKOFF_STEPS steps, then capture again.
         let mut got = Vec::new();
         for s in 0..(3 + BACKOFF_STEPS as u64) {
             *r.signature.borrow_mut() = 100 + s;
-            got.push(g.run(&r, key(2), &mut step).expect("step"));
+            got.push(g.run(&r, key(2), None, &mut step).expect("step"));
         }
         assert_eq!(&got[..2], &[Recaptured, Recaptured]);
         assert!(got[2..2 + BACKOFF_STEPS as usize].iter().all(|&s| s == Eager), "{got:?}");
@@ -281,7 +374,7 @@ mod tests {
             runs += 1;
             Ok(())
         };
-        let got: Vec<StepRun> = (0..5).map(|_| g.run(&r, key(1), &mut step).expect("step")).collect();
+        let got: Vec<StepRun> = (0..5).map(|_| g.run(&r, key(1), None, &mut step).expect("step")).collect();
         assert!(got.iter().all(|&s| s == StepRun::Eager));
         assert_eq!(runs, 5);
         assert_eq!(g.graphs(), 0);
@@ -293,14 +386,14 @@ mod tests {
         let mut g = StepGraphs::new();
         let mut fail = || -> Result<()> { Err(KernelError::Cuda("boom".into())) };
         let mut ok = || -> Result<()> { Ok(()) };
-        assert!(g.run(&r, key(1), &mut fail).is_err());
-        assert!(g.run(&r, None, &mut fail).is_err());
+        assert!(g.run(&r, key(1), None, &mut fail).is_err());
+        assert!(g.run(&r, None, None, &mut fail).is_err());
         // A failing step where a capture would come (a bad batch): the error comes back, the key still captures.
-        assert!(g.run(&r, key(1), &mut fail).is_err());
-        assert_eq!(g.run(&r, key(1), &mut ok).expect("good step"), StepRun::Captured);
+        assert!(g.run(&r, key(1), None, &mut fail).is_err());
+        assert_eq!(g.run(&r, key(1), None, &mut ok).expect("good step"), StepRun::Captured);
         // A failing step where a replay would come: the error comes back and the graph stays.
-        assert!(g.run(&r, key(1), &mut fail).is_err());
-        assert_eq!(g.run(&r, key(1), &mut ok).expect("good step"), StepRun::Replayed);
+        assert!(g.run(&r, key(1), None, &mut fail).is_err());
+        assert_eq!(g.run(&r, key(1), None, &mut ok).expect("good step"), StepRun::Replayed);
     }
 
     #[test]
@@ -311,12 +404,12 @@ mod tests {
         let keys: Vec<_> =
             (0..MAX_GRAPHS + 2).map(|i| Some(GraphKey { owner: 1, bucket: 1, span: (i, i + 1) })).collect();
         for k in &keys {
-            g.run(&r, *k, &mut step).expect("eager");
-            g.run(&r, *k, &mut step).expect("capture");
+            g.run(&r, *k, None, &mut step).expect("eager");
+            g.run(&r, *k, None, &mut step).expect("capture");
         }
         assert_eq!(g.graphs(), MAX_GRAPHS);
         // The two oldest were evicted: their next step captures again, the newest replays.
-        assert_eq!(g.run(&r, keys[0], &mut step).expect("old"), StepRun::Captured);
-        assert_eq!(g.run(&r, keys[MAX_GRAPHS + 1], &mut step).expect("new"), StepRun::Replayed);
+        assert_eq!(g.run(&r, keys[0], None, &mut step).expect("old"), StepRun::Captured);
+        assert_eq!(g.run(&r, keys[MAX_GRAPHS + 1], None, &mut step).expect("new"), StepRun::Replayed);
     }
 }

@@ -121,6 +121,18 @@ impl Tensor {
         self.dtype
     }
 
+    /// A second handle to this tensor's memory where that memory is shared: a CUDA graph's buffer, which every
+    /// replay of the graph rewrites (a directly replayed decode step hands out its captured outputs again,
+    /// `Backend::graph_step`). `None` for any other storage.
+    pub fn share(&self) -> Option<Tensor> {
+        match &self.storage {
+            Storage::Cuda(c) => {
+                Some(Tensor { dtype: self.dtype, shape: self.shape.clone(), storage: Storage::Cuda(c.share()?) })
+            }
+            _ => None,
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

@@ -3,16 +3,21 @@
 //!
 //! On the CPU (`force_step_graphs`, where `graph_step` runs the step eagerly) every session's logits must be
 //! bit-for-bit those of the session decoding alone, whatever the batch size and padding, its KV length must grow by
-//! exactly one per step, and the key must be the batch's bucket; prefill batches run unpadded. On a GPU
+//! exactly one per step, and the key must be the batch's bucket; prefill batches run unpadded. The step inputs the
+//! shard hands the backend (`StepInputs`, from which a graph backend writes a replayed step's staged arguments
+//! without running the step) must be exactly what every layer hands its ops (`step_inputs_are_what_every_layer_hands_its_ops`,
+//! with a backend that watches the ops). On a GPU
 //! (`graph_replay_equals_eager_on_cuda`, which prints "skipped: no CUDA device" without one and fails instead with
 //! `SHARDLINE_REQUIRE_GPU=1`), the steps that were captured and replayed give bit-for-bit the logits of the same
-//! padded batch run eagerly through `Shard::forward_batch`.
+//! padded batch run eagerly through `Shard::forward_batch`, and the replays are direct (the step is not run).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use shardline_kernels::cpu::CpuBackend;
-use shardline_kernels::step_graph::{GraphKey, StepRun, bucket};
-use shardline_kernels::{Backend, Tensor};
+use shardline_kernels::step_graph::{GraphKey, StepInputs, StepRun, bucket};
+use shardline_kernels::{
+    AttnSeq, AttnShape, Backend, DType, DeviceKind, HostBytes, RopeConfig, Sampled, SamplingParams, Tensor,
+};
 use shardline_node::model::{
     BatchItem, HeadRows, LayerRange, ModelFiles, Shard, ShardInput, ShardKv, ShardOptions, ShardOutput,
 };
@@ -223,5 +228,302 @@ fn graph_replay_equals_eager_on_cuda() {
         }
     }
     assert!(runs.contains(&StepRun::Captured), "{runs:?}");
-    assert!(runs.iter().filter(|&&r| r == StepRun::Replayed).count() >= 8, "{runs:?}");
+    // Replays from the step's inputs alone (the node's decode step never walks its layers to replay).
+    assert!(runs.iter().filter(|&&r| r == StepRun::ReplayedDirect).count() >= 8, "{runs:?}");
+    assert!(!runs.contains(&StepRun::Replayed), "{runs:?}");
+}
+
+/// The arguments one decode step handed the ops that stage them on CUDA (embedding, RoPE + KV store, attention).
+#[derive(Default)]
+struct Seen {
+    ids: Vec<Vec<u32>>,
+    positions: Vec<Vec<u32>>,
+    slots: Vec<Vec<u32>>,
+    seqs: Vec<SeqView>,
+}
+
+/// (rows, pos0, block table) of each sequence of an attention call.
+type SeqView = Vec<(std::ops::Range<usize>, usize, Vec<u32>)>;
+
+/// The CPU backend, watching what a decode step hands its ops and comparing it, after the step, with the step's
+/// inputs (`Backend::graph_step`). Every other op is the CPU backend's.
+#[derive(Debug)]
+struct Watch {
+    cpu: CpuBackend,
+    seen: Mutex<Option<SeenBox>>,
+    /// (steps checked, layers seen, mismatches).
+    report: Mutex<(usize, usize, Vec<String>)>,
+}
+
+#[derive(Default)]
+struct SeenBox(Seen);
+
+impl std::fmt::Debug for SeenBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seen")
+    }
+}
+
+impl Watch {
+    fn record(&self, f: impl FnOnce(&mut Seen)) {
+        if let Some(s) = self.seen.lock().expect("seen").as_mut() {
+            f(&mut s.0);
+        }
+    }
+}
+
+fn seq_view(seqs: &[AttnSeq<'_>]) -> SeqView {
+    seqs.iter().map(|s| (s.rows.clone(), s.pos0, s.block_table.to_vec())).collect()
+}
+
+impl Backend for Watch {
+    fn kind(&self) -> DeviceKind {
+        self.cpu.kind()
+    }
+    fn describe(&self) -> String {
+        self.cpu.describe()
+    }
+    fn act_dtype(&self) -> DType {
+        self.cpu.act_dtype()
+    }
+    fn upload_weight(&self, dtype: DType, shape: &[usize], bytes: HostBytes) -> shardline_kernels::Result<Tensor> {
+        self.cpu.upload_weight(dtype, shape, bytes)
+    }
+    fn upload_f32(&self, shape: &[usize], data: &[f32]) -> shardline_kernels::Result<Tensor> {
+        self.cpu.upload_f32(shape, data)
+    }
+    fn upload_raw(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> shardline_kernels::Result<Tensor> {
+        self.cpu.upload_raw(shape, dtype, bytes)
+    }
+    fn download_f32(&self, t: &Tensor) -> shardline_kernels::Result<Vec<f32>> {
+        self.cpu.download_f32(t)
+    }
+    fn download_raw(&self, t: &Tensor, dtype: DType) -> shardline_kernels::Result<Vec<u8>> {
+        self.cpu.download_raw(t, dtype)
+    }
+    fn alloc(&self, shape: &[usize]) -> shardline_kernels::Result<Tensor> {
+        self.cpu.alloc(shape)
+    }
+    fn kv_dtype(&self) -> DType {
+        self.cpu.kv_dtype()
+    }
+    fn alloc_kv(&self, shape: &[usize]) -> shardline_kernels::Result<Tensor> {
+        self.cpu.alloc_kv(shape)
+    }
+    fn synchronize(&self) -> shardline_kernels::Result<()> {
+        self.cpu.synchronize()
+    }
+    fn embedding(&self, table: &Tensor, ids: &[u32], out: &mut Tensor) -> shardline_kernels::Result<()> {
+        self.record(|s| s.ids.push(ids.to_vec()));
+        self.cpu.embedding(table, ids, out)
+    }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32, out: &mut Tensor) -> shardline_kernels::Result<()> {
+        self.cpu.rms_norm(x, w, eps, out)
+    }
+    fn add_rms_norm(
+        &self,
+        residual: &mut Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> shardline_kernels::Result<()> {
+        self.cpu.add_rms_norm(residual, x, w, eps, out)
+    }
+    fn matmul(&self, x: &Tensor, w: &Tensor, out: &mut Tensor) -> shardline_kernels::Result<()> {
+        self.cpu.matmul(x, w, out)
+    }
+    fn matmul_many(&self, x: &Tensor, outs: &mut [(&Tensor, &mut Tensor)]) -> shardline_kernels::Result<()> {
+        self.cpu.matmul_many(x, outs)
+    }
+    fn matmul_swiglu(
+        &self,
+        x: &Tensor,
+        w: (&Tensor, &Tensor),
+        scratch: (&mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> shardline_kernels::Result<()> {
+        self.cpu.matmul_swiglu(x, w, scratch, out)
+    }
+    fn rope(
+        &self,
+        x: &mut Tensor,
+        positions: &[u32],
+        n_heads: usize,
+        inv_freq: &Tensor,
+        cfg: &RopeConfig,
+    ) -> shardline_kernels::Result<()> {
+        self.record(|s| s.positions.push(positions.to_vec()));
+        self.cpu.rope(x, positions, n_heads, inv_freq, cfg)
+    }
+    fn rope_table(&self, inv_freq: &[f32]) -> shardline_kernels::Result<Tensor> {
+        self.cpu.rope_table(inv_freq)
+    }
+    fn swiglu(&self, gate: &Tensor, up: &Tensor, out: &mut Tensor) -> shardline_kernels::Result<()> {
+        self.cpu.swiglu(gate, up, out)
+    }
+    fn add(&self, acc: &mut Tensor, x: &Tensor) -> shardline_kernels::Result<()> {
+        self.cpu.add(acc, x)
+    }
+    fn add_bias(&self, x: &mut Tensor, bias: &Tensor) -> shardline_kernels::Result<()> {
+        self.cpu.add_bias(x, bias)
+    }
+    fn copy_rows(
+        &self,
+        src: &Tensor,
+        sr: usize,
+        dst: &mut Tensor,
+        dr: usize,
+        n: usize,
+    ) -> shardline_kernels::Result<()> {
+        self.cpu.copy_rows(src, sr, dst, dr, n)
+    }
+    fn kv_store(
+        &self,
+        kc: &mut Tensor,
+        vc: &mut Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &[u32],
+    ) -> shardline_kernels::Result<()> {
+        self.record(|s| s.slots.push(slots.to_vec()));
+        self.cpu.kv_store(kc, vc, k, v, slots)
+    }
+    fn rope_kv_store(
+        &self,
+        q: &mut Tensor,
+        k: &mut Tensor,
+        v: &Tensor,
+        positions: &[u32],
+        heads: (usize, usize),
+        inv_freq: &Tensor,
+        cfg: &RopeConfig,
+        caches: (&mut Tensor, &mut Tensor),
+        slots: &[u32],
+    ) -> shardline_kernels::Result<()> {
+        self.record(|s| {
+            s.positions.push(positions.to_vec());
+            s.slots.push(slots.to_vec());
+        });
+        self.cpu.rope_kv_store(q, k, v, positions, heads, inv_freq, cfg, caches, slots)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        kc: &Tensor,
+        vc: &Tensor,
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut Tensor,
+    ) -> shardline_kernels::Result<()> {
+        self.record(|s| s.seqs.push(seq_view(seqs)));
+        self.cpu.attention(q, kc, vc, seqs, shape, out)
+    }
+    fn sample(
+        &self,
+        logits: &Tensor,
+        row: usize,
+        params: &SamplingParams,
+        position: u64,
+        n_top: usize,
+    ) -> shardline_kernels::Result<Sampled> {
+        self.cpu.sample(logits, row, params, position, n_top)
+    }
+    fn graph_step(
+        &self,
+        key: Option<GraphKey>,
+        inputs: Option<&StepInputs<'_>>,
+        step: &mut dyn FnMut() -> shardline_kernels::Result<()>,
+    ) -> shardline_kernels::Result<StepRun> {
+        *self.seen.lock().expect("seen") = Some(SeenBox::default());
+        let ran = step();
+        let seen = self.seen.lock().expect("seen").take().expect("watching").0;
+        ran?;
+        let mut report = self.report.lock().expect("report");
+        let Some(inputs) = inputs.filter(|_| key.is_some()) else {
+            report.2.push("a keyed decode step without its inputs".into());
+            return Ok(StepRun::Eager);
+        };
+        report.0 += 1;
+        report.1 += seen.seqs.len();
+        let n = report.0;
+        let mut bad = |what: &str, ok: bool| {
+            if !ok {
+                report.2.push(format!("step {n}: {what}"));
+            }
+        };
+        bad("layers", !seen.seqs.is_empty() && seen.positions.len() == seen.seqs.len());
+        bad(
+            "ids",
+            seen.ids.iter().all(|ids| Some(&ids[..]) == inputs.ids)
+                && seen.ids.len() == usize::from(inputs.ids.is_some()),
+        );
+        bad("positions", seen.positions.iter().all(|p| p[..] == *inputs.positions));
+        bad("slots", seen.slots.iter().all(|s| s[..] == *inputs.slots) && seen.slots.len() == seen.seqs.len());
+        bad("seqs", seen.seqs.iter().all(|s| *s == seq_view(inputs.seqs)));
+        Ok(StepRun::Eager)
+    }
+}
+
+/// The inputs a decode step hands a graph backend (`StepInputs`: what a direct replay writes the step's staged
+/// arguments from) are exactly the arguments every layer of the step hands its ops: token ids, positions, KV slots
+/// and the attention's sequences, for batches across buckets 1–16 with pads, sessions of different block-table
+/// lengths, on a first stage (tokens) and a later one (hidden states).
+#[test]
+fn step_inputs_are_what_every_layer_hands_its_ops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tiny_model(&dir);
+    let watch = Arc::new(Watch { cpu: CpuBackend::new(1), seen: Mutex::default(), report: Mutex::default() });
+    let backend: Arc<dyn Backend> = watch.clone();
+    let n_layers = files.config().n_layers;
+    let opts = ShardOptions { kv_budget_bytes: 16 << 20, block_tokens: 16 };
+    let load = |a: usize, b: usize| {
+        Shard::load(files.weights().as_ref(), LayerRange::new(a, b), backend.clone(), opts.clone()).expect("shard")
+    };
+    let (whole, back) = (load(0, n_layers), load(1, n_layers));
+    whole.force_step_graphs(true);
+    back.force_step_graphs(true);
+    let vocab = files.config().vocab as u32;
+    let sessions = 9;
+    // Reservations of 16 to 80 tokens: block tables of one to five blocks; prompts of 3 to 6 tokens.
+    let mut kv: Vec<(ShardKv, ShardKv)> = (0..sessions)
+        .map(|i| {
+            let reserve = 16 * (1 + i % 5);
+            let (mut a, b) = (whole.open_session(reserve).expect("session"), back.open_session(reserve).expect("s"));
+            let prompt: Vec<u32> = (0..3 + i % 4).map(|j| ((i * 37 + j * 11 + 5) as u32) % vocab).collect();
+            whole.forward(&mut a, ShardInput::Tokens(&prompt)).expect("prefill");
+            (a, b)
+        })
+        .collect();
+    let hidden = backend.upload_f32(&[1, files.config().hidden], &vec![0.25; files.config().hidden]).expect("h");
+    let mut steps = 0;
+    for (step, n) in [1usize, 3, 5, 2, 9, 4, 7, 16, 8, 6].into_iter().enumerate() {
+        let n = n.min(sessions);
+        let chosen: Vec<usize> = (0..n).map(|j| (j + step) % sessions).collect();
+        let tokens: Vec<[u32; 1]> = chosen.iter().map(|&i| [((i + step) as u32 * 7 + 1) % vocab]).collect();
+        for stage in 0..2 {
+            let mut mine: Vec<Option<&mut (ShardKv, ShardKv)>> = kv.iter_mut().map(Some).collect();
+            let mut items: Vec<BatchItem<'_>> = chosen
+                .iter()
+                .zip(&tokens)
+                .map(|(&i, t)| {
+                    let s = mine[i].take().expect("each session once per step");
+                    if stage == 0 {
+                        BatchItem { kv: &mut s.0, input: ShardInput::Tokens(t), head: HeadRows::Last }
+                    } else {
+                        BatchItem { kv: &mut s.1, input: ShardInput::Hidden(&hidden), head: HeadRows::Last }
+                    }
+                })
+                .collect();
+            let shard = if stage == 0 { &whole } else { &back };
+            let out = shard.forward_batch_stepped(&mut items, shard.layers()).expect("stepped decode");
+            assert_eq!(out.len(), n);
+            steps += 1;
+        }
+    }
+    let report = watch.report.lock().expect("report");
+    assert!(report.2.is_empty(), "{:?}", report.2);
+    assert_eq!(report.0, steps, "every step was checked");
+    // Every layer of every step: the whole model's layers on the first stage, one fewer on the second.
+    assert_eq!(report.1, steps / 2 * (n_layers + n_layers - 1));
 }

@@ -15,8 +15,8 @@ use super::graph::{Mode, Recording};
 use super::modules;
 use super::nvrtc;
 use super::sampling::SampleIo;
-use super::stage_plan::Placement;
 use super::staging::StageArea;
+use super::step_record::{Role, StepRecording};
 use super::storage::{CudaStorage, Layout, RawDeviceBuf, cuda_err};
 use crate::DType;
 use crate::error::{KernelError, Result};
@@ -260,8 +260,9 @@ impl CudaBackend {
         }
     }
 
-    /// Copies small host data to the device in stream order and returns its device address (see `staging.rs`).
-    pub(crate) fn stage(&self, ex: &mut Exec, bytes: &[u8]) -> Result<u64> {
+    /// Copies small host data (an argument of role `role`) to the device in stream order and returns its device
+    /// address (see `staging.rs`).
+    pub(crate) fn stage(&self, ex: &mut Exec, role: Role, bytes: &[u8]) -> Result<u64> {
         match &mut ex.mode {
             Mode::Eager => {
                 let at = ex.ring.reserve(&self.stream, bytes.len())?;
@@ -272,21 +273,26 @@ impl CudaBackend {
             // signed, so a replay reuses regions exactly where the capture did or is not launched.
             // Neither captures a copy: the bytes go to the graph's host half, and one copy of all of them precedes
             // each launch of the graph (kernels/src/cuda/graph.rs).
+            // The role is checked against the step's inputs when it was captured with them (step_record.rs).
             Mode::Capture(rec) | Mode::Replay(rec) => {
-                let placed = rec.plan.place(bytes)?;
-                rec.sign(&[0x5354_4147]);
-                rec.sign(&placed.signature(bytes.len()));
-                if let Placement::New(at) = placed {
-                    rec.area.write(at, bytes);
-                }
+                let area = &mut rec.area;
+                let placed = rec.host.stage(role, bytes, &mut |at, b| area.write(at, b))?;
                 Ok(rec.area.device_addr(placed.offset()))
             }
         }
     }
 
     /// Stages a slice of u32 (ids, positions, slots, tables).
-    pub(crate) fn stage_u32(&self, ex: &mut Exec, data: &[u32]) -> Result<u64> {
-        self.stage(ex, bytemuck::cast_slice(data))
+    pub(crate) fn stage_u32(&self, ex: &mut Exec, role: Role, data: &[u32]) -> Result<u64> {
+        self.stage(ex, role, bytemuck::cast_slice(data))
+    }
+
+    /// While a step is captured: records a fact an op checked its arguments against (a bound, the attention split
+    /// count), so that a direct replay checks the same (step_record.rs).
+    pub(crate) fn note(ex: &mut Exec, f: impl FnOnce(&mut StepRecording)) {
+        if let Mode::Capture(rec) = &mut ex.mode {
+            f(&mut rec.host);
+        }
     }
 
     /// Launches `module::name` on the stream, or only records it while a captured step is replayed.

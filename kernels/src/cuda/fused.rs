@@ -2,6 +2,7 @@
 
 use super::backend::{Arg, CudaBackend, cuda_storage, i32_arg};
 use super::names;
+use super::step_record::Role;
 use crate::DType;
 use crate::backend::{RopeConfig, RopeStyle};
 use crate::error::{KernelError, Result, shape_err};
@@ -70,8 +71,9 @@ pub(crate) fn rope_kv_store(
     let (kcp, vcp) = (act_ptr(b, k_cache)?, act_ptr(b, v_cache)?);
     let fp = cuda_storage(inv_freq)?.ptr();
     let mut ex = b.exec()?;
-    let pp = b.stage_u32(&mut ex, positions)?;
-    let sp = b.stage_u32(&mut ex, slots)?;
+    CudaBackend::note(&mut ex, |r| r.note_slot_capacity(capacity));
+    let pp = b.stage_u32(&mut ex, Role::Positions, positions)?;
+    let sp = b.stage_u32(&mut ex, Role::Slots, slots)?;
     b.launch(
         &mut ex,
         "rope",

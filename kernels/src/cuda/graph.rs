@@ -10,6 +10,11 @@
 //! copy of the staged bytes and the graph; otherwise nothing ran and the caller runs the step eagerly or captures a
 //! new graph.
 //!
+//! A step captured with its [`StepInputs`] (`capture_step_with`, the node's decode step) whose every staged argument
+//! came from those inputs is replayed without running it: [`CudaBackend::replay_direct`] writes the arguments from
+//! the next step's inputs straight into the free host half and launches the copy and the graph; no layer is walked
+//! and no op is called (kernels/src/cuda/step_record.rs).
+//!
 //! What is captured: every kernel and device copy of the step. The staged arguments are not copied inside the
 //! graph: its kernels read the graph's device staging area, which one host-to-device copy of the bytes the step
 //! staged fills before each launch. The host side is double-buffered (`stage_plan::DoubleStage`), so writing the
@@ -24,11 +29,12 @@ use std::sync::Arc;
 use cudarc::driver::{CudaEvent, CudaGraph, CudaStream, result, sys};
 
 use super::backend::CudaBackend;
-use super::stage_plan::{DoubleStage, GRAPH_STAGING_BYTES, StageOps, StagePlan};
+use super::stage_plan::{DoubleStage, GRAPH_STAGING_BYTES, StageOps};
 use super::staging::PinnedBuf;
+use super::step_record::{DirectPlan, StepRecording};
 use super::storage::{RawDeviceBuf, cuda_err};
 use crate::error::{KernelError, Result};
-use crate::step_graph::GraphRunner;
+use crate::step_graph::{GraphRunner, Replay, StepInputs};
 
 pub(crate) enum Mode {
     Eager,
@@ -122,32 +128,26 @@ impl GraphArea {
 /// What a captured step owns and how it was launched.
 pub(crate) struct Recording {
     pub(crate) area: GraphArea,
-    /// Where each staged argument of the step goes; one copy per distinct argument (kernels/src/cuda/stage_plan.rs).
-    pub(crate) plan: StagePlan,
+    /// Where each staged argument of the step goes (one copy per distinct argument, kernels/src/cuda/stage_plan.rs),
+    /// in which role, and the launch signature (kernels/src/cuda/step_record.rs).
+    pub(crate) host: StepRecording,
     pub(crate) bufs: Vec<Arc<RawDeviceBuf>>,
     next: usize,
-    signature: Vec<u64>,
 }
 
 impl Recording {
-    fn new(backend: &CudaBackend) -> Result<Self> {
-        Ok(Self {
-            area: GraphArea::new(backend)?,
-            plan: StagePlan::new(GRAPH_STAGING_BYTES),
-            bufs: Vec::new(),
-            next: 0,
-            signature: Vec::new(),
-        })
+    fn new(backend: &CudaBackend, inputs: Option<&StepInputs<'_>>) -> Result<Self> {
+        let mut host = StepRecording::new(GRAPH_STAGING_BYTES);
+        host.begin(inputs);
+        Ok(Self { area: GraphArea::new(backend)?, host, bufs: Vec::new(), next: 0 })
     }
 
     pub(crate) fn sign(&mut self, words: &[u64]) {
-        self.signature.extend_from_slice(words);
+        self.host.sign(words);
     }
 
     pub(crate) fn sign_str(&mut self, s: &str) {
-        // FNV-1a: a cheap fingerprint of the kernel name.
-        let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        self.signature.push(h);
+        self.host.sign_str(s);
     }
 
     /// The next graph buffer in allocation order (replay), which must have the size it had when captured.
@@ -161,9 +161,8 @@ impl Recording {
     }
 
     fn rewind(&mut self) {
-        self.plan.rewind();
+        self.host.begin(None);
         self.next = 0;
-        self.signature.clear();
     }
 }
 
@@ -177,6 +176,8 @@ pub struct DecodeGraph {
     /// `None` only while a replay is running.
     rec: Option<Recording>,
     signature: Vec<u64>,
+    /// The replay from the step's inputs alone, when the capture allowed it.
+    direct: Option<DirectPlan>,
     /// Recorded after each launch: the graph's buffers are freed only once its last launch finished.
     done: CudaEvent,
 }
@@ -184,7 +185,8 @@ pub struct DecodeGraph {
 impl std::fmt::Debug for DecodeGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let bufs = self.rec.as_ref().map_or(0, |r| r.bufs.len());
-        write!(f, "DecodeGraph({bufs} buffers, {} signature words)", self.signature.len())
+        let direct = if self.direct.is_some() { ", direct replay" } else { "" };
+        write!(f, "DecodeGraph({bufs} buffers, {} signature words{direct})", self.signature.len())
     }
 }
 
@@ -228,8 +230,19 @@ impl CudaBackend {
         &self,
         step: impl FnOnce() -> std::result::Result<R, E>,
     ) -> std::result::Result<(R, DecodeGraph), E> {
+        self.capture_step_with(None, step)
+    }
+
+    /// As [`CudaBackend::capture_step`], for a step whose per-step inputs are `inputs`: when every argument the
+    /// step stages is one of them, the graph can be replayed from the next step's inputs alone
+    /// ([`CudaBackend::replay_direct`]).
+    pub fn capture_step_with<R, E: From<KernelError>>(
+        &self,
+        inputs: Option<&StepInputs<'_>>,
+        step: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<(R, DecodeGraph), E> {
         self.stream.synchronize().map_err(cuda_err)?;
-        self.enter(&mut Some(Recording::new(self)?), true)?;
+        self.enter(&mut Some(Recording::new(self, inputs)?), true)?;
         if let Err(e) = self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) {
             self.leave();
             return Err(cuda_err(e).into());
@@ -241,10 +254,11 @@ impl CudaBackend {
         let exec =
             graph.map_err(cuda_err)?.ok_or_else(|| KernelError::Cuda("the captured step launched nothing".into()))?;
         let done = self.ctx.new_event(None).map_err(cuda_err)?;
-        let signature = rec.signature.clone();
-        let mut graph = DecodeGraph { exec, rec: Some(rec), signature, done };
+        let signature = rec.host.signature().to_vec();
+        let direct = rec.host.finish_capture();
+        let mut graph = DecodeGraph { exec, rec: Some(rec), signature, direct, done };
         if let Some(rec) = graph.rec.as_mut() {
-            let used = rec.plan.used();
+            let used = rec.host.plan.used();
             rec.area.launch(&self.stream, &graph.exec, used)?;
         }
         graph.done.record(&self.stream).map_err(cuda_err)?;
@@ -275,7 +289,7 @@ impl CudaBackend {
         self.enter(&mut graph.rec, false)?;
         let out = step();
         let rec = self.leave().ok_or_else(|| KernelError::Cuda("replay state lost".into()))?;
-        let same = rec.signature == graph.signature && rec.next == rec.bufs.len();
+        let same = rec.host.signature() == graph.signature && rec.next == rec.bufs.len();
         graph.rec = Some(rec);
         let out = match out {
             Ok(o) => o,
@@ -288,11 +302,42 @@ impl CudaBackend {
             return Ok(None);
         }
         if let Some(rec) = graph.rec.as_mut() {
-            let used = rec.plan.used();
+            let used = rec.host.plan.used();
             rec.area.launch(&self.stream, &graph.exec, used)?;
         }
         graph.done.record(&self.stream).map_err(cuda_err)?;
         Ok(Some(out))
+    }
+
+    /// Whether `graph` can be replayed from a step's inputs alone ([`CudaBackend::replay_direct`]).
+    pub fn replays_directly(graph: &DecodeGraph) -> bool {
+        graph.direct.is_some()
+    }
+
+    /// Replays `graph` for the step whose per-step inputs are `inputs`, without running the step: the staged
+    /// arguments are written from `inputs` into the free host half, then one staging copy and the graph are
+    /// launched. `Ok(false)` when the step differs from the capture in anything its launches depend on, or the
+    /// graph was not captured with inputs (nothing ran). The outputs are the captured step's tensors, rewritten.
+    pub fn replay_direct(&self, graph: &mut DecodeGraph, inputs: &StepInputs<'_>) -> Result<bool> {
+        // Held throughout, so no other thread's op or capture lands between the copy and the launch.
+        let ex = self.exec()?;
+        if !matches!(ex.mode, Mode::Eager) {
+            return Err(KernelError::Cuda("a CUDA graph step is already being captured or replayed".into()));
+        }
+        let (Some(rec), Some(direct)) = (graph.rec.as_mut(), graph.direct.as_ref()) else {
+            return Ok(false);
+        };
+        // The other host half than the previous launch's: no wait for that launch (stage_plan::DoubleStage).
+        rec.area.begin(&self.stream)?;
+        let area = &mut rec.area;
+        let staged = direct.stage(inputs, &mut rec.host.plan, &mut |at, bytes| area.write(at, bytes));
+        let Some(used) = staged else {
+            return Ok(false);
+        };
+        rec.area.launch(&self.stream, &graph.exec, used)?;
+        graph.done.record(&self.stream).map_err(cuda_err)?;
+        drop(ex);
+        Ok(true)
     }
 }
 
@@ -300,11 +345,21 @@ impl CudaBackend {
 impl GraphRunner for CudaBackend {
     type Graph = DecodeGraph;
 
-    fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<DecodeGraph> {
-        self.capture_step(step).map(|((), g)| g)
+    fn capture(&self, inputs: Option<&StepInputs<'_>>, step: &mut dyn FnMut() -> Result<()>) -> Result<DecodeGraph> {
+        self.capture_step_with(inputs, step).map(|((), g)| g)
     }
 
-    fn replay(&self, graph: &mut DecodeGraph, step: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
-        Ok(self.try_replay_step(graph, step)?.is_some())
+    fn replay(
+        &self,
+        graph: &mut DecodeGraph,
+        inputs: Option<&StepInputs<'_>>,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Replay> {
+        if let Some(inputs) = inputs
+            && graph.direct.is_some()
+        {
+            return Ok(if self.replay_direct(graph, inputs)? { Replay::Direct } else { Replay::Missed });
+        }
+        Ok(if self.try_replay_step(graph, step)?.is_some() { Replay::Walked } else { Replay::Missed })
     }
 }

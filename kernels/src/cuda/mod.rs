@@ -32,6 +32,7 @@ mod sampling;
 mod stage_plan;
 #[cfg(feature = "cuda")]
 mod staging;
+mod step_record;
 #[cfg(feature = "cuda")]
 mod storage;
 

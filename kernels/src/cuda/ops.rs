@@ -6,6 +6,7 @@ use half::{bf16, f16};
 use super::backend::{Arg, CudaBackend, Exec, cuda_storage, i32_arg};
 use super::gemm_plan;
 use super::gemv_plan::{GEMV_ROWS_PER_BLOCK, split_k};
+use super::step_record::{Role, decode_attention_args};
 use super::storage::{CudaStorage, Layout, cuda_err};
 use super::{names, repack};
 use crate::DType;
@@ -15,8 +16,6 @@ use crate::tensor::{HostBytes, Tensor};
 
 /// Bytes of attention workspace one decode launch may use; longer batches are split into several launches.
 const ATTN_WORKSPACE_BYTES: usize = 256 << 20;
-/// Keys per flash-decoding split (`ATT_SPLIT` in attention.cu).
-const ATTN_SPLIT: usize = 64;
 /// Head dimensions one `attn_combine` block merges (`ATT_CMB_COLS * 4` in attention.cu): grid z = ⌈D / 32⌉.
 const ATTN_COMBINE_DIMS: usize = 32;
 /// Largest grid y/z dimension.
@@ -127,8 +126,8 @@ impl CudaBackend {
             (self.act_ptr("attention", q)?, self.act_ptr("attention", kc)?, self.act_ptr("attention", vc)?);
         let outp = self.act_ptr("attention", out)?;
         let mut ex = self.exec()?;
-        let info_p = self.stage_u32(&mut ex, &info)?;
-        let tables_p = self.stage_u32(&mut ex, &tables)?;
+        let info_p = self.stage_u32(&mut ex, Role::Other, &info)?;
+        let tables_p = self.stage_u32(&mut ex, Role::Other, &tables)?;
         let name = names::attn_prefill(self.act, shape.head_dim);
         let grid = (max_rows.div_ceil(64) as u32, shape.n_heads as u32, n_seqs as u32);
         self.launch(
@@ -164,21 +163,9 @@ impl CudaBackend {
         let rows = q.rows();
         let d = shape.head_dim;
         // Per query row: visible keys and the offset of its sequence's block table; rows of no sequence see none
-        // and are left untouched.
-        let mut row_info = vec![0u32; rows * 2];
-        let mut tables = Vec::new();
-        let mut max_ctx = 1;
-        for s in seqs.iter().filter(|s| !s.rows.is_empty()) {
-            let off = tables.len() as u32;
-            tables.extend_from_slice(s.block_table);
-            for (i, r) in s.rows.clone().enumerate() {
-                let n_ctx = s.pos0 + i + 1;
-                row_info[2 * r] = n_ctx as u32;
-                row_info[2 * r + 1] = off;
-                max_ctx = max_ctx.max(n_ctx);
-            }
-        }
-        let n_splits = max_ctx.div_ceil(ATTN_SPLIT).next_power_of_two();
+        // and are left untouched. (The same function builds them for a direct graph replay, step_record.rs.)
+        let args = decode_attention_args(rows, seqs);
+        let (row_info, tables, n_splits) = (args.row_info, args.tables, args.n_splits);
         let per_row = shape.n_heads * n_splits * (d + 2) * 4;
         let chunk = (ATTN_WORKSPACE_BYTES / per_row).clamp(1, GRID_YZ);
         let group = shape.n_heads / shape.n_kv_heads;
@@ -187,8 +174,9 @@ impl CudaBackend {
         let outp = self.act_ptr("attention", out)?;
         let row_bytes = (shape.n_heads * d * self.act.block_bytes()) as u64;
         let mut ex = self.exec()?;
-        let info_p = self.stage_u32(&mut ex, &row_info)?;
-        let tables_p = self.stage_u32(&mut ex, &tables)?;
+        Self::note(&mut ex, |r| r.note_attention(n_splits, kc.rows(), shape.block_tokens));
+        let info_p = self.stage_u32(&mut ex, Role::RowInfo, &row_info)?;
+        let tables_p = self.stage_u32(&mut ex, Role::Tables, &tables)?;
         let mut r0 = 0;
         while r0 < rows {
             let n = chunk.min(rows - r0);
@@ -405,7 +393,8 @@ impl Backend for CudaBackend {
         let outp = self.act_ptr("embedding", out)?;
         let (qs, sc) = Self::weight_ptrs(table)?;
         let mut ex = self.exec()?;
-        let idp = self.stage_u32(&mut ex, ids)?;
+        Self::note(&mut ex, |r| r.note_vocab(vocab));
+        let idp = self.stage_u32(&mut ex, Role::Ids, ids)?;
         let name = names::embedding(self.act, table.dtype());
         self.launch(
             &mut ex,
@@ -552,7 +541,7 @@ impl Backend for CudaBackend {
         let fp = cuda_storage(inv_freq)?.ptr();
         let total = x.rows() * n_heads * (rot / 2);
         let mut ex = self.exec()?;
-        let pp = self.stage_u32(&mut ex, positions)?;
+        let pp = self.stage_u32(&mut ex, Role::Positions, positions)?;
         let neox = i32::from(cfg.style == RopeStyle::Neox);
         self.launch(
             &mut ex,
@@ -669,7 +658,8 @@ impl Backend for CudaBackend {
         let (kcp, vcp) = (self.act_ptr("kv_store", k_cache)?, self.act_ptr("kv_store", v_cache)?);
         let (kp, vp) = (self.act_ptr("kv_store", k)?, self.act_ptr("kv_store", v)?);
         let mut ex = self.exec()?;
-        let sp = self.stage_u32(&mut ex, slots)?;
+        Self::note(&mut ex, |r| r.note_slot_capacity(capacity));
+        let sp = self.stage_u32(&mut ex, Role::Slots, slots)?;
         self.launch(
             &mut ex,
             "kv_cache",
@@ -744,9 +734,10 @@ impl Backend for CudaBackend {
     fn graph_step(
         &self,
         key: Option<crate::step_graph::GraphKey>,
+        inputs: Option<&crate::step_graph::StepInputs<'_>>,
         step: &mut dyn FnMut() -> Result<()>,
     ) -> Result<crate::step_graph::StepRun> {
-        self.step_graphs.lock().run(self, key, step)
+        self.step_graphs.lock().run(self, key, inputs, step)
     }
 
     fn has_graphs(&self) -> bool {

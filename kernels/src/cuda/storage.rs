@@ -95,6 +95,17 @@ impl CudaStorage {
         Self { _mem: DeviceMem::Graph(buf), len, layout: Layout::Plain, ptr }
     }
 
+    /// A second handle to a CUDA graph's buffer (which every replay of the graph rewrites); `None` for other
+    /// memory.
+    pub fn share(&self) -> Option<CudaStorage> {
+        match &self._mem {
+            DeviceMem::Graph(buf) => {
+                Some(Self { _mem: DeviceMem::Graph(buf.clone()), len: self.len, layout: self.layout, ptr: self.ptr })
+            }
+            DeviceMem::Owned(_) => None,
+        }
+    }
+
     /// Size in bytes.
     pub fn byte_len(&self) -> usize {
         self.len

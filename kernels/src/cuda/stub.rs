@@ -20,6 +20,10 @@ impl CudaStorage {
     pub fn byte_len(&self) -> usize {
         match *self {}
     }
+
+    pub fn share(&self) -> Option<CudaStorage> {
+        match *self {}
+    }
 }
 
 /// The CUDA backend (uninhabited without the `cuda` feature).

@@ -424,7 +424,9 @@ impl Shard {
             let blocks = item.kv.reservation.blocks();
             for p in pos0..pos0 + r.len() {
                 positions.push(p as u32);
-                slots.push(blocks[p / bt] * bt as u32 + (p % bt) as u32);
+                slots.push(kv_slot(blocks, p, bt).ok_or_else(|| {
+                    ModelError::Invalid(format!("position {p} is past the session's {} KV blocks", blocks.len()))
+                })?);
             }
         }
         let seqs: Vec<AttnSeq<'_>> = items
@@ -549,6 +551,23 @@ impl Shard {
             out.push(ShardOutput::Logits(mine));
         }
         Ok(out)
+    }
+}
+
+/// The KV-cache slot of position `p` of a session whose blocks are `blocks` (`block_tokens` slots each): what
+/// `Shard::forward_batch` stores the position's keys and values in (and `graph_step.rs` hands a graph backend).
+fn kv_slot(blocks: &[u32], p: usize, block_tokens: usize) -> Option<u32> {
+    let block = *blocks.get(p / block_tokens)?;
+    u32::try_from(block as usize * block_tokens + p % block_tokens).ok()
+}
+
+impl ShardOutput {
+    /// A second handle to the output's tensor where its memory is a CUDA graph's buffer ([`Tensor::share`]).
+    fn share(&self) -> Option<ShardOutput> {
+        Some(match self {
+            ShardOutput::Hidden(t) => ShardOutput::Hidden(t.share()?),
+            ShardOutput::Logits(t) => ShardOutput::Logits(t.share()?),
+        })
     }
 }
 

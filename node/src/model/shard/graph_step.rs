@@ -4,14 +4,20 @@
 //! backend decides capture, replay or eager (`Backend::graph_step`). A stage fed hidden states (one row per
 //! session) copies them into per-slot input tensors first, so the graph always reads the same buffers. Prefill
 //! chunks and batches above the largest bucket run eagerly, unpadded.
+//!
+//! The step hands the backend its per-step inputs (`StepInputs`: token ids, positions, KV slots and the attention's
+//! sequences of the padded batch, computed as `Shard::forward_batch` computes them), so a graph backend replays it
+//! without running the forward at all (`StepRun::ReplayedDirect`): the shard then advances the KV lengths itself and
+//! hands out the outputs the step produced when it was captured (the graph's buffers, rewritten by the replay).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use shardline_kernels::step_graph::{GraphKey, StepRun, bucket};
-use shardline_kernels::{KernelError, Tensor};
+use shardline_kernels::step_graph::{GraphKey, StepInputs, StepRun, bucket};
+use shardline_kernels::{AttnSeq, KernelError, Tensor};
 
-use super::{BatchItem, HeadRows, Shard, ShardInput, ShardKv, ShardOutput};
+use super::{BatchItem, HeadRows, Shard, ShardInput, ShardKv, ShardOutput, kv_slot};
 use crate::error::{ModelError, Result};
 use crate::model::LayerRange;
 
@@ -24,6 +30,9 @@ pub(crate) struct DecodeSteps {
     /// Pad and go through `graph_step` even on a backend without graphs (tests of the padded path on the CPU).
     forced: AtomicBool,
     last: Mutex<Option<(GraphKey, StepRun)>>,
+    /// Per key, the outputs of the padded step as the graph's capture (or a replay that ran the step) produced
+    /// them: second handles to the graph's buffers, handed out again after a direct replay rewrote them.
+    outputs: Mutex<HashMap<GraphKey, Vec<ShardOutput>>>,
     /// This shard's id in the backend's graph keys (unique in the process).
     owner: u64,
 }
@@ -36,6 +45,7 @@ impl Default for DecodeSteps {
             inputs: Mutex::default(),
             forced: AtomicBool::new(false),
             last: Mutex::default(),
+            outputs: Mutex::default(),
             owner: NEXT.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -86,8 +96,22 @@ impl Shard {
         let key = GraphKey { owner: self.steps.owner, bucket, span: (span.start, span.end) };
         let lens: Vec<usize> = items.iter().map(|i| i.kv.len).collect();
         let pad_token = [0u32];
+        // The padded batch's per-step inputs, as forward_batch derives its ops' arguments from it. A batch it
+        // would refuse (a token outside the vocabulary, a full session) runs eagerly, unpadded, to get its error.
+        let Some(step) = self.step_indices(items, &pads[..bucket - n], tokens_in) else {
+            return self.forward_batch(items, span);
+        };
+        let seqs = step.seqs();
+        let step_inputs = StepInputs {
+            ids: tokens_in.then_some(&step.ids[..]),
+            positions: &step.positions,
+            slots: &step.slots,
+            seqs: &seqs,
+            // What the launches depend on besides the key: which rows go through the head.
+            tag: head as u64,
+        };
         let mut result: Option<Result<Vec<ShardOutput>>> = None;
-        let run = self.backend.graph_step(Some(key), &mut || {
+        let run = self.backend.graph_step(Some(key), Some(&step_inputs), &mut || {
             // The step may run twice (a replay that no longer matched, then a capture): start from the same state.
             let mut batch: Vec<BatchItem<'_>> = items
                 .iter_mut()
@@ -120,13 +144,77 @@ impl Shard {
             (_, Some(Err(e))) => return Err(e),
             (Err(e), _) => return Err(e.into()),
             (Ok(run), Some(Ok(mut out))) => {
+                let mut kept = self.steps.outputs.lock();
+                match run {
+                    // Outputs in a graph's buffers: kept for the direct replays of this graph.
+                    StepRun::Captured | StepRun::Recaptured | StepRun::Replayed => {
+                        match out.iter().map(ShardOutput::share).collect::<Option<Vec<_>>>() {
+                            Some(shared) => kept.insert(key, shared),
+                            None => kept.remove(&key),
+                        };
+                    }
+                    StepRun::Eager | StepRun::ReplayedDirect => {
+                        kept.remove(&key);
+                    }
+                }
+                drop(kept);
                 out.truncate(n);
                 *self.steps.last.lock() = Some((key, run));
                 return Ok(out);
             }
             (Ok(run), None) => run,
         };
+        if run == StepRun::ReplayedDirect {
+            // The graph ran from the step's inputs: advance the KV lengths as forward_batch would, and hand out the
+            // captured step's outputs, which the replay rewrote.
+            let kept = self.steps.outputs.lock();
+            let out: Option<Vec<ShardOutput>> =
+                kept.get(&key).and_then(|o| o.iter().take(n).map(ShardOutput::share).collect());
+            drop(kept);
+            let Some(out) = out.filter(|o| o.len() == n) else {
+                return Err(ModelError::Invalid("a direct graph replay without the captured step's outputs".into()));
+            };
+            for (item, &len) in items.iter_mut().zip(&lens) {
+                item.kv.len = len + 1;
+            }
+            for p in pads.iter_mut().take(bucket - n) {
+                p.len = 1;
+            }
+            *self.steps.last.lock() = Some((key, run));
+            return Ok(out);
+        }
         Err(ModelError::Invalid(format!("the decode step ran as {run:?} but produced nothing")))
+    }
+
+    /// The per-step inputs of a padded decode batch: the real items (one new position each, at their KV lengths)
+    /// then `pads` (token 0 at position 0). `None` when `forward_batch` would refuse the batch.
+    fn step_indices(&self, items: &[BatchItem<'_>], pads: &[ShardKv], tokens_in: bool) -> Option<StepIndices> {
+        let bt = self.block_tokens;
+        let mut s = StepIndices::default();
+        let rows = items
+            .iter()
+            .map(|i| {
+                let token = match i.input {
+                    ShardInput::Tokens(t) => t.first().copied(),
+                    ShardInput::Hidden(_) => Some(0),
+                };
+                (&*i.kv, token, i.kv.len)
+            })
+            // Pads restart at position 0 every step.
+            .chain(pads.iter().map(|p| (p, Some(0), 0)));
+        for (kv, token, pos) in rows {
+            let token = token.filter(|&t| !tokens_in || (t as usize) < self.config.vocab)?;
+            let blocks = kv.reservation.blocks();
+            if pos + 1 > kv.capacity {
+                return None;
+            }
+            s.ids.push(token);
+            s.positions.push(u32::try_from(pos).ok()?);
+            s.slots.push(kv_slot(blocks, pos, bt)?);
+            s.tables.push(s.table.len()..s.table.len() + blocks.len());
+            s.table.extend_from_slice(blocks);
+        }
+        Some(s)
     }
 
     /// Pads decode batches and sends them through `Backend::graph_step` even on a backend without graphs, so the
@@ -143,5 +231,32 @@ impl Shard {
     /// The key and outcome of the last padded step (`None` before the first).
     pub fn last_graph_step(&self) -> Option<(GraphKey, StepRun)> {
         *self.steps.last.lock()
+    }
+}
+
+/// A padded decode batch's per-step inputs, owned (the block tables copied, since the step borrows the sessions
+/// mutably while the backend reads these).
+#[derive(Default)]
+struct StepIndices {
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    /// Each row's block table, a range of `table`.
+    tables: Vec<std::ops::Range<usize>>,
+    table: Vec<u32>,
+}
+
+impl StepIndices {
+    /// The attention's sequences, one row each, as `forward_batch` builds them.
+    fn seqs(&self) -> Vec<AttnSeq<'_>> {
+        self.tables
+            .iter()
+            .enumerate()
+            .map(|(r, t)| AttnSeq {
+                rows: r..r + 1,
+                pos0: self.positions[r] as usize,
+                block_table: &self.table[t.clone()],
+            })
+            .collect()
     }
 }
