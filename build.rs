@@ -20,6 +20,12 @@ use std::process::Command;
 /// Virtual architecture of the PTX: the oldest we support (Ampere: mma.sync bf16, cp.async, ldmatrix).
 const PTX_ARCH: &str = "compute_80";
 
+/// The virtual architecture of module `name`: `gemm_sm90` (wgmma, TMA) exists only for `compute_90a`, whose PTX the
+/// driver compiles for sm_90 devices only (the backend loads it nowhere else); every other module is `PTX_ARCH`.
+fn ptx_arch(name: &str) -> &'static str {
+    if name == "gemm_sm90" { "compute_90a" } else { PTX_ARCH }
+}
+
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -152,7 +158,7 @@ fn compile(nvcc: &Path, name: &str, cu: &Path, out: &Path) -> PathBuf {
     let ptx = out.join(format!("{name}.ptx"));
     let result = Command::new(nvcc)
         .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
-        .arg(format!("-arch={PTX_ARCH}"))
+        .arg(format!("-arch={}", ptx_arch(name)))
         .arg("-o")
         .arg(&ptx)
         .arg(cu)

@@ -215,6 +215,8 @@ EOF
     echo
     echo "== logs in $out"
     grep -h "overall teacher-forced\|teacher-forced top-1\|greedy continuation" "$out/shard_parity.log" 2>/dev/null | sed 's/^/  /' || true
+    # The Hopper GEMM (docs/CUDA.md, "GEMM on Hopper"): its self-check and which shapes ran it.
+    grep -h "wgmma" "$out/parity.log" 2>/dev/null | grep -v "^test " | sed 's/^/  /' || true
     sed -n '/^kernel  /,$p' "$out/roofline.log" 2>/dev/null || true
     cat "$out/torch.log" 2>/dev/null || true
     grep -h "panicked\|FAILED\|^error" "$out"/*.log 2>/dev/null | head -20 | sed 's/^/  /' || true
@@ -233,6 +235,7 @@ EOF
         printf '%s\n' "${summary[@]}"
         echo
         grep -h "overall teacher-forced\|teacher-forced top-1\|greedy continuation" "$out/shard_parity.log" 2>/dev/null || true
+        grep -h "wgmma" "$out/parity.log" 2>/dev/null | grep -v "^test " || true
         sed -n '/^kernel  /,$p' "$out/roofline.log" 2>/dev/null || true
         cat "$out/torch.log" 2>/dev/null || true
         echo '```'

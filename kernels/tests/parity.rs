@@ -165,6 +165,71 @@ fn matmul(d: &Device) {
     }
 }
 
+/// The Hopper GEMM (kernels/cuda/gemm_sm90.cu; wgmma + TMA, compute capability 9.0 only) against the CPU, with
+/// weights of the activation type. On CUDA the backend's self-check runs first and must pass (it compares the
+/// kernel with the mma.sync GEMM on a 200 × 520 × 328 GEMM); then `WgmmaMode::Always` sends every GEMM here (tails
+/// in T, N and K: a 9-row tile, N under and past a 256-column tile, K = 72 / 136 / 200 / 520 past 64-wide k-tiles,
+/// K = 4096), each of which must have launched the kernel, and one shape that `Auto` itself gives to the kernel on an
+/// H100/H200 (T = 768, N = 4096: one wave of 96 tiles; it prints which path ran). Other GPUs print that they skipped; the CPU checks the harness.
+fn matmul_wgmma(d: &Device) {
+    let wd = if d.act() == DType::BF16 { DType::BF16 } else { DType::F16 };
+    #[cfg(feature = "cuda")]
+    if let Some(c) = &d.cuda {
+        use shardline_kernels::cuda::WgmmaStatus;
+        match c.wgmma_self_check().expect("wgmma self-check") {
+            WgmmaStatus::Unavailable => {
+                println!("skipped: {}: the wgmma GEMM needs compute capability 9.0", d.label);
+                return;
+            }
+            WgmmaStatus::Verified { rel_err } => println!("{}: wgmma self-check passed ({rel_err:e})", d.label),
+            other => panic!("{}: the wgmma self-check did not pass: {other:?}", d.label),
+        }
+    }
+    let mut rng = Rng::new(17);
+    let shapes: [(usize, usize, usize, bool); 6] = [
+        (9, 37, 72, true),
+        (130, 257, 200, true),
+        (160, 300, 4096, true),
+        (300, 45, 520, true),
+        (200, 1000, 136, true),
+        (768, 4096, 128, false),
+    ];
+    for (t, n, k, always) in shapes {
+        if !always && d.cuda.is_none() {
+            continue; // the backend's own choice exists only on CUDA; the CPU harness check needs no second large case
+        }
+        #[cfg(feature = "cuda")]
+        let before = d.cuda.as_ref().map(|c| {
+            let mode = if always {
+                shardline_kernels::cuda::WgmmaMode::Always
+            } else {
+                shardline_kernels::cuda::WgmmaMode::Auto
+            };
+            c.set_wgmma_mode(mode);
+            c.wgmma_launches()
+        });
+        let x = d.exact(&rng.vec(t * k, 1.0));
+        let wb = weight_bytes(&mut rng, wd, n, k, 1.0 / (k as f32).sqrt());
+        let (got, want) = both(d, |b| {
+            let xt = act(b, &[t, k], &x);
+            let w = weight(b, wd, &[n, k], &wb);
+            let mut out = poisoned(b, &[t, n]);
+            b.matmul(&xt, &w, &mut out).expect("matmul");
+            download(b, &out)
+        });
+        assert_close(&format!("{}: wgmma matmul {wd} T={t} N={n} K={k}", d.label), &got, &want, d.tol());
+        #[cfg(feature = "cuda")]
+        if let (Some(c), Some(before)) = (&d.cuda, before) {
+            let ran = c.wgmma_launches() > before;
+            // `Auto` decides by the device's SM count (one wave of 96 tiles fills an H100/H200 well enough; a
+            // smaller Hopper part may keep mma.sync): only `Always` must have taken the kernel.
+            assert!(ran || !always, "{}: T={t} N={n} K={k} did not run the wgmma kernel", d.label);
+            println!("{}: T={t} N={n} K={k}: {}", d.label, if ran { "wgmma" } else { "mma.sync (Auto)" });
+        }
+        let _ = always;
+    }
+}
+
 /// `a` and `b` hold the same bits (no NaN).
 fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
@@ -607,6 +672,7 @@ device_tests!(
     matmul_swiglu,
     matmul_many,
     matmul_prefill_matches_decode,
+    matmul_wgmma,
     rope,
     rope_kv_store,
     swiglu_and_add,

@@ -33,6 +33,8 @@ pub(crate) enum Arg {
     I32(i32),
     I64(i64),
     F32(f32),
+    /// A `CUtensorMap` passed by value (`__grid_constant__`, kernels/cuda/gemm_sm90.cu).
+    TensorMap([u64; 16]),
 }
 
 impl Arg {
@@ -43,6 +45,8 @@ impl Arg {
             Arg::I32(v) => v as u32 as u64,
             Arg::I64(v) => v as u64,
             Arg::F32(v) => v.to_bits() as u64,
+            // The map encodes the tensor's address, shape and box: fold all of it into the signature.
+            Arg::TensorMap(m) => m.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| (h ^ w).wrapping_mul(0x100_0000_01b3)),
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct CudaBackend {
     /// function, on its first launch, not on every one (nor inside a graph capture once it ran eagerly).
     smem_allowed: Mutex<HashMap<String, u32>>,
     pub(crate) exec: Mutex<Exec>,
+    /// The Hopper GEMM's mode and self-check status (kernels/src/cuda/wgmma.rs).
+    pub(crate) wgmma: Mutex<super::wgmma::WgmmaState>,
     /// Decode-step graphs per batch-size bucket (`Backend::graph_step`, kernels/src/step_graph.rs).
     pub(crate) step_graphs: Mutex<crate::step_graph::StepGraphs<super::graph::DecodeGraph>>,
 }
@@ -158,6 +164,7 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             smem_allowed: Mutex::new(HashMap::new()),
+            wgmma: Mutex::new(super::wgmma::WgmmaState::new(compute)),
             exec: Mutex::new(Exec { ring, scratch: None, mode: Mode::Eager, sample_io: None, step_thread: None }),
             step_graphs: Mutex::new(crate::step_graph::StepGraphs::new()),
         }))
@@ -169,9 +176,13 @@ impl CudaBackend {
     }
 
     /// Loads every kernel module now (compiling with NVRTC where no PTX was prebuilt), so that the first step does
-    /// not pay for it.
+    /// not pay for it. Modules for another architecture than this device's (`gemm_sm90` off compute 9.0) are
+    /// skipped: they never run here.
     pub fn preload(&self) -> Result<()> {
         for m in modules::MODULES {
+            if !modules::runs_on(m.name, self.info.compute) {
+                continue;
+            }
             self.module(m.name)?;
         }
         Ok(())
@@ -183,14 +194,20 @@ impl CudaBackend {
             return Ok(m.clone());
         }
         let m = modules::module(name).ok_or_else(|| KernelError::Cuda(format!("no kernel module {name}")))?;
+        if !modules::runs_on(name, self.info.compute) {
+            return Err(KernelError::Cuda(format!("kernel module {name} does not run on {}", self.nvrtc_arch)));
+        }
+        // Most modules compile for the device's own sm_XY; gemm_sm90 for sm_90a (wgmma, TMA), with no fallback.
+        let arch = modules::required_arch(name).unwrap_or(&self.nvrtc_arch);
         let ptx = match m.ptx {
             Some(ptx) => Ptx::from_src(ptx),
-            None => match self.prebuilt(m) {
+            None => match self.prebuilt(m, arch) {
                 Some(ptx) => ptx,
                 None => {
-                    info!(module = name, arch = %self.nvrtc_arch, "compiling CUDA kernels with NVRTC (once per process)");
-                    let compiled = match nvrtc::compile(m, &self.nvrtc_arch, &[]) {
+                    info!(module = name, arch = %arch, "compiling CUDA kernels with NVRTC (once per process)");
+                    let compiled = match nvrtc::compile(m, arch, &[]) {
                         Ok(c) => c,
+                        Err(e) if modules::required_arch(name).is_some() => return Err(e),
                         // An NVRTC older than the card knows no `sm_XY` for it: PTX for sm_80 runs on it too.
                         Err(first) => nvrtc::compile(m, "compute_80", &[]).map_err(|_| first)?,
                     };
@@ -209,10 +226,10 @@ impl CudaBackend {
     /// The module from `$SHARDLINE_KERNEL_DIR` when it holds an artifact compiled from exactly this source: machine
     /// code for this device's architecture, else PTX (JIT-compiled by the driver). Written by the NVRTC test with
     /// `SHARDLINE_KERNEL_OUT` (see scripts/gpu-check.sh), for machines without a matching NVRTC.
-    fn prebuilt(&self, m: &modules::KernelModule) -> Option<Ptx> {
+    fn prebuilt(&self, m: &modules::KernelModule, arch: &str) -> Option<Ptx> {
         let dir = std::path::PathBuf::from(std::env::var_os("SHARDLINE_KERNEL_DIR")?);
         let stem = modules::artifact_stem(m);
-        let cubin = dir.join(format!("{stem}-{}.cubin", self.nvrtc_arch));
+        let cubin = dir.join(format!("{stem}-{arch}.cubin"));
         if let Ok(bin) = std::fs::read(&cubin) {
             info!(module = m.name, file = %cubin.display(), "loading prebuilt CUDA kernels");
             return Some(Ptx::from_binary(bin));
@@ -364,6 +381,7 @@ impl CudaBackend {
                 Arg::I32(v) => b.arg(v),
                 Arg::I64(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
+                Arg::TensorMap(m) => b.arg(m),
             };
         }
         // SAFETY: every kernel of kernels/cuda takes exactly the arguments its op passes (pointers as u64 device

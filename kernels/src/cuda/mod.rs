@@ -35,6 +35,9 @@ mod staging;
 mod step_record;
 #[cfg(feature = "cuda")]
 mod storage;
+#[cfg(feature = "cuda")]
+mod wgmma;
+mod wgmma_plan;
 
 #[cfg(feature = "cuda")]
 pub use backend::{CudaBackend, DeviceInfo, NO_DRIVER, probe};
@@ -44,6 +47,8 @@ pub use graph::DecodeGraph;
 pub use sampling::MAX_TOP as MAX_SAMPLE_TOP;
 #[cfg(feature = "cuda")]
 pub use storage::CudaStorage;
+#[cfg(feature = "cuda")]
+pub use wgmma::{WgmmaMode, WgmmaStatus};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;

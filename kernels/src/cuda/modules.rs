@@ -27,6 +27,20 @@ pub fn artifact_stem(m: &KernelModule) -> String {
     format!("{}-{h:016x}", m.name)
 }
 
+/// The architecture a module is compiled for regardless of the device's own, if any: `gemm_sm90` uses `wgmma` and
+/// TMA, which exist only on `sm_90a` (docs/CUDA.md, "GEMM on Hopper").
+pub fn required_arch(name: &str) -> Option<&'static str> {
+    (name == "gemm_sm90").then_some("sm_90a")
+}
+
+/// Whether module `name` can run on a device of compute capability `compute` (`sm_90a` code runs on 9.0 only).
+pub fn runs_on(name: &str, compute: (i32, i32)) -> bool {
+    match required_arch(name) {
+        Some("sm_90a") => compute == (9, 0),
+        _ => true,
+    }
+}
+
 /// Whether every module was compiled by nvcc at build time (then NVRTC is not needed at run time).
 pub fn all_prebuilt() -> bool {
     MODULES.iter().all(|m| m.ptx.is_some())
@@ -38,7 +52,18 @@ mod tests {
 
     #[test]
     fn every_kernel_file_is_a_self_contained_module() {
-        for name in ["attention", "elementwise", "embedding", "gemm", "gemv", "kv_cache", "norm", "rope", "sampling"] {
+        for name in [
+            "attention",
+            "elementwise",
+            "embedding",
+            "gemm",
+            "gemm_sm90",
+            "gemv",
+            "kv_cache",
+            "norm",
+            "rope",
+            "sampling",
+        ] {
             let m = module(name).unwrap_or_else(|| panic!("module {name} missing"));
             assert!(m.source.contains("extern \"C\" __global__"), "{name} has no entry point");
             assert!(!m.source.contains("#include \""), "{name} still includes a local header");

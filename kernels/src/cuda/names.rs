@@ -96,6 +96,10 @@ pub fn gemm(act: DType, w: DType) -> String {
 pub fn gemm_small(act: DType, w: DType) -> String {
     format!("gemm_small_{act}_{w}")
 }
+/// The Hopper GEMM (kernels/cuda/gemm_sm90.cu, module `gemm_sm90`, sm_90a only): same-type 16-bit weights.
+pub fn gemm_wgmma(act: DType) -> String {
+    format!("gemm_wgmma_{act}_{act}")
+}
 pub fn attn_decode(act: DType) -> String {
     format!("attn_decode_{act}")
 }
@@ -131,6 +135,7 @@ pub fn all() -> Vec<(&'static str, String)> {
             v.push((gemv_module(w, 1), gemv_splitk(act, w)));
         }
         v.push(("gemv_q8", quantize_q8(act)));
+        v.push(("gemm_sm90", gemm_wgmma(act)));
         for w in plain {
             v.push(("norm", rms_norm(act, w)));
             v.push(("norm", add_rms_norm(act, w)));

@@ -759,11 +759,11 @@ fn check_norm(x: &Tensor, weight: &Tensor, out: &Tensor) -> Result<()> {
 }
 
 /// Device addresses of one matmul's operands.
-struct MatmulPtrs {
-    x: u64,
-    qs: u64,
-    sc: u64,
-    out: u64,
+pub(crate) struct MatmulPtrs {
+    pub(crate) x: u64,
+    pub(crate) qs: u64,
+    pub(crate) sc: u64,
+    pub(crate) out: u64,
 }
 
 /// Outputs of one `gemv_swiglu_*` block (`GEMV_WARPS` in gemv.cu / `GEMVQ_WARPS` in gemv_q8.cu: one output per warp).
@@ -831,10 +831,26 @@ impl CudaBackend {
         if t == 1 { (splits, cps) } else { (1, cps) }
     }
 
-    /// The tensor-core GEMM for T > 8 (kernels/cuda/gemm.cu): the variant, split-K and shared memory of
+    /// The tensor-core GEMM for T > 8: on a compute capability 9.0 device with weights of the activation type the
+    /// Hopper kernel when `wgmma_plan::use_wgmma` picks it and its self-check passed (kernels/src/cuda/wgmma.rs),
+    /// else the mma.sync kernel (`gemm_mma`).
+    fn gemm(&self, ex: &mut Exec, p: MatmulPtrs, (t, k, n): (usize, usize, usize), wd: DType) -> Result<()> {
+        if wd == self.act && self.try_gemm_wgmma(ex, &p, (t, k, n))? {
+            return Ok(());
+        }
+        self.gemm_mma(ex, p, (t, k, n), wd)
+    }
+
+    /// The mma.sync GEMM for T > 8 (kernels/cuda/gemm.cu): the variant, split-K and shared memory of
     /// `gemm_plan::plan`; a split writes f32 partial sums to the scratch buffer and `gemv_reduce_*` adds them in
     /// split order. Requires K % 8 == 0 (and whole 32-blocks for the quantised formats, checked by the callers).
-    fn gemm(&self, ex: &mut Exec, p: MatmulPtrs, (t, k, n): (usize, usize, usize), wd: DType) -> Result<()> {
+    pub(crate) fn gemm_mma(
+        &self,
+        ex: &mut Exec,
+        p: MatmulPtrs,
+        (t, k, n): (usize, usize, usize),
+        wd: DType,
+    ) -> Result<()> {
         let op = "matmul";
         let act = self.act;
         let plan = gemm_plan::plan(t, n, k, self.info.multiprocessors as usize, gemm_plan::FillMode::of(act, wd));

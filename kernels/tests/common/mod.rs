@@ -24,11 +24,13 @@ pub struct Device {
     pub backend: Arc<dyn Backend>,
     pub reference: CpuBackend,
     pub label: &'static str,
+    /// The same backend as `backend` when it is CUDA (for its own knobs, e.g. the Hopper GEMM's mode).
+    pub cuda: Option<Arc<CudaBackend>>,
 }
 
 impl Device {
     pub fn cpu() -> Self {
-        Self { backend: Arc::new(CpuBackend::new(2)), reference: CpuBackend::new(2), label: "cpu" }
+        Self { backend: Arc::new(CpuBackend::new(2)), reference: CpuBackend::new(2), label: "cpu", cuda: None }
     }
 
     /// CUDA device 0 with `act` activations, or `None` when no usable GPU is present (a failure when
@@ -41,7 +43,7 @@ impl Device {
         }
         let backend = CudaBackend::new(0, act).expect("a CUDA device is visible but the backend failed to open");
         let label = if act == DType::F16 { "cuda-f16" } else { "cuda-bf16" };
-        Some(Self { backend, reference: CpuBackend::new(2), label })
+        Some(Self { backend: backend.clone(), reference: CpuBackend::new(2), label, cuda: Some(backend) })
     }
 
     /// Activation dtype of the device under test.
