@@ -328,7 +328,10 @@ struct QuantKernels<'a> {
 impl<'a> QuantKernels<'a> {
     fn of<const KIND: u8>() -> Self {
         QuantKernels {
-            one: [small_tile::<KIND, 4, 1> as TileFn<_>, small_tile::<KIND, 1, 1> as TileFn<_>],
+            one: [
+                if with_min(KIND) { one_row4_min::<KIND> as TileFn<_> } else { small_tile::<KIND, 4, 1> as TileFn<_> },
+                small_tile::<KIND, 1, 1> as TileFn<_>,
+            ],
             four: [small_tile::<KIND, 2, 4> as TileFn<_>, small_tile::<KIND, 1, 4> as TileFn<_>],
             multi: [multi_row::<KIND, 16> as TileFn<_>, multi_row::<KIND, 8> as TileFn<_>],
         }
@@ -445,6 +448,92 @@ unsafe fn small_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'
                 }
                 c.out.put(t0 + t, n + r, res);
             }
+        }
+    }
+}
+
+/// [`small_tile`] for 4 weight rows of Q4_1/Q5_1 against one activation row (the decode GEMV), with the block
+/// headers of the 4 rows handled together: their `[d, m]` words are gathered into one register by two two-source
+/// permutes and a blend, converted by one `vcvtph2ps` (lanes `4r..4r + 4` = `[d_e, m_e, d_o, m_o]` of row `r`), and
+/// the `m` terms of the 4 rows are one fused multiply-add (against `[0, s_e, 0, s_o] × 4`), where the generic tile
+/// spends a permute and a conversion per row on the header and a multiply-add per row on the `m` term. Each output
+/// is the same operations in the same order as in [`small_tile`].
+///
+/// # Safety
+/// As [`small_tile`] with `NR = 4`, `TR = 1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+unsafe fn one_row4_min<const KIND: u8>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+    debug_assert!(with_min(KIND));
+    let a = c.x;
+    let bs = block_bytes(KIND);
+    // Header dword of the odd block: Q4_1 blocks are 5 dwords, Q5_1 blocks 6.
+    let ho = (bs / 4) as i32;
+    // SAFETY: weight blocks `b < nb` of rows `n..n+4` and the activation pairs of row `t0` are inside the buffers the
+    // matmul checked; the masked loads touch only the pair's existing blocks.
+    unsafe {
+        let rows: [*const u8; 4] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut macc = _mm512_setzero_ps();
+        // Dwords [e, o] of the first source's header, then of the second's (16 + ...), at positions 0..4 (rows 0, 1)
+        // and 4..8 (rows 2, 3).
+        let lo = _mm512_setr_epi32(0, ho, 16, 16 + ho, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        let hi = _mm512_setr_epi32(0, 0, 0, 0, 0, ho, 16, 16 + ho, 0, 0, 0, 0, 0, 0, 0, 0);
+        let full_mask: u16 = if KIND == Q5_1 { 0xfff } else { 0x3ff };
+        let pick: [__m512i; 4] = std::array::from_fn(|r| {
+            _mm512_setr_epi32(
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+            )
+        });
+        macro_rules! step {
+            ($b:expr, $full:expr) => {{
+                let b = $b;
+                let m = if $full { full_mask } else { full_mask >> (bs / 4) };
+                let mut raw = [_mm512_setzero_si512(); 4];
+                let mut codes = [_mm512_setzero_si512(); 4];
+                for r in 0..4 {
+                    raw[r] = _mm512_maskz_loadu_epi32(m, rows[r].add(b * bs).cast());
+                    codes[r] = unpack::<KIND>(rows[r], b, $full).codes;
+                }
+                let h = _mm512_mask_blend_epi32(
+                    0xf0,
+                    _mm512_permutex2var_epi32(raw[0], lo, raw[1]),
+                    _mm512_permutex2var_epi32(raw[2], hi, raw[3]),
+                );
+                // [d_e, m_e, d_o, m_o] of rows 0..4
+                let f = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+                let av = _mm512_loadu_si512(a.qs_ptr(t0, b).cast());
+                let da = _mm512_loadu_ps(a.dpat_ptr(t0, b));
+                let sa = _mm512_broadcast_f32x4(_mm_loadu_ps(a.spat_ptr(t0, b)));
+                for r in 0..4 {
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], av);
+                    let sc = _mm512_mul_ps(permute_ps(pick[r], f), da);
+                    acc[r] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r]);
+                }
+                macc = _mm512_fmadd_ps(f, sa, macc);
+            }};
+        }
+        block_pairs!(a.nb, step);
+        let mut mins = Lines([0.0; 32]);
+        _mm512_store_ps(mins.0.as_mut_ptr(), macc);
+        for r in 0..4 {
+            let mut res = fold_pair(acc[r]);
+            res += mins.0[4 * r + 1] + mins.0[4 * r + 3];
+            c.out.put(t0, n + r, res);
         }
     }
 }
