@@ -9,6 +9,8 @@
 //! every call (kernel plus activation quantisation, as between the layers of a forward).
 //!
 //! `cargo bench -p shardline-kernels --bench cpu_gemm` (`SHARDLINE_GEMM_REPS=200` sets the calls per case).
+//! `SHARDLINE_GEMM_CASES=prefill` times the prefill shapes instead: the matrices of the SmolLM2 Q6_K preset (Q8_0
+//! for the 576-wide ones, Q6_K for the down projection) at 16 and 128 activation rows.
 
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
@@ -34,8 +36,18 @@ fn thread_cpu() -> f64 {
 }
 
 fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
-    let v: Vec<f32> = (0..(n * k) as u64).map(|i| rng::uniform(7, i) * 2.0 - 1.0).collect();
-    let bytes = quant::quantize(dtype, &v).expect("quantise");
+    let bytes = if dtype == DType::Q6_K {
+        // No quantiser for Q6_K: random codes and scales, the block scale `d` (its last two bytes) a small f16.
+        let blocks = n * k / 256;
+        let mut b: Vec<u8> = (0..(blocks * 210) as u64).map(|i| (rng::uniform(7, i) * 256.0) as u8).collect();
+        for blk in b.chunks_exact_mut(210) {
+            blk[208..].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+        }
+        b
+    } else {
+        let v: Vec<f32> = (0..(n * k) as u64).map(|i| rng::uniform(7, i) * 2.0 - 1.0).collect();
+        quant::quantize(dtype, &v).expect("quantise")
+    };
     be.upload_weight(dtype, &[n, k], HostBytes::from_vec(bytes)).expect("upload")
 }
 
@@ -44,11 +56,16 @@ fn main() {
     // One compute thread: the calling thread does all the work, so its CPU time is the call's.
     let be = CpuBackend::with_simd(1, SimdLevel::detect()).expect("backend");
     println!("level {}, {} calls per case, thread CPU time (min)", SimdLevel::detect(), reps);
-    let shapes =
-        [(DType::Q4_1, 576, 576), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 1536), (DType::Q8_0, 2048, 576)];
-    for (dtype, n, k) in shapes {
+    let prefill = std::env::var("SHARDLINE_GEMM_CASES").is_ok_and(|v| v == "prefill");
+    let shapes: &[(DType, usize, usize)] = if prefill {
+        &[(DType::Q8_0, 576, 576), (DType::Q8_0, 1536, 576), (DType::Q6_K, 576, 1536), (DType::Q4_1, 1536, 576)]
+    } else {
+        &[(DType::Q4_1, 576, 576), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 1536), (DType::Q8_0, 2048, 576)]
+    };
+    let rows: &[usize] = if prefill { &[16, 128] } else { &[1, 4, 8, 16] };
+    for &(dtype, n, k) in shapes {
         let w = weight(&be, dtype, n, k);
-        for t in [1usize, 4, 8, 16] {
+        for &t in rows {
             let inputs: Vec<Tensor> = (0..2u64)
                 .map(|s| {
                     let x: Vec<f32> = (0..(t * k) as u64).map(|i| rng::uniform(11 + s, i) * 2.0 - 1.0).collect();

@@ -39,7 +39,14 @@ pub(crate) struct ActPlan {
     /// [`ActLayout::Super`] only: also fill the wide tables ([`QuantAct::q16`], [`QuantAct::d_t`],
     /// [`QuantAct::bs_t`]) of the AVX-512 multi-row kernels.
     pub wide: bool,
+    /// [`ActLayout::Pair`] only (AVX-512 Q8_0): for more than [`UNSIGNED_MIN_ROWS`] rows, store the values offset to
+    /// unsigned bytes instead of filling the lane-sum table (see [`QuantAct::unsigned`]).
+    pub unsigned_rows: bool,
 }
+
+/// Row count above which an [`ActPlan::unsigned_rows`] plan stores unsigned values: the multi-row kernels then
+/// serve most rows; one to four rows (decode) keep the signed values and the lane-sum table of the 4-row tiles.
+pub(crate) const UNSIGNED_MIN_ROWS: usize = 4;
 
 /// Activation rows of the [`ActLayout::Pair`] tables are stored rounded up to a multiple of this, so a multi-row
 /// kernel tile may read up to this many rows from any multiple of it (the extra rows are all zeros).
@@ -80,6 +87,11 @@ pub(crate) struct QuantAct {
     pub st: Vec<f32>,
     /// [`ActLayout::Super`] only: the sum of each 16-value group, 16 per super-block (ggml `block_q8_K::bsums`).
     pub bsums: Vec<i16>,
+    /// `qs` holds `q + 128` as unsigned bytes (zero in the missing odd block of a pair and in padding rows) and
+    /// `bias` is empty: the AVX-512 Q8_0 kernels then put the activations on `vpdpbusd`'s unsigned side and start each
+    /// dot product from the weights' own lane sums, `Σ w·(a + 128) − 128·Σ w = Σ w·a`, instead of loading a lane-sum
+    /// table row per activation row.
+    pub unsigned: bool,
     /// [`ActLayout::Super`] with the wide tables: the values of `qs` widened to i16 (same order), for `vpdpwssd`
     /// against weights widened and pre-scaled to i16.
     pub q16: Vec<i16>,
@@ -222,7 +234,7 @@ pub(crate) const fn pair_lane(odd: usize, lane: usize) -> usize {
 #[cfg(test)]
 pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) -> QuantAct {
     let mut act = QuantAct::default();
-    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false, wide: layout == ActLayout::Super });
+    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false, wide: layout == ActLayout::Super, unsigned_rows: false });
     act
 }
 
@@ -240,15 +252,27 @@ impl QuantAct {
             self.fill_super(plan.avx2, x, rows, k, plan.wide);
             return;
         }
-        self.fill_impl(plan.avx2, x, rows, k, plan.layout, plan.bias);
+        let unsigned = plan.unsigned_rows && plan.layout.paired() && rows > UNSIGNED_MIN_ROWS;
+        self.fill_impl(plan.avx2, x, rows, k, plan.layout, if unsigned { None } else { plan.bias }, unsigned);
     }
 
-    fn fill_impl(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) {
+    #[allow(clippy::too_many_arguments)]
+    fn fill_impl(
+        &mut self,
+        avx2: bool,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        layout: ActLayout,
+        bias: Option<i32>,
+        unsigned: bool,
+    ) {
         let nb = k / QK;
         let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
         let pairs = blocks / 2;
         let rows_pad = if layout.paired() && rows > 1 { rows.next_multiple_of(ROW_PAD) } else { rows };
         self.layout = layout;
+        self.unsigned = unsigned;
         self.rows = rows;
         self.rows_pad = rows_pad;
         self.nb = nb;
@@ -279,7 +303,12 @@ impl QuantAct {
                     }
                     ActLayout::Pair => {
                         let pair = &mut self.qs[pair_base..pair_base + 2 * QK];
-                        let bytes: &[u8; QK] = bytemuck::cast_ref(&q);
+                        let mut bytes: [u8; QK] = bytemuck::cast(q);
+                        if unsigned {
+                            for v in &mut bytes {
+                                *v ^= 0x80; // two's complement q + 128
+                            }
+                        }
                         for lane in 0..8 {
                             let z = pair_lane(odd, lane);
                             pair[4 * z..4 * z + 4].copy_from_slice(&bytes[4 * lane..4 * lane + 4]);
@@ -423,6 +452,7 @@ impl QuantAct {
     fn fill_super(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, wide: bool) {
         let nb = k / QK_K;
         self.layout = ActLayout::Super;
+        self.unsigned = false;
         self.rows = rows;
         self.rows_pad = rows;
         self.nb = nb;
@@ -561,10 +591,11 @@ impl QuantAct {
             ActLayout::Pair => {
                 let odd = b % 2;
                 let pair = &self.qs[(blk - odd) * QK..(blk - odd + 2) * QK];
+                let flip = if self.unsigned { 0x80 } else { 0 };
                 for lane in 0..8 {
                     let z = pair_lane(odd, lane);
                     for j in 0..4 {
-                        q[4 * lane + j] = pair[4 * z + j] as i8;
+                        q[4 * lane + j] = (pair[4 * z + j] ^ flip) as i8;
                     }
                 }
             }

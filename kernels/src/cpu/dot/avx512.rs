@@ -4,7 +4,10 @@
 //! - Quantised weights: i32 lane `z = 2l + h` of a block pair holds lane `l` of block parity `h`
 //!   ([`super::act::ActLayout::Pair`]): for 4-bit weights the low nibbles of the two blocks' code dwords
 //!   interleaved, then the high ones; for Q8_0 the two blocks' dwords interleaved. `vpdpbusd` multiplies unsigned by
-//!   signed bytes, so Q8_0 computes `Σ (w + 128)·a − 128·Σ a` with the lane sums of `a` from the activation table.
+//!   signed bytes, so Q8_0 computes `Σ (w + 128)·a − 128·Σ a` with the lane sums of `a` from the activation table;
+//!   with more than four activation rows the activations are stored as unsigned `a + 128` instead
+//!   ([`QuantAct::unsigned`]) and Q8_0 computes `Σ w·(a + 128) − 128·Σ w`, the weights' lane sums computed once per
+//!   block pair and weight row, so a row of the multi-row kernel loads nothing but its activations ([`Q8_0U`]).
 //!   Since the parity alternates from lane to lane, `[x_e, x_o]` broadcast as one 64-bit value gives every lane its
 //!   block's scale: the multi-row kernel ([`multi_row`]) takes each activation row's scale products that way.
 //! - Float weights: two registers cover lanes `0..16` and `16..32` of the 32 accumulators.
@@ -36,6 +39,7 @@ pub(super) unsafe fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Rang
         Rhs::Quant(a) => {
             let ctx = Ctx { w, x: a, out };
             let kernels = match w.dtype {
+                DType::Q8_0 if a.unsigned => QuantKernels::of::<Q8_0U>(),
                 DType::Q8_0 => QuantKernels::of::<Q8_0>(),
                 DType::Q4_0 => QuantKernels::of::<Q4_0>(),
                 DType::Q5_0 => QuantKernels::of::<Q5_0>(),
@@ -99,10 +103,15 @@ unsafe fn fifth_bits(he: u32, ho: u32) -> u64 {
     unsafe { _pdep_u64(he as u64, 0x0f0f_0f0f_0f0f_0f0f) | _pdep_u64(ho as u64, 0xf0f0_f0f0_f0f0_f0f0) }
 }
 
+/// Kernel kind (beside the format tags) of Q8_0 weights against unsigned activations ([`QuantAct::unsigned`]): the
+/// weight codes stay signed on `vpdpbusd`'s signed side and each dot product starts from the weights' lane sums
+/// `−128·Σ w` (computed once per block pair and weight row) instead of the activations' lane-sum table.
+const Q8_0U: u8 = 0xf0;
+
 /// Bytes of one block of the 32-value formats with AVX-512 kernels.
 const fn block_bytes(kind: u8) -> usize {
     match kind {
-        Q8_0 => 34,
+        Q8_0 | Q8_0U => 34,
         Q4_0 => 18,
         Q4_1 => 20,
         Q5_0 => 22,
@@ -118,7 +127,7 @@ const fn with_min(kind: u8) -> bool {
 /// Whether the kernel starts each dot product from the activations' lane-sum table (the weight codes carry an
 /// offset: Q4_0's 8, Q5_0's 16, Q8_0's 128 added for `vpdpbusd`).
 const fn with_bias(kind: u8) -> bool {
-    !with_min(kind)
+    !with_min(kind) && kind != Q8_0U
 }
 
 /// One weight block pair unpacked: codes as unsigned bytes in the [`ActLayout::Pair`](super::act::ActLayout::Pair)
@@ -128,10 +137,13 @@ struct Pair {
     codes: __m512i,
     d: __m512,
     dm: __m128,
+    /// [`Q8_0U`] only: the lane sums `−128·Σ w` the dot products start from.
+    bw: __m512i,
 }
 
 /// Unpacks the block pair starting at block `b` of `row` (`full`: the odd block exists; otherwise it reads as zero
-/// codes and scales — for Q8_0, codes 128, which the zero activations of the missing block cancel).
+/// codes and scales — for Q8_0, codes 128, which the zero activations of the missing block cancel; for
+/// [`Q8_0U`], codes 0).
 ///
 /// # Safety
 /// The CPU features of [`gemm`]; blocks `b` (and `b + 1` when `full`) inside the row.
@@ -141,7 +153,7 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
     // SAFETY: the loads touch only the bytes of the pair's existing blocks (masked or sized to them).
     unsafe {
         let be = row.add(b * bs);
-        if KIND == Q8_0 {
+        if KIND == Q8_0 || KIND == Q8_0U {
             // A pair is 68 bytes: one prefetch per pair would skip one line in 17.
             prefetch_ahead(be);
             prefetch_ahead(be.add(64));
@@ -156,11 +168,18 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
             };
             let he = be.cast::<u16>().read_unaligned() as i32;
             let inter = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-            // w + 128 as unsigned bytes
-            let codes = _mm512_xor_si512(_mm512_permutex2var_epi32(we, inter, wo), _mm512_set1_epi8(-128));
+            let raw = _mm512_permutex2var_epi32(we, inter, wo);
             let h = _mm_cvtph_ps(_mm_cvtsi32_si128(he | (ho << 16)));
             let d = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(h)));
-            return Pair { codes, d, dm: _mm_setzero_ps() };
+            let (codes, bw) = if KIND == Q8_0U {
+                // −128·Σ w over each lane: 0 − Σ 128·w (a code of −128 cannot be negated in a byte).
+                let zero = _mm512_setzero_si512();
+                (raw, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), raw)))
+            } else {
+                // w + 128 as unsigned bytes
+                (_mm512_xor_si512(raw, _mm512_set1_epi8(-128)), _mm512_setzero_si512())
+            };
+            return Pair { codes, d, dm: _mm_setzero_ps(), bw };
         }
         prefetch_ahead(be);
         let nibbles = _mm512_set1_epi8(0x0f);
@@ -208,7 +227,7 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
             let ho = if full { be.add(bs + at).cast::<u32>().read_unaligned() } else { 0 };
             codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(fifth_bits(he, ho), _mm512_set1_epi8(0x10)));
         }
-        Pair { codes, d, dm }
+        Pair { codes, d, dm, bw: _mm512_setzero_si512() }
     }
 }
 
@@ -309,7 +328,10 @@ struct QuantKernels<'a> {
 impl<'a> QuantKernels<'a> {
     fn of<const KIND: u8>() -> Self {
         QuantKernels {
-            one: [small_tile::<KIND, 4, 1> as TileFn<_>, small_tile::<KIND, 1, 1> as TileFn<_>],
+            one: [
+                if with_min(KIND) { one_row4_min::<KIND> as TileFn<_> } else { small_tile::<KIND, 4, 1> as TileFn<_> },
+                small_tile::<KIND, 1, 1> as TileFn<_>,
+            ],
             four: [small_tile::<KIND, 2, 4> as TileFn<_>, small_tile::<KIND, 1, 4> as TileFn<_>],
             multi: [multi_row::<KIND, 16> as TileFn<_>, multi_row::<KIND, 8> as TileFn<_>],
         }
@@ -382,7 +404,13 @@ unsafe fn small_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'
         macro_rules! step {
             ($b:expr, $full:expr) => {{
                 let b = $b;
-                let mut w = [Pair { codes: _mm512_setzero_si512(), d: _mm512_setzero_ps(), dm: _mm_setzero_ps() }; NR];
+                let zero = Pair {
+                    codes: _mm512_setzero_si512(),
+                    d: _mm512_setzero_ps(),
+                    dm: _mm_setzero_ps(),
+                    bw: _mm512_setzero_si512(),
+                };
+                let mut w = [zero; NR];
                 for r in 0..NR {
                     w[r] = unpack::<KIND>(rows[r], b, $full);
                 }
@@ -396,7 +424,11 @@ unsafe fn small_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'
                     let da = _mm512_loadu_ps(a.dpat_ptr(t0 + t, b));
                     let sa = if with_min(KIND) { _mm_loadu_ps(a.spat_ptr(t0 + t, b)) } else { _mm_setzero_ps() };
                     for r in 0..NR {
-                        let p = _mm512_dpbusd_epi32(init, w[r].codes, av);
+                        let p = if KIND == Q8_0U {
+                            _mm512_dpbusd_epi32(w[r].bw, av, w[r].codes)
+                        } else {
+                            _mm512_dpbusd_epi32(init, w[r].codes, av)
+                        };
                         let sc = _mm512_mul_ps(w[r].d, da);
                         acc[r][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r][t]);
                         if with_min(KIND) {
@@ -416,6 +448,92 @@ unsafe fn small_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'
                 }
                 c.out.put(t0 + t, n + r, res);
             }
+        }
+    }
+}
+
+/// [`small_tile`] for 4 weight rows of Q4_1/Q5_1 against one activation row (the decode GEMV), with the block
+/// headers of the 4 rows handled together: their `[d, m]` words are gathered into one register by two two-source
+/// permutes and a blend, converted by one `vcvtph2ps` (lanes `4r..4r + 4` = `[d_e, m_e, d_o, m_o]` of row `r`), and
+/// the `m` terms of the 4 rows are one fused multiply-add (against `[0, s_e, 0, s_o] × 4`), where the generic tile
+/// spends a permute and a conversion per row on the header and a multiply-add per row on the `m` term. Each output
+/// is the same operations in the same order as in [`small_tile`].
+///
+/// # Safety
+/// As [`small_tile`] with `NR = 4`, `TR = 1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+unsafe fn one_row4_min<const KIND: u8>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+    debug_assert!(with_min(KIND));
+    let a = c.x;
+    let bs = block_bytes(KIND);
+    // Header dword of the odd block: Q4_1 blocks are 5 dwords, Q5_1 blocks 6.
+    let ho = (bs / 4) as i32;
+    // SAFETY: weight blocks `b < nb` of rows `n..n+4` and the activation pairs of row `t0` are inside the buffers the
+    // matmul checked; the masked loads touch only the pair's existing blocks.
+    unsafe {
+        let rows: [*const u8; 4] = std::array::from_fn(|r| c.w.row_ptr(n + r));
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut macc = _mm512_setzero_ps();
+        // Dwords [e, o] of the first source's header, then of the second's (16 + ...), at positions 0..4 (rows 0, 1)
+        // and 4..8 (rows 2, 3).
+        let lo = _mm512_setr_epi32(0, ho, 16, 16 + ho, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        let hi = _mm512_setr_epi32(0, 0, 0, 0, 0, ho, 16, 16 + ho, 0, 0, 0, 0, 0, 0, 0, 0);
+        let full_mask: u16 = if KIND == Q5_1 { 0xfff } else { 0x3ff };
+        let pick: [__m512i; 4] = std::array::from_fn(|r| {
+            _mm512_setr_epi32(
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+                4 * r as i32,
+                4 * r as i32 + 2,
+            )
+        });
+        macro_rules! step {
+            ($b:expr, $full:expr) => {{
+                let b = $b;
+                let m = if $full { full_mask } else { full_mask >> (bs / 4) };
+                let mut raw = [_mm512_setzero_si512(); 4];
+                let mut codes = [_mm512_setzero_si512(); 4];
+                for r in 0..4 {
+                    raw[r] = _mm512_maskz_loadu_epi32(m, rows[r].add(b * bs).cast());
+                    codes[r] = unpack::<KIND>(rows[r], b, $full).codes;
+                }
+                let h = _mm512_mask_blend_epi32(
+                    0xf0,
+                    _mm512_permutex2var_epi32(raw[0], lo, raw[1]),
+                    _mm512_permutex2var_epi32(raw[2], hi, raw[3]),
+                );
+                // [d_e, m_e, d_o, m_o] of rows 0..4
+                let f = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+                let av = _mm512_loadu_si512(a.qs_ptr(t0, b).cast());
+                let da = _mm512_loadu_ps(a.dpat_ptr(t0, b));
+                let sa = _mm512_broadcast_f32x4(_mm_loadu_ps(a.spat_ptr(t0, b)));
+                for r in 0..4 {
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], av);
+                    let sc = _mm512_mul_ps(permute_ps(pick[r], f), da);
+                    acc[r] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc[r]);
+                }
+                macc = _mm512_fmadd_ps(f, sa, macc);
+            }};
+        }
+        block_pairs!(a.nb, step);
+        let mut mins = Lines([0.0; 32]);
+        _mm512_store_ps(mins.0.as_mut_ptr(), macc);
+        for r in 0..4 {
+            let mut res = fold_pair(acc[r]);
+            res += mins.0[4 * r + 1] + mins.0[4 * r + 3];
+            c.out.put(t0, n + r, res);
         }
     }
 }
@@ -466,17 +584,36 @@ unsafe fn multi_row<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: 
                         macc[j] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(st.add(16 * j)), macc[j]);
                     }
                 }
-                let mut q = qs0.add(b * QK);
-                let mut bias = bias0.add(b * 8);
-                for t in 0..TR {
-                    let s = sc.0.as_ptr().add(2 * t);
-                    if with_bias(KIND) {
-                        row_step_bias(&mut acc[t], w.codes, q, bias, s);
+                if TR == 16 {
+                    let acc16: &mut [__m512; 16] = (&mut acc[..]).try_into().unwrap_unchecked();
+                    let r = Rows16 {
+                        q: qs0.add(b * QK),
+                        bias: bias0.wrapping_add(b * 8).cast(),
+                        stride,
+                        scales: sc.0.as_ptr(),
+                    };
+                    if KIND == Q8_0U {
+                        rows16_unsigned(acc16, w.codes, w.bw, r);
+                    } else if with_bias(KIND) {
+                        rows16_bias(acc16, w.codes, r);
                     } else {
-                        row_step(&mut acc[t], w.codes, q, s);
+                        rows16(acc16, w.codes, r);
                     }
-                    q = q.add(stride);
-                    bias = bias.add(stride / 4);
+                } else {
+                    let mut q = qs0.add(b * QK);
+                    let mut bias = bias0.add(b * 8);
+                    for t in 0..TR {
+                        let s = sc.0.as_ptr().add(2 * t);
+                        if KIND == Q8_0U {
+                            row_step_unsigned(&mut acc[t], w.codes, w.bw, q, s);
+                        } else if with_bias(KIND) {
+                            row_step_bias(&mut acc[t], w.codes, q, bias, s);
+                        } else {
+                            row_step(&mut acc[t], w.codes, q, s);
+                        }
+                        q = q.add(stride);
+                        bias = bias.add(stride / 4);
+                    }
                 }
             }};
         }
@@ -547,6 +684,406 @@ unsafe fn row_step_bias(acc: &mut __m512, codes: __m512i, q: *const u8, bias: *c
             w = in(zmm_reg) codes,
             q = in(reg) q,
             b = in(reg) bias,
+            sp = in(reg) s,
+            acc = inout(zmm_reg) *acc,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+    }
+}
+
+/// Where [`rows16`] and its variants find 16 activation rows: row `t` at `q + t·stride` (and its lane sums at
+/// `bias + t·stride`), its scale pair at `scales[2t..2t + 2]`.
+#[derive(Clone, Copy)]
+struct Rows16 {
+    q: *const u8,
+    bias: *const u8,
+    stride: usize,
+    scales: *const f32,
+}
+
+/// [`row_step`] for 16 activation rows ([`Rows16`]), as one block of assembly: the compiler, left to a loop of
+/// [`row_step`], keeps the rows' pointers on the stack and reloads them (five loads a row where three do), or
+/// advances them with a chain of additions that compete with the arithmetic. Rows are addressed as a base (rows 0
+/// and 8) plus 1, 2, 3, 4, 5, 6 or 7 strides, from registers.
+///
+/// # Safety
+/// The 16 rows' 64 bytes and the 32 scales are readable; the CPU supports AVX-512 F and VNNI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn rows16(acc: &mut [__m512; 16], codes: __m512i, r: Rows16) {
+    let (_p, _s): (__m512i, __m512);
+    // SAFETY: the caller's contract; the block only reads those bytes and writes its register operands.
+    unsafe {
+        std::arch::asm!(
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 0]",
+            "vfmadd231ps {a0:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s1}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 8]",
+            "vfmadd231ps {a1:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s1}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 16]",
+            "vfmadd231ps {a2:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s3}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 24]",
+            "vfmadd231ps {a3:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s1}*4]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 32]",
+            "vfmadd231ps {a4:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s5}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 40]",
+            "vfmadd231ps {a5:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s3}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 48]",
+            "vfmadd231ps {a6:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s7}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 56]",
+            "vfmadd231ps {a7:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 64]",
+            "vfmadd231ps {a8:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s1}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 72]",
+            "vfmadd231ps {a9:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s1}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 80]",
+            "vfmadd231ps {a10:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s3}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 88]",
+            "vfmadd231ps {a11:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s1}*4]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 96]",
+            "vfmadd231ps {a12:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s5}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 104]",
+            "vfmadd231ps {a13:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s3}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 112]",
+            "vfmadd231ps {a14:z}, {s:z}, {p:z}",
+            "vpxord {p:z}, {p:z}, {p:z}",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s7}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 120]",
+            "vfmadd231ps {a15:z}, {s:z}, {p:z}",
+            p = out(zmm_reg) _p,
+            s = out(zmm_reg) _s,
+            w = in(zmm_reg) codes,
+            q = in(reg) r.q,
+            q8 = in(reg) r.q.wrapping_add(8 * r.stride),
+            s1 = in(reg) r.stride,
+            s3 = in(reg) 3 * r.stride,
+            s5 = in(reg) 5 * r.stride,
+            s7 = in(reg) 7 * r.stride,
+            sp = in(reg) r.scales,
+            a0 = inout(zmm_reg) acc[0], a1 = inout(zmm_reg) acc[1], a2 = inout(zmm_reg) acc[2],
+            a3 = inout(zmm_reg) acc[3], a4 = inout(zmm_reg) acc[4], a5 = inout(zmm_reg) acc[5],
+            a6 = inout(zmm_reg) acc[6], a7 = inout(zmm_reg) acc[7], a8 = inout(zmm_reg) acc[8],
+            a9 = inout(zmm_reg) acc[9], a10 = inout(zmm_reg) acc[10], a11 = inout(zmm_reg) acc[11],
+            a12 = inout(zmm_reg) acc[12], a13 = inout(zmm_reg) acc[13], a14 = inout(zmm_reg) acc[14],
+            a15 = inout(zmm_reg) acc[15],
+            options(pure, readonly, nostack, preserves_flags)
+        );
+    }
+}
+
+/// [`rows16`] with each dot product started from its row's 16 lane sums at `bias + t·stride` instead of 0.
+///
+/// # Safety
+/// As [`rows16`], and the 16 rows' lane sums (64 bytes each) are readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn rows16_bias(acc: &mut [__m512; 16], codes: __m512i, r: Rows16) {
+    let (_p, _s): (__m512i, __m512);
+    // SAFETY: the caller's contract; the block only reads those bytes and writes its register operands.
+    unsafe {
+        std::arch::asm!(
+            "vmovdqu64 {p:z}, zmmword ptr [{b}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 0]",
+            "vfmadd231ps {a0:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b} + {s1}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s1}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 8]",
+            "vfmadd231ps {a1:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b} + {s1}*2]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s1}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 16]",
+            "vfmadd231ps {a2:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b} + {s3}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s3}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 24]",
+            "vfmadd231ps {a3:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b} + {s1}*4]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s1}*4]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 32]",
+            "vfmadd231ps {a4:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b} + {s5}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s5}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 40]",
+            "vfmadd231ps {a5:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b} + {s3}*2]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s3}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 48]",
+            "vfmadd231ps {a6:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b} + {s7}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q} + {s7}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 56]",
+            "vfmadd231ps {a7:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 64]",
+            "vfmadd231ps {a8:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8} + {s1}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s1}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 72]",
+            "vfmadd231ps {a9:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8} + {s1}*2]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s1}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 80]",
+            "vfmadd231ps {a10:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8} + {s3}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s3}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 88]",
+            "vfmadd231ps {a11:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8} + {s1}*4]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s1}*4]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 96]",
+            "vfmadd231ps {a12:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8} + {s5}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s5}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 104]",
+            "vfmadd231ps {a13:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8} + {s3}*2]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s3}*2]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 112]",
+            "vfmadd231ps {a14:z}, {s:z}, {p:z}",
+            "vmovdqu64 {p:z}, zmmword ptr [{b8} + {s7}]",
+            "vpdpbusd {p:z}, {w:z}, zmmword ptr [{q8} + {s7}]",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 120]",
+            "vfmadd231ps {a15:z}, {s:z}, {p:z}",
+            p = out(zmm_reg) _p,
+            s = out(zmm_reg) _s,
+            w = in(zmm_reg) codes,
+            q = in(reg) r.q,
+            q8 = in(reg) r.q.wrapping_add(8 * r.stride),
+            b = in(reg) r.bias,
+            b8 = in(reg) r.bias.wrapping_add(8 * r.stride),
+            s1 = in(reg) r.stride,
+            s3 = in(reg) 3 * r.stride,
+            s5 = in(reg) 5 * r.stride,
+            s7 = in(reg) 7 * r.stride,
+            sp = in(reg) r.scales,
+            a0 = inout(zmm_reg) acc[0], a1 = inout(zmm_reg) acc[1], a2 = inout(zmm_reg) acc[2],
+            a3 = inout(zmm_reg) acc[3], a4 = inout(zmm_reg) acc[4], a5 = inout(zmm_reg) acc[5],
+            a6 = inout(zmm_reg) acc[6], a7 = inout(zmm_reg) acc[7], a8 = inout(zmm_reg) acc[8],
+            a9 = inout(zmm_reg) acc[9], a10 = inout(zmm_reg) acc[10], a11 = inout(zmm_reg) acc[11],
+            a12 = inout(zmm_reg) acc[12], a13 = inout(zmm_reg) acc[13], a14 = inout(zmm_reg) acc[14],
+            a15 = inout(zmm_reg) acc[15],
+            options(pure, readonly, nostack, preserves_flags)
+        );
+    }
+}
+
+/// [`rows16`] for unsigned activations ([`QuantAct::unsigned`], Q8_0): `vpdpbusd(bw, a + 128, w)` with the signed
+/// weight codes and their lane sums `bw = −128·Σ w`, so nothing but the activations is loaded per row.
+///
+/// # Safety
+/// As [`rows16`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn rows16_unsigned(acc: &mut [__m512; 16], codes: __m512i, bw: __m512i, r: Rows16) {
+    let (_p, _s, _x): (__m512i, __m512, __m512i);
+    // SAFETY: the caller's contract; the block only reads those bytes and writes its register operands.
+    unsafe {
+        std::arch::asm!(
+            "vmovdqu64 {x:z}, zmmword ptr [{q}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 0]",
+            "vfmadd231ps {a0:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q} + {s1}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 8]",
+            "vfmadd231ps {a1:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q} + {s1}*2]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 16]",
+            "vfmadd231ps {a2:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q} + {s3}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 24]",
+            "vfmadd231ps {a3:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q} + {s1}*4]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 32]",
+            "vfmadd231ps {a4:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q} + {s5}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 40]",
+            "vfmadd231ps {a5:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q} + {s3}*2]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 48]",
+            "vfmadd231ps {a6:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q} + {s7}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 56]",
+            "vfmadd231ps {a7:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 64]",
+            "vfmadd231ps {a8:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8} + {s1}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 72]",
+            "vfmadd231ps {a9:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8} + {s1}*2]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 80]",
+            "vfmadd231ps {a10:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8} + {s3}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 88]",
+            "vfmadd231ps {a11:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8} + {s1}*4]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 96]",
+            "vfmadd231ps {a12:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8} + {s5}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 104]",
+            "vfmadd231ps {a13:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8} + {s3}*2]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 112]",
+            "vfmadd231ps {a14:z}, {s:z}, {p:z}",
+            "vmovdqu64 {x:z}, zmmword ptr [{q8} + {s7}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp} + 120]",
+            "vfmadd231ps {a15:z}, {s:z}, {p:z}",
+            p = out(zmm_reg) _p,
+            s = out(zmm_reg) _s,
+            x = out(zmm_reg) _x,
+            w = in(zmm_reg) codes,
+            bw = in(zmm_reg) bw,
+            q = in(reg) r.q,
+            q8 = in(reg) r.q.wrapping_add(8 * r.stride),
+            s1 = in(reg) r.stride,
+            s3 = in(reg) 3 * r.stride,
+            s5 = in(reg) 5 * r.stride,
+            s7 = in(reg) 7 * r.stride,
+            sp = in(reg) r.scales,
+            a0 = inout(zmm_reg) acc[0], a1 = inout(zmm_reg) acc[1], a2 = inout(zmm_reg) acc[2],
+            a3 = inout(zmm_reg) acc[3], a4 = inout(zmm_reg) acc[4], a5 = inout(zmm_reg) acc[5],
+            a6 = inout(zmm_reg) acc[6], a7 = inout(zmm_reg) acc[7], a8 = inout(zmm_reg) acc[8],
+            a9 = inout(zmm_reg) acc[9], a10 = inout(zmm_reg) acc[10], a11 = inout(zmm_reg) acc[11],
+            a12 = inout(zmm_reg) acc[12], a13 = inout(zmm_reg) acc[13], a14 = inout(zmm_reg) acc[14],
+            a15 = inout(zmm_reg) acc[15],
+            options(pure, readonly, nostack, preserves_flags)
+        );
+    }
+}
+
+/// [`row_step`] for unsigned activations: `acc = fma([s[0], s[1]] × 8, cvt(vpdpbusd(bw, q[0..64], codes)), acc)`.
+///
+/// # Safety
+/// As [`row_step`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn row_step_unsigned(acc: &mut __m512, codes: __m512i, bw: __m512i, q: *const u8, s: *const f32) {
+    let (_p, _s, _x): (__m512i, __m512, __m512i);
+    // SAFETY: as in `row_step`.
+    unsafe {
+        std::arch::asm!(
+            "vmovdqu64 {x:z}, zmmword ptr [{q}]",
+            "vmovdqa64 {p:z}, {bw:z}",
+            "vpdpbusd {p:z}, {x:z}, {w:z}",
+            "vcvtdq2ps {p:z}, {p:z}",
+            "vbroadcastsd {s:z}, qword ptr [{sp}]",
+            "vfmadd231ps {acc:z}, {s:z}, {p:z}",
+            p = out(zmm_reg) _p,
+            s = out(zmm_reg) _s,
+            x = out(zmm_reg) _x,
+            w = in(zmm_reg) codes,
+            bw = in(zmm_reg) bw,
+            q = in(reg) q,
             sp = in(reg) s,
             acc = inout(zmm_reg) *acc,
             options(pure, readonly, nostack, preserves_flags)
