@@ -17,7 +17,9 @@
 //! the fixed budget alone) and prints the decoders' gaps with and without the prompt.
 //! `SHARDLINE_CONCURRENCY_LEVELS=1,4` picks the levels, `SHARDLINE_CONCURRENCY_THREADS` the compute threads of the
 //! single process (default 2) and `SHARDLINE_CONCURRENCY_STAGE_THREADS` those of each stage (default 1: three
-//! stages share the two cores). `SHARDLINE_BENCH_QUICK=1` runs C = 1 and 4 only. Needs the default model; without it
+//! stages share the two cores). `SHARDLINE_CONCURRENCY_SIDES=engine` leaves out the swarm in report mode; the engine
+//! lines also give the process's CPU time over the decode (`cpu_s`, spinning compute threads included).
+//! `SHARDLINE_BENCH_QUICK=1` runs C = 1 and 4 only. Needs the default model; without it
 //! the bench says so and measures nothing.
 
 mod common;
@@ -70,6 +72,29 @@ struct Run {
     tokens: usize,
     elapsed: Duration,
     gaps: Vec<Duration>,
+    /// CPU time of the whole process over the decode (every compute thread, spinning included), when measured.
+    cpu: Option<Duration>,
+}
+
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+
+unsafe extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU time of this process so far (`CLOCK_PROCESS_CPUTIME_ID`): unlike wall time, it does not grow while the
+/// process waits for a core, so it stays readable on a loaded machine.
+fn process_cpu() -> Duration {
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(ts.sec as u64, ts.nsec as u32)
 }
 
 impl Run {
@@ -121,6 +146,7 @@ fn engine_run(stage: &Arc<ShardStage>, c: usize, hidden: u32, n_layers: u32, voc
     swarm.run();
     let mut next: Vec<(u64, u32)> = clients.iter().map(|cl| token(&mut swarm, *cl)).collect();
     let start = Instant::now();
+    let cpu0 = process_cpu();
     let mut gaps = Vec::with_capacity(c * NEW_TOKENS);
     let mut last = start;
     for _ in 1..NEW_TOKENS {
@@ -135,11 +161,12 @@ fn engine_run(stage: &Arc<ShardStage>, c: usize, hidden: u32, n_layers: u32, voc
         last = now;
     }
     let elapsed = start.elapsed();
+    let cpu = process_cpu() - cpu0;
     for (i, cl) in clients.iter().enumerate() {
         swarm.send(*cl, Frame::Close { session: i as u64 + 1 });
     }
     swarm.run();
-    Run { tokens: c * (NEW_TOKENS - 1), elapsed, gaps }
+    Run { tokens: c * (NEW_TOKENS - 1), elapsed, gaps, cpu: Some(cpu) }
 }
 
 /// Decoders in the fairness run, and the steps they decode before the long prompt arrives.
@@ -229,7 +256,7 @@ fn fairness_run(s: &Setup, long: Option<usize>, budget: usize, stretch: Option<f
         swarm.send(*cl, Frame::Close { session: i as u64 + 1 });
     }
     swarm.run();
-    (Run { tokens: FAIR_DECODERS * (NEW_TOKENS - 1), elapsed: end - start, gaps }, ttft)
+    (Run { tokens: FAIR_DECODERS * (NEW_TOKENS - 1), elapsed: end - start, gaps, cpu: None }, ttft)
 }
 
 /// An `Open` of the whole model for a stream of `max_tokens` positions.
@@ -442,7 +469,7 @@ async fn swarm_run(client: &SwarmClient, c: usize, vocab: usize) -> Run {
         end = end.max(*stamps.last().expect("stamps"));
         gaps.extend(stamps.windows(2).map(|w| w[1] - w[0]));
     }
-    Run { tokens: c * (NEW_TOKENS - 1), elapsed: end - start, gaps }
+    Run { tokens: c * (NEW_TOKENS - 1), elapsed: end - start, gaps, cpu: None }
 }
 
 struct Setup {
@@ -479,10 +506,11 @@ fn print_run(side: &str, c: usize, threads: usize, run: &Run) {
     let (p50, p99, max) = run.gap_ms();
     println!(
         "{{\"side\":\"{side}\",\"c\":{c},\"threads\":{threads},\"decode_tok_s\":{:.2},\"tokens\":{},\"secs\":{:.3},\
-         \"gap_p50_ms\":{p50:.2},\"gap_p99_ms\":{p99:.2},\"gap_max_ms\":{max:.2}}}",
+         \"gap_p50_ms\":{p50:.2},\"gap_p99_ms\":{p99:.2},\"gap_max_ms\":{max:.2}{cpu}}}",
         run.tok_s(),
         run.tokens,
-        run.elapsed.as_secs_f64()
+        run.elapsed.as_secs_f64(),
+        cpu = run.cpu.map(|d| format!(",\"cpu_s\":{:.3}", d.as_secs_f64())).unwrap_or_default(),
     );
 }
 
@@ -494,6 +522,9 @@ fn report(s: &Setup) {
         engine_run(&s.stage, c.min(4), s.hidden, s.n_layers as u32, s.vocab);
         let run = engine_run(&s.stage, c, s.hidden, s.n_layers as u32, s.vocab);
         print_run("engine", c, s.threads, &run);
+    }
+    if std::env::var("SHARDLINE_CONCURRENCY_SIDES").is_ok_and(|v| !v.split(',').any(|x| x.trim() == "swarm3")) {
+        return;
     }
     let max = levels.iter().copied().max().unwrap_or(1);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

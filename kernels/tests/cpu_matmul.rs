@@ -5,7 +5,7 @@ mod cpu_common;
 
 use cpu_common::{matmul as run, *};
 use shardline_kernels::cpu::CpuBackend;
-use shardline_kernels::{Backend, DType, KernelError};
+use shardline_kernels::{Backend, DType, KernelError, Tensor};
 
 /// `Σ_k x[t,k]·w[n,k]` in f64 with the weights as stored, plus `Σ |x·w|` for tolerances.
 fn reference(w: &[f32], x: &[f32], t: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
@@ -289,4 +289,55 @@ fn concurrent_callers_share_one_backend() {
             });
         }
     });
+}
+
+/// The fused CPU calls give the bits of the separate ones: `matmul_many` (Q, K, V in one fork) those of one `matmul`
+/// per weight, `matmul_swiglu` (gate, up and SwiGLU in one fork) those of `matmul`, `matmul`, `swiglu`, at every
+/// SIMD level, thread count and row count; weights of mixed formats take the separate path and agree as well.
+#[test]
+fn fused_matmuls_give_the_bits_of_the_separate_calls() {
+    let mut rng = Rng::new(9);
+    let k = 192;
+    for (dtype, other) in
+        [(DType::Q4_1, DType::Q4_1), (DType::Q8_0, DType::Q8_0), (DType::F16, DType::F16), (DType::Q4_0, DType::Q8_0)]
+    {
+        for level in levels() {
+            for threads in [1, 2, 3] {
+                let be = CpuBackend::with_simd(threads, level).unwrap();
+                let shapes = [(200, dtype), (64, dtype), (68, other)];
+                let ws: Vec<Tensor> =
+                    shapes.iter().map(|&(n, dt)| weight(&be, dt, &[n, k], &rng.vec(n * k, 1.0))).collect();
+                for t in [1, 3, 16, 17] {
+                    let x = act(&be, &[t, k], &rng.vec(t * k, 2.0));
+                    let mut outs: Vec<Tensor> = shapes.iter().map(|&(n, _)| be.alloc(&[t, n]).unwrap()).collect();
+                    {
+                        let mut pairs: Vec<(&Tensor, &mut Tensor)> = ws.iter().zip(outs.iter_mut()).collect();
+                        be.matmul_many(&x, &mut pairs).unwrap();
+                    }
+                    for (w, o) in ws.iter().zip(&outs) {
+                        let mut alone = be.alloc(o.shape()).unwrap();
+                        be.matmul(&x, w, &mut alone).unwrap();
+                        let what = format!("matmul_many {dtype}/{other} {level} {threads} threads, {t} rows");
+                        assert_eq!(
+                            bits(&be.download_f32(o).unwrap()),
+                            bits(&be.download_f32(&alone).unwrap()),
+                            "{what}"
+                        );
+                    }
+                    // gate and up: the first weight and one of the same shape (and, in the mixed case, format).
+                    let up = weight(&be, other, &[200, k], &rng.vec(200 * k, 1.0));
+                    let (mut g, mut u, mut out) =
+                        (be.alloc(&[t, 200]).unwrap(), be.alloc(&[t, 200]).unwrap(), be.alloc(&[t, 200]).unwrap());
+                    be.matmul_swiglu(&x, (&ws[0], &up), (&mut g, &mut u), &mut out).unwrap();
+                    let (mut g1, mut u1, mut out1) =
+                        (be.alloc(&[t, 200]).unwrap(), be.alloc(&[t, 200]).unwrap(), be.alloc(&[t, 200]).unwrap());
+                    be.matmul(&x, &ws[0], &mut g1).unwrap();
+                    be.matmul(&x, &up, &mut u1).unwrap();
+                    be.swiglu(&g1, &u1, &mut out1).unwrap();
+                    let what = format!("matmul_swiglu {dtype}/{other} {level} {threads} threads, {t} rows");
+                    assert_eq!(bits(&be.download_f32(&out).unwrap()), bits(&be.download_f32(&out1).unwrap()), "{what}");
+                }
+            }
+        }
+    }
 }

@@ -302,15 +302,19 @@ fn attention_matches_f64_over_a_paged_cache_with_several_sequences() {
             start += n;
         }
         let mut first: Option<Vec<u32>> = None;
-        for threads in [1, 2, 3] {
-            let be = CpuBackend::new(threads);
+        // Every SIMD level (the scalar code first) and thread count gives the same bits.
+        let backends = shardline_kernels::cpu::SimdLevel::ALL
+            .into_iter()
+            .flat_map(|level| [1, 2, 3].map(|threads| (level, threads)))
+            .filter_map(|(level, threads)| Some((threads, CpuBackend::with_simd(threads, level)?)));
+        for (threads, be) in backends {
             let (kc, vc) = case.caches(&be);
             let mut out = be.alloc(&[total, width]).unwrap();
             be.attention(&act(&be, &[total, width], &q), &kc, &vc, &seqs, &shape, &mut out).unwrap();
             let got = be.download_f32(&out).unwrap();
             match &first {
                 None => first = Some(bits(&got)),
-                Some(f) => assert_eq!(f, &bits(&got), "{threads} threads"),
+                Some(f) => assert_eq!(f, &bits(&got), "{}, {threads} threads", be.simd_level()),
             }
             for (s, seq) in seqs.iter().enumerate() {
                 for (i, row) in seq.rows.clone().enumerate() {

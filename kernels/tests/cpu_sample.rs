@@ -44,6 +44,36 @@ fn greedy_is_argmax_with_exact_logprobs_and_top_list() {
     }
 }
 
+/// The draw, its log-probability and the top list are the same bits at every SIMD level (the scalar code first),
+/// for greedy and tempered draws, over vocabularies with a tail shorter than a vector and with ties at the top.
+#[test]
+fn every_simd_level_samples_the_same_bits() {
+    use shardline_kernels::cpu::SimdLevel;
+    let mut rng = Rng::new(33);
+    for vocab in [1, 7, 1000, 49152, 49157] {
+        let mut v = rng.vec(vocab, 6.0);
+        if vocab > 10 {
+            let top = v.iter().fold(f32::MIN, |m, &x| m.max(x));
+            v[3] = top + 1.0;
+            v[vocab - 2] = top + 1.0;
+            v[vocab / 2] = -0.0;
+        }
+        for p in [SamplingParams::GREEDY, params(0.7, 0, 0.9, 5), params(1e-30, 0, 1.0, 1), params(1.3, 40, 1.0, 2)] {
+            let mut first = None;
+            for level in SimdLevel::ALL {
+                let Some(be) = CpuBackend::with_simd(1, level) else { continue };
+                let s = be.sample(&logits(&be, &v), 0, &p, 11, 5).unwrap();
+                let got =
+                    (s.token, s.logprob.to_bits(), s.top.iter().map(|&(t, l)| (t, l.to_bits())).collect::<Vec<_>>());
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert_eq!(f, &got, "{level:?}, vocab {vocab}, {p:?}"),
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn ties_go_to_the_lowest_token_id() {
     let be = CpuBackend::new(1);

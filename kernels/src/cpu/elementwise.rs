@@ -20,6 +20,11 @@ pub(crate) fn swiglu(ex: Exec<'_>, gate: &[f32], up: &[f32], out: &mut [f32]) {
     ex.pool.run_each(items, |(range, o)| swiglu_chunk(ex.avx2, &gate[range.start..], &up[range.start..], o));
 }
 
+/// `out = silu(gate) · up` on one slice, on the calling thread (the fused gate/up matmul's epilogue).
+pub(crate) fn swiglu_slice(avx2: bool, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    swiglu_chunk(avx2, gate, up, out);
+}
+
 avx2_variant! {
     fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) => swiglu_body
 }

@@ -249,6 +249,20 @@ impl Backend for CpuBackend {
         matmul::matmul(self, x, w, out)
     }
 
+    fn matmul_many(&self, x: &Tensor, outs: &mut [(&Tensor, &mut Tensor)]) -> Result<()> {
+        matmul::matmul_many(self, x, outs)
+    }
+
+    fn matmul_swiglu(
+        &self,
+        x: &Tensor,
+        ws: (&Tensor, &Tensor),
+        scratch: (&mut Tensor, &mut Tensor),
+        out: &mut Tensor,
+    ) -> Result<()> {
+        matmul::matmul_swiglu(self, x, ws, scratch, out)
+    }
+
     fn rope(
         &self,
         x: &mut Tensor,

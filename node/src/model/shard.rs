@@ -118,7 +118,14 @@ pub struct Shard {
     block_tokens: usize,
     /// Padding sessions of the decode step's CUDA graphs (`graph_step.rs`).
     steps: graph_step::DecodeSteps,
+    /// The logits of the last batch whose rows were copied out item by item, kept for the next one of the same
+    /// shape: a fresh multi-megabyte buffer per decode step is mapped anew by the allocator each time, and its page
+    /// faults cost about as much as the LM head's multiply over it (CPU, 16 rows). At most [`KEEP_LOGITS_ROWS`] rows.
+    logits_scratch: Mutex<Option<Tensor>>,
 }
+
+/// Largest batch of logit rows whose buffer a shard keeps between forwards (3 MiB for SmolLM2 at 16 rows).
+const KEEP_LOGITS_ROWS: usize = 64;
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -249,6 +256,7 @@ impl Shard {
             allocator,
             block_tokens,
             steps: graph_step::DecodeSteps::default(),
+            logits_scratch: Mutex::new(None),
         })
     }
 
@@ -523,7 +531,12 @@ impl Shard {
             }
             let mut normed = b.alloc(&[rows, c.hidden])?;
             b.rms_norm(&last, &head.norm, c.rms_eps, &mut normed)?;
-            let mut l = b.alloc(&[rows, c.vocab])?;
+            // Every row is overwritten by the matmul, so a kept buffer of this shape serves as well as a new one.
+            let kept = self.logits_scratch.lock().take().filter(|t| t.shape() == [rows, c.vocab]);
+            let mut l = match kept {
+                Some(t) => t,
+                None => b.alloc(&[rows, c.vocab])?,
+            };
             b.matmul(&normed, &head.lm_head, &mut l)?;
             logits = Some(l);
         }
@@ -549,6 +562,9 @@ impl Shard {
             b.copy_rows(l, at, &mut mine, 0, w.len())?;
             at += w.len();
             out.push(ShardOutput::Logits(mine));
+        }
+        if let Some(l) = logits.filter(|l| l.rows() <= KEEP_LOGITS_ROWS) {
+            *self.logits_scratch.lock() = Some(l);
         }
         Ok(out)
     }

@@ -93,6 +93,27 @@ impl Out {
         Self { ptr: out.as_mut_ptr(), stride, len: out.len() }
     }
 
+    /// Columns `cols` of row `t`, to read.
+    ///
+    /// # Safety
+    /// Row `t` and `cols` inside the output; no other thread writes those elements while the slice lives.
+    pub(crate) unsafe fn row<'a>(self, t: usize, cols: Range<usize>) -> &'a [f32] {
+        debug_assert!(t * self.stride + cols.end <= self.len && cols.start <= cols.end);
+        // SAFETY: in bounds and not written concurrently by the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(t * self.stride + cols.start), cols.len()) }
+    }
+
+    /// Columns `cols` of row `t`, to write.
+    ///
+    /// # Safety
+    /// As [`Out::row`], and no other thread reads or writes those elements while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn row_mut<'a>(self, t: usize, cols: Range<usize>) -> &'a mut [f32] {
+        debug_assert!(t * self.stride + cols.end <= self.len && cols.start <= cols.end);
+        // SAFETY: in bounds and exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(t * self.stride + cols.start), cols.len()) }
+    }
+
     /// Writes `out[t, n]`.
     ///
     /// # Safety
