@@ -430,9 +430,42 @@ fn token(swarm: &mut LocalSwarm<Arc<ShardStage>>, c: shardline_node::stage::loca
     }
 }
 
-/// Three nodes on loopback serving `model` in equal spans, and a client that found them.
+/// The groups each stage splits its decoders into (`StageConfig::decode_groups`, `SHARDLINE_CONCURRENCY_GROUPS`):
+/// by default 2, since the three 1-thread stages share two cores, so two groups in flight keep both busy.
+fn decode_groups() -> usize {
+    env_usize("SHARDLINE_CONCURRENCY_GROUPS", 2).max(1)
+}
+
+/// Three nodes on loopback serving `model`, and a client that found them. The spans are equal unless
+/// `SHARDLINE_CONCURRENCY_SPLIT` gives the layers of each stage (`12,12,6`); `SHARDLINE_CONCURRENCY_GATHER_US` sets
+/// the stages' gather window (`StageConfig::gather_wait`) in microseconds.
 async fn swarm(model: &Path, n_layers: usize, threads: usize, sessions: usize) -> (Vec<NodeHandle>, SwarmClient) {
-    let (nodes, client, _) = common::swarm::loopback_swarm(model, n_layers, 3, threads, Some(sessions)).await;
+    let spans = match std::env::var("SHARDLINE_CONCURRENCY_SPLIT") {
+        Ok(v) => {
+            let mut start = 0;
+            let spans: Vec<LayerRange> = v
+                .split(',')
+                .filter_map(|x| x.trim().parse::<usize>().ok())
+                .map(|n| {
+                    let r = LayerRange::new(start, start + n);
+                    start += n;
+                    r
+                })
+                .collect();
+            assert_eq!(start, n_layers, "SHARDLINE_CONCURRENCY_SPLIT must cover the model's {n_layers} layers");
+            spans
+        }
+        Err(_) => LayerRange::split_evenly(n_layers, 3),
+    };
+    let gather = std::env::var("SHARDLINE_CONCURRENCY_GATHER_US").ok().and_then(|v| v.parse::<u64>().ok());
+    let groups = decode_groups();
+    let tune = |c: &mut StageConfig| {
+        if let Some(us) = gather {
+            c.gather_wait = Duration::from_micros(us);
+        }
+        c.decode_groups = groups;
+    };
+    let (nodes, client, _) = common::swarm::loopback_swarm_with(model, spans, threads, Some(sessions), tune).await;
     (nodes, client)
 }
 
@@ -514,26 +547,65 @@ fn print_run(side: &str, c: usize, threads: usize, run: &Run) {
     );
 }
 
+/// `(user + system CPU time, voluntary + involuntary context switches)` of this whole process so far.
+fn process_usage() -> (Duration, u64) {
+    // SAFETY: `getrusage` fills the zeroed struct it is given; RUSAGE_SELF is always valid.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage for the duration of the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return (Duration::ZERO, 0);
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(u.ru_utime) + tv(u.ru_stime), (u.ru_nvcsw + u.ru_nivcsw) as u64)
+}
+
+/// CPU milliseconds the whole process spent per decoded token during a run, and context switches per token: what a
+/// side costs the machine, far less sensitive to other load than its tokens/s (a busy machine stretches the wall
+/// clock, not the work).
+fn cpu_per_token(before: (Duration, u64), after: (Duration, u64), tokens: usize) -> (f64, f64) {
+    let t = tokens.max(1) as f64;
+    ((after.0 - before.0).as_secs_f64() * 1e3 / t, (after.1 - before.1) as f64 / t)
+}
+
+/// The 1-minute load average, printed beside every figure.
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
 /// One run per (side, level), printed as JSON lines.
 fn report(s: &Setup) {
     let levels = levels();
     for &c in &levels {
         // A first run warms the caches and the allocator; the second is reported.
         engine_run(&s.stage, c.min(4), s.hidden, s.n_layers as u32, s.vocab);
+        let before = process_usage();
         let run = engine_run(&s.stage, c, s.hidden, s.n_layers as u32, s.vocab);
+        let (cpu, cs) = cpu_per_token(before, process_usage(), run.tokens);
         print_run("engine", c, s.threads, &run);
+        println!(
+            "{{\"side\":\"engine_cpu\",\"c\":{c},\"cpu_ms_per_token\":{cpu:.3},\"switches_per_token\":{cs:.2},\
+             \"load1\":{:.2}}}",
+            load1()
+        );
     }
     if std::env::var("SHARDLINE_CONCURRENCY_SIDES").is_ok_and(|v| !v.split(',').any(|x| x.trim() == "swarm3")) {
         return;
     }
     let max = levels.iter().copied().max().unwrap_or(1);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let workers = env_usize("SHARDLINE_CONCURRENCY_WORKERS", 2);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().expect("runtime");
     let (nodes, client) = rt.block_on(swarm(&s.model, s.n_layers, s.stage_threads, max));
     for &c in &levels {
         rt.block_on(swarm_run(&client, c.min(4), s.vocab));
         let before: Vec<_> = nodes.iter().map(|n| n.server().probe().batch_stats()).collect();
+        let usage = process_usage();
         let run = rt.block_on(swarm_run(&client, c, s.vocab));
+        let (cpu, cs) = cpu_per_token(usage, process_usage(), run.tokens);
         print_run("swarm3", c, s.stage_threads, &run);
+        println!("{{\"side\":\"swarm3_config\",\"c\":{c},\"decode_groups\":{}}}", decode_groups());
         // How the sessions were batched on each stage during the run (prefill included): mean sessions per batch.
         let per_stage: Vec<String> = nodes
             .iter()
@@ -542,10 +614,22 @@ fn report(s: &Setup) {
                 let a = n.server().probe().batch_stats();
                 let batches = a.batches - b.batches;
                 let sessions = (a.total_sessions - b.total_sessions) as f64 / batches.max(1) as f64;
-                format!("{{\"batches\":{batches},\"mean_sessions\":{sessions:.2}}}")
+                // Busy: compute wall time over the run's (prefill included, so it can pass 1 at small C); CPU: the
+                // compute thread's own CPU time per decoded token, the stage's share of the work.
+                let busy = (a.compute_ns - b.compute_ns) as f64 / 1e9 / run.elapsed.as_secs_f64();
+                let cpu = (a.compute_cpu_ns - b.compute_cpu_ns) as f64 / 1e6 / run.tokens.max(1) as f64;
+                format!(
+                    "{{\"batches\":{batches},\"mean_sessions\":{sessions:.2},\"busy\":{busy:.2},\
+                     \"compute_cpu_ms_per_token\":{cpu:.3}}}"
+                )
             })
             .collect();
         println!("{{\"side\":\"swarm3_batches\",\"c\":{c},\"stages\":[{}]}}", per_stage.join(","));
+        println!(
+            "{{\"side\":\"swarm3_cpu\",\"c\":{c},\"cpu_ms_per_token\":{cpu:.3},\"switches_per_token\":{cs:.2},\
+             \"load1\":{:.2}}}",
+            load1()
+        );
     }
     drop(client);
     drop(nodes);

@@ -21,9 +21,22 @@ pub async fn loopback_swarm(
     threads: usize,
     sessions: Option<usize>,
 ) -> (Vec<NodeHandle>, SwarmClient, Route) {
+    loopback_swarm_with(model, LayerRange::split_evenly(n_layers, k), threads, sessions, |_| {}).await
+}
+
+/// [`loopback_swarm`] over the given spans (contiguous, covering the model), each node's stage config adjusted by
+/// `tune` after the defaults.
+#[allow(dead_code)] // not every bench that includes this module tunes its stages
+pub async fn loopback_swarm_with(
+    model: &Path,
+    spans: Vec<LayerRange>,
+    threads: usize,
+    sessions: Option<usize>,
+    tune: impl Fn(&mut shardline_node::stage::StageConfig),
+) -> (Vec<NodeHandle>, SwarmClient, Route) {
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut boot = Vec::new();
-    for span in LayerRange::split_evenly(n_layers, k) {
+    for span in spans {
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut args = NodeArgs::new(model.to_path_buf(), span, Arc::new(CpuBackend::new(threads)), listen);
         args.p2p_listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")];
@@ -34,6 +47,7 @@ pub async fn loopback_swarm(
             // from any single peer by default, docs/SECURITY.md, *Stage*).
             args.stage.max_sessions_per_peer = Some(s);
         }
+        tune(&mut args.stage);
         let n = start_node(args).await.expect("start node");
         if boot.is_empty() {
             boot = n.p2p_addrs.clone();

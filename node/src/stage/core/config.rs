@@ -38,6 +38,14 @@ pub struct StageConfig {
     /// Keeps sessions that travel the pipeline together in one batch instead of splitting on the transport's jitter
     /// (`StageCore::gather`). The in-process driver sets it to zero: it delivers a step's inputs before polling.
     pub gather_wait: Duration,
+    /// Groups the stage splits its decoding sessions into: a batch holds at most ⌈decoding sessions / groups⌉ decode
+    /// rows, the sessions that have waited longest first, so that several groups travel the pipeline at once and
+    /// its stages compute side by side (pipeline micro-batches). 1 (the default): every ready decode in one batch.
+    /// Worth raising only where the stages of one route share the cores: three 1-thread stages on a 2-core machine
+    /// keep both cores busy with 2 groups (one group leaves all but one stage idle), and a 16-session group splits
+    /// into two of 8 instead of into the uneven pieces the transport's jitter would cut
+    /// (docs/PERFORMANCE.md, "Where the 3-stage swarm loses at C = 16").
+    pub decode_groups: usize,
     /// Opens that may wait for KV-cache blocks when the pool is full (each at most `connect_timeout`); more are
     /// refused `Busy` at once.
     pub max_waiting: usize,
@@ -66,6 +74,7 @@ impl Default for StageConfig {
             batch_tokens: 128,
             max_step_stretch: 3.0,
             gather_wait: Duration::from_millis(2),
+            decode_groups: 1,
             max_waiting: 16,
             next_hops: HopPolicy::Signed,
         }

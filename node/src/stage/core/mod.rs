@@ -228,7 +228,7 @@ impl<M: StageModel> StageCore<M> {
                 _ => None,
             })
             .sum();
-        if ready_rows >= self.config.batch_tokens {
+        if ready_rows >= self.config.batch_tokens || self.ready_decodes() >= self.decode_cap() {
             return false;
         }
         self.hold_until = Some(now + wait);
@@ -261,6 +261,26 @@ impl<M: StageModel> StageCore<M> {
                     && self.unsent(s.output_stream()) < OUTPUT_WINDOW
             })
             .count()
+    }
+
+    /// Sessions with a decode ready for the next batch.
+    fn ready_decodes(&self) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| self.is_candidate(s))
+            .filter(|s| matches!(s.queue.front(), Some(Queued::Chunk(c)) if matches!(c.kind, ChunkKind::Decode)))
+            .count()
+    }
+
+    /// The most decode rows one batch takes: the sessions decoding through this stage split into
+    /// [`StageConfig::decode_groups`] groups (no bound with one group).
+    fn decode_cap(&self) -> usize {
+        let groups = self.config.decode_groups.max(1);
+        if groups == 1 {
+            return usize::MAX;
+        }
+        let decoding = self.sessions.values().filter(|s| matches!(s.phase, Phase::Running) && s.awaits_decode).count();
+        decoding.div_ceil(groups).max(1)
     }
 
     /// Whether a session can go into the next batch now.
@@ -395,6 +415,7 @@ impl<M: StageModel> StageCore<M> {
             }
             Event::ComputeTime(took) => {
                 self.last_step = Some(took);
+                self.gauge.add_compute(took);
                 if let Some(shape) = self.timed_shape.take() {
                     self.cost.observe(&shape, took);
                 }
@@ -842,21 +863,37 @@ impl<M: StageModel> StageCore<M> {
     /// fit.
     fn build_batch(&mut self) {
         self.hold_until = None;
-        let candidates: Vec<Candidate> = self
+        let mut candidates: Vec<(u64, Candidate)> = self
             .sessions
             .iter()
             .filter(|(_, s)| self.is_candidate(s))
             .filter_map(|(id, s)| match s.queue.front() {
-                Some(Queued::Chunk(c)) => Some(Candidate {
-                    session: *id,
-                    decode: matches!(c.kind, ChunkKind::Decode),
-                    rows: c.data.n_tokens(),
-                    start: c.position,
-                    arrival: s.arrival,
-                }),
+                Some(Queued::Chunk(c)) => Some((
+                    s.cohort,
+                    Candidate {
+                        session: *id,
+                        decode: matches!(c.kind, ChunkKind::Decode),
+                        rows: c.data.n_tokens(),
+                        start: c.position,
+                        arrival: s.arrival,
+                    },
+                )),
                 _ => None,
             })
             .collect();
+        // Beyond the decode cap, the sessions of the oldest cohorts (batched here longest ago) go first, a cohort
+        // whole where it fits; the rest wait for the next batch, where they are the oldest.
+        let cap = self.decode_cap();
+        if candidates.iter().filter(|(_, c)| c.decode).count() > cap {
+            candidates.sort_by_key(|(cohort, c)| (!c.decode, *cohort, c.arrival, c.session));
+            let mut taken = 0;
+            candidates.retain(|(_, c)| {
+                let keep = !c.decode || taken < cap;
+                taken += usize::from(c.decode);
+                keep
+            });
+        }
+        let candidates: Vec<Candidate> = candidates.into_iter().map(|(_, c)| c).collect();
         let mut items = Vec::new();
         let mut shape = StepShape::default();
         let cohort = self.batches + 1;

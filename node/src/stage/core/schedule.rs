@@ -20,7 +20,8 @@
 //! scripted arrivals and scripted step times.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use shardline_proto::wire::{HiddenStates, SessionId, StageData};
 
@@ -174,6 +175,8 @@ struct GaugeInner {
     opens: AtomicUsize,
     total_rows: AtomicUsize,
     total_sessions: AtomicUsize,
+    compute_ns: AtomicU64,
+    compute_cpu_ns: AtomicU64,
 }
 
 /// A reading of [`BatchGauge`].
@@ -196,6 +199,12 @@ pub struct BatchStats {
     /// Session chunks over every batch since the stage started (with `batches`: the mean sessions per batch, which
     /// shows whether sessions stay together or drift apart into smaller batches).
     pub total_sessions: usize,
+    /// Wall time of every batch's compute since the stage started, as the driver reported it (with the time between
+    /// two readings: how busy the stage was).
+    pub compute_ns: u64,
+    /// CPU time the compute thread spent in those batches, where the driver measures it (the QUIC server on Linux;
+    /// zero elsewhere): below `compute_ns` when the thread was preempted or waited.
+    pub compute_cpu_ns: u64,
 }
 
 impl BatchGauge {
@@ -210,7 +219,18 @@ impl BatchGauge {
             waiting_opens: i.opens.load(Ordering::Relaxed),
             total_rows: i.total_rows.load(Ordering::Relaxed),
             total_sessions: i.total_sessions.load(Ordering::Relaxed),
+            compute_ns: i.compute_ns.load(Ordering::Relaxed),
+            compute_cpu_ns: i.compute_cpu_ns.load(Ordering::Relaxed),
         }
+    }
+
+    /// Adds the CPU time a batch's compute took on its thread (the driver measures it; the core has no clock).
+    pub fn add_compute_cpu(&self, cpu: Duration) {
+        self.inner.compute_cpu_ns.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn add_compute(&self, took: Duration) {
+        self.inner.compute_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     }
 
     pub(super) fn record(&self, sessions: usize, rows: usize, queued: usize) {

@@ -975,6 +975,48 @@ fn without_step_times_or_with_no_window_nothing_waits() {
     assert_eq!(take_batch(h.frame(streams[0], decode(1, pos, 5))).items.len(), 1);
 }
 
+#[test]
+fn decode_groups_split_the_decoders_into_batches_that_keep_together() {
+    let mut h = Harness::new(StageConfig { max_sessions: 8, decode_groups: 2, ..config() });
+    let ids = [1, 2, 3, 4, 5];
+    let streams: Vec<StreamId> = ids.iter().map(|&s| h.open(s)).collect();
+    for (&s, &stream) in ids.iter().zip(&streams) {
+        prefilled(&mut h, stream, s, &[1, 2]);
+    }
+    // Five decoders in two groups: at most three decode rows a batch, the oldest first; the rest go next.
+    let mut pos = 2;
+    for round in 0..3 {
+        for (&s, &stream) in ids.iter().zip(&streams) {
+            h.core.handle(h.now, Event::Frame { stream, frame: decode(s, pos, 5) });
+        }
+        let mut groups = Vec::new();
+        while let Some(a) = h.core.poll_action() {
+            let Action::Compute(batch) = a else { continue };
+            groups.push(shape(&batch).iter().map(|r| r.0).collect::<Vec<_>>());
+            h.core.handle(h.now, done(batch, |_| token(3)));
+            for &stream in &streams {
+                h.core.handle(h.now, Event::Sent { stream });
+            }
+        }
+        // The same two groups every round: the first three sessions (the oldest), then the other two.
+        assert_eq!(groups, [vec![1, 2, 3], vec![4, 5]], "round {round}");
+        pos += 1;
+    }
+    // The second group's next decodes arrive first: they go first, and the first group, arriving during that
+    // batch, goes whole after it.
+    for &i in &[3, 4] {
+        h.core.handle(h.now, Event::Frame { stream: streams[i], frame: decode(ids[i], pos, 5) });
+    }
+    let batch = take_batch(std::iter::from_fn(|| h.core.poll_action()).collect());
+    assert_eq!(shape(&batch).iter().map(|r| r.0).collect::<Vec<_>>(), [4, 5]);
+    for &i in &[0, 1, 2] {
+        h.core.handle(h.now, Event::Frame { stream: streams[i], frame: decode(ids[i], pos, 5) });
+    }
+    h.core.handle(h.now, done(batch, |_| token(3)));
+    let batch = take_batch(std::iter::from_fn(|| h.core.poll_action()).collect());
+    assert_eq!(shape(&batch).iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
 // ---- admission by free KV blocks ----
 
 #[test]
