@@ -173,7 +173,7 @@ impl DoubleStage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// What one decode step of `layers` layers stages, in the order the CUDA backend's ops stage it
@@ -261,15 +261,17 @@ mod tests {
         assert_eq!(replayed[..2], captured[..2]);
     }
 
+    /// A device operation as the staging area issues it (shared with step_record.rs's tests).
     #[derive(Debug, PartialEq, Eq)]
-    enum Op {
+    pub(in crate::cuda) enum Op {
         Wait(usize),
         Copy(usize, usize),
         Launch,
     }
 
+    /// Records the device operations instead of issuing them.
     #[derive(Default)]
-    struct Recorder(Vec<Op>);
+    pub(in crate::cuda) struct Recorder(pub(in crate::cuda) Vec<Op>);
 
     impl StageOps for Recorder {
         fn wait_copy(&mut self, half: usize) -> Result<()> {

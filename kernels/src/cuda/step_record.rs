@@ -515,7 +515,8 @@ mod tests_support {
 
 #[cfg(test)]
 mod tests {
-    use super::super::stage_plan::{DoubleStage, GRAPH_STAGING_BYTES, StageOps};
+    use super::super::stage_plan::tests::{Op, Recorder};
+    use super::super::stage_plan::{DoubleStage, GRAPH_STAGING_BYTES};
     use super::tests_support::*;
     use super::*;
     use crate::rng::SplitMix64 as Rng;
@@ -660,31 +661,6 @@ mod tests {
         rec.begin(None);
         shard.step(&mut rec, &mut vec![0; GRAPH_STAGING_BYTES], &inputs(&b, &seqs)).expect("step");
         assert!(rec.finish_capture().is_none());
-    }
-
-    #[derive(Debug, PartialEq, Eq)]
-    enum Op {
-        Wait(usize),
-        Copy(usize, usize),
-        Launch,
-    }
-
-    #[derive(Default)]
-    struct Recorder(Vec<Op>);
-
-    impl StageOps for Recorder {
-        fn wait_copy(&mut self, half: usize) -> Result<()> {
-            self.0.push(Op::Wait(half));
-            Ok(())
-        }
-        fn copy(&mut self, half: usize, len: usize) -> Result<()> {
-            self.0.push(Op::Copy(half, len));
-            Ok(())
-        }
-        fn launch(&mut self) -> Result<()> {
-            self.0.push(Op::Launch);
-            Ok(())
-        }
     }
 
     #[test]
