@@ -349,7 +349,13 @@ pub async fn route(
             None => Err(RouteError::UnknownModel { model_id: model_id.to_string(), model: model_id.to_string() }),
             Some(shape) => {
                 let cands = candidates(registry, model_id);
-                plan(model_id, &cands, shape.n_layers as usize, excluded, rand::random())
+                let planned = plan(model_id, &cands, shape.n_layers as usize, excluded, rand::random());
+                if let Ok(r) = &planned {
+                    let seen: Vec<(PeerId, Option<f64>, u32, Duration)> =
+                        cands.iter().map(|c| (c.peer, c.ms_per_layer, c.in_flight, c.rtt)).collect();
+                    tracing::debug!(route = ?r.peers(), cost_ms = r.cost_ms, candidates = ?seen, "route planned");
+                }
+                planned
             }
         };
         let Err(mut err) = attempt else { return attempt };

@@ -21,6 +21,14 @@ pub fn any_loopback_tcp() -> Multiaddr {
     "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")
 }
 
+/// Prints the warnings of every node and client of the test process (failovers, bans and their reasons) on stdout,
+/// so a failing swarm test shows why; `RUST_LOG` overrides the filter.
+pub fn logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p=error"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 pub fn cpu(threads: usize) -> Arc<dyn Backend> {
     Arc::new(CpuBackend::new(threads))
 }
@@ -35,6 +43,7 @@ pub async fn start_nodes(
     threads: usize,
     tweak: impl Fn(&mut NodeArgs),
 ) -> (Vec<NodeHandle>, Vec<Multiaddr>) {
+    logs();
     let mut boot = boot.to_vec();
     let mut nodes = Vec::new();
     for &(a, b) in spans {
@@ -77,6 +86,7 @@ pub async fn node_on(
     tweak: impl FnOnce(&mut NodeArgs),
 ) -> NodeHandle {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    logs();
     let mut args = NodeArgs::new(model.to_path_buf(), layers, cpu(1), listen);
     args.p2p_listen = vec![any_loopback_tcp()];
     args.bootstrap = bootstrap.to_vec();
