@@ -1,5 +1,7 @@
 // Decode GEMV for the quantised formats on Q8 activations: those of weights_q.cuh (Q5_0, Q5_1, IQ4_NL, Q2_K .. Q6_K,
-// IQ4_XS) at every T, and Q8_0/Q4_0/Q4_1 at T >= 2 (their one-row GEMV is in gemv.cu).
+// IQ4_XS) at every T, and Q8_0/Q4_0/Q4_1 at T >= 2; one row of Q8_0/Q4_0/Q4_1 by gemv1q_impl below, which quantises
+// the row inside each block (no quantize_q8 launch; gemv.cu's 16-bit-activation kernel only when the block's K range
+// would need more than 48 KiB of shared memory).
 //
 // A step first quantises its activation rows once (quantize_q8_*: per 32 values, int8 codes and a float4 meta
 // {d, d * sum q[0..16], d, d * sum q[16..32]}, `d = amax / 127`, round half to even — the CPU's rule in
