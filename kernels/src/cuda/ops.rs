@@ -464,10 +464,11 @@ impl Backend for CudaBackend {
         let (xp, op) = (self.act_ptr("matmul", x)?, self.act_ptr("matmul", out)?);
         let (qs, sc) = Self::weight_ptrs(w)?;
         let (act, wd) = (self.act, w.dtype());
-        if t == 1 && names::one_row_on_act(wd) {
-            if let Some(plan) = xs_plan(n, k, self.info.multiprocessors as usize) {
-                return self.matmul_xs(MatmulPtrs { x: xp, qs, sc, out: op }, (k, n), wd, plan);
-            }
+        if t == 1
+            && names::one_row_on_act(wd)
+            && let Some(plan) = xs_plan(n, k, self.info.multiprocessors as usize)
+        {
+            return self.matmul_xs(MatmulPtrs { x: xp, qs, sc, out: op }, (k, n), wd, plan);
         }
         if names::Q8_ACT_WEIGHT_DTYPES.contains(&wd) && !(t == 1 && names::one_row_on_act(wd)) {
             return self.matmul_q8(MatmulPtrs { x: xp, qs, sc, out: op }, (t, k, n), wd);
