@@ -129,6 +129,11 @@ fn matmul(d: &Device) {
                 (13, 45, 96),
                 (130, 129, 96),
                 (1, 24, 8192),
+                // One row of Q8_0/Q4_0/Q4_1 (CUDA: the in-block quantising kernels of gemv_q8.cu): split in two
+                // (512 32-blocks, 3 output blocks), and a K range over their 48 KiB of shared memory (1025 blocks
+                // unsplit), which falls back to gemv.cu's kernel on 16-bit activations.
+                (1, 24, 16384),
+                (1, 600, 32800),
                 (9, 37, 288),
                 (64, 300, 1024),
                 (65, 129, 4096),
