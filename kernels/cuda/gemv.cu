@@ -1,6 +1,6 @@
 // Decode matrix-vector products: out[t, n] = sum_k x[t, k] * w[n, k] for a few rows t (the sessions of a decode
-// batch) and plain weights (f32, f16, bf16), or one row of Q8_0/Q4_0/Q4_1, dequantised in registers (the other
-// quantised cases run on Q8 activations in gemv_q8.cu).
+// batch) and plain weights (f32, f16, bf16), or one row of Q8_0/Q4_0/Q4_1 over a K too long for gemv_q8.cu's
+// one-row kernel, dequantised in registers (every other quantised case runs on Q8 activations in gemv_q8.cu).
 //
 // Launch: block 128 threads = 4 warps; each warp owns GEMV_ROWS = 2 consecutive output rows n and walks K in 16-byte
 // weight chunks (lane-strided, so a warp reads 512 contiguous bytes of each row per chunk step), accumulating every
@@ -148,9 +148,9 @@ __device__ __forceinline__ void gemv_scalar_impl(const u8* __restrict__ qs, cons
         const u8* qs, const u8* sc, const u16* x, u16* out, int N, int K, int T) {                                   \
         gemv_scalar_impl<A, W>(qs, sc, x, out, N, K, T);                                                             \
     }
-// Q8_0/Q4_0/Q4_1 keep their one-row GEMV (and split-K) here, on 16-bit activations: at T = 1 the separate
-// activation-quantisation launch of gemv_q8.cu costs more than their conversions save (docs/CUDA.md, "Quantised
-// GEMV"); T >= 2 runs gemv_q8.cu's dp4a kernels. Every other quantised format is in gemv_q8.cu only.
+// Q8_0/Q4_0/Q4_1 keep a one-row GEMV (and split-K) here, on 16-bit activations, as the fallback for K ranges too
+// long for the shared-memory quantisation of gemv_q8.cu's one-row dp4a kernels (gemv1q_impl; docs/CUDA.md,
+// "Quantised GEMV"); T >= 2 runs gemv_q8.cu's dp4a kernels. Every other quantised format is in gemv_q8.cu only.
 #define GEMV_T1(act, A, wname, W)                                                                                    \
     GEMV_NT(act, A, wname, W, 1) GEMV_SPLITK(act, A, wname, W) GEMV_SWIGLU_NT(act, A, wname, W, 1)
 #define GEMV_ACT(act, A)                                                                                             \

@@ -8,8 +8,13 @@
 // in the next iteration, so neither NVVM nor ptxas can sink a load next to its use; docs/CUDA.md "GEMV: loads in
 // flight"), then the < U remaining steps one at a time. load0(c) / load1(c) load chunk c of row 0 / row 1;
 // step(w0, w1, c) adds chunk c of both rows into the accumulators.
-template <int U, class Chunk, class Load0, class Load1, class Step>
-__device__ __forceinline__ void gemv_walk(int c, int chunks, const Load0& load0, const Load1& load1, const Step& step) {
+//
+// pro() runs once, by every thread of the block, after the first group's loads are issued and before any step:
+// gemv_q8.cu's one-row kernel quantises its activations into shared memory there (and waits at a barrier) while
+// those loads travel.
+template <int U, class Chunk, class Load0, class Load1, class Step, class Pro>
+__device__ __forceinline__ void gemv_walk(int c, int chunks, const Load0& load0, const Load1& load1, const Step& step,
+                                          const Pro& pro) {
     Chunk n0w[U], n1w[U];
     bool more = c + 32 * (U - 1) < chunks;
     if (more) {
@@ -19,6 +24,7 @@ __device__ __forceinline__ void gemv_walk(int c, int chunks, const Load0& load0,
             n1w[u] = load1(c + 32 * u);
         }
     }
+    pro();
     while (more) {
         Chunk w0[U], w1[U];
 #pragma unroll
@@ -43,6 +49,11 @@ __device__ __forceinline__ void gemv_walk(int c, int chunks, const Load0& load0,
         const Chunk w1 = load1(c);
         step(w0, w1, c);
     }
+}
+
+template <int U, class Chunk, class Load0, class Load1, class Step>
+__device__ __forceinline__ void gemv_walk(int c, int chunks, const Load0& load0, const Load1& load1, const Step& step) {
+    gemv_walk<U, Chunk>(c, chunks, load0, load1, step, [] {});
 }
 
 // The warp's results for activation rows t0 .. t0 + nt - 1: rows n0 and n0 + 1 (if has1) of out rounded to A; or

@@ -279,10 +279,16 @@ struct GQ8_0 {
                      ld_nc_u16_ordered(sc + b * 2)};
     }
     static __device__ __forceinline__ float dot(const Chunk& w, const i8* xq, const float4* xm, int c, int) {
-        const uint4 x0 = xq16(xq, c, 0), x1 = xq16(xq, c, 1);
-        const float dx = __uint_as_float(ld_nc_u32(xm + c));
+        return dotx(w, xq16(xq, c, 0), xq16(xq, c, 1), __uint_as_float(ld_nc_u32(xm + c)));
+    }
+    // The chunk against the activation block's two 16-byte halves and its scale d (gemv_q8.cu's one-row kernel
+    // reads them from shared memory).
+    static __device__ __forceinline__ float dotx(const Chunk& w, const uint4& x0, const uint4& x1, float dx) {
         const int s = dot16_ss(w.q0.x, w.q0.y, w.q0.z, w.q0.w, x0) + dot16_ss(w.q1.x, w.q1.y, w.q1.z, w.q1.w, x1);
         return f16lo(w.d) * dx * (float)s;
+    }
+    static __device__ __forceinline__ float dotx(const Chunk& w, const uint4& x0, const uint4& x1, const float4& m) {
+        return dotx(w, x0, x1, m.x);
     }
 };
 
@@ -300,8 +306,10 @@ struct GQ4 {
                      MIN ? ld_nc_u32_ordered(sc + b * 4) : ld_nc_u16_ordered(sc + b * 2)};
     }
     static __device__ __forceinline__ float dot(const Chunk& w, const i8* xq, const float4* xm, int c, int) {
-        const uint4 x0 = xq16(xq, c, 0), x1 = xq16(xq, c, 1);
-        const float4 m = xmeta(xm, c);
+        return dotx(w, xq16(xq, c, 0), xq16(xq, c, 1), xmeta(xm, c));
+    }
+    // The chunk against the activation block's two 16-byte halves and its meta (as GQ8_0::dotx).
+    static __device__ __forceinline__ float dotx(const Chunk& w, const uint4& x0, const uint4& x1, const float4& m) {
         const int s = dot16_us(w.q.x & 0x0f0f0f0fu, w.q.y & 0x0f0f0f0fu, w.q.z & 0x0f0f0f0fu, w.q.w & 0x0f0f0f0fu, x0) +
                       dot16_us((w.q.x >> 4) & 0x0f0f0f0fu, (w.q.y >> 4) & 0x0f0f0f0fu, (w.q.z >> 4) & 0x0f0f0f0fu,
                                (w.q.w >> 4) & 0x0f0f0f0fu, x1);

@@ -41,9 +41,90 @@ pub(crate) fn split_k(n: usize, chunks: usize, sms: usize) -> (usize, usize) {
     (chunks.div_ceil(cps), cps)
 }
 
+/// Shared-memory bytes per 32 activations of the one-row Q8_0/Q4_0/Q4_1 GEMV that quantises its activations in the
+/// block (`gemv1q_impl` in kernels/cuda/gemv_q8.cu: two 16-byte halves of int8 codes and a 16-byte meta).
+pub(crate) const XS_BYTES_PER_BLOCK: usize = 48;
+/// Most dynamic shared memory that GEMV takes: the default limit, so no opt-in and at K = 14336 (21 KiB) still ten
+/// blocks per SM by shared memory, more than its registers allow.
+pub(crate) const XS_MAX_SMEM: usize = 48 * 1024;
+
+/// Launch plan of that GEMV for `n` outputs over `k` activations on `sms` multiprocessors: `(splits, chunks per
+/// split, dynamic shared memory bytes)`, the split chosen by [`split_k`] over 32-value chunks; `None` when `k` is
+/// not whole 32-blocks or a block's K range would need more than [`XS_MAX_SMEM`] (then the GEMV of gemv.cu on
+/// 16-bit activations runs).
+pub(crate) fn xs_plan(n: usize, k: usize, sms: usize) -> Option<(usize, usize, usize)> {
+    if k == 0 || !k.is_multiple_of(32) {
+        return None;
+    }
+    let chunks = k / 32;
+    let (splits, cps) = split_k(n, chunks, sms);
+    let smem = cps.min(chunks) * XS_BYTES_PER_BLOCK;
+    (smem <= XS_MAX_SMEM).then_some((splits, cps, smem))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `gemv1q_impl`'s shared-memory use, statement for statement: block z quantises 32-blocks `lo..hi` of the row
+    /// into slots `0..hi - lo` of three arrays of 16-byte entries (halves 0, halves 1, metas), and a lane's step on
+    /// chunk c reads slot c - lo of each. Every slot read is one the block wrote, every write is inside the plan's
+    /// dynamic shared memory, and a warp's reads of one step are 32 consecutive 16-byte entries (no bank conflict).
+    #[test]
+    fn one_row_q8_blocks_read_only_what_they_quantised_inside_their_shared_memory() {
+        for &(n, k, sms) in &[
+            (4096, 4096, 132),
+            (1024, 4096, 132),
+            (4096, 14336, 132),
+            (24, 8192, 132),
+            (24, 16384, 108),
+            (45, 96, 132),
+            (512, 14336, 132),
+            (64, 28672, 132),
+            (576, 1536, 132),
+        ] {
+            let (splits, cps, smem) = xs_plan(n, k, sms).expect("fits");
+            let chunks = k / 32;
+            assert!(smem <= XS_MAX_SMEM);
+            // Split blocks start on a whole group of every format (U = 2 and 4); unsplit, cps is the whole row.
+            assert!(splits == 1 || cps % (32 * GEMV_UNROLL_T1) == 0, "n {n} k {k}: cps {cps}");
+            assert!(splits > 1 || cps == chunks);
+            let mut covered = vec![0u32; chunks];
+            for z in 0..splits {
+                let lo = (z * cps).min(chunks);
+                let hi = (lo + cps).min(chunks);
+                let nb = hi - lo;
+                // Three arrays of nb 16-byte entries.
+                assert!(3 * 16 * nb <= smem, "n {n} k {k}: {nb} blocks in {smem} bytes");
+                let written: Vec<bool> = (0..nb).map(|_| true).collect();
+                for u in [2, 4] {
+                    for lane in 0..32 {
+                        for c in lane_chunks(lo, hi, lane, u) {
+                            let slot = c - lo;
+                            assert!(slot < nb && written[slot]);
+                            if u == 4 {
+                                covered[c] += 1;
+                            }
+                        }
+                    }
+                }
+                // One step of a warp: lanes read slots s, s + 1, ..., s + 31 (consecutive 16-byte entries).
+                let s0: Vec<usize> =
+                    (0..32).map(|lane| lane_chunks(lo, hi, lane, 4)).filter_map(|v| v.first().copied()).collect();
+                assert!(s0.windows(2).all(|w| w[1] == w[0] + 1), "{s0:?}");
+            }
+            assert!(covered.iter().all(|&c| c == 1), "n {n} k {k}: every chunk read by one lane of one split");
+        }
+        assert_eq!(xs_plan(4096, 4096, 132), Some((1, 128, 6144)));
+        assert_eq!(xs_plan(4096, 14336, 132), Some((1, 448, 21504)));
+        assert_eq!(xs_plan(4096, 32768, 132), Some((1, 1024, 49152)));
+        // Past 48 KiB unsplit: the 16-bit-activation GEMV of gemv.cu.
+        assert_eq!(xs_plan(4096, 32800, 132), None);
+        // A short output over a long K is split, and each split's range fits.
+        assert!(matches!(xs_plan(64, 65536, 132), Some((s, _, m)) if s > 1 && m <= XS_MAX_SMEM));
+        assert_eq!(xs_plan(8, 48, 132), None);
+        assert_eq!(xs_plan(8, 0, 132), None);
+    }
 
     /// The chunk ranges the kernel's blocks cover (block z: `[z * cps, min((z + 1) * cps, chunks))`).
     fn ranges(chunks: usize, splits: usize, cps: usize) -> Vec<std::ops::Range<usize>> {

@@ -29,8 +29,9 @@ pub fn weight_supported(dtype: DType) -> bool {
     WEIGHT_DTYPES.contains(&dtype) || Q8_ACT_WEIGHT_DTYPES.contains(&dtype)
 }
 
-/// Q8_0/Q4_0/Q4_1 keep a one-row GEMV (and its split-K) on 16-bit activations in `gemv.cu`: at T = 1 the extra
-/// activation-quantisation launch costs more than their conversions (docs/CUDA.md, "Quantised GEMV").
+/// Q8_0/Q4_0/Q4_1 at T = 1 do not run `quantize_q8_*` + the gemv_q8.cu tile: their one-row GEMV (and split-K, and
+/// gate|up) quantise the activations inside the GEMV block, into shared memory ([`gemv_xs`], gemv_q8.cu), or, when
+/// that would not fit, run on 16-bit activations in `gemv.cu` (docs/CUDA.md, "Quantised GEMV").
 pub fn one_row_on_act(w: DType) -> bool {
     matches!(w, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
 }
@@ -85,6 +86,18 @@ pub fn gemv_reduce(act: DType) -> String {
 pub fn gemv_scalar(act: DType, w: DType) -> String {
     format!("gemv_scalar_{act}_{w}")
 }
+/// One-row GEMV of Q8_0/Q4_0/Q4_1 that quantises its activations into shared memory (module `gemv_q8`).
+pub fn gemv_xs(act: DType, w: DType) -> String {
+    format!("gemv_{act}_{w}_xs_t1")
+}
+/// Split-K of [`gemv_xs`] (each block quantises its own K range).
+pub fn gemv_splitk_xs(act: DType, w: DType) -> String {
+    format!("gemv_splitk_{act}_{w}_xs")
+}
+/// gate|up + SwiGLU of [`gemv_xs`].
+pub fn gemv_swiglu_xs(act: DType, w: DType) -> String {
+    format!("gemv_swiglu_{act}_{w}_xs_t1")
+}
 /// Quantises activation rows to int8 blocks of 32 with a float4 meta, for the `gemv_q8` kernels.
 pub fn quantize_q8(act: DType) -> String {
     format!("quantize_q8_{act}")
@@ -133,6 +146,11 @@ pub fn all() -> Vec<(&'static str, String)> {
             v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv(act, w, t))));
             v.extend(GEMV_TILES.iter().map(|&t| (gemv_module(w, t), gemv_swiglu(act, w, t))));
             v.push((gemv_module(w, 1), gemv_splitk(act, w)));
+            if one_row_on_act(w) {
+                v.push(("gemv_q8", gemv_xs(act, w)));
+                v.push(("gemv_q8", gemv_splitk_xs(act, w)));
+                v.push(("gemv_q8", gemv_swiglu_xs(act, w)));
+            }
         }
         v.push(("gemv_q8", quantize_q8(act)));
         v.push(("gemm_sm90", gemm_wgmma(act)));

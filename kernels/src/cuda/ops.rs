@@ -5,7 +5,7 @@ use half::{bf16, f16};
 
 use super::backend::{Arg, CudaBackend, Exec, cuda_storage, i32_arg};
 use super::gemm_plan;
-use super::gemv_plan::{GEMV_ROWS_PER_BLOCK, split_k};
+use super::gemv_plan::{GEMV_ROWS_PER_BLOCK, split_k, xs_plan};
 use super::step_record::{Role, decode_attention_args};
 use super::storage::{CudaStorage, Layout, cuda_err};
 use super::{names, repack};
@@ -464,13 +464,20 @@ impl Backend for CudaBackend {
         let (xp, op) = (self.act_ptr("matmul", x)?, self.act_ptr("matmul", out)?);
         let (qs, sc) = Self::weight_ptrs(w)?;
         let (act, wd) = (self.act, w.dtype());
+        if t == 1
+            && names::one_row_on_act(wd)
+            && let Some(plan) = xs_plan(n, k, self.info.multiprocessors as usize)
+        {
+            return self.matmul_xs(MatmulPtrs { x: xp, qs, sc, out: op }, (k, n), wd, plan);
+        }
         if names::Q8_ACT_WEIGHT_DTYPES.contains(&wd) && !(t == 1 && names::one_row_on_act(wd)) {
             return self.matmul_q8(MatmulPtrs { x: xp, qs, sc, out: op }, (t, k, n), wd);
         }
         let chunk = match w.dtype() {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 8,
-            // One row of these (gemv.cu); more rows and the other quantised formats went to matmul_q8 above.
+            // One row of these whose K range is too long for matmul_xs (gemv.cu, 16-bit activations); more rows and
+            // the other quantised formats went to matmul_q8 above.
             DType::Q8_0 => 16,
             DType::Q4_0 | DType::Q4_1 => 32,
             // upload_weight refuses the rest.
@@ -769,6 +776,15 @@ pub(crate) struct MatmulPtrs {
 /// Outputs of one `gemv_swiglu_*` block (`GEMV_WARPS` in gemv.cu / `GEMVQ_WARPS` in gemv_q8.cu: one output per warp).
 const GLU_OUTPUTS_PER_BLOCK: usize = 4;
 
+/// The kernel family of a fused gate|up GEMV (`matmul_swiglu_impl`): gemv.cu on 16-bit activations, gemv_q8.cu after
+/// `quantize_q8`, or gemv_q8.cu's one-row kernel quantising in shared memory (its dynamic shared memory bytes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GluPath {
+    Act,
+    Q8,
+    Xs(usize),
+}
+
 /// Whether a decode GEMV of `t` rows over weights `wd` reads Q8 activations (`quantize_q8_*` + gemv_q8.cu).
 fn on_q8(t: usize, wd: DType) -> bool {
     names::Q8_ACT_WEIGHT_DTYPES.contains(&wd) && (1..=8).contains(&t) && !(t == 1 && names::one_row_on_act(wd))
@@ -901,6 +917,36 @@ impl CudaBackend {
         self.gemv_q8(&mut ex, &p, (t, k, n), wd, q)
     }
 
+    /// One row of Q8_0/Q4_0/Q4_1 (`names::one_row_on_act`) by the gemv_q8.cu kernels that quantise the activations
+    /// inside each block, into `smem` bytes of shared memory (`xs_plan`: no `quantize_q8` launch); split-K as
+    /// `matmul`, with the partial sums added by `gemv_reduce_*` in split order.
+    fn matmul_xs(
+        &self,
+        p: MatmulPtrs,
+        (k, n): (usize, usize),
+        wd: DType,
+        (splits, cps, smem): (usize, usize, usize),
+    ) -> Result<()> {
+        let op = "matmul";
+        let (ki, ni) = (i32_arg(op, k)?, i32_arg(op, n)?);
+        let act = self.act;
+        let mut ex = self.exec()?;
+        if n == 0 {
+            return Ok(());
+        }
+        let rows = n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32;
+        if splits > 1 {
+            let ws = self.scratch(&mut ex, splits * n * 4)?;
+            let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(p.x), Arg::Ptr(ws), ni, ki, i32_arg(op, cps)?];
+            let name = names::gemv_splitk_xs(act, wd);
+            self.launch_smem(&mut ex, "gemv_q8", &name, (rows, 1, splits as u32), 128, smem as u32, &args)?;
+            let args = [Arg::Ptr(ws), Arg::Ptr(p.out), Arg::I64(n as i64), Arg::I32(splits as i32)];
+            return self.launch(&mut ex, "gemv", &names::gemv_reduce(act), (n.div_ceil(256) as u32, 1, 1), 256, &args);
+        }
+        let args = [Arg::Ptr(p.qs), Arg::Ptr(p.sc), Arg::Ptr(p.x), Arg::Ptr(p.out), ni, ki];
+        self.launch_smem(&mut ex, "gemv_q8", &names::gemv_xs(act, wd), (rows, 1, 1), 128, smem as u32, &args)
+    }
+
     /// The dp4a GEMV of `p` on activations already quantised into `q` (whose workspace holds this GEMV's split-K
     /// partial sums, if it splits).
     fn gemv_q8(
@@ -1000,15 +1046,21 @@ impl CudaBackend {
         let (t, k, n) = (x.rows(), x.cols(), wg.rows());
         let wd = wg.dtype();
         let sms = self.info.multiprocessors as usize;
+        // The path `matmul` takes for each weight, when it is one unsplit launch.
+        let xs = if t == 1 && names::one_row_on_act(wd) { xs_plan(n, k, sms) } else { None };
         let fused = if wu.dtype() != wd || wu.shape() != wg.shape() || wg.cols() != k || !(1..=8).contains(&t) {
             None
+        } else if let Some((splits, _, smem)) = xs {
+            (splits == 1).then_some(GluPath::Xs(smem))
         } else if on_q8(t, wd) {
             let whole = k.is_multiple_of(wd.block_elems());
-            (whole && (t > 1 || split_k(n, k / q8_chunk(wd), sms).0 == 1)).then_some(true)
+            (whole && (t > 1 || split_k(n, k / q8_chunk(wd), sms).0 == 1)).then_some(GluPath::Q8)
         } else {
-            act_chunk(wd).filter(|&c| k.is_multiple_of(c) && (t > 1 || split_k(n, k / c, sms).0 == 1)).map(|_| false)
+            act_chunk(wd)
+                .filter(|&c| k.is_multiple_of(c) && (t > 1 || split_k(n, k / c, sms).0 == 1))
+                .map(|_| GluPath::Act)
         };
-        let Some(q8) = fused else {
+        let Some(path) = fused else {
             self.matmul(x, wg, gate)?;
             self.matmul(x, wu, up)?;
             return self.swiglu(gate, up, out);
@@ -1027,7 +1079,12 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        if q8 {
+        if let GluPath::Xs(smem) = path {
+            let args = [Arg::Ptr(qg), Arg::Ptr(sg), Arg::Ptr(qu), Arg::Ptr(su), Arg::Ptr(xp), Arg::Ptr(op_), ni, ki];
+            let name = names::gemv_swiglu_xs(act, wd);
+            return self.launch_smem(&mut ex, "gemv_q8", &name, grid, 128, smem as u32, &args);
+        }
+        if path == GluPath::Q8 {
             let q = self.quantize_q8(&mut ex, xp, (t, k), 0)?;
             let args = [
                 Arg::Ptr(qg),
