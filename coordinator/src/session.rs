@@ -441,3 +441,170 @@ fn blamed(route: &Route, i: usize, code: ErrorCode) -> PeerId {
 
 /// Shares one pool between sessions.
 pub type SharedPool = Arc<ConnectionPool>;
+
+#[cfg(test)]
+mod tests {
+    //! The blame race of a failed write (docs/SECURITY.md, "Which hop"): the first stage of a two-stage route loses
+    //! its successor, reports `Downstream` and stops reading the owner's input, so the owner's next write fails. The
+    //! failure must be blamed on the stage the error frame names, never on the first stage whose stream broke.
+
+    use std::future::Future;
+    use std::net::SocketAddr;
+
+    use shardline_proto::LayerRange;
+    use shardline_proto::tls::StageIdentity;
+    use shardline_proto::wire::Fingerprint;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::blame::Fault;
+    use crate::routing::RouteStage;
+
+    /// A stage on loopback that answers the first `Open` with `Opened`, then hands its connection and control
+    /// stream to `script`. The endpoint lives as long as the script.
+    async fn scripted_stage<F, Fut>(script: F) -> (SocketAddr, Fingerprint)
+    where
+        F: FnOnce(quinn::Connection, quinn::SendStream, quinn::RecvStream, SessionId) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let id = StageIdentity::generate().unwrap();
+        let endpoint = quinn::Endpoint::server(id.server_config().unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        tokio::spawn(async move {
+            let conn = endpoint.accept().await.expect("the owner dials").await.expect("handshake");
+            let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");
+            let session = match read_frame(&mut recv, &Limits::default()).await {
+                Ok(Some(Frame::Open { session, .. })) => session,
+                other => panic!("expected Open, got {other:?}"),
+            };
+            write_frame(&mut send, &Frame::Opened { session }).await.unwrap();
+            script(conn, send, recv, session).await;
+            drop(endpoint);
+        });
+        (addr, id.fingerprint())
+    }
+
+    fn stage(addr: SocketAddr, fingerprint: Fingerprint, span: LayerRange) -> RouteStage {
+        RouteStage { peer: PeerId::random(), span, addr, fingerprint, queue: None }
+    }
+
+    /// How long after it stopped reading the first stage sends its error frame in [`Report::AfterStopping`]: a
+    /// quarter of the 200 ms [`WRITE_FAILURE_GRACE`] (fixed: a grace shorter than this fails the test).
+    const FRAME_DELAY: Duration = Duration::from_millis(50);
+
+    /// Which way the first stage orders its two acts once its successor is gone.
+    #[derive(Clone, Copy)]
+    enum Report {
+        /// `Downstream` on the control stream, then stop reading (what a stage does).
+        ThenStop,
+        /// Stop reading first, and send `Downstream` [`FRAME_DELAY`] later: the frame is still on its way when the
+        /// owner's write fails.
+        AfterStopping,
+    }
+
+    /// Opens a session on a scripted two-stage route, kills the last stage, has the first one report it as
+    /// `Report` says, and feeds input until a write to the first stage fails. Returns the error and the two peers.
+    async fn failed_write(report: Report) -> (SessionError, PeerId, PeerId) {
+        // The last stage: killed (its connection closed without a word) when the test says.
+        let (kill, killed) = oneshot::channel::<()>();
+        let (tail_gone_tx, tail_gone) = oneshot::channel::<()>();
+        let (tail_addr, tail_fp) = scripted_stage(move |conn, _send, _recv, _session| async move {
+            let _ = killed.await;
+            conn.close(0u32.into(), b"killed");
+            let _ = tail_gone_tx.send(());
+        })
+        .await;
+        // The first stage: once its successor is gone, reports it and stops reading the owner's input; keeps the
+        // connection and its side of the stream open (a stage that ended the session does not end its link).
+        let (stopped_tx, stopped) = oneshot::channel::<()>();
+        let (head_addr, head_fp) = scripted_stage(move |conn, mut send, mut recv, session| async move {
+            let _ = tail_gone.await;
+            let downstream =
+                Frame::Error { session, code: ErrorCode::Downstream, message: "next stage unreachable".into() };
+            match report {
+                Report::ThenStop => {
+                    write_frame(&mut send, &downstream).await.unwrap();
+                    recv.stop(0u32.into()).unwrap();
+                    let _ = stopped_tx.send(());
+                }
+                Report::AfterStopping => {
+                    recv.stop(0u32.into()).unwrap();
+                    let _ = stopped_tx.send(());
+                    tokio::time::sleep(FRAME_DELAY).await;
+                    // Fails only where the owner gave up before the frame came (the test then fails on the blame).
+                    let _ = write_frame(&mut send, &downstream).await;
+                }
+            }
+            conn.closed().await;
+        })
+        .await;
+        let route = Route {
+            stages: vec![
+                stage(head_addr, head_fp, LayerRange::new(0, 3)),
+                stage(tail_addr, tail_fp, LayerRange::new(3, 6)),
+            ],
+            cost_ms: 1.0,
+        };
+        let (head, tail) = (route.stages[0].peer, route.stages[1].peer);
+        let params = SessionParams {
+            model_id: "scripted".into(),
+            n_layers: 6,
+            hidden: 32,
+            max_tokens: 1 << 20,
+            sampling: SamplingParams::GREEDY,
+            n_top: 0,
+            wire_dtype: WireDType::F32,
+            prefill_chunk: 16,
+            detect: DeadlineConfig::default(),
+            step_memory: None,
+        };
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let pool = ConnectionPool::new(endpoint);
+        let mut session =
+            RouteSession::open(&pool, route, &params, Limits::default(), |_, _| {}, |_| None).await.unwrap();
+        kill.send(()).unwrap();
+        stopped.await.expect("the first stage stopped reading");
+        // Writes succeed into the send buffer until the stage's STOP_SENDING arrives; the first one after fails.
+        // No event is read in between (`sample` is false), so the error frame waits in the channel (or on the wire)
+        // for the failed write's grace. The bound only guards against a hang.
+        let err = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match session.feed(&[1], false).await {
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("a write to the first stage fails once it stopped reading");
+        (err, head, tail)
+    }
+
+    fn assert_blames_the_tail(err: &SessionError, head: PeerId, tail: PeerId) {
+        match err {
+            SessionError::Stage { peer, code: ErrorCode::Downstream, .. } => {
+                assert_eq!(*peer, tail, "the Downstream frame names the last stage")
+            }
+            other => panic!("the failed write was not blamed on the error frame: {other}"),
+        }
+        // What the client bans (`client.rs`): the culprit, not the stage that reported it.
+        assert_eq!(blame::classify(err), Fault::Peer(tail));
+        assert_ne!(err.failed_peer(), Some(head), "the first stage is innocent");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_is_blamed_on_the_stage_the_error_frame_names() {
+        let (err, head, tail) = failed_write(Report::ThenStop).await;
+        assert_blames_the_tail(&err, head, tail);
+    }
+
+    /// The frame that names the culprit arrives after the write failed, within [`WRITE_FAILURE_GRACE`]: the owner
+    /// waits for it. (Timing: the frame leaves the stage [`FRAME_DELAY`] after it stopped reading, and the write
+    /// cannot fail before that stop, so the frame arrives at most 50 ms, plus loopback, after the failure: 150 ms of
+    /// margin within the 200 ms grace.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_waits_for_the_error_frame_still_on_its_way() {
+        let (err, head, tail) = failed_write(Report::AfterStopping).await;
+        assert_blames_the_tail(&err, head, tail);
+    }
+}
