@@ -27,12 +27,12 @@ use crate::superblock::{IQ4_VALUES, scale_min_k4, scales_iq4_xs, scales_q3_k};
 pub(super) unsafe fn gemm(w: &Weights<'_>, a: &QuantAct, t_rows: usize, rows: Range<usize>, out: Out) {
     let ctx = Ctx { w, x: a, out };
     let set = match w.dtype {
-        DType::Q2_K => tile_set!(super_tile, Q2_K, 2 x 2, 2),
-        DType::Q3_K => tile_set!(super_tile, Q3_K, 2 x 2, 2),
-        DType::Q4_K => tile_set!(super_tile, Q4_K, 2 x 2, 2),
-        DType::Q5_K => tile_set!(super_tile, Q5_K, 2 x 2, 2),
-        DType::Q6_K => tile_set!(super_tile, Q6_K, 2 x 2, 2),
-        _ => tile_set!(super_tile, IQ4_XS, 2 x 2, 2),
+        DType::Q2_K => tile_set!(super_tile, Q2_K, 2 x 2, 4),
+        DType::Q3_K => tile_set!(super_tile, Q3_K, 2 x 2, 4),
+        DType::Q4_K => tile_set!(super_tile, Q4_K, 2 x 2, 4),
+        DType::Q5_K => tile_set!(super_tile, Q5_K, 2 x 2, 4),
+        DType::Q6_K => tile_set!(super_tile, Q6_K, 2 x 2, 4),
+        _ => tile_set!(super_tile, IQ4_XS, 2 x 2, 4),
     };
     // SAFETY: forwarded from the caller.
     unsafe { drive(&ctx, rows, t_rows, set) }
