@@ -80,10 +80,12 @@ pub(crate) struct QuantAct {
     pub dpat: Vec<f32>,
     /// Paired layout only: `[0, s_e, 0, s_o]` of each pair, lined up with the `[d, m, d, m]` of Q4_1/Q5_1 weights.
     pub spat: Vec<f32>,
-    /// Paired layout only: `[d_e, d_o]` of pair `p` of row `t` at `(p · rows_pad + t) · 2`: the scales of
-    /// consecutive rows side by side, for the multi-row kernels.
+    /// Paired layout: `[d_e, d_o]` of pair `p` of row `t` at `(p · rows_pad + t) · 2`: the scales of
+    /// consecutive rows side by side, for the multi-row kernels. Natural layout with more than one row: `d` of block
+    /// `b` of row `t` at `b · natural_t_stride() + t` (zeros after the last row, so 4 rows load from any row).
     pub dt: Vec<f32>,
-    /// Paired layout only: `[s_e, s_o]` (the `s` of the two blocks) in the order of `dt`.
+    /// Paired layout: `[s_e, s_o]` (the `s` of the two blocks) in the order of `dt`; natural layout: `s` in the order
+    /// of `dt`.
     pub st: Vec<f32>,
     /// [`ActLayout::Super`] only: the sum of each 16-value group, 16 per super-block (ggml `block_q8_K::bsums`).
     pub bsums: Vec<i16>,
@@ -102,6 +104,10 @@ pub(crate) struct QuantAct {
     /// i32 at `(8b + p) · rows + t`, plus [`WIDE_PAD`] zeros.
     pub bs_t: Vec<i32>,
 }
+
+/// Zeros after each block's rows in the natural layout's transposed tables ([`QuantAct::dt`]), so that 4 rows can be
+/// loaded from any row.
+pub(crate) const NATURAL_T_PAD: usize = 4;
 
 /// Zeros after the transposed wide tables, so that 8 activation rows can be loaded from any row.
 pub(crate) const WIDE_PAD: usize = 8;
@@ -284,8 +290,10 @@ impl QuantAct {
         let paired = if layout.paired() { rows_pad * pairs } else { 0 };
         zeroed(&mut self.dpat, paired * 16);
         zeroed(&mut self.spat, paired * 4);
-        zeroed(&mut self.dt, paired * 2);
-        zeroed(&mut self.st, paired * 2);
+        // The natural layout's transposed tables, for the AVX2 multi-row kernel (see `dt`).
+        let natural_t = if layout == ActLayout::Natural && rows > 1 { nb * self.natural_t_stride() } else { 0 };
+        zeroed(&mut self.dt, paired * 2 + natural_t);
+        zeroed(&mut self.st, paired * 2 + natural_t);
         let mut q = [0i8; QK];
         for r in 0..rows {
             for b in 0..nb {
@@ -314,6 +322,11 @@ impl QuantAct {
                             pair[4 * z..4 * z + 4].copy_from_slice(&bytes[4 * lane..4 * lane + 4]);
                         }
                     }
+                }
+                if natural_t > 0 {
+                    let at = b * self.natural_t_stride() + r;
+                    self.dt[at] = self.d[blk];
+                    self.st[at] = self.s[blk];
                 }
                 if let Some(c) = bias {
                     for lane in 0..8 {
@@ -570,6 +583,25 @@ impl QuantAct {
     #[inline(always)]
     pub(crate) fn dt_ptr(&self, r: usize, b: usize) -> *const f32 {
         self.dt.as_ptr().wrapping_add((b / 2 * self.rows_pad + r) * 2)
+    }
+
+    /// Natural layout, more than one row: entries of block `b` in [`QuantAct::dt`] / [`QuantAct::st`] are this far
+    /// apart (the rows, plus [`NATURAL_T_PAD`] zeros).
+    #[inline(always)]
+    pub(crate) fn natural_t_stride(&self) -> usize {
+        self.rows + NATURAL_T_PAD
+    }
+
+    /// Natural layout: `d` of block `b` of row `r`, then of rows `r + 1, …` (see [`QuantAct::dt`]).
+    #[inline(always)]
+    pub(crate) fn dn_ptr(&self, r: usize, b: usize) -> *const f32 {
+        self.dt.as_ptr().wrapping_add(b * self.natural_t_stride() + r)
+    }
+
+    /// Natural layout: `s` of block `b` of row `r`, then of rows `r + 1, …` (see [`QuantAct::st`]).
+    #[inline(always)]
+    pub(crate) fn sn_ptr(&self, r: usize, b: usize) -> *const f32 {
+        self.st.as_ptr().wrapping_add(b * self.natural_t_stride() + r)
     }
 
     /// `[s_e, s_o]` of row `r`, then of rows `r + 1, …`, for the pair starting at even block `b`.

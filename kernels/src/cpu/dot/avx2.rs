@@ -9,9 +9,24 @@ use std::ops::Range;
 
 use super::act::QuantAct;
 use super::tag::{BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
-use super::{Ctx, Out, Rhs, Weights, drive, float_tile_set, prefetch_ahead, tile_set};
+use super::{Ctx, L2_WEIGHT_BYTES, Out, Rhs, TileFn, Weights, drive, float_tile_set, prefetch_ahead, tile_set};
 use crate::DType;
 use crate::superblock::IQ4_VALUES;
+
+/// The kernels of [`drive_multi`] for one format: one weight row against 4, 3 and 2 activation rows
+/// ([`multi_tile`]), and the 2-weight-row and 1-weight-row tiles of [`quant_tile`] for a single activation row.
+macro_rules! multi_set {
+    ($multi:ident, $tile:ident, $k:expr) => {
+        MultiKernels {
+            multi: [
+                $multi::<{ $k }, 4> as TileFn<_>,
+                $multi::<{ $k }, 3> as TileFn<_>,
+                $multi::<{ $k }, 2> as TileFn<_>,
+            ],
+            one: [$tile::<{ $k }, 2, 1> as TileFn<_>, $tile::<{ $k }, 1, 1> as TileFn<_>],
+        }
+    };
+}
 
 /// `acc + Σ u·s` over each group of four bytes (u unsigned, s signed), per i32 lane.
 trait IntDot {
@@ -54,6 +69,25 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
         Rhs::Quant(a) if w.dtype.is_super_block() => {
             // SAFETY: forwarded from the caller.
             unsafe { super::avx2_super::gemm(w, a, t_rows, rows, out) }
+        }
+        Rhs::Quant(a) if t_rows > 1 && a.rows > 1 => {
+            let ctx = Ctx { w, x: a, out };
+            let set = match (vnni, w.dtype) {
+                (false, DType::Q8_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q8_0),
+                (false, DType::Q4_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_0),
+                (false, DType::Q5_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_0),
+                (false, DType::Q5_1) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_1),
+                (false, DType::IQ4_NL) => multi_set!(multi_maddubs, quant_tile_maddubs, IQ4_NL),
+                (false, _) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_1),
+                (true, DType::Q8_0) => multi_set!(multi_vnni, quant_tile_vnni, Q8_0),
+                (true, DType::Q4_0) => multi_set!(multi_vnni, quant_tile_vnni, Q4_0),
+                (true, DType::Q5_0) => multi_set!(multi_vnni, quant_tile_vnni, Q5_0),
+                (true, DType::Q5_1) => multi_set!(multi_vnni, quant_tile_vnni, Q5_1),
+                (true, DType::IQ4_NL) => multi_set!(multi_vnni, quant_tile_vnni, IQ4_NL),
+                (true, _) => multi_set!(multi_vnni, quant_tile_vnni, Q4_1),
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe { drive_multi(&ctx, rows, t_rows, &set) }
         }
         Rhs::Quant(a) => {
             let ctx = Ctx { w, x: a, out };
@@ -109,6 +143,169 @@ unsafe fn quant_tile_vnni<const KIND: u8, const NR: usize, const TR: usize>(
 ) {
     // SAFETY: same contract as this function.
     unsafe { quant_tile::<Vnni, KIND, NR, TR>(c, n, t) }
+}
+
+/// See [`multi_set`].
+struct MultiKernels<'a> {
+    multi: [TileFn<&'a QuantAct>; 3],
+    one: [TileFn<&'a QuantAct>; 2],
+}
+
+/// Walks the outputs `rows × 0..t_rows` (more than one activation row): a group of weight rows that stays in L2, and
+/// over it the activation rows 4 at a time with [`multi_tile`], the last 2 or 3 together, a last single row with the
+/// one-row tiles. Every output is the same operations in the same order whichever tile computes it.
+///
+/// # Safety
+/// As [`drive`]: the CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract; `t_rows > 1`
+/// (the activations carry the transposed scale tables).
+unsafe fn drive_multi<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_rows: usize, k: &MultiKernels<'a>) {
+    let group = (L2_WEIGHT_BYTES / ctx.w.row_bytes.max(1)).max(2);
+    let mut g0 = rows.start;
+    while g0 < rows.end {
+        let g1 = (g0 + group).min(rows.end);
+        let mut t = 0;
+        while t < t_rows {
+            let left = t_rows - t;
+            if left == 1 {
+                let mut n = g0;
+                while n + 2 <= g1 {
+                    // SAFETY: rows n..n+2 and activation row t are inside the output (caller).
+                    unsafe { (k.one[0])(ctx, n, t) };
+                    n += 2;
+                }
+                if n < g1 {
+                    // SAFETY: as above.
+                    unsafe { (k.one[1])(ctx, n, t) };
+                }
+                break;
+            }
+            let (f, tr) = match left {
+                2 => (k.multi[2], 2),
+                3 => (k.multi[1], 3),
+                _ => (k.multi[0], 4),
+            };
+            for n in g0..g1 {
+                // SAFETY: row n and activation rows t..t+tr are inside the output (caller).
+                unsafe { f(ctx, n, t) };
+            }
+            t += tr;
+        }
+        g0 = g1;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn multi_maddubs<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t: usize) {
+    // SAFETY: same contract as this function.
+    unsafe { multi_tile::<Maddubs, KIND, TR>(c, n, t) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn multi_vnni<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t: usize) {
+    // SAFETY: same contract as this function.
+    unsafe { multi_tile::<Vnni, KIND, TR>(c, n, t) }
+}
+
+/// One weight row `n` against `TR` (at most 4) activation rows from `t0`, block by block: the weight block is
+/// unpacked once for all rows, its scale multiplies the 4 rows' activation scales in one multiply (from the
+/// transposed table [`QuantAct::dt`]) and the `m` term of Q4_1/Q5_1 is one fused multiply-add for the 4 rows
+/// (lane `t`, from [`QuantAct::st`]), so a (row, block) costs the integer dot product, a conversion and a fused
+/// multiply-add. Each output is the same operations in the same order as in [`quant_tile`] (the products
+/// `d_w · d_a` and the `m` terms are the same IEEE operations, only several in one register).
+///
+/// # Safety
+/// AVX2/FMA/F16C (and what `D` needs) must be available; row `n` and activation rows `t0..t0+TR` must be in range,
+/// and the activations hold more than one row (so the transposed tables exist).
+#[inline(always)]
+unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+    let a = c.x;
+    let (bs, qoff) = match KIND {
+        Q8_0 => (34, 2),
+        Q4_0 | IQ4_NL => (18, 2),
+        Q5_0 => (22, 6),
+        Q5_1 => (24, 8),
+        _ => (20, 4),
+    };
+    let with_min = KIND == Q4_1 || KIND == Q5_1;
+    // SAFETY: block `b < nb` of weight row `n` and of activation rows `t0 + t` are inside the buffers the matmul
+    // checked; the 4-row loads from the transposed tables stay inside them (`NATURAL_T_PAD` zeros after each
+    // block's rows).
+    unsafe {
+        let row = c.w.row_ptr(n);
+        let mut acc = [[_mm256_setzero_ps(); 2]; TR];
+        let mut macc = [_mm_setzero_ps(); 2];
+        let mut sc = [0.0f32; 4];
+        let nibbles = _mm256_set1_epi8(0x0f);
+        let iq4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
+        macro_rules! step {
+            ($b:expr, $h:literal) => {{
+                let b = $b;
+                let blk = row.add(b * bs);
+                prefetch_ahead(blk);
+                let h = if with_min {
+                    _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u32>().read_unaligned() as i32))
+                } else {
+                    _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u16>().read_unaligned() as i32))
+                };
+                let (wv, wabs) = if KIND == Q8_0 {
+                    let wv = _mm256_loadu_si256(blk.add(qoff).cast());
+                    (wv, _mm256_abs_epi8(wv))
+                } else {
+                    let q = _mm_loadu_si128(blk.add(qoff).cast());
+                    let y = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nibbles);
+                    match KIND {
+                        IQ4_NL => {
+                            let v = _mm256_shuffle_epi8(iq4, y);
+                            (v, _mm256_abs_epi8(v))
+                        }
+                        Q5_0 | Q5_1 => {
+                            let high = bytes_from_bits(blk.add(qoff - 4).cast::<u32>().read_unaligned());
+                            let y = _mm256_or_si256(y, _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
+                            (y, y)
+                        }
+                        _ => (y, y),
+                    }
+                };
+                // d_w · d_a of the 4 rows (lanes past TR: padding or later rows, unused).
+                let prod = _mm_mul_ps(_mm_broadcastss_ps(h), _mm_loadu_ps(a.dn_ptr(t0, b)));
+                _mm_storeu_ps(sc.as_mut_ptr(), prod);
+                if with_min {
+                    let mw = _mm_movehdup_ps(h);
+                    let mw = _mm_movelh_ps(mw, mw);
+                    macc[$h] = _mm_fmadd_ps(mw, _mm_loadu_ps(a.sn_ptr(t0, b)), macc[$h]);
+                }
+                for t in 0..TR {
+                    let av = _mm256_loadu_si256(a.qs_ptr(t0 + t, b).cast());
+                    let p = match KIND {
+                        Q8_0 | IQ4_NL => D::dot(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(av, wv)),
+                        Q4_0 | Q5_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t0 + t, b).cast()), wv, av),
+                        _ => D::dot(_mm256_setzero_si256(), wv, av),
+                    };
+                    let s = _mm256_broadcast_ss(&*sc.as_ptr().add(t));
+                    acc[t][$h] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[t][$h]);
+                }
+            }};
+        }
+        let nb = a.nb;
+        let mut b = 0;
+        while b + 2 <= nb {
+            step!(b, 0);
+            step!(b + 1, 1);
+            b += 2;
+        }
+        if b < nb {
+            step!(b, 0);
+        }
+        let mut mins = [0.0f32; 4];
+        _mm_storeu_ps(mins.as_mut_ptr(), _mm_add_ps(macc[0], macc[1]));
+        for t in 0..TR {
+            let mut v = fold8(_mm256_add_ps(acc[t][0], acc[t][1]));
+            if with_min {
+                v += mins[t];
+            }
+            c.out.put(t0 + t, n, v);
+        }
+    }
 }
 
 /// `NR` weight rows from `n` times `TR` activation rows from `t0`, block by block.
