@@ -212,8 +212,10 @@ mod tests {
         ] {
             assert!(src.contains(&needle), "gemm_sm90.cu no longer contains `{needle}`: update wgmma_plan.rs");
         }
-        assert!(src.contains("wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16"));
-        assert!(src.contains("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16"));
+        // One wrapper macro, instantiated for both 16-bit types (f32 accumulators, both operands of one type).
+        assert!(src.contains(r#""wgmma.mma_async.sync.aligned.m64n256k16.f32." #T "." #T " ""#));
+        assert!(src.contains("WGMMA_M64N256K16(f16)"));
+        assert!(src.contains("WGMMA_M64N256K16(bf16)"));
     }
 
     #[test]
