@@ -350,7 +350,10 @@ pub async fn route(
             Some(shape) => {
                 let cands = candidates(registry, model_id);
                 let planned = plan(model_id, &cands, shape.n_layers as usize, excluded, rand::random());
-                if let Ok(r) = &planned {
+                // Built only when debug logging is on: routing runs on every session's connect.
+                if let Ok(r) = &planned
+                    && tracing::enabled!(tracing::Level::DEBUG)
+                {
                     let seen: Vec<(PeerId, Option<f64>, u32, Duration)> =
                         cands.iter().map(|c| (c.peer, c.ms_per_layer, c.in_flight, c.rtt)).collect();
                     tracing::debug!(route = ?r.peers(), cost_ms = r.cost_ms, candidates = ?seen, "route planned");
