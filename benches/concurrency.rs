@@ -76,25 +76,10 @@ struct Run {
     cpu: Option<Duration>,
 }
 
-#[repr(C)]
-struct Timespec {
-    sec: i64,
-    nsec: i64,
-}
-
-unsafe extern "C" {
-    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-}
-
-/// CPU time of this process so far (`CLOCK_PROCESS_CPUTIME_ID`): unlike wall time, it does not grow while the
-/// process waits for a core, so it stays readable on a loaded machine.
+/// CPU time of this process so far: unlike wall time, it does not grow while the process waits for a core, so it
+/// stays readable on a loaded machine.
 fn process_cpu() -> Duration {
-    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
-    let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    Duration::new(ts.sec as u64, ts.nsec as u32)
+    shardline_kernels::cpu_time::process().expect("process CPU clock")
 }
 
 impl Run {

@@ -15,24 +15,9 @@
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
 
-#[repr(C)]
-struct Timespec {
-    sec: i64,
-    nsec: i64,
-}
-
-unsafe extern "C" {
-    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-}
-
-/// CPU time of the calling thread, in seconds (`CLOCK_THREAD_CPUTIME_ID`).
+/// CPU time of the calling thread, in seconds.
 fn thread_cpu() -> f64 {
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.sec as f64 + ts.nsec as f64 * 1e-9
+    shardline_kernels::cpu_time::thread().expect("thread CPU clock").as_secs_f64()
 }
 
 fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cpu_time;
 pub mod cuda;
 pub mod device;
 pub mod dtype;

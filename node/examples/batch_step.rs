@@ -19,30 +19,12 @@ use shardline_node::model::{
     BatchItem, HeadRows, LayerRange, ModelFiles, Shard, ShardInput, ShardOptions, ShardOutput,
 };
 
-#[repr(C)]
-struct Timespec {
-    sec: i64,
-    nsec: i64,
-}
-
-unsafe extern "C" {
-    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-}
-
-fn cpu_clock(clock: i32) -> Duration {
-    let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    let rc = unsafe { clock_gettime(clock, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    Duration::new(ts.sec as u64, ts.nsec as u32)
-}
-
 fn process_cpu() -> Duration {
-    cpu_clock(2)
+    shardline_kernels::cpu_time::process().expect("process CPU clock")
 }
 
 fn thread_cpu() -> Duration {
-    cpu_clock(3)
+    shardline_kernels::cpu_time::thread().expect("thread CPU clock")
 }
 
 fn arg(i: usize, default: usize) -> usize {

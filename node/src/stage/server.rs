@@ -341,9 +341,9 @@ impl Driver {
                 // Timed on the compute thread: the scheduler learns each step's cost from it (`Event::ComputeTime`).
                 let gauge = self.core.batch_gauge().clone();
                 let run = move || {
-                    let (started, cpu) = (Instant::now(), thread_cpu_time());
+                    let (started, cpu) = (Instant::now(), shardline_kernels::cpu_time::thread());
                     let results = stage.compute(batch);
-                    if let (Some(a), Some(b)) = (cpu, thread_cpu_time()) {
+                    if let (Some(a), Some(b)) = (cpu, shardline_kernels::cpu_time::thread()) {
                         gauge.add_compute_cpu(b.saturating_sub(a));
                     }
                     (results, started.elapsed())
@@ -369,21 +369,6 @@ impl Driver {
                 self.core.handle(now, Event::ComputeTime(took));
             }
         }
-    }
-}
-
-/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`), where the platform has it.
-fn thread_cpu_time() -> Option<std::time::Duration> {
-    #[cfg(unix)]
-    {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        (rc == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
-    }
-    #[cfg(not(unix))]
-    {
-        None
     }
 }
 
