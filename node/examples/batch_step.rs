@@ -77,9 +77,10 @@ fn main() {
             .collect();
         let outs = shard.forward_batch(&mut items, LayerRange::full(cfg.n_layers)).expect("forward");
         drop(items);
-        for ((o, s), t) in outs.iter().zip(&sessions).zip(next.iter_mut()) {
+        for ((o, s), t) in outs.into_iter().zip(&sessions).zip(next.iter_mut()) {
             let ShardOutput::Logits(l) = o else { panic!("no logits") };
-            *t = shard.sample(l, &greedy, s.len() as u64, 0).expect("sample").token;
+            *t = shard.sample(&l, &greedy, s.len() as u64, 0).expect("sample").token;
+            shard.recycle_logits(l); // as the stage does after its draw
         }
         if step >= warm {
             walls.push(w0.elapsed());

@@ -169,6 +169,9 @@ fn batched(front: &Shard, back: &Shard, scripts: &[Script]) -> (Vec<Trace>, usiz
             assert_eq!(l.rows(), 1, "one row of logits per item");
             let n = inputs[i].as_ref().map_or(0, Vec::len);
             runs[i].record(b.as_ref(), n, h, &l, back);
+            // As the stage does after its draw: later batches copy their rows into these buffers, which must not
+            // change any bit.
+            back.recycle_logits(l);
         }
     }
     (runs.into_iter().map(|r| r.trace).collect(), mixed)

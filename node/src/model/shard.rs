@@ -122,6 +122,10 @@ pub struct Shard {
     /// shape: a fresh multi-megabyte buffer per decode step is mapped anew by the allocator each time, and its page
     /// faults cost about as much as the LM head's multiply over it (CPU, 16 rows). At most [`KEEP_LOGITS_ROWS`] rows.
     logits_scratch: Mutex<Option<Tensor>>,
+    /// One-row logits of items handed back after their token was drawn ([`Shard::recycle_logits`]), reused for the
+    /// next batch's per-item copies: 16 fresh `[1, vocab]` buffers a decode step were mapped, zeroed and faulted in
+    /// anew each time (docs/PERFORMANCE.md, "the 16-row AVX2 kernel"). At most [`KEEP_LOGITS_ROWS`] of them.
+    row_logits: Mutex<Vec<Tensor>>,
 }
 
 /// Largest batch of logit rows whose buffer a shard keeps between forwards (3 MiB for SmolLM2 at 16 rows).
@@ -257,6 +261,7 @@ impl Shard {
             block_tokens,
             steps: graph_step::DecodeSteps::default(),
             logits_scratch: Mutex::new(None),
+            row_logits: Mutex::new(Vec::new()),
         })
     }
 
@@ -322,6 +327,21 @@ impl Shard {
     /// As [`Shard::forward`], but the last stage returns logits for every position (teacher forcing, evaluation).
     pub fn forward_all_logits(&self, s: &mut ShardKv, input: ShardInput<'_>) -> Result<ShardOutput> {
         self.forward_inner(s, input, self.layers, true)
+    }
+
+    /// Hands back the logits of an item's output ([`ShardOutput::Logits`]) once they have been read, so that a later
+    /// batched forward copies an item's row into this buffer instead of a new one. Only one-row logits of this
+    /// shard's shape in memory of their own are kept (never a CUDA graph's buffer, which a replay rewrites), at most
+    /// [`KEEP_LOGITS_ROWS`]; anything else is dropped. Every row of a reused buffer is overwritten before it is read.
+    pub fn recycle_logits(&self, logits: Tensor) {
+        let vocab = self.config.vocab;
+        if logits.shape() != [1, vocab] || logits.share().is_some() {
+            return;
+        }
+        let mut kept = self.row_logits.lock();
+        if kept.len() < KEEP_LOGITS_ROWS {
+            kept.push(logits);
+        }
     }
 
     /// Draws the next token from `logits` (row 0 when there is one row, else the last row).
@@ -558,7 +578,11 @@ impl Shard {
                     logits.take().ok_or_else(|| ModelError::Invalid("head rows without logits".into()))?,
                 )]);
             }
-            let mut mine = b.alloc(&[w.len(), c.vocab])?;
+            let kept = if w.len() == 1 { self.row_logits.lock().pop() } else { None };
+            let mut mine = match kept {
+                Some(t) => t,
+                None => b.alloc(&[w.len(), c.vocab])?,
+            };
             b.copy_rows(l, at, &mut mine, 0, w.len())?;
             at += w.len();
             out.push(ShardOutput::Logits(mine));

@@ -63,6 +63,7 @@ impl ShardStage {
                 // Non-finite logits are refused by the sampler (`KernelError::NonFiniteLogits`): this stage then
                 // fails the session with `Compute` and the owner blames this stage (docs/SECURITY.md).
                 let s = shard.sample(&l, &params, item.kv.len() as u64, n_top)?;
+                shard.recycle_logits(l);
                 ComputeOutput::Token(TokenResult { token: s.token, logprob: s.logprob, top: s.top })
             }
             (ShardOutput::Logits(_), None) => ComputeOutput::Nothing,
