@@ -71,7 +71,7 @@ fn main() {
     };
     let rows: &[usize] = match cases.as_str() {
         "prefill" => &[16, 128],
-        "kquant" => &[1, 2, 4, 5, 16, 64],
+        "kquant" => &[1, 2, 4, 5, 16, 64, 384],
         _ => &[1, 4, 8, 16],
     };
     for &(dtype, n, k) in shapes {
