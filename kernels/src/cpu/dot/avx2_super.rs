@@ -15,7 +15,8 @@
 //! values use the sign trick (`|w| · ±a`, at most `127 · 127 · 2`).
 //!
 //! Decode (one activation row) takes four weight rows per tile; more activation rows take two weight rows × up to
-//! four activation rows, the unpacking of each chunk shared by the 4 rows (docs/PERFORMANCE.md, "Session 8").
+//! four activation rows, the unpacking of each chunk shared by the 4 rows (docs/PERFORMANCE.md, "Session 8, AMD EPYC
+//! Zen 3 (AVX2): streaming K-quant kernels").
 // Register tiles and lanes are fixed-size arrays indexed by row, activation row and lane; index loops
 // mirror the definitions in `super` most directly.
 #![allow(clippy::needless_range_loop)]
