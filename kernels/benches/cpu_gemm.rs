@@ -11,7 +11,7 @@
 //! `cargo bench -p shardline-kernels --bench cpu_gemm` (`SHARDLINE_GEMM_REPS=200` sets the calls per case).
 //! `SHARDLINE_GEMM_CASES=prefill` times the prefill shapes instead: the matrices of the SmolLM2 Q6_K preset (Q8_0
 //! for the 576-wide ones, Q6_K for the down projection) at 16 and 128 activation rows; `SHARDLINE_GEMM_CASES=kquant`
-//! the K-quant down projection (Q4_K and Q6_K, random blocks) at 1 to 64 activation rows.
+//! the K-quant down projection (Q4_K and Q6_K, random blocks) at 1 to 384 activation rows.
 
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
