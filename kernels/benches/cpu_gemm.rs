@@ -10,7 +10,8 @@
 //!
 //! `cargo bench -p shardline-kernels --bench cpu_gemm` (`SHARDLINE_GEMM_REPS=200` sets the calls per case).
 //! `SHARDLINE_GEMM_CASES=prefill` times the prefill shapes instead: the matrices of the SmolLM2 Q6_K preset (Q8_0
-//! for the 576-wide ones, Q6_K for the down projection) at 16 and 128 activation rows.
+//! for the 576-wide ones, Q6_K for the down projection) at 16 and 128 activation rows; `SHARDLINE_GEMM_CASES=kquant`
+//! the K-quant down projection (Q4_K and Q6_K, random blocks) at 1 to 384 activation rows.
 
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
@@ -21,12 +22,16 @@ fn thread_cpu() -> f64 {
 }
 
 fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
-    let bytes = if dtype == DType::Q6_K {
-        // No quantiser for Q6_K: random codes and scales, the block scale `d` (its last two bytes) a small f16.
-        let blocks = n * k / 256;
-        let mut b: Vec<u8> = (0..(blocks * 210) as u64).map(|i| (rng::uniform(7, i) * 256.0) as u8).collect();
-        for blk in b.chunks_exact_mut(210) {
-            blk[208..].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+    let bytes = if dtype.is_super_block() {
+        // No quantiser for the K-quants: random codes and scales, the f16 super-scales (Q6_K: its last two bytes;
+        // Q4_K: `d` and `dmin`, its first four) small.
+        let bb = dtype.block_bytes();
+        let mut b: Vec<u8> = (0..(n * k / 256 * bb) as u64).map(|i| (rng::uniform(7, i) * 256.0) as u8).collect();
+        let fields: &[usize] = if dtype == DType::Q6_K { &[208] } else { &[0, 2] };
+        for blk in b.chunks_exact_mut(bb) {
+            for &at in fields {
+                blk[at..at + 2].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+            }
         }
         b
     } else {
@@ -41,13 +46,19 @@ fn main() {
     // One compute thread: the calling thread does all the work, so its CPU time is the call's.
     let be = CpuBackend::with_simd(1, SimdLevel::detect()).expect("backend");
     println!("level {}, {} calls per case, thread CPU time (min)", SimdLevel::detect(), reps);
-    let prefill = std::env::var("SHARDLINE_GEMM_CASES").is_ok_and(|v| v == "prefill");
-    let shapes: &[(DType, usize, usize)] = if prefill {
-        &[(DType::Q8_0, 576, 576), (DType::Q8_0, 1536, 576), (DType::Q6_K, 576, 1536), (DType::Q4_1, 1536, 576)]
-    } else {
-        &[(DType::Q4_1, 576, 576), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 1536), (DType::Q8_0, 2048, 576)]
+    let cases = std::env::var("SHARDLINE_GEMM_CASES").unwrap_or_default();
+    let shapes: &[(DType, usize, usize)] = match cases.as_str() {
+        "prefill" => {
+            &[(DType::Q8_0, 576, 576), (DType::Q8_0, 1536, 576), (DType::Q6_K, 576, 1536), (DType::Q4_1, 1536, 576)]
+        }
+        "kquant" => &[(DType::Q4_K, 576, 1536), (DType::Q6_K, 576, 1536)],
+        _ => &[(DType::Q4_1, 576, 576), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 1536), (DType::Q8_0, 2048, 576)],
     };
-    let rows: &[usize] = if prefill { &[16, 128] } else { &[1, 4, 8, 16] };
+    let rows: &[usize] = match cases.as_str() {
+        "prefill" => &[16, 128],
+        "kquant" => &[1, 2, 4, 5, 16, 64, 384],
+        _ => &[1, 4, 8, 16],
+    };
     for &(dtype, n, k) in shapes {
         let w = weight(&be, dtype, n, k);
         for &t in rows {
