@@ -82,7 +82,7 @@ pub(crate) struct QuantAct {
     pub spat: Vec<f32>,
     /// Paired layout: `[d_e, d_o]` of pair `p` of row `t` at `(p · rows_pad + t) · 2`: the scales of
     /// consecutive rows side by side, for the multi-row kernels. Natural layout with more than one row: `d` of block
-    /// `b` of row `t` at `b · natural_t_stride() + t` (zeros after the last row, so 4 rows load from any row).
+    /// `b` of row `t` at `b · natural_t_stride() + t` (zeros after the last row, so 8 rows load from any row).
     pub dt: Vec<f32>,
     /// Paired layout: `[s_e, s_o]` (the `s` of the two blocks) in the order of `dt`; natural layout: `s` in the order
     /// of `dt`.
@@ -105,9 +105,9 @@ pub(crate) struct QuantAct {
     pub bs_t: Vec<i32>,
 }
 
-/// Zeros after each block's rows in the natural layout's transposed tables ([`QuantAct::dt`]), so that 4 rows can be
+/// Zeros after each block's rows in the natural layout's transposed tables ([`QuantAct::dt`]), so that 8 rows can be
 /// loaded from any row.
-pub(crate) const NATURAL_T_PAD: usize = 4;
+pub(crate) const NATURAL_T_PAD: usize = 8;
 
 /// Zeros after the transposed wide tables, so that 8 activation rows can be loaded from any row.
 pub(crate) const WIDE_PAD: usize = 8;
