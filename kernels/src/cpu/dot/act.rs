@@ -68,6 +68,9 @@ pub(crate) struct QuantAct {
     /// `rows × blocks × 32` quantised values, starting on a 64-byte boundary (so a pair or a super-block row never
     /// straddles cache lines: a 512-bit load across two lines costs two).
     pub qs: AlignedBytes,
+    /// Natural layout with more than one row: the values of `qs` again, block-major (block `b` of row `t` at
+    /// `(b · rows + t) · 32`), so the AVX2 multi-row kernel reads the rows of a block at fixed offsets.
+    pub qt: AlignedBytes,
     /// Scale of each block: `x ≈ d · q`.
     pub d: Vec<f32>,
     /// `d · Σ q` of each block: the activation side of the `m` term of Q4_1.
@@ -284,6 +287,7 @@ impl QuantAct {
         self.nb = nb;
         self.blocks = blocks;
         self.qs.zeroed(rows_pad * blocks * QK);
+        self.qt.zeroed(if layout == ActLayout::Natural && rows > 1 { rows * nb * QK } else { 0 });
         zeroed(&mut self.d, rows_pad * blocks);
         zeroed(&mut self.s, rows_pad * blocks);
         zeroed(&mut self.bias, if bias.is_some() { rows_pad * blocks * 8 } else { 0 });
@@ -324,6 +328,10 @@ impl QuantAct {
                     }
                 }
                 if natural_t > 0 {
+                    let at = (b * rows + r) * QK;
+                    for (o, &v) in self.qt[at..at + QK].iter_mut().zip(&q) {
+                        *o = v as u8;
+                    }
                     let at = b * self.natural_t_stride() + r;
                     self.dt[at] = self.d[blk];
                     self.st[at] = self.s[blk];
@@ -549,6 +557,13 @@ impl QuantAct {
     pub(crate) fn qs_ptr(&self, r: usize, b: usize) -> *const u8 {
         debug_assert!(r < self.rows_pad && b < self.blocks);
         self.qs.as_ptr().wrapping_add((r * self.blocks + b) * QK)
+    }
+
+    /// Block `b` of row `r` in the block-major copy [`QuantAct::qt`].
+    #[inline(always)]
+    pub(crate) fn qt_ptr(&self, r: usize, b: usize) -> *const u8 {
+        debug_assert!(r < self.rows && b < self.nb);
+        self.qt.as_ptr().wrapping_add((b * self.rows + r) * QK)
     }
 
     #[inline(always)]

@@ -11,13 +11,16 @@ use super::act::QuantAct;
 use super::tag::{BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::{Ctx, L2_WEIGHT_BYTES, Out, Rhs, TileFn, Weights, drive, float_tile_set, prefetch_ahead, tile_set};
 use crate::DType;
+use crate::quant::QK;
 use crate::superblock::IQ4_VALUES;
 
-/// The kernels of [`drive_multi`] for one format: one weight row against 8, 4, 3 and 2 activation rows
-/// ([`multi_tile`]), and the 2-weight-row and 1-weight-row tiles of [`quant_tile`] for a single activation row.
+/// The kernels of [`drive_multi`] for one format: one weight row against `$wide` (16 or 8), 8, 4, 3 and 2
+/// activation rows ([`multi_tile`]), and the 2-weight-row and 1-weight-row tiles of [`quant_tile`] for a single
+/// activation row.
 macro_rules! multi_set {
-    ($multi:ident, $tile:ident, $k:expr) => {
+    ($multi:ident, $tile:ident, $k:expr, $wide:literal) => {
         MultiKernels {
+            wide: ($multi::<{ $k }, $wide> as TileFn<_>, $wide),
             multi: [
                 $multi::<{ $k }, 8> as TileFn<_>,
                 $multi::<{ $k }, 4> as TileFn<_>,
@@ -74,18 +77,18 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
         Rhs::Quant(a) if t_rows > 1 && a.rows > 1 => {
             let ctx = Ctx { w, x: a, out };
             let set = match (vnni, w.dtype) {
-                (false, DType::Q8_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q8_0),
-                (false, DType::Q4_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_0),
-                (false, DType::Q5_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_0),
-                (false, DType::Q5_1) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_1),
-                (false, DType::IQ4_NL) => multi_set!(multi_maddubs, quant_tile_maddubs, IQ4_NL),
-                (false, _) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_1),
-                (true, DType::Q8_0) => multi_set!(multi_vnni, quant_tile_vnni, Q8_0),
-                (true, DType::Q4_0) => multi_set!(multi_vnni, quant_tile_vnni, Q4_0),
-                (true, DType::Q5_0) => multi_set!(multi_vnni, quant_tile_vnni, Q5_0),
-                (true, DType::Q5_1) => multi_set!(multi_vnni, quant_tile_vnni, Q5_1),
-                (true, DType::IQ4_NL) => multi_set!(multi_vnni, quant_tile_vnni, IQ4_NL),
-                (true, _) => multi_set!(multi_vnni, quant_tile_vnni, Q4_1),
+                (false, DType::Q8_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q8_0, 8),
+                (false, DType::Q4_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_0, 16),
+                (false, DType::Q5_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_0, 16),
+                (false, DType::Q5_1) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_1, 16),
+                (false, DType::IQ4_NL) => multi_set!(multi_maddubs, quant_tile_maddubs, IQ4_NL, 16),
+                (false, _) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_1, 16),
+                (true, DType::Q8_0) => multi_set!(multi_vnni, quant_tile_vnni, Q8_0, 8),
+                (true, DType::Q4_0) => multi_set!(multi_vnni, quant_tile_vnni, Q4_0, 16),
+                (true, DType::Q5_0) => multi_set!(multi_vnni, quant_tile_vnni, Q5_0, 16),
+                (true, DType::Q5_1) => multi_set!(multi_vnni, quant_tile_vnni, Q5_1, 16),
+                (true, DType::IQ4_NL) => multi_set!(multi_vnni, quant_tile_vnni, IQ4_NL, 16),
+                (true, _) => multi_set!(multi_vnni, quant_tile_vnni, Q4_1, 16),
             };
             // SAFETY: forwarded from the caller.
             unsafe { drive_multi(&ctx, rows, t_rows, &set) }
@@ -148,12 +151,16 @@ unsafe fn quant_tile_vnni<const KIND: u8, const NR: usize, const TR: usize>(
 
 /// See [`multi_set`].
 struct MultiKernels<'a> {
+    /// The widest tile and its activation rows.
+    wide: (TileFn<&'a QuantAct>, usize),
+    /// 8, 4, 3 and 2 activation rows.
     multi: [TileFn<&'a QuantAct>; 4],
     one: [TileFn<&'a QuantAct>; 2],
 }
 
 /// Walks the outputs `rows × 0..t_rows` (more than one activation row): a group of weight rows that stays in L2, and
-/// over it the activation rows 8 at a time with [`multi_tile`], then 4, the last 2 or 3 together, a last single row with the
+/// over it the activation rows 16 at a time with [`multi_tile`] (Q8_0: 8, whose 16-row tile measured ~6% slower on
+/// the AMD EPYC Zen 3 of docs/PERFORMANCE.md), then 8, then 4, the last 2 or 3 together, a last single row with the
 /// one-row tiles. Every output is the same operations in the same order whichever tile computes it.
 ///
 /// # Safety
@@ -184,7 +191,8 @@ unsafe fn drive_multi<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_row
                 2 => (k.multi[3], 2),
                 3 => (k.multi[2], 3),
                 4..=7 => (k.multi[1], 4),
-                _ => (k.multi[0], 8),
+                _ if left < k.wide.1 => (k.multi[0], 8),
+                _ => k.wide,
             };
             for n in g0..g1 {
                 // SAFETY: row n and activation rows t..t+tr are inside the output (caller).
@@ -275,8 +283,25 @@ unsafe fn head<const KIND: u8>(blk: *const u8) -> __m128 {
 #[inline(always)]
 unsafe fn block_dot<D: IntDot, const KIND: u8>(a: &QuantAct, t: usize, b: usize, v: __m256i, u: __m256i) -> __m256i {
     // SAFETY: as the caller guarantees.
+    unsafe { block_dot_at::<D, KIND>(a, a.qs_ptr(t, b), t, b, v, u) }
+}
+
+/// [`block_dot`] with the activation block read at `q` (block `b` of row `t`, in `qs` or `qt`).
+///
+/// # Safety
+/// As [`block_dot`], and `q` holds that block.
+#[inline(always)]
+unsafe fn block_dot_at<D: IntDot, const KIND: u8>(
+    a: &QuantAct,
+    q: *const u8,
+    t: usize,
+    b: usize,
+    v: __m256i,
+    u: __m256i,
+) -> __m256i {
+    // SAFETY: as the caller guarantees.
     unsafe {
-        let av = _mm256_loadu_si256(a.qs_ptr(t, b).cast());
+        let av = _mm256_loadu_si256(q.cast());
         match KIND {
             Q8_0 | IQ4_NL => D::dot(_mm256_setzero_si256(), u, _mm256_sign_epi8(av, v)),
             Q4_0 | Q5_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t, b).cast()), u, av),
@@ -285,88 +310,137 @@ unsafe fn block_dot<D: IntDot, const KIND: u8>(a: &QuantAct, t: usize, b: usize,
     }
 }
 
-/// Blocks whose scale products [`multi_tile`] computes ahead of its integer passes (a 2 KB table on the stack).
-const SCALE_CHUNK: usize = 64;
+/// Blocks that [`multi_tile`] prepares ahead of its integer passes (tables of 6 KB on the stack).
+const CHUNK: usize = 64;
 
-/// One weight row `n` against `TR` (at most 8) activation rows from `t0`. The row is walked in chunks of
-/// [`SCALE_CHUNK`] blocks, each in three passes:
-/// 1. every block's `d_w · d_a` for the `TR` rows in one multiply (from the transposed table [`QuantAct::dt`]) into a
-///    table on the stack, and the `m` term of Q4_1/Q5_1 as one fused multiply-add for the rows (lane `t`, from
-///    [`QuantAct::st`], into the accumulator of the block's parity);
-/// 2. the even blocks: each unpacked once, then per row the integer dot product, its conversion and one fused
-///    multiply-add with the scale product broadcast from the table (a load, no shuffle);
-/// 3. the odd blocks likewise.
+/// One weight row `n` against `TR` (at most 16) activation rows from `t0`. The row is walked in chunks of [`CHUNK`]
+/// blocks; for each chunk:
+/// 1. every block is unpacked once (kept in a table on the stack), its `d_w · d_a` for the `TR` rows computed in
+///    one multiply per 8 rows (from the transposed table [`QuantAct::dt`]) into a second table, and the `m` term of
+///    Q4_1/Q5_1 added as one fused multiply-add per 8 rows (lane `t`, from [`QuantAct::st`], into the accumulator
+///    of the block's parity);
+/// 2. then one pass per block parity and group of 8 rows: per block and row the integer dot product (activations
+///    from the block-major copy [`QuantAct::qt`], the rows of a block at fixed offsets), its conversion and one
+///    fused multiply-add with the scale product broadcast from the table (a load, no shuffle).
 ///
-/// Only one parity's `TR` accumulators are live in a pass, so 8 rows fit the 16 registers. Each accumulator still
-/// sees its blocks in order (the even and odd chains are independent), so each output is the same operations in the
-/// same order as in [`quant_tile`] (the products `d_w · d_a` and the `m` terms are the same IEEE operations, only
-/// several in one register).
+/// A pass keeps only its 8 accumulators in registers, so 16 rows share each weight block's unpacking and scale
+/// conversion. Each accumulator still sees its blocks in order (the even and odd chains are independent), so each
+/// output is the same operations in the same order as in [`quant_tile`] (the products `d_w · d_a` and the `m` terms
+/// are the same IEEE operations, only several in one register).
 ///
 /// # Safety
 /// AVX2/FMA/F16C (and what `D` needs) must be available; row `n` and activation rows `t0..t0+TR` must be in range,
-/// and the activations hold more than one row (so the transposed tables exist).
+/// and the activations hold more than one row (so the transposed tables and the block-major copy exist).
 #[inline(always)]
 unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
     let a = c.x;
     let (bs, qoff) = geometry(KIND);
     let with_min = KIND == Q4_1 || KIND == Q5_1;
+    // Formats whose integer dot product needs the signed values besides the unsigned ones (see `unpack`).
+    let signed = KIND == Q8_0 || KIND == IQ4_NL;
+    let groups = TR.div_ceil(8);
     // SAFETY: block `b < nb` of weight row `n` and of activation rows `t0 + t` are inside the buffers the matmul
-    // checked; the 8-row loads from the transposed tables stay inside them (`NATURAL_T_PAD` zeros after each
-    // block's rows); the scale table is read at the chunk's blocks, which pass 1 wrote.
+    // checked; the 8-row loads from the transposed tables stay inside them (rows `t0 + 8g < t_rows`, then
+    // `NATURAL_T_PAD` zeros after each block's rows); the stack tables are read at the chunk's blocks, which step 1
+    // wrote.
     unsafe {
         let row = c.w.row_ptr(n);
         let mut acc = [[_mm256_setzero_ps(); TR]; 2];
-        let mut macc = [_mm256_setzero_ps(); 2];
-        // Written by pass 1 for the chunk's blocks before passes 2 and 3 read them.
-        let mut table = std::mem::MaybeUninit::<[__m256; SCALE_CHUNK]>::uninit();
-        let sc = table.as_mut_ptr().cast::<__m256>();
+        // [parity][group of 8 rows]
+        let mut macc = [[_mm256_setzero_ps(); 2]; 2];
+        let mut scales = std::mem::MaybeUninit::<[[__m256; 2]; CHUNK]>::uninit();
+        let mut quants = std::mem::MaybeUninit::<[[__m256i; 2]; CHUNK]>::uninit();
+        let sc = scales.as_mut_ptr().cast::<[__m256; 2]>();
+        let wq = quants.as_mut_ptr().cast::<[__m256i; 2]>();
         let nibbles = _mm256_set1_epi8(0x0f);
         let iq4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
         let nb = a.nb;
+        // Bytes from block `b` to block `b + 2` in the block-major copy.
+        let step = 2 * a.rows * QK;
         let mut c0 = 0;
         while c0 < nb {
-            let c1 = (c0 + SCALE_CHUNK).min(nb);
-            macro_rules! scales {
+            let c1 = (c0 + CHUNK).min(nb);
+            macro_rules! prepare {
                 ($b:expr, $p:literal) => {{
                     let b = $b;
+                    let i = b - c0;
                     let blk = row.add(b * bs);
                     prefetch_ahead(blk);
                     let h = head::<KIND>(blk);
-                    sc.add(b - c0).write(_mm256_mul_ps(_mm256_broadcastss_ps(h), _mm256_loadu_ps(a.dn_ptr(t0, b))));
+                    let dw = _mm256_broadcastss_ps(h);
+                    for g in 0..groups {
+                        (*sc.add(i))[g] = _mm256_mul_ps(dw, _mm256_loadu_ps(a.dn_ptr(t0 + 8 * g, b)));
+                    }
                     if with_min {
                         let mw = _mm256_broadcastss_ps(_mm_movehdup_ps(h));
-                        macc[$p] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a.sn_ptr(t0, b)), macc[$p]);
+                        for g in 0..groups {
+                            macc[$p][g] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a.sn_ptr(t0 + 8 * g, b)), macc[$p][g]);
+                        }
+                    }
+                    if KIND != Q8_0 {
+                        let (v, u) = unpack::<KIND>(blk, qoff, nibbles, iq4);
+                        (*wq.add(i))[0] = u;
+                        if signed {
+                            (*wq.add(i))[1] = v;
+                        }
                     }
                 }};
             }
             // `c0` is even, so block `c0 + 2i + p` has parity `p`.
             let mut b = c0;
             while b + 2 <= c1 {
-                scales!(b, 0);
-                scales!(b + 1, 1);
+                prepare!(b, 0);
+                prepare!(b + 1, 1);
                 b += 2;
             }
             if b < c1 {
-                scales!(b, 0);
+                prepare!(b, 0);
             }
             for p in 0..2 {
-                let mut accp = acc[p];
-                let mut b = c0 + p;
-                while b < c1 {
-                    let (v, u) = unpack::<KIND>(row.add(b * bs), qoff, nibbles, iq4);
-                    let s = sc.add(b - c0).cast::<f32>();
-                    for t in 0..TR {
-                        let dot = block_dot::<D, KIND>(a, t0 + t, b, v, u);
-                        accp[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*s.add(t)), _mm256_cvtepi32_ps(dot), accp[t]);
+                for g in 0..groups {
+                    let mut accp = [_mm256_setzero_ps(); 8];
+                    for j in 0..8 {
+                        if 8 * g + j < TR {
+                            accp[j] = acc[p][8 * g + j];
+                        }
                     }
-                    b += 2;
+                    let mut b = c0 + p;
+                    if b < c1 {
+                        let mut q = a.qt_ptr(t0 + 8 * g, b);
+                        while b < c1 {
+                            let i = b - c0;
+                            let (v, u) = if KIND == Q8_0 {
+                                // A load and an absolute value: cheaper than a copy on the stack.
+                                unpack::<KIND>(row.add(b * bs), qoff, nibbles, iq4)
+                            } else {
+                                let u = (*wq.add(i))[0];
+                                (if signed { (*wq.add(i))[1] } else { u }, u)
+                            };
+                            let s = sc.add(i).cast::<f32>().add(8 * g);
+                            for j in 0..8 {
+                                if 8 * g + j < TR {
+                                    let dot = block_dot_at::<D, KIND>(a, q.add(j * QK), t0 + 8 * g + j, b, v, u);
+                                    let sj = _mm256_broadcast_ss(&*s.add(j));
+                                    accp[j] = _mm256_fmadd_ps(sj, _mm256_cvtepi32_ps(dot), accp[j]);
+                                }
+                            }
+                            b += 2;
+                            q = q.wrapping_add(step);
+                        }
+                    }
+                    for j in 0..8 {
+                        if 8 * g + j < TR {
+                            acc[p][8 * g + j] = accp[j];
+                        }
+                    }
                 }
-                acc[p] = accp;
             }
             c0 = c1;
         }
-        let mut mins = [0.0f32; 8];
-        _mm256_storeu_ps(mins.as_mut_ptr(), _mm256_add_ps(macc[0], macc[1]));
+        let mut mins = [0.0f32; 16];
+        for g in 0..groups {
+            _mm256_storeu_ps(mins.as_mut_ptr().add(8 * g), _mm256_add_ps(macc[0][g], macc[1][g]));
+        }
         for t in 0..TR {
             let mut v = fold8(_mm256_add_ps(acc[0][t], acc[1][t]));
             if with_min {
