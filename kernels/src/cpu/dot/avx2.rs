@@ -14,14 +14,13 @@ use crate::DType;
 use crate::quant::QK;
 use crate::superblock::IQ4_VALUES;
 
-/// The kernels of [`drive_multi`] for one format: one weight row against `$wide` (16 or 8), 8, 4, 3 and 2
-/// activation rows ([`multi_tile`]), and the 2-weight-row and 1-weight-row tiles of [`quant_tile`] for a single
-/// activation row.
+/// The kernels of [`drive_multi`] for one format: one weight row against 16, 8, 4, 3 and 2 activation rows
+/// ([`multi_tile`]), and the 2-weight-row and 1-weight-row tiles of [`quant_tile`] for a single activation row.
 macro_rules! multi_set {
-    ($multi:ident, $tile:ident, $k:expr, $wide:literal) => {
+    ($multi:ident, $tile:ident, $k:expr) => {
         MultiKernels {
-            wide: ($multi::<{ $k }, $wide> as TileFn<_>, $wide),
             multi: [
+                $multi::<{ $k }, 16> as TileFn<_>,
                 $multi::<{ $k }, 8> as TileFn<_>,
                 $multi::<{ $k }, 4> as TileFn<_>,
                 $multi::<{ $k }, 3> as TileFn<_>,
@@ -77,18 +76,18 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
         Rhs::Quant(a) if t_rows > 1 && a.rows > 1 => {
             let ctx = Ctx { w, x: a, out };
             let set = match (vnni, w.dtype) {
-                (false, DType::Q8_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q8_0, 8),
-                (false, DType::Q4_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_0, 16),
-                (false, DType::Q5_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_0, 16),
-                (false, DType::Q5_1) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_1, 16),
-                (false, DType::IQ4_NL) => multi_set!(multi_maddubs, quant_tile_maddubs, IQ4_NL, 16),
-                (false, _) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_1, 16),
-                (true, DType::Q8_0) => multi_set!(multi_vnni, quant_tile_vnni, Q8_0, 8),
-                (true, DType::Q4_0) => multi_set!(multi_vnni, quant_tile_vnni, Q4_0, 16),
-                (true, DType::Q5_0) => multi_set!(multi_vnni, quant_tile_vnni, Q5_0, 16),
-                (true, DType::Q5_1) => multi_set!(multi_vnni, quant_tile_vnni, Q5_1, 16),
-                (true, DType::IQ4_NL) => multi_set!(multi_vnni, quant_tile_vnni, IQ4_NL, 16),
-                (true, _) => multi_set!(multi_vnni, quant_tile_vnni, Q4_1, 16),
+                (false, DType::Q8_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q8_0),
+                (false, DType::Q4_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_0),
+                (false, DType::Q5_0) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_0),
+                (false, DType::Q5_1) => multi_set!(multi_maddubs, quant_tile_maddubs, Q5_1),
+                (false, DType::IQ4_NL) => multi_set!(multi_maddubs, quant_tile_maddubs, IQ4_NL),
+                (false, _) => multi_set!(multi_maddubs, quant_tile_maddubs, Q4_1),
+                (true, DType::Q8_0) => multi_set!(multi_vnni, quant_tile_vnni, Q8_0),
+                (true, DType::Q4_0) => multi_set!(multi_vnni, quant_tile_vnni, Q4_0),
+                (true, DType::Q5_0) => multi_set!(multi_vnni, quant_tile_vnni, Q5_0),
+                (true, DType::Q5_1) => multi_set!(multi_vnni, quant_tile_vnni, Q5_1),
+                (true, DType::IQ4_NL) => multi_set!(multi_vnni, quant_tile_vnni, IQ4_NL),
+                (true, _) => multi_set!(multi_vnni, quant_tile_vnni, Q4_1),
             };
             // SAFETY: forwarded from the caller.
             unsafe { drive_multi(&ctx, rows, t_rows, &set) }
@@ -151,17 +150,13 @@ unsafe fn quant_tile_vnni<const KIND: u8, const NR: usize, const TR: usize>(
 
 /// See [`multi_set`].
 struct MultiKernels<'a> {
-    /// The widest tile and its activation rows.
-    wide: (TileFn<&'a QuantAct>, usize),
-    /// 8, 4, 3 and 2 activation rows.
-    multi: [TileFn<&'a QuantAct>; 4],
+    multi: [TileFn<&'a QuantAct>; 5],
     one: [TileFn<&'a QuantAct>; 2],
 }
 
 /// Walks the outputs `rows × 0..t_rows` (more than one activation row): a group of weight rows that stays in L2, and
-/// over it the activation rows 16 at a time with [`multi_tile`] (Q8_0: 8, whose 16-row tile measured ~6% slower on
-/// the AMD EPYC Zen 3 of docs/PERFORMANCE.md), then 8, then 4, the last 2 or 3 together, a last single row with the
-/// one-row tiles. Every output is the same operations in the same order whichever tile computes it.
+/// over it the activation rows 16 at a time with [`multi_tile`], then 8, then 4, the last 2 or 3 together, a last
+/// single row with the one-row tiles. Every output is the same operations in the same order whichever tile computes it.
 ///
 /// # Safety
 /// As [`drive`]: the CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract; `t_rows > 1`
@@ -188,11 +183,11 @@ unsafe fn drive_multi<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_row
                 break;
             }
             let (f, tr) = match left {
-                2 => (k.multi[3], 2),
-                3 => (k.multi[2], 3),
-                4..=7 => (k.multi[1], 4),
-                _ if left < k.wide.1 => (k.multi[0], 8),
-                _ => k.wide,
+                2 => (k.multi[4], 2),
+                3 => (k.multi[3], 3),
+                4..=7 => (k.multi[2], 4),
+                8..=15 => (k.multi[1], 8),
+                _ => (k.multi[0], 16),
             };
             for n in g0..g1 {
                 // SAFETY: row n and activation rows t..t+tr are inside the output (caller).
@@ -345,7 +340,15 @@ unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &Qu
     // wrote.
     unsafe {
         let row = c.w.row_ptr(n);
-        let mut acc = [[_mm256_setzero_ps(); TR]; 2];
+        // Up to 8 rows zeroed here; 16 rows written by the first chunk's passes (which then start from zeros)
+        // before anything reads them, not zeroed up front (a 1 KB `memset` per call; zeroing in the passes measured
+        // slower at 8 rows).
+        let early = TR > 8;
+        let mut acc_mem = std::mem::MaybeUninit::<[[__m256; TR]; 2]>::uninit();
+        if !early {
+            acc_mem.write([[_mm256_setzero_ps(); TR]; 2]);
+        }
+        let acc = acc_mem.as_mut_ptr().cast::<[__m256; TR]>();
         // [parity][group of 8 rows]
         let mut macc = [[_mm256_setzero_ps(); 2]; 2];
         let mut scales = std::mem::MaybeUninit::<[[__m256; 2]; CHUNK]>::uninit();
@@ -358,7 +361,8 @@ unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &Qu
         // Bytes from block `b` to block `b + 2` in the block-major copy.
         let step = 2 * a.rows * QK;
         let mut c0 = 0;
-        while c0 < nb {
+        // At least one round, so that the accumulators are written even when `nb` is 0.
+        loop {
             let c1 = (c0 + CHUNK).min(nb);
             macro_rules! prepare {
                 ($b:expr, $p:literal) => {{
@@ -399,9 +403,11 @@ unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &Qu
             for p in 0..2 {
                 for g in 0..groups {
                     let mut accp = [_mm256_setzero_ps(); 8];
-                    for j in 0..8 {
-                        if 8 * g + j < TR {
-                            accp[j] = acc[p][8 * g + j];
+                    if !early || c0 > 0 {
+                        for j in 0..8 {
+                            if 8 * g + j < TR {
+                                accp[j] = (*acc.add(p))[8 * g + j];
+                            }
                         }
                     }
                     let mut b = c0 + p;
@@ -430,19 +436,22 @@ unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &Qu
                     }
                     for j in 0..8 {
                         if 8 * g + j < TR {
-                            acc[p][8 * g + j] = accp[j];
+                            (*acc.add(p))[8 * g + j] = accp[j];
                         }
                     }
                 }
             }
             c0 = c1;
+            if c0 >= nb {
+                break;
+            }
         }
         let mut mins = [0.0f32; 16];
         for g in 0..groups {
             _mm256_storeu_ps(mins.as_mut_ptr().add(8 * g), _mm256_add_ps(macc[0][g], macc[1][g]));
         }
         for t in 0..TR {
-            let mut v = fold8(_mm256_add_ps(acc[0][t], acc[1][t]));
+            let mut v = fold8(_mm256_add_ps((*acc)[t], (*acc.add(1))[t]));
             if with_min {
                 v += mins[t];
             }
