@@ -68,8 +68,8 @@ pub(crate) struct QuantAct {
     /// `rows × blocks × 32` quantised values, starting on a 64-byte boundary (so a pair or a super-block row never
     /// straddles cache lines: a 512-bit load across two lines costs two).
     pub qs: AlignedBytes,
-    /// Natural layout with more than one row: the values of `qs` again, block-major (block `b` of row `t` at
-    /// `(b · rows + t) · 32`), so the AVX2 multi-row kernel reads the rows of a block at fixed offsets.
+    /// Natural layout with more than one row, for the AVX2 kernels: the values of `qs` again, block-major (block `b`
+    /// of row `t` at `(b · rows + t) · 32`), so the multi-row kernel reads the rows of a block at fixed offsets.
     pub qt: AlignedBytes,
     /// Scale of each block: `x ≈ d · q`.
     pub d: Vec<f32>,
@@ -287,7 +287,9 @@ impl QuantAct {
         self.nb = nb;
         self.blocks = blocks;
         self.qs.zeroed(rows_pad * blocks * QK);
-        self.qt.zeroed(if layout == ActLayout::Natural && rows > 1 { rows * nb * QK } else { 0 });
+        // Only the AVX2 multi-row kernel reads the block-major copy.
+        let block_major = avx2 && layout == ActLayout::Natural && rows > 1;
+        self.qt.zeroed(if block_major { rows * nb * QK } else { 0 });
         zeroed(&mut self.d, rows_pad * blocks);
         zeroed(&mut self.s, rows_pad * blocks);
         zeroed(&mut self.bias, if bias.is_some() { rows_pad * blocks * 8 } else { 0 });
@@ -327,11 +329,13 @@ impl QuantAct {
                         }
                     }
                 }
-                if natural_t > 0 {
+                if block_major {
                     let at = (b * rows + r) * QK;
                     for (o, &v) in self.qt[at..at + QK].iter_mut().zip(&q) {
                         *o = v as u8;
                     }
+                }
+                if natural_t > 0 {
                     let at = b * self.natural_t_stride() + r;
                     self.dt[at] = self.d[blk];
                     self.st[at] = self.s[blk];
