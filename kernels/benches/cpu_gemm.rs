@@ -8,7 +8,8 @@
 //! activations are reused between calls (the kernel alone, weights in L2 when they fit); `fresh` changes the input
 //! every call (kernel plus activation quantisation, as between the layers of a forward).
 //!
-//! `cargo bench -p shardline-kernels --bench cpu_gemm` (`SHARDLINE_GEMM_REPS=200` sets the calls per case).
+//! `cargo bench -p shardline-kernels --bench cpu_gemm` (`SHARDLINE_GEMM_REPS=200` sets the calls per case,
+//! `SHARDLINE_GEMM_ROWS=8,16` the activation row counts).
 //! `SHARDLINE_GEMM_CASES=prefill` times the prefill shapes instead: the matrices of the SmolLM2 Q6_K preset (Q8_0
 //! for the 576-wide ones, Q6_K for the down projection) at 16 and 128 activation rows; `SHARDLINE_GEMM_CASES=kquant`
 //! the K-quant down projection (Q4_K and Q6_K, random blocks) at 1 to 384 activation rows.
@@ -54,14 +55,18 @@ fn main() {
         "kquant" => &[(DType::Q4_K, 576, 1536), (DType::Q6_K, 576, 1536)],
         _ => &[(DType::Q4_1, 576, 576), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 1536), (DType::Q8_0, 2048, 576)],
     };
-    let rows: &[usize] = match cases.as_str() {
+    let default_rows: &[usize] = match cases.as_str() {
         "prefill" => &[16, 128],
         "kquant" => &[1, 2, 4, 5, 16, 64, 384],
         _ => &[1, 4, 8, 16],
     };
+    let rows: Vec<usize> = match std::env::var("SHARDLINE_GEMM_ROWS") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) => default_rows.to_vec(),
+    };
     for &(dtype, n, k) in shapes {
         let w = weight(&be, dtype, n, k);
-        for &t in rows {
+        for &t in &rows {
             let inputs: Vec<Tensor> = (0..2u64)
                 .map(|s| {
                     let x: Vec<f32> = (0..(t * k) as u64).map(|i| rng::uniform(11 + s, i) * 2.0 - 1.0).collect();

@@ -139,7 +139,8 @@ fn every_batch_size_gives_each_row_its_alone_bits() {
     const T_MAX: usize = 20;
     let mut rng = Rng::new(8);
     for dtype in DType::ENCODABLE {
-        for (k, n, threads) in [(96, 13, 1), (160, 6, 2), (576, 7, 3)] {
+        // 2080 = 65 blocks: more than one chunk of the AVX2 multi-row kernel's scale table, an odd block last.
+        for (k, n, threads) in [(96, 13, 1), (160, 6, 2), (576, 7, 3), (2080, 3, 2)] {
             let wv = rng.vec(n * k, 1.0);
             let mut x = rng.vec(T_MAX * k, 2.0);
             // A row of zeros (scale 0) and a row of one large value among zeros.

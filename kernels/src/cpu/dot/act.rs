@@ -68,6 +68,9 @@ pub(crate) struct QuantAct {
     /// `rows × blocks × 32` quantised values, starting on a 64-byte boundary (so a pair or a super-block row never
     /// straddles cache lines: a 512-bit load across two lines costs two).
     pub qs: AlignedBytes,
+    /// Natural layout with more than one row, for the AVX2 kernels: the values of `qs` again, block-major (block `b`
+    /// of row `t` at `(b · rows + t) · 32`), so the multi-row kernel reads the rows of a block at fixed offsets.
+    pub qt: AlignedBytes,
     /// Scale of each block: `x ≈ d · q`.
     pub d: Vec<f32>,
     /// `d · Σ q` of each block: the activation side of the `m` term of Q4_1.
@@ -82,7 +85,7 @@ pub(crate) struct QuantAct {
     pub spat: Vec<f32>,
     /// Paired layout: `[d_e, d_o]` of pair `p` of row `t` at `(p · rows_pad + t) · 2`: the scales of
     /// consecutive rows side by side, for the multi-row kernels. Natural layout with more than one row: `d` of block
-    /// `b` of row `t` at `b · natural_t_stride() + t` (zeros after the last row, so 4 rows load from any row).
+    /// `b` of row `t` at `b · natural_t_stride() + t` (zeros after the last row, so 8 rows load from any row).
     pub dt: Vec<f32>,
     /// Paired layout: `[s_e, s_o]` (the `s` of the two blocks) in the order of `dt`; natural layout: `s` in the order
     /// of `dt`.
@@ -105,9 +108,9 @@ pub(crate) struct QuantAct {
     pub bs_t: Vec<i32>,
 }
 
-/// Zeros after each block's rows in the natural layout's transposed tables ([`QuantAct::dt`]), so that 4 rows can be
+/// Zeros after each block's rows in the natural layout's transposed tables ([`QuantAct::dt`]), so that 8 rows can be
 /// loaded from any row.
-pub(crate) const NATURAL_T_PAD: usize = 4;
+pub(crate) const NATURAL_T_PAD: usize = 8;
 
 /// Zeros after the transposed wide tables, so that 8 activation rows can be loaded from any row.
 pub(crate) const WIDE_PAD: usize = 8;
@@ -284,6 +287,9 @@ impl QuantAct {
         self.nb = nb;
         self.blocks = blocks;
         self.qs.zeroed(rows_pad * blocks * QK);
+        // Only the AVX2 multi-row kernel reads the block-major copy.
+        let block_major = avx2 && layout == ActLayout::Natural && rows > 1;
+        self.qt.zeroed(if block_major { rows * nb * QK } else { 0 });
         zeroed(&mut self.d, rows_pad * blocks);
         zeroed(&mut self.s, rows_pad * blocks);
         zeroed(&mut self.bias, if bias.is_some() { rows_pad * blocks * 8 } else { 0 });
@@ -321,6 +327,12 @@ impl QuantAct {
                             let z = pair_lane(odd, lane);
                             pair[4 * z..4 * z + 4].copy_from_slice(&bytes[4 * lane..4 * lane + 4]);
                         }
+                    }
+                }
+                if block_major {
+                    let at = (b * rows + r) * QK;
+                    for (o, &v) in self.qt[at..at + QK].iter_mut().zip(&q) {
+                        *o = v as u8;
                     }
                 }
                 if natural_t > 0 {
@@ -549,6 +561,13 @@ impl QuantAct {
     pub(crate) fn qs_ptr(&self, r: usize, b: usize) -> *const u8 {
         debug_assert!(r < self.rows_pad && b < self.blocks);
         self.qs.as_ptr().wrapping_add((r * self.blocks + b) * QK)
+    }
+
+    /// Block `b` of row `r` in the block-major copy [`QuantAct::qt`].
+    #[inline(always)]
+    pub(crate) fn qt_ptr(&self, r: usize, b: usize) -> *const u8 {
+        debug_assert!(r < self.rows && b < self.nb);
+        self.qt.as_ptr().wrapping_add((b * self.rows + r) * QK)
     }
 
     #[inline(always)]

@@ -11,14 +11,17 @@ use super::act::QuantAct;
 use super::tag::{BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::{Ctx, L2_WEIGHT_BYTES, Out, Rhs, TileFn, Weights, drive, float_tile_set, prefetch_ahead, tile_set};
 use crate::DType;
+use crate::quant::QK;
 use crate::superblock::IQ4_VALUES;
 
-/// The kernels of [`drive_multi`] for one format: one weight row against 4, 3 and 2 activation rows
+/// The kernels of [`drive_multi`] for one format: one weight row against 16, 8, 4, 3 and 2 activation rows
 /// ([`multi_tile`]), and the 2-weight-row and 1-weight-row tiles of [`quant_tile`] for a single activation row.
 macro_rules! multi_set {
     ($multi:ident, $tile:ident, $k:expr) => {
         MultiKernels {
             multi: [
+                $multi::<{ $k }, 16> as TileFn<_>,
+                $multi::<{ $k }, 8> as TileFn<_>,
                 $multi::<{ $k }, 4> as TileFn<_>,
                 $multi::<{ $k }, 3> as TileFn<_>,
                 $multi::<{ $k }, 2> as TileFn<_>,
@@ -147,13 +150,13 @@ unsafe fn quant_tile_vnni<const KIND: u8, const NR: usize, const TR: usize>(
 
 /// See [`multi_set`].
 struct MultiKernels<'a> {
-    multi: [TileFn<&'a QuantAct>; 3],
+    multi: [TileFn<&'a QuantAct>; 5],
     one: [TileFn<&'a QuantAct>; 2],
 }
 
 /// Walks the outputs `rows × 0..t_rows` (more than one activation row): a group of weight rows that stays in L2, and
-/// over it the activation rows 4 at a time with [`multi_tile`], the last 2 or 3 together, a last single row with the
-/// one-row tiles. Every output is the same operations in the same order whichever tile computes it.
+/// over it the activation rows 16 at a time with [`multi_tile`], then 8, then 4, the last 2 or 3 together, a last
+/// single row with the one-row tiles. Every output is the same operations in the same order whichever tile computes it.
 ///
 /// # Safety
 /// As [`drive`]: the CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract; `t_rows > 1`
@@ -180,9 +183,11 @@ unsafe fn drive_multi<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_row
                 break;
             }
             let (f, tr) = match left {
-                2 => (k.multi[2], 2),
-                3 => (k.multi[1], 3),
-                _ => (k.multi[0], 4),
+                2 => (k.multi[4], 2),
+                3 => (k.multi[3], 3),
+                4..=7 => (k.multi[2], 4),
+                8..=15 => (k.multi[1], 8),
+                _ => (k.multi[0], 16),
             };
             for n in g0..g1 {
                 // SAFETY: row n and activation rows t..t+tr are inside the output (caller).
@@ -206,100 +211,247 @@ unsafe fn multi_vnni<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n:
     unsafe { multi_tile::<Vnni, KIND, TR>(c, n, t) }
 }
 
-/// One weight row `n` against `TR` (at most 4) activation rows from `t0`, block by block: the weight block is
-/// unpacked once for all rows, its scale multiplies the 4 rows' activation scales in one multiply (from the
-/// transposed table [`QuantAct::dt`]) and the `m` term of Q4_1/Q5_1 is one fused multiply-add for the 4 rows
-/// (lane `t`, from [`QuantAct::st`]), so a (row, block) costs the integer dot product, a conversion and a fused
-/// multiply-add. Each output is the same operations in the same order as in [`quant_tile`] (the products
-/// `d_w · d_a` and the `m` terms are the same IEEE operations, only several in one register).
-///
-/// # Safety
-/// AVX2/FMA/F16C (and what `D` needs) must be available; row `n` and activation rows `t0..t0+TR` must be in range,
-/// and the activations hold more than one row (so the transposed tables exist).
+/// Block bytes and offset of the quants of a 32-value format.
 #[inline(always)]
-unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
-    let a = c.x;
-    let (bs, qoff) = match KIND {
+const fn geometry(kind: u8) -> (usize, usize) {
+    match kind {
         Q8_0 => (34, 2),
         Q4_0 | IQ4_NL => (18, 2),
         Q5_0 => (22, 6),
         Q5_1 => (24, 8),
         _ => (20, 4),
-    };
+    }
+}
+
+/// The weight block at `blk` as 32 bytes for the integer dot product, `(v, u)`: `u` goes on the unsigned side and
+/// `v` is the sign source. Q4_0/Q4_1/Q5_0/Q5_1: the codes `q` (unsigned, offsets corrected elsewhere), `v = u`;
+/// Q8_0 and IQ4_NL: the signed values `v` and `u = |v|` (the activations take `v`'s signs).
+///
+/// # Safety
+/// AVX2 must be available; the block (its quants at `qoff`, and for Q5_x the high bits before them) must be readable.
+#[inline(always)]
+unsafe fn unpack<const KIND: u8>(blk: *const u8, qoff: usize, nibbles: __m256i, iq4: __m256i) -> (__m256i, __m256i) {
+    // SAFETY: the reads stay inside the block (caller); AVX2 is available (caller).
+    unsafe {
+        if KIND == Q8_0 {
+            let wv = _mm256_loadu_si256(blk.add(qoff).cast());
+            return (wv, _mm256_abs_epi8(wv));
+        }
+        let q = _mm_loadu_si128(blk.add(qoff).cast());
+        let y = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nibbles);
+        match KIND {
+            IQ4_NL => {
+                let v = _mm256_shuffle_epi8(iq4, y);
+                (v, _mm256_abs_epi8(v))
+            }
+            Q5_0 | Q5_1 => {
+                let high = bytes_from_bits(blk.add(qoff - 4).cast::<u32>().read_unaligned());
+                let y = _mm256_or_si256(y, _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
+                (y, y)
+            }
+            _ => (y, y),
+        }
+    }
+}
+
+/// The block's f16 scale (and minimum, for Q4_1/Q5_1) as f32: `[d, m, 0, 0]` or `[d, 0, 0, 0]`.
+///
+/// # Safety
+/// F16C must be available and the block's first 4 (or 2) bytes readable.
+#[inline(always)]
+unsafe fn head<const KIND: u8>(blk: *const u8) -> __m128 {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if KIND == Q4_1 || KIND == Q5_1 {
+            _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u32>().read_unaligned() as i32))
+        } else {
+            _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u16>().read_unaligned() as i32))
+        }
+    }
+}
+
+/// The exact lane sums `P[l]` of block `b` for activation row `t` (see [`super`]): the integer dot product of
+/// [`unpack`]'s `(v, u)` with the row's quantised block, the offset of Q4_0/Q5_0 corrected by the lane-sum table.
+///
+/// # Safety
+/// As [`unpack`], with `t` and `b` inside the activations.
+#[inline(always)]
+unsafe fn block_dot<D: IntDot, const KIND: u8>(a: &QuantAct, t: usize, b: usize, v: __m256i, u: __m256i) -> __m256i {
+    // SAFETY: as the caller guarantees.
+    unsafe { block_dot_at::<D, KIND>(a, a.qs_ptr(t, b), t, b, v, u) }
+}
+
+/// [`block_dot`] with the activation block read at `q` (block `b` of row `t`, in `qs` or `qt`).
+///
+/// # Safety
+/// As [`block_dot`], and `q` holds that block.
+#[inline(always)]
+unsafe fn block_dot_at<D: IntDot, const KIND: u8>(
+    a: &QuantAct,
+    q: *const u8,
+    t: usize,
+    b: usize,
+    v: __m256i,
+    u: __m256i,
+) -> __m256i {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let av = _mm256_loadu_si256(q.cast());
+        match KIND {
+            Q8_0 | IQ4_NL => D::dot(_mm256_setzero_si256(), u, _mm256_sign_epi8(av, v)),
+            Q4_0 | Q5_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t, b).cast()), u, av),
+            _ => D::dot(_mm256_setzero_si256(), u, av),
+        }
+    }
+}
+
+/// Blocks that [`multi_tile`] prepares ahead of its integer passes (tables of 6 KB on the stack).
+const CHUNK: usize = 64;
+
+/// One weight row `n` against `TR` (at most 16) activation rows from `t0`. The row is walked in chunks of [`CHUNK`]
+/// blocks; for each chunk:
+/// 1. every block is unpacked once (kept in a table on the stack), its `d_w · d_a` for the `TR` rows computed in
+///    one multiply per 8 rows (from the transposed table [`QuantAct::dt`]) into a second table, and the `m` term of
+///    Q4_1/Q5_1 added as one fused multiply-add per 8 rows (lane `t`, from [`QuantAct::st`], into the accumulator
+///    of the block's parity);
+/// 2. then one pass per block parity and group of 8 rows: per block and row the integer dot product (activations
+///    from the block-major copy [`QuantAct::qt`], the rows of a block at fixed offsets), its conversion and one
+///    fused multiply-add with the scale product broadcast from the table (a load, no shuffle).
+///
+/// A pass keeps only its 8 accumulators in registers, so 16 rows share each weight block's unpacking and scale
+/// conversion. Each accumulator still sees its blocks in order (the even and odd chains are independent), so each
+/// output is the same operations in the same order as in [`quant_tile`] (the products `d_w · d_a` and the `m` terms
+/// are the same IEEE operations, only several in one register).
+///
+/// # Safety
+/// AVX2/FMA/F16C (and what `D` needs) must be available; row `n` and activation rows `t0..t0+TR` must be in range,
+/// and the activations hold more than one row (so the transposed tables and the block-major copy exist).
+#[inline(always)]
+unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: usize, t0: usize) {
+    let a = c.x;
+    let (bs, qoff) = geometry(KIND);
     let with_min = KIND == Q4_1 || KIND == Q5_1;
+    // Formats whose integer dot product needs the signed values besides the unsigned ones (see `unpack`).
+    let signed = KIND == Q8_0 || KIND == IQ4_NL;
+    let groups = TR.div_ceil(8);
     // SAFETY: block `b < nb` of weight row `n` and of activation rows `t0 + t` are inside the buffers the matmul
-    // checked; the 4-row loads from the transposed tables stay inside them (`NATURAL_T_PAD` zeros after each
-    // block's rows).
+    // checked; the 8-row loads from the transposed tables stay inside them (rows `t0 + 8g < t_rows`, then
+    // `NATURAL_T_PAD` zeros after each block's rows); the stack tables are read at the chunk's blocks, which step 1
+    // wrote.
     unsafe {
         let row = c.w.row_ptr(n);
-        let mut acc = [[_mm256_setzero_ps(); 2]; TR];
-        let mut macc = [_mm_setzero_ps(); 2];
-        let mut sc = [0.0f32; 4];
+        // Up to 8 rows zeroed here; 16 rows written by the first chunk's passes (which then start from zeros)
+        // before anything reads them, not zeroed up front (a 1 KB `memset` per call; zeroing in the passes measured
+        // slower at 8 rows).
+        let early = TR > 8;
+        let mut acc_mem = std::mem::MaybeUninit::<[[__m256; TR]; 2]>::uninit();
+        if !early {
+            acc_mem.write([[_mm256_setzero_ps(); TR]; 2]);
+        }
+        let acc = acc_mem.as_mut_ptr().cast::<[__m256; TR]>();
+        // [parity][group of 8 rows]
+        let mut macc = [[_mm256_setzero_ps(); 2]; 2];
+        let mut scales = std::mem::MaybeUninit::<[[__m256; 2]; CHUNK]>::uninit();
+        let mut quants = std::mem::MaybeUninit::<[[__m256i; 2]; CHUNK]>::uninit();
+        let sc = scales.as_mut_ptr().cast::<[__m256; 2]>();
+        let wq = quants.as_mut_ptr().cast::<[__m256i; 2]>();
         let nibbles = _mm256_set1_epi8(0x0f);
         let iq4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
-        macro_rules! step {
-            ($b:expr, $h:literal) => {{
-                let b = $b;
-                let blk = row.add(b * bs);
-                prefetch_ahead(blk);
-                let h = if with_min {
-                    _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u32>().read_unaligned() as i32))
-                } else {
-                    _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u16>().read_unaligned() as i32))
-                };
-                let (wv, wabs) = if KIND == Q8_0 {
-                    let wv = _mm256_loadu_si256(blk.add(qoff).cast());
-                    (wv, _mm256_abs_epi8(wv))
-                } else {
-                    let q = _mm_loadu_si128(blk.add(qoff).cast());
-                    let y = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nibbles);
-                    match KIND {
-                        IQ4_NL => {
-                            let v = _mm256_shuffle_epi8(iq4, y);
-                            (v, _mm256_abs_epi8(v))
-                        }
-                        Q5_0 | Q5_1 => {
-                            let high = bytes_from_bits(blk.add(qoff - 4).cast::<u32>().read_unaligned());
-                            let y = _mm256_or_si256(y, _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
-                            (y, y)
-                        }
-                        _ => (y, y),
-                    }
-                };
-                // d_w · d_a of the 4 rows (lanes past TR: padding or later rows, unused).
-                let prod = _mm_mul_ps(_mm_broadcastss_ps(h), _mm_loadu_ps(a.dn_ptr(t0, b)));
-                _mm_storeu_ps(sc.as_mut_ptr(), prod);
-                if with_min {
-                    let mw = _mm_movehdup_ps(h);
-                    let mw = _mm_movelh_ps(mw, mw);
-                    macc[$h] = _mm_fmadd_ps(mw, _mm_loadu_ps(a.sn_ptr(t0, b)), macc[$h]);
-                }
-                for t in 0..TR {
-                    let av = _mm256_loadu_si256(a.qs_ptr(t0 + t, b).cast());
-                    let p = match KIND {
-                        Q8_0 | IQ4_NL => D::dot(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(av, wv)),
-                        Q4_0 | Q5_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t0 + t, b).cast()), wv, av),
-                        _ => D::dot(_mm256_setzero_si256(), wv, av),
-                    };
-                    let s = _mm256_broadcast_ss(&*sc.as_ptr().add(t));
-                    acc[t][$h] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[t][$h]);
-                }
-            }};
-        }
         let nb = a.nb;
-        let mut b = 0;
-        while b + 2 <= nb {
-            step!(b, 0);
-            step!(b + 1, 1);
-            b += 2;
+        // Bytes from block `b` to block `b + 2` in the block-major copy.
+        let step = 2 * a.rows * QK;
+        let mut c0 = 0;
+        // At least one round, so that the accumulators are written even when `nb` is 0.
+        loop {
+            let c1 = (c0 + CHUNK).min(nb);
+            macro_rules! prepare {
+                ($b:expr, $p:literal) => {{
+                    let b = $b;
+                    let i = b - c0;
+                    let blk = row.add(b * bs);
+                    prefetch_ahead(blk);
+                    let h = head::<KIND>(blk);
+                    let dw = _mm256_broadcastss_ps(h);
+                    for g in 0..groups {
+                        (*sc.add(i))[g] = _mm256_mul_ps(dw, _mm256_loadu_ps(a.dn_ptr(t0 + 8 * g, b)));
+                    }
+                    if with_min {
+                        let mw = _mm256_broadcastss_ps(_mm_movehdup_ps(h));
+                        for g in 0..groups {
+                            macc[$p][g] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(a.sn_ptr(t0 + 8 * g, b)), macc[$p][g]);
+                        }
+                    }
+                    if KIND != Q8_0 {
+                        let (v, u) = unpack::<KIND>(blk, qoff, nibbles, iq4);
+                        (*wq.add(i))[0] = u;
+                        if signed {
+                            (*wq.add(i))[1] = v;
+                        }
+                    }
+                }};
+            }
+            // `c0` is even, so block `c0 + 2i + p` has parity `p`.
+            let mut b = c0;
+            while b + 2 <= c1 {
+                prepare!(b, 0);
+                prepare!(b + 1, 1);
+                b += 2;
+            }
+            if b < c1 {
+                prepare!(b, 0);
+            }
+            for p in 0..2 {
+                for g in 0..groups {
+                    let mut accp = [_mm256_setzero_ps(); 8];
+                    if !early || c0 > 0 {
+                        for j in 0..8 {
+                            if 8 * g + j < TR {
+                                accp[j] = (*acc.add(p))[8 * g + j];
+                            }
+                        }
+                    }
+                    let mut b = c0 + p;
+                    if b < c1 {
+                        let mut q = a.qt_ptr(t0 + 8 * g, b);
+                        while b < c1 {
+                            let i = b - c0;
+                            let (v, u) = if KIND == Q8_0 {
+                                // A load and an absolute value: cheaper than a copy on the stack.
+                                unpack::<KIND>(row.add(b * bs), qoff, nibbles, iq4)
+                            } else {
+                                let u = (*wq.add(i))[0];
+                                (if signed { (*wq.add(i))[1] } else { u }, u)
+                            };
+                            let s = sc.add(i).cast::<f32>().add(8 * g);
+                            for j in 0..8 {
+                                if 8 * g + j < TR {
+                                    let dot = block_dot_at::<D, KIND>(a, q.add(j * QK), t0 + 8 * g + j, b, v, u);
+                                    let sj = _mm256_broadcast_ss(&*s.add(j));
+                                    accp[j] = _mm256_fmadd_ps(sj, _mm256_cvtepi32_ps(dot), accp[j]);
+                                }
+                            }
+                            b += 2;
+                            q = q.wrapping_add(step);
+                        }
+                    }
+                    for j in 0..8 {
+                        if 8 * g + j < TR {
+                            (*acc.add(p))[8 * g + j] = accp[j];
+                        }
+                    }
+                }
+            }
+            c0 = c1;
+            if c0 >= nb {
+                break;
+            }
         }
-        if b < nb {
-            step!(b, 0);
+        let mut mins = [0.0f32; 16];
+        for g in 0..groups {
+            _mm256_storeu_ps(mins.as_mut_ptr().add(8 * g), _mm256_add_ps(macc[0][g], macc[1][g]));
         }
-        let mut mins = [0.0f32; 4];
-        _mm_storeu_ps(mins.as_mut_ptr(), _mm_add_ps(macc[0], macc[1]));
         for t in 0..TR {
-            let mut v = fold8(_mm256_add_ps(acc[t][0], acc[t][1]));
+            let mut v = fold8(_mm256_add_ps((*acc)[t], (*acc.add(1))[t]));
             if with_min {
                 v += mins[t];
             }
@@ -319,14 +471,7 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
     t0: usize,
 ) {
     let a = c.x;
-    // Block bytes and offset of the quants.
-    let (bs, qoff) = match KIND {
-        Q8_0 => (34, 2),
-        Q4_0 | IQ4_NL => (18, 2),
-        Q5_0 => (22, 6),
-        Q5_1 => (24, 8),
-        _ => (20, 4),
-    };
+    let (bs, qoff) = geometry(KIND);
     let with_min = KIND == Q4_1 || KIND == Q5_1;
     // SAFETY: every pointer below stays inside the weight rows and activation tables whose sizes the matmul checked:
     // block `b < nb` of row `n + r < rows` and of activation row `t0 + t < t_rows`.
@@ -348,40 +493,13 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
                 for r in 0..NR {
                     let blk = rows[r].add(b * bs);
                     prefetch_ahead(blk);
-                    let h = if with_min {
-                        _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u32>().read_unaligned() as i32))
-                    } else {
-                        _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<u16>().read_unaligned() as i32))
-                    };
+                    let h = head::<KIND>(blk);
                     heads[r] = h;
                     let dw = _mm256_broadcastss_ps(h);
                     let mw = _mm_movehdup_ps(h);
-                    let (wv, wabs) = if KIND == Q8_0 {
-                        let wv = _mm256_loadu_si256(blk.add(qoff).cast());
-                        (wv, _mm256_abs_epi8(wv))
-                    } else {
-                        let q = _mm_loadu_si128(blk.add(qoff).cast());
-                        let y = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nibbles);
-                        match KIND {
-                            IQ4_NL => {
-                                let v = _mm256_shuffle_epi8(iq4, y);
-                                (v, _mm256_abs_epi8(v))
-                            }
-                            Q5_0 | Q5_1 => {
-                                let high = bytes_from_bits(blk.add(qoff - 4).cast::<u32>().read_unaligned());
-                                let y = _mm256_or_si256(y, _mm256_and_si256(high, _mm256_set1_epi8(0x10)));
-                                (y, y)
-                            }
-                            _ => (y, y),
-                        }
-                    };
+                    let (v, u) = unpack::<KIND>(blk, qoff, nibbles, iq4);
                     for t in 0..TR {
-                        let av = _mm256_loadu_si256(a.qs_ptr(t0 + t, b).cast());
-                        let p = match KIND {
-                            Q8_0 | IQ4_NL => D::dot(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(av, wv)),
-                            Q4_0 | Q5_0 => D::dot(_mm256_loadu_si256(a.bias_ptr(t0 + t, b).cast()), wv, av),
-                            _ => D::dot(_mm256_setzero_si256(), wv, av),
-                        };
+                        let p = block_dot::<D, KIND>(a, t0 + t, b, v, u);
                         let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*a.d_ptr(t0 + t, b)));
                         acc[r][t][$h] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[r][t][$h]);
                         if with_min && !packed {
