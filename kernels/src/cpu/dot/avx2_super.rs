@@ -209,42 +209,11 @@ unsafe fn head<const KIND: u8>(blk: *const u8) -> Head {
 unsafe fn chunk_scale(h: &Head, ch: usize) -> __m256i {
     // SAFETY: AVX2 is available in the calling kernel.
     unsafe {
-        let j = 2 * (ch % 4) as i8;
-        let (lo, hi) = (2 * j, 2 * j + 2);
-        let mask = _mm256_set_epi8(
-            hi + 1,
-            hi,
-            hi + 1,
-            hi,
-            hi + 1,
-            hi,
-            hi + 1,
-            hi,
-            hi + 1,
-            hi,
-            hi + 1,
-            hi,
-            hi + 1,
-            hi,
-            hi + 1,
-            hi, //
-            lo + 1,
-            lo,
-            lo + 1,
-            lo,
-            lo + 1,
-            lo,
-            lo + 1,
-            lo,
-            lo + 1,
-            lo,
-            lo + 1,
-            lo,
-            lo + 1,
-            lo,
-            lo + 1,
-            lo,
-        );
+        // Byte indices of the two groups' i16 scales in the header register: each i16 lane of the mask picks bytes
+        // (i, i + 1), the low 128 bits for group `2ch`, the high ones for group `2ch + 1`.
+        let j = 4 * (ch % 4) as i16;
+        let pick = |i: i16| i | ((i + 1) << 8);
+        let mask = _mm256_set_m128i(_mm_set1_epi16(pick(j + 2)), _mm_set1_epi16(pick(j)));
         _mm256_shuffle_epi8(h.sc[ch / 4], mask)
     }
 }
