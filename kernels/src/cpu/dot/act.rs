@@ -42,6 +42,9 @@ pub(crate) struct ActPlan {
     /// [`ActLayout::Pair`] only (AVX-512 Q8_0): for more than [`UNSIGNED_MIN_ROWS`] rows, store the values offset to
     /// unsigned bytes instead of filling the lane-sum table (see [`QuantAct::unsigned`]).
     pub unsigned_rows: bool,
+    /// [`ActLayout::Natural`] with more than one row: also write the block-major copy [`QuantAct::qt`], which only
+    /// the AVX2 / AVX-VNNI multi-row kernel reads.
+    pub block_major: bool,
 }
 
 /// Row count above which an [`ActPlan::unsigned_rows`] plan stores unsigned values: the multi-row kernels then
@@ -243,7 +246,19 @@ pub(crate) const fn pair_lane(odd: usize, lane: usize) -> usize {
 #[cfg(test)]
 pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout, bias: Option<i32>) -> QuantAct {
     let mut act = QuantAct::default();
-    act.fill(x, rows, k, ActPlan { layout, bias, avx2: false, wide: layout == ActLayout::Super, unsigned_rows: false });
+    act.fill(
+        x,
+        rows,
+        k,
+        ActPlan {
+            layout,
+            bias,
+            avx2: false,
+            wide: layout == ActLayout::Super,
+            unsigned_rows: false,
+            block_major: false,
+        },
+    );
     act
 }
 
@@ -262,7 +277,8 @@ impl QuantAct {
             return;
         }
         let unsigned = plan.unsigned_rows && plan.layout.paired() && rows > UNSIGNED_MIN_ROWS;
-        self.fill_impl(plan.avx2, x, rows, k, plan.layout, if unsigned { None } else { plan.bias }, unsigned);
+        let bias = if unsigned { None } else { plan.bias };
+        self.fill_impl(plan.avx2, x, rows, k, plan.layout, bias, unsigned, plan.block_major);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -275,6 +291,7 @@ impl QuantAct {
         layout: ActLayout,
         bias: Option<i32>,
         unsigned: bool,
+        block_major: bool,
     ) {
         let nb = k / QK;
         let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
@@ -287,8 +304,7 @@ impl QuantAct {
         self.nb = nb;
         self.blocks = blocks;
         self.qs.zeroed(rows_pad * blocks * QK);
-        // Only the AVX2 multi-row kernel reads the block-major copy.
-        let block_major = avx2 && layout == ActLayout::Natural && rows > 1;
+        let block_major = block_major && layout == ActLayout::Natural && rows > 1;
         self.qt.zeroed(if block_major { rows * nb * QK } else { 0 });
         zeroed(&mut self.d, rows_pad * blocks);
         zeroed(&mut self.s, rows_pad * blocks);
