@@ -52,6 +52,21 @@ pub fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, m)
 }
 
+/// [`scale_min_k4`] on whole words, as ggml's SIMD kernels compute it: the 8 scales as the bytes of the first `u64`,
+/// the 8 minimums as those of the second (`s` holds the 12 scale bytes).
+#[inline(always)]
+pub fn scale_min_k4_words(s: &[u8]) -> (u64, u64) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let [u0, u1, u2] = [0, 1, 2].map(|i| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]));
+    let sc_lo = u0 & LOW6;
+    let m_lo = u1 & LOW6;
+    let sc_hi = (u2 & LOW4) | (((u0 >> 6) & LOW2) << 4);
+    let m_hi = ((u2 >> 4) & LOW4) | (((u1 >> 6) & LOW2) << 4);
+    (sc_lo as u64 | (sc_hi as u64) << 32, m_lo as u64 | (m_hi as u64) << 32)
+}
+
 /// The 16 signed 6-bit scales of Q3_K.
 #[inline]
 pub fn scales_q3_k(s: &[u8]) -> [i8; 16] {
@@ -236,5 +251,23 @@ fn push_q5(d: f16, m: Option<f16>, q: &[u8; 32], out: &mut Vec<u8>) {
     out.extend_from_slice(&qh.to_le_bytes());
     for j in 0..16 {
         out.push((q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_scales_are_the_byte_scales() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let s: [u8; 12] = std::array::from_fn(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            });
+            let (sc, m) = scale_min_k4(&s);
+            assert_eq!(scale_min_k4_words(&s), (u64::from_le_bytes(sc), u64::from_le_bytes(m)), "scale bytes {s:?}");
+        }
     }
 }

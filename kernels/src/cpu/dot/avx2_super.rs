@@ -29,7 +29,7 @@ use super::avx2::fold8;
 use super::tag::{IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K};
 use super::{Ctx, L2_WEIGHT_BYTES, Out, TileFn, Weights, prefetch_ahead};
 use crate::DType;
-use crate::superblock::{IQ4_VALUES, scales_iq4_xs};
+use crate::superblock::{IQ4_VALUES, scale_min_k4_words, scales_iq4_xs};
 
 /// Weight rows of the one-activation-row (decode) tile.
 const ND: usize = 4;
@@ -174,16 +174,8 @@ unsafe fn head<const KIND: u8>(blk: *const u8) -> Head {
                 (f16_at(blk.add(108)), 0.0, _mm_sub_epi8(v, _mm_set1_epi8(32)), _mm256_setzero_si256())
             }
             Q4_K | Q5_K => {
-                // `superblock::scale_min_k4`, four bytes at a time: u0, u1 the 8 scales, u2, u3 the 8 minimums.
-                let s = blk.add(4);
-                let (a0, a1, a2) = (u32_at(s), u32_at(s.add(4)), u32_at(s.add(8)));
-                let (m6, m4, m2) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
-                let u0 = a0 & m6;
-                let u1 = (a2 & m4) | (((a0 >> 6) & m2) << 4);
-                let u2 = a1 & m6;
-                let u3 = ((a2 >> 4) & m4) | (((a1 >> 6) & m2) << 4);
-                let sc = _mm_set_epi32(0, 0, u1 as i32, u0 as i32);
-                let m = _mm_set_epi32(0, 0, u3 as i32, u2 as i32);
+                let (sc, m) = scale_min_k4_words(std::slice::from_raw_parts(blk.add(4), 12));
+                let (sc, m) = (_mm_cvtsi64_si128(sc as i64), _mm_cvtsi64_si128(m as i64));
                 (f16_at(blk), f16_at(blk.add(2)), dup_pairs(sc), _mm256_cvtepu8_epi16(dup_pairs(m)))
             }
             Q6_K => (f16_at(blk.add(208)), 0.0, _mm_loadu_si128(blk.add(192).cast()), _mm256_setzero_si256()),

@@ -29,7 +29,7 @@ use super::act::QuantAct;
 use super::tag::{IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K};
 use super::{Ctx, Out, TileFn, Weights, fold8, prefetch_ahead};
 use crate::DType;
-use crate::superblock::{IQ4_VALUES, scales_iq4_xs, scales_q3_k};
+use crate::superblock::{IQ4_VALUES, scale_min_k4_words, scales_iq4_xs, scales_q3_k};
 
 /// Bytes of weight rows worked on together so they stay in L2 while every activation row passes over them.
 const L2_WEIGHT_BYTES: usize = 256 * 1024;
@@ -93,22 +93,6 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<u16>().read_unaligned() as i32))) }
 }
 
-/// The 6-bit scales (bytes of the first `u64`) and minimums (of the second) of the 8 sub-blocks of Q4_K and Q5_K,
-/// the same values as `superblock::scale_min_k4`, computed on whole words as ggml's kernels do.
-#[inline(always)]
-unsafe fn scale_min_words(p: *const u8) -> (u64, u64) {
-    const LOW6: u32 = 0x3f3f_3f3f;
-    const LOW4: u32 = 0x0f0f_0f0f;
-    const LOW2: u32 = 0x0303_0303;
-    // SAFETY: the caller points at the 12 scale bytes of a block.
-    let [u0, u1, u2] = unsafe { [0, 1, 2].map(|i| p.add(4 * i).cast::<u32>().read_unaligned()) };
-    let sc_lo = u0 & LOW6;
-    let m_lo = u1 & LOW6;
-    let sc_hi = (u2 & LOW4) | (((u0 >> 6) & LOW2) << 4);
-    let m_hi = ((u2 >> 4) & LOW4) | (((u1 >> 6) & LOW2) << 4);
-    (sc_lo as u64 | (sc_hi as u64) << 32, m_lo as u64 | (m_hi as u64) << 32)
-}
-
 /// One weight super-block unpacked for the integer loop.
 #[derive(Clone, Copy)]
 struct Unpacked {
@@ -159,7 +143,7 @@ unsafe fn unpack<const KIND: u8>(blk: *const u8) -> Unpacked {
             Q4_K | Q5_K => {
                 u.d = f16_at(blk);
                 u.dmin = f16_at(blk.add(2));
-                let (sc, m) = scale_min_words(blk.add(4));
+                let (sc, m) = scale_min_k4_words(std::slice::from_raw_parts(blk.add(4), 12));
                 let sc32 = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64));
                 for c in 0..4 {
                     u.scales[c] = _mm512_permutexvar_epi32(_mm512_loadu_si512(SUB_OF_LANE[c].as_ptr().cast()), sc32);
@@ -376,7 +360,7 @@ unsafe fn widen<const KIND: u8>(blk: *const u8) -> Wide {
             Q4_K | Q5_K => {
                 u.d = f16_at(blk);
                 u.dmin = f16_at(blk.add(2));
-                let (sc, m) = scale_min_words(blk.add(4));
+                let (sc, m) = scale_min_k4_words(std::slice::from_raw_parts(blk.add(4), 12));
                 for j in 0..8 {
                     let mj = ((m >> (8 * j)) & 0xff) as i32;
                     u.mpairs[j] = mj | (mj << 16);
