@@ -42,9 +42,10 @@ pub(crate) struct ActPlan {
     /// [`ActLayout::Pair`] only (AVX-512 Q8_0): for more than [`UNSIGNED_MIN_ROWS`] rows, store the values offset to
     /// unsigned bytes instead of filling the lane-sum table (see [`QuantAct::unsigned`]).
     pub unsigned_rows: bool,
-    /// [`ActLayout::Natural`] with more than one row: also write the block-major copy [`QuantAct::qt`], which only
-    /// the AVX2 / AVX-VNNI multi-row kernel reads.
-    pub block_major: bool,
+    /// [`ActLayout::Natural`] with more than one row: also write the tables that only the AVX2 / AVX-VNNI multi-row
+    /// kernel reads, the block-major copy [`QuantAct::qt`] and the transposed scales [`QuantAct::dt`] /
+    /// [`QuantAct::st`].
+    pub multi_row_tables: bool,
 }
 
 /// Row count above which an [`ActPlan::unsigned_rows`] plan stores unsigned values: the multi-row kernels then
@@ -256,7 +257,7 @@ pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout,
             avx2: false,
             wide: layout == ActLayout::Super,
             unsigned_rows: false,
-            block_major: false,
+            multi_row_tables: false,
         },
     );
     act
@@ -278,7 +279,7 @@ impl QuantAct {
         }
         let unsigned = plan.unsigned_rows && plan.layout.paired() && rows > UNSIGNED_MIN_ROWS;
         let bias = if unsigned { None } else { plan.bias };
-        self.fill_impl(plan.avx2, x, rows, k, plan.layout, bias, unsigned, plan.block_major);
+        self.fill_impl(plan.avx2, x, rows, k, plan.layout, bias, unsigned, plan.multi_row_tables);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -291,7 +292,7 @@ impl QuantAct {
         layout: ActLayout,
         bias: Option<i32>,
         unsigned: bool,
-        block_major: bool,
+        multi_row_tables: bool,
     ) {
         let nb = k / QK;
         let blocks = if layout.paired() { nb.next_multiple_of(2) } else { nb };
@@ -304,8 +305,8 @@ impl QuantAct {
         self.nb = nb;
         self.blocks = blocks;
         self.qs.zeroed(rows_pad * blocks * QK);
-        let block_major = block_major && layout == ActLayout::Natural && rows > 1;
-        self.qt.zeroed(if block_major { rows * nb * QK } else { 0 });
+        let multi_row = multi_row_tables && layout == ActLayout::Natural && rows > 1;
+        self.qt.zeroed(if multi_row { rows * nb * QK } else { 0 });
         zeroed(&mut self.d, rows_pad * blocks);
         zeroed(&mut self.s, rows_pad * blocks);
         zeroed(&mut self.bias, if bias.is_some() { rows_pad * blocks * 8 } else { 0 });
@@ -313,7 +314,7 @@ impl QuantAct {
         zeroed(&mut self.dpat, paired * 16);
         zeroed(&mut self.spat, paired * 4);
         // The natural layout's transposed tables, for the AVX2 multi-row kernel (see `dt`).
-        let natural_t = if layout == ActLayout::Natural && rows > 1 { nb * self.natural_t_stride() } else { 0 };
+        let natural_t = if multi_row { nb * self.natural_t_stride() } else { 0 };
         zeroed(&mut self.dt, paired * 2 + natural_t);
         zeroed(&mut self.st, paired * 2 + natural_t);
         let mut q = [0i8; QK];
@@ -345,7 +346,7 @@ impl QuantAct {
                         }
                     }
                 }
-                if block_major {
+                if multi_row {
                     let at = (b * rows + r) * QK;
                     for (o, &v) in self.qt[at..at + QK].iter_mut().zip(&q) {
                         *o = v as u8;

@@ -144,8 +144,8 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
     };
     let wide = level == SimdLevel::Avx512Vnni && dtype.is_super_block();
     let unsigned_rows = level == SimdLevel::Avx512Vnni && dtype == DType::Q8_0;
-    let block_major = matches!(level, SimdLevel::Avx2 | SimdLevel::AvxVnni) && layout == ActLayout::Natural;
-    ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2, wide, unsigned_rows, block_major }
+    let multi_row_tables = matches!(level, SimdLevel::Avx2 | SimdLevel::AvxVnni) && layout == ActLayout::Natural;
+    ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2, wide, unsigned_rows, multi_row_tables }
 }
 
 /// The level whose kernels serve `dtype` on a CPU of `level`. Every format has kernels at every x86-64 level today;
