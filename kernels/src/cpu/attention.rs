@@ -42,6 +42,45 @@ impl Item {
     fn chunks(&self) -> usize {
         self.pos / CHUNK + 1
     }
+
+    /// Positions `p0..p1` of chunk `c`.
+    fn chunk(&self, c: usize) -> (usize, usize) {
+        (c * CHUNK, ((c + 1) * CHUNK).min(self.pos + 1))
+    }
+}
+
+/// Cache slot of position `p` of `seq`.
+#[inline(always)]
+fn slot_of(seq: &AttnSeq<'_>, s: &AttnShape, p: usize) -> usize {
+    seq.block_table[p / s.block_tokens] as usize * s.block_tokens + p % s.block_tokens
+}
+
+/// The query heads of `it`'s KV head, as the scores take them: rounded to the cache's type (into `buf`) when the
+/// cache is f16.
+#[inline(always)]
+fn query_group<'a, E: KvElem>(q: &'a [f32], s: &AttnShape, it: Item, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    let group = s.n_heads / s.n_kv_heads;
+    let q_group = &q[it.row * s.n_heads * s.head_dim + it.kv_head * group * s.head_dim..][..group * s.head_dim];
+    if E::IS_F32 {
+        return q_group;
+    }
+    buf.clear();
+    buf.extend(q_group.iter().map(|&x| E::round(x)));
+    buf
+}
+
+/// Per head (`n` scores each): the maximum and the exponentials with it subtracted, in place, written to the head's
+/// `[max, sum, …]` part with their 8-lane sum.
+#[inline(always)]
+fn softmax_heads(scores: &mut [f32], n: usize, hd: usize, part: &mut [f32]) {
+    for (h, sc) in scores.chunks_exact_mut(n).enumerate() {
+        let max = math::max8(sc);
+        for v in sc.iter_mut() {
+            *v = math::exp(*v - max);
+        }
+        part[h * (hd + 2)] = max;
+        part[h * (hd + 2) + 1] = math::sum8(sc);
+    }
 }
 
 /// Checks the call and returns the work items, or an error before anything is written.
@@ -249,23 +288,16 @@ fn chunk_part_body<E: KvElem>(
     scratch: &mut Scratch,
     part: &mut [f32],
 ) {
-    let (hd, bt) = (s.head_dim, s.block_tokens);
-    let width = s.n_heads * hd;
+    let hd = s.head_dim;
     let kv_width = s.n_kv_heads * hd;
-    let group = s.n_heads / s.n_kv_heads;
-    let (p0, p1) = (c * CHUNK, ((c + 1) * CHUNK).min(it.pos + 1));
+    let (p0, p1) = it.chunk(c);
     let n = p1 - p0;
-    let slot = |p: usize| seq.block_table[p / bt] as usize * bt + p % bt;
+    let slot = |p: usize| slot_of(seq, s, p);
     let kv_off = it.kv_head * hd;
     let Scratch { scores, q: q_buf, row, .. } = scratch;
-    let mut q_group = &q[it.row * width + it.kv_head * group * hd..][..group * hd];
-    if !E::IS_F32 {
-        q_buf.clear();
-        q_buf.extend(q_group.iter().map(|&x| E::round(x)));
-        q_group = q_buf;
-    }
+    let q_group = query_group::<E>(q, s, it, q_buf);
     scores.clear();
-    scores.resize(group * n, 0.0);
+    scores.resize(q_group.len() / hd * n, 0.0);
     for p in p0..p1 {
         let k0 = slot(p) * kv_width + kv_off;
         let krow = E::row_f32(&k_cache[k0..k0 + hd], row);
@@ -273,14 +305,7 @@ fn chunk_part_body<E: KvElem>(
             scores[h * n + p - p0] = math::dot8(qh, krow) * s.scale;
         }
     }
-    for (h, sc) in scores.chunks_exact_mut(n).enumerate() {
-        let max = math::max8(sc);
-        for v in sc.iter_mut() {
-            *v = math::exp(*v - max);
-        }
-        part[h * (hd + 2)] = max;
-        part[h * (hd + 2) + 1] = math::sum8(sc);
-    }
+    softmax_heads(scores, n, hd, part);
     for p in p0..p1 {
         let v0 = slot(p) * kv_width + kv_off;
         let vrow = E::row_f32(&v_cache[v0..v0 + hd], row);
@@ -303,7 +328,7 @@ fn chunk_part_body<E: KvElem>(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{AttnSeq, AttnShape, CHUNK, Item, KvElem, Scratch, math};
+    use super::{AttnSeq, AttnShape, Item, KvElem, Scratch, query_group, slot_of, softmax_heads};
 
     /// The canonical fold of 8 lanes ([`super::super::dot::fold8`]): `v[i] + v[i+4]`, then `u[j] + u[j+2]`, then the
     /// two halves.
@@ -398,24 +423,17 @@ mod simd {
         scratch: &mut Scratch,
         part: &mut [f32],
     ) {
-        let (hd, bt) = (s.head_dim, s.block_tokens);
+        let hd = s.head_dim;
         let lanes = hd / 8;
-        let width = s.n_heads * hd;
         let kv_width = s.n_kv_heads * hd;
-        let group = s.n_heads / s.n_kv_heads;
-        let (p0, p1) = (c * CHUNK, ((c + 1) * CHUNK).min(it.pos + 1));
+        let (p0, p1) = it.chunk(c);
         let n = p1 - p0;
-        let slot = |p: usize| seq.block_table[p / bt] as usize * bt + p % bt;
+        let slot = |p: usize| slot_of(seq, s, p);
         let kv_off = it.kv_head * hd;
         let Scratch { scores, q: q_buf, row, vals } = scratch;
-        let mut q_group = &q[it.row * width + it.kv_head * group * hd..][..group * hd];
-        if !E::IS_F32 {
-            q_buf.clear();
-            q_buf.extend(q_group.iter().map(|&x| E::round(x)));
-            q_group = q_buf;
-        }
+        let q_group = query_group::<E>(q, s, it, q_buf);
         scores.clear();
-        scores.resize(group * n, 0.0);
+        scores.resize(q_group.len() / hd * n, 0.0);
         // Pointers to the chunk's key rows as f32 (the cache itself, or its rows converted once for every head).
         let mut keys: Vec<*const f32> = Vec::with_capacity(n);
         if E::IS_F32 {
@@ -445,17 +463,10 @@ mod simd {
                 *o = unsafe { dot8(qh.as_ptr(), k, lanes) } * s.scale;
             }
         }
-        for (h, sc) in scores.chunks_exact_mut(n).enumerate() {
-            let max = math::max8(sc);
-            for v in sc.iter_mut() {
-                *v = math::exp(*v - max);
-            }
-            part[h * (hd + 2)] = max;
-            part[h * (hd + 2) + 1] = math::sum8(sc);
-            // The value sum takes each weight rounded as the cache's type (after the unrounded sum above).
-            if !E::IS_F32 {
-                sc.iter_mut().for_each(|v| *v = E::round(*v));
-            }
+        softmax_heads(scores, n, hd, part);
+        // The value sum takes each weight rounded as the cache's type (after the unrounded sum above).
+        if !E::IS_F32 {
+            scores.iter_mut().for_each(|v| *v = E::round(*v));
         }
         // Pointers to the chunk's value rows (as f32: the cache itself, or its rows converted once for every head).
         let mut rows: Vec<*const f32> = Vec::with_capacity(n);
