@@ -461,8 +461,8 @@ unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &Qu
 }
 
 /// Blocks of a weight row per software prefetch in [`quant_tile`]: one prefetch every 72–136 bytes of the row (the
-/// block is 18–34 bytes), enough to keep the stream ahead; one per block (about two per cache line) cost a fifth of
-/// the one-row decode's speed on the Zen 3 (docs/PERFORMANCE.md, "Session 9").
+/// block is 18–34 bytes), which with the hardware prefetcher keeps the one-row stream ahead; one per block issued
+/// about two per cache line (docs/PERFORMANCE.md, "Session 9").
 const PREFETCH_EVERY: usize = 4;
 
 /// `NR` weight rows from `n` times `TR` activation rows from `t0`, block by block.
