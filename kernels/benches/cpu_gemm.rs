@@ -13,6 +13,9 @@
 //! `SHARDLINE_GEMM_CASES=prefill` times the prefill shapes instead: the matrices of the SmolLM2 Q6_K preset (Q8_0
 //! for the 576-wide ones, Q6_K for the down projection) at 16 and 128 activation rows; `SHARDLINE_GEMM_CASES=kquant`
 //! the K-quant down projection (Q4_K and Q6_K, random blocks) at 1 to 384 activation rows.
+//! `SHARDLINE_GEMM_CASES=stream` times one-row decode matmuls over about 100 MB of distinct weights (more than the
+//! L3), as a decode step streams the model: GB/s of weight bytes, one thread in thread CPU time
+//! (`SHARDLINE_GEMM_THREADS=2`: wall clock).
 
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
@@ -48,6 +51,10 @@ fn main() {
     let be = CpuBackend::with_simd(1, SimdLevel::detect()).expect("backend");
     println!("level {}, {} calls per case, thread CPU time (min)", SimdLevel::detect(), reps);
     let cases = std::env::var("SHARDLINE_GEMM_CASES").unwrap_or_default();
+    if cases == "stream" {
+        stream(reps);
+        return;
+    }
     let shapes: &[(DType, usize, usize)] = match cases.as_str() {
         "prefill" => {
             &[(DType::Q8_0, 576, 576), (DType::Q8_0, 1536, 576), (DType::Q6_K, 576, 1536), (DType::Q4_1, 1536, 576)]
@@ -90,5 +97,47 @@ fn main() {
                 );
             }
         }
+    }
+}
+
+/// `SHARDLINE_GEMM_CASES=stream`: one-row decode over many distinct weights (about 100 MB, more than the L3), as a
+/// decode step streams the model: GB/s of weight bytes, the best of `reps` (at most 20) passes over all of them
+/// (`SHARDLINE_GEMM_THREADS` compute threads, default 1; one thread is timed in its CPU time, more by wall clock).
+fn stream(reps: usize) {
+    let threads: usize = std::env::var("SHARDLINE_GEMM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let be = CpuBackend::with_simd(threads, SimdLevel::detect()).expect("backend");
+    let reps = reps.min(20);
+    for &(dtype, n, k, copies) in &[
+        (DType::Q8_0, 1536, 576, 100),
+        (DType::Q6_K, 576, 1536, 100),
+        (DType::Q4_K, 576, 1536, 140),
+        (DType::Q5_0, 1536, 576, 100),
+    ] {
+        let ws: Vec<Tensor> = (0..copies).map(|_| weight(&be, dtype, n, k)).collect();
+        let bytes: usize = copies * n * dtype.bytes_for(k).expect("row bytes");
+        let x: Vec<f32> = (0..k as u64).map(|i| rng::uniform(11, i) * 2.0 - 1.0).collect();
+        let xs: Vec<Tensor> = (0..2)
+            .map(|s| {
+                let x: Vec<f32> = x.iter().map(|v| v + s as f32 * 1e-3).collect();
+                be.upload_f32(&[1, k], &x).expect("input")
+            })
+            .collect();
+        let mut out = be.alloc(&[1, n]).expect("output");
+        let mut best = f64::MAX;
+        for r in 0..reps {
+            let t0 = std::time::Instant::now();
+            let c0 = thread_cpu();
+            for (i, w) in ws.iter().enumerate() {
+                be.matmul(&xs[(r + i) % 2], w, &mut out).expect("matmul");
+            }
+            // One thread: its CPU time (a preempted pass is not charged for the wait); more: wall clock.
+            let took = if threads == 1 { thread_cpu() - c0 } else { t0.elapsed().as_secs_f64() };
+            best = best.min(took);
+        }
+        println!(
+            "stream {dtype} {n}x{k} x{copies} threads={threads}: {:.2} ms per pass, {:.2} GB/s",
+            best * 1e3,
+            bytes as f64 / best / 1e9
+        );
     }
 }

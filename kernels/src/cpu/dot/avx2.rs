@@ -94,22 +94,22 @@ pub(super) unsafe fn gemm(vnni: bool, w: &Weights<'_>, x: Rhs<'_>, t_rows: usize
         }
         Rhs::Quant(a) => {
             let ctx = Ctx { w, x: a, out };
-            // One activation row (decode) takes four weight rows per tile: four independent load streams and
-            // four block dot products in flight per block step; the two-row tile's samples sat on its weight loads
-            // (docs/PERFORMANCE.md, "Session 7, AMD EPYC Zen 3 (AVX2 only)").
+            // One activation row (decode) takes one weight row per tile: a single sequential weight stream, which
+            // the Zen 3 streams faster than the four interleaved rows of a 4 × 1 tile (docs/PERFORMANCE.md,
+            // "Session 9"). The 2 × 2 tiles only serve a caller with several rows and a one-row activation table.
             let set = match (vnni, w.dtype) {
-                (false, DType::Q8_0) => tile_set!(quant_tile_maddubs, Q8_0, 2 x 2, 4),
-                (false, DType::Q4_0) => tile_set!(quant_tile_maddubs, Q4_0, 2 x 2, 4),
-                (false, DType::Q5_0) => tile_set!(quant_tile_maddubs, Q5_0, 2 x 2, 4),
-                (false, DType::Q5_1) => tile_set!(quant_tile_maddubs, Q5_1, 2 x 2, 4),
-                (false, DType::IQ4_NL) => tile_set!(quant_tile_maddubs, IQ4_NL, 2 x 2, 4),
-                (false, _) => tile_set!(quant_tile_maddubs, Q4_1, 2 x 2, 4),
-                (true, DType::Q8_0) => tile_set!(quant_tile_vnni, Q8_0, 2 x 2, 4),
-                (true, DType::Q4_0) => tile_set!(quant_tile_vnni, Q4_0, 2 x 2, 4),
-                (true, DType::Q5_0) => tile_set!(quant_tile_vnni, Q5_0, 2 x 2, 4),
-                (true, DType::Q5_1) => tile_set!(quant_tile_vnni, Q5_1, 2 x 2, 4),
-                (true, DType::IQ4_NL) => tile_set!(quant_tile_vnni, IQ4_NL, 2 x 2, 4),
-                (true, _) => tile_set!(quant_tile_vnni, Q4_1, 2 x 2, 4),
+                (false, DType::Q8_0) => tile_set!(quant_tile_maddubs, Q8_0, 2 x 2, 1),
+                (false, DType::Q4_0) => tile_set!(quant_tile_maddubs, Q4_0, 2 x 2, 1),
+                (false, DType::Q5_0) => tile_set!(quant_tile_maddubs, Q5_0, 2 x 2, 1),
+                (false, DType::Q5_1) => tile_set!(quant_tile_maddubs, Q5_1, 2 x 2, 1),
+                (false, DType::IQ4_NL) => tile_set!(quant_tile_maddubs, IQ4_NL, 2 x 2, 1),
+                (false, _) => tile_set!(quant_tile_maddubs, Q4_1, 2 x 2, 1),
+                (true, DType::Q8_0) => tile_set!(quant_tile_vnni, Q8_0, 2 x 2, 1),
+                (true, DType::Q4_0) => tile_set!(quant_tile_vnni, Q4_0, 2 x 2, 1),
+                (true, DType::Q5_0) => tile_set!(quant_tile_vnni, Q5_0, 2 x 2, 1),
+                (true, DType::Q5_1) => tile_set!(quant_tile_vnni, Q5_1, 2 x 2, 1),
+                (true, DType::IQ4_NL) => tile_set!(quant_tile_vnni, IQ4_NL, 2 x 2, 1),
+                (true, _) => tile_set!(quant_tile_vnni, Q4_1, 2 x 2, 1),
             };
             // SAFETY: forwarded from the caller.
             unsafe { drive(&ctx, rows, t_rows, set) }
@@ -460,6 +460,11 @@ unsafe fn multi_tile<D: IntDot, const KIND: u8, const TR: usize>(c: &Ctx<'_, &Qu
     }
 }
 
+/// Blocks of a weight row per software prefetch in [`quant_tile`]: one prefetch every 72–136 bytes of the row (the
+/// block is 18–34 bytes), which with the hardware prefetcher keeps the one-row stream ahead; one per block issued
+/// about two per cache line (docs/PERFORMANCE.md, "Session 9").
+const PREFETCH_EVERY: usize = 4;
+
 /// `NR` weight rows from `n` times `TR` activation rows from `t0`, block by block.
 ///
 /// # Safety
@@ -479,22 +484,17 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
         let rows: [*const u8; NR] = std::array::from_fn(|r| c.w.row_ptr(n + r));
         let mut acc = [[[_mm256_setzero_ps(); 2]; TR]; NR];
         let mut macc = [[[_mm_setzero_ps(); 2]; TR]; NR];
-        // The four-row decode tile keeps the minimum terms of its rows in the lanes of one register per block
-        // parity (lane `r` = row `r`, one IEEE fused multiply-add per lane as in `macc`), leaving registers for the
-        // eight accumulators.
-        let packed = with_min && NR == 4 && TR == 1;
-        let mut macc4 = [_mm_setzero_ps(); 2];
         let nibbles = _mm256_set1_epi8(0x0f);
         let iq4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
         macro_rules! step {
             ($b:expr, $h:literal) => {{
                 let b = $b;
-                let mut heads = [_mm_setzero_ps(); NR];
                 for r in 0..NR {
                     let blk = rows[r].add(b * bs);
-                    prefetch_ahead(blk);
+                    if b.is_multiple_of(PREFETCH_EVERY) {
+                        prefetch_ahead(blk);
+                    }
                     let h = head::<KIND>(blk);
-                    heads[r] = h;
                     let dw = _mm256_broadcastss_ps(h);
                     let mw = _mm_movehdup_ps(h);
                     let (v, u) = unpack::<KIND>(blk, qoff, nibbles, iq4);
@@ -502,17 +502,10 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
                         let p = block_dot::<D, KIND>(a, t0 + t, b, v, u);
                         let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*a.d_ptr(t0 + t, b)));
                         acc[r][t][$h] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[r][t][$h]);
-                        if with_min && !packed {
+                        if with_min {
                             macc[r][t][$h] = _mm_fmadd_ss(mw, _mm_load_ss(a.s_ptr(t0 + t, b)), macc[r][t][$h]);
                         }
                     }
-                }
-                if packed {
-                    // heads[r] = [d_r, m_r, 0, 0]: gather [m_0, m_1, m_2, m_3].
-                    let lo = _mm_unpacklo_ps(heads[0], heads[1 % NR]);
-                    let hi = _mm_unpacklo_ps(heads[2 % NR], heads[3 % NR]);
-                    let m4 = _mm_movehl_ps(hi, lo);
-                    macc4[$h] = _mm_fmadd_ps(m4, _mm_set1_ps(*a.s_ptr(t0, b)), macc4[$h]);
                 }
             }};
         }
@@ -526,14 +519,10 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
         if b < nb {
             step!(b, 0);
         }
-        let mut m4 = [0.0f32; 4];
-        _mm_storeu_ps(m4.as_mut_ptr(), _mm_add_ps(macc4[0], macc4[1]));
         for r in 0..NR {
             for t in 0..TR {
                 let mut v = fold8(_mm256_add_ps(acc[r][t][0], acc[r][t][1]));
-                if packed {
-                    v += m4[r % 4];
-                } else if with_min {
+                if with_min {
                     v += _mm_cvtss_f32(_mm_add_ss(macc[r][t][0], macc[r][t][1]));
                 }
                 c.out.put(t0 + t, n + r, v);

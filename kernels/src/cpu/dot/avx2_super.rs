@@ -31,17 +31,15 @@ use super::{Ctx, L2_WEIGHT_BYTES, Out, TileFn, Weights, prefetch_ahead};
 use crate::DType;
 use crate::superblock::{IQ4_VALUES, scale_min_k4_words, scales_iq4_xs};
 
-/// Weight rows of the one-activation-row (decode) tile.
-const ND: usize = 4;
 /// Weight rows of the tiles of several activation rows.
 const NP: usize = 2;
 
 /// The tiles of [`drive_super`] for one format: `NP` weight rows × 4, 3, 2 activation rows, the same with one weight
-/// row, and `ND` × 1, 1 × 1.
+/// row, and 1 × 1 (decode: one sequential weight stream, see `avx2::gemm`).
 struct SuperKernels<'a> {
     multi: [TileFn<&'a QuantAct>; 3],
     multi1: [TileFn<&'a QuantAct>; 3],
-    one: [TileFn<&'a QuantAct>; 2],
+    one: TileFn<&'a QuantAct>,
 }
 
 macro_rules! super_set {
@@ -57,7 +55,7 @@ macro_rules! super_set {
                 super_tile::<{ $k }, 1, 3> as TileFn<_>,
                 super_tile::<{ $k }, 1, 2> as TileFn<_>,
             ],
-            one: [super_tile::<{ $k }, ND, 1> as TileFn<_>, super_tile::<{ $k }, 1, 1> as TileFn<_>],
+            one: super_tile::<{ $k }, 1, 1> as TileFn<_>,
         }
     };
 }
@@ -79,20 +77,20 @@ pub(super) unsafe fn gemm(w: &Weights<'_>, a: &QuantAct, t_rows: usize, rows: Ra
 }
 
 /// Walks the outputs `rows × 0..t_rows`: a group of weight rows that stays in L2, and over it the activation rows 4
-/// at a time (the last 2 or 3 together, a last single row on the decode tiles), weight rows `NP` (or `ND`) at a time
+/// at a time (the last 2 or 3 together, a last single row on the decode tiles), weight rows `NP` at a time (one on the decode tile)
 /// and the rest one by one. Every output is the same operations in the same order whichever tile computes it.
 ///
 /// # Safety
 /// The CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract.
 unsafe fn drive_super<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_rows: usize, k: &SuperKernels<'a>) {
-    let group = (L2_WEIGHT_BYTES / ctx.w.row_bytes.max(1)).max(ND);
+    let group = (L2_WEIGHT_BYTES / ctx.w.row_bytes.max(1)).max(NP);
     let mut g0 = rows.start;
     while g0 < rows.end {
         let g1 = (g0 + group).min(rows.end);
         let mut t = 0;
         while t < t_rows {
             let (tr, wide, single, nr) = match t_rows - t {
-                1 => (1, k.one[0], k.one[1], ND),
+                1 => (1, k.one, k.one, 1),
                 2 => (2, k.multi[2], k.multi1[2], NP),
                 3 => (3, k.multi[1], k.multi1[1], NP),
                 _ => (4, k.multi[0], k.multi1[0], NP),
