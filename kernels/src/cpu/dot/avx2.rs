@@ -14,7 +14,7 @@ use crate::DType;
 use crate::quant::QK;
 use crate::superblock::IQ4_VALUES;
 
-/// The kernels of [`drive_multi`] for one format: one weight row against 16, 8, 4, 3 and 2 activation rows
+/// The kernels of [`drive_multi`] for one format: one weight row against 16, 8 and 7 down to 2 activation rows
 /// ([`multi_tile`]), and the 2-weight-row and 1-weight-row tiles of [`quant_tile`] for a single activation row.
 macro_rules! multi_set {
     ($multi:ident, $tile:ident, $k:expr) => {
@@ -22,6 +22,9 @@ macro_rules! multi_set {
             multi: [
                 $multi::<{ $k }, 16> as TileFn<_>,
                 $multi::<{ $k }, 8> as TileFn<_>,
+                $multi::<{ $k }, 7> as TileFn<_>,
+                $multi::<{ $k }, 6> as TileFn<_>,
+                $multi::<{ $k }, 5> as TileFn<_>,
                 $multi::<{ $k }, 4> as TileFn<_>,
                 $multi::<{ $k }, 3> as TileFn<_>,
                 $multi::<{ $k }, 2> as TileFn<_>,
@@ -150,13 +153,15 @@ unsafe fn quant_tile_vnni<const KIND: u8, const NR: usize, const TR: usize>(
 
 /// See [`multi_set`].
 struct MultiKernels<'a> {
-    multi: [TileFn<&'a QuantAct>; 5],
+    multi: [TileFn<&'a QuantAct>; 8],
     one: [TileFn<&'a QuantAct>; 2],
 }
 
 /// Walks the outputs `rows × 0..t_rows` (more than one activation row): a group of weight rows that stays in L2, and
-/// over it the activation rows 16 at a time with [`multi_tile`], then 8, then 4, the last 2 or 3 together, a last
-/// single row with the one-row tiles. Every output is the same operations in the same order whichever tile computes it.
+/// over it the activation rows 16 at a time with [`multi_tile`], then 8, then the last 2 to 7 together in one tile of
+/// their size (a 5- to 7-row batch, what a pipeline stage often gets, was 4 rows plus a 1- to 3-row tile: 20-35% more
+/// per row; docs/PERFORMANCE.md, "Session 9"), a last single row with the one-row tiles. Every output is the same
+/// operations in the same order whichever tile computes it.
 ///
 /// # Safety
 /// As [`drive`]: the CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract; `t_rows > 1`
@@ -183,9 +188,12 @@ unsafe fn drive_multi<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_row
                 break;
             }
             let (f, tr) = match left {
-                2 => (k.multi[4], 2),
-                3 => (k.multi[3], 3),
-                4..=7 => (k.multi[2], 4),
+                2 => (k.multi[7], 2),
+                3 => (k.multi[6], 3),
+                4 => (k.multi[5], 4),
+                5 => (k.multi[4], 5),
+                6 => (k.multi[3], 6),
+                7 => (k.multi[2], 7),
                 8..=15 => (k.multi[1], 8),
                 _ => (k.multi[0], 16),
             };

@@ -37,6 +37,9 @@ pub struct StageConfig {
     /// batched with a session whose decode is ready (a quarter of the last step's time, at most this; zero: never).
     /// Keeps sessions that travel the pipeline together in one batch instead of splitting on the transport's jitter
     /// (`StageCore::gather`). The in-process driver sets it to zero: it delivers a step's inputs before polling.
+    /// Default 10 ms: the quarter step is the bound wherever a step takes under 40 ms (was 2 ms, which on CPU stages
+    /// sharing cores cut the window below the jitter of a preempted hop and left batches of 5 where 8 travel
+    /// together; docs/PERFORMANCE.md, "Session 9").
     pub gather_wait: Duration,
     /// Groups the stage splits its decoding sessions into: a batch holds at most ⌈decoding sessions / groups⌉ decode
     /// rows, the sessions that have waited longest first, so that several groups travel the pipeline at once and
@@ -73,7 +76,7 @@ impl Default for StageConfig {
             limits: Limits::default(),
             batch_tokens: 128,
             max_step_stretch: 3.0,
-            gather_wait: Duration::from_millis(2),
+            gather_wait: Duration::from_millis(10),
             decode_groups: 1,
             max_waiting: 16,
             next_hops: HopPolicy::Signed,

@@ -926,6 +926,34 @@ fn a_stage_waits_a_moment_for_the_rest_of_a_cohort_and_no_longer() {
 }
 
 #[test]
+fn the_default_window_is_a_quarter_step_up_to_ten_milliseconds() {
+    // CPU stages sharing cores take tens of milliseconds a step, and a preempted hop puts a cohort's decodes
+    // milliseconds apart: the default window follows the step (a quarter of it) up to 10 ms.
+    let mut h = Harness::new(StageConfig { max_sessions: 4, ..config() });
+    let step = Duration::from_millis(24);
+    let (streams, pos) = cohort(&mut h, &[1, 2, 3], step);
+    let a = h.frame(streams[0], decode(1, pos, 5));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    assert_eq!(h.core.next_deadline(), Some(h.now + Duration::from_millis(6)), "a quarter of a 24 ms step");
+    // Session 2 comes 5 ms later (past the old 2 ms cap), still inside the window; session 3 does not come.
+    let a = h.advance(Duration::from_millis(5));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    let a = h.frame(streams[1], decode(2, pos, 5));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    let batch = take_batch(h.advance(Duration::from_millis(1)));
+    assert_eq!(shape(&batch).iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2], "the window ends, the two go together");
+    h.core.handle(h.now, done(batch, |_| token(3)));
+    // A slow step (100 ms): the window stops at the 10 ms cap.
+    h.core.handle(h.now, Event::ComputeTime(Duration::from_millis(100)));
+    for &stream in &streams[..2] {
+        h.event(Event::Sent { stream });
+    }
+    let a = h.frame(streams[0], decode(1, pos + 1, 5));
+    assert!(!a.iter().any(|x| matches!(x, Action::Compute(_))), "{a:?}");
+    assert_eq!(h.core.next_deadline(), Some(h.now + Duration::from_millis(10)));
+}
+
+#[test]
 fn a_lone_session_a_prompt_and_a_full_batch_never_wait() {
     let step = Duration::from_millis(4);
     let mut h = Harness::new(StageConfig { max_sessions: 8, batch_tokens: 2, ..config() });
