@@ -77,8 +77,9 @@ pub(super) unsafe fn gemm(w: &Weights<'_>, a: &QuantAct, t_rows: usize, rows: Ra
 }
 
 /// Walks the outputs `rows × 0..t_rows`: a group of weight rows that stays in L2, and over it the activation rows 4
-/// at a time (the last 2 or 3 together, a last single row on the decode tiles), weight rows `NP` at a time (one on the decode tile)
-/// and the rest one by one. Every output is the same operations in the same order whichever tile computes it.
+/// at a time (the last 2 or 3 together, a last single row on the one-row decode tile), weight rows `NP` at a time
+/// (one at a time on the decode tile) and the rest one by one. Every output is the same operations in the same order
+/// whichever tile computes it.
 ///
 /// # Safety
 /// The CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract.
