@@ -123,6 +123,18 @@ fn check_wire_dtype(op: &'static str, dtype: DType) -> Result<()> {
     }
 }
 
+/// Reads one byte of every 4 KiB page of `bytes`. A weight is a view into the memory-mapped model file; without this
+/// its pages are faulted in by the first forward, which then pays the file's page faults (about a tenth of a 128-token
+/// prefill on the SmolLM2 Q6_K preset: docs/PERFORMANCE.md, "Session 10"). llama.cpp maps its file with
+/// `MAP_POPULATE` for the same reason; here only the tensors a shard serves are touched, not the whole file.
+fn make_resident(bytes: &[u8]) {
+    let mut x = 0u8;
+    for i in (0..bytes.len()).step_by(4096) {
+        x ^= bytes[i];
+    }
+    std::hint::black_box(x);
+}
+
 fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
     if a != b {
         return Err(shape_err(op, format!("{a} values vs {b}")));
@@ -147,7 +159,11 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, dtype: DType, shape: &[usize], bytes: HostBytes) -> Result<Tensor> {
-        Tensor::new(dtype, shape, Storage::CpuBytes(bytes))
+        let t = Tensor::new(dtype, shape, Storage::CpuBytes(bytes))?;
+        if let Storage::CpuBytes(b) = t.storage() {
+            make_resident(b.as_slice());
+        }
+        Ok(t)
     }
 
     fn upload_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
