@@ -112,6 +112,7 @@ fn stream(reps: usize) {
         (DType::Q6_K, 576, 1536, 100),
         (DType::Q4_K, 576, 1536, 140),
         (DType::Q5_0, 1536, 576, 100),
+        (DType::Q4_1, 1536, 576, 100),
     ] {
         let ws: Vec<Tensor> = (0..copies).map(|_| weight(&be, dtype, n, k)).collect();
         let bytes: usize = copies * n * dtype.bytes_for(k).expect("row bytes");
