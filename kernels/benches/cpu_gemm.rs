@@ -16,9 +16,19 @@
 //! `SHARDLINE_GEMM_CASES=stream` times one-row decode matmuls over about 100 MB of distinct weights (more than the
 //! L3), as a decode step streams the model: GB/s of weight bytes, one thread in thread CPU time
 //! (`SHARDLINE_GEMM_THREADS=2`: wall clock).
+//! `SHARDLINE_GEMM_LEVEL=avx2` (or `avx-vnni`, `scalar`) runs a lower SIMD level than the CPU's best, so that an AVX2
+//! kernel change can be timed on an AVX-512 machine.
 
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
 use shardline_kernels::{Backend, DType, HostBytes, Tensor, quant, rng};
+
+/// The SIMD level to time: `SHARDLINE_GEMM_LEVEL` when set (a level this CPU supports), else the CPU's best.
+fn level() -> SimdLevel {
+    let Ok(name) = std::env::var("SHARDLINE_GEMM_LEVEL") else { return SimdLevel::detect() };
+    let level = SimdLevel::ALL.into_iter().find(|l| l.name() == name).expect("SHARDLINE_GEMM_LEVEL: unknown level");
+    assert!(level.is_supported(), "SHARDLINE_GEMM_LEVEL: this CPU cannot run {level}");
+    level
+}
 
 /// CPU time of the calling thread, in seconds.
 fn thread_cpu() -> f64 {
@@ -48,8 +58,8 @@ fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
 fn main() {
     let reps: usize = std::env::var("SHARDLINE_GEMM_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     // One compute thread: the calling thread does all the work, so its CPU time is the call's.
-    let be = CpuBackend::with_simd(1, SimdLevel::detect()).expect("backend");
-    println!("level {}, {} calls per case, thread CPU time (min)", SimdLevel::detect(), reps);
+    let be = CpuBackend::with_simd(1, level()).expect("backend");
+    println!("level {}, {} calls per case, thread CPU time (min)", level(), reps);
     let cases = std::env::var("SHARDLINE_GEMM_CASES").unwrap_or_default();
     if cases == "stream" {
         stream(reps);
@@ -105,7 +115,7 @@ fn main() {
 /// (`SHARDLINE_GEMM_THREADS` compute threads, default 1; one thread is timed in its CPU time, more by wall clock).
 fn stream(reps: usize) {
     let threads: usize = std::env::var("SHARDLINE_GEMM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let be = CpuBackend::with_simd(threads, SimdLevel::detect()).expect("backend");
+    let be = CpuBackend::with_simd(threads, level()).expect("backend");
     let reps = reps.min(20);
     for &(dtype, n, k, copies) in &[
         (DType::Q8_0, 1536, 576, 100),
