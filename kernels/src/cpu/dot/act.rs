@@ -79,6 +79,9 @@ pub(crate) struct QuantAct {
     pub d: Vec<f32>,
     /// `d · Σ q` of each block: the activation side of the `m` term of Q4_1.
     pub s: Vec<f32>,
+    /// Natural layout: `[d, s]` of each block side by side, so that the AVX2 one-row tile multiplies a Q4_1/Q5_1
+    /// block's `[d_w, m_w]` by one 8-byte load (see `avx2::quant_tile`).
+    pub ds: Vec<f32>,
     /// `c · Σ q` over each 4-value lane (8 per block, 16 per pair in the paired lane order), when the kernel computes
     /// with offset weights: `Σ (w + o)·a + bias = Σ w·a` for `c = −o` (Q4_0 stores `w + 8`; AVX-512 Q8_0 computes
     /// with `w + 128`, which `vpdpbusd` needs unsigned).
@@ -309,6 +312,7 @@ impl QuantAct {
         self.qt.zeroed(if multi_row { rows * nb * QK } else { 0 });
         zeroed(&mut self.d, rows_pad * blocks);
         zeroed(&mut self.s, rows_pad * blocks);
+        zeroed(&mut self.ds, if layout == ActLayout::Natural { 2 * rows_pad * blocks } else { 0 });
         zeroed(&mut self.bias, if bias.is_some() { rows_pad * blocks * 8 } else { 0 });
         let paired = if layout.paired() { rows_pad * pairs } else { 0 };
         zeroed(&mut self.dpat, paired * 16);
@@ -324,6 +328,9 @@ impl QuantAct {
                 let blk = r * blocks + b;
                 self.d[blk] = d;
                 self.s[blk] = d * sum as f32;
+                if layout == ActLayout::Natural {
+                    self.ds[2 * blk..2 * blk + 2].copy_from_slice(&[d, self.s[blk]]);
+                }
                 let odd = b % 2;
                 let pair_base = (blk - odd) * QK;
                 match layout {
@@ -502,7 +509,7 @@ impl QuantAct {
         self.qs.zeroed(rows * nb * QK_K);
         zeroed(&mut self.d, rows * nb);
         zeroed(&mut self.bsums, rows * nb * 16);
-        for v in [&mut self.s, &mut self.dpat, &mut self.spat, &mut self.dt, &mut self.st] {
+        for v in [&mut self.s, &mut self.ds, &mut self.dpat, &mut self.spat, &mut self.dt, &mut self.st] {
             v.clear();
         }
         self.bias.clear();
@@ -592,9 +599,10 @@ impl QuantAct {
         self.d.as_ptr().wrapping_add(r * self.blocks + b)
     }
 
+    /// Natural layout: `[d, s]` of block `b` of row `r` (see [`QuantAct::ds`]).
     #[inline(always)]
-    pub(crate) fn s_ptr(&self, r: usize, b: usize) -> *const f32 {
-        self.s.as_ptr().wrapping_add(r * self.blocks + b)
+    pub(crate) fn ds_ptr(&self, r: usize, b: usize) -> *const f32 {
+        self.ds.as_ptr().wrapping_add(2 * (r * self.blocks + b))
     }
 
     /// Q4_0 lane biases of block `b` (natural) or of the pair starting at even `b` (paired).

@@ -245,8 +245,11 @@ unsafe fn unpack<const KIND: u8>(blk: *const u8, qoff: usize, nibbles: __m256i, 
             let wv = _mm256_loadu_si256(blk.add(qoff).cast());
             return (wv, _mm256_abs_epi8(wv));
         }
-        let q = _mm_loadu_si128(blk.add(qoff).cast());
-        let y = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), nibbles);
+        // The 16 bytes in both halves, the upper half shifted right by 4 (per 32-bit lane: each byte's high nibble
+        // lands in its low bits, the next byte's low nibble above it, which the mask clears): one load-broadcast and
+        // one shift instead of a load, a shift and a lane insert.
+        let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(qoff).cast()));
+        let y = _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)), nibbles);
         match KIND {
             IQ4_NL => {
                 let v = _mm256_shuffle_epi8(iq4, y);
@@ -260,6 +263,18 @@ unsafe fn unpack<const KIND: u8>(blk: *const u8, qoff: usize, nibbles: __m256i, 
             _ => (y, y),
         }
     }
+}
+
+/// The block's first 8 bytes converted as four f16 values: lane 0 is the scale `d`, lane 1 the minimum `m` of Q4_1/Q5_1;
+/// the other lanes are whatever the following bytes make (quants, possibly NaN or infinite) and must not be used. One
+/// `vcvtph2ps` with a memory operand, where [`head`] needs a load, a move to a vector register and the conversion.
+///
+/// # Safety
+/// F16C must be available and the block's first 8 bytes readable (every 32-value block is at least 18 bytes).
+#[inline(always)]
+unsafe fn head8(blk: *const u8) -> __m128 {
+    // SAFETY: as the caller guarantees.
+    unsafe { _mm_cvtph_ps(_mm_loadl_epi64(blk.cast())) }
 }
 
 /// The block's f16 scale (and minimum, for Q4_1/Q5_1) as f32: `[d, m, 0, 0]` or `[d, 0, 0, 0]`.
@@ -502,17 +517,21 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
                     if b.is_multiple_of(PREFETCH_EVERY) {
                         prefetch_ahead(blk);
                     }
-                    let h = head::<KIND>(blk);
-                    let dw = _mm256_broadcastss_ps(h);
-                    let mw = _mm_movehdup_ps(h);
+                    let h = head8(blk);
                     let (v, u) = unpack::<KIND>(blk, qoff, nibbles, iq4);
                     for t in 0..TR {
                         let p = block_dot::<D, KIND>(a, t0 + t, b, v, u);
-                        let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*a.d_ptr(t0 + t, b)));
+                        // Lane 0 of `sc` is `d_w · d_a`; with a minimum, `[d_w, m_w] · [d_a, s_a]` in one multiply,
+                        // and lane 1 of `macc` takes `fma(m_w, s_a, ·)` (lanes 2-3 hold garbage, never read).
+                        let sc = if with_min {
+                            let ds = _mm_castpd_ps(_mm_load_sd(a.ds_ptr(t0 + t, b).cast()));
+                            macc[r][t][$h] = _mm_fmadd_ps(h, ds, macc[r][t][$h]);
+                            _mm_mul_ps(h, ds)
+                        } else {
+                            _mm_mul_ss(h, _mm_load_ss(a.d_ptr(t0 + t, b)))
+                        };
+                        let sc = _mm256_broadcastss_ps(sc);
                         acc[r][t][$h] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc[r][t][$h]);
-                        if with_min {
-                            macc[r][t][$h] = _mm_fmadd_ss(mw, _mm_load_ss(a.s_ptr(t0 + t, b)), macc[r][t][$h]);
-                        }
                     }
                 }
             }};
@@ -531,7 +550,7 @@ unsafe fn quant_tile<D: IntDot, const KIND: u8, const NR: usize, const TR: usize
             for t in 0..TR {
                 let mut v = fold8(_mm256_add_ps(acc[r][t][0], acc[r][t][1]));
                 if with_min {
-                    v += _mm_cvtss_f32(_mm_add_ss(macc[r][t][0], macc[r][t][1]));
+                    v += _mm_cvtss_f32(_mm_movehdup_ps(_mm_add_ps(macc[r][t][0], macc[r][t][1])));
                 }
                 c.out.put(t0 + t, n + r, v);
             }
