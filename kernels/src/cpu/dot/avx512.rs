@@ -8,6 +8,8 @@
 //!   with more than four activation rows the activations are stored as unsigned `a + 128` instead
 //!   ([`QuantAct::unsigned`]) and Q8_0 computes `Σ w·(a + 128) − 128·Σ w`, the weights' lane sums computed once per
 //!   block pair and weight row, so a row of the multi-row kernel loads nothing but its activations ([`Q8_0U`]).
+//!   IQ4_NL blocks are laid out as Q4_0's; their codes index the non-linear table, stored here plus 128 (unsigned
+//!   bytes), and the dot product subtracts `128·Σ a` with the lane sums of `a`, as for Q8_0.
 //!   Since the parity alternates from lane to lane, `[x_e, x_o]` broadcast as one 64-bit value gives every lane its
 //!   block's scale: the multi-row kernel ([`multi_row`]) takes each activation row's scale products that way.
 //! - Float weights: two registers cover lanes `0..16` and `16..32` of the 32 accumulators.
@@ -19,12 +21,13 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::act::QuantAct;
-use super::tag::{BF16, F16, F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::tag::{BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::{
     Ctx, L2_WEIGHT_BYTES, Out, Rhs, TileFn, Weights, block_pairs, drive, float_tile_set, prefetch_ahead, tile_set,
 };
 use crate::DType;
 use crate::quant::QK;
+use crate::superblock::IQ4_VALUES;
 
 /// # Safety
 /// See [`super::gemm`]; the CPU must support AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C.
@@ -42,6 +45,7 @@ pub(super) unsafe fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Rang
                 DType::Q8_0 if a.unsigned => QuantKernels::of::<Q8_0U>(),
                 DType::Q8_0 => QuantKernels::of::<Q8_0>(),
                 DType::Q4_0 => QuantKernels::of::<Q4_0>(),
+                DType::IQ4_NL => QuantKernels::of::<IQ4_NL>(),
                 DType::Q5_0 => QuantKernels::of::<Q5_0>(),
                 DType::Q5_1 => QuantKernels::of::<Q5_1>(),
                 DType::Q4_K | DType::Q5_K | DType::Q6_K => {
@@ -94,6 +98,17 @@ static Q5_0_CODES: [u16; 32] =
 static Q5_0_SCALES: [u16; 32] =
     [0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
+/// The IQ4_NL values plus 128, as unsigned bytes for `vpdpbusd` (the kernels subtract `128·Σ a`).
+static IQ4_PLUS_128: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (IQ4_VALUES[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
+
 /// Byte mask of the [`ActLayout::Pair`](super::act::ActLayout::Pair) bytes whose fifth bit is set, from the 32
 /// fifth bits `he`, `ho` of blocks `e` and `o` (bit `j` belongs to element `j`): byte `4(2l + h) + j` holds element
 /// `4l + j` of block `h`, so the bits of the two blocks alternate in groups of four.
@@ -112,7 +127,7 @@ const Q8_0U: u8 = 0xf0;
 const fn block_bytes(kind: u8) -> usize {
     match kind {
         Q8_0 | Q8_0U => 34,
-        Q4_0 => 18,
+        Q4_0 | IQ4_NL => 18,
         Q4_1 => 20,
         Q5_0 => 22,
         _ => 24,
@@ -125,7 +140,7 @@ const fn with_min(kind: u8) -> bool {
 }
 
 /// Whether the kernel starts each dot product from the activations' lane-sum table (the weight codes carry an
-/// offset: Q4_0's 8, Q5_0's 16, Q8_0's 128 added for `vpdpbusd`).
+/// offset: Q4_0's 8, Q5_0's 16, Q8_0's and IQ4_NL's 128 added for `vpdpbusd`).
 const fn with_bias(kind: u8) -> bool {
     !with_min(kind) && kind != Q8_0U
 }
@@ -221,6 +236,11 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
             let d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(sc, raw)));
             (codes, d, _mm_setzero_ps())
         };
+        if KIND == IQ4_NL {
+            // Each 4-bit code picks its value from the table, as `value + 128` (one byte shuffle per pair).
+            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_PLUS_128.as_ptr().cast()));
+            codes = _mm512_shuffle_epi8(table, codes);
+        }
         if KIND == Q5_0 || KIND == Q5_1 {
             let at = if KIND == Q5_0 { 2 } else { 4 };
             let he = be.add(at).cast::<u32>().read_unaligned();

@@ -133,13 +133,16 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
     let level = kernel_level(level, dtype);
     let layout = match (level, dtype) {
         _ if dtype.is_super_block() => ActLayout::Super,
-        (SimdLevel::Avx512Vnni, DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1) => ActLayout::Pair,
+        (
+            SimdLevel::Avx512Vnni,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL,
+        ) => ActLayout::Pair,
         _ => ActLayout::Natural,
     };
     let bias = match (level, dtype) {
         (_, DType::Q4_0) => Some(-8),
         (_, DType::Q5_0) => Some(-16),
-        (SimdLevel::Avx512Vnni, DType::Q8_0) => Some(-128),
+        (SimdLevel::Avx512Vnni, DType::Q8_0 | DType::IQ4_NL) => Some(-128),
         _ => None,
     };
     let wide = level == SimdLevel::Avx512Vnni && dtype.is_super_block();
@@ -166,13 +169,8 @@ pub(crate) fn kernel_level(level: SimdLevel, dtype: DType) -> SimdLevel {
         | DType::Q4_K
         | DType::Q5_K
         | DType::Q6_K
+        | DType::IQ4_NL
         | DType::IQ4_XS => level,
-        // IQ4_NL has no AVX-512 kernel on the paired activation layout yet: an AVX-512 CPU runs its `vpmaddubsw`
-        // kernel (an AVX-512 CPU need not have the VEX-encoded AVX-VNNI).
-        DType::IQ4_NL => match level {
-            SimdLevel::Avx512Vnni => SimdLevel::Avx2,
-            other => other,
-        },
     }
 }
 
