@@ -11,7 +11,8 @@
 //! `cargo bench -p shardline-kernels --bench cpu_gemm` (`SHARDLINE_GEMM_REPS=200` sets the calls per case,
 //! `SHARDLINE_GEMM_ROWS=8,16` the activation row counts).
 //! `SHARDLINE_GEMM_CASES=prefill` times the prefill shapes instead: the matrices of the SmolLM2 Q6_K preset (Q8_0
-//! for the 576-wide ones, Q6_K for the down projection) at 16 and 128 activation rows; `SHARDLINE_GEMM_CASES=kquant`
+//! for the 576-wide ones, Q6_K for the down projection), and a 1536 × 576 matrix of Q4_1, Q4_0, Q5_0 and IQ4_NL (the
+//! 576-wide types of the other presets), at 16 and 128 activation rows; `SHARDLINE_GEMM_CASES=kquant`
 //! the K-quant down projection (Q4_K and Q6_K, random blocks) at 1 to 384 activation rows.
 //! `SHARDLINE_GEMM_CASES=stream` times one-row decode matmuls over about 100 MB of distinct weights (more than the
 //! L3), as a decode step streams the model: GB/s of weight bytes, one thread in thread CPU time
@@ -36,7 +37,14 @@ fn thread_cpu() -> f64 {
 }
 
 fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
-    let bytes = if dtype.is_super_block() {
+    let bytes = if dtype == DType::IQ4_NL {
+        // No quantiser for IQ4_NL either: random codes, a small f16 scale in each block's first two bytes.
+        let mut b: Vec<u8> = (0..(n * k / 32 * 18) as u64).map(|i| (rng::uniform(7, i) * 256.0) as u8).collect();
+        for blk in b.chunks_exact_mut(18) {
+            blk[..2].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+        }
+        b
+    } else if dtype.is_super_block() {
         // No quantiser for the K-quants: random codes and scales, the f16 super-scales (Q6_K: its last two bytes;
         // Q4_K: `d` and `dmin`, its first four) small.
         let bb = dtype.block_bytes();
@@ -66,9 +74,15 @@ fn main() {
         return;
     }
     let shapes: &[(DType, usize, usize)] = match cases.as_str() {
-        "prefill" => {
-            &[(DType::Q8_0, 576, 576), (DType::Q8_0, 1536, 576), (DType::Q6_K, 576, 1536), (DType::Q4_1, 1536, 576)]
-        }
+        "prefill" => &[
+            (DType::Q8_0, 576, 576),
+            (DType::Q8_0, 1536, 576),
+            (DType::Q6_K, 576, 1536),
+            (DType::Q4_1, 1536, 576),
+            (DType::Q4_0, 1536, 576),
+            (DType::Q5_0, 1536, 576),
+            (DType::IQ4_NL, 1536, 576),
+        ],
         "kquant" => &[(DType::Q4_K, 576, 1536), (DType::Q6_K, 576, 1536)],
         _ => &[(DType::Q4_1, 576, 576), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 1536), (DType::Q8_0, 2048, 576)],
     };
