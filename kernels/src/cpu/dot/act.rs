@@ -39,7 +39,7 @@ pub(crate) struct ActPlan {
     /// [`ActLayout::Super`] only: also fill the wide tables ([`QuantAct::q16`], [`QuantAct::d_t`],
     /// [`QuantAct::bs_t`]) of the AVX-512 multi-row kernels.
     pub wide: bool,
-    /// [`ActLayout::Pair`] only (AVX-512 Q8_0): for more than [`UNSIGNED_MIN_ROWS`] rows, store the values offset to
+    /// [`ActLayout::Pair`] only (AVX-512 Q8_0, Q4_0, Q5_0, IQ4_NL): for more than [`UNSIGNED_MIN_ROWS`] rows, store the values offset to
     /// unsigned bytes instead of filling the lane-sum table (see [`QuantAct::unsigned`]).
     pub unsigned_rows: bool,
     /// [`ActLayout::Natural`] with more than one row: also write the tables that only the AVX2 / AVX-VNNI multi-row

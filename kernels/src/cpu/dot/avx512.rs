@@ -44,8 +44,11 @@ pub(super) unsafe fn gemm(w: &Weights<'_>, x: Rhs<'_>, t_rows: usize, rows: Rang
             let kernels = match w.dtype {
                 DType::Q8_0 if a.unsigned => QuantKernels::of::<Q8_0U>(),
                 DType::Q8_0 => QuantKernels::of::<Q8_0>(),
+                DType::Q4_0 if a.unsigned => QuantKernels::of::<Q4_0U>(),
                 DType::Q4_0 => QuantKernels::of::<Q4_0>(),
+                DType::IQ4_NL if a.unsigned => QuantKernels::of::<IQ4_NLU>(),
                 DType::IQ4_NL => QuantKernels::of::<IQ4_NL>(),
+                DType::Q5_0 if a.unsigned => QuantKernels::of::<Q5_0U>(),
                 DType::Q5_0 => QuantKernels::of::<Q5_0>(),
                 DType::Q5_1 => QuantKernels::of::<Q5_1>(),
                 DType::Q4_K | DType::Q5_K | DType::Q6_K => {
@@ -122,11 +125,33 @@ unsafe fn fifth_bits(he: u32, ho: u32) -> u64 {
 /// weight codes stay signed on `vpdpbusd`'s signed side and each dot product starts from the weights' lane sums
 /// `−128·Σ w` (computed once per block pair and weight row) instead of the activations' lane-sum table.
 const Q8_0U: u8 = 0xf0;
+/// The same scheme for the offset 4- and 5-bit formats and IQ4_NL against unsigned activations: their codes made
+/// signed (`q − 8`, `q − 16`, the codebook's own values) on the signed side, each dot product started from
+/// `−128·Σ w`, so the multi-row tile loads no lane-sum table row per activation row.
+const Q4_0U: u8 = 0xf1;
+const Q5_0U: u8 = 0xf2;
+const IQ4_NLU: u8 = 0xf3;
+
+/// Whether the kernel kind takes unsigned activations ([`QuantAct::unsigned`]).
+const fn unsigned_act(kind: u8) -> bool {
+    matches!(kind, Q8_0U | Q4_0U | Q5_0U | IQ4_NLU)
+}
+
+/// The weight format of a kernel kind.
+const fn format(kind: u8) -> u8 {
+    match kind {
+        Q8_0U => Q8_0,
+        Q4_0U => Q4_0,
+        Q5_0U => Q5_0,
+        IQ4_NLU => IQ4_NL,
+        k => k,
+    }
+}
 
 /// Bytes of one block of the 32-value formats with AVX-512 kernels.
 const fn block_bytes(kind: u8) -> usize {
-    match kind {
-        Q8_0 | Q8_0U => 34,
+    match format(kind) {
+        Q8_0 => 34,
         Q4_0 | IQ4_NL => 18,
         Q4_1 => 20,
         Q5_0 => 22,
@@ -142,7 +167,7 @@ const fn with_min(kind: u8) -> bool {
 /// Whether the kernel starts each dot product from the activations' lane-sum table (the weight codes carry an
 /// offset: Q4_0's 8, Q5_0's 16, Q8_0's and IQ4_NL's 128 added for `vpdpbusd`).
 const fn with_bias(kind: u8) -> bool {
-    !with_min(kind) && kind != Q8_0U
+    !with_min(kind) && !unsigned_act(kind)
 }
 
 /// One weight block pair unpacked: codes as unsigned bytes in the [`ActLayout::Pair`](super::act::ActLayout::Pair)
@@ -187,9 +212,7 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
             let h = _mm_cvtph_ps(_mm_cvtsi32_si128(he | (ho << 16)));
             let d = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(h)));
             let (codes, bw) = if KIND == Q8_0U {
-                // −128·Σ w over each lane: 0 − Σ 128·w (a code of −128 cannot be negated in a byte).
-                let zero = _mm512_setzero_si512();
-                (raw, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), raw)))
+                (raw, minus_128_lane_sums(raw))
             } else {
                 // w + 128 as unsigned bytes
                 (_mm512_xor_si512(raw, _mm512_set1_epi8(-128)), _mm512_setzero_si512())
@@ -225,12 +248,12 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
             );
             (codes, d, dm)
         } else {
-            let (idx, sc) = if KIND == Q5_0 {
+            let (idx, sc) = if format(KIND) == Q5_0 {
                 (_mm512_loadu_si512(Q5_0_CODES.as_ptr().cast()), _mm512_loadu_si512(Q5_0_SCALES.as_ptr().cast()))
             } else {
                 (_mm512_loadu_si512(Q4_0_CODES.as_ptr().cast()), _mm512_loadu_si512(Q4_0_SCALES.as_ptr().cast()))
             };
-            let m: u32 = if KIND == Q5_0 { 0x3f_ffff } else { 0x3ffff };
+            let m: u32 = if format(KIND) == Q5_0 { 0x3f_ffff } else { 0x3ffff };
             let raw = _mm512_maskz_loadu_epi16(if full { m } else { m >> (bs / 2) }, be.cast());
             let codes = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi16(idx, raw), shift), nibbles);
             let d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(sc, raw)));
@@ -241,13 +264,34 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
             let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_PLUS_128.as_ptr().cast()));
             codes = _mm512_shuffle_epi8(table, codes);
         }
-        if KIND == Q5_0 || KIND == Q5_1 {
-            let at = if KIND == Q5_0 { 2 } else { 4 };
+        if KIND == IQ4_NLU {
+            // The codebook's values themselves, signed.
+            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
+            codes = _mm512_shuffle_epi8(table, codes);
+        }
+        if matches!(format(KIND), Q5_0 | Q5_1) {
+            let at = if format(KIND) == Q5_0 { 2 } else { 4 };
             let he = be.add(at).cast::<u32>().read_unaligned();
             let ho = if full { be.add(bs + at).cast::<u32>().read_unaligned() } else { 0 };
             codes = _mm512_or_si512(codes, _mm512_maskz_mov_epi8(fifth_bits(he, ho), _mm512_set1_epi8(0x10)));
         }
-        Pair { codes, d, dm, bw: _mm512_setzero_si512() }
+        if KIND == Q4_0U || KIND == Q5_0U {
+            // The codes without their offset, as signed bytes.
+            codes = _mm512_sub_epi8(codes, _mm512_set1_epi8(if KIND == Q4_0U { 8 } else { 16 }));
+        }
+        let bw = if unsigned_act(KIND) { minus_128_lane_sums(codes) } else { _mm512_setzero_si512() };
+        Pair { codes, d, dm, bw }
+    }
+}
+
+/// `−128·Σ w` over each 4-byte lane of the signed codes `w`: `0 − Σ 128·w` (a code of −128 cannot be negated in a
+/// byte).
+#[inline(always)]
+unsafe fn minus_128_lane_sums(w: __m512i) -> __m512i {
+    // SAFETY: AVX-512 F/VNNI are available in the calling kernels.
+    unsafe {
+        let zero = _mm512_setzero_si512();
+        _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), w))
     }
 }
 
@@ -444,7 +488,7 @@ unsafe fn small_tile<const KIND: u8, const NR: usize, const TR: usize>(c: &Ctx<'
                     let da = _mm512_loadu_ps(a.dpat_ptr(t0 + t, b));
                     let sa = if with_min(KIND) { _mm_loadu_ps(a.spat_ptr(t0 + t, b)) } else { _mm_setzero_ps() };
                     for r in 0..NR {
-                        let p = if KIND == Q8_0U {
+                        let p = if unsigned_act(KIND) {
                             _mm512_dpbusd_epi32(w[r].bw, av, w[r].codes)
                         } else {
                             _mm512_dpbusd_epi32(init, w[r].codes, av)
@@ -612,7 +656,7 @@ unsafe fn multi_row<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: 
                         stride,
                         scales: sc.0.as_ptr(),
                     };
-                    if KIND == Q8_0U {
+                    if unsigned_act(KIND) {
                         rows16_unsigned(acc16, w.codes, w.bw, r);
                     } else if with_bias(KIND) {
                         rows16_bias(acc16, w.codes, r);
@@ -624,7 +668,7 @@ unsafe fn multi_row<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: 
                     let mut bias = bias0.add(b * 8);
                     for t in 0..TR {
                         let s = sc.0.as_ptr().add(2 * t);
-                        if KIND == Q8_0U {
+                        if unsigned_act(KIND) {
                             row_step_unsigned(&mut acc[t], w.codes, w.bw, q, s);
                         } else if with_bias(KIND) {
                             row_step_bias(&mut acc[t], w.codes, q, bias, s);

@@ -146,7 +146,8 @@ pub(crate) fn act_plan(level: SimdLevel, dtype: DType) -> ActPlan {
         _ => None,
     };
     let wide = level == SimdLevel::Avx512Vnni && dtype.is_super_block();
-    let unsigned_rows = level == SimdLevel::Avx512Vnni && dtype == DType::Q8_0;
+    let unsigned_rows =
+        level == SimdLevel::Avx512Vnni && matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL);
     let multi_row_tables = matches!(level, SimdLevel::Avx2 | SimdLevel::AvxVnni) && layout == ActLayout::Natural;
     ActPlan { layout, bias, avx2: level >= SimdLevel::Avx2, wide, unsigned_rows, multi_row_tables }
 }
