@@ -8,13 +8,14 @@
 //!
 //! `cargo run --release -p shardline-node --example batch_step -- [C] [STEPS] [THREADS] [SIMD]`
 //! (defaults 16, 64, 2, the CPU's best level; SIMD one of `scalar`, `avx2`, `avx-vnni`, `avx512-vnni`); the model
-//! is `$SHARDLINE_MODEL` or the default SmolLM2-135M Q4_1 file.
+//! is `$SHARDLINE_MODEL` or the default SmolLM2-135M Q4_1 file. `SHARDLINE_KV=f16` keeps the KV cache in f16
+//! (`CpuBackend::with_kv_dtype`; the default is f32).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shardline_kernels::cpu::{CpuBackend, SimdLevel};
-use shardline_kernels::{Backend, SamplingParams};
+use shardline_kernels::{Backend, DType, SamplingParams};
 use shardline_node::model::{
     BatchItem, HeadRows, LayerRange, ModelFiles, Shard, ShardInput, ShardOptions, ShardOutput,
 };
@@ -48,7 +49,11 @@ fn main() {
     });
     let files = ModelFiles::open(&model).expect("open the model");
     let cfg = files.config().clone();
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::with_simd(threads, level).expect("SIMD level"));
+    let mut cpu = CpuBackend::with_simd(threads, level).expect("SIMD level");
+    if std::env::var("SHARDLINE_KV").as_deref() == Ok("f16") {
+        cpu = cpu.with_kv_dtype(DType::F16).expect("f16 KV cache");
+    }
+    let backend: Arc<dyn Backend> = Arc::new(cpu);
     let opts = ShardOptions { kv_budget_bytes: 512 << 20, ..ShardOptions::default() };
     let shard = Shard::load(files.weights().as_ref(), LayerRange::full(cfg.n_layers), backend, opts).expect("load");
     let vocab = cfg.vocab;
