@@ -37,19 +37,17 @@ fn thread_cpu() -> f64 {
 }
 
 fn weight(be: &CpuBackend, dtype: DType, n: usize, k: usize) -> Tensor {
-    let bytes = if dtype == DType::IQ4_NL {
-        // No quantiser for IQ4_NL either: random codes, a small f16 scale in each block's first two bytes.
-        let mut b: Vec<u8> = (0..(n * k / 32 * 18) as u64).map(|i| (rng::uniform(7, i) * 256.0) as u8).collect();
-        for blk in b.chunks_exact_mut(18) {
-            blk[..2].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
-        }
-        b
-    } else if dtype.is_super_block() {
-        // No quantiser for the K-quants: random codes and scales, the f16 super-scales (Q6_K: its last two bytes;
-        // Q4_K: `d` and `dmin`, its first four) small.
+    let bytes = if dtype.is_super_block() || dtype == DType::IQ4_NL {
+        // No quantiser for the K-quants and IQ4_NL: random codes and scales, the f16 scales (Q6_K: its last two
+        // bytes; IQ4_NL: `d`, its first two; the other K-quants: `d` and `dmin`, their first four) small.
         let bb = dtype.block_bytes();
-        let mut b: Vec<u8> = (0..(n * k / 256 * bb) as u64).map(|i| (rng::uniform(7, i) * 256.0) as u8).collect();
-        let fields: &[usize] = if dtype == DType::Q6_K { &[208] } else { &[0, 2] };
+        let blocks = n * k / dtype.block_elems();
+        let mut b: Vec<u8> = (0..(blocks * bb) as u64).map(|i| (rng::uniform(7, i) * 256.0) as u8).collect();
+        let fields: &[usize] = match dtype {
+            DType::Q6_K => &[208],
+            DType::IQ4_NL => &[0],
+            _ => &[0, 2],
+        };
         for blk in b.chunks_exact_mut(bb) {
             for &at in fields {
                 blk[at..at + 2].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());

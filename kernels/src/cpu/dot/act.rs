@@ -39,8 +39,8 @@ pub(crate) struct ActPlan {
     /// [`ActLayout::Super`] only: also fill the wide tables ([`QuantAct::q16`], [`QuantAct::d_t`],
     /// [`QuantAct::bs_t`]) of the AVX-512 multi-row kernels.
     pub wide: bool,
-    /// [`ActLayout::Pair`] only (AVX-512 Q8_0, Q4_0, Q5_0, IQ4_NL): for more than [`UNSIGNED_MIN_ROWS`] rows, store the values offset to
-    /// unsigned bytes instead of filling the lane-sum table (see [`QuantAct::unsigned`]).
+    /// [`ActLayout::Pair`] only (AVX-512 Q8_0, Q4_0, Q5_0, IQ4_NL): for more than [`UNSIGNED_MIN_ROWS`] rows, store
+    /// the values offset to unsigned bytes instead of filling the lane-sum table (see [`QuantAct::unsigned`]).
     pub unsigned_rows: bool,
     /// [`ActLayout::Natural`] with more than one row: also write the tables that only the AVX2 / AVX-VNNI multi-row
     /// kernel reads, the block-major copy [`QuantAct::qt`] and the transposed scales [`QuantAct::dt`] /
@@ -100,9 +100,9 @@ pub(crate) struct QuantAct {
     /// [`ActLayout::Super`] only: the sum of each 16-value group, 16 per super-block (ggml `block_q8_K::bsums`).
     pub bsums: Vec<i16>,
     /// `qs` holds `q + 128` as unsigned bytes (zero in the missing odd block of a pair and in padding rows) and
-    /// `bias` is empty: the AVX-512 Q8_0 kernels then put the activations on `vpdpbusd`'s unsigned side and start each
-    /// dot product from the weights' own lane sums, `Σ w·(a + 128) − 128·Σ w = Σ w·a`, instead of loading a lane-sum
-    /// table row per activation row.
+    /// `bias` is empty: the AVX-512 Q8_0, Q4_0, Q5_0 and IQ4_NL kernels then put the activations on `vpdpbusd`'s
+    /// unsigned side and start each dot product from the weights' own lane sums, `Σ w·(a + 128) − 128·Σ w = Σ w·a`,
+    /// instead of loading a lane-sum table row per activation row.
     pub unsigned: bool,
     /// [`ActLayout::Super`] with the wide tables: the values of `qs` widened to i16 (same order), for `vpdpwssd`
     /// against weights widened and pre-scaled to i16.

@@ -259,15 +259,11 @@ unsafe fn unpack<const KIND: u8>(row: *const u8, b: usize, full: bool) -> Pair {
             let d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(sc, raw)));
             (codes, d, _mm_setzero_ps())
         };
-        if KIND == IQ4_NL {
-            // Each 4-bit code picks its value from the table, as `value + 128` (one byte shuffle per pair).
-            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_PLUS_128.as_ptr().cast()));
-            codes = _mm512_shuffle_epi8(table, codes);
-        }
-        if KIND == IQ4_NLU {
-            // The codebook's values themselves, signed.
-            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
-            codes = _mm512_shuffle_epi8(table, codes);
+        if format(KIND) == IQ4_NL {
+            // Each 4-bit code picks its value from the codebook (one byte shuffle per pair): as `value + 128` against
+            // signed activations, the values themselves against unsigned ones.
+            let values: *const u8 = if KIND == IQ4_NLU { IQ4_VALUES.as_ptr().cast() } else { IQ4_PLUS_128.as_ptr() };
+            codes = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128(values.cast())), codes);
         }
         if matches!(format(KIND), Q5_0 | Q5_1) {
             let at = if format(KIND) == Q5_0 { 2 } else { 4 };
