@@ -80,7 +80,7 @@ fn with_rhs(be: &CpuBackend, dtype: crate::DType, xs: &[f32], t_rows: usize, k: 
         let bits: &[u32] = bytemuck::cast_slice(xs);
         let same = matches!(&cache.key, Some((b, kk, p)) if *kk == k && *p == plan && b[..] == *bits);
         if !same {
-            cache.act.fill(xs, t_rows, k, plan);
+            cache.act.fill(xs, t_rows, k, plan, &be.pool);
             let mut key = cache.key.take().map(|(b, _, _)| b).unwrap_or_default();
             key.clear();
             key.extend_from_slice(bits);

@@ -2,6 +2,7 @@
 //! products (llama.cpp's `vec_dot_type`). The block values are the same for every instruction set; only their byte
 //! arrangement ([`ActLayout`]) follows what the chosen kernel loads.
 
+use super::super::parallel::Pool;
 use crate::quant::QK;
 use crate::superblock::QK_K;
 
@@ -262,6 +263,7 @@ pub(crate) fn quantize_rows(x: &[f32], rows: usize, k: usize, layout: ActLayout,
             unsigned_rows: false,
             multi_row_tables: false,
         },
+        &Pool::single(),
     );
     act
 }
@@ -275,19 +277,22 @@ fn zeroed<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
 impl QuantAct {
     /// Quantises `rows` rows of `k` values (`k % 32 == 0`) from `x` (row-major) into this table as `plan` says,
     /// reusing its buffers.
-    pub(crate) fn fill(&mut self, x: &[f32], rows: usize, k: usize, plan: ActPlan) {
+    /// Rows are quantised in parallel on `pool` when there are enough of them; each value is computed the same way
+    /// whichever thread does it.
+    pub(crate) fn fill(&mut self, x: &[f32], rows: usize, k: usize, plan: ActPlan, pool: &Pool) {
         if plan.layout == ActLayout::Super {
-            self.fill_super(plan.avx2, x, rows, k, plan.wide);
+            self.fill_super(pool, plan.avx2, x, rows, k, plan.wide);
             return;
         }
         let unsigned = plan.unsigned_rows && plan.layout.paired() && rows > UNSIGNED_MIN_ROWS;
         let bias = if unsigned { None } else { plan.bias };
-        self.fill_impl(plan.avx2, x, rows, k, plan.layout, bias, unsigned, plan.multi_row_tables);
+        self.fill_impl(pool, plan.avx2, x, rows, k, plan.layout, bias, unsigned, plan.multi_row_tables);
     }
 
     #[allow(clippy::too_many_arguments)]
     fn fill_impl(
         &mut self,
+        pool: &Pool,
         avx2: bool,
         x: &[f32],
         rows: usize,
@@ -321,75 +326,179 @@ impl QuantAct {
         let natural_t = if multi_row { nb * self.natural_t_stride() } else { 0 };
         zeroed(&mut self.dt, paired * 2 + natural_t);
         zeroed(&mut self.st, paired * 2 + natural_t);
+        let shape = RowShape { nb, blocks, layout, bias, unsigned };
+        let strides = shape.strides();
+        let chunks = pool.row_chunks(rows, nb, PARALLEL_BLOCKS);
+        let x = &x[..rows * k];
+        let mut parts: Vec<RowChunk<'_>> =
+            chunks.iter().map(|r| RowChunk { rows: r.clone(), ..RowChunk::default() }).collect();
+        split_rows(&mut self.qs, &chunks, strides.qs, &mut parts, |c, v| c.qs = v);
+        split_rows(&mut self.d, &chunks, strides.d, &mut parts, |c, v| c.d = v);
+        split_rows(&mut self.s, &chunks, strides.d, &mut parts, |c, v| c.s = v);
+        split_rows(&mut self.ds, &chunks, strides.ds, &mut parts, |c, v| c.ds = v);
+        split_rows(&mut self.bias, &chunks, strides.bias, &mut parts, |c, v| c.bias = v);
+        split_rows(&mut self.dpat, &chunks, strides.dpat, &mut parts, |c, v| c.dpat = v);
+        split_rows(&mut self.spat, &chunks, strides.spat, &mut parts, |c, v| c.spat = v);
+        pool.run_each(parts, |mut c| {
+            let r0 = c.rows.start;
+            for r in c.rows.clone() {
+                c.quantize_row(&shape, avx2, &x[r * k..(r + 1) * k], r - r0);
+            }
+        });
+        // The tables that interleave rows, from the per-row ones just written.
+        if multi_row {
+            for r in 0..rows {
+                for b in 0..nb {
+                    let (at, blk) = ((b * rows + r) * QK, r * blocks + b);
+                    self.qt[at..at + QK].copy_from_slice(&self.qs[blk * QK..(blk + 1) * QK]);
+                }
+            }
+        }
+        if natural_t > 0 {
+            let stride = self.natural_t_stride();
+            for r in 0..rows {
+                for b in 0..nb {
+                    self.dt[b * stride + r] = self.d[r * blocks + b];
+                    self.st[b * stride + r] = self.s[r * blocks + b];
+                }
+            }
+        }
+        if layout.paired() {
+            for r in 0..rows {
+                for p in 0..pairs {
+                    let (e, o) = (r * blocks + 2 * p, r * blocks + 2 * p + 1);
+                    let at = (p * rows_pad + r) * 2;
+                    self.dt[at..at + 2].copy_from_slice(&[self.d[e], self.d[o]]);
+                    self.st[at..at + 2].copy_from_slice(&[self.s[e], self.s[o]]);
+                }
+            }
+        }
+    }
+}
+
+/// Blocks (of 32 values) in a quantisation call below which it stays on the calling thread: about 5 µs of work,
+/// several times the cost of a fork.
+const PARALLEL_BLOCKS: usize = 128;
+
+/// What every row of one [`QuantAct::fill_impl`] call shares.
+struct RowShape {
+    nb: usize,
+    blocks: usize,
+    layout: ActLayout,
+    bias: Option<i32>,
+    unsigned: bool,
+}
+
+/// Entries per row of each per-row table (0 for a table the call leaves empty).
+struct RowStrides {
+    qs: usize,
+    d: usize,
+    ds: usize,
+    bias: usize,
+    dpat: usize,
+    spat: usize,
+}
+
+impl RowShape {
+    fn strides(&self) -> RowStrides {
+        let pairs = if self.layout.paired() { self.blocks / 2 } else { 0 };
+        RowStrides {
+            qs: self.blocks * QK,
+            d: self.blocks,
+            ds: if self.layout == ActLayout::Natural { 2 * self.blocks } else { 0 },
+            bias: if self.bias.is_some() { 8 * self.blocks } else { 0 },
+            dpat: pairs * 16,
+            spat: pairs * 4,
+        }
+    }
+}
+
+/// The per-row tables of rows `rows` (every table is row-major, so a run of rows is one slice of each): what one
+/// task of a parallel [`QuantAct::fill_impl`] writes, and nothing else.
+#[derive(Default)]
+struct RowChunk<'a> {
+    rows: std::ops::Range<usize>,
+    qs: &'a mut [u8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    ds: &'a mut [f32],
+    bias: &'a mut [i32],
+    dpat: &'a mut [f32],
+    spat: &'a mut [f32],
+}
+
+/// Hands each chunk its rows of `data` (`stride` entries a row; rows past the last chunk, the padding, stay out).
+fn split_rows<'a, T>(
+    mut data: &'a mut [T],
+    chunks: &[std::ops::Range<usize>],
+    stride: usize,
+    parts: &mut [RowChunk<'a>],
+    set: impl Fn(&mut RowChunk<'a>, &'a mut [T]),
+) {
+    for (range, part) in chunks.iter().zip(parts) {
+        let (head, tail) = std::mem::take(&mut data).split_at_mut(range.len() * stride);
+        set(part, head);
+        data = tail;
+    }
+}
+
+impl RowChunk<'_> {
+    /// Quantises one row (`x`, `k` values) into local row `lr` of the chunk's tables.
+    fn quantize_row(&mut self, shape: &RowShape, avx2: bool, x: &[f32], lr: usize) {
+        let RowShape { nb, blocks, layout, bias, unsigned, .. } = *shape;
         let mut q = [0i8; QK];
-        for r in 0..rows {
-            for b in 0..nb {
-                let (d, sum) = quantize_block_fast(avx2, &x[r * k + b * QK..r * k + (b + 1) * QK], &mut q);
-                let blk = r * blocks + b;
-                self.d[blk] = d;
-                self.s[blk] = d * sum as f32;
-                if layout == ActLayout::Natural {
-                    self.ds[2 * blk..2 * blk + 2].copy_from_slice(&[d, self.s[blk]]);
-                }
-                let odd = b % 2;
-                let pair_base = (blk - odd) * QK;
-                match layout {
-                    ActLayout::Natural | ActLayout::Super => {
-                        for (o, &v) in self.qs[blk * QK..(blk + 1) * QK].iter_mut().zip(&q) {
-                            *o = v as u8;
-                        }
-                    }
-                    ActLayout::Pair => {
-                        let pair = &mut self.qs[pair_base..pair_base + 2 * QK];
-                        let mut bytes: [u8; QK] = bytemuck::cast(q);
-                        if unsigned {
-                            for v in &mut bytes {
-                                *v ^= 0x80; // two's complement q + 128
-                            }
-                        }
-                        for lane in 0..8 {
-                            let z = pair_lane(odd, lane);
-                            pair[4 * z..4 * z + 4].copy_from_slice(&bytes[4 * lane..4 * lane + 4]);
-                        }
-                    }
-                }
-                if multi_row {
-                    let at = (b * rows + r) * QK;
-                    for (o, &v) in self.qt[at..at + QK].iter_mut().zip(&q) {
+        for b in 0..nb {
+            let (d, sum) = quantize_block_fast(avx2, &x[b * QK..(b + 1) * QK], &mut q);
+            let blk = lr * blocks + b;
+            self.d[blk] = d;
+            self.s[blk] = d * sum as f32;
+            if layout == ActLayout::Natural {
+                self.ds[2 * blk..2 * blk + 2].copy_from_slice(&[d, self.s[blk]]);
+            }
+            let odd = b % 2;
+            let pair_base = (blk - odd) * QK;
+            match layout {
+                ActLayout::Natural | ActLayout::Super => {
+                    for (o, &v) in self.qs[blk * QK..(blk + 1) * QK].iter_mut().zip(&q) {
                         *o = v as u8;
                     }
                 }
-                if natural_t > 0 {
-                    let at = b * self.natural_t_stride() + r;
-                    self.dt[at] = self.d[blk];
-                    self.st[at] = self.s[blk];
-                }
-                if let Some(c) = bias {
+                ActLayout::Pair => {
+                    let pair = &mut self.qs[pair_base..pair_base + 2 * QK];
+                    let mut bytes: [u8; QK] = bytemuck::cast(q);
+                    if unsigned {
+                        for v in &mut bytes {
+                            *v ^= 0x80; // two's complement q + 128
+                        }
+                    }
                     for lane in 0..8 {
-                        let lane_sum: i32 = q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum();
-                        let idx = match layout {
-                            ActLayout::Natural => blk * 8 + lane,
-                            _ => (blk - odd) * 8 + pair_lane(odd, lane),
-                        };
-                        self.bias[idx] = c * lane_sum;
+                        let z = pair_lane(odd, lane);
+                        pair[4 * z..4 * z + 4].copy_from_slice(&bytes[4 * lane..4 * lane + 4]);
                     }
                 }
             }
-            if layout.paired() {
-                for p in 0..pairs {
-                    let (e, o) = (r * blocks + 2 * p, r * blocks + 2 * p + 1);
-                    let pat = &mut self.dpat[(r * pairs + p) * 16..(r * pairs + p + 1) * 16];
-                    let (de, dd) = (self.d[e], self.d[o]);
-                    for (i, v) in pat.iter_mut().enumerate() {
-                        *v = if i % 2 == 0 { de } else { dd };
-                    }
-                    let sp = &mut self.spat[(r * pairs + p) * 4..(r * pairs + p + 1) * 4];
-                    sp[1] = self.s[e];
-                    sp[3] = self.s[o];
-                    let at = (p * rows_pad + r) * 2;
-                    self.dt[at..at + 2].copy_from_slice(&[de, dd]);
-                    self.st[at..at + 2].copy_from_slice(&[self.s[e], self.s[o]]);
+            if let Some(c) = bias {
+                for lane in 0..8 {
+                    let lane_sum: i32 = q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum();
+                    let idx = match layout {
+                        ActLayout::Natural => blk * 8 + lane,
+                        _ => (blk - odd) * 8 + pair_lane(odd, lane),
+                    };
+                    self.bias[idx] = c * lane_sum;
                 }
+            }
+        }
+        if layout.paired() {
+            for p in 0..blocks / 2 {
+                let (e, o) = (lr * blocks + 2 * p, lr * blocks + 2 * p + 1);
+                let at = lr * (blocks / 2) + p;
+                let (de, dd) = (self.d[e], self.d[o]);
+                for (i, v) in self.dpat[at * 16..(at + 1) * 16].iter_mut().enumerate() {
+                    *v = if i % 2 == 0 { de } else { dd };
+                }
+                let sp = &mut self.spat[at * 4..(at + 1) * 4];
+                sp[1] = self.s[e];
+                sp[3] = self.s[o];
             }
         }
     }
@@ -498,7 +607,7 @@ fn quantize_super_fast(avx2: bool, x: &[f32], q: &mut [i8], bsums: &mut [i16]) -
 
 impl QuantAct {
     /// [`ActLayout::Super`]: `k % 256 == 0`.
-    fn fill_super(&mut self, avx2: bool, x: &[f32], rows: usize, k: usize, wide: bool) {
+    fn fill_super(&mut self, pool: &Pool, avx2: bool, x: &[f32], rows: usize, k: usize, wide: bool) {
         let nb = k / QK_K;
         self.layout = ActLayout::Super;
         self.unsigned = false;
@@ -516,18 +625,33 @@ impl QuantAct {
         self.q16.clear();
         self.d_t.clear();
         self.bs_t.clear();
-        for r in 0..rows {
-            for b in 0..nb {
-                let blk = r * nb + b;
-                let q: &mut [i8] = bytemuck::cast_slice_mut(&mut self.qs[blk * QK_K..(blk + 1) * QK_K]);
-                self.d[blk] = quantize_super_fast(
-                    avx2,
-                    &x[r * k + b * QK_K..r * k + (b + 1) * QK_K],
-                    q,
-                    &mut self.bsums[blk * 16..blk * 16 + 16],
-                );
-            }
+        // Every table is row-major: a run of rows is one slice of each, quantised by one task.
+        let chunks = pool.row_chunks(rows, nb * QK_K / QK, PARALLEL_BLOCKS);
+        let mut parts = Vec::with_capacity(chunks.len());
+        let (mut qs, mut d, mut bsums): (&mut [u8], &mut [f32], &mut [i16]) =
+            (&mut self.qs, &mut self.d, &mut self.bsums);
+        for r in &chunks {
+            let n = r.len() * nb;
+            let (q_head, q_tail) = std::mem::take(&mut qs).split_at_mut(n * QK_K);
+            let (d_head, d_tail) = std::mem::take(&mut d).split_at_mut(n);
+            let (s_head, s_tail) = std::mem::take(&mut bsums).split_at_mut(n * 16);
+            parts.push((r.clone(), q_head, d_head, s_head));
+            (qs, d, bsums) = (q_tail, d_tail, s_tail);
         }
+        pool.run_each(parts, |(r, qs, d, bsums)| {
+            for (i, row) in r.enumerate() {
+                for b in 0..nb {
+                    let blk = i * nb + b;
+                    let q: &mut [i8] = bytemuck::cast_slice_mut(&mut qs[blk * QK_K..(blk + 1) * QK_K]);
+                    d[blk] = quantize_super_fast(
+                        avx2,
+                        &x[row * k + b * QK_K..row * k + (b + 1) * QK_K],
+                        q,
+                        &mut bsums[blk * 16..blk * 16 + 16],
+                    );
+                }
+            }
+        });
         // A single row never takes a wide tile.
         if wide && rows >= 2 {
             self.q16.extend(self.qs.iter().map(|&v| v as i8 as i16));
@@ -698,6 +822,42 @@ mod tests {
                     assert_eq!(nat.d[r * 3 + b], other.d[r * 4 + b]);
                 }
                 assert_eq!(other.block_values(r, 3), [0; QK]);
+            }
+        }
+    }
+
+    /// Every table of `a` and `b`, for comparing two fills.
+    fn tables(a: &QuantAct) -> impl PartialEq + std::fmt::Debug + '_ {
+        let f = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (
+            (a.layout, a.rows, a.rows_pad, a.nb, a.blocks, a.unsigned),
+            (&a.qs[..], &a.qt[..], &a.bias, &a.bsums, &a.q16, &a.bs_t),
+            [f(&a.d), f(&a.s), f(&a.ds), f(&a.dpat), f(&a.spat), f(&a.dt), f(&a.st), f(&a.d_t)],
+        )
+    }
+
+    #[test]
+    fn rows_quantised_on_several_threads_fill_the_same_tables() {
+        let pool = Pool::new(3).unwrap();
+        let single = Pool::single();
+        let plans = [
+            (ActLayout::Natural, Some(-8), false, true),
+            (ActLayout::Natural, None, false, false),
+            (ActLayout::Pair, Some(-128), true, false),
+            (ActLayout::Pair, Some(-16), false, false),
+            (ActLayout::Super, None, false, false),
+        ];
+        for (layout, bias, unsigned_rows, multi_row_tables) in plans {
+            for avx2 in [false, cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2")] {
+                let plan =
+                    ActPlan { layout, bias, avx2, wide: layout == ActLayout::Super, unsigned_rows, multi_row_tables };
+                for (rows, k) in [(1, 576), (5, 576), (16, 544), (17, 1536), (40, 512)] {
+                    let x: Vec<f32> = (0..rows * k).map(|i| crate::rng::uniform(7, i as u64) - 0.5).collect();
+                    let (mut a, mut b) = (QuantAct::default(), QuantAct::default());
+                    a.fill(&x, rows, k, plan, &single);
+                    b.fill(&x, rows, k, plan, &pool);
+                    assert_eq!(tables(&a), tables(&b), "{plan:?}, {rows} rows of {k}");
+                }
             }
         }
     }
