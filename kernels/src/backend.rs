@@ -132,6 +132,16 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+/// One draw of [`Backend::sample_many`]: what [`Backend::sample`] takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Draw<'a> {
+    pub logits: &'a Tensor,
+    pub row: usize,
+    pub params: &'a SamplingParams,
+    pub position: u64,
+    pub n_top: usize,
+}
+
 /// The compute interface. All ops write into preallocated outputs and may run asynchronously on the backend's
 /// stream; `download_*` and `sample` synchronise.
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -296,6 +306,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
         position: u64,
         n_top: usize,
     ) -> Result<Sampled>;
+
+    /// [`Backend::sample`] for each draw (one per session of a batched step), in order, each result exactly what
+    /// that call gives; a backend may run them in parallel.
+    fn sample_many(&self, draws: &[Draw<'_>]) -> Vec<Result<Sampled>> {
+        draws.iter().map(|d| self.sample(d.logits, d.row, d.params, d.position, d.n_top)).collect()
+    }
 
     /// Runs one decode step as the CUDA graph of `key` (its batch-size bucket and layer span) where the backend has
     /// graphs, eagerly otherwise (kernels/src/step_graph.rs has the policy). `step` drives this backend through the

@@ -14,7 +14,7 @@ pub mod superblock;
 pub mod tensor;
 
 pub use backend::{
-    AttnSeq, AttnShape, Backend, DeviceKind, Llama3Scaling, RopeConfig, RopeStyle, Sampled, SamplingParams,
+    AttnSeq, AttnShape, Backend, DeviceKind, Draw, Llama3Scaling, RopeConfig, RopeStyle, Sampled, SamplingParams,
 };
 pub use dtype::DType;
 pub use error::{KernelError, Result};

@@ -82,11 +82,19 @@ fn main() {
             .collect();
         let outs = shard.forward_batch(&mut items, LayerRange::full(cfg.n_layers)).expect("forward");
         drop(items);
-        for ((o, s), t) in outs.into_iter().zip(&sessions).zip(next.iter_mut()) {
-            let ShardOutput::Logits(l) = o else { panic!("no logits") };
-            *t = shard.sample(&l, &greedy, s.len() as u64, 0).expect("sample").token;
-            shard.recycle_logits(l); // as the stage does after its draw
+        let logits: Vec<_> = outs
+            .into_iter()
+            .map(|o| match o {
+                ShardOutput::Logits(l) => l,
+                ShardOutput::Hidden(_) => panic!("no logits"),
+            })
+            .collect();
+        // All the step's draws at once, as the stage makes them.
+        let draws: Vec<_> = logits.iter().zip(&sessions).map(|(l, s)| (l, greedy, s.len() as u64, 0)).collect();
+        for (s, t) in shard.sample_many(&draws).into_iter().zip(next.iter_mut()) {
+            *t = s.expect("sample").token;
         }
+        logits.into_iter().for_each(|l| shard.recycle_logits(l)); // as the stage does after its draws
         if step >= warm {
             walls.push(w0.elapsed());
             cpu_all += process_cpu() - p0;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use shardline_kernels::{AttnSeq, AttnShape, Backend, Sampled, SamplingParams, Tensor};
+use shardline_kernels::{AttnSeq, AttnShape, Backend, Draw, Sampled, SamplingParams, Tensor};
 use tracing::debug;
 
 use crate::error::{ModelError, Result};
@@ -348,6 +348,22 @@ impl Shard {
     pub fn sample(&self, logits: &Tensor, params: &SamplingParams, position: u64, n_top: usize) -> Result<Sampled> {
         let row = logits.rows().saturating_sub(1);
         Ok(self.backend.sample(logits, row, params, position, n_top)?)
+    }
+
+    /// [`Shard::sample`] for several outputs at once (the sessions of one batched step), on the backend's threads
+    /// where it has several; each result is what `sample` gives for that output alone.
+    pub fn sample_many(&self, draws: &[(&Tensor, SamplingParams, u64, usize)]) -> Vec<Result<Sampled>> {
+        let draws: Vec<Draw<'_>> = draws
+            .iter()
+            .map(|(logits, params, position, n_top)| Draw {
+                logits,
+                row: logits.rows().saturating_sub(1),
+                params,
+                position: *position,
+                n_top: *n_top,
+            })
+            .collect();
+        self.backend.sample_many(&draws).into_iter().map(|r| r.map_err(ModelError::from)).collect()
     }
 
     fn forward_inner(

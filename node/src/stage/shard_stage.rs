@@ -45,29 +45,54 @@ impl ShardStage {
         &self.model_id
     }
 
-    /// Turns one item's shard output into what the core sends on; `kv` already holds the item's positions.
-    fn output(&self, item: &ComputeItem<ShardKv>, out: ShardOutput) -> Result<ComputeOutput, ModelError> {
+    /// Turns the items' shard outputs into what the core sends on; each `kv` already holds its item's positions.
+    /// The draws of every item that samples are made together ([`Shard::sample_many`]), each as it would be alone.
+    fn outputs(
+        &self,
+        items: &[ComputeItem<ShardKv>],
+        outs: Vec<ShardOutput>,
+    ) -> Vec<Result<ComputeOutput, ModelError>> {
         let shard = &self.shard;
-        let at_head = item.span.end == shard.config().n_layers;
-        Ok(match (out, item.sample) {
-            (ShardOutput::Hidden(_), _) if at_head => ComputeOutput::Nothing,
-            (ShardOutput::Hidden(t), _) => {
-                let wire = item.wire_dtype;
-                let bytes = shard.backend().download_raw(&t, compute_dtype(wire))?;
-                let hidden = HiddenStates::from_bytes(wire, t.rows(), shard.config().hidden, &bytes)
-                    .map_err(|e| ModelError::Invalid(e.to_string()))?;
-                ComputeOutput::Hidden(hidden)
-            }
-            (ShardOutput::Logits(l), Some(Sample { params, n_top })) => {
-                let l = if self.poisoned.load(Ordering::Relaxed) { self.poison(&l)? } else { l };
-                // Non-finite logits are refused by the sampler (`KernelError::NonFiniteLogits`): this stage then
-                // fails the session with `Compute` and the owner blames this stage (docs/SECURITY.md).
-                let s = shard.sample(&l, &params, item.kv.len() as u64, n_top)?;
-                shard.recycle_logits(l);
-                ComputeOutput::Token(TokenResult { token: s.token, logprob: s.logprob, top: s.top })
-            }
-            (ShardOutput::Logits(_), None) => ComputeOutput::Nothing,
-        })
+        let n_layers = shard.config().n_layers;
+        let mut results: Vec<Option<Result<ComputeOutput, ModelError>>> = Vec::with_capacity(items.len());
+        // Logits to draw from: the item's index, its logits and its draw.
+        let mut draws: Vec<(usize, shardline_kernels::Tensor, Sample)> = Vec::new();
+        for (i, (item, out)) in items.iter().zip(outs).enumerate() {
+            let at_head = item.span.end == n_layers;
+            results.push(match (out, item.sample) {
+                (ShardOutput::Hidden(_), _) if at_head => Some(Ok(ComputeOutput::Nothing)),
+                (ShardOutput::Hidden(t), _) => Some(self.hidden(item, &t)),
+                (ShardOutput::Logits(l), Some(sample)) => {
+                    // Non-finite logits are refused by the sampler (`KernelError::NonFiniteLogits`): this stage then
+                    // fails the session with `Compute` and the owner blames this stage (docs/SECURITY.md).
+                    match if self.poisoned.load(Ordering::Relaxed) { self.poison(&l) } else { Ok(l) } {
+                        Ok(l) => {
+                            draws.push((i, l, sample));
+                            None
+                        }
+                        Err(e) => Some(Err(e)),
+                    }
+                }
+                (ShardOutput::Logits(_), None) => Some(Ok(ComputeOutput::Nothing)),
+            });
+        }
+        let args: Vec<_> = draws.iter().map(|(i, l, s)| (l, s.params, items[*i].kv.len() as u64, s.n_top)).collect();
+        let sampled = shard.sample_many(&args);
+        for ((i, l, _), s) in draws.into_iter().zip(sampled) {
+            results[i] =
+                Some(s.map(|s| ComputeOutput::Token(TokenResult { token: s.token, logprob: s.logprob, top: s.top })));
+            shard.recycle_logits(l);
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(ModelError::Invalid("no output".into())))).collect()
+    }
+
+    /// An item's hidden states as the next stage takes them.
+    fn hidden(&self, item: &ComputeItem<ShardKv>, t: &shardline_kernels::Tensor) -> Result<ComputeOutput, ModelError> {
+        let wire = item.wire_dtype;
+        let bytes = self.shard.backend().download_raw(t, compute_dtype(wire))?;
+        let hidden = HiddenStates::from_bytes(wire, t.rows(), self.shard.config().hidden, &bytes)
+            .map_err(|e| ModelError::Invalid(e.to_string()))?;
+        Ok(ComputeOutput::Hidden(hidden))
     }
 
     /// The fault injection of [`ShardStage::poison_switch`]: every third logit set to NaN.
@@ -136,7 +161,7 @@ impl ShardStage {
             // Decode batches go through the backend's CUDA graph per batch-size bucket (model/shard/graph_step.rs).
             self.shard.forward_batch_stepped(&mut batch, span)?
         };
-        Ok(items.iter().zip(outs).map(|(i, o)| self.output(i, o)).collect())
+        Ok(self.outputs(items, outs))
     }
 
     /// Runs one item alone (after its batch was refused, so each item gets its own error).
