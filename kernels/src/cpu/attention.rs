@@ -1,8 +1,11 @@
 //! Causal grouped-query attention over the paged KV cache, for several sequences in one call.
 //!
-//! Work is split over (row, KV head, chunk of [`CHUNK`] positions): the query heads that share a KV head are done
-//! together, so each key and value row is read once for the whole group, and a long context is cut into chunks so a
-//! single decoded row still keeps every thread busy. Each chunk yields, per head, its maximum score, its sum of
+//! Work is split over (row, chunk of [`CHUNK`] positions): a chunk goes through its KV heads one after another, the
+//! query heads that share a KV head together, so each key and value row is read once for the whole group, and a
+//! long context is cut into chunks so a single decoded row still keeps every thread busy. A chunk takes all KV heads
+//! rather than one (as it did until session 12) because the cache stores a position's heads side by side: reading one
+//! head's 256 bytes of every 768 left the hardware prefetchers streaming the other heads' lines for nothing, and at
+//! 16 rows attention ran at a third of the read bandwidth. Each chunk yields, per head, its maximum score, its sum of
 //! exponentials and its unnormalised weighted sum of values; the chunks of a row are then merged in order
 //! (`M = max m_c`, `L = Σ l_c·e^(m_c−M)`, `O = Σ o_c·e^(m_c−M)`, `out = O / L`). A row with at most `CHUNK`
 //! positions is one chunk, and the merge leaves its values unchanged.
@@ -28,7 +31,8 @@ const CHUNK: usize = 64;
 /// Below this many multiply-adds the call runs on the calling thread.
 const SERIAL_MACS: usize = 32 * 1024;
 
-/// One (row, KV head) pair: its positions `0..=pos` are split into `chunks` work items.
+/// One row: its positions `0..=pos` are split into `chunks` work items. `kv_head` is the head a chunk is working on
+/// (0 in the plan).
 #[derive(Clone, Copy, Debug)]
 struct Item {
     row: usize,
@@ -47,12 +51,6 @@ impl Item {
     fn chunk(&self, c: usize) -> (usize, usize) {
         (c * CHUNK, ((c + 1) * CHUNK).min(self.pos + 1))
     }
-}
-
-/// Cache slot of position `p` of `seq`.
-#[inline(always)]
-fn slot_of(seq: &AttnSeq<'_>, s: &AttnShape, p: usize) -> usize {
-    seq.block_table[p / s.block_tokens] as usize * s.block_tokens + p % s.block_tokens
 }
 
 /// The query heads of `it`'s KV head, as the scores take them: rounded to the cache's type (into `buf`) when the
@@ -117,9 +115,7 @@ fn plan(q_rows: usize, n_slots: usize, seqs: &[AttnSeq<'_>], s: &AttnShape) -> R
             }
         }
         for (i, row) in seq.rows.clone().enumerate() {
-            for kv_head in 0..s.n_kv_heads {
-                items.push(Item { row, kv_head, pos: seq.pos0 + i, seq: si });
-            }
+            items.push(Item { row, kv_head: 0, pos: seq.pos0 + i, seq: si });
         }
     }
     Ok(items)
@@ -155,8 +151,10 @@ pub(crate) fn attention<E: KvElem>(
     let n_slots = k_cache.len() / kv_width;
     let items = plan(q_rows, n_slots, seqs, s)?;
     let group = s.n_heads / s.n_kv_heads;
-    // Per chunk and head: max score, sum of exponentials, then head_dim unnormalised output values.
-    let part_len = group * (s.head_dim + 2);
+    // Per chunk and head: max score, sum of exponentials, then head_dim unnormalised output values; the heads of
+    // KV head `j` start at `j · group · (head_dim + 2)`.
+    let head_part = group * (s.head_dim + 2);
+    let part_len = s.n_heads * (s.head_dim + 2);
     let n_parts: usize = items.iter().map(Item::chunks).sum();
     let mut parts = vec![0.0f32; n_parts * part_len];
     let mut work: Vec<(Item, usize, &mut [f32])> = Vec::with_capacity(n_parts);
@@ -166,7 +164,7 @@ pub(crate) fn attention<E: KvElem>(
             work.push((*it, c, slices.next().expect("one slice per chunk")));
         }
     }
-    let macs: usize = items.iter().map(|it| (it.pos + 1) * group * s.head_dim * 2).sum();
+    let macs: usize = items.iter().map(|it| (it.pos + 1) * s.n_heads * s.head_dim * 2).sum();
     let batches = if macs <= SERIAL_MACS { 1 } else { ex.pool.threads() * 4 };
     let per = work.len().div_ceil(batches.max(1)).max(1);
     let mut groups: Vec<Vec<(Item, usize, &mut [f32])>> = Vec::new();
@@ -179,20 +177,44 @@ pub(crate) fn attention<E: KvElem>(
     ex.pool.run_each(groups, |batch| {
         let mut scratch = Scratch::default();
         for (it, c, part) in batch {
-            chunk_part::<E>(ex.avx2, q, k_cache, v_cache, &seqs[it.seq], s, it, c, &mut scratch, part);
+            scratch.find_rows(&seqs[it.seq], s, it, c);
+            for (kv_head, head) in part.chunks_exact_mut(head_part).enumerate() {
+                let it = Item { kv_head, ..it };
+                chunk_part::<E>(ex.avx2, q, k_cache, v_cache, s, it, c, &mut scratch, head);
+            }
         }
     });
-    // Merge the chunks of each (row, KV head) into the output, in chunk order.
-    let chunk_out = group * s.head_dim;
+    // Merge the chunks of each row into its output, in chunk order (rows on the pool's threads when there is
+    // enough of them).
+    let mut rows: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(width).map(Some).collect();
+    let mut merges = Vec::with_capacity(items.len());
     let mut next = 0;
     for it in &items {
         let n = it.chunks();
-        let o = &mut out[it.row * width + it.kv_head * chunk_out..][..chunk_out];
-        merge(&parts[next * part_len..(next + n) * part_len], group, s.head_dim, o);
+        // `plan` refused sequences that share a row, so each row is taken once.
+        let o = rows[it.row].take().ok_or_else(|| shape_err(OP, format!("row {} claimed twice", it.row)))?;
+        merges.push((&parts[next * part_len..(next + n) * part_len], o));
         next += n;
     }
+    let per =
+        if n_parts * part_len <= SERIAL_MERGE { merges.len() } else { merges.len().div_ceil(ex.pool.threads() * 2) };
+    let mut tasks: Vec<Vec<_>> = Vec::new();
+    for m in merges {
+        match tasks.last_mut() {
+            Some(t) if t.len() < per.max(1) => t.push(m),
+            _ => tasks.push(vec![m]),
+        }
+    }
+    ex.pool.run_each(tasks, |task| {
+        for (p, o) in task {
+            merge(p, s.n_heads, s.head_dim, o);
+        }
+    });
     Ok(())
 }
+
+/// Chunk-part values below which the merge stays on the calling thread.
+const SERIAL_MERGE: usize = 16 * 1024;
 
 /// `out[h] = Σ_c o_c·e^(m_c−M) / Σ_c l_c·e^(m_c−M)` for each head `h` of the group, chunks in order.
 fn merge(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
@@ -227,6 +249,28 @@ struct Scratch {
     row: Vec<f32>,
     /// The chunk's value rows as f32 (f16 cache, [`simd::chunk_part`]).
     vals: Vec<f32>,
+    /// Where each position of the chunk starts in the caches (`slot · kv_width`), found once for all KV heads.
+    bases: Vec<usize>,
+    /// The chunk's key and value rows of one KV head as f32 ([`simd::chunk_part`]).
+    keys: Vec<*const f32>,
+    rows: Vec<*const f32>,
+}
+
+impl Scratch {
+    /// Fills [`Scratch::bases`] for chunk `c` of `it`, walking the block table a block at a time.
+    fn find_rows(&mut self, seq: &AttnSeq<'_>, s: &AttnShape, it: Item, c: usize) {
+        let (p0, p1) = it.chunk(c);
+        let (bt, kv_width) = (s.block_tokens, s.n_kv_heads * s.head_dim);
+        self.bases.clear();
+        let mut p = p0;
+        while p < p1 {
+            let b = p / bt;
+            let end = ((b + 1) * bt).min(p1);
+            let first = seq.block_table[b] as usize * bt;
+            self.bases.extend((p..end).map(|q| (first + q - b * bt) * kv_width));
+            p = end;
+        }
+    }
 }
 
 /// [`chunk_part_body`] compiled for AVX2 when `avx2` is set (same results).
@@ -236,7 +280,6 @@ fn chunk_part<E: KvElem>(
     q: &[f32],
     k_cache: &[E],
     v_cache: &[E],
-    seq: &AttnSeq<'_>,
     s: &AttnShape,
     it: Item,
     c: usize,
@@ -251,24 +294,23 @@ fn chunk_part<E: KvElem>(
             q: &[f32],
             k_cache: &[E],
             v_cache: &[E],
-            seq: &AttnSeq<'_>,
             s: &AttnShape,
             it: Item,
             c: usize,
             scratch: &mut Scratch,
             part: &mut [f32],
         ) {
-            chunk_part_body(q, k_cache, v_cache, seq, s, it, c, scratch, part)
+            chunk_part_body(q, k_cache, v_cache, s, it, c, scratch, part)
         }
         if s.head_dim.is_multiple_of(8) {
             // SAFETY: as below.
-            return unsafe { simd::chunk_part(q, k_cache, v_cache, seq, s, it, c, scratch, part) };
+            return unsafe { simd::chunk_part(q, k_cache, v_cache, s, it, c, scratch, part) };
         }
         // SAFETY: callers set `avx2` only when the CPU supports AVX2.
-        return unsafe { wide(q, k_cache, v_cache, seq, s, it, c, scratch, part) };
+        return unsafe { wide(q, k_cache, v_cache, s, it, c, scratch, part) };
     }
     let _ = avx2;
-    chunk_part_body(q, k_cache, v_cache, seq, s, it, c, scratch, part)
+    chunk_part_body(q, k_cache, v_cache, s, it, c, scratch, part)
 }
 
 /// Scores of every query head of the group against each key of the chunk (each key row read once for the group),
@@ -281,7 +323,6 @@ fn chunk_part_body<E: KvElem>(
     q: &[f32],
     k_cache: &[E],
     v_cache: &[E],
-    seq: &AttnSeq<'_>,
     s: &AttnShape,
     it: Item,
     c: usize,
@@ -289,17 +330,15 @@ fn chunk_part_body<E: KvElem>(
     part: &mut [f32],
 ) {
     let hd = s.head_dim;
-    let kv_width = s.n_kv_heads * hd;
     let (p0, p1) = it.chunk(c);
     let n = p1 - p0;
-    let slot = |p: usize| slot_of(seq, s, p);
     let kv_off = it.kv_head * hd;
-    let Scratch { scores, q: q_buf, row, .. } = scratch;
+    let Scratch { scores, q: q_buf, row, bases, .. } = scratch;
     let q_group = query_group::<E>(q, s, it, q_buf);
     scores.clear();
     scores.resize(q_group.len() / hd * n, 0.0);
     for p in p0..p1 {
-        let k0 = slot(p) * kv_width + kv_off;
+        let k0 = bases[p - p0] + kv_off;
         let krow = E::row_f32(&k_cache[k0..k0 + hd], row);
         for (h, qh) in q_group.chunks_exact(hd).enumerate() {
             scores[h * n + p - p0] = math::dot8(qh, krow) * s.scale;
@@ -307,7 +346,7 @@ fn chunk_part_body<E: KvElem>(
     }
     softmax_heads(scores, n, hd, part);
     for p in p0..p1 {
-        let v0 = slot(p) * kv_width + kv_off;
+        let v0 = bases[p - p0] + kv_off;
         let vrow = E::row_f32(&v_cache[v0..v0 + hd], row);
         for (h, o) in part.chunks_exact_mut(hd + 2).enumerate() {
             let e = E::round(scores[h * n + p - p0]);
@@ -328,7 +367,7 @@ fn chunk_part_body<E: KvElem>(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{AttnSeq, AttnShape, Item, KvElem, Scratch, query_group, slot_of, softmax_heads};
+    use super::{AttnShape, Item, KvElem, Scratch, query_group, softmax_heads};
 
     /// The canonical fold of 8 lanes ([`super::super::dot::fold8`]): `v[i] + v[i+4]`, then `u[j] + u[j+2]`, then the
     /// two halves.
@@ -416,7 +455,6 @@ mod simd {
         q: &[f32],
         k_cache: &[E],
         v_cache: &[E],
-        seq: &AttnSeq<'_>,
         s: &AttnShape,
         it: Item,
         c: usize,
@@ -425,23 +463,21 @@ mod simd {
     ) {
         let hd = s.head_dim;
         let lanes = hd / 8;
-        let kv_width = s.n_kv_heads * hd;
         let (p0, p1) = it.chunk(c);
         let n = p1 - p0;
-        let slot = |p: usize| slot_of(seq, s, p);
         let kv_off = it.kv_head * hd;
-        let Scratch { scores, q: q_buf, row, vals } = scratch;
+        let Scratch { scores, q: q_buf, row, vals, bases, keys, rows } = scratch;
         let q_group = query_group::<E>(q, s, it, q_buf);
         scores.clear();
         scores.resize(q_group.len() / hd * n, 0.0);
         // Pointers to the chunk's key rows as f32 (the cache itself, or its rows converted once for every head).
-        let mut keys: Vec<*const f32> = Vec::with_capacity(n);
+        keys.clear();
         if E::IS_F32 {
-            keys.extend((p0..p1).map(|p| E::row_f32(&k_cache[slot(p) * kv_width + kv_off..][..hd], row).as_ptr()));
+            keys.extend(bases.iter().map(|&b| E::row_f32(&k_cache[b + kv_off..][..hd], row).as_ptr()));
         } else {
             vals.clear();
-            for p in p0..p1 {
-                let k0 = slot(p) * kv_width + kv_off;
+            for &b in bases.iter() {
+                let k0 = b + kv_off;
                 vals.extend_from_slice(E::row_f32(&k_cache[k0..k0 + hd], row));
             }
             keys.extend(vals.chunks_exact(hd).map(<[f32]>::as_ptr));
@@ -469,13 +505,13 @@ mod simd {
             scores.iter_mut().for_each(|v| *v = E::round(*v));
         }
         // Pointers to the chunk's value rows (as f32: the cache itself, or its rows converted once for every head).
-        let mut rows: Vec<*const f32> = Vec::with_capacity(n);
+        rows.clear();
         if E::IS_F32 {
-            rows.extend((p0..p1).map(|p| E::row_f32(&v_cache[slot(p) * kv_width + kv_off..][..hd], row).as_ptr()));
+            rows.extend(bases.iter().map(|&b| E::row_f32(&v_cache[b + kv_off..][..hd], row).as_ptr()));
         } else {
             vals.clear();
-            for p in p0..p1 {
-                let v0 = slot(p) * kv_width + kv_off;
+            for &b in bases.iter() {
+                let v0 = b + kv_off;
                 vals.extend_from_slice(E::row_f32(&v_cache[v0..v0 + hd], row));
             }
             rows.extend(vals.chunks_exact(hd).map(<[f32]>::as_ptr));
@@ -487,11 +523,11 @@ mod simd {
             // SAFETY: `o` and every row hold `hd = 8 · lanes` values; `w` and `rows` hold `n` entries.
             unsafe {
                 while d + 8 <= lanes {
-                    weighted_rows::<8>(o, w, &rows, d);
+                    weighted_rows::<8>(o, w, rows, d);
                     d += 8;
                 }
                 while d < lanes {
-                    weighted_rows::<1>(o, w, &rows, d);
+                    weighted_rows::<1>(o, w, rows, d);
                     d += 1;
                 }
             }
