@@ -3,12 +3,11 @@
 //! Work is split over (row, chunk of [`CHUNK`] positions): a chunk goes through its KV heads one after another, the
 //! query heads that share a KV head together, so each key and value row is read once for the whole group, and a
 //! long context is cut into chunks so a single decoded row still keeps every thread busy. A chunk takes all KV heads
-//! rather than one (as it did until session 12) because the cache stores a position's heads side by side: reading one
-//! head's 256 bytes of every 768 left the hardware prefetchers streaming the other heads' lines for nothing, and at
-//! 16 rows attention ran at a third of the read bandwidth. Each chunk yields, per head, its maximum score, its sum of
-//! exponentials and its unnormalised weighted sum of values; the chunks of a row are then merged in order
-//! (`M = max m_c`, `L = Σ l_c·e^(m_c−M)`, `O = Σ o_c·e^(m_c−M)`, `out = O / L`). A row with at most `CHUNK`
-//! positions is one chunk, and the merge leaves its values unchanged.
+//! (the cache stores a position's heads side by side) so that its positions' cache offsets are found once for all of
+//! them. Each chunk yields, per head, its maximum score, its sum of exponentials and its unnormalised weighted sum of
+//! values; the chunks of a row are then merged in order (`M = max m_c`, `L = Σ l_c·e^(m_c−M)`,
+//! `O = Σ o_c·e^(m_c−M)`, `out = O / L`), rows on the pool's threads. A row with at most `CHUNK` positions is one
+//! chunk, and the merge leaves its values unchanged.
 //!
 //! The chunks of a row depend only on its position, and every value is computed by the same sequence of operations
 //! whichever thread runs it and whatever else is in the call, so a sequence batched with others gives exactly the
