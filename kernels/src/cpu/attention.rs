@@ -165,14 +165,7 @@ pub(crate) fn attention<E: KvElem>(
     }
     let macs: usize = items.iter().map(|it| (it.pos + 1) * s.n_heads * s.head_dim * 2).sum();
     let batches = if macs <= SERIAL_MACS { 1 } else { ex.pool.threads() * 4 };
-    let per = work.len().div_ceil(batches.max(1)).max(1);
-    let mut groups: Vec<Vec<(Item, usize, &mut [f32])>> = Vec::new();
-    for w in work {
-        match groups.last_mut() {
-            Some(g) if g.len() < per => g.push(w),
-            _ => groups.push(vec![w]),
-        }
-    }
+    let groups = in_runs(work, batches);
     ex.pool.run_each(groups, |batch| {
         let mut scratch = Scratch::default();
         for (it, c, part) in batch {
@@ -195,16 +188,8 @@ pub(crate) fn attention<E: KvElem>(
         merges.push((&parts[next * part_len..(next + n) * part_len], o));
         next += n;
     }
-    let per =
-        if n_parts * part_len <= SERIAL_MERGE { merges.len() } else { merges.len().div_ceil(ex.pool.threads() * 2) };
-    let mut tasks: Vec<Vec<_>> = Vec::new();
-    for m in merges {
-        match tasks.last_mut() {
-            Some(t) if t.len() < per.max(1) => t.push(m),
-            _ => tasks.push(vec![m]),
-        }
-    }
-    ex.pool.run_each(tasks, |task| {
+    let tasks = if n_parts * part_len <= SERIAL_MERGE { 1 } else { ex.pool.threads() * 2 };
+    ex.pool.run_each(in_runs(merges, tasks), |task| {
         for (p, o) in task {
             merge(p, s.n_heads, s.head_dim, o);
         }
@@ -212,12 +197,25 @@ pub(crate) fn attention<E: KvElem>(
     Ok(())
 }
 
+/// `items` cut into at most `tasks` runs of consecutive items, of equal length but the last.
+fn in_runs<T>(items: Vec<T>, tasks: usize) -> Vec<Vec<T>> {
+    let per = items.len().div_ceil(tasks.max(1)).max(1);
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        match runs.last_mut() {
+            Some(r) if r.len() < per => r.push(item),
+            _ => runs.push(vec![item]),
+        }
+    }
+    runs
+}
+
 /// Chunk-part values below which the merge stays on the calling thread.
 const SERIAL_MERGE: usize = 16 * 1024;
 
-/// `out[h] = Σ_c o_c·e^(m_c−M) / Σ_c l_c·e^(m_c−M)` for each head `h` of the group, chunks in order.
-fn merge(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
-    let part_len = group * (hd + 2);
+/// `out[h] = Σ_c o_c·e^(m_c−M) / Σ_c l_c·e^(m_c−M)` for each of the `heads` heads of a row, chunks in order.
+fn merge(parts: &[f32], heads: usize, hd: usize, out: &mut [f32]) {
+    let part_len = heads * (hd + 2);
     for (h, o) in out.chunks_exact_mut(hd).enumerate() {
         let head = |c: usize| &parts[c * part_len + h * (hd + 2)..][..hd + 2];
         let chunks = parts.len() / part_len;

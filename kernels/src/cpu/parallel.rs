@@ -316,12 +316,13 @@ pub(crate) fn split_range(len: usize, parts: usize, align: usize) -> Vec<std::op
         .collect()
 }
 
-/// Cuts `data` (rows of `width`) into the given row ranges.
-pub(crate) fn split_mut<'a>(
-    mut data: &'a mut [f32],
+/// Cuts `data` (rows of `width`) into the given consecutive row ranges, starting at row 0 (rows after the last range
+/// are left out).
+pub(crate) fn split_mut<'a, T>(
+    mut data: &'a mut [T],
     chunks: &[std::ops::Range<usize>],
     width: usize,
-) -> Vec<(std::ops::Range<usize>, &'a mut [f32])> {
+) -> Vec<(std::ops::Range<usize>, &'a mut [T])> {
     let mut out = Vec::with_capacity(chunks.len());
     for range in chunks {
         let (head, tail) = std::mem::take(&mut data).split_at_mut(range.len() * width);

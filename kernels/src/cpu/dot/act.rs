@@ -2,7 +2,7 @@
 //! products (llama.cpp's `vec_dot_type`). The block values are the same for every instruction set; only their byte
 //! arrangement ([`ActLayout`]) follows what the chosen kernel loads.
 
-use super::super::parallel::Pool;
+use super::super::parallel::{Pool, split_mut};
 use crate::quant::QK;
 use crate::superblock::QK_K;
 
@@ -429,16 +429,14 @@ struct RowChunk<'a> {
 
 /// Hands each chunk its rows of `data` (`stride` entries a row; rows past the last chunk, the padding, stay out).
 fn split_rows<'a, T>(
-    mut data: &'a mut [T],
+    data: &'a mut [T],
     chunks: &[std::ops::Range<usize>],
     stride: usize,
     parts: &mut [RowChunk<'a>],
     set: impl Fn(&mut RowChunk<'a>, &'a mut [T]),
 ) {
-    for (range, part) in chunks.iter().zip(parts) {
-        let (head, tail) = std::mem::take(&mut data).split_at_mut(range.len() * stride);
-        set(part, head);
-        data = tail;
+    for ((_, rows), part) in split_mut(data, chunks, stride).into_iter().zip(parts) {
+        set(part, rows);
     }
 }
 
@@ -627,17 +625,10 @@ impl QuantAct {
         self.bs_t.clear();
         // Every table is row-major: a run of rows is one slice of each, quantised by one task.
         let chunks = pool.row_chunks(rows, nb * QK_K / QK, PARALLEL_BLOCKS);
-        let mut parts = Vec::with_capacity(chunks.len());
-        let (mut qs, mut d, mut bsums): (&mut [u8], &mut [f32], &mut [i16]) =
-            (&mut self.qs, &mut self.d, &mut self.bsums);
-        for r in &chunks {
-            let n = r.len() * nb;
-            let (q_head, q_tail) = std::mem::take(&mut qs).split_at_mut(n * QK_K);
-            let (d_head, d_tail) = std::mem::take(&mut d).split_at_mut(n);
-            let (s_head, s_tail) = std::mem::take(&mut bsums).split_at_mut(n * 16);
-            parts.push((r.clone(), q_head, d_head, s_head));
-            (qs, d, bsums) = (q_tail, d_tail, s_tail);
-        }
+        let qs = split_mut(&mut self.qs, &chunks, nb * QK_K);
+        let d = split_mut(&mut self.d, &chunks, nb);
+        let bsums = split_mut(&mut self.bsums, &chunks, nb * 16);
+        let parts: Vec<_> = qs.into_iter().zip(d).zip(bsums).map(|(((r, qs), (_, d)), (_, s))| (r, qs, d, s)).collect();
         pool.run_each(parts, |(r, qs, d, bsums)| {
             for (i, row) in r.enumerate() {
                 for b in 0..nb {
