@@ -120,6 +120,41 @@ fn rope_matches_f64_for_both_styles_and_partial_rotation() {
     }
 }
 
+/// The backend keeps the last call's angles (every layer of a step rotates the same positions): a call with other
+/// positions, or the same positions and other frequencies, must not be served the old angles.
+#[test]
+fn rope_angles_follow_positions_and_frequencies_from_call_to_call() {
+    let mut rng = Rng::new(25);
+    let be = CpuBackend::new(2);
+    let (head_dim, n_heads, rows) = (64, 3, 7);
+    let cfg = |theta: f32| RopeConfig {
+        head_dim,
+        rotary_dim: head_dim,
+        theta,
+        style: RopeStyle::Neox,
+        llama3: None,
+        linear_factor: 1.0,
+    };
+    let positions: Vec<u32> = (0..rows).map(|_| rng.below(5000) as u32).collect();
+    let mut moved = positions.clone();
+    moved[3] += 1;
+    let x = rng.vec(rows * n_heads * head_dim, 2.0);
+    for (theta, pos) in [(10_000.0, &positions), (10_000.0, &positions), (500_000.0, &positions), (10_000.0, &moved)] {
+        let c = cfg(theta);
+        let inv = c.inv_freq();
+        let table = be.rope_table(&inv).unwrap();
+        let mut xt = act(&be, &[rows, n_heads * head_dim], &x);
+        be.rope(&mut xt, pos, n_heads, &table, &c).unwrap();
+        let want = rope_reference(&x, pos, n_heads, &c, &inv);
+        assert_close(
+            &format!("rope theta {theta}"),
+            &be.download_f32(&xt).unwrap(),
+            &want,
+            Tol::Elem { abs: 1e-6, rel: 1e-6 },
+        );
+    }
+}
+
 #[test]
 fn swiglu_add_and_copy_rows_match_definitions() {
     let mut rng = Rng::new(24);

@@ -36,6 +36,8 @@ pub struct CpuBackend {
     cpu_name: String,
     /// f32 (default) or f16 ([`CpuBackend::with_kv_dtype`]).
     kv_dtype: DType,
+    /// The rotary angles of the last rope call's positions ([`rope::Angles`]).
+    angles: parking_lot::Mutex<rope::Angles>,
 }
 
 impl CpuBackend {
@@ -57,7 +59,7 @@ impl CpuBackend {
             tracing::warn!(error = %e, threads, "cannot start CPU worker threads, computing on the caller only");
             Pool::single()
         });
-        Self { pool, simd, cpu_name: cpu_name(), kv_dtype: DType::F32 }
+        Self { pool, simd, cpu_name: cpu_name(), kv_dtype: DType::F32, angles: Default::default() }
     }
 
     /// The same backend with its KV cache kept in `dtype`: f32 (the default) or f16, which halves the cache and
@@ -296,7 +298,7 @@ impl Backend for CpuBackend {
         same_len(OP, inv_freq.elem_count(), rd / 2)?;
         let freqs = weight_f32(inv_freq)?;
         let shape = rope::RopeShape { n_heads, head_dim: hd, rotary_dim: rd, style: cfg.style };
-        rope::rope(&self.pool, act_mut(OP, x)?, positions, &freqs, shape);
+        rope::rope(&self.pool, &self.angles, act_mut(OP, x)?, positions, &freqs, shape);
         Ok(())
     }
 
