@@ -259,6 +259,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Copies `n` rows from `src[src_row..]` into `dst[dst_row..]` (same width).
     fn copy_rows(&self, src: &Tensor, src_row: usize, dst: &mut Tensor, dst_row: usize, n: usize) -> Result<()>;
 
+    /// Copies consecutive rows of `src` into several tensors: each `(src_row, dst)` takes all of `dst`'s rows from
+    /// `src[src_row..]` (a batched step's logits handed out item by item). Exactly [`Backend::copy_rows`] for each
+    /// part; a backend may run them in parallel. Nothing is written unless every part fits.
+    fn split_rows(&self, src: &Tensor, parts: &mut [(usize, &mut Tensor)]) -> Result<()> {
+        for (at, dst) in parts.iter_mut() {
+            let n = dst.rows();
+            self.copy_rows(src, *at, dst, 0, n)?;
+        }
+        Ok(())
+    }
+
     /// Writes row `t` of `k`/`v` (`[T, n_kv_heads * head_dim]`) into token slot `slots[t]` of the paged caches
     /// (`[n_slots, n_kv_heads * head_dim]`, slot = block · block_tokens + offset).
     fn kv_store(&self, k_cache: &mut Tensor, v_cache: &mut Tensor, k: &Tensor, v: &Tensor, slots: &[u32])

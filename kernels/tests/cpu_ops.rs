@@ -187,6 +187,42 @@ fn swiglu_add_and_copy_rows_match_definitions() {
     assert!(be.copy_rows(&src, 0, &mut narrow, 0, 1).is_err());
 }
 
+/// `split_rows` hands consecutive rows out to several tensors, on one thread or the pool's (16 rows of a 49,152-wide
+/// vocabulary, as a batched step's logits), exactly as `copy_rows` would; a part that does not fit is refused before
+/// anything is written.
+#[test]
+fn split_rows_copies_each_part_and_refuses_one_that_does_not_fit() {
+    let mut rng = Rng::new(28);
+    for (rows, width, sizes) in [(6, 5, vec![1usize, 3, 2]), (16, 49_152, vec![1; 16]), (5, 7, vec![2, 1])] {
+        for threads in [1, 2] {
+            let be = CpuBackend::new(threads);
+            let src_v = rng.vec(rows * width, 1.0);
+            let src = act(&be, &[rows, width], &src_v);
+            let mut outs: Vec<_> = sizes.iter().map(|&n| act(&be, &[n, width], &vec![7.0; n * width])).collect();
+            let mut starts = Vec::new();
+            let mut at = 0;
+            for &n in &sizes {
+                starts.push(at);
+                at += n;
+            }
+            let mut parts: Vec<(usize, &mut Tensor)> = starts.iter().copied().zip(outs.iter_mut()).collect();
+            be.split_rows(&src, &mut parts).unwrap();
+            for (&s, out) in starts.iter().zip(&outs) {
+                let n = out.rows();
+                assert_eq!(bits(&be.download_f32(out).unwrap()), bits(&src_v[s * width..(s + n) * width]));
+            }
+            // One part past the end: an error, and the parts before it untouched.
+            let mut a = act(&be, &[1, width], &vec![7.0; width]);
+            let mut b = act(&be, &[2, width], &vec![7.0; 2 * width]);
+            let mut bad: Vec<(usize, &mut Tensor)> = vec![(0, &mut a), (rows - 1, &mut b)];
+            assert!(be.split_rows(&src, &mut bad).is_err());
+            assert_eq!(be.download_f32(&a).unwrap(), vec![7.0; width]);
+            let mut narrow = be.alloc(&[1, width + 1]).unwrap();
+            assert!(be.split_rows(&src, &mut [(0, &mut narrow)]).is_err());
+        }
+    }
+}
+
 #[test]
 fn add_bias_adds_the_bias_to_every_row() {
     let mut rng = Rng::new(26);

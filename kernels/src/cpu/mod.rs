@@ -28,6 +28,9 @@ use crate::{DType, quant};
 use access::{KvMut, KvRef, act, act_mut, check_2d, kv, kv_mut, weight_bytes, weight_f32};
 use parallel::Pool;
 
+/// Values below which [`Backend::split_rows`] copies on the calling thread.
+const SERIAL_COPY: usize = 64 * 1024;
+
 /// The CPU backend. Cheap to share (`&self` everywhere); each call uses the backend's threads.
 #[derive(Debug)]
 pub struct CpuBackend {
@@ -345,6 +348,29 @@ impl Backend for CpuBackend {
         }
         let s = &act(OP, src)?[src_row * width..(src_row + n) * width];
         act_mut(OP, dst)?[dst_row * width..(dst_row + n) * width].copy_from_slice(s);
+        Ok(())
+    }
+
+    fn split_rows(&self, src: &Tensor, parts: &mut [(usize, &mut Tensor)]) -> Result<()> {
+        const OP: &str = "split_rows";
+        let (src_rows, width) = check_2d(OP, "src", src, None, None)?;
+        for (at, dst) in parts.iter() {
+            let (n, _) = check_2d(OP, "dst", dst, None, Some(width))?;
+            if at.checked_add(n).is_none_or(|end| end > src_rows) {
+                return Err(shape_err(OP, format!("{n} rows from {at} of {src_rows}")));
+            }
+        }
+        let s = act(OP, src)?;
+        let mut jobs = Vec::with_capacity(parts.len());
+        for (at, dst) in parts.iter_mut() {
+            let d = act_mut(OP, dst)?;
+            jobs.push((&s[*at * width..*at * width + d.len()], d));
+        }
+        if jobs.iter().map(|(s, _)| s.len()).sum::<usize>() <= SERIAL_COPY {
+            jobs.into_iter().for_each(|(s, d)| d.copy_from_slice(s));
+        } else {
+            self.pool.run_each(jobs, |(s, d)| d.copy_from_slice(s));
+        }
         Ok(())
     }
 

@@ -577,6 +577,8 @@ impl Shard {
             logits = Some(l);
         }
         let mut out = Vec::with_capacity(items.len());
+        // Where each item's logits start in `logits`, copied out together below.
+        let mut starts = Vec::with_capacity(items.len());
         let mut at = 0;
         for (w, r) in wanted.iter().zip(&ranges) {
             if w.is_empty() {
@@ -586,22 +588,35 @@ impl Shard {
                 out.push(ShardOutput::Hidden(hid));
                 continue;
             }
-            let Some(l) = logits.as_ref() else {
+            if logits.is_none() {
                 return Err(ModelError::Invalid("head rows without logits".into()));
-            };
+            }
             if wanted.len() == 1 {
                 return Ok(vec![ShardOutput::Logits(
                     logits.take().ok_or_else(|| ModelError::Invalid("head rows without logits".into()))?,
                 )]);
             }
             let kept = if w.len() == 1 { self.row_logits.lock().pop() } else { None };
-            let mut mine = match kept {
+            let mine = match kept {
                 Some(t) => t,
                 None => b.alloc(&[w.len(), c.vocab])?,
             };
-            b.copy_rows(l, at, &mut mine, 0, w.len())?;
+            starts.push((out.len(), at));
             at += w.len();
             out.push(ShardOutput::Logits(mine));
+        }
+        if let Some(l) = logits.as_ref() {
+            let mut parts: Vec<(usize, &mut Tensor)> = Vec::with_capacity(starts.len());
+            let mut starts = starts.into_iter().peekable();
+            for (i, o) in out.iter_mut().enumerate() {
+                if let (Some(&(j, at)), ShardOutput::Logits(t)) = (starts.peek(), o)
+                    && i == j
+                {
+                    parts.push((at, t));
+                    starts.next();
+                }
+            }
+            b.split_rows(l, &mut parts)?;
         }
         if let Some(l) = logits.filter(|l| l.rows() <= KEEP_LOGITS_ROWS) {
             *self.logits_scratch.lock() = Some(l);
