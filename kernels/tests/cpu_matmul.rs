@@ -129,14 +129,15 @@ fn thread_count_and_row_batching_do_not_change_bits() {
     }
 }
 
-/// Every batch size from 1 to 20 rows, on shapes with an odd block count (a missing odd block in the last pair)
+/// Every batch size from 1 to 23 rows, on shapes with an odd block count (a missing odd block in the last pair)
 /// and odd row counts, taken from different offsets of the activations: each row of a batch is bit-identical to
 /// that row computed alone, on every SIMD level, and the levels agree with each other (the scalar reference among
-/// them). The AVX-512 kernels cover a batch with tiles of 16, 8 and 4 activation rows that may reach into zero
-/// padding rows, and a single-row kernel for a last lone row; this walks every combination of them.
+/// them). The AVX-512 kernels cover a batch with tiles of 16, 8, 7, 6, 5 and 4 activation rows that may reach into
+/// zero padding rows, and a single-row kernel for a last lone row; this walks every combination of them (16 + 7
+/// included).
 #[test]
 fn every_batch_size_gives_each_row_its_alone_bits() {
-    const T_MAX: usize = 20;
+    const T_MAX: usize = 23;
     let mut rng = Rng::new(8);
     for dtype in DType::ENCODABLE {
         // 2080 = 65 blocks: more than one chunk of the AVX2 multi-row kernel's scale table, an odd block last.

@@ -381,8 +381,8 @@ struct QuantKernels<'a> {
     one: [TileFn<&'a QuantAct>; 2],
     /// Four activation rows: 2 weight rows, 1 weight row.
     four: [TileFn<&'a QuantAct>; 2],
-    /// One weight row against 16 and 8 activation rows.
-    multi: [TileFn<&'a QuantAct>; 2],
+    /// One weight row against 16, 8, 7, 6 and 5 activation rows.
+    multi: [TileFn<&'a QuantAct>; 5],
 }
 
 impl<'a> QuantKernels<'a> {
@@ -393,14 +393,21 @@ impl<'a> QuantKernels<'a> {
                 small_tile::<KIND, 1, 1> as TileFn<_>,
             ],
             four: [small_tile::<KIND, 2, 4> as TileFn<_>, small_tile::<KIND, 1, 4> as TileFn<_>],
-            multi: [multi_row::<KIND, 16> as TileFn<_>, multi_row::<KIND, 8> as TileFn<_>],
+            multi: [
+                multi_row::<KIND, 16> as TileFn<_>,
+                multi_row::<KIND, 8> as TileFn<_>,
+                multi_row::<KIND, 7> as TileFn<_>,
+                multi_row::<KIND, 6> as TileFn<_>,
+                multi_row::<KIND, 5> as TileFn<_>,
+            ],
         }
     }
 }
 
 /// Walks the outputs `rows × 0..t_rows`: a group of weight rows that stays in L2, and over it the activation rows
-/// in tiles of 16 (when at least 12 are left) or 8 (at least 5) with [`multi_row`], 4 (at least 2) or 1 with
-/// [`small_tile`]. A tile may reach past the last activation row into the zero rows of [`QuantAct::rows_pad`] (its
+/// in tiles of 16 (when at least 12 are left), 8 (at least 8) or exactly the 5–7 left with [`multi_row`], 4 (at
+/// least 2) or 1 with [`small_tile`]. (A swarm stage's batch is often a decode group of 8 less a session or two that
+/// is not back yet: an 8-row tile would compute the missing rows for nothing.) A tile may reach past the last activation row into the zero rows of [`QuantAct::rows_pad`] (its
 /// starting row is a multiple of 4 and it never crosses a multiple of 16); it writes only the real rows.
 ///
 /// # Safety
@@ -431,7 +438,13 @@ unsafe fn drive_quant<'a>(ctx: &Ctx<'_, &'a QuantAct>, rows: Range<usize>, t_row
                 t += tr.min(left);
                 continue;
             }
-            let (f, tr) = if left >= 12 { (k.multi[0], 16) } else { (k.multi[1], 8) };
+            let (f, tr) = match left {
+                12.. => (k.multi[0], 16),
+                8.. => (k.multi[1], 8),
+                7 => (k.multi[2], 7),
+                6 => (k.multi[3], 6),
+                _ => (k.multi[4], 5),
+            };
             for n in g0..g1 {
                 // SAFETY: row n is inside the output; the tile reads activation rows t..t+tr, inside `rows_pad`
                 // since t is a multiple of 4 and the tile does not cross a multiple of 16 (see above).
