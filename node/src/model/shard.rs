@@ -577,7 +577,8 @@ impl Shard {
             logits = Some(l);
         }
         let mut out = Vec::with_capacity(items.len());
-        // Where each item's logits start in `logits`, copied out together below.
+        // Where each item's logits start in `logits` (in the order of the `Logits` outputs), copied out together
+        // below.
         let mut starts = Vec::with_capacity(items.len());
         let mut at = 0;
         for (w, r) in wanted.iter().zip(&ranges) {
@@ -601,21 +602,16 @@ impl Shard {
                 Some(t) => t,
                 None => b.alloc(&[w.len(), c.vocab])?,
             };
-            starts.push((out.len(), at));
+            starts.push(at);
             at += w.len();
             out.push(ShardOutput::Logits(mine));
         }
         if let Some(l) = logits.as_ref() {
-            let mut parts: Vec<(usize, &mut Tensor)> = Vec::with_capacity(starts.len());
-            let mut starts = starts.into_iter().peekable();
-            for (i, o) in out.iter_mut().enumerate() {
-                if let (Some(&(j, at)), ShardOutput::Logits(t)) = (starts.peek(), o)
-                    && i == j
-                {
-                    parts.push((at, t));
-                    starts.next();
-                }
-            }
+            let mine = out.iter_mut().filter_map(|o| match o {
+                ShardOutput::Logits(t) => Some(t),
+                ShardOutput::Hidden(_) => None,
+            });
+            let mut parts: Vec<(usize, &mut Tensor)> = starts.into_iter().zip(mine).collect();
             b.split_rows(l, &mut parts)?;
         }
         if let Some(l) = logits.filter(|l| l.rows() <= KEEP_LOGITS_ROWS) {
