@@ -407,8 +407,9 @@ impl<'a> QuantKernels<'a> {
 /// Walks the outputs `rows × 0..t_rows`: a group of weight rows that stays in L2, and over it the activation rows
 /// in tiles of 16 (when at least 12 are left), 8 (at least 8) or exactly the 5–7 left with [`multi_row`], 4 (at
 /// least 2) or 1 with [`small_tile`]. (A swarm stage's batch is often a decode group of 8 less a session or two that
-/// is not back yet: an 8-row tile would compute the missing rows for nothing.) A tile may reach past the last activation row into the zero rows of [`QuantAct::rows_pad`] (its
-/// starting row is a multiple of 4 and it never crosses a multiple of 16); it writes only the real rows.
+/// is not back yet: an 8-row tile would compute the missing rows for nothing.) A tile may reach past the last
+/// activation row into the zero rows of [`QuantAct::rows_pad`] (its starting row is a multiple of 4 and it never
+/// crosses a multiple of 16); it writes only the real rows.
 ///
 /// # Safety
 /// As [`drive`]: the CPU supports the kernels and `ctx` satisfies [`super::gemm`]'s size contract.
@@ -636,10 +637,7 @@ unsafe fn multi_row<const KIND: u8, const TR: usize>(c: &Ctx<'_, &QuantAct>, n: 
         let row = c.w.row_ptr(n);
         let mut acc = [_mm512_setzero_ps(); TR];
         let mut macc = [_mm512_setzero_ps(); 2];
-        // The 16-row tile prepares the next pair (unpacks it, stores its scale products in the other half of `sc`)
-        // before this pair's rows, whose broadcast loads then find their scales long stored instead of waiting on
-        // stores made just before them: measured on an Intel Xeon (576 × 1536, one thread), 6–8% less time a
-        // call. With 8 rows it was no faster and sometimes slower, so the smaller tiles prepare each pair in turn.
+        // Scale products of a pair: two halves, so the 16-row tile can prepare the next pair in one (see below).
         let mut sc = [Lines([0.0; 32]), Lines([0.0; 32])];
         // Activation rows are `stride` bytes (and bias rows `stride / 4` i32) apart; pointers advance row by row,
         // which keeps the address arithmetic out of vector registers.
